@@ -1,0 +1,181 @@
+"""Engine interfaces: the small contracts every TTS, ASR and avatar engine keeps.
+
+Engines are loaded inside worker processes only (never in the supervisor, which must not
+import torch). A worker builds an engine through `avatard.engines.registry.load_engine`,
+which passes the engine's options from config, the device string (``"cpu"``,
+``"cuda:0"``) and a progress callback that feeds the LOADING stage of the handshake.
+
+Conventions shared by every engine:
+- Audio is mono float32 PCM in [-1, 1] as a 1-D numpy array plus its sample rate.
+- Frames are (H, W, 3) uint8 RGB numpy arrays, C-contiguous.
+- Bad input raises `EngineInputError(field, rule)`; the worker turns it into an error
+  reply naming the field and the rule. Any other exception is an engine fault.
+- Everything an engine does per job is a deterministic function of the inputs and the job
+  seed, so a job re-run after a worker crash reproduces the same frames.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+# Called by an engine while it loads: (stage name, progress in [0, 1]).
+ProgressFn = Callable[[str, float], None]
+
+
+def no_progress(stage: str, fraction: float) -> None:
+    """Progress callback for callers that do not report loading stages."""
+
+
+class EngineInputError(ValueError):
+    """Input an engine refuses: names the offending field and the rule it broke."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What an engine tells the READY handshake about itself."""
+
+    name: str
+    kind: str  # "tts" | "asr" | "avatar"
+    device: str
+    memory_bytes: int  # device memory (GPU) or RSS growth (CPU) caused by loading
+    warmup_s: float  # time of the warm-up call made at load
+    notes: str = ""  # e.g. "RANDOM WEIGHTS" for benchmark-only modes
+
+
+class Engine(abc.ABC):
+    """Base of every engine. Subclasses set `name` and `kind`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def report(self) -> EngineReport:
+        """Device, memory and warm-up figures for the handshake."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory and files. Called once when the worker stops."""
+
+
+# ---------------------------------------------------------------------------- TTS
+
+
+class TTSEngine(Engine):
+    kind: ClassVar[str] = "tts"
+    sample_rate: int
+
+    @abc.abstractmethod
+    def voices(self) -> list[str]:
+        """Names accepted by the `voice` argument (the first is the default)."""
+
+    @abc.abstractmethod
+    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 PCM at `self.sample_rate`, one chunk per sentence, as soon as
+        each sentence is synthesized."""
+
+    def synthesize(self, text: str, voice: str | None = None) -> tuple[np.ndarray, int]:
+        """The whole utterance at once: (pcm, sample_rate)."""
+        chunks = list(self.stream(text, voice))
+        pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        return pcm.astype(np.float32, copy=False), self.sample_rate
+
+
+# ---------------------------------------------------------------------------- ASR
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_s: float
+    end_s: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    start_s: float
+    end_s: float
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    language: str
+    duration_s: float
+    segments: tuple[Segment, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments).strip()
+
+
+class ASREngine(Engine):
+    kind: ClassVar[str] = "asr"
+    sample_rate: int = 16000  # rate the engine wants; callers resample to it
+
+    @abc.abstractmethod
+    def transcribe(self, pcm: np.ndarray, sample_rate: int) -> Transcript:
+        """Transcribe mono float32 PCM with word timings."""
+
+
+# ---------------------------------------------------------------------------- avatar
+
+
+@dataclass
+class AvatarState:
+    """Once-per-avatar state. `avatar_id` is the content hash of the source image;
+    `payload` is engine-specific (landmarks, cached features, tensors...)."""
+
+    avatar_id: str
+    width: int
+    height: int
+    payload: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class AvatarStream(abc.ABC):
+    """One job's rendering session. Audio arrives in chunks; frames leave as soon as
+    they exist. Frame k of a stream depends only on (avatar, audio, seed, k)."""
+
+    @abc.abstractmethod
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """Feed the next chunk of audio (float32 at the engine's `audio_rate`) and
+        return the frames that became ready, in order."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[np.ndarray]:
+        """No more audio: return the remaining frames. The total frame count is
+        round(audio_seconds * fps) so audio and video lengths agree within a frame."""
+
+
+class AvatarEngine(Engine):
+    kind: ClassVar[str] = "avatar"
+    fps: int = 25
+    audio_rate: int = 16000
+    frame_height: int = 512
+    frame_width: int = 512
+
+    @abc.abstractmethod
+    def register(self, image: bytes | np.ndarray) -> AvatarState:
+        """Validate a portrait (encoded image bytes or an RGB uint8 array), compute the
+        once-per-avatar state and cache it by content hash."""
+
+    @abc.abstractmethod
+    def open_stream(self, state: AvatarState, seed: int) -> AvatarStream:
+        """Start rendering a job for a registered avatar."""
+
+    def render(self, state: AvatarState, pcm: np.ndarray, seed: int) -> Iterator[np.ndarray]:
+        """Offline convenience: all audio at once, frames as they come."""
+        stream = self.open_stream(state, seed)
+        yield from stream.push(pcm)
+        yield from stream.finish()

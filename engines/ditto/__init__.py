@@ -1,0 +1,1 @@
+"""Ditto talking-head engine, reimplemented in PyTorch."""

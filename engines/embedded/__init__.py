@@ -1,0 +1,1 @@
+"""Embedded default engines: models that ship inside PyPI packages, no download."""

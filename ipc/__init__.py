@@ -1,0 +1,1 @@
+"""avatard.ipc"""

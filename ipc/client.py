@@ -1,0 +1,305 @@
+"""Python client for the avatard daemon.
+
+    with Client() as client:                       # default local endpoint
+        for event in client.speak("Hello there"):
+            if isinstance(event, FrameEvent):
+                use(event.array)                   # numpy view, valid until the next event
+
+Local (``ipc://``) clients receive frames as descriptors into the daemon's shared-memory
+rings and map them without copying; the slot is released when the iterator moves on (copy
+the array to keep it). Remote (``tcp://``) clients get the bytes inline. Every call has a
+timeout and says what it waited for; replies are matched by request id, so a late reply
+to an abandoned request is never taken for the answer to a newer one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .ring import SlotRef, SlotRing
+from .sockets import default_runtime_dir
+
+
+class ClientError(RuntimeError):
+    """The daemon refused a request or did not answer in time."""
+
+    def __init__(self, message: str, code: str = "", field: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class DaemonUnavailable(ClientError):
+    """No daemon answered at the endpoint."""
+
+
+class BusyError(ClientError):
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message, code=P.E_BUSY)
+        self.retry_after_s = retry_after_s
+
+
+class JobFailedError(ClientError):
+    pass
+
+
+def default_endpoint() -> str:
+    return os.environ.get("AVATARD_ENDPOINT") or f"ipc://{default_runtime_dir() / 'avatard.sock'}"
+
+
+@dataclass
+class FrameEvent:
+    job_id: str
+    index: int
+    pts_us: int
+    array: np.ndarray  # (H, W, 3) uint8; a view into shared memory for local clients
+
+
+@dataclass
+class AudioEvent:
+    job_id: str
+    index: int
+    pts_us: int
+    sample_rate: int
+    pcm: np.ndarray  # float32 mono
+
+
+@dataclass
+class DoneEvent:
+    job_id: str
+    frames: int
+    media_s: float
+    wall_s: float
+    first_frame_s: float
+    attempts: int
+    audio_samples: int = 0
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_s / self.media_s if self.media_s > 0 else float("nan")
+
+
+@dataclass
+class TranscriptResult:
+    job_id: str
+    language: str
+    duration_s: float
+    segments: list[P.SegmentMsg] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments).strip()
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, timeout_s: float = 30.0,
+                 inline: bool | None = None, name: str = "python"):
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout_s = timeout_s
+        self.inline = (not self.endpoint.startswith("ipc://")) if inline is None else inline
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+        self._req_ids = itertools.count(1)
+        self._rings: dict[str, SlotRing] = {}
+        self._input_ring: SlotRing | None = None
+        self._pending: dict[str, deque[tuple[P.Msg, list[Any]]]] = {}
+        self._replies: dict[int, tuple[P.Msg, list[Any]]] = {}
+        welcome = self._call(P.make(P.Hello, req_id=self._next_id(), client=name,
+                                    inline=self.inline), "Hello")
+        assert isinstance(welcome, P.Welcome)
+        self.session = welcome.session
+        self.server = welcome.server
+        if welcome.input_ring and not self.inline:
+            self._input_ring = SlotRing.attach(welcome.input_ring)
+
+    # ------------------------------------------------------------- plumbing
+
+    def _next_id(self) -> int:
+        return next(self._req_ids)
+
+    def _send(self, msg: P.Msg, *extra: bytes | memoryview) -> None:
+        self._sock.send_multipart(P.Codec.encode(msg, *extra), copy=False)
+
+    def _recv_one(self, deadline: float, what: str) -> tuple[P.Msg, list[Any]]:
+        remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        if not self._sock.poll(remaining_ms, zmq.POLLIN):
+            raise DaemonUnavailable(
+                f"no {what} from the daemon at {self.endpoint} within {self.timeout_s:.1f} s"
+                " (is `avatard serve` running?)", code=P.E_TIMEOUT)
+        frames = self._sock.recv_multipart(copy=False)
+        return P.SERVER_CODEC.decode([f.buffer for f in frames])
+
+    def _route(self, msg: P.Msg, extra: list[Any]) -> None:
+        """Keep a message for whoever waits for it: a request id or a job id."""
+        job_id = getattr(msg, "job_id", None)
+        req_id = getattr(msg, "req_id", None)
+        if job_id is not None and not isinstance(msg, P.Accepted):
+            self._pending.setdefault(job_id, deque()).append((msg, extra))
+        elif req_id is not None:
+            self._replies[req_id] = (msg, extra)
+
+    def _await_reply(self, req_id: int, what: str) -> tuple[P.Msg, list[Any]]:
+        deadline = time.monotonic() + self.timeout_s
+        while req_id not in self._replies:
+            self._route(*self._recv_one(deadline, what))
+        msg, extra = self._replies.pop(req_id)
+        if isinstance(msg, P.Error):
+            raise ClientError(f"{what} refused: {msg.code}: {msg.field}: {msg.rule}",
+                              code=msg.code, field=msg.field)
+        if isinstance(msg, P.Busy):
+            raise BusyError(f"daemon busy ({msg.queue_depth} queued): {msg.reason}; "
+                            f"retry after {msg.retry_after_s:.1f} s", msg.retry_after_s)
+        return msg, extra
+
+    def _call(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Msg:
+        self._send(msg, *extra)
+        reply, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
+        return reply
+
+    def _ring(self, name: str) -> SlotRing:
+        ring = self._rings.get(name)
+        if ring is None:
+            ring = self._rings[name] = SlotRing.attach(name)
+        return ring
+
+    def _payload(self, array: np.ndarray) -> tuple[P.Payload, list[bytes | memoryview]]:
+        """Place client data: in the input ring for local clients, inline otherwise."""
+        array = np.ascontiguousarray(array)
+        if self._input_ring is not None and array.nbytes <= self._input_ring.slot_bytes:
+            ref = self._input_ring.write(array, timeout_s=self.timeout_s)
+            return P.SlotDesc(ring=ref.ring, slot=ref.slot, seq=ref.seq,
+                              shape=list(ref.shape), dtype=ref.dtype), []
+        return P.Inline(part=1, shape=list(array.shape), dtype=array.dtype.name), [
+            memoryview(array).cast("B")]
+
+    # ------------------------------------------------------------- public API
+
+    def health(self) -> P.HealthReply:
+        return self._call(P.make(P.Health, req_id=self._next_id()), "Health")  # type: ignore
+
+    def stats(self) -> dict[str, Any]:
+        reply = self._call(P.make(P.Stats, req_id=self._next_id()), "Stats")
+        return reply.body  # type: ignore[attr-defined]
+
+    def register_avatar(self, image: bytes) -> str:
+        """Register a portrait (encoded image bytes); returns its avatar id."""
+        payload, extra = self._payload(np.frombuffer(image, dtype=np.uint8))
+        reply = self._call(P.make(P.RegisterAvatar, req_id=self._next_id(), image=payload),
+                           "RegisterAvatar", *extra)
+        return reply.avatar_id  # type: ignore[attr-defined]
+
+    def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
+              deadline_s: float = 0.0, send_audio: bool = True) -> Iterator[Any]:
+        msg = P.make(P.Speak, req_id=self._next_id(), text=text, voice=voice, avatar_id=avatar,
+                     seed=seed, deadline_s=deadline_s, send_audio=send_audio)
+        return self._job(msg, "Speak")
+
+    def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "", seed: int = 0,
+                deadline_s: float = 0.0) -> Iterator[Any]:
+        payload, extra = self._payload(np.asarray(pcm, dtype=np.float32))
+        msg = P.make(P.Lipsync, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
+                     avatar_id=avatar, seed=seed, deadline_s=deadline_s)
+        return self._job(msg, "Lipsync", *extra)
+
+    def transcribe(self, pcm: np.ndarray, sample_rate: int, deadline_s: float = 0.0
+                   ) -> TranscriptResult:
+        payload, extra = self._payload(np.asarray(pcm, dtype=np.float32))
+        msg = P.make(P.Transcribe, req_id=self._next_id(), audio=payload,
+                     sample_rate=sample_rate, deadline_s=deadline_s)
+        result = None
+        for event in self._job(msg, "Transcribe", *extra):
+            if isinstance(event, TranscriptResult):
+                result = event
+        if result is None:
+            raise ClientError("transcribe finished without a transcript")
+        return result
+
+    def cancel(self, job_id: str) -> None:
+        self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=job_id))
+
+    def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> Iterator[Any]:
+        self._send(msg, *extra)
+        accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
+        assert isinstance(accepted, P.Accepted)
+        return self._events(accepted.job_id)
+
+    def _events(self, job_id: str) -> Iterator[Any]:
+        """Frames, audio and the final event of one job, in order. A slot is released
+        when the caller asks for the next event."""
+        queue = self._pending.setdefault(job_id, deque())
+        held: P.SlotDesc | None = None
+        try:
+            while True:
+                deadline = time.monotonic() + self.timeout_s
+                while not queue:
+                    self._route(*self._recv_one(deadline, f"event of job {job_id}"))
+                msg, extra = queue.popleft()
+                if held is not None:
+                    self._release(held)
+                    held = None
+                if isinstance(msg, (P.Frame, P.AudioChunk)):
+                    array = self._materialise(msg.data, extra)
+                    if isinstance(msg.data, P.SlotDesc):
+                        held = msg.data
+                    if isinstance(msg, P.Frame):
+                        yield FrameEvent(job_id, msg.index, msg.pts_us, array)
+                    else:
+                        yield AudioEvent(job_id, msg.index, msg.pts_us, msg.sample_rate, array)
+                elif isinstance(msg, P.TranscriptMsg):
+                    yield TranscriptResult(job_id, msg.language, msg.duration_s,
+                                           list(msg.segments))
+                elif isinstance(msg, P.Done):
+                    yield DoneEvent(job_id, msg.frames, msg.media_s, msg.wall_s,
+                                    msg.first_frame_s, msg.attempts, msg.audio_samples)
+                    return
+                elif isinstance(msg, P.JobFailed):
+                    raise JobFailedError(f"job {job_id} failed after {msg.attempts} attempt(s):"
+                                         f" {msg.code}: {msg.message}", code=msg.code)
+                elif isinstance(msg, P.Error):
+                    raise ClientError(f"job {job_id}: {msg.code}: {msg.field}: {msg.rule}",
+                                      code=msg.code, field=msg.field)
+        finally:
+            if held is not None:
+                self._release(held)
+            self._pending.pop(job_id, None)
+
+    def _materialise(self, data: P.Payload, extra: list[Any]) -> np.ndarray:
+        if isinstance(data, P.Inline):
+            buf = extra[data.part - 1]
+            return np.frombuffer(buf, dtype=data.dtype).reshape(data.shape)
+        ref = SlotRef(data.ring, data.slot, data.seq, tuple(data.shape), data.dtype)
+        return self._ring(data.ring).read(ref)
+
+    def _release(self, data: P.SlotDesc) -> None:
+        self._send(P.make(P.Release, req_id=0, ring=data.ring, slot=data.slot, seq=data.seq))
+
+    def close(self) -> None:
+        try:
+            self._send(P.make(P.Bye, req_id=self._next_id()))
+        except zmq.ZMQError:
+            pass
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()
+        if self._input_ring is not None:
+            self._input_ring.close()
+            self._input_ring = None
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

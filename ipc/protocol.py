@@ -1,0 +1,530 @@
+"""Every message avatard sends over ZeroMQ: the single source of truth for the protocol.
+
+Wire format (documented for other languages in docs/protocol.md):
+- A message is a ZeroMQ multipart message. Part 0 is a msgpack map with at least
+  ``type`` (str) and ``v`` (int, the protocol version). Further parts are raw bytes that a
+  message refers to by index (`Inline.part`): frame pixels or audio for remote clients,
+  image files for avatar registration. On a ROUTER socket the routing id parts come first.
+- Structs are frozen msgspec Structs, tagged by ``type``. Unknown fields are refused.
+- Decoding never raises anything but `ProtocolError`, which carries the error reply to
+  send: a code, the offending field and the rule it broke. Nothing is ever unpickled.
+
+Message families: client <-> supervisor (requests carry ``req_id``; every reply echoes
+it, so a late reply can never be mistaken for the answer to another request), and
+supervisor <-> worker (``W*`` for worker -> supervisor, ``Run*``/``Cancel``/``Shutdown`` the
+other way).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_BYTES = 1 << 20  # part 0 of any message
+MAX_INLINE_BYTES = 256 << 20  # any further part
+MAX_TEXT_CHARS = 100_000  # protocol-level cap; engines apply their own, smaller ones
+MAX_PARTS = 8
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds stop at int64
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PosFloat = Annotated[float, Meta(ge=0.0, le=1e9)]
+Name = Annotated[str, Meta(max_length=256)]
+ShortText = Annotated[str, Meta(max_length=4096)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+Dim = Annotated[int, Meta(ge=0, le=1 << 20)]
+Shape = Annotated[list[Dim], Meta(min_length=1, max_length=4)]
+DType = Annotated[
+    str,
+    Meta(pattern=r"^(uint8|int8|uint16|int16|uint32|int32|int64|float16|float32|float64)$"),
+]
+SampleRate = Annotated[int, Meta(ge=8000, le=192000)]
+
+# Error codes carried by `Error.code` and `JobFailed.code`.
+E_BAD_MESSAGE = "bad_message"  # malformed: missing/extra field, wrong type, limit broken
+E_UNKNOWN_TYPE = "unknown_type"
+E_BAD_VERSION = "bad_version"
+E_TOO_LARGE = "too_large"
+E_BAD_INPUT = "bad_input"  # well-formed but refused by an engine (no face, bad audio...)
+E_NOT_FOUND = "not_found"
+E_BUSY = "busy"
+E_DRAINING = "draining"
+E_STALE = "stale_slot"
+E_TIMEOUT = "timeout"
+E_CANCELLED = "cancelled"
+E_WORKER = "worker_error"
+E_INTERNAL = "internal"
+
+
+class Msg(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """Base of all messages; ``v`` is checked before anything else is decoded."""
+
+    v: int
+    kind: ClassVar[str] = ""
+
+
+# ---------------------------------------------------------------- payload locations
+
+
+class SlotDesc(Struct, frozen=True, forbid_unknown_fields=True, tag_field="at", tag="shm"):
+    """Data in a shared-memory ring slot (local clients and workers)."""
+
+    ring: Name
+    slot: U32
+    seq: U64
+    shape: Shape
+    dtype: DType
+
+
+class Inline(Struct, frozen=True, forbid_unknown_fields=True, tag_field="at", tag="inline"):
+    """Data in message part `part` (remote clients; images to register)."""
+
+    part: Annotated[int, Meta(ge=1, le=MAX_PARTS - 1)]
+    shape: Shape
+    dtype: DType
+
+
+Payload = SlotDesc | Inline
+
+
+# ---------------------------------------------------------------- client -> supervisor
+
+
+class Hello(Msg, tag="hello"):
+    req_id: U64
+    client: Name = ""
+    inline: bool = False  # True: send frame bytes as message parts (remote clients)
+
+
+class Health(Msg, tag="health"):
+    req_id: U64
+
+
+class Stats(Msg, tag="stats"):
+    req_id: U64
+
+
+class RegisterAvatar(Msg, tag="register_avatar"):
+    """An encoded image file (PNG/JPEG...) as uint8 bytes."""
+
+    req_id: U64
+    image: Payload
+
+
+class Speak(Msg, tag="speak"):
+    req_id: U64
+    text: Text
+    voice: Name = ""
+    avatar_id: Name = ""  # "" = the engine's default portrait
+    seed: Seed = 0
+    deadline_s: PosFloat = 0.0  # 0 = the daemon's job_deadline_s
+    send_audio: bool = True
+
+
+class Lipsync(Msg, tag="lipsync"):
+    """Audio as float32 mono PCM at `sample_rate`."""
+
+    req_id: U64
+    audio: Payload
+    sample_rate: SampleRate
+    avatar_id: Name = ""
+    seed: Seed = 0
+    deadline_s: PosFloat = 0.0
+
+
+class Transcribe(Msg, tag="transcribe"):
+    req_id: U64
+    audio: Payload
+    sample_rate: SampleRate
+    deadline_s: PosFloat = 0.0
+
+
+class Cancel(Msg, tag="cancel"):
+    req_id: U64
+    job_id: Name
+
+
+class Release(Msg, tag="release"):
+    """The client is done with a slot it was handed in a Frame/AudioChunk."""
+
+    req_id: U64
+    ring: Name
+    slot: U32
+    seq: U64
+
+
+class Bye(Msg, tag="bye"):
+    req_id: U64
+
+
+# ---------------------------------------------------------------- supervisor -> client
+
+
+class Welcome(Msg, tag="welcome"):
+    req_id: U64
+    session: Name
+    server: Name
+    input_ring: Name = ""  # where a local client writes audio/images; "" for inline
+    input_slot_bytes: NonNegInt = 0
+
+
+class Error(Msg, tag="error"):
+    req_id: U64  # 0 when the request id itself could not be read
+    code: Name
+    field: Name = ""
+    rule: ShortText = ""
+
+
+class Accepted(Msg, tag="accepted"):
+    req_id: U64
+    job_id: Name
+    queue_position: NonNegInt = 0
+
+
+class Busy(Msg, tag="busy"):
+    req_id: U64
+    retry_after_s: PosFloat
+    queue_depth: NonNegInt
+    reason: ShortText = ""
+
+
+class Frame(Msg, tag="frame"):
+    job_id: Name
+    index: NonNegInt
+    pts_us: NonNegInt
+    data: Payload
+
+
+class AudioChunk(Msg, tag="audio"):
+    job_id: Name
+    index: NonNegInt
+    pts_us: NonNegInt
+    sample_rate: SampleRate
+    data: Payload
+
+
+class WordMsg(Struct, frozen=True, forbid_unknown_fields=True):
+    text: ShortText
+    start_s: float
+    end_s: float
+    probability: float = 1.0
+
+
+class SegmentMsg(Struct, frozen=True, forbid_unknown_fields=True):
+    text: Text
+    start_s: float
+    end_s: float
+    words: list[WordMsg] = []
+
+
+class TranscriptMsg(Msg, tag="transcript"):
+    job_id: Name
+    language: Name
+    duration_s: float
+    segments: list[SegmentMsg]
+
+
+class Done(Msg, tag="done"):
+    job_id: Name
+    frames: NonNegInt
+    audio_samples: NonNegInt = 0
+    media_s: float = 0.0
+    wall_s: float = 0.0
+    first_frame_s: float = 0.0
+    attempts: NonNegInt = 1
+
+
+class JobFailed(Msg, tag="job_failed"):
+    job_id: Name
+    code: Name
+    message: ShortText
+    attempts: NonNegInt = 1
+
+
+class AvatarRegistered(Msg, tag="avatar_registered"):
+    req_id: U64
+    avatar_id: Name
+
+
+class HealthReply(Msg, tag="health_reply"):
+    req_id: U64
+    status: Name  # "starting" | "ready" | "degraded" | "draining"
+    ready_workers: NonNegInt
+    workers: NonNegInt
+
+
+class StatsReply(Msg, tag="stats_reply"):
+    req_id: U64
+    body: dict[str, Any]
+
+
+# ---------------------------------------------------------------- worker <-> supervisor
+
+
+class EngineInfo(Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    kind: Name
+    device: Name
+    memory_bytes: NonNegInt
+    warmup_s: float
+    notes: ShortText = ""
+
+
+class WHello(Msg, tag="w_hello"):
+    worker: NonNegInt
+    pid: NonNegInt
+    device: Name
+    attempt: NonNegInt
+
+
+class WLoading(Msg, tag="w_loading"):
+    worker: NonNegInt
+    stage: ShortText
+    progress: Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class WReady(Msg, tag="w_ready"):
+    worker: NonNegInt
+    engines: list[EngineInfo]
+    memory_bytes: NonNegInt
+    load_s: float
+    warmup_s: float
+
+
+class WLoadFailed(Msg, tag="w_load_failed"):
+    worker: NonNegInt
+    reason: ShortText
+    out_of_memory: bool = False
+
+
+class WHeartbeat(Msg, tag="w_heartbeat"):
+    worker: NonNegInt
+    job_id: Name = ""
+    progress: NonNegInt = 0  # frames (or samples) produced by the current job so far
+    rss_bytes: NonNegInt = 0
+
+
+class WFrame(Msg, tag="w_frame"):
+    worker: NonNegInt
+    job_id: Name
+    index: NonNegInt
+    pts_us: NonNegInt
+    data: SlotDesc
+
+
+class WAudio(Msg, tag="w_audio"):
+    worker: NonNegInt
+    job_id: Name
+    index: NonNegInt
+    pts_us: NonNegInt
+    sample_rate: SampleRate
+    data: SlotDesc
+
+
+class WTranscript(Msg, tag="w_transcript"):
+    worker: NonNegInt
+    job_id: Name
+    language: Name
+    duration_s: float
+    segments: list[SegmentMsg]
+
+
+class WAvatar(Msg, tag="w_avatar"):
+    worker: NonNegInt
+    job_id: Name
+    avatar_id: Name
+
+
+class WJobDone(Msg, tag="w_job_done"):
+    worker: NonNegInt
+    job_id: Name
+    frames: NonNegInt
+    audio_samples: NonNegInt = 0
+    media_s: float = 0.0
+
+
+class WJobFailed(Msg, tag="w_job_failed"):
+    worker: NonNegInt
+    job_id: Name
+    code: Name
+    message: ShortText
+
+
+class RunJob(Msg, tag="run_job"):
+    """Supervisor -> worker. Frames with index < `resume_from` were already delivered by
+    an earlier attempt; the worker recomputes (engines are seeded) but does not send them."""
+
+    job_id: Name
+    kind: Name  # "speak" | "lipsync" | "transcribe" | "register"
+    seed: Seed
+    attempt: NonNegInt
+    resume_from: NonNegInt = 0
+    text: Text = ""
+    voice: Name = ""
+    avatar_id: Name = ""
+    avatar_segment: Name = ""  # segment holding the portrait's encoded bytes ("" = default)
+    avatar_bytes: NonNegInt = 0
+    audio: SlotDesc | None = None
+    sample_rate: NonNegInt = 0
+    send_audio: bool = False
+
+
+class CancelJob(Msg, tag="cancel_job"):
+    job_id: Name
+
+
+class Shutdown(Msg, tag="shutdown"):
+    reason: ShortText = ""
+
+
+CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, Cancel,
+                   Release, Bye)
+SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
+                  JobFailed, AvatarRegistered, HealthReply, StatsReply)
+WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
+                        WTranscript, WAvatar, WJobDone, WJobFailed)
+SUPERVISOR_TO_WORKER = (RunJob, CancelJob, Shutdown)
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted. `reply()` builds the error answer for it."""
+
+    def __init__(self, code: str, field: str, rule: str, req_id: int = 0):
+        super().__init__(f"{code}: {field}: {rule}" if field else f"{code}: {rule}")
+        self.code = code
+        self.field = field
+        self.rule = rule
+        self.req_id = req_id
+
+    def reply(self) -> Error:
+        return Error(v=PROTOCOL_VERSION, req_id=self.req_id, code=self.code,
+                     field=self.field[:256], rule=self.rule[:4096])
+
+
+class _Head(Struct):
+    """What is read before the full decode: enough to route an error reply."""
+
+    type: Any = None
+    v: Any = None
+    req_id: Any = 0
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_HEAD_DECODER = msgspec.msgpack.Decoder(_Head)
+_RAW_MAP_DECODER = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+_ANY_DECODER = msgspec.msgpack.Decoder()
+_FIELD_AT = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD_NAMED = re.compile(r"field `([^`]+)`")
+
+
+def _find_bad_utf8(raw: bytes, path: str = "") -> str:
+    """Path of the first field whose string is not valid UTF-8 (for the error reply)."""
+    try:
+        items = _RAW_MAP_DECODER.decode(raw)
+    except UnicodeDecodeError:
+        return path or "(a key)"
+    except msgspec.DecodeError:
+        try:
+            seq = msgspec.msgpack.decode(raw, type=list[msgspec.Raw])
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return path
+        for i, item in enumerate(seq):
+            try:
+                _ANY_DECODER.decode(item)
+            except UnicodeDecodeError:
+                return _find_bad_utf8(bytes(item), f"{path}[{i}]")
+        return path
+    for key, value in items.items():
+        try:
+            _ANY_DECODER.decode(value)
+        except UnicodeDecodeError:
+            return _find_bad_utf8(bytes(value), f"{path}.{key}" if path else key)
+    return path
+
+
+class Codec:
+    """Encoder/decoder for one direction of one socket (accepts only `allowed` types)."""
+
+    def __init__(self, allowed: tuple[type[Msg], ...]):
+        self.allowed = {cls.__struct_config__.tag: cls for cls in allowed}
+        self._decoder = msgspec.msgpack.Decoder(_union(allowed))
+
+    def decode(self, parts: list[bytes] | list[memoryview]) -> tuple[Msg, list[Any]]:
+        """Validate and decode a multipart message -> (message, extra parts)."""
+        if not parts:
+            raise ProtocolError(E_BAD_MESSAGE, "message", "has no parts")
+        if len(parts) > MAX_PARTS:
+            raise ProtocolError(E_TOO_LARGE, "message", f"has {len(parts)} parts; max {MAX_PARTS}")
+        control = bytes(parts[0])
+        if len(control) > MAX_CONTROL_BYTES:
+            raise ProtocolError(E_TOO_LARGE, "message",
+                                f"control part is {len(control)} bytes; max {MAX_CONTROL_BYTES}")
+        for i, part in enumerate(parts[1:], start=1):
+            if len(part) > MAX_INLINE_BYTES:
+                raise ProtocolError(E_TOO_LARGE, f"part[{i}]",
+                                    f"is {len(part)} bytes; max {MAX_INLINE_BYTES}")
+        try:
+            head = _HEAD_DECODER.decode(control)
+        except UnicodeDecodeError:
+            raise ProtocolError(E_BAD_MESSAGE, _find_bad_utf8(control),
+                                "must be valid UTF-8") from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(E_BAD_MESSAGE, "message", f"is not a msgpack map ({exc})") from None
+        req_id = head.req_id if isinstance(head.req_id, int) and 0 <= head.req_id < 2**63 else 0
+        if head.v != PROTOCOL_VERSION:
+            raise ProtocolError(E_BAD_VERSION, "v",
+                                f"must be {PROTOCOL_VERSION}, got {head.v!r}", req_id)
+        if not isinstance(head.type, str) or head.type not in self.allowed:
+            raise ProtocolError(E_UNKNOWN_TYPE, "type",
+                                f"must be one of {sorted(self.allowed)}, got {head.type!r}", req_id)
+        try:
+            msg = self._decoder.decode(control)
+        except UnicodeDecodeError:
+            raise ProtocolError(E_BAD_MESSAGE, _find_bad_utf8(control), "must be valid UTF-8",
+                                req_id) from None
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(E_BAD_MESSAGE, _field_of(str(exc)), str(exc), req_id) from None
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(E_BAD_MESSAGE, "message", str(exc), req_id) from None
+        return msg, list(parts[1:])
+
+    @staticmethod
+    def encode(msg: Msg, *extra: bytes | memoryview) -> list[bytes | memoryview]:
+        return [_ENCODER.encode(msg), *extra]
+
+
+def _field_of(error_text: str) -> str:
+    match = _FIELD_AT.search(error_text) or _FIELD_NAMED.search(error_text)
+    return match.group(1) if match else "message"
+
+
+def _union(classes: tuple[type[Msg], ...]) -> Any:
+    union = classes[0]
+    for cls in classes[1:]:
+        union = union | cls
+    return union
+
+
+def make(cls: type[Msg], **fields: Any) -> Msg:
+    """Build a message with the current protocol version."""
+    return cls(v=PROTOCOL_VERSION, **fields)
+
+
+def payload_nbytes(payload: SlotDesc | Inline) -> int:
+    import numpy as np
+
+    count = 1
+    for dim in payload.shape:
+        count *= dim
+    return count * np.dtype(payload.dtype).itemsize
+
+
+CLIENT_CODEC = Codec(CLIENT_REQUESTS)  # used by the supervisor to read clients
+SERVER_CODEC = Codec(SERVER_REPLIES)  # used by clients to read the supervisor
+WORKER_CODEC = Codec(WORKER_TO_SUPERVISOR)  # used by the supervisor to read workers
+CONTROL_CODEC = Codec(SUPERVISOR_TO_WORKER)  # used by workers to read the supervisor
