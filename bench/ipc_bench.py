@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+
 from avatard.ipc.ring import SlotRef, SlotRing
 
 FRAME_SHAPE = (512, 512, 3)

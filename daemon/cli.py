@@ -20,6 +20,103 @@ def main() -> None:
     """
 
 
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file (every key is documented in docs/config.md).")
+@click.option("--workers", type=int, help="Worker processes (overrides daemon.workers).")
+@click.option("--engine", help="Avatar engine name (overrides engines.avatar), e.g. fake, "
+              "embedded, ditto.")
+@click.option("--endpoint", help="Client endpoint, ipc://PATH or tcp://HOST:PORT "
+              "(overrides daemon.endpoint).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set timeouts.load_s=120 (repeatable).")
+def serve(config_path: str | None, workers: int | None, engine: str | None,
+          endpoint: str | None, sets: tuple[str, ...]) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT.
+
+    Workers start one after another with health handshakes; the daemon serves as soon as
+    daemon.min_ready workers are ready. SIGTERM/SIGINT drain (finish or hand back jobs
+    within daemon.drain_timeout_s) and exit 0; a second signal exits at once.
+    """
+    import logging
+
+    from avatard.daemon.config import (
+        EXIT_CONFIG_ERROR,
+        ConfigError,
+        load_config,
+        parse_override,
+    )
+
+    overrides: dict = {}
+    try:
+        for item in sets:
+            key, value = parse_override(item)
+            overrides[key] = value
+        if workers is not None:
+            overrides["daemon.workers"] = workers
+            if "daemon.min_ready" not in overrides:
+                overrides.setdefault("daemon.min_ready", min(workers, 1))
+        if engine:
+            overrides["engines.avatar"] = engine
+            if engine == "fake":  # the fault-injection engine comes with fake speech
+                overrides.setdefault("engines.tts", "fake")
+                overrides.setdefault("engines.asr", "fake")
+        if endpoint:
+            overrides["daemon.endpoint"] = endpoint
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it.
+        click.echo(f"avatard serve: bad config: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
+    logging.basicConfig(level=cfg.daemon.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from avatard.daemon.supervisor import Supervisor
+
+    try:
+        code = Supervisor(cfg).run()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--endpoint", help="Daemon endpoint (default: $AVATARD_ENDPOINT or the local "
+              "socket).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True,
+              help="Seconds to wait for the daemon.")
+def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
+    """Show every worker (state, pid, device, memory, uptime, restarts, job), the queue,
+    job counts and the recent real-time factor."""
+    from avatard.ipc.client import Client, ClientError
+
+    try:
+        with Client(endpoint, timeout_s=timeout_s, name="status") as client:
+            body = client.stats()
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    d = body["daemon"]
+    click.echo(f"avatard pid {d['pid']}: {d['state']}, {d['ready_workers']} ready "
+               f"(min {d['min_ready']}), up {d['uptime_s']:.0f} s, on {', '.join(d['endpoints'])}")
+    click.echo(f"{'id':>3} {'state':9} {'pid':>7} {'device':8} {'gpu MiB':>8} {'rss MiB':>8} "
+               f"{'up s':>7} {'restarts':>8}  job / reason")
+    for w in body["workers"]:
+        click.echo(f"{w['id']:>3} {w['state']:9} {w['pid']:>7} {w['device']:8} "
+                   f"{w['device_memory_bytes'] >> 20:>8} {w['rss_bytes'] >> 20:>8} "
+                   f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  "
+                   f"{w['current_job'] or w['reason']}")
+    q, j = body["queue"], body["jobs"]
+    rtf = body["rtf_recent_median"]
+    click.echo(f"queue {q['depth']}/{q['size']}, running {q['running']}; jobs done "
+               f"{j['jobs_done']}, failed {j['jobs_failed']}, cancelled {j['jobs_cancelled']}, "
+               f"requeued {j['jobs_requeued']}; recent RTF "
+               f"{'-' if rtf is None else f'{rtf:.3f}'}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print a table and can write JSON."""

@@ -170,6 +170,10 @@ class AvatarEngine(Engine):
         """Validate a portrait (encoded image bytes or an RGB uint8 array), compute the
         once-per-avatar state and cache it by content hash."""
 
+    def default_portrait(self) -> bytes | np.ndarray | None:
+        """The portrait used when a job names no avatar (None: the engine has none)."""
+        return None
+
     @abc.abstractmethod
     def open_stream(self, state: AvatarState, seed: int) -> AvatarStream:
         """Start rendering a job for a registered avatar."""

@@ -283,6 +283,8 @@ class Client:
         return self._ring(data.ring).read(ref)
 
     def _release(self, data: P.SlotDesc) -> None:
+        if self._sock.closed:  # an abandoned job iterator collected after close()
+            return
         self._send(P.make(P.Release, req_id=0, ring=data.ring, slot=data.slot, seq=data.seq))
 
     def close(self) -> None:

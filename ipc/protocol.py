@@ -306,6 +306,7 @@ class WHeartbeat(Msg, tag="w_heartbeat"):
     worker: NonNegInt
     job_id: Name = ""
     progress: NonNegInt = 0  # frames (or samples) produced by the current job so far
+    waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
     rss_bytes: NonNegInt = 0
 
 
@@ -364,6 +365,7 @@ class RunJob(Msg, tag="run_job"):
     seed: Seed
     attempt: NonNegInt
     resume_from: NonNegInt = 0
+    audio_resume_from: NonNegInt = 0
     text: Text = ""
     voice: Name = ""
     avatar_id: Name = ""

@@ -10,10 +10,11 @@ import threading
 import msgspec
 import pytest
 import zmq
-from avatard.ipc import protocol as P
-from avatard.ipc.sockets import ClientPort
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from avatard.ipc import protocol as P
+from avatard.ipc.sockets import ClientPort
 
 ENC = msgspec.msgpack.Encoder()
 

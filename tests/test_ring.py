@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from conftest import spawn_context
+
 from avatard.ipc import segments
 from avatard.ipc.ring import (
     READY,
@@ -20,7 +22,6 @@ from avatard.ipc.ring import (
     SlotRing,
     StaleSlotError,
 )
-from conftest import spawn_context
 
 SHAPE = (512, 512, 3)
 

@@ -1,0 +1,695 @@
+"""The daemon's configuration: one typed, frozen object built once at start.
+
+Sources, lowest precedence first: the defaults declared on the dataclasses below, a TOML
+file, then command-line overrides given as dotted keys (``{"daemon.workers": 4}``). The
+merged values are validated in one pass; the first problem raises `ConfigError` naming the
+dotted key and the rule it broke, so an operator can fix the file without reading code.
+
+Every key carries its documentation in its field metadata. `config_reference_markdown()`
+renders that into the table in docs/config.md, and a test compares the two so the docs
+cannot drift from the code.
+
+This module runs in the supervisor, which must stay light: stdlib only, plus the engine
+name table of `avatard.engines.registry` (which imports no engine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avatard.engines.registry import ENGINES
+
+__all__ = [
+    "AF_UNIX_PATH_MAX_BYTES",
+    "EXIT_CONFIG_ERROR",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "EnginesConfig",
+    "RestartConfig",
+    "RingsConfig",
+    "TimeoutsConfig",
+    "all_keys",
+    "config_reference_markdown",
+    "load_config",
+    "parse_override",
+    "resolved_devices",
+    "resolved_endpoint",
+    "resolved_runtime_dir",
+]
+
+# sun_path of struct sockaddr_un holds 108 bytes on Linux, one of which is the final NUL.
+AF_UNIX_PATH_MAX_BYTES = 107
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Exit status for an invalid configuration (sysexits.h EX_CONFIG). The systemd unit lists it
+# in RestartPreventExitStatus= so a bad config fails the unit instead of restart-looping.
+EXIT_CONFIG_ERROR = 78
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used. `key` is the dotted key ("daemon.workers"),
+    empty when the problem is the file itself (missing, or not valid TOML)."""
+
+    def __init__(self, key: str, reason: str, source: str = ""):
+        self.key = key
+        self.reason = reason
+        self.source = source  # where the value came from: a file path or "command line"
+        message = f"{key}: {reason}" if key else reason
+        if source:
+            message = f"{message} (from {source})"
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+def _key(
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field: its default, its one-line meaning and its range rules."""
+    metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """`[daemon]`: the supervisor process and its client-facing sockets."""
+
+    endpoint: str = _key(
+        "",
+        "ZeroMQ endpoint clients connect to; empty means `ipc://<runtime_dir>/avatard.sock`.",
+    )
+    tcp_endpoint: str = _key(
+        "",
+        "Extra TCP endpoint such as `tcp://127.0.0.1:7780`; empty means no TCP listener.",
+    )
+    runtime_dir: str = _key(
+        "",
+        "Directory for the socket and run files; empty means $AVATARD_RUNTIME_DIR, else "
+        "$RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR/avatard, else "
+        "/tmp/avatard-<uid>.",
+    )
+    workers: int = _key(1, "Worker processes to run (each loads its own engines).", ge=1)
+    min_ready: int = _key(
+        1,
+        "Workers that must be ready before the daemon reports READY; at most `workers`.",
+        ge=1,
+    )
+    max_parallel_loads: int = _key(
+        1,
+        "Workers allowed to load models at the same time (limits peak RAM and disk reads).",
+        ge=1,
+    )
+    devices: str = _key(
+        "auto",
+        'Devices workers are spread over: "auto" (every visible CUDA GPU, else CPU), '
+        '"cpu", or GPU indices such as "0,1".',
+    )
+    queue_size: int = _key(64, "Jobs that may wait for a worker before new ones are refused.", ge=1)
+    job_deadline_s: float = _key(
+        600.0, "Longest a job may take from acceptance to its last frame.", gt=0
+    )
+    drain_timeout_s: float = _key(
+        30.0,
+        "On stop, how long running jobs may finish before workers are terminated.",
+        ge=0,
+    )
+    metrics_port: int = _key(
+        0, "Port of the Prometheus metrics HTTP endpoint; 0 turns it off.", ge=0, le=65535
+    )
+    metrics_host: str = _key("127.0.0.1", "Address the metrics endpoint listens on.")
+    log_level: str = _key("info", "Least severe log level written.", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    """`[timeouts]`: how long each step may take before the supervisor gives up on it."""
+
+    hello_s: float = _key(30.0, "A started worker must say hello within this time.", gt=0)
+    load_s: float = _key(600.0, "A worker must finish loading its engines within this time.", gt=0)
+    warmup_s: float = _key(120.0, "A worker must finish its warm-up call within this time.", gt=0)
+    heartbeat_interval_s: float = _key(
+        1.0, "How often a worker sends a heartbeat; below `heartbeat_timeout_s`.", gt=0
+    )
+    heartbeat_timeout_s: float = _key(
+        10.0, "A worker silent for this long is declared dead and killed.", gt=0
+    )
+    stall_timeout_s: float = _key(
+        30.0, "A job that produces no frame for this long is declared stalled.", gt=0
+    )
+    kill_grace_s: float = _key(
+        5.0, "Time between SIGTERM and SIGKILL when a worker is stopped.", ge=0
+    )
+    client_call_s: float = _key(
+        30.0, "Default time a client waits for a reply to one request.", gt=0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RestartConfig:
+    """`[restart]`: how failed loads, crashed workers and failed jobs are retried."""
+
+    max_load_attempts: int = _key(
+        3, "Load attempts per worker slot before the slot is given up as failed.", ge=1
+    )
+    backoff_initial_s: float = _key(1.0, "Wait before the first restart of a crashed worker.", ge=0)
+    backoff_max_s: float = _key(
+        60.0, "Longest wait between restarts; at least `backoff_initial_s`.", ge=0
+    )
+    backoff_factor: float = _key(
+        2.0, "Each further restart waits this many times longer than the previous.", ge=1
+    )
+    crash_loop_window_s: float = _key(
+        60.0,
+        "A worker that crashes again within this time of its last start counts as "
+        "crash-looping and its backoff grows.",
+        gt=0,
+    )
+    max_job_attempts: int = _key(
+        2, "Times a job is run (first run included) when its worker dies under it.", ge=1
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RingsConfig:
+    """`[rings]`: the shared-memory rings that carry audio in and frames out."""
+
+    frame_slots: int = _key(
+        32, "Frames a job's frame ring holds; at least 2 so writer and reader overlap.", ge=2
+    )
+    audio_slots: int = _key(
+        16, "Chunks a job's audio ring holds; at least 2 so writer and reader overlap.", ge=2
+    )
+    audio_slot_bytes: int = _key(
+        MIB,
+        "Bytes of one audio slot (float32 samples, so a multiple of 4); 1 MiB by default.",
+        ge=1024,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EnginesConfig:
+    """`[engines]`: which engine of each kind workers load, and their options."""
+
+    avatar: str = _key("embedded", "Avatar (talking-head) engine, a name from the registry.")
+    tts: str = _key("embedded", "Text-to-speech engine, a name from the registry.")
+    asr: str = _key("embedded", "Speech-recognition engine, a name from the registry.")
+    options: dict[str, dict[str, Any]] = _key(
+        doc="Per-engine option tables, `[engines.options.<engine-name>]`, passed as-is to "
+        "every engine of that name.",
+        default_factory=dict,
+    )
+
+    def engine_options(self, name: str) -> dict[str, Any]:
+        """A private copy of engine `name`'s options (empty when it has none)."""
+        return _deep_copy_table(self.options.get(name, {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. Build it with `load_config`."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    rings: RingsConfig = field(default_factory=RingsConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain nested dicts, e.g. to log the effective configuration at start."""
+        return dataclasses.asdict(self)
+
+
+# Section name -> dataclass, in the order the docs list them.
+SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig,
+    "timeouts": TimeoutsConfig,
+    "restart": RestartConfig,
+    "rings": RingsConfig,
+    "engines": EnginesConfig,
+}
+# Keys whose value is a free-form table (its inside is not checked here).
+FREE_FORM_KEYS = frozenset({"engines.options"})
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    # Annotations are strings (postponed evaluation); resolve them once per class.
+    return typing.get_type_hints(cls)
+
+
+def all_keys() -> list[str]:
+    """Every dotted key this config accepts (free-form tables as one key)."""
+    return [
+        f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    ]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read TOML file `path` (None: defaults only), apply `overrides` (dotted keys, they
+    beat the file), validate everything and return the frozen config."""
+    raw: dict[str, Any] = {}
+    file_source = ""
+    if path is not None:
+        file_source = str(path)
+        raw = _read_toml(Path(path))
+
+    override_keys: set[str] = set()
+    for dotted, value in (overrides or {}).items():
+        _apply_override(raw, dotted, value)
+        override_keys.add(dotted)
+
+    def source_of(key: str) -> str:
+        # The value came from the command line if it, or a table above it, was overridden.
+        for dotted in override_keys:
+            if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
+                return "command line"
+        return file_source
+
+    try:
+        return _build_config(raw)
+    except ConfigError as exc:
+        if exc.source:
+            raise
+        raise ConfigError(exc.key, exc.reason, source_of(exc.key)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a command-line override ``"daemon.workers=4"`` into ``("daemon.workers", 4)``.
+
+    The value is read as a TOML value (so 4 is an int, 1.5 a float, true a bool, [1, 3] an
+    array and "x" a string); a value that is not valid TOML is taken as a bare string, so
+    ``engines.avatar=fake`` works without quotes.
+    """
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(text, "override must look like key=value, e.g. daemon.workers=4")
+    value_text = value_text.strip()
+    try:
+        value = tomllib.loads(f"value = {value_text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return key, value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config file {path} is a directory") from None
+    except PermissionError:
+        raise ConfigError("", f"config file {path} is not readable (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The decoder's message ends with "(at line L, column C)".
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid UTF-8: {exc}") from None
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `dotted` in the nested dict `raw`, creating tables on the way."""
+    parts = dotted.split(".")
+    if any(not part for part in parts):
+        raise ConfigError(dotted, "override key has an empty part", "command line")
+    table = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = table.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(where, f"expected table, got {_type_name(child)}", "command line")
+        table = child
+    # Copy tables given as values so later overrides never edit the caller's dict.
+    table[parts[-1]] = _deep_copy_table(value) if isinstance(value, dict) else value
+
+
+def _build_config(raw: dict[str, Any]) -> Config:
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(name, _unknown_key_reason(name, list(SECTIONS)))
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"expected table, got {_type_name(table)}")
+        sections[section] = _build_section(section, cls, table)
+    config = Config(**sections)
+    _check_cross_field_rules(config)
+    return config
+
+
+def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = _field_types(cls)
+    for name in table:
+        if name not in fields:
+            raise ConfigError(f"{section}.{name}", _unknown_key_reason(name, list(fields), section))
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in table:
+            continue  # the dataclass default applies
+        key = f"{section}.{name}"
+        values[name] = _check_value(key, table[name], types[name], f.metadata)
+    instance = cls(**values)
+    _check_section_rules(section, instance)
+    return instance
+
+
+def _check_value(key: str, value: Any, expected: Any, rules: Any) -> Any:
+    """Type- and range-check one value; return it converted (int -> float where a float is
+    expected)."""
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected bool, got {_type_name(value)}")
+    elif expected is int:
+        # bool is a subclass of int in Python, but `workers = true` is a mistake.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected int, got {_type_name(value)}")
+    elif expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected float, got {_type_name(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, "must be a finite number")
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected str, got {_type_name(value)}")
+    elif typing.get_origin(expected) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected table, got {_type_name(value)}")
+        return _deep_copy_table(value)
+    else:  # pragma: no cover - a field type this checker was not taught
+        raise TypeError(f"{key}: unsupported config type {expected!r}")
+
+    if rules.get("ge") is not None and value < rules["ge"]:
+        raise ConfigError(key, f"must be >= {_format_number(rules['ge'])}, got {value!r}")
+    if rules.get("gt") is not None and value <= rules["gt"]:
+        raise ConfigError(key, f"must be > {_format_number(rules['gt'])}, got {value!r}")
+    if rules.get("le") is not None and value > rules["le"]:
+        raise ConfigError(key, f"must be <= {_format_number(rules['le'])}, got {value!r}")
+    if rules.get("choices") is not None and value not in rules["choices"]:
+        reason = f"must be one of {', '.join(rules['choices'])}, got {value!r}"
+        close = difflib.get_close_matches(str(value).lower(), rules["choices"], n=1)
+        if close:
+            reason += f" (did you mean {close[0]}?)"
+        raise ConfigError(key, reason)
+    return value
+
+
+def _check_section_rules(section: str, values: Any) -> None:
+    """Rules of single keys that a range cannot express."""
+    if section == "daemon":
+        _check_endpoint("daemon.endpoint", values.endpoint, ("ipc://", "tcp://"))
+        _check_endpoint("daemon.tcp_endpoint", values.tcp_endpoint, ("tcp://",))
+        if values.runtime_dir and not Path(values.runtime_dir).expanduser().is_absolute():
+            raise ConfigError("daemon.runtime_dir", "must be an absolute path")
+        _parse_devices(values.devices)
+        if not values.metrics_host:
+            raise ConfigError("daemon.metrics_host", "must not be empty")
+    elif section == "rings":
+        if values.audio_slot_bytes % 4:
+            raise ConfigError(
+                "rings.audio_slot_bytes",
+                f"must be a multiple of 4 (float32 samples), got {values.audio_slot_bytes}",
+            )
+    elif section == "engines":
+        for kind in ("avatar", "tts", "asr"):
+            name = getattr(values, kind)
+            known = sorted(ENGINES[kind])
+            if name not in known:
+                raise ConfigError(
+                    f"engines.{kind}",
+                    f"unknown {kind} engine {name!r} (known: {', '.join(known)})"
+                    + _did_you_mean(name, known),
+                )
+        every_engine_name = sorted({name for table in ENGINES.values() for name in table})
+        for name, options in values.options.items():
+            key = f"engines.options.{name}"
+            if name not in every_engine_name:
+                raise ConfigError(
+                    key,
+                    f"unknown engine name (known: {', '.join(every_engine_name)})"
+                    + _did_you_mean(name, every_engine_name),
+                )
+            if not isinstance(options, dict):
+                raise ConfigError(key, f"expected table, got {_type_name(options)}")
+
+
+def _check_cross_field_rules(config: Config) -> None:
+    daemon, timeouts, restart = config.daemon, config.timeouts, config.restart
+    if daemon.min_ready > daemon.workers:
+        raise ConfigError(
+            "daemon.min_ready",
+            f"must be <= daemon.workers ({daemon.workers}), got {daemon.min_ready}",
+        )
+    if restart.backoff_initial_s > restart.backoff_max_s:
+        raise ConfigError(
+            "restart.backoff_initial_s",
+            f"must be <= restart.backoff_max_s ({restart.backoff_max_s:g}), "
+            f"got {restart.backoff_initial_s:g}",
+        )
+    if timeouts.heartbeat_interval_s >= timeouts.heartbeat_timeout_s:
+        raise ConfigError(
+            "timeouts.heartbeat_interval_s",
+            f"must be < timeouts.heartbeat_timeout_s ({timeouts.heartbeat_timeout_s:g}), "
+            f"got {timeouts.heartbeat_interval_s:g}",
+        )
+
+
+def _check_endpoint(key: str, endpoint: str, schemes: tuple[str, ...]) -> None:
+    if not endpoint:
+        return
+    if not endpoint.startswith(schemes):
+        raise ConfigError(key, f"must start with {' or '.join(schemes)}, got {endpoint!r}")
+    if endpoint.startswith("ipc://"):
+        _check_ipc_path(key, endpoint.removeprefix("ipc://"))
+    else:
+        host, colon, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if not colon or not host or not (port.isdigit() and 0 < int(port) <= 65535):
+            raise ConfigError(key, f"must look like tcp://HOST:PORT, got {endpoint!r}")
+
+
+def _check_ipc_path(key: str, path: str) -> None:
+    if not path:
+        raise ConfigError(key, "ipc:// endpoint needs a path")
+    size_bytes = len(os.fsencode(path))
+    # An abstract-namespace name ("ipc://@name") has the same size limit.
+    if size_bytes > AF_UNIX_PATH_MAX_BYTES:
+        raise ConfigError(
+            key,
+            f"socket path {path!r} is {size_bytes} bytes, over the {AF_UNIX_PATH_MAX_BYTES}-byte "
+            "limit of AF_UNIX addresses; choose a shorter daemon.runtime_dir",
+        )
+
+
+def _parse_devices(devices: str) -> list[str] | None:
+    """Validate `daemon.devices`; None means "auto"."""
+    text = devices.strip().lower()
+    if text == "auto":
+        return None
+    if text == "cpu":
+        return ["cpu"]
+    indices: list[int] = []
+    for part in text.split(","):
+        part = part.strip().removeprefix("cuda:")
+        if not part.isdigit():
+            raise ConfigError(
+                "daemon.devices",
+                f'must be "auto", "cpu" or GPU indices like "0,1", got {devices!r}',
+            )
+        if int(part) in indices:
+            raise ConfigError("daemon.devices", f"GPU {part} is listed twice")
+        indices.append(int(part))
+    return [f"cuda:{index}" for index in indices]
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def resolved_runtime_dir(config: Config, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the socket and run files live (see `daemon.runtime_dir`). Does not create it."""
+    env = os.environ if environ is None else environ
+    if config.daemon.runtime_dir:
+        return Path(config.daemon.runtime_dir).expanduser()
+    if env.get("AVATARD_RUNTIME_DIR"):
+        return Path(env["AVATARD_RUNTIME_DIR"])
+    if env.get("RUNTIME_DIRECTORY"):
+        # systemd sets this from RuntimeDirectory=; several directories are ':'-separated.
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "avatard"
+    return Path(f"/tmp/avatard-{os.getuid()}")
+
+
+def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The endpoint clients connect to: `daemon.endpoint`, else an ipc:// socket in the
+    runtime directory. Raises ConfigError if that socket path is too long for AF_UNIX."""
+    if config.daemon.endpoint:
+        return config.daemon.endpoint
+    path = resolved_runtime_dir(config, environ) / "avatard.sock"
+    _check_ipc_path("daemon.runtime_dir", str(path))
+    return f"ipc://{path}"
+
+
+def resolved_devices(config: Config, visible_gpu_count: int) -> list[str]:
+    """Device strings for workers ("cpu", "cuda:0", ...). The caller counts visible GPUs
+    (e.g. with NVML) so this module needs no GPU library. Worker i should use entry
+    i % len(result)."""
+    explicit = _parse_devices(config.daemon.devices)
+    if explicit is None:
+        if visible_gpu_count > 0:
+            return [f"cuda:{index}" for index in range(visible_gpu_count)]
+        return ["cpu"]
+    return explicit
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, list):
+        return "array"
+    return type(value).__name__
+
+
+def _format_number(number: float) -> str:
+    return f"{number:g}"
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_key_reason(name: str, candidates: list[str], section: str = "") -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {f'{section}.' if section else ''}{close[0]}?)"
+    # A key put in the wrong section: `workers` under [timeouts] is daemon.workers.
+    elsewhere = [key for key in all_keys() if key.rsplit(".", 1)[1] == name]
+    if elsewhere:
+        return f"unknown key (did you mean {elsewhere[0]}?)"
+    if section:
+        return f"unknown key (keys of [{section}]: {', '.join(candidates)})"
+    return f"unknown key (sections: {', '.join(candidates)})"
+
+
+def _deep_copy_table(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _deep_copy_table(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy_table(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- docs
+
+DOCS_BEGIN = "<!-- BEGIN GENERATED: config_reference_markdown() -->"
+DOCS_END = "<!-- END GENERATED -->"
+
+
+def _format_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, float):
+        return f"`{value!r}`"
+    if isinstance(value, dict):
+        return "`{}`"
+    return f"`{value}`"
+
+
+def _format_type(expected: Any) -> str:
+    if typing.get_origin(expected) is dict:
+        return "table"
+    return expected.__name__
+
+
+def _format_rule(rules: Any) -> str:
+    parts: list[str] = []
+    if rules.get("ge") is not None:
+        parts.append(f">= {_format_number(rules['ge'])}")
+    if rules.get("gt") is not None:
+        parts.append(f"> {_format_number(rules['gt'])}")
+    if rules.get("le") is not None:
+        parts.append(f"<= {_format_number(rules['le'])}")
+    if rules.get("choices") is not None:
+        parts.append("one of " + ", ".join(rules["choices"]))
+    return "; ".join(parts) or "-"
+
+
+def config_reference_markdown() -> str:
+    """The key reference of docs/config.md, rendered from the dataclasses above."""
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        types = _field_types(cls)
+        lines.append(f"### `[{section}]`")
+        lines.append("")
+        summary = (cls.__doc__ or "").strip().split(": ", 1)[-1]
+        lines.append(summary[:1].upper() + summary[1:])
+        lines.append("")
+        lines.append("| Key | Type | Default | Range | Meaning |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if key == "rings.audio_slot_bytes":
+                default_text = f"`{default}` (1 MiB)"
+            else:
+                default_text = _format_default(default)
+            cells = [
+                f"`{key}`",
+                _format_type(types[f.name]),
+                default_text,
+                _format_rule(f.metadata),
+                f.metadata["doc"].replace("|", "\\|"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _main() -> None:
+    """`python -m avatard.daemon.config [FILE]`: print the key reference, or check FILE."""
+    import sys
+
+    if len(sys.argv) > 1:
+        try:
+            config = load_config(sys.argv[1])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+        print(f"{sys.argv[1]}: OK ({config.daemon.workers} workers)")
+        return
+    print(config_reference_markdown(), end="")
+
+
+if __name__ == "__main__":
+    _main()

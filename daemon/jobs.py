@@ -1,0 +1,106 @@
+"""Jobs and the bounded job queue: pure bookkeeping, no sockets, no processes.
+
+A job is accepted into a bounded queue (a full queue answers `busy`; the queue never grows
+without bound), runs on one worker at a time, and ends exactly once: done, failed (with a
+reason), cancelled or timed out. If its worker dies, the job goes back to the front of the
+queue with its delivery counters intact, so the next attempt resumes after the last frame
+the client already received and every frame arrives exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str  # speak | lipsync | transcribe | register
+    client: bytes  # ROUTER identity of the client that owns the job
+    req_id: int
+    seed: int
+    deadline: float  # monotonic
+    params: dict[str, Any] = field(default_factory=dict)
+    state: JobState = JobState.QUEUED
+    attempts: int = 0
+    worker: int | None = None
+    frames_delivered: int = 0  # next frame index the client expects
+    audio_delivered: int = 0  # next audio chunk index the client expects
+    accepted_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+    first_frame_at: float = 0.0
+    last_error: str = ""
+    input_slot: tuple[str, int, int] | None = None  # (ring, slot, seq) to release at the end
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED)
+
+
+_job_counter = itertools.count(1)
+
+
+def new_job_id() -> str:
+    return f"j{next(_job_counter)}-{secrets.token_hex(4)}"
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, retry_after_s: float):
+        super().__init__(f"job queue full ({depth} waiting)")
+        self.depth = depth
+        self.retry_after_s = retry_after_s
+
+
+class JobQueue:
+    """FIFO of queued jobs with a hard size limit; requeued jobs go to the front."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._queue: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self):
+        return iter(list(self._queue))
+
+    def push(self, job: Job, recent_job_s: float) -> int:
+        """Queue a new job; returns its position. Raises QueueFull with a retry hint (how
+        long until a place is likely free, from recent job durations)."""
+        if len(self._queue) >= self.size:
+            raise QueueFull(len(self._queue), max(0.1, recent_job_s))
+        self._queue.append(job)
+        return len(self._queue) - 1
+
+    def push_front(self, job: Job) -> None:
+        """Requeue a job whose worker died: it keeps its place ahead of newer jobs. May
+        exceed `size` by the number of workers, never more."""
+        self._queue.appendleft(job)
+
+    def pop(self) -> Job | None:
+        return self._queue.popleft() if self._queue else None
+
+    def remove(self, job: Job) -> bool:
+        try:
+            self._queue.remove(job)
+            return True
+        except ValueError:
+            return False
+
+    def drain(self) -> list[Job]:
+        jobs = list(self._queue)
+        self._queue.clear()
+        return jobs

@@ -1,0 +1,72 @@
+"""Prometheus metrics for `avatard serve` (off unless daemon.metrics_port is set).
+
+A custom collector reads the supervisor's status snapshot at scrape time, so the numbers
+are never older than the scrape and nothing runs between scrapes. The HTTP server runs in
+prometheus_client's own thread; `status()` only reads plain attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("avatard.metrics")
+
+WORKER_STATES = ("waiting", "starting", "loading", "ready", "busy", "stopping", "backoff",
+                 "failed")
+
+
+class _Collector:
+    def __init__(self, supervisor: Any):
+        self.supervisor = supervisor
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = self.supervisor.status()
+        states = GaugeMetricFamily("avatard_workers", "Workers by state", labels=["state"])
+        counts = {s: 0 for s in WORKER_STATES}
+        for w in status["workers"]:
+            counts[w["state"]] = counts.get(w["state"], 0) + 1
+        for state, n in counts.items():
+            states.add_metric([state], n)
+        yield states
+        restarts = CounterMetricFamily("avatard_worker_restarts", "Worker restarts",
+                                       labels=["worker", "device"])
+        rss = GaugeMetricFamily("avatard_worker_rss_bytes", "Worker resident memory",
+                                labels=["worker", "device"])
+        gpu = GaugeMetricFamily("avatard_worker_device_memory_bytes", "Worker GPU memory",
+                                labels=["worker", "device"])
+        for w in status["workers"]:
+            labels = [str(w["id"]), w["device"]]
+            restarts.add_metric(labels, w["restarts"])
+            rss.add_metric(labels, w["rss_bytes"])
+            gpu.add_metric(labels, w["device_memory_bytes"])
+        yield restarts
+        yield rss
+        yield gpu
+        yield GaugeMetricFamily("avatard_queue_depth", "Jobs waiting for a worker",
+                                value=status["queue"]["depth"])
+        jobs = CounterMetricFamily("avatard_jobs", "Jobs by outcome", labels=["outcome"])
+        for key in ("jobs_done", "jobs_failed", "jobs_cancelled", "jobs_requeued"):
+            jobs.add_metric([key.removeprefix("jobs_")], status["jobs"][key])
+        yield jobs
+        yield CounterMetricFamily("avatard_frames_delivered", "Frames delivered to clients",
+                                  value=status["jobs"]["frames_delivered"])
+        if status["rtf_recent_median"] is not None:
+            yield GaugeMetricFamily("avatard_rtf_recent_median",
+                                    "Median real-time factor of recent jobs",
+                                    value=status["rtf_recent_median"])
+
+
+def start_metrics_server(supervisor: Any, host: str, port: int) -> None:
+    try:
+        from prometheus_client import start_http_server
+        from prometheus_client.core import CollectorRegistry
+    except ImportError as exc:
+        raise RuntimeError("daemon.metrics_port is set but prometheus_client is not "
+                           "installed: pip install 'avatard[metrics]'") from exc
+    registry = CollectorRegistry()
+    registry.register(_Collector(supervisor))
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)

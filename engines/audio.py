@@ -1,0 +1,332 @@
+"""Audio and text input handling shared by the speech engines.
+
+Everything here turns caller input into the form the engines expect (mono float32 PCM at a
+known rate, clean text in sentence-sized pieces) or raises `EngineInputError` naming the
+field and the rule it broke, so a bad request never reaches a model.
+
+PyAV decodes files. Resampling of PCM uses our own numpy windowed-sinc filter rather than
+scipy's `resample_poly`: scipy is not in the embedded install, one code path keeps output
+identical across installs, and its default filter leaves aliases at about -30 dB near the
+new Nyquist where ours rejects about -90 dB (tests/test_audio.py asserts better than -60).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from .base import EngineInputError
+
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
+DEFAULT_MAX_DURATION_S = 600.0
+DEFAULT_MAX_TEXT_CHARS = 5000
+# Codecs (mp3, aac) overshoot full scale a little after decoding; above this the input is
+# almost certainly integer PCM handed over as float, which would be pure clipping noise.
+MAX_FLOAT_PEAK = 2.0
+
+# ---------------------------------------------------------------------------- PCM checks
+
+
+def validate_sample_rate(sample_rate: object, field: str = "sample_rate") -> int:
+    """Return the rate as an int, or raise if it is not an integer in the supported range."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | np.integer):
+        raise EngineInputError(field, f"must be an integer, got {type(sample_rate).__name__}")
+    rate = int(sample_rate)
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise EngineInputError(
+            field, f"must be within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz, got {rate}"
+        )
+    return rate
+
+
+def validate_pcm(
+    pcm: object,
+    sample_rate: object,
+    *,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    field: str = "audio",
+) -> tuple[np.ndarray, int]:
+    """Check caller PCM and return it as (1-D C-contiguous float32 in [-1, 1], rate).
+
+    Accepts float arrays of shape (n,) or (n, 1). Integer arrays are refused instead of
+    being guessed at: int16 and int32 need different scales and the caller knows which.
+    """
+    rate = validate_sample_rate(sample_rate)
+    if not isinstance(pcm, np.ndarray):
+        raise EngineInputError(field, f"must be a numpy array, got {type(pcm).__name__}")
+    if not np.issubdtype(pcm.dtype, np.floating):
+        raise EngineInputError(field, f"must be float PCM in [-1, 1], got dtype {pcm.dtype}")
+    samples = pcm
+    if samples.ndim == 2 and samples.shape[1] == 1:
+        samples = samples[:, 0]
+    if samples.ndim != 1:
+        raise EngineInputError(field, f"must be mono (1-D), got shape {tuple(pcm.shape)}")
+    if samples.size == 0:
+        raise EngineInputError(field, "is empty (0 s of audio)")
+    duration_s = samples.size / rate
+    if duration_s > max_duration_s:
+        raise EngineInputError(
+            field, f"is {duration_s:.1f} s long; the limit is {max_duration_s:g} s"
+        )
+    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    if not np.isfinite(samples).all():
+        raise EngineInputError(field, "contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise EngineInputError(
+            field, f"samples must lie in [-1, 1], peak is {peak:.3g} (integer PCM as float?)"
+        )
+    if peak > 1.0:
+        samples = np.clip(samples, -1.0, 1.0)
+    return samples, rate
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def decode_audio(
+    source: str | Path | bytes,
+    target_rate: int | None = None,
+    *,
+    max_duration_s: float = DEFAULT_MAX_DURATION_S,
+    field: str = "audio",
+) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a file (wav, mp3, ogg, flac, m4a...) to mono
+    float32 (the mean of the channels). Optional resampling happens in libswresample,
+    which filters properly. Returns (pcm, rate): rate is `target_rate` if given, else the
+    file's own."""
+    import av  # deferred: importing PyAV costs ~0.1 s and most callers pass PCM
+
+    if target_rate is not None:
+        validate_sample_rate(target_rate, "target_rate")
+    opened = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        container = av.open(opened, mode="r")
+    except (av.FFmpegError, OSError) as error:
+        raise EngineInputError(field, f"is not a decodable audio file ({error})") from error
+    with container:
+        if not container.streams.audio:
+            raise EngineInputError(field, "contains no audio stream")
+        stream = container.streams.audio[0]
+        source_rate = stream.codec_context.sample_rate or stream.rate
+        if not source_rate:
+            raise EngineInputError(field, "has no sample rate")
+        out_rate = target_rate or int(source_rate)
+        validate_sample_rate(out_rate)
+        # Channels stay separate through libswresample and are averaged here: its own
+        # stereo-to-mono matrix sums at -3 dB each, which overshoots full scale by 41% on
+        # correlated (centre-panned) material.
+        layout = stream.layout if stream.layout and stream.layout.nb_channels else "mono"
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=out_rate)
+        max_samples = int(max_duration_s * out_rate)
+        pieces: list[np.ndarray] = []
+        total = 0
+        try:
+            for frame in container.decode(stream):
+                for converted in resampler.resample(frame):
+                    piece = converted.to_ndarray().mean(axis=0, dtype=np.float32)
+                    pieces.append(piece)
+                    total += piece.size
+                # Refuse during decoding so a multi-hour upload costs no more than the limit.
+                if total > max_samples:
+                    raise EngineInputError(
+                        field, f"is longer than the limit of {max_duration_s:g} s"
+                    )
+            for converted in resampler.resample(None):
+                pieces.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
+        except av.FFmpegError as error:
+            raise EngineInputError(field, f"could not be decoded ({error})") from error
+    pcm = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return validate_pcm(pcm, out_rate, max_duration_s=max_duration_s, field=field)
+
+
+# ---------------------------------------------------------------------------- resampling
+
+
+def resample(pcm: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Anti-aliased rational resampling of mono float32 PCM.
+
+    The output has ceil(len * to_rate / from_rate) samples and is aligned with the input
+    (no filter delay), so timings computed at one rate hold at the other.
+    """
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+    samples = np.asarray(pcm, dtype=np.float32)
+    if from_rate == to_rate or samples.size == 0:
+        return samples.copy()
+    divisor = math.gcd(int(from_rate), int(to_rate))
+    up, down = int(to_rate) // divisor, int(from_rate) // divisor
+    return _resample_sinc(samples, up, down)
+
+
+# Half-width of the interpolation kernel in input samples at the cutoff frequency; 32
+# zero crossings with a Kaiser(8.6) window gives about 80 dB stop-band rejection.
+_SINC_HALF_ZEROS = 32
+_KAISER_BETA = 8.6
+_SINC_BLOCK = 16384
+_MAX_PHASE_TABLE = 4096
+
+
+def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
+    """Windowed-sinc band-limited interpolation, evaluated directly at each output time.
+
+    Output sample n sits at input time t = n * down / up. Its value is the sum over nearby
+    input samples k of x[k] * h(t - k), where h is a Kaiser-windowed sinc low-pass at the
+    lower of the two Nyquist frequencies. Computed in blocks to bound memory.
+    """
+    # Cutoff as a fraction of the input Nyquist; when downsampling the kernel widens by the
+    # same factor so its number of zero crossings (and so its rejection) stays the same.
+    cutoff = min(1.0, up / down)
+    half_width = int(math.ceil(_SINC_HALF_ZEROS / cutoff))
+    offsets = np.arange(-half_width + 1, half_width + 1)
+    out_len = -(-samples.size * up // down)
+    output = np.empty(out_len, np.float32)
+    padded = np.concatenate(
+        [np.zeros(half_width), samples.astype(np.float64), np.zeros(half_width + 1)]
+    )
+
+    def kernel(frac: np.ndarray) -> np.ndarray:
+        distance = frac[:, None] - offsets[None, :]  # t - k for every tap
+        ratio = np.clip(distance / half_width, -1.0, 1.0)
+        window = np.i0(_KAISER_BETA * np.sqrt(1.0 - ratio * ratio)) / np.i0(_KAISER_BETA)
+        return cutoff * np.sinc(cutoff * distance) * window
+
+    # The fractional position only takes `up` distinct values, so for ordinary rate pairs
+    # (44100 -> 16000 has up = 160) one table of kernels serves every output sample.
+    table = kernel(np.arange(up) / up) if up <= _MAX_PHASE_TABLE else None
+    for start in range(0, out_len, _SINC_BLOCK):
+        index = np.arange(start, min(start + _SINC_BLOCK, out_len), dtype=np.int64)
+        base = (index * down) // up
+        phase = (index * down) % up
+        weights = table[phase] if table is not None else kernel(phase / up)
+        taps = base[:, None] + offsets[None, :] + half_width  # indices into `padded`
+        output[start : start + index.size] = np.einsum("ij,ij->i", padded[taps], weights)
+    return output
+
+
+# ---------------------------------------------------------------------------- text
+
+
+# Cc holds C0/C1 controls (NUL, ESC, DEL...); Cs lone surrogates, which cannot be encoded.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Co", "Cn"})
+_WHITESPACE_RUN = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\n\s*\n+")
+
+
+def validate_text(text: object, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
+    """Return text ready for synthesis or raise naming `text`.
+
+    Control characters are removed (newlines and tabs become spaces, except that a blank
+    line is kept as a paragraph break), Unicode is NFC-normalised, and the text must hold
+    something speakable: at least one letter or digit.
+    """
+    if not isinstance(text, str):
+        raise EngineInputError("text", f"must be a string, got {type(text).__name__}")
+    # Checked on the raw input first so a megabyte of text is refused before any work.
+    if len(text) > max_chars:
+        raise EngineInputError("text", f"is {len(text)} characters long; the limit is {max_chars}")
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    paragraphs = _BLANK_LINES.split(text)
+    cleaned_paragraphs = []
+    for paragraph in paragraphs:
+        kept = "".join(
+            " " if ch in "\n\t\v\f" else ch
+            for ch in paragraph
+            if ch in "\n\t\v\f" or unicodedata.category(ch) not in _DROPPED_CATEGORIES
+        )
+        kept = _WHITESPACE_RUN.sub(" ", kept).strip()
+        if kept:
+            cleaned_paragraphs.append(kept)
+    cleaned = "\n\n".join(cleaned_paragraphs)
+    if not cleaned:
+        raise EngineInputError("text", "is empty")
+    if not any(ch.isalnum() for ch in cleaned):
+        raise EngineInputError("text", "has nothing speakable (no letter or digit)")
+    return cleaned
+
+
+# Words after which a period never ends a sentence: titles and labels that always precede
+# something ("Dr. Smith", "No. 5"). Lower-case, without the period.
+_TITLES = frozenset("mr mrs ms dr prof sr jr st mt ft vs no fig vol dept approx".split())
+# Words that end a sentence only when a capital letter follows ("5 p.m. Then" splits,
+# "5 p.m. today" does not); dotted abbreviations (e.g., p.m.) are treated the same.
+_ABBREVIATIONS = frozenset(
+    "etc inc ltd co jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+# A sentence end: terminal punctuation, optional closing quotes/brackets, then space.
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*(?=\s)|\n\n")
+_CLAUSE_BREAK = re.compile(r"[,;:\u2014\u2013]\s")
+DEFAULT_MAX_SENTENCE_CHARS = 300
+
+
+def split_sentences(text: str, max_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> list[str]:
+    """Split clean text into sentences for streaming synthesis.
+
+    A sentence ends at . ! ? (or a paragraph break) followed by whitespace, unless the
+    word before the period is a known abbreviation or a single letter (an initial).
+    Sentences longer than `max_chars` are cut at clause punctuation, then at spaces, so
+    the first audio of a long run-on sentence is not delayed. Pieces with no letter or
+    digit are merged into their neighbour instead of being spoken alone.
+    """
+    sentences: list[str] = []
+    start = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        candidate = text[start:end]
+        if match.group().startswith(".") and not _period_ends_sentence(candidate, text[end:]):
+            continue
+        sentences.append(candidate)
+        start = end
+    sentences.append(text[start:])
+
+    pieces: list[str] = []
+    for sentence in sentences:
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        for piece in _cut_long(sentence, max_chars):
+            if pieces and not any(ch.isalnum() for ch in piece):
+                pieces[-1] = f"{pieces[-1]} {piece}"
+            elif pieces and not any(ch.isalnum() for ch in pieces[-1]):
+                pieces[-1] = f"{pieces[-1]} {piece}"
+            else:
+                pieces.append(piece)
+    return pieces
+
+
+def _period_ends_sentence(candidate: str, rest: str) -> bool:
+    words = candidate.rstrip("\"'\u201d\u2019)]").rstrip(".").split()
+    if not words:
+        return True
+    last = words[-1].lower().lstrip("\"'(\u201c\u2018[")
+    if last in _TITLES or (len(last) == 1 and last.isalpha()):
+        return False  # a title or an initial: "Dr. Smith", "J. R. Tolkien"
+    if last in _ABBREVIATIONS or "." in last:
+        following = rest.lstrip()
+        return not following or following[0].isupper()
+    return True
+
+
+def _cut_long(sentence: str, max_chars: int) -> list[str]:
+    pieces: list[str] = []
+    remaining = sentence
+    while len(remaining) > max_chars:
+        window = remaining[:max_chars]
+        breaks = [m.end() for m in _CLAUSE_BREAK.finditer(window)]
+        # Prefer a clause break in the second half so pieces are not tiny.
+        cut = next((b for b in reversed(breaks) if b > max_chars // 2), 0)
+        if not cut:
+            cut = window.rfind(" ") + 1
+        if cut <= 0:
+            cut = max_chars  # one enormous word: cut it anyway rather than stall
+        pieces.append(remaining[:cut].strip())
+        remaining = remaining[cut:].strip()
+    if remaining:
+        pieces.append(remaining)
+    return pieces

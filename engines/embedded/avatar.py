@@ -1,0 +1,503 @@
+"""Embedded default avatar engine: animates a frontal portrait from audio on the CPU.
+
+Nothing is downloaded: faces are found with the Haar cascades inside the
+`opencv-python-headless` wheel (see `landmarks.py`), and the portrait is animated by a
+smooth mesh warp (see `warp.py`). Per frame, the audio around the frame gives a mouth
+opening (loudness, weighted to vowel-like low bands) and a lip shape (spectral centroid:
+bright sounds spread the lips, dark ones round them); a seeded RNG gives blinks and slow
+head motion. A 512x512 frame costs a few milliseconds on one core (docs/embedded-avatar.md).
+
+Image limits of `register`: 64..8192 px per side, at most 40 megapixels, formats PNG, JPEG,
+WebP and BMP (or an (H, W, 3) uint8 RGB array).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import math
+import os
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from ..base import (
+    AvatarEngine,
+    AvatarState,
+    AvatarStream,
+    EngineInputError,
+    EngineReport,
+    ProgressFn,
+    no_progress,
+)
+from .landmarks import FaceLandmarks, NoFaceError, find_landmarks, load_detectors
+from .warp import FacePose, Rig, build_rig, frame_portrait, render_frame
+
+MIN_SIDE_PX = 64
+MAX_SIDE_PX = 8192
+MAX_PIXELS = 40_000_000
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
+# PIL names some camera JPEGs (with an embedded second picture) "MPO"; they are JPEGs.
+_PIL_FORMATS = frozenset(ACCEPTED_FORMATS) | {"MPO"}
+
+FPS = 25
+AUDIO_RATE = 16000
+HOP = AUDIO_RATE // FPS  # 640 samples of audio per video frame
+# Each frame is analysed over a 64 ms window centred one frame ahead of the frame's own
+# middle: lips move a little before the sound they make, and the window needs this much
+# audio past the end of the frame before the frame can be drawn.
+WINDOW = 1024
+LEAD = HOP
+LOOKAHEAD_SAMPLES = HOP // 2 + LEAD + WINDOW // 2 - HOP  # 832: past the frame's end
+_HANN = np.hanning(WINDOW).astype(np.float32)
+_FREQS = np.fft.rfftfreq(WINDOW, 1.0 / AUDIO_RATE)
+_LOW_BAND = (_FREQS >= 350) & (_FREQS < 1200)  # open vowels' first formant
+_MID_BAND = (_FREQS >= 1200) & (_FREQS < 2500)
+_MURMUR_BAND = (_FREQS >= 80) & (_FREQS < 350)  # nasal murmur and voicing bar: lips shut
+_HIGH_BAND = (_FREQS >= 2500) & (_FREQS < 7000)  # fricatives, sibilants
+_SPEECH_BAND = (_FREQS >= 100) & (_FREQS < 7000)
+
+# Loudness mapping: below SILENCE_DB the mouth is shut; at LOUD_DB it is fully open.
+SILENCE_DB = -45.0
+LOUD_DB = -14.0
+# One-pole smoothing per frame: the mouth opens fast and closes a bit slower, as jaws do.
+OPEN_ATTACK = 0.7
+OPEN_RELEASE = 0.35
+SPREAD_RATE = 0.4
+NOD_RATE = 0.08
+
+# Blinks: 2-6 s apart, each about 160 ms (4 frames) with this closure profile.
+BLINK_INTERVAL_S = (2.0, 6.0)
+BLINK_PROFILE = (0.55, 1.0, 0.7, 0.3)
+# Head motion: sums of slow sinusoids, amplitudes in pixels / degrees.
+HEAD_SHIFT_PX = 5.0
+HEAD_ROLL_DEG = 3.0
+SPEECH_NOD_PX = 2.5
+
+_ASSET_PORTRAIT = "astronaut.jpg"
+
+
+def default_portrait() -> np.ndarray:
+    """The built-in portrait (RGB uint8, 512x512): NASA's public-domain photo of astronaut
+    Eileen Collins, the picture scikit-image ships as `skimage.data.astronaut()`."""
+    return _decoded_default_portrait().copy()  # a copy: callers may draw on it
+
+
+@functools.cache
+def _decoded_default_portrait() -> np.ndarray:
+    from PIL import Image
+
+    asset = resources.files(__package__).joinpath("assets", _ASSET_PORTRAIT)
+    try:
+        data = asset.read_bytes()
+    except (FileNotFoundError, OSError):
+        try:  # an install that lost package data: scikit-image carries the same picture
+            from skimage import data as skimage_data
+        except ImportError as error:
+            raise RuntimeError(
+                f"the default portrait assets/{_ASSET_PORTRAIT} is missing from this install"
+            ) from error
+        return np.ascontiguousarray(skimage_data.astronaut()[..., :3])
+    with Image.open(io.BytesIO(data)) as image:
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def _image_from_bytes(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes to RGB uint8 after checking format and size limits."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise EngineInputError("image", "is empty")
+    try:
+        # Opening reads only the header, so the size check comes before any big decode.
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise EngineInputError(
+            "image", f"is not a decodable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        ) from None
+    with image:
+        if image.format not in _PIL_FORMATS:
+            raise EngineInputError(
+                "image",
+                f"format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}",
+            )
+        _check_size(image.width, image.height)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as error:
+            raise EngineInputError(
+                "image", f"{image.format} data is truncated or corrupt ({error})"
+            ) from None
+    return np.ascontiguousarray(rgb)
+
+
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < MIN_SIDE_PX:
+        raise EngineInputError(
+            "image", f"is {width}x{height} px; each side must be at least {MIN_SIDE_PX} px"
+        )
+    if max(width, height) > MAX_SIDE_PX or width * height > MAX_PIXELS:
+        raise EngineInputError(
+            "image",
+            f"is {width}x{height} px; the limit is {MAX_SIDE_PX} px per side and "
+            f"{MAX_PIXELS // 1_000_000} megapixels",
+        )
+
+
+def _image_from_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise EngineInputError(
+            "image",
+            f"an array must be (height, width, 3) uint8 RGB, got {array.shape} {array.dtype}",
+        )
+    _check_size(array.shape[1], array.shape[0])
+    return np.ascontiguousarray(array)
+
+
+def content_hash(image: bytes | np.ndarray) -> str:
+    """sha256 of the encoded bytes, or of an array's shape, dtype and pixels."""
+    digest = hashlib.sha256()
+    if isinstance(image, bytes | bytearray | memoryview):
+        digest.update(b"bytes:")
+        digest.update(bytes(image))
+    else:
+        array = np.ascontiguousarray(image)
+        digest.update(f"array:{array.shape}:{array.dtype}:".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EmbeddedAvatarPayload:
+    """What `AvatarState.payload` holds for this engine."""
+
+    rig: Rig
+    source_landmarks: FaceLandmarks  # in the coordinates of the submitted picture
+
+
+# ---------------------------------------------------------------------------- audio
+
+
+def audio_features(window: np.ndarray) -> tuple[float, float]:
+    """(mouth opening target in [0, 1], lip spread target in [-1, 1]) of one window.
+
+    Loudness opens the mouth (with an expanding curve, so quiet consonants stay nearly
+    shut); the share of energy in the first-formant band of open vowels opens it further,
+    while nasal murmur (energy only under 350 Hz: m, n) and hiss keep it narrow. The
+    spectral centroid sets the lip shape: bright sounds ("ee", "s") spread the lips, dark
+    ones ("oo") round them.
+    """
+    tapered = window * _HANN
+    rms = math.sqrt(float(np.mean(tapered * tapered)) / 0.375 + 1e-12)  # 0.375: Hann power
+    level_db = 20.0 * math.log10(rms + 1e-9)
+    level = min(max((level_db - SILENCE_DB) / (LOUD_DB - SILENCE_DB), 0.0), 1.0) ** 1.5
+    if level == 0.0:
+        return 0.0, 0.0
+    power = np.abs(np.fft.rfft(tapered)) ** 2
+    murmur = float(power[_MURMUR_BAND].sum())
+    low = float(power[_LOW_BAND].sum())
+    mid = float(power[_MID_BAND].sum())
+    high = float(power[_HIGH_BAND].sum())
+    total = murmur + low + mid + high + 1e-12
+    low_share = low / total
+    speech_power = power[_SPEECH_BAND]
+    centroid = float((speech_power * _FREQS[_SPEECH_BAND]).sum() / (speech_power.sum() + 1e-12))
+    opening = min(1.0, level * (0.25 + 1.1 * low_share))
+    spread = level * min(max((centroid - 1400.0) / 1400.0, -1.0), 1.0)
+    return opening, spread
+
+
+# ---------------------------------------------------------------------------- motion
+
+
+class _Motion:
+    """Seeded blinks and head motion as functions of the frame index."""
+
+    def __init__(self, seed: int):
+        seed_word = seed & 0xFFFF_FFFF_FFFF_FFFF  # default_rng wants a non-negative int
+        head_rng = np.random.default_rng([seed_word, 1])
+        # Three sinusoids per axis between 0.06 and 0.45 Hz: a slow, never-repeating sway.
+        self._frequencies = head_rng.uniform(0.06, 0.45, size=(3, 3))
+        self._phases = head_rng.uniform(0.0, 2.0 * np.pi, size=(3, 3))
+        weights = head_rng.uniform(0.5, 1.0, size=(3, 3))
+        self._weights = weights / weights.sum(axis=1, keepdims=True)
+        self._blink_rng = np.random.default_rng([seed_word, 2])
+        self._blink_starts: list[int] = []
+        self._next_blink_s = float(self._blink_rng.uniform(0.6, 2.5))
+
+    def blink(self, frame: int) -> float:
+        # Blink start frames are drawn in order as far as needed, so the schedule does not
+        # depend on how many frames were asked for before.
+        while self._next_blink_s * FPS <= frame + len(BLINK_PROFILE):
+            self._blink_starts.append(round(self._next_blink_s * FPS))
+            self._next_blink_s += float(self._blink_rng.uniform(*BLINK_INTERVAL_S))
+        for start in reversed(self._blink_starts):
+            if start <= frame:
+                offset = frame - start
+                return BLINK_PROFILE[offset] if offset < len(BLINK_PROFILE) else 0.0
+        return 0.0
+
+    def head(self, frame: int) -> tuple[float, float, float]:
+        """(dx px, dy px, roll degrees) of the idle sway."""
+        seconds = frame / FPS
+        waves = np.sin(2.0 * np.pi * self._frequencies * seconds + self._phases)
+        dx, dy, roll = (self._weights * waves).sum(axis=1)
+        return (
+            float(dx) * HEAD_SHIFT_PX,
+            float(dy) * HEAD_SHIFT_PX * 0.6,
+            float(roll) * HEAD_ROLL_DEG,
+        )
+
+
+class EmbeddedAvatarStream(AvatarStream):
+    """One job: audio in, frames out. Frame k needs audio up to (k+1)*640 + 832 samples."""
+
+    def __init__(self, rig: Rig, seed: int):
+        self._rig = rig
+        self._motion = _Motion(seed)
+        self._buffer = np.zeros(0, np.float32)
+        self._buffer_start = 0  # absolute index of self._buffer[0]
+        self._received = 0
+        self._next_frame = 0
+        self._open = 0.0
+        self._spread = 0.0
+        self._nod = 0.0
+        self._finished = False
+
+    def _window(self, frame: int) -> np.ndarray:
+        """The analysis window of `frame`; samples outside the audio read as silence."""
+        start = frame * HOP + HOP // 2 + LEAD - WINDOW // 2
+        out = np.zeros(WINDOW, np.float32)
+        lo, hi = max(start, self._buffer_start), min(start + WINDOW, self._received)
+        if hi > lo:
+            base = self._buffer_start
+            out[lo - start : hi - start] = self._buffer[lo - base : hi - base]
+        return out
+
+    def _render(self, frame: int) -> np.ndarray:
+        opening, spread = audio_features(self._window(frame))
+        rate = OPEN_ATTACK if opening > self._open else OPEN_RELEASE
+        self._open += rate * (opening - self._open)
+        self._spread += SPREAD_RATE * (spread - self._spread)
+        self._nod += NOD_RATE * (self._open - self._nod)
+        dx, dy, roll = self._motion.head(frame)
+        pose = FacePose(
+            mouth_open=self._open,
+            lip_spread=self._spread,
+            blink=self._motion.blink(frame),
+            head_dx=dx,
+            head_dy=dy + SPEECH_NOD_PX * self._nod,
+            head_roll_deg=roll,
+        )
+        return render_frame(self._rig, pose)
+
+    def _drain(self, available_frames: int) -> list[np.ndarray]:
+        frames = []
+        while self._next_frame < available_frames:
+            frames.append(self._render(self._next_frame))
+            self._next_frame += 1
+        # Keep only the audio that later windows can still reach.
+        keep_from = self._next_frame * HOP + HOP // 2 + LEAD - WINDOW // 2
+        if keep_from > self._buffer_start:
+            drop = min(keep_from - self._buffer_start, self._buffer.size)
+            self._buffer = self._buffer[drop:]
+            self._buffer_start += drop
+        return frames
+
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        if self._finished:
+            raise RuntimeError("push() after finish()")
+        samples = np.asarray(pcm)
+        if samples.dtype.kind != "f":
+            raise EngineInputError(
+                "audio", f"must be float PCM in [-1, 1], got {samples.dtype} samples"
+            )
+        if samples.ndim > 1 and samples.size != samples.shape[0]:
+            raise EngineInputError("audio", f"must be mono, got shape {samples.shape}")
+        chunk = samples.astype(np.float32, copy=False).reshape(-1)
+        if not np.all(np.isfinite(chunk)):
+            raise EngineInputError("audio", "contains NaN or infinite samples")
+        self._buffer = np.concatenate([self._buffer, chunk])
+        self._received += chunk.size
+        # A frame is ready once its whole analysis window has arrived, and never beyond
+        # the frame count the final length allows (round(samples / HOP) at finish).
+        ready = max(0, (self._received - LOOKAHEAD_SAMPLES) // HOP)
+        ready = min(ready, self._received // HOP)
+        return self._drain(ready)
+
+    def finish(self) -> list[np.ndarray]:
+        if self._finished:
+            return []
+        self._finished = True
+        total = round(self._received / HOP)
+        return self._drain(total)
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:  # psutil is a base dependency, but a bare checkout may lack it
+        return 0
+
+
+def speech_like_signal(seconds: float, seed: int = 0) -> np.ndarray:
+    """Synthetic speech-like audio at 16 kHz: voiced syllables (a buzzing glottal pulse
+    train through vowel formants) at about 4 per second, with hissy consonants and pauses.
+    Used for the warm-up render, the tests and the contact sheet."""
+    rng = np.random.default_rng(seed)
+    count = int(round(seconds * AUDIO_RATE))
+    times = np.arange(count) / AUDIO_RATE
+    pitch = 125.0 + 20.0 * np.sin(2 * np.pi * 0.7 * times)
+    glottal = np.sign(np.sin(2 * np.pi * np.cumsum(pitch) / AUDIO_RATE)) * 0.5
+    envelope = np.zeros(count)
+    formant = np.zeros(count)
+    hiss_gate = np.zeros(count)
+    position = int(0.25 * AUDIO_RATE)
+    while position < count:
+        length = int(rng.uniform(0.14, 0.3) * AUDIO_RATE)
+        end = min(position + length, count)
+        shape = np.sin(np.linspace(0, np.pi, end - position)) ** 0.7
+        envelope[position:end] = shape * rng.uniform(0.6, 1.0)
+        formant[position:end] = rng.choice([300.0, 500.0, 700.0, 850.0])
+        if rng.random() < 0.4:  # a fricative right before the vowel
+            hiss_start = max(0, position - int(0.07 * AUDIO_RATE))
+            hiss_gate[hiss_start:position] = 0.5
+        gap = rng.uniform(0.02, 0.12) if rng.random() < 0.8 else rng.uniform(0.3, 0.5)
+        position = end + int(gap * AUDIO_RATE)
+    # Vowel colour: ring the glottal buzz at the syllable's first formant.
+    vowel = glottal * (0.4 + 0.6 * np.cos(2 * np.pi * formant * times) ** 2)
+    noise = rng.standard_normal(count)
+    hiss = np.diff(noise, prepend=0.0) * 0.4  # differencing makes it high-pass (sibilant)
+    signal = vowel * envelope + 0.8 * hiss * hiss_gate
+    # Peak-normalise to 0.7, where TTS output and normalised recordings usually sit.
+    peak = float(np.abs(signal).max()) if count else 0.0
+    if peak > 0.0:
+        signal *= 0.7 / peak
+    return signal.astype(np.float32)
+
+
+class EmbeddedAvatarEngine(AvatarEngine):
+    """CPU talking-head engine that needs no model download. Options:
+
+    - ``cache_size`` (int, default 16): registered portraits kept in memory.
+    - ``warmup`` (bool, default True): render one second of speech at load.
+    """
+
+    name = "embedded"
+
+    def __init__(
+        self, device: str = "cpu", options: dict | None = None, progress: ProgressFn = no_progress
+    ):
+        options = dict(options or {})
+        if not str(device).startswith("cpu"):
+            # Everything here is OpenCV/numpy on the CPU; a GPU would sit idle.
+            device = "cpu"
+        self.device = device
+        self.cache_size = int(options.pop("cache_size", 16))
+        warmup = bool(options.pop("warmup", True))
+        if options:
+            raise EngineInputError("options", f"unknown option(s) {sorted(options)}")
+        if self.cache_size < 1:
+            raise EngineInputError("options.cache_size", "must be at least 1")
+        self._cache: OrderedDict[str, AvatarState] = OrderedDict()
+        self._lock = threading.Lock()
+        # Counters that show whether registrations hit the cache.
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+        rss_before = _rss_bytes()
+        started = time.perf_counter()
+        progress("landmarks", 0.0)
+        load_detectors()
+        progress("landmarks", 0.5)
+        self._warmup_s = 0.0
+        if warmup:
+            state = self.register(default_portrait())
+            warm_started = time.perf_counter()
+            for _ in self.render(state, speech_like_signal(1.0), seed=0):
+                pass
+            self._warmup_s = time.perf_counter() - warm_started
+        self._load_s = time.perf_counter() - started
+        self._memory_bytes = max(0, _rss_bytes() - rss_before)
+        progress("landmarks", 1.0)
+
+    def default_portrait(self) -> np.ndarray:
+        """The built-in portrait, used when a job names no avatar (see `default_portrait`)."""
+        return default_portrait()
+
+    def register(self, image: bytes | np.ndarray) -> AvatarState:
+        if isinstance(image, bytearray | memoryview):
+            image = bytes(image)
+        if not isinstance(image, bytes | np.ndarray):
+            raise EngineInputError(
+                "image", f"must be encoded image bytes or an RGB array, not {type(image).__name__}"
+            )
+        avatar_id = content_hash(image)
+        with self._lock:
+            cached = self._cache.get(avatar_id)
+            if cached is not None:
+                self._cache.move_to_end(avatar_id)
+                self.cache_hits += 1
+                return cached
+        rgb = _image_from_bytes(image) if isinstance(image, bytes) else _image_from_array(image)
+        try:
+            landmarks = find_landmarks(rgb)
+        except NoFaceError as error:
+            raise EngineInputError("image", str(error)) from None
+        portrait, crop_landmarks = frame_portrait(rgb, landmarks)
+        rig = build_rig(portrait, crop_landmarks)
+        state = AvatarState(
+            avatar_id=avatar_id,
+            width=self.frame_width,
+            height=self.frame_height,
+            payload=EmbeddedAvatarPayload(rig=rig, source_landmarks=landmarks),
+            extras={
+                "eyes_found": landmarks.eyes_found,
+                "mouth_found": landmarks.mouth_found,
+                "face_box": tuple(float(v) for v in landmarks.face_box),
+            },
+        )
+        with self._lock:
+            self.cache_misses += 1
+            self._cache[avatar_id] = state
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return state
+
+    def open_stream(self, state: AvatarState, seed: int) -> EmbeddedAvatarStream:
+        payload = state.payload
+        if not isinstance(payload, EmbeddedAvatarPayload):
+            raise EngineInputError("avatar", "was not registered with the embedded engine")
+        return EmbeddedAvatarStream(payload.rig, int(seed))
+
+    def report(self) -> EngineReport:
+        return EngineReport(
+            name=self.name,
+            kind=self.kind,
+            device="cpu",
+            memory_bytes=self._memory_bytes,
+            warmup_s=self._warmup_s,
+            notes="opencv haar cascades + mesh warp; no model download",
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()

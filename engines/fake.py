@@ -1,0 +1,664 @@
+"""Fake engines: test patterns and injected faults, for tests and for operators.
+
+They load no model and need no GPU, yet behave like real engines from the outside: loading
+takes time and reports progress, frames cost time, and on request they hang, crash, run
+out of memory or hold memory, so a supervisor's handling of each failure can be exercised
+in tests and rehearsed on a real deployment (`[engines] avatar = "fake"`).
+
+All three fake engines (avatar, TTS, ASR) are registered under the name "fake" and share
+one options table, `[engines.options.fake]`; the worker adds `worker_index` and `attempt`
+(1-based load attempt) to it. Options:
+
+Loading (applied only by the engine kinds listed in `load_kinds`, by default the avatar
+engine alone, because one worker loads all three engines from the same table):
+  load_s          float  0      seconds a load takes; progress is reported along the way
+  load_hang       bool   false  hang forever in the middle of loading
+  load_crash      bool   false  exit abruptly (os._exit) in the middle of loading
+  load_oom        bool   false  raise MemoryError in the middle of loading
+  load_error      bool   false  raise RuntimeError in the middle of loading
+  alloc_mb        int    0      allocate and touch this many MiB at load and keep them
+  load_kinds      list   ["avatar"]  engine kinds that apply the options above
+Rendering (avatar engine):
+  frame_ms        float  0      compute time per frame
+  frame_busy      bool   false  spend frame_ms busy-waiting (CPU load) instead of sleeping
+  hang_at_frame   int    -1     hang forever before producing this frame index (-1: off)
+  crash_at_frame  int    -1     exit abruptly before producing this frame index (-1: off)
+  error_at_frame  int    -1     raise RuntimeError before this frame index (-1: off)
+  width, height   int    64     frame size (even, 8..4096)
+  fps             int    25
+  audio_rate      int    16000  sample rate of the audio pushed into streams
+Speech (TTS engine):
+  sentence_ms     float  0      compute time per synthesized sentence
+Restricting faults (to load_hang, load_crash, load_oom, load_error, alloc_mb and the
+*_at_frame faults):
+  fault_workers   list   all    worker indices the faults apply to
+  fault_attempts  list   all    load attempts (1-based) the faults apply to
+  load_hang_workers, load_crash_workers, load_oom_workers
+                  list   []     workers that hang / crash / run out of memory while loading,
+                                whatever the flags say (still restricted by fault_attempts)
+  crash_delay_s   float  0.1    pause before an injected crash (lets logs reach the pipe)
+  crash_exit_code int    70     exit status of an injected crash (EX_SOFTWARE)
+
+So `fault_workers = [1, 3, 5]`, `fault_attempts = [1]`, `load_hang = true` makes workers 1, 3
+and 5 hang on their first load and load normally when restarted.
+
+Frames are a pure function of (job seed, frame index): `expected_frame` computes the frame
+a stream must produce, so tests can check every pixel. Its first four pixels carry the
+frame index and the seed in the clear (`frame_index_of`, `frame_seed_of`).
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import hashlib
+import os
+import re
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from fractions import Fraction
+from typing import Any, ClassVar, NoReturn
+
+import numpy as np
+import psutil
+
+from .base import (
+    ASREngine,
+    AvatarEngine,
+    AvatarState,
+    AvatarStream,
+    EngineInputError,
+    EngineReport,
+    ProgressFn,
+    Segment,
+    Transcript,
+    TTSEngine,
+    Word,
+    no_progress,
+)
+
+__all__ = [
+    "FAKE_VOICES",
+    "FakeASREngine",
+    "FakeAvatarEngine",
+    "FakeOptions",
+    "FakeTTSEngine",
+    "expected_frame",
+    "frame_count",
+    "frame_index_of",
+    "frame_seed_of",
+    "parse_fake_options",
+]
+
+NOTES = "FAKE ENGINE: test patterns and injected faults, not a model"
+FAKE_VOICES = ["fake-a", "fake-b"]
+ENGINE_KINDS = ("avatar", "tts", "asr")
+HEADER_MARKER = 0xA5  # blue channel of the four header pixels, to spot a fake frame
+MIB = 1024 * 1024
+UINT64_MASK = (1 << 64) - 1
+AVATAR_CACHE_SIZE = 1024  # registered avatars kept; the oldest is forgotten first
+
+
+# ---------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class FakeOptions:
+    """The validated `[engines.options.fake]` table (see the module docstring)."""
+
+    worker_index: int = 0
+    attempt: int = 1
+    load_s: float = 0.0
+    load_hang: bool = False
+    load_crash: bool = False
+    load_oom: bool = False
+    load_error: bool = False
+    alloc_mb: int = 0
+    load_kinds: tuple[str, ...] = ("avatar",)
+    frame_ms: float = 0.0
+    frame_busy: bool = False
+    hang_at_frame: int = -1
+    crash_at_frame: int = -1
+    error_at_frame: int = -1
+    width: int = 64
+    height: int = 64
+    fps: int = 25
+    audio_rate: int = 16000
+    sentence_ms: float = 0.0
+    fault_workers: tuple[int, ...] | None = None  # None: every worker
+    fault_attempts: tuple[int, ...] | None = None  # None: every attempt
+    # Per-fault worker lists, so one config can mix faults (3 hang, 2 crash...).
+    load_hang_workers: tuple[int, ...] = ()
+    load_crash_workers: tuple[int, ...] = ()
+    load_oom_workers: tuple[int, ...] = ()
+    crash_delay_s: float = 0.1
+    crash_exit_code: int = 70
+
+    @property
+    def faults_apply(self) -> bool:
+        """Whether this worker and load attempt are among those the faults target."""
+        worker_matches = self.fault_workers is None or self.worker_index in self.fault_workers
+        attempt_matches = self.fault_attempts is None or self.attempt in self.fault_attempts
+        return worker_matches and attempt_matches
+
+    def load_fault(self, flag: bool, workers: tuple[int, ...]) -> bool:
+        """Whether one load fault strikes here: by its flag (restricted by fault_workers)
+        or because this worker is in the fault's own worker list."""
+        attempt_matches = self.fault_attempts is None or self.attempt in self.fault_attempts
+        return (flag and self.faults_apply) or (self.worker_index in workers and attempt_matches)
+
+
+_BOOL_OPTIONS = {"load_hang", "load_crash", "load_oom", "load_error", "frame_busy"}
+_FLOAT_OPTIONS = {"load_s", "frame_ms", "sentence_ms", "crash_delay_s"}
+_INT_OPTIONS = {
+    "worker_index": 0,
+    "attempt": 1,
+    "alloc_mb": 0,
+    "hang_at_frame": -1,
+    "crash_at_frame": -1,
+    "error_at_frame": -1,
+    "width": 8,
+    "height": 8,
+    "fps": 1,
+    "audio_rate": 1000,
+    "crash_exit_code": 1,
+}  # name -> smallest allowed value
+_INT_LIST_OPTIONS = {
+    "fault_workers": 0,
+    "fault_attempts": 1,
+    "load_hang_workers": 0,
+    "load_crash_workers": 0,
+    "load_oom_workers": 0,
+}  # name -> smallest element
+
+
+def parse_fake_options(options: dict[str, Any] | None) -> FakeOptions:
+    """Validate the options table; a bad entry raises EngineInputError naming it."""
+    known = [f.name for f in fields(FakeOptions)]
+    values: dict[str, Any] = {}
+    for name, value in (options or {}).items():
+        field_name = f"options.{name}"
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise EngineInputError(field_name, f"unknown option of the fake engines{hint}")
+        if name in _BOOL_OPTIONS:
+            if not isinstance(value, bool):
+                raise EngineInputError(field_name, f"expected bool, got {type(value).__name__}")
+        elif name in _FLOAT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise EngineInputError(field_name, f"expected float, got {type(value).__name__}")
+            value = float(value)
+            if not (0.0 <= value < float("inf")):
+                raise EngineInputError(field_name, f"must be a finite number >= 0, got {value}")
+        elif name in _INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EngineInputError(field_name, f"expected int, got {type(value).__name__}")
+            if value < _INT_OPTIONS[name]:
+                raise EngineInputError(field_name, f"must be >= {_INT_OPTIONS[name]}, got {value}")
+        elif name in _INT_LIST_OPTIONS:
+            if not isinstance(value, list | tuple) or any(
+                isinstance(item, bool) or not isinstance(item, int) for item in value
+            ):
+                raise EngineInputError(field_name, "expected a list of ints")
+            if any(item < _INT_LIST_OPTIONS[name] for item in value):
+                raise EngineInputError(
+                    field_name, f"every entry must be >= {_INT_LIST_OPTIONS[name]}"
+                )
+            value = tuple(value)
+        elif name == "load_kinds":
+            if not isinstance(value, list | tuple) or any(k not in ENGINE_KINDS for k in value):
+                raise EngineInputError(
+                    field_name, f"expected a list of engine kinds from {list(ENGINE_KINDS)}"
+                )
+            value = tuple(value)
+        values[name] = value
+    parsed = FakeOptions(**values)
+    for name in ("width", "height"):
+        size = getattr(parsed, name)
+        if size % 2 or size > 4096:
+            raise EngineInputError(f"options.{name}", f"must be even and <= 4096, got {size}")
+    return parsed
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+def expected_frame(seed: int, index: int, height: int, width: int) -> np.ndarray:
+    """Frame `index` of a job with seed `seed`: (height, width, 3) uint8 noise drawn from a
+    PCG64 generator seeded with (seed, index), with a header in row 0, pixels 0..3:
+    red = index (little-endian uint32), green = seed's low 32 bits, blue = 0xA5."""
+    if index < 0:
+        raise ValueError(f"frame index must be >= 0, got {index}")
+    if height < 1 or width < 4:
+        raise ValueError(f"frame must be at least 1x4 pixels, got {height}x{width}")
+    generator = np.random.Generator(np.random.PCG64([seed & UINT64_MASK, index]))
+    frame = generator.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    frame[0, :4, 0] = np.frombuffer((index & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
+    frame[0, :4, 1] = np.frombuffer((seed & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
+    frame[0, :4, 2] = HEADER_MARKER
+    return frame
+
+
+def frame_index_of(frame: np.ndarray) -> int:
+    """The frame index written in a fake frame's header (low 32 bits)."""
+    if not np.all(frame[0, :4, 2] == HEADER_MARKER):
+        raise ValueError("not a frame of the fake avatar engine (header marker missing)")
+    return int.from_bytes(frame[0, :4, 0].tobytes(), "little")
+
+
+def frame_seed_of(frame: np.ndarray) -> int:
+    """The low 32 bits of the job seed written in a fake frame's header."""
+    if not np.all(frame[0, :4, 2] == HEADER_MARKER):
+        raise ValueError("not a frame of the fake avatar engine (header marker missing)")
+    return int.from_bytes(frame[0, :4, 1].tobytes(), "little")
+
+
+def frame_count(sample_count: int, audio_rate: int, fps: int) -> int:
+    """round(audio_seconds * fps), computed exactly (Python's round: halves to even)."""
+    return round(Fraction(sample_count * fps, audio_rate))
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def _crash(options: FakeOptions, where: str) -> NoReturn:
+    """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
+    # One line on stderr so an operator reading the journal knows the crash was asked for.
+    message = (
+        f"avatard fake engine: injected crash {where} (worker {options.worker_index}, "
+        f"attempt {options.attempt}, exit status {options.crash_exit_code})\n"
+    )
+    try:
+        sys.stderr.flush()
+        os.write(2, message.encode())
+    except OSError:
+        pass
+    time.sleep(options.crash_delay_s)
+    os._exit(options.crash_exit_code)
+
+
+def _hang() -> NoReturn:
+    """Block forever like a deadlocked driver call. Signal handlers are left alone, so
+    SIGTERM and SIGKILL end the process as they would any other."""
+    while True:
+        time.sleep(1.0)
+
+
+def _spend(duration_s: float, busy: bool) -> None:
+    if duration_s <= 0:
+        return
+    if not busy:
+        time.sleep(duration_s)
+        return
+    deadline = time.perf_counter() + duration_s
+    while time.perf_counter() < deadline:
+        pass
+
+
+def _rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class _FakeLoad:
+    """The load every fake engine performs: timed progress, the load faults, the ballast
+    allocation, and the figures for `report()`."""
+
+    LOAD_STEPS = 10  # progress reports during the "weights" stage
+
+    def __init__(self, kind: str, options: FakeOptions, progress: ProgressFn):
+        self.kind = kind
+        self.options = options
+        self.ballast: np.ndarray | None = None
+        self.warmup_s = 0.0
+        self.memory_bytes = 0
+        self._progress = progress
+        self._rss_before = _rss_bytes()
+
+    def load_weights(self) -> None:
+        options = self.options
+        applies_here = self.kind in options.load_kinds
+        weights_s = options.load_s * 0.8 if applies_here else 0.0
+        self._progress("weights", 0.0)
+        for step in range(1, self.LOAD_STEPS + 1):
+            time.sleep(weights_s / self.LOAD_STEPS)
+            self._progress("weights", step / self.LOAD_STEPS)
+            # The faults strike half-way, after the supervisor has seen the load progress.
+            if step == self.LOAD_STEPS // 2 and applies_here:
+                self._inject_load_faults()
+
+    def _inject_load_faults(self) -> None:
+        options = self.options
+        if options.alloc_mb and options.faults_apply:
+            # np.ones writes every byte, so the pages are resident, not just reserved.
+            self.ballast = np.ones(options.alloc_mb * MIB, dtype=np.uint8)
+        if options.load_fault(options.load_oom, options.load_oom_workers):
+            raise MemoryError(
+                f"fake engine: injected out-of-memory while loading {self.kind} weights "
+                f"(worker {options.worker_index}, attempt {options.attempt})"
+            )
+        if options.load_error and options.faults_apply:
+            raise RuntimeError(
+                f"fake engine: injected load error in {self.kind} engine "
+                f"(worker {options.worker_index}, attempt {options.attempt})"
+            )
+        if options.load_fault(options.load_crash, options.load_crash_workers):
+            _crash(options, f"while loading the {self.kind} engine")
+        if options.load_fault(options.load_hang, options.load_hang_workers):
+            _hang()
+
+    def warm_up(self, call: Any) -> None:
+        """Time the warm-up: the remaining share of load_s plus one real call."""
+        applies_here = self.kind in self.options.load_kinds
+        started = time.perf_counter()
+        self._progress("warmup", 0.0)
+        time.sleep(self.options.load_s * 0.2 if applies_here else 0.0)
+        call()
+        self._progress("warmup", 1.0)
+        self.warmup_s = time.perf_counter() - started
+        self.memory_bytes = max(0, _rss_bytes() - self._rss_before)
+
+    def report(self, device: str) -> EngineReport:
+        return EngineReport(
+            name="fake",
+            kind=self.kind,
+            device=device,
+            memory_bytes=self.memory_bytes,
+            warmup_s=self.warmup_s,
+            notes=NOTES,
+        )
+
+
+# ---------------------------------------------------------------------------- avatar
+
+
+class FakeAvatarStream(AvatarStream):
+    """Frames of one job: frame k exists once the audio up to its end has arrived."""
+
+    def __init__(self, engine: FakeAvatarEngine, seed: int):
+        self._engine = engine
+        self._seed = seed
+        self._sample_count = 0
+        self._next_index = 0
+        self._finished = False
+
+    @property
+    def frames_produced(self) -> int:
+        return self._next_index
+
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        if self._finished:
+            raise RuntimeError("push() after finish() on a fake avatar stream")
+        if not isinstance(pcm, np.ndarray) or pcm.ndim != 1:
+            raise EngineInputError("pcm", "must be a 1-D numpy array of mono samples")
+        if pcm.dtype != np.float32:
+            raise EngineInputError("pcm", f"must be float32, got {pcm.dtype}")
+        self._sample_count += pcm.shape[0]
+        engine = self._engine
+        # Only whole frames: frame k needs the audio up to (k + 1) / fps seconds.
+        ready = self._sample_count * engine.fps // engine.audio_rate
+        return self._render_until(ready)
+
+    def finish(self) -> list[np.ndarray]:
+        if self._finished:
+            return []
+        self._finished = True
+        engine = self._engine
+        return self._render_until(frame_count(self._sample_count, engine.audio_rate, engine.fps))
+
+    def _render_until(self, end_index: int) -> list[np.ndarray]:
+        frames = []
+        while self._next_index < end_index:
+            frames.append(self._engine._render_frame(self._seed, self._next_index))
+            self._next_index += 1
+        return frames
+
+
+class FakeAvatarEngine(AvatarEngine):
+    """Test-pattern avatar engine with injectable faults (see the module docstring)."""
+
+    name: ClassVar[str] = "fake"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+    ):
+        self.options = parse_fake_options(options)
+        self.device = device
+        self.fps = self.options.fps
+        self.audio_rate = self.options.audio_rate
+        self.frame_height = self.options.height
+        self.frame_width = self.options.width
+        self._avatars: collections.OrderedDict[str, AvatarState] = collections.OrderedDict()
+        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load.load_weights()
+        self._load.warm_up(lambda: expected_frame(0, 0, self.frame_height, self.frame_width))
+
+    def report(self) -> EngineReport:
+        return self._load.report(self.device)
+
+    def close(self) -> None:
+        self._load.ballast = None
+        self._avatars.clear()
+
+    def default_portrait(self) -> np.ndarray:
+        """A flat grey portrait: the fake engine renders test patterns whatever the face."""
+        return np.full((self.frame_height, self.frame_width, 3), 128, np.uint8)
+
+    def register(self, image: bytes | np.ndarray) -> AvatarState:
+        if isinstance(image, bytes | bytearray | memoryview):
+            data = bytes(image)
+            if not data:
+                raise EngineInputError("image", "must not be empty")
+            avatar_id = hashlib.sha256(data).hexdigest()
+        elif isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise EngineInputError(
+                    "image", f"must be an (H, W, 3) uint8 array, got {image.shape} {image.dtype}"
+                )
+            if image.size == 0:
+                raise EngineInputError("image", "must not be empty")
+            # The shape is hashed too, so two arrays with the same bytes but different
+            # shapes are different avatars.
+            height, width = image.shape[:2]
+            digest = hashlib.sha256(f"{height}x{width}x3:".encode())
+            digest.update(np.ascontiguousarray(image).tobytes())
+            avatar_id = digest.hexdigest()
+        else:
+            raise EngineInputError(
+                "image", f"must be bytes or an array, got {type(image).__name__}"
+            )
+
+        cached = self._avatars.get(avatar_id)
+        if cached is not None:
+            self._avatars.move_to_end(avatar_id)
+            return cached
+        state = AvatarState(
+            avatar_id=avatar_id, width=self.frame_width, height=self.frame_height, payload=None
+        )
+        self._avatars[avatar_id] = state
+        if len(self._avatars) > AVATAR_CACHE_SIZE:
+            self._avatars.popitem(last=False)
+        return state
+
+    def open_stream(self, state: AvatarState, seed: int) -> FakeAvatarStream:
+        if state.avatar_id not in self._avatars:
+            raise EngineInputError("avatar_id", f"{state.avatar_id!r} is not registered")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise EngineInputError("seed", f"must be an int, got {type(seed).__name__}")
+        return FakeAvatarStream(self, int(seed))
+
+    def _render_frame(self, seed: int, index: int) -> np.ndarray:
+        options = self.options
+        if options.faults_apply:
+            if index == options.error_at_frame:
+                raise RuntimeError(f"fake engine: injected render error at frame {index}")
+            if index == options.crash_at_frame:
+                _crash(options, f"at frame {index}")
+            if index == options.hang_at_frame:
+                _hang()
+        _spend(options.frame_ms / 1000.0, options.frame_busy)
+        return expected_frame(seed, index, self.frame_height, self.frame_width)
+
+
+# ---------------------------------------------------------------------------- TTS
+
+WORD_S = 0.25  # tone length of one word
+WORD_GAP_S = 0.05  # silence between words
+SENTENCE_GAP_S = 0.15  # silence after each sentence
+TONE_AMPLITUDE = 0.3
+RAMP_S = 0.005  # fade in/out of each tone, so bursts do not click
+VOICE_BASE_HZ = {"fake-a": 220.0, "fake-b": 330.0}
+
+
+def _split_sentences(text: str) -> list[str]:
+    return [part for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part.strip()]
+
+
+class FakeTTSEngine(TTSEngine):
+    """Speaks each word as a tone burst whose pitch depends on the word and the voice.
+    The audio is a pure function of (text, voice)."""
+
+    name: ClassVar[str] = "fake"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+    ):
+        self.options = parse_fake_options(options)
+        self.device = device
+        self.sample_rate = 16000
+        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load.load_weights()
+        self._load.warm_up(lambda: self._sentence_audio("warm up.", FAKE_VOICES[0]))
+
+    def report(self) -> EngineReport:
+        return self._load.report(self.device)
+
+    def close(self) -> None:
+        self._load.ballast = None
+
+    def voices(self) -> list[str]:
+        return list(FAKE_VOICES)
+
+    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+        # Validate before the first yield so bad input fails at the call, not mid-stream.
+        if not isinstance(text, str) or not text.strip():
+            raise EngineInputError("text", "must be a non-empty string")
+        chosen = FAKE_VOICES[0] if voice is None else voice
+        if chosen not in FAKE_VOICES:
+            raise EngineInputError("voice", f"unknown voice {voice!r} (known: {FAKE_VOICES})")
+        return self._stream(text, chosen)
+
+    def _stream(self, text: str, voice: str) -> Iterator[np.ndarray]:
+        for sentence in _split_sentences(text):
+            _spend(self.options.sentence_ms / 1000.0, busy=False)
+            yield self._sentence_audio(sentence, voice)
+
+    def _sentence_audio(self, sentence: str, voice: str) -> np.ndarray:
+        rate = self.sample_rate
+        word_samples = round(WORD_S * rate)
+        ramp_samples = round(RAMP_S * rate)
+        envelope = np.ones(word_samples, np.float32)
+        envelope[:ramp_samples] = np.linspace(0, 1, ramp_samples, dtype=np.float32)
+        envelope[-ramp_samples:] = np.linspace(1, 0, ramp_samples, dtype=np.float32)
+        time_s = np.arange(word_samples, dtype=np.float64) / rate
+        parts: list[np.ndarray] = []
+        for word in re.findall(r"\w+", sentence):
+            # crc32, unlike hash(), is the same in every process.
+            pitch_hz = VOICE_BASE_HZ[voice] + 20.0 * (zlib.crc32(word.lower().encode()) % 20)
+            tone = np.sin(2 * np.pi * pitch_hz * time_s).astype(np.float32)
+            parts.append(TONE_AMPLITUDE * envelope * tone)
+            parts.append(np.zeros(round(WORD_GAP_S * rate), np.float32))
+        parts.append(np.zeros(round(SENTENCE_GAP_S * rate), np.float32))
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------- ASR
+
+ASR_WINDOW_S = 0.01  # loudness is judged per 10 ms window
+ASR_SILENCE_LEVEL = 0.01  # peak below this is silence
+ASR_MIN_RUN_S = 0.02  # shorter sounds are clicks, not speech
+ASR_SECONDS_PER_WORD = 0.5
+ASR_VOCABULARY = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+class FakeASREngine(ASREngine):
+    """Hears one word per 0.5 s of non-silent audio (at least one per sound), named from
+    a fixed vocabulary in order. The transcript is a pure function of the audio."""
+
+    name: ClassVar[str] = "fake"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+    ):
+        self.options = parse_fake_options(options)
+        self.device = device
+        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load.load_weights()
+        self._load.warm_up(lambda: self.transcribe(np.zeros(1600, np.float32), 16000))
+
+    def report(self) -> EngineReport:
+        return self._load.report(self.device)
+
+    def close(self) -> None:
+        self._load.ballast = None
+
+    def transcribe(self, pcm: np.ndarray, sample_rate: int) -> Transcript:
+        if not isinstance(pcm, np.ndarray) or pcm.ndim != 1:
+            raise EngineInputError("pcm", "must be a 1-D numpy array of mono samples")
+        if not np.issubdtype(pcm.dtype, np.floating):
+            raise EngineInputError("pcm", f"must be float32, got {pcm.dtype}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+            raise EngineInputError("sample_rate", f"must be a positive int, got {sample_rate!r}")
+        duration_s = pcm.shape[0] / sample_rate
+        window = max(1, round(ASR_WINDOW_S * sample_rate))
+        window_count = pcm.shape[0] // window
+        if window_count == 0:
+            return Transcript(language="en", duration_s=duration_s, segments=())
+        peaks = np.abs(pcm[: window_count * window]).reshape(window_count, window).max(axis=1)
+        loud = peaks >= ASR_SILENCE_LEVEL
+
+        segments: list[Segment] = []
+        word_number = 0
+        # Runs of loud windows: edges where `loud` flips.
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], loud, [False])).astype(np.int8)))
+        for start_window, end_window in zip(edges[0::2], edges[1::2], strict=True):
+            # Python floats, not numpy scalars, so transcripts serialize anywhere.
+            start_s = int(start_window) * window / sample_rate
+            end_s = int(end_window) * window / sample_rate
+            if end_s - start_s < ASR_MIN_RUN_S:
+                continue
+            word_total = max(1, round((end_s - start_s) / ASR_SECONDS_PER_WORD))
+            step_s = (end_s - start_s) / word_total
+            words = []
+            for k in range(word_total):
+                text = ASR_VOCABULARY[word_number % len(ASR_VOCABULARY)]
+                word_number += 1
+                words.append(
+                    Word(
+                        text=text,
+                        start_s=round(start_s + k * step_s, 3),
+                        end_s=round(start_s + (k + 1) * step_s, 3),
+                        probability=0.9,
+                    )
+                )
+            segments.append(
+                Segment(
+                    text=" ".join(w.text for w in words),
+                    start_s=round(start_s, 3),
+                    end_s=round(end_s, 3),
+                    words=tuple(words),
+                )
+            )
+        return Transcript(language="en", duration_s=duration_s, segments=tuple(segments))

@@ -1,0 +1,442 @@
+"""Tests of daemon/config.py: defaults, precedence, every error kind, the docs table."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from avatard.daemon import config as config_module
+from avatard.daemon.config import (
+    Config,
+    ConfigError,
+    all_keys,
+    config_reference_markdown,
+    load_config,
+    parse_override,
+    resolved_devices,
+    resolved_endpoint,
+    resolved_runtime_dir,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "avatard.toml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def error_of(path: Path | None, overrides: dict | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides or {})
+    return caught.value
+
+
+# ---------------------------------------------------------------------------- defaults
+
+
+def test_defaults_without_a_file():
+    config = load_config(None, {})
+    assert config == Config()
+    assert config.daemon.workers == 1
+    assert config.daemon.min_ready == 1
+    assert config.daemon.max_parallel_loads == 1
+    assert config.daemon.devices == "auto"
+    assert config.daemon.queue_size == 64
+    assert config.daemon.job_deadline_s == 600.0
+    assert config.daemon.drain_timeout_s == 30.0
+    assert config.daemon.metrics_port == 0
+    assert config.daemon.metrics_host == "127.0.0.1"
+    assert config.daemon.log_level == "info"
+    assert config.timeouts.hello_s == 30.0
+    assert config.timeouts.load_s == 600.0
+    assert config.timeouts.warmup_s == 120.0
+    assert config.timeouts.heartbeat_interval_s == 1.0
+    assert config.timeouts.heartbeat_timeout_s == 10.0
+    assert config.timeouts.stall_timeout_s == 30.0
+    assert config.timeouts.kill_grace_s == 5.0
+    assert config.timeouts.client_call_s == 30.0
+    assert config.restart.max_load_attempts == 3
+    assert config.restart.backoff_initial_s == 1.0
+    assert config.restart.backoff_max_s == 60.0
+    assert config.restart.backoff_factor == 2.0
+    assert config.restart.crash_loop_window_s == 60.0
+    assert config.restart.max_job_attempts == 2
+    assert config.rings.frame_slots == 32
+    assert config.rings.audio_slots == 16
+    assert config.rings.audio_slot_bytes == 1024 * 1024
+    assert (config.engines.avatar, config.engines.tts, config.engines.asr) == ("embedded",) * 3
+    assert config.engines.options == {}
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write_toml(tmp_path, ""), {}) == Config()
+
+
+def test_config_is_frozen_and_slotted():
+    config = load_config(None, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.daemon.workers = 3  # type: ignore[misc]
+    assert not hasattr(config.daemon, "__dict__")
+
+
+def test_floats_accept_ints_and_stay_floats(tmp_path):
+    config = load_config(write_toml(tmp_path, "[daemon]\njob_deadline_s = 90\n"), {})
+    assert config.daemon.job_deadline_s == 90.0
+    assert isinstance(config.daemon.job_deadline_s, float)
+
+
+def test_the_sample_config_loads():
+    config = load_config(REPO_ROOT / "systemd" / "avatard.toml", {})
+    assert isinstance(config, Config)
+
+
+# ---------------------------------------------------------------------------- precedence
+
+
+def test_file_beats_defaults_and_flag_beats_file(tmp_path):
+    path = write_toml(
+        tmp_path,
+        """
+        [daemon]
+        workers = 2
+        queue_size = 8
+
+        [engines]
+        avatar = "fake"
+        """,
+    )
+    from_file = load_config(path, {})
+    assert from_file.daemon.workers == 2
+    assert from_file.daemon.queue_size == 8
+    assert from_file.engines.avatar == "fake"
+
+    flagged = load_config(path, {"daemon.workers": 4, "engines.tts": "fake"})
+    assert flagged.daemon.workers == 4  # the flag wins over the file
+    assert flagged.daemon.queue_size == 8  # untouched file values stay
+    assert flagged.engines.avatar == "fake"
+    assert flagged.engines.tts == "fake"
+
+
+def test_engine_option_tables_and_option_overrides(tmp_path):
+    path = write_toml(
+        tmp_path,
+        """
+        [engines]
+        avatar = "fake"
+
+        [engines.options.fake]
+        load_s = 1.5
+        fault_workers = [1, 3, 5]
+        """,
+    )
+    config = load_config(path, {"engines.options.fake.load_s": 0.25})
+    assert config.engines.options == {"fake": {"load_s": 0.25, "fault_workers": [1, 3, 5]}}
+    # Callers get copies: editing them cannot change the frozen config.
+    options = config.engines.engine_options("fake")
+    options["fault_workers"].append(7)
+    assert config.engines.options["fake"]["fault_workers"] == [1, 3, 5]
+    assert config.engines.engine_options("ditto") == {}
+
+
+def test_overrides_do_not_alias_the_callers_dict():
+    given = {"load_s": 1.0}
+    config = load_config(None, {"engines.options.fake": given})
+    given["load_s"] = 9.0
+    assert config.engines.options["fake"] == {"load_s": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("daemon.workers=4", ("daemon.workers", 4)),
+        ("daemon.job_deadline_s = 2.5", ("daemon.job_deadline_s", 2.5)),
+        ("engines.avatar=fake", ("engines.avatar", "fake")),
+        ('engines.avatar="fake"', ("engines.avatar", "fake")),
+        ("engines.options.fake.load_hang=true", ("engines.options.fake.load_hang", True)),
+        (
+            "engines.options.fake.fault_workers=[1, 3]",
+            ("engines.options.fake.fault_workers", [1, 3]),
+        ),
+        (
+            "daemon.tcp_endpoint=tcp://127.0.0.1:7780",
+            ("daemon.tcp_endpoint", "tcp://127.0.0.1:7780"),
+        ),
+    ],
+)
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+def test_parse_override_needs_an_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("daemon.workers")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    error = error_of(write_toml(tmp_path, "[daemon]\nwokers = 2\n"))
+    assert error.key == "daemon.wokers"
+    assert "unknown key (did you mean daemon.workers?)" in str(error)
+    assert str(tmp_path / "avatard.toml") in str(error)
+
+
+def test_unknown_key_in_the_wrong_section_names_the_right_one(tmp_path):
+    error = error_of(write_toml(tmp_path, "[timeouts]\nworkers = 2\n"))
+    assert error.key == "timeouts.workers"
+    assert "did you mean daemon.workers?" in str(error)
+
+
+def test_unknown_section(tmp_path):
+    error = error_of(write_toml(tmp_path, "[deamon]\nworkers = 2\n"))
+    assert error.key == "deamon"
+    assert "unknown key (did you mean daemon?)" in str(error)
+
+
+def test_unknown_override_key_names_the_command_line():
+    error = error_of(None, {"timeouts.hello": 3})
+    assert error.key == "timeouts.hello"
+    assert "did you mean timeouts.hello_s?" in str(error)
+    assert error.source == "command line"
+    assert "(from command line)" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("daemon.workers", "4", "expected int, got str"),
+        ("daemon.workers", 2.0, "expected int, got float"),
+        ("daemon.workers", True, "expected int, got bool"),
+        ("daemon.job_deadline_s", "600", "expected float, got str"),
+        ("daemon.log_level", 3, "expected str, got int"),
+        ("engines.options", 3, "expected table, got int"),
+        ("engines.options.fake", [1], "expected table, got array"),
+    ],
+)
+def test_wrong_type_names_key_and_types(key, value, reason):
+    error = error_of(None, {key: value})
+    assert error.key == key
+    assert error.reason == reason
+    assert str(error).startswith(f"{key}: {reason}")
+
+
+def test_wrong_type_in_file(tmp_path):
+    error = error_of(write_toml(tmp_path, '[daemon]\nworkers = "four"\n'))
+    assert str(error) == (
+        f"daemon.workers: expected int, got str (from {tmp_path / 'avatard.toml'})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("daemon.workers", 0, "must be >= 1"),
+        ("daemon.min_ready", 0, "must be >= 1"),
+        ("daemon.max_parallel_loads", -1, "must be >= 1"),
+        ("daemon.queue_size", 0, "must be >= 1"),
+        ("daemon.job_deadline_s", 0, "must be > 0"),
+        ("daemon.drain_timeout_s", -0.5, "must be >= 0"),
+        ("daemon.metrics_port", 65536, "must be <= 65535"),
+        ("daemon.metrics_port", -1, "must be >= 0"),
+        ("daemon.log_level", "verbose", "must be one of debug, info, warning, error"),
+        ("timeouts.heartbeat_timeout_s", 0.0, "must be > 0"),
+        ("timeouts.kill_grace_s", -1, "must be >= 0"),
+        ("restart.max_load_attempts", 0, "must be >= 1"),
+        ("restart.backoff_factor", 0.5, "must be >= 1"),
+        ("restart.max_job_attempts", 0, "must be >= 1"),
+        ("rings.frame_slots", 1, "must be >= 2"),
+        ("rings.audio_slot_bytes", 1026, "must be a multiple of 4"),
+        ("daemon.job_deadline_s", float("inf"), "must be a finite number"),
+        ("daemon.devices", "gpu0", 'must be "auto", "cpu" or GPU indices'),
+        ("daemon.devices", "0,0", "GPU 0 is listed twice"),
+        ("daemon.endpoint", "http://x", "must start with ipc:// or tcp://"),
+        ("daemon.tcp_endpoint", "ipc:///tmp/x.sock", "must start with tcp://"),
+        ("daemon.tcp_endpoint", "tcp://127.0.0.1", "must look like tcp://HOST:PORT"),
+        ("daemon.runtime_dir", "relative/dir", "must be an absolute path"),
+        ("daemon.endpoint", "ipc:///" + "x" * 200, "over the 107-byte limit"),
+    ],
+)
+def test_out_of_range_names_key_and_rule(key, value, reason):
+    error = error_of(None, {key: value})
+    assert error.key == key
+    assert reason in error.reason
+    assert str(error).startswith(f"{key}: ")
+
+
+def test_log_level_typo_suggests(tmp_path):
+    error = error_of(None, {"daemon.log_level": "warn"})
+    assert "did you mean warning?" in str(error)
+
+
+def test_unknown_engine_name():
+    error = error_of(None, {"engines.avatar": "fak"})
+    assert error.key == "engines.avatar"
+    assert "unknown avatar engine 'fak'" in error.reason
+    assert "did you mean fake?" in error.reason
+    # faster-whisper is an ASR engine, not a TTS engine.
+    error = error_of(None, {"engines.tts": "faster-whisper"})
+    assert error.key == "engines.tts"
+
+
+def test_unknown_engine_options_table():
+    error = error_of(None, {"engines.options.fkae": {"load_s": 1}})
+    assert error.key == "engines.options.fkae"
+    assert "did you mean fake?" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        ({"daemon.workers": 2, "daemon.min_ready": 3}, "daemon.min_ready", "<= daemon.workers (2)"),
+        (
+            {"restart.backoff_initial_s": 10, "restart.backoff_max_s": 5},
+            "restart.backoff_initial_s",
+            "<= restart.backoff_max_s (5)",
+        ),
+        (
+            {"timeouts.heartbeat_interval_s": 10},
+            "timeouts.heartbeat_interval_s",
+            "< timeouts.heartbeat_timeout_s (10)",
+        ),
+    ],
+)
+def test_cross_field_rules(overrides, key, reason):
+    error = error_of(None, overrides)
+    assert error.key == key
+    assert reason in error.reason
+
+
+def test_cross_field_rule_fixed_by_a_flag(tmp_path):
+    path = write_toml(tmp_path, "[daemon]\nworkers = 2\nmin_ready = 2\n")
+    assert error_of(path, {"daemon.workers": 1}).key == "daemon.min_ready"
+    assert load_config(path, {"daemon.workers": 3}).daemon.min_ready == 2
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path):
+    path = write_toml(tmp_path, "[daemon]\nworkers = 2\nqueue_size 8\n")
+    error = error_of(path)
+    assert error.key == ""
+    assert str(path) in str(error)
+    assert "line 3" in str(error)
+    assert re.search(r"column \d+", str(error))
+
+
+def test_missing_file(tmp_path):
+    error = error_of(tmp_path / "nope.toml")
+    assert "does not exist" in str(error)
+
+
+def test_override_through_a_non_table():
+    error = error_of(None, {"daemon.workers": 2, "daemon.workers.x": 1})
+    assert error.key == "daemon.workers"
+    assert "expected table" in error.reason
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def test_runtime_dir_resolution_order(tmp_path):
+    config = load_config(None, {})
+    env = {
+        "AVATARD_RUNTIME_DIR": "/a/rt",
+        "RUNTIME_DIRECTORY": "/run/avatard:/run/other",
+        "XDG_RUNTIME_DIR": "/run/user/1000",
+    }
+    assert resolved_runtime_dir(config, env) == Path("/a/rt")
+    del env["AVATARD_RUNTIME_DIR"]
+    assert resolved_runtime_dir(config, env) == Path("/run/avatard")
+    del env["RUNTIME_DIRECTORY"]
+    assert resolved_runtime_dir(config, env) == Path("/run/user/1000/avatard")
+    del env["XDG_RUNTIME_DIR"]
+    assert resolved_runtime_dir(config, env) == Path(f"/tmp/avatard-{os.getuid()}")
+    explicit = load_config(None, {"daemon.runtime_dir": str(tmp_path)})
+    assert resolved_runtime_dir(explicit, {"AVATARD_RUNTIME_DIR": "/a/rt"}) == tmp_path
+
+
+def test_runtime_dir_reads_the_real_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVATARD_RUNTIME_DIR", str(tmp_path))
+    assert resolved_runtime_dir(load_config(None, {})) == tmp_path
+
+
+def test_endpoint_resolution(tmp_path):
+    config = load_config(None, {})
+    assert resolved_endpoint(config, {"AVATARD_RUNTIME_DIR": str(tmp_path)}) == (
+        f"ipc://{tmp_path}/avatard.sock"
+    )
+    explicit = load_config(None, {"daemon.endpoint": "tcp://127.0.0.1:7781"})
+    assert resolved_endpoint(explicit, {}) == "tcp://127.0.0.1:7781"
+    with pytest.raises(ConfigError, match="107-byte limit"):
+        resolved_endpoint(config, {"AVATARD_RUNTIME_DIR": "/" + "d" * 120})
+
+
+def test_device_resolution():
+    auto = load_config(None, {})
+    assert resolved_devices(auto, visible_gpu_count=0) == ["cpu"]
+    assert resolved_devices(auto, visible_gpu_count=2) == ["cuda:0", "cuda:1"]
+    assert resolved_devices(load_config(None, {"daemon.devices": "cpu"}), 4) == ["cpu"]
+    listed = load_config(None, {"daemon.devices": "1, 0"})
+    assert resolved_devices(listed, 0) == ["cuda:1", "cuda:0"]
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+def test_docs_table_matches_the_dataclasses():
+    text = (REPO_ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    begin = text.index(config_module.DOCS_BEGIN) + len(config_module.DOCS_BEGIN)
+    end = text.index(config_module.DOCS_END)
+    assert text[begin:end].strip() == config_reference_markdown().strip(), (
+        "docs/config.md is stale: regenerate the table with python -m avatard.daemon.config"
+    )
+
+
+def test_every_key_is_documented_with_a_meaning():
+    reference = config_reference_markdown()
+    for key in all_keys():
+        rows = [line for line in reference.splitlines() if line.startswith(f"| `{key}` |")]
+        assert len(rows) == 1, key
+        meaning = rows[0].rstrip(" |").rsplit(" | ", 1)[1]
+        assert len(meaning) > 10, key
+
+
+def test_config_module_imports_nothing_heavy():
+    # The supervisor imports this module and must never pull in torch or an engine.
+    code = (
+        "import sys, avatard.daemon.config; "
+        "heavy = [m for m in ('torch', 'onnxruntime', 'zmq', 'avatard.engines.fake') "
+        "if m in sys.modules]; print(heavy)"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_command_line_check_exits_78_on_a_bad_file(tmp_path):
+    bad = write_toml(tmp_path, '[daemon]\nworkers = "x"\n')
+    command = [sys.executable, "-m", "avatard.daemon.config", str(bad)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == config_module.EXIT_CONFIG_ERROR == 78
+    assert "daemon.workers: expected int, got str" in result.stderr
+    good = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avatard.daemon.config",
+            str(REPO_ROOT / "systemd" / "avatard.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert good.returncode == 0, good.stderr
