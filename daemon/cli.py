@@ -117,6 +117,140 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
                f"{'-' if rtf is None else f'{rtf:.3f}'}")
 
 
+def _client_options(func):
+    func = click.option("--endpoint", help="Daemon endpoint (default: $AVATARD_ENDPOINT or the "
+                        "local socket). Without a daemon there, a private one runs for the "
+                        "call.")(func)
+    func = click.option("--engine", help="Avatar engine of a private daemon (default: "
+                        "embedded).")(func)
+    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                        help="Config override for a private daemon (repeatable).")(func)
+    return func
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("text")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="The mp4 to write.")
+@click.option("--avatar", type=click.Path(exists=True, dir_okay=False),
+              help="Portrait image (PNG/JPEG). Default: the engine's built-in portrait.")
+@click.option("--voice", default="", help="TTS voice (default: the engine's first voice).")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seed of blinks and head motion: the same seed renders the same video.")
+@_client_options
+def render(text: str, output: str, avatar: str | None, voice: str, seed: int,
+           endpoint: str | None, engine: str | None, sets: tuple[str, ...]) -> None:
+    """Speak TEXT with a talking portrait and write an mp4 (H.264 + AAC).
+
+    Prints the real-time factor achieved (wall time / video duration; below 1 is faster
+    than realtime).
+    """
+    from pathlib import Path
+
+    from avatard.daemon.render import (
+        Progress,
+        connect,
+        engine_overrides,
+        read_file,
+        write_job_mp4,
+    )
+    from avatard.engines.mux import check_writable
+    from avatard.ipc.client import ClientError
+
+    out = Path(output)
+    try:
+        check_writable(out)
+        image = read_file(avatar, "avatar") if avatar else None
+        with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
+            avatar_id = client.register_avatar(image) if image else ""
+            events = client.speak(text, avatar=avatar_id, voice=voice, seed=seed)
+            result = write_job_mp4(events, out, 25, Progress(sys.stderr, "render"))
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {result.path}: {result.frames} frames, {result.media_s:.2f} s of video "
+               f"in {result.wall_s:.2f} s: RTF {result.rtf:.3f} (first frame after "
+               f"{result.first_frame_s:.2f} s)")
+
+
+@main.command()
+@click.argument("audio", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="The mp4 to write.")
+@click.option("--avatar", type=click.Path(exists=True, dir_okay=False),
+              help="Portrait image. Default: the engine's built-in portrait.")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seed of blinks and head motion.")
+@_client_options
+def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: str | None,
+            engine: str | None, sets: tuple[str, ...]) -> None:
+    """Animate a portrait to an audio file (wav, mp3, flac, ogg...) and write an mp4."""
+    from pathlib import Path
+
+    from avatard.daemon.render import (
+        Progress,
+        connect,
+        engine_overrides,
+        read_file,
+        write_job_mp4,
+    )
+    from avatard.engines.audio import decode_audio
+    from avatard.engines.base import EngineInputError
+    from avatard.engines.mux import check_writable
+    from avatard.ipc.client import ClientError
+
+    out = Path(output)
+    try:
+        check_writable(out)
+        pcm, rate = decode_audio(audio)
+        image = read_file(avatar, "avatar") if avatar else None
+        with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
+            avatar_id = client.register_avatar(image) if image else ""
+            events = client.lipsync(pcm, rate, avatar=avatar_id, seed=seed)
+            result = write_job_mp4(events, out, 25, Progress(sys.stderr, "lipsync"),
+                                   audio=(pcm, rate))
+    except EngineInputError as exc:
+        _fail(ClientError(f"bad audio file {audio}: {exc}"))
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {result.path}: {result.frames} frames, {result.media_s:.2f} s of video "
+               f"in {result.wall_s:.2f} s: RTF {result.rtf:.3f}")
+
+
+@main.command()
+@click.argument("audio", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print segments and word timings as JSON.")
+@_client_options
+def transcribe(audio: str, as_json: bool, endpoint: str | None, engine: str | None,
+               sets: tuple[str, ...]) -> None:
+    """Transcribe an audio file with word timings."""
+    from avatard.daemon.render import connect, engine_overrides
+    from avatard.engines.audio import decode_audio
+    from avatard.engines.base import EngineInputError
+    from avatard.ipc.client import ClientError
+
+    try:
+        pcm, rate = decode_audio(audio)
+        with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
+            result = client.transcribe(pcm, rate)
+    except EngineInputError as exc:
+        _fail(ClientError(f"bad audio file {audio}: {exc}"))
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        import msgspec
+
+        body = {"language": result.language, "duration_s": result.duration_s,
+                "text": result.text, "segments": msgspec.to_builtins(result.segments)}
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(result.text)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print a table and can write JSON."""

@@ -823,9 +823,8 @@ class Supervisor:
         if isinstance(msg, P.Hello):
             self._hello(identity, msg)
         elif isinstance(msg, P.Health):
+            status = self._health()
             ready = sum(w.state in (WState.READY, WState.BUSY) for w in self.workers)
-            status = ("draining" if self.draining else
-                      "ready" if ready >= self.cfg.daemon.min_ready else "starting")
             self.client_port.send(identity, P.make(P.HealthReply, req_id=req_id, status=status,
                                                    ready_workers=ready,
                                                    workers=len(self.workers)))
@@ -1034,8 +1033,7 @@ class Supervisor:
         return {
             "daemon": {"pid": os.getpid(), "uptime_s": round(now - self.started_at, 3),
                        "endpoints": self.client_port.endpoints,
-                       "state": "draining" if self.draining else (
-                           "ready" if ready >= self.cfg.daemon.min_ready else "starting"),
+                       "state": self._health(),
                        "ready_workers": ready, "min_ready": self.cfg.daemon.min_ready,
                        "sessions": len(self.sessions)},
             "workers": workers,
@@ -1045,6 +1043,18 @@ class Supervisor:
             "rtf_recent_median": (statistics.median(self.recent_rtf) if self.recent_rtf
                                   else None),
         }
+
+    def _health(self) -> str:
+        """draining | ready (min_ready workers up) | failed (every worker gave up loading,
+        nothing will change without an operator) | starting."""
+        if self.draining:
+            return "draining"
+        ready = sum(w.state in (WState.READY, WState.BUSY) for w in self.workers)
+        if ready >= self.cfg.daemon.min_ready:
+            return "ready"
+        if all(w.state is WState.FAILED for w in self.workers):
+            return "failed"
+        return "starting"
 
     def _set_status(self) -> None:
         counts: dict[str, int] = {}

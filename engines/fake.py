@@ -421,6 +421,7 @@ class FakeAvatarEngine(AvatarEngine):
     """Test-pattern avatar engine with injectable faults (see the module docstring)."""
 
     name: ClassVar[str] = "fake"
+    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
 
     def __init__(
         self,
@@ -525,6 +526,7 @@ class FakeTTSEngine(TTSEngine):
     The audio is a pure function of (text, voice)."""
 
     name: ClassVar[str] = "fake"
+    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
 
     def __init__(
         self,
@@ -595,6 +597,7 @@ class FakeASREngine(ASREngine):
     a fixed vocabulary in order. The transcript is a pure function of the audio."""
 
     name: ClassVar[str] = "fake"
+    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
 
     def __init__(
         self,

@@ -31,6 +31,10 @@ ENGINES: dict[str, dict[str, str]] = {
 }
 
 
+# Keys the worker adds to every engine's options (see `accepts_worker_context`).
+WORKER_CONTEXT_KEYS = ("worker_index", "attempt")
+
+
 def engine_names(kind: str) -> list[str]:
     if kind not in ENGINES:
         raise KeyError(f"engine kind {kind!r} is not one of {sorted(ENGINES)}")
@@ -54,4 +58,10 @@ def load_engine(
     module_name, _, class_name = target.partition(":")
     module = importlib.import_module(module_name)
     cls = getattr(module, class_name)
-    return cls(device=device, options=dict(options or {}), progress=progress)
+    options = dict(options or {})
+    if not getattr(cls, "accepts_worker_context", False):
+        # worker_index/attempt are for engines that act on them (the fault injector);
+        # the others validate their options strictly and would refuse them.
+        for key in WORKER_CONTEXT_KEYS:
+            options.pop(key, None)
+    return cls(device=device, options=options, progress=progress)

@@ -106,14 +106,14 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
                daemon: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None,
                restart: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                wait_ready: bool = True, extra: dict[str, dict[str, Any]] | None = None,
-               watchdog_usec: int = 0):
+               watchdog_usec: int = 0, engines: dict[str, str] | None = None):
     runtime_dir = tmp_path / "run"
     config = write_config(tmp_path / "avatard.toml", {
         "daemon": {"workers": workers, "min_ready": 1, "devices": "cpu", "log_level": "info",
                    "runtime_dir": str(runtime_dir), **(daemon or {})},
         "timeouts": {**FAST_TIMEOUTS, **(timeouts or {})},
         "restart": {**FAST_RESTART, **(restart or {})},
-        "engines": {"avatar": "fake", "tts": "fake", "asr": "fake"},
+        "engines": engines or {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": fake or {},
         **(extra or {}),
     })

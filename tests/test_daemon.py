@@ -283,6 +283,9 @@ def test_bad_requests_are_refused_with_the_field(tmp_path):
             c.speak("   ")
         assert err.value.field == "text"
         with pytest.raises(ClientError) as err:
+            c.speak("x" * 1_000_000)  # 1 MB of text
+        assert err.value.field == "text" and "length <= 100000" in str(err.value)
+        with pytest.raises(ClientError) as err:
             c.lipsync(np.zeros(100, np.float32), 1000)
         assert "sample_rate" in str(err.value)
 
@@ -344,3 +347,35 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_loads_are_staggered_one_at_a_time(tmp_path):
+    import re
+
+    with run_daemon(tmp_path, workers=3, fake={**FAKE, "load_s": 0.4}, wait_ready=False) as d:
+        d.wait_for(lambda s: s["daemon"]["ready_workers"] == 3, 60, "three ready workers")
+        events = []
+        for line in d.log_text().splitlines():
+            m = re.search(r"worker (\d+): \w+ -> (starting|ready)", line)
+            if m:
+                events.append((m.group(2), int(m.group(1))))
+        # max_parallel_loads = 1: each start waits for the previous worker's READY.
+        assert events == [("starting", 0), ("ready", 0), ("starting", 1), ("ready", 1),
+                          ("starting", 2), ("ready", 2)], events
+
+
+def test_prometheus_endpoint_serves_worker_and_job_metrics(tmp_path):
+    import socket
+    import urllib.request
+
+    pytest.importorskip("prometheus_client")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with run_daemon(tmp_path, fake=FAKE, daemon={"metrics_port": port}) as d, d.client() as c:
+        collect(c.speak("Hello.", seed=1))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        text = body.decode()
+        assert 'avatard_workers{state="ready"} 1.0' in text
+        assert 'avatard_jobs_total{outcome="done"} 1.0' in text
+        assert "avatard_frames_delivered_total" in text

