@@ -9,7 +9,6 @@ import wave
 
 import numpy as np
 import pytest
-
 from daemon_harness import AVATARD, run_daemon
 
 pytest.importorskip("piper")
@@ -75,7 +74,7 @@ def test_speak_then_transcribe_round_trip(embedded_daemon, tmp_path):
     errors = sum(a != b for a, b in zip(said, heard, strict=False)) + abs(len(said) - len(heard))
     assert errors / len(said) < 0.2, body["text"]  # tiny.en on clean TTS: < 20% WER
     words = [w for s in body["segments"] for w in s["words"]]
-    assert words and all(a["start_s"] <= b["start_s"] for a, b in zip(words, words[1:]))
+    assert words and all(a["start_s"] <= b["start_s"] for a, b in zip(words, words[1:], strict=False))
 
 
 def test_lipsync_of_an_audio_file(embedded_daemon, tmp_path):
