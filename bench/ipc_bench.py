@@ -8,6 +8,9 @@ three ways, in one run, and compare.
   consumer wraps the received buffer with numpy). This is the remote-client path.
 - ``mp_queue``: a pickled numpy array through `multiprocessing.Queue`, the prototype's way.
 
+Both ZeroMQ consumers wait the way `avatard.ipc.client.Client` does (`wait_readable`: a
+short spin, then a blocking poll).
+
 Two phases per method: *throughput* (the producer sends as fast as back-pressure allows,
 every copy and (de)serialisation included) and *handoff latency* (one frame in flight: from
 the frame being ready in the producer's memory (for shm: written into its slot) to the
@@ -28,6 +31,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc.ring import SlotRef, SlotRing
+from avatard.ipc.sockets import wait_readable
 
 FRAME_SHAPE = (512, 512, 3)
 WAIT_S = 30.0  # bound on every wait inside the benchmark
@@ -112,7 +116,7 @@ def _shm_consumer(addr: str, ring_name_q: Any, result_q: Any) -> None:
     stamps = []
     try:
         while True:
-            if not sock.poll(int(WAIT_S * 1000)):
+            if not wait_readable(sock, int(WAIT_S * 1000)):
                 raise TimeoutError(f"shm consumer: no descriptor within {WAIT_S} s")
             msg = sock.recv()
             if not msg:
@@ -165,7 +169,7 @@ def _zmq_consumer(addr: str, _unused: Any, result_q: Any) -> None:
     stamps = []
     try:
         while True:
-            if not sock.poll(int(WAIT_S * 1000)):
+            if not wait_readable(sock, int(WAIT_S * 1000)):
                 raise TimeoutError(f"zmq consumer: no frame within {WAIT_S} s")
             head, body = sock.recv_multipart(copy=False)
             if not head.bytes:

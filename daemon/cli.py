@@ -284,5 +284,21 @@ def bench_ipc(frames: int, latency_frames: int, slots: int, seed: int, as_json: 
         click.echo(format_table(report))
 
 
+@bench.command("recovery")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_recovery(as_json: bool) -> None:
+    """Time a 4-worker staggered start and the recovery from each fault (SIGKILL, SIGSTOP,
+    hang and crash mid-job; crash, hang and out-of-memory while loading), with the fake
+    engine on real processes."""
+    from avatard.bench.recovery import format_recovery, run_recovery_bench
+
+    report = run_recovery_bench()
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(format_recovery(report))
+
+
 if __name__ == "__main__":
     main()

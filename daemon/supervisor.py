@@ -1020,7 +1020,8 @@ class Supervisor:
                 except psutil.Error:
                     pass
             workers.append({
-                "id": w.index, "pid": w.pid, "state": w.state.value, "device": w.device.name,
+                "id": w.index, "pid": w.pid, "state": w.state.value,
+                "state_age_s": round(now - w.state_since, 3), "device": w.device.name,
                 "device_label": w.device.label, "device_memory_bytes": device_memory,
                 "load_memory_bytes": w.memory_bytes, "rss_bytes": rss,
                 "uptime_s": round(now - w.started_at, 3) if w.pid else 0.0,

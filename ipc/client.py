@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol as P
 from .ring import SlotRef, SlotRing
-from .sockets import default_runtime_dir
+from .sockets import default_runtime_dir, wait_readable
 
 
 class ClientError(RuntimeError):
@@ -134,7 +134,7 @@ class Client:
 
     def _recv_one(self, deadline: float, what: str) -> tuple[P.Msg, list[Any]]:
         remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-        if not self._sock.poll(remaining_ms, zmq.POLLIN):
+        if not wait_readable(self._sock, remaining_ms):
             raise DaemonUnavailable(
                 f"no {what} from the daemon at {self.endpoint} within {self.timeout_s:.1f} s"
                 " (is `avatard serve` running?)", code=P.E_TIMEOUT)

@@ -24,6 +24,20 @@ from . import protocol as P
 log = logging.getLogger("avatard.ipc")
 
 
+def wait_readable(sock: zmq.Socket, timeout_ms: int, spin_us: int = 200) -> bool:
+    """Wait until `sock` has a message, up to `timeout_ms`. Spins (non-blocking polls) for
+    `spin_us` first: a frame's descriptor usually arrives within tens of microseconds, and
+    waking a blocked thread costs more than that on a busy machine."""
+    if spin_us > 0:
+        import time
+
+        end = time.perf_counter_ns() + spin_us * 1000
+        while time.perf_counter_ns() < end:
+            if sock.poll(0, zmq.POLLIN):
+                return True
+    return bool(sock.poll(timeout_ms, zmq.POLLIN))
+
+
 def default_runtime_dir() -> Path:
     """$AVATARD_RUNTIME_DIR, systemd's $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/avatard, or a
     per-user folder under /tmp."""
