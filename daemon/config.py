@@ -102,6 +102,16 @@ class DaemonConfig:
         "",
         "Extra TCP endpoint such as `tcp://127.0.0.1:7780`; empty means no TCP listener.",
     )
+    curve_secret_key_file: str = _key(
+        "",
+        "The daemon's CURVE secret key file (made by zmq.auth.create_certificates). With "
+        "`curve_clients_dir` it makes every tcp:// endpoint require authenticated clients; "
+        "binding TCP to a non-loopback address requires both.",
+    )
+    curve_clients_dir: str = _key(
+        "",
+        "Directory of the public key files (*.key) of the clients allowed over tcp://.",
+    )
     runtime_dir: str = _key(
         "",
         "Directory for the socket and run files; empty means $AVATARD_RUNTIME_DIR, else "
@@ -459,8 +469,37 @@ def _check_section_rules(section: str, values: Any) -> None:
                 raise ConfigError(key, f"expected table, got {_type_name(options)}")
 
 
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def tcp_host(endpoint: str) -> str:
+    """The host part of tcp://HOST:PORT (brackets kept for IPv6)."""
+    return endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    return tcp_host(endpoint).startswith(LOOPBACK_HOSTS)
+
+
 def _check_cross_field_rules(config: Config) -> None:
     daemon, timeouts, restart = config.daemon, config.timeouts, config.restart
+    curve = (daemon.curve_secret_key_file, daemon.curve_clients_dir)
+    if any(curve) and not all(curve):
+        missing = "curve_clients_dir" if daemon.curve_secret_key_file else "curve_secret_key_file"
+        raise ConfigError(f"daemon.{missing}", "must be set too: CURVE needs the daemon's "
+                          "secret key file and the directory of allowed client keys")
+    for key in ("endpoint", "tcp_endpoint"):
+        endpoint = getattr(daemon, key)
+        if endpoint.startswith("tcp://") and not is_loopback_endpoint(endpoint) and not all(curve):
+            raise ConfigError(f"daemon.{key}", f"binding {endpoint} (not loopback) requires "
+                              "CURVE: set daemon.curve_secret_key_file and "
+                              "daemon.curve_clients_dir")
+    if daemon.curve_secret_key_file and not Path(daemon.curve_secret_key_file).is_file():
+        raise ConfigError("daemon.curve_secret_key_file",
+                          f"no such file: {daemon.curve_secret_key_file}")
+    if daemon.curve_clients_dir and not Path(daemon.curve_clients_dir).is_dir():
+        raise ConfigError("daemon.curve_clients_dir",
+                          f"no such directory: {daemon.curve_clients_dir}")
     if daemon.min_ready > daemon.workers:
         raise ConfigError(
             "daemon.min_ready",

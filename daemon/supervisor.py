@@ -161,7 +161,8 @@ class Supervisor:
         self.inline_sends: deque[tuple[zmq.MessageTracker, SlotRing, int, int]] = deque()
         self.inline_input: SlotRing | None = None
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
-                      "frames_delivered": 0, "jobs_requeued": 0, "bad_messages": 0}
+                      "frames_delivered": 0, "jobs_requeued": 0, "bad_messages": 0,
+                      "refused_clients": 0}
         self.recent_rtf: deque[float] = deque(maxlen=50)
         self.recent_job_s: deque[float] = deque(maxlen=50)
         self.started_at = time.monotonic()
@@ -198,14 +199,16 @@ class Supervisor:
         removed = segments.sweep_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments of dead owners", len(removed))
-        self.client_port = ClientPort(self.ctx, self.endpoint, self.cfg.daemon.tcp_endpoint)
+        d = self.cfg.daemon
+        self.client_port = ClientPort(self.ctx, self.endpoint, d.tcp_endpoint,
+                                      d.curve_secret_key_file, d.curve_clients_dir)
         self.worker_endpoint = f"ipc://{self.runtime_dir / 'workers.sock'}"
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         bind(self.worker_sock, self.worker_endpoint)
         self.poller = zmq.Poller()
-        self.poller.register(self.client_port.sock, zmq.POLLIN)
+        self.client_port.register(self.poller)
         self.poller.register(self.worker_sock, zmq.POLLIN)
         device_list = dev.discover(self.cfg.daemon.devices)
         per_device: dict[str, int] = {}
@@ -243,8 +246,9 @@ class Supervisor:
         events = dict(self.poller.poll(int(TICK_S * 1000)))
         if self.worker_sock in events:
             self._read_workers()
-        if self.client_port.sock in events:
+        if any(sock in events for sock in self.client_port.socks):
             self._read_clients()
+        self.client_port.check_refusals()
         self._handle_signals()
         now = time.monotonic()
         self._reconcile_workers(now)
@@ -685,10 +689,9 @@ class Supervisor:
                                      data.dtype))
             inline_msg = msgspec.structs.replace(
                 msg, data=P.Inline(part=1, shape=data.shape, dtype=data.dtype))
-            parts = [session.identity, *P.Codec.encode(inline_msg), memoryview(view).cast("B")]
-            try:
-                tracker = self.client_port.sock.send_multipart(parts, copy=False, track=True)
-            except zmq.ZMQError:
+            parts = [*P.Codec.encode(inline_msg), memoryview(view).cast("B")]
+            tracker = self.client_port.send_parts(session.identity, parts, track=True)
+            if tracker is None:
                 ring.release(data.slot, data.seq)
                 return
             # The slot goes back once ZeroMQ no longer needs its bytes (zero-copy send).
@@ -816,6 +819,7 @@ class Supervisor:
                 self.client_port.bad_messages += 1
                 self.client_port.send(identity, exc.reply())
         self.stats["bad_messages"] = self.client_port.bad_messages
+        self.stats["refused_clients"] = self.client_port.refused_clients
 
     def _on_client_msg(self, identity: bytes, session: Session | None, msg: Any,
                        extra: list[Any]) -> None:

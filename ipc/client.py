@@ -103,21 +103,41 @@ class TranscriptResult:
 
 class Client:
     def __init__(self, endpoint: str | None = None, timeout_s: float = 30.0,
-                 inline: bool | None = None, name: str = "python"):
+                 inline: bool | None = None, name: str = "python",
+                 curve_server_key_file: str | None = None,
+                 curve_client_key_file: str | None = None):
+        """`curve_server_key_file` (the daemon's public .key) and `curve_client_key_file`
+        (this client's .key_secret) authenticate over tcp:// to a daemon that requires
+        CURVE; they default to $AVATARD_CURVE_SERVER_KEY and $AVATARD_CURVE_CLIENT_KEY."""
         self.endpoint = endpoint or default_endpoint()
         self.timeout_s = timeout_s
         self.inline = (not self.endpoint.startswith("ipc://")) if inline is None else inline
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        server_key = curve_server_key_file or os.environ.get("AVATARD_CURVE_SERVER_KEY")
+        client_key = curve_client_key_file or os.environ.get("AVATARD_CURVE_CLIENT_KEY")
+        if self.endpoint.startswith("tcp://") and server_key and client_key:
+            from zmq.auth import load_certificate
+
+            self._sock.curve_serverkey = load_certificate(server_key)[0]
+            public, secret = load_certificate(client_key)
+            if secret is None:
+                raise ClientError(f"{client_key} holds no secret key (use the .key_secret file)")
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
         self._sock.connect(self.endpoint)
         self._req_ids = itertools.count(1)
         self._rings: dict[str, SlotRing] = {}
         self._input_ring: SlotRing | None = None
         self._pending: dict[str, deque[tuple[P.Msg, list[Any]]]] = {}
         self._replies: dict[int, tuple[P.Msg, list[Any]]] = {}
-        welcome = self._call(P.make(P.Hello, req_id=self._next_id(), client=name,
-                                    inline=self.inline), "Hello")
+        try:
+            welcome = self._call(P.make(P.Hello, req_id=self._next_id(), client=name,
+                                        inline=self.inline), "Hello")
+        except BaseException:
+            self._sock.close(linger=0)  # no daemon, or it refused us: leave no socket
+            raise
         assert isinstance(welcome, P.Welcome)
         self.session = welcome.session
         self.server = welcome.server

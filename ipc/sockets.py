@@ -102,44 +102,124 @@ def unlink_endpoint(endpoint: str) -> None:
 
 
 class ClientPort:
-    """The supervisor's ROUTER socket for clients, with validation at the boundary."""
+    """The supervisor's client-facing ROUTER sockets, with validation at the boundary.
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, tcp_endpoint: str = ""):
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        # Unroutable replies (client gone) must not raise: the client reconnects and asks.
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.endpoints = [bind(self.sock, endpoint)]
-        if tcp_endpoint:
-            self.endpoints.append(bind(self.sock, tcp_endpoint))
+    Local (ipc://) clients and remote (tcp://) clients get separate sockets, because ZeroMQ
+    security is per socket: with CURVE keys configured the TCP socket is a CURVE server
+    that an authenticator thread checks against the allowed client keys, while the ipc://
+    socket stays plain (the socket file's 0600 mode is its access control). The identity
+    handed to the caller is the socket's index byte + the ROUTER identity, so replies go
+    out on the socket the request came in on.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, tcp_endpoint: str = "",
+                 curve_secret_key_file: str = "", curve_clients_dir: str = ""):
+        self.socks: list[zmq.Socket] = []
+        self.endpoints: list[str] = []
         self.bad_messages = 0
+        self.refused_clients = 0
+        self._auth = None
+        self._monitor: zmq.Socket | None = None
+        by_kind: dict[str, list[str]] = {"ipc": [], "tcp": []}
+        for item in (endpoint, tcp_endpoint):
+            if item:
+                by_kind["ipc" if item.startswith("ipc://") else "tcp"].append(item)
+        for kind in ("ipc", "tcp"):
+            if not by_kind[kind]:
+                continue
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            # Unroutable replies (client gone) must not raise: the client reconnects.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            if kind == "tcp" and curve_secret_key_file:
+                self._enable_curve(ctx, sock, curve_secret_key_file, curve_clients_dir)
+            for item in by_kind[kind]:
+                self.endpoints.append(bind(sock, item))
+            self.socks.append(sock)
+        self.sock = self.socks[0]
+
+    def _enable_curve(self, ctx: zmq.Context, sock: zmq.Socket, secret_file: str,
+                      clients_dir: str) -> None:
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = load_certificate(secret_file)
+        if secret is None:
+            raise ValueError(f"{secret_file} holds no secret key (use the .key_secret file)")
+        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("avatard.auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=clients_dir)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        # Handshake failures are reported on a monitor socket: log each refused client.
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        log.info("tcp clients must authenticate with CURVE (allowed keys in %s)", clients_dir)
+
+    def register(self, poller: zmq.Poller) -> None:
+        for sock in self.socks:
+            poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+
+    def check_refusals(self) -> None:
+        """Log clients the CURVE handshake refused (non-blocking)."""
+        if self._monitor is None:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            self.refused_clients += 1
+            log.warning("refused a tcp client: CURVE handshake failed (event %d, %s)",
+                        event["event"], event.get("endpoint", b"").decode(errors="replace"))
 
     def receive(self) -> Iterator[tuple[bytes, P.Msg, list[Any]]]:
         """Every request waiting now, decoded; malformed ones are answered and skipped."""
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            identity = bytes(frames[0].buffer)
-            parts = [f.buffer for f in frames[1:]]
-            try:
-                msg, extra = P.CLIENT_CODEC.decode(parts)
-            except P.ProtocolError as exc:
-                self.bad_messages += 1
-                log.warning("bad client message from %s: %s", identity.hex(), exc)
-                self.send(identity, exc.reply())
-                continue
-            yield identity, msg, extra
+        for index, sock in enumerate(self.socks):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                identity = bytes([index]) + bytes(frames[0].buffer)
+                parts = [f.buffer for f in frames[1:]]
+                try:
+                    msg, extra = P.CLIENT_CODEC.decode(parts)
+                except P.ProtocolError as exc:
+                    self.bad_messages += 1
+                    log.warning("bad client message from %s: %s", identity.hex(), exc)
+                    self.send(identity, exc.reply())
+                    continue
+                yield identity, msg, extra
 
     def send(self, identity: bytes, msg: P.Msg, *extra: bytes | memoryview) -> None:
+        self.send_parts(identity, P.Codec.encode(msg, *extra))
+
+    def send_parts(self, identity: bytes, parts: list[Any], track: bool = False
+                   ) -> zmq.MessageTracker | None:
+        """Send already-encoded parts to a client; returns a tracker when `track`."""
+        sock = self.socks[identity[0]]
         try:
-            self.sock.send_multipart([identity, *P.Codec.encode(msg, *extra)], copy=False)
+            return sock.send_multipart([identity[1:], *parts], copy=False, track=track)
         except zmq.ZMQError as exc:  # peer vanished; nothing to deliver to
             log.info("reply to %s dropped: %s", identity.hex(), exc)
+            return None
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        if self._monitor is not None:
+            for sock in self.socks:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            self._monitor.close(linger=0)
+        for sock in self.socks:
+            sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         for endpoint in self.endpoints:
             unlink_endpoint(endpoint)
