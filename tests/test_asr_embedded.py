@@ -193,4 +193,6 @@ def test_device_strings():
 def test_report(asr: ASREngine):
     report = asr.report()
     assert report.kind == "asr" and report.name == "embedded" and report.device == "cpu"
-    assert "tiny.en" in report.notes and report.warmup_s > 0 and report.memory_bytes > 0
+    assert "tiny.en" in report.notes and report.warmup_s > 0
+    # RSS growth: can be 0 when an earlier test in this process already grew the heap.
+    assert isinstance(report.memory_bytes, int) and report.memory_bytes >= 0

