@@ -204,7 +204,13 @@ class RingsConfig:
     """`[rings]`: the shared-memory rings that carry audio in and frames out."""
 
     frame_slots: int = _key(
-        32, "Frames a job's frame ring holds; at least 2 so writer and reader overlap.", ge=2
+        32, "Frames a worker's frame ring holds; at least 2 so writer and reader overlap.", ge=2
+    )
+    frame_slot_bytes: int = _key(
+        1920 * 1080 * 3,
+        "Bytes of one frame slot: the largest frame (H x W x 3) a worker may send. Only the "
+        "bytes a frame uses are ever touched, so a large value costs address space, not RAM.",
+        ge=1024,
     )
     audio_slots: int = _key(
         16, "Chunks a job's audio ring holds; at least 2 so writer and reader overlap.", ge=2

@@ -59,7 +59,6 @@ log = logging.getLogger("avatard.supervisor")
 TICK_S = 0.02
 MAX_AVATARS = 64
 RETRYABLE = {P.E_WORKER}
-FRAME_SLOT_BYTES = 512 * 512 * 3
 
 
 class WState(StrEnum):
@@ -218,7 +217,8 @@ class Supervisor:
             per_device[device.name] = per_device.get(device.name, 0) + 1
             self.workers.append(WorkerSlot(
                 index=i, device=device,
-                frame_ring=SlotRing.create(f"w{i}.frames", rings.frame_slots, FRAME_SLOT_BYTES),
+                frame_ring=SlotRing.create(f"w{i}.frames", rings.frame_slots,
+                                           rings.frame_slot_bytes),
                 audio_ring=SlotRing.create(f"w{i}.audio", rings.audio_slots,
                                            rings.audio_slot_bytes)))
         self.inline_input = SlotRing.create("inline.in", rings.audio_slots,
