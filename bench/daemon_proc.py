@@ -70,7 +70,7 @@ class DaemonProcess:
         return Client(self.endpoint, **{"timeout_s": 20.0, **kwargs})
 
     def status(self) -> dict[str, Any]:
-        with self.client(name="status") as c:
+        with self.client(name="status", inline=True) as c:
             return c.stats()
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,

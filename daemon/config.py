@@ -170,7 +170,15 @@ class TimeoutsConfig:
         5.0, "Time between SIGTERM and SIGKILL when a worker is stopped.", ge=0
     )
     client_call_s: float = _key(
-        30.0, "Default time a client waits for a reply to one request.", gt=0
+        30.0,
+        "Longest a local client may hold a frame slot before the daemon takes it back.",
+        gt=0,
+    )
+    session_idle_s: float = _key(
+        300.0,
+        "A client session with no message and no job for this long is closed and its input "
+        "ring unlinked (a client that died without saying bye); the client says hello again.",
+        gt=0,
     )
 
 

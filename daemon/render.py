@@ -55,7 +55,7 @@ def _daemon_answers(endpoint: str) -> bool:
     if path is not None and not path.exists():
         return False  # no socket file: nobody to ask, no need to wait for a timeout
     try:
-        with Client(endpoint, timeout_s=2.0, name="probe") as client:
+        with Client(endpoint, timeout_s=2.0, name="probe", inline=True) as client:
             client.health()
         return True
     except DaemonUnavailable:
@@ -96,7 +96,7 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: Path) -> None:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise ClientError(f"the private daemon exited with status {proc.returncode}:\n{tail}")
         if _daemon_answers(endpoint):
-            with Client(endpoint, timeout_s=5.0, name="probe") as client:
+            with Client(endpoint, timeout_s=5.0, name="probe", inline=True) as client:
                 health = client.health().status
                 if health == "ready":
                     return

@@ -257,6 +257,7 @@ class Supervisor:
         self._check_jobs(now)
         self._finish_inline_sends()
         self._expire_held_slots(now)
+        self._expire_sessions(now)
         if self.draining:
             self._check_drain(now)
         self._notify(now)
@@ -722,6 +723,18 @@ class Supervisor:
                     log.warning("session %s kept slot %s for over %.0f s: reclaimed",
                                 session.session_id, key, limit)
 
+    def _expire_sessions(self, now: float) -> None:
+        """Close sessions of clients that vanished without bye (killed, crashed), so their
+        input rings do not pile up in /dev/shm."""
+        limit = self.cfg.timeouts.session_idle_s
+        for identity, session in list(self.sessions.items()):
+            if now - session.last_seen <= limit or session.held:
+                continue
+            if any(job.client == identity for job in self.jobs.values()):
+                continue
+            log.info("session %s idle for %.0f s: closed", session.session_id, limit)
+            self._end_session(identity)
+
     def _release_by_name(self, ring_name: str, slot: int, seq: int) -> bool:
         for w in self.workers:
             for ring in (w.frame_ring, w.audio_ring):
@@ -847,8 +860,8 @@ class Supervisor:
             self._fail_job(job, P.E_CANCELLED, "cancelled by the client")
         else:
             if session is None:
-                raise P.ProtocolError(P.E_BAD_MESSAGE, "type",
-                                      "send hello before any job request", req_id)
+                raise P.ProtocolError(P.E_NO_SESSION, "type", "send hello before any job "
+                                      "request (no session, or it expired)", req_id)
             if self.draining:
                 raise P.ProtocolError(P.E_DRAINING, "type", "daemon is shutting down; "
                                       "not accepting jobs", req_id)

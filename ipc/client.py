@@ -132,13 +132,12 @@ class Client:
         self._input_ring: SlotRing | None = None
         self._pending: dict[str, deque[tuple[P.Msg, list[Any]]]] = {}
         self._replies: dict[int, tuple[P.Msg, list[Any]]] = {}
+        self._name = name
         try:
-            welcome = self._call(P.make(P.Hello, req_id=self._next_id(), client=name,
-                                        inline=self.inline), "Hello")
+            welcome = self._hello(name)
         except BaseException:
             self._sock.close(linger=0)  # no daemon, or it refused us: leave no socket
             raise
-        assert isinstance(welcome, P.Welcome)
         self.session = welcome.session
         self.server = welcome.server
         if welcome.input_ring and not self.inline:
@@ -249,9 +248,24 @@ class Client:
     def cancel(self, job_id: str) -> None:
         self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=job_id))
 
+    def _hello(self, name: str) -> P.Welcome:
+        welcome = self._call(P.make(P.Hello, req_id=self._next_id(), client=name,
+                                    inline=self.inline), "Hello")
+        assert isinstance(welcome, P.Welcome)
+        return welcome
+
     def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> Iterator[Any]:
         self._send(msg, *extra)
-        accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
+        try:
+            accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
+        except ClientError as exc:
+            if exc.code != P.E_NO_SESSION or not self.inline:
+                raise
+            # The daemon closed our idle session (or restarted): open a new one and retry.
+            # Only inline requests can be replayed; shm payloads named the old input ring.
+            self._hello(self._name)
+            self._send(msg, *extra)
+            accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
         assert isinstance(accepted, P.Accepted)
         return self._events(accepted.job_id)
 

@@ -52,6 +52,7 @@ E_BAD_VERSION = "bad_version"
 E_TOO_LARGE = "too_large"
 E_BAD_INPUT = "bad_input"  # well-formed but refused by an engine (no face, bad audio...)
 E_NOT_FOUND = "not_found"
+E_NO_SESSION = "no_session"  # say hello (again): the session was never opened or expired
 E_BUSY = "busy"
 E_DRAINING = "draining"
 E_STALE = "stale_slot"

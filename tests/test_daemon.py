@@ -379,3 +379,37 @@ def test_prometheus_endpoint_serves_worker_and_job_metrics(tmp_path):
         assert 'avatard_workers{state="ready"} 1.0' in text
         assert 'avatard_jobs_total{outcome="done"} 1.0' in text
         assert "avatard_frames_delivered_total" in text
+
+
+def _hello_then_die(endpoint, ready_q):
+    from avatard.ipc.client import Client
+
+    Client(endpoint, timeout_s=10)  # a local session with an input ring, then SIGKILL
+    ready_q.put(1)
+    time.sleep(600)
+
+
+def test_sessions_of_vanished_clients_expire_and_idle_clients_reconnect(tmp_path):
+    from conftest import spawn_context
+    from daemon_harness import daemon_segments
+
+    with run_daemon(tmp_path, fake=FAKE, timeouts={"session_idle_s": 1.0}) as d:
+        ctx = spawn_context()
+        ready_q = ctx.Queue()
+        proc = ctx.Process(target=_hello_then_die, args=(d.endpoint, ready_q))
+        proc.start()
+        ready_q.get(timeout=30)
+        rings = [n for n in daemon_segments(d.proc.pid) if n.endswith("-s.in")]
+        assert len(rings) == 1, "the client's session owns one input ring"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                n.endswith("-s.in") for n in daemon_segments(d.proc.pid)):
+            time.sleep(0.1)
+        assert not [n for n in daemon_segments(d.proc.pid) if n.endswith("-s.in")]
+        with d.client(inline=True) as c:
+            time.sleep(1.5)  # the session expires while the client idles
+            frames, _, done = collect(c.speak("Back again.", seed=3))
+            assert done is not None
+            assert_frames_exact(frames, 3)
