@@ -28,10 +28,17 @@ def main() -> None:
               "embedded, ditto.")
 @click.option("--endpoint", help="Client endpoint, ipc://PATH or tcp://HOST:PORT "
               "(overrides daemon.endpoint).")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False),
+              help="Ditto: the folder holding ditto_pytorch/ and ditto_cfg/ (sets "
+              "engines.options.ditto.weights).")
+@click.option("--weights", type=click.Choice(["random"]),
+              help="Ditto: seeded random weights of the official shapes, for benchmarking "
+              "compute only (every output says RANDOM WEIGHTS).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set timeouts.load_s=120 (repeatable).")
 def serve(config_path: str | None, workers: int | None, engine: str | None,
-          endpoint: str | None, sets: tuple[str, ...]) -> None:
+          endpoint: str | None, checkpoints: str | None, weights: str | None,
+          sets: tuple[str, ...]) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
 
     Workers start one after another with health handshakes; the daemon serves as soon as
@@ -63,6 +70,11 @@ def serve(config_path: str | None, workers: int | None, engine: str | None,
                 overrides.setdefault("engines.asr", "fake")
         if endpoint:
             overrides["daemon.endpoint"] = endpoint
+        if checkpoints and weights:
+            raise ConfigError("engines.options.ditto.weights",
+                              "give --checkpoints or --weights, not both")
+        if checkpoints or weights:
+            overrides["engines.options.ditto.weights"] = checkpoints or weights
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from looping on it.
@@ -91,7 +103,8 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
     from avatard.ipc.client import Client, ClientError
 
     try:
-        with Client(endpoint, timeout_s=timeout_s, name="status") as client:
+        # inline: a status call needs no input ring in shared memory.
+        with Client(endpoint, timeout_s=timeout_s, name="status", inline=True) as client:
             body = client.stats()
     except ClientError as exc:
         raise click.ClickException(str(exc)) from None
@@ -299,6 +312,15 @@ def bench_recovery(as_json: bool) -> None:
     else:
         click.echo(format_recovery(report))
 
+
+def _attach_ditto() -> None:
+    # The ditto group's module imports only click; torch loads inside its commands.
+    from avatard.engines.ditto.cli import ditto
+
+    main.add_command(ditto)
+
+
+_attach_ditto()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,71 @@
+"""DittoEngine end to end with random weights (benchmark mode), and its checkpoint errors."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
+pytest.importorskip("torch")
+
+from avatard.engines.base import EngineInputError  # noqa: E402
+from avatard.engines.ditto.checkpoints import CFG_RELPATH, CheckpointError  # noqa: E402
+from avatard.engines.ditto.engine import RANDOM_NOTE, DittoEngine  # noqa: E402
+
+
+def test_weights_option_is_required() -> None:
+    with pytest.raises(EngineInputError, match="weights"):
+        DittoEngine("cpu", {})
+
+
+def test_checkpoint_folder_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"v0\.4_hubert_cfg_pytorch\.pkl does not exist"):
+        DittoEngine("cpu", {"weights": str(tmp_path)})
+    cfg_path = tmp_path / CFG_RELPATH
+    cfg_path.parent.mkdir(parents=True)
+    cfg_path.write_bytes(pickle.dumps({"base_cfg": {}}))
+    with pytest.raises(CheckpointError, match="audio2motion_cfg"):
+        DittoEngine("cpu", {"weights": str(tmp_path)})
+    cfg = {"audio2motion_cfg": {"motion_feat_dim": 265, "audio_feat_dim": 1059, "seq_frames": 80}}
+    cfg_path.write_bytes(pickle.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"appearance_extractor\.pth does not exist"):
+        DittoEngine("cpu", {"weights": str(tmp_path)})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_random_weights_render_one_frame(caplog: pytest.LogCaptureFixture) -> None:
+    stages: list[tuple[str, float]] = []
+    with caplog.at_level(logging.INFO, logger="avatard.engines.ditto"):
+        engine = DittoEngine(
+            "cpu",
+            {"weights": "random", "seed": 3, "sampling_timesteps": 2},
+            progress=lambda stage, frac: stages.append((stage, frac)),
+        )
+        report = engine.report()
+        assert RANDOM_NOTE in report.notes
+        assert stages[-1][1] == 1.0
+
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+        state = engine.register(image)
+        assert engine.register(image) is state  # cached by content
+        assert (state.width, state.height) == (128, 96)
+
+        stream = engine.open_stream(state, seed=5)
+        assert stream.push(np.zeros(640, np.float32)) == []  # a window needs 82 frames
+        frames = stream.finish()
+    assert len(frames) == 1
+    assert frames[0].shape == (96, 128, 3) and frames[0].dtype == np.uint8
+    # Outside the central square crop (x 16..112) the source shows through unchanged.
+    assert np.array_equal(frames[0][:, :8], image[:, :8])
+    assert not np.array_equal(frames[0][:, 40:90], image[:, 40:90])
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages and all(RANDOM_NOTE in m for m in messages)
+    with pytest.raises(EngineInputError, match="image"):
+        engine.register(np.zeros((10, 10), np.uint8))
+    engine.close()
