@@ -313,6 +313,110 @@ def bench_recovery(as_json: bool) -> None:
         click.echo(format_recovery(report))
 
 
+@bench.command("sweep")
+@click.option("--engine", help="Avatar engine of the private daemons (fake, embedded, ditto). "
+              "With --endpoint: checked against the running daemon's (may be omitted).")
+@click.option("--weights", help="Engine weights, 'random' or a checkpoint folder, for engines "
+              "that take a weights option (ditto); ignored with a note by the others.")
+@click.option("--workers", help="Comma list of worker counts, e.g. 1,2,4,8: one private "
+              "daemon each. Not with --endpoint (a running daemon's count is recorded). "
+              "[default: 1]")
+@click.option("--batch", default="1", show_default=True,
+              help="Comma list of batch sizes (the engine's max_batch option). Engines "
+              "without a batch option record n/a and run once.")
+@click.option("--streams", default="1", show_default=True,
+              help="Comma list of concurrent streams (one thread and one client each).")
+@click.option("--seconds", default="10", show_default=True,
+              help="Comma list of media lengths: seconds of synthetic speech per job.")
+@click.option("--mode", type=click.Choice(["offline", "online"]), default="offline",
+              show_default=True, help="offline: each stream submits its jobs back to back "
+              "(throughput, RTF). online: every round of jobs starts together and each stream "
+              "must keep up with realtime. Both modes report every metric.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(1, 10_000),
+              help="Jobs per stream.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Engine option of the private daemons, e.g. frame_ms=40 for the fake "
+              "engine (repeatable; part of the resume key).")
+@click.option("--out", default="sweep-results", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder of results.json/.csv/.md and the plots; a configuration already "
+              "in its results.json is skipped.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Config override of the private daemons, e.g. timeouts.load_s=1800 or "
+              "rings.frame_slot_bytes=3145728 (repeatable; part of the resume key).")
+@click.option("--endpoint", help="Measure this running daemon instead of starting private "
+              "ones.")
+@click.option("--force", is_flag=True, help="Measure configurations already in results.json "
+              "again (their records are replaced).")
+@click.option("--allowance", "allowance_s", default=0.5, show_default=True,
+              type=click.FloatRange(0), help="Seconds a frame may arrive after job start + "
+              "its pts and still count as realtime.")
+@click.option("--sample-rate", default=16000, show_default=True,
+              type=click.IntRange(8000, 192000), help="Sample rate of the audio sent.")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(1, 2**32 - 1),
+              help="Seed of stream 0's audio and job; stream s uses seed + s.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def bench_sweep(engine: str | None, weights: str | None, workers: str | None, batch: str,
+                streams: str, seconds: str, mode: str, repeat: int, options: tuple[str, ...],
+                out: str, sets: tuple[str, ...], endpoint: str | None, force: bool,
+                allowance_s: float, sample_rate: int, seed: int, no_progress: bool) -> None:
+    """Throughput, RTF and realtime capacity of an avatar engine behind the daemon, over
+    workers x batch x streams x seconds (see docs/bench.md).
+
+    Each job is a lipsync of seeded synthetic speech (no TTS in the measurement). Writes
+    results.json, results.csv, results.md and rtf.png/throughput.png to --out and prints
+    the table.
+    """
+    from avatard.bench.sweep import sweep_command
+
+    try:
+        result = sweep_command(engine, weights, workers, batch, streams, seconds, mode, out,
+                               endpoint, repeat, options, force, allowance_s, seed,
+                               sample_rate=sample_rate, sets=sets, progress=not no_progress)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if result.table:
+        click.echo(result.table)
+    for path in result.files:
+        click.echo(f"wrote {path}", err=True)
+    if result.plots_note:
+        click.echo(result.plots_note, err=True)
+    if result.failures:
+        raise click.ClickException("failed: " + "; ".join(f.splitlines()[0]
+                                                          for f in result.failures))
+
+
+@bench.command("overhead")
+@click.option("--frame-ms", default=40.0, show_default=True, type=click.FloatRange(0),
+              help="The fake engine's compute time per frame.")
+@click.option("--busy", is_flag=True, help="Spend frame-ms busy-waiting (CPU load) instead "
+              "of sleeping.")
+@click.option("--seconds", default=4.0, show_default=True, type=click.FloatRange(0.2, 60),
+              help="Seconds of audio per job (at most 2^20 samples at 16 kHz: 65 s).")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(8, 4096),
+              help="Frame width and height in pixels (even).")
+@click.option("--repeat", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Runs of each path (alternating); medians and minima are compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_overhead(frame_ms: float, busy: bool, seconds: float, size: int, repeat: int,
+                   as_json: bool) -> None:
+    """What the daemon adds to the fake avatar engine: the engine called in this process
+    vs. the same engine behind a 1-worker daemon and one local client, side by side:
+    time per frame and first-frame latency (targets: < 2 % and < 5 ms)."""
+    from avatard.bench.sweep_overhead import format_overhead, run_overhead
+
+    try:
+        report = run_overhead(frame_ms=frame_ms, seconds=seconds, size=size, repeat=repeat,
+                              frame_busy=busy)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(format_overhead(report))
+
+
 def _attach_ditto() -> None:
     # The ditto group's module imports only click; torch loads inside its commands.
     from avatard.engines.ditto.cli import ditto

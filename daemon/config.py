@@ -224,8 +224,10 @@ class RingsConfig:
         16, "Chunks a job's audio ring holds; at least 2 so writer and reader overlap.", ge=2
     )
     audio_slot_bytes: int = _key(
-        MIB,
-        "Bytes of one audio slot (float32 samples, so a multiple of 4); 1 MiB by default.",
+        32 * MIB,
+        "Bytes of one audio slot (float32 samples, so a multiple of 4): the longest audio "
+        "a client may send (32 MiB: 8.7 min at 16 kHz, 2.9 min at 48 kHz) and the largest "
+        "image it may register. Only the bytes used are touched.",
         ge=1024,
     )
 

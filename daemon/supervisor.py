@@ -223,12 +223,28 @@ class Supervisor:
                                            rings.audio_slot_bytes)))
         self.inline_input = SlotRing.create("inline.in", rings.audio_slots,
                                             rings.audio_slot_bytes)
+        self._check_shm_room()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._start_metrics()
         log.info("serving on %s; %d workers on %s", ", ".join(self.client_port.endpoints),
                  len(self.workers), ", ".join(sorted(per_device)))
         self._set_status()
+
+    def _check_shm_room(self) -> None:
+        """Rings are sparse files: pages are taken from /dev/shm only when written, and a
+        write the tmpfs cannot hold kills the writer with SIGBUS. Warn at start when the
+        rings could outgrow it (containers often give /dev/shm 64 MiB)."""
+        rings = [r for w in self.workers for r in (w.frame_ring, w.audio_ring)]
+        if self.inline_input is not None:
+            rings.append(self.inline_input)
+        capacity = sum(r.segment.size for r in rings)
+        stat = os.statvfs(segments.SHM_DIR)
+        free = stat.f_bavail * stat.f_frsize
+        if capacity > free:
+            log.warning("the rings may use up to %d MiB of %s but only %d MiB is free; lower "
+                        "rings.frame_slots/frame_slot_bytes/audio_slots/audio_slot_bytes or "
+                        "give /dev/shm more room", capacity >> 20, segments.SHM_DIR, free >> 20)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)  # the loop acts; nothing else happens in a handler

@@ -223,6 +223,11 @@ class Worker:
                       code=P.E_WORKER, message=f"{type(exc).__name__}: {exc}"[:4000])
         finally:
             self.job_id, self.progress, self.waiting = "", 0, False
+            # Unmap the clients' input rings: sessions come and go, and an unlinked ring
+            # stays in memory for as long as anyone maps it. Attaching again is cheap.
+            for ring in self.inputs.values():
+                ring.close()
+            self.inputs.clear()
 
     def _input_array(self, desc: P.SlotDesc) -> np.ndarray:
         ring = self.inputs.get(desc.ring)

@@ -37,7 +37,9 @@ PosFloat = Annotated[float, Meta(ge=0.0, le=1e9)]
 Name = Annotated[str, Meta(max_length=256)]
 ShortText = Annotated[str, Meta(max_length=4096)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
-Dim = Annotated[int, Meta(ge=0, le=1 << 20)]
+# Dimensions are bounded by the bytes they describe (slot size, part size), checked where
+# the data is read; this bound only keeps products within int64.
+Dim = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Shape = Annotated[list[Dim], Meta(min_length=1, max_length=4)]
 DType = Annotated[
     str,

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from avatard.daemon import config as config_module
 from avatard.daemon.config import (
     Config,
@@ -71,7 +72,7 @@ def test_defaults_without_a_file():
     assert config.restart.max_job_attempts == 2
     assert config.rings.frame_slots == 32
     assert config.rings.audio_slots == 16
-    assert config.rings.audio_slot_bytes == 1024 * 1024
+    assert config.rings.audio_slot_bytes == 32 * 1024 * 1024
     assert (config.engines.avatar, config.engines.tts, config.engines.asr) == ("embedded",) * 3
     assert config.engines.options == {}
 

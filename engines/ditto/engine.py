@@ -117,6 +117,9 @@ class DittoEngine(AvatarEngine):
         self.cfg: Any = None
         self._hubert = None
         if device.startswith("cuda"):
+            # The allocator's statistics exist only once CUDA is initialised on the device;
+            # resetting them before that raises "Invalid device argument".
+            torch.zeros(1, device=device)
             torch.cuda.reset_peak_memory_stats(device)
             mem0 = torch.cuda.memory_allocated(device)
         else:
@@ -205,6 +208,13 @@ class DittoEngine(AvatarEngine):
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ registration
+    def default_portrait(self) -> bytes:
+        """The public-domain portrait that ships with the embedded engine (no cv2 needed)."""
+        from importlib import resources
+
+        asset = resources.files("avatard.engines.embedded").joinpath("assets", "astronaut.jpg")
+        return asset.read_bytes()
+
     def register(self, image: bytes | np.ndarray) -> AvatarState:
         if isinstance(image, bytearray | memoryview):
             image = bytes(image)
