@@ -417,6 +417,30 @@ def bench_overhead(frame_ms: float, busy: bool, seconds: float, size: int, repea
         click.echo(format_overhead(report))
 
 
+@bench.command("chaos")
+@click.option("--seconds", type=click.FloatRange(5, 86400), default=60.0, show_default=True,
+              help="Seconds of load; the drain and the audit come after.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seeds the fault schedule and the jobs.")
+@click.option("--workers", type=click.IntRange(2, 64), default=3, show_default=True,
+              help="Workers of the daemon under test.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_chaos(seconds: float, seed: int, workers: int, as_json: bool) -> None:
+    """Steady fake-engine load while a seeded schedule SIGKILLs, SIGSTOPs and SIGTERMs
+    workers, fills a ring, slows a client and kills a client mid-stream; then audits:
+    every job done or failed with a reason, frames exactly once, nothing leaked. Exits 1
+    when the audit fails."""
+    from avatard.bench.chaos import format_chaos, run_chaos
+
+    report = run_chaos(seconds, seed, workers=workers)
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(format_chaos(report))
+    sys.exit(0 if report["passed"] else 1)
+
+
 def _attach_ditto() -> None:
     # The ditto group's module imports only click; torch loads inside its commands.
     from avatard.engines.ditto.cli import ditto

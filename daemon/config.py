@@ -319,6 +319,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if exc.source:
             raise
         raise ConfigError(exc.key, exc.reason, source_of(exc.key)) from None
+    except (OverflowError, RecursionError, ValueError) as exc:
+        # A 400-digit number for a float key, tables nested past the stack: still a
+        # config error the operator can act on, never a traceback.
+        raise ConfigError("(config)", f"cannot be read: {type(exc).__name__}: {exc}",
+                          file_source) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -337,6 +342,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"value = {value_text}")["value"]
     except tomllib.TOMLDecodeError:
         value = value_text
+    except (RecursionError, ValueError) as exc:  # 3000 '[' or a 5000-digit integer
+        raise ConfigError(key, f"value cannot be read: {type(exc).__name__}") from None
     return key, value
 
 
@@ -355,6 +362,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{path} is not valid UTF-8: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # nesting past the stack, huge integers
+        raise ConfigError("", f"{path} cannot be read: {type(exc).__name__}") from None
 
 
 def _apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:

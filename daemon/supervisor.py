@@ -732,12 +732,20 @@ class Supervisor:
         for session in self.sessions.values():
             if not session.held:
                 continue
-            for key, handed in list(session.held.items()):
-                if now - handed > limit:
-                    del session.held[key]
-                    self._release_by_name(*key)
-                    log.warning("session %s kept slot %s for over %.0f s: reclaimed",
-                                session.session_id, key, limit)
+            expired = [key for key, handed in session.held.items() if now - handed > limit]
+            for key in expired:
+                del session.held[key]
+                self._release_by_name(*key)
+                log.warning("session %s kept slot %s for over %.0f s: reclaimed",
+                            session.session_id, key, limit)
+            if expired:
+                # A client that stops releasing is gone or stuck: its jobs would otherwise
+                # hold their workers, one ring's worth of frames per client_call_s, until
+                # their deadlines.
+                for job in list(self.jobs.values()):
+                    if job.client == session.identity and not job.finished:
+                        self._fail_job(job, P.E_TIMEOUT, f"the client held a frame for over "
+                                       f"client_call_s={limit:g} s; job stopped")
 
     def _expire_sessions(self, now: float) -> None:
         """Close sessions of clients that vanished without bye (killed, crashed), so their
@@ -847,6 +855,12 @@ class Supervisor:
             except P.ProtocolError as exc:  # well-formed but refused: counts as bad too
                 self.client_port.bad_messages += 1
                 self.client_port.send(identity, exc.reply())
+            except Exception as exc:  # a bug of ours: answer it, log it, keep serving
+                log.exception("internal error handling %s from %s", type(msg).__name__,
+                              identity.hex())
+                self.client_port.send(identity, P.make(
+                    P.Error, req_id=getattr(msg, "req_id", 0), code=P.E_INTERNAL,
+                    field="message", rule=f"internal error: {type(exc).__name__}"))
         self.stats["bad_messages"] = self.client_port.bad_messages
         self.stats["refused_clients"] = self.client_port.refused_clients
 

@@ -282,8 +282,12 @@ class Worker:
                 pcm = np.asarray(pcm, np.float32)
                 yield resample(pcm, tts.sample_rate, rate), pcm, tts.sample_rate
         elif job.kind == "lipsync":
+            from avatard.engines.audio import validate_pcm
+
             assert job.audio is not None
             pcm = self._input_array(job.audio).reshape(-1).astype(np.float32, copy=False)
+            # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
+            pcm, _ = validate_pcm(pcm, job.sample_rate, field="audio")
             resampled = resample(pcm, job.sample_rate, rate)
             step = max(1, int(rate * LIPSYNC_CHUNK_S))
             for start in range(0, resampled.size, step):

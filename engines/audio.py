@@ -29,6 +29,7 @@ DEFAULT_MAX_TEXT_CHARS = 5000
 # Codecs (mp3, aac) overshoot full scale a little after decoding; above this the input is
 # almost certainly integer PCM handed over as float, which would be pure clipping noise.
 MAX_FLOAT_PEAK = 2.0
+MAX_CHANNELS = 6
 
 # ---------------------------------------------------------------------------- PCM checks
 
@@ -114,9 +115,20 @@ def decode_audio(
         if not container.streams.audio:
             raise EngineInputError(field, "contains no audio stream")
         stream = container.streams.audio[0]
+        if stream.codec_context is None:
+            raise EngineInputError(field, "has an audio stream no decoder can read")
+        channels = stream.codec_context.channels or 1
+        if channels > MAX_CHANNELS:
+            # PyAV 18 crashes (SIGSEGV) converting planar frames of 8+ channels; speech
+            # never needs more than 5.1, so refuse before decoding anything.
+            raise EngineInputError(field, f"has {channels} channels; at most {MAX_CHANNELS} "
+                                   "are accepted")
         source_rate = stream.codec_context.sample_rate or stream.rate
         if not source_rate:
             raise EngineInputError(field, "has no sample rate")
+        # A header may claim any rate; resampling from 100 MHz costs seconds per
+        # millisecond of audio, so the file's own rate must be sane before any decoding.
+        validate_sample_rate(int(source_rate))
         out_rate = target_rate or int(source_rate)
         validate_sample_rate(out_rate)
         # Channels stay separate through libswresample and are averaged here: its own

@@ -452,6 +452,22 @@ def _find_bad_utf8(raw: bytes, path: str = "") -> str:
     return path
 
 
+def _too_deep_field(raw: bytes) -> str:
+    """The top-level field holding the over-deep value (decoded one level at a time)."""
+    try:
+        items = _RAW_MAP_DECODER.decode(raw)
+    except (RecursionError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return "message"
+    for key, value in items.items():
+        try:
+            _ANY_DECODER.decode(value)
+        except RecursionError:
+            return key
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            continue
+    return "message"
+
+
 class Codec:
     """Encoder/decoder for one direction of one socket (accepts only `allowed` types)."""
 
@@ -474,13 +490,24 @@ class Codec:
                 raise ProtocolError(E_TOO_LARGE, f"part[{i}]",
                                     f"is {len(part)} bytes; max {MAX_INLINE_BYTES}")
         try:
+            return self._decode(control, parts)
+        except RecursionError:
+            # msgspec recurses per nesting level: a value nested ~1000 deep must cost the
+            # sender an error reply, not the receiver its process.
+            raise ProtocolError(E_BAD_MESSAGE, _too_deep_field(control),
+                                "is nested too deeply") from None
+
+    def _decode(self, control: bytes, parts: list[Any]) -> tuple[Msg, list[Any]]:
+        try:
             head = _HEAD_DECODER.decode(control)
         except UnicodeDecodeError:
             raise ProtocolError(E_BAD_MESSAGE, _find_bad_utf8(control),
                                 "must be valid UTF-8") from None
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ProtocolError(E_BAD_MESSAGE, "message", f"is not a msgpack map ({exc})") from None
-        req_id = head.req_id if isinstance(head.req_id, int) and 0 <= head.req_id < 2**63 else 0
+        req_id = head.req_id
+        if isinstance(req_id, bool) or not isinstance(req_id, int) or not 0 <= req_id < 2**63:
+            req_id = 0  # unusable as an id: the error reply must still be a valid message
         if head.v != PROTOCOL_VERSION:
             raise ProtocolError(E_BAD_VERSION, "v",
                                 f"must be {PROTOCOL_VERSION}, got {head.v!r}", req_id)

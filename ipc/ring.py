@@ -37,6 +37,7 @@ other stores, which is what this relies on (both processes run the same code pat
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -62,6 +63,7 @@ ALLOWED_DTYPES = frozenset(
      "float64"]
 )
 MAX_DIMS = 4
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
 
 _HEADER = struct.Struct("<8sIIQQQI")  # magic, layout, slot_count, slot_bytes, data_off,
 # next_seq, creator_pid (remaining bytes of the 64-byte header are padding)
@@ -109,7 +111,7 @@ def check_layout(shape: tuple[int, ...], dtype: str, slot_bytes: int) -> int:
         raise DescriptorError("shape", f"must have 1..{MAX_DIMS} dimensions, got {len(shape)}")
     if any((not isinstance(d, int)) or d < 0 for d in shape):
         raise DescriptorError("shape", f"dimensions must be integers >= 0, got {list(shape)}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
     if nbytes > slot_bytes:
         raise DescriptorError(
             "shape", f"{list(shape)} x {dtype} needs {nbytes} bytes; slot holds {slot_bytes}"
@@ -267,7 +269,9 @@ class SlotRing:
                 "shape", f"{list(ref.shape)} x {ref.dtype} is {nbytes} bytes; the writer "
                 f"published {int(self._nbytes[ref.slot])}"
             )
-        view = self._data[ref.slot, :nbytes].view(ref.dtype).reshape(ref.shape)
+        # One ndarray straight over the mapping: the cheapest view numpy can make.
+        view = np.ndarray(ref.shape, ref.dtype, self.segment.buffer,
+                          self.data_offset + ref.slot * self.slot_bytes)
         view.flags.writeable = False
         return view
 

@@ -24,7 +24,7 @@ from . import protocol as P
 log = logging.getLogger("avatard.ipc")
 
 
-def wait_readable(sock: zmq.Socket, timeout_ms: int, spin_us: int = 200) -> bool:
+def wait_readable(sock: zmq.Socket, timeout_ms: int, spin_us: int = 0) -> bool:
     """Wait until `sock` has a message, up to `timeout_ms`. Spins (non-blocking polls) for
     `spin_us` first: a frame's descriptor usually arrives within tens of microseconds, and
     waking a blocked thread costs more than that on a busy machine."""
@@ -193,6 +193,12 @@ class ClientPort:
                     self.bad_messages += 1
                     log.warning("bad client message from %s: %s", identity.hex(), exc)
                     self.send(identity, exc.reply())
+                    continue
+                except Exception:  # a decoder bug must not stop the daemon
+                    self.bad_messages += 1
+                    log.exception("undecodable client message from %s", identity.hex())
+                    self.send(identity, P.ProtocolError(P.E_BAD_MESSAGE, "message",
+                                                        "could not be decoded").reply())
                     continue
                 yield identity, msg, extra
 

@@ -160,6 +160,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     refused global before it is imported, let alone called."""
 
     def find_class(self, module: str, name: str) -> Any:
+        # Old protocols name Python 2 modules (`__builtin__.set`); map them the way pickle
+        # itself would before checking, so allowed types pass and nothing else does.
+        import _compat_pickle
+
+        if module in _compat_pickle.IMPORT_MAPPING or (module, name) in \
+                _compat_pickle.NAME_MAPPING:  # a Python 2 name: Python 3 never writes one
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in _ALLOWED_GLOBALS:
             raise UnsafePickleError(f"refused global {module}.{name} in pickle")
         return super().find_class(module, name)

@@ -49,6 +49,7 @@ _PIL_FORMATS = frozenset(ACCEPTED_FORMATS) | {"MPO"}
 FPS = 25
 AUDIO_RATE = 16000
 HOP = AUDIO_RATE // FPS  # 640 samples of audio per video frame
+MAX_PCM_PEAK = 2.0  # codec overshoot is tolerated up to here (as in engines/audio.py)
 # Each frame is analysed over a 64 ms window centred one frame ahead of the frame's own
 # middle: lips move a little before the sound they make, and the window needs this much
 # audio past the end of the frame before the frame can be drawn.
@@ -119,11 +120,17 @@ def _image_from_bytes(data: bytes) -> np.ndarray:
         raise EngineInputError("image", "is empty")
     try:
         # Opening reads only the header, so the size check comes before any big decode.
+        # Pillow refuses headers past its decompression-bomb limit itself (an error, not
+        # a warning, beyond twice the limit), and a truncated header is an OSError.
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise EngineInputError(
             "image", f"is not a decodable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
         ) from None
+    except Image.DecompressionBombError as error:
+        raise EngineInputError("image", f"is too large to decode ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise EngineInputError("image", f"header is truncated or corrupt ({error})") from None
     with image:
         if image.format not in _PIL_FORMATS:
             raise EngineInputError(
@@ -330,6 +337,11 @@ class EmbeddedAvatarStream(AvatarStream):
         chunk = samples.astype(np.float32, copy=False).reshape(-1)
         if not np.all(np.isfinite(chunk)):
             raise EngineInputError("audio", "contains NaN or infinite samples")
+        peak = float(np.max(np.abs(chunk))) if chunk.size else 0.0
+        if peak > MAX_PCM_PEAK:
+            # Squaring 1e30 overflows float32 in the energy features; such samples are
+            # integer PCM passed as float (or garbage), never speech in [-1, 1].
+            raise EngineInputError("audio", f"samples must lie in [-1, 1]; peak is {peak:.3g}")
         self._buffer = np.concatenate([self._buffer, chunk])
         self._received += chunk.size
         # A frame is ready once its whole analysis window has arrived, and never beyond

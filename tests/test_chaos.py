@@ -1,0 +1,140 @@
+"""Chaos: a real daemon under load while workers and clients are killed, stopped and
+starved (bench/chaos.py, short version), and the supervisor itself SIGKILLed mid-stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from daemon_harness import FAST_RESTART, FAST_TIMEOUTS, daemon_segments
+
+from avatard.bench.chaos import FAULT_KINDS, format_chaos, run_chaos
+from avatard.bench.daemon_proc import DaemonProcess
+from avatard.engines.fake import expected_frame
+from avatard.ipc import segments
+from avatard.ipc.client import Client, ClientError, DaemonUnavailable, DoneEvent, FrameEvent
+
+SIZE = 32
+
+
+@pytest.mark.timeout(150)
+def test_short_chaos_loses_nothing_and_leaves_nothing(tmp_path: Path) -> None:
+    report = run_chaos(seconds=20, seed=7, workers=3, workdir=tmp_path)
+    summary = format_chaos(report)
+    log = (tmp_path / "daemon.log").read_text(errors="replace")[-3000:]
+    assert report["jobs_accepted"] > 10, summary
+    assert report["jobs_lost"] == 0, f"{summary}\n{log}"
+    assert report["frames_duplicated"] == 0, summary
+    assert report["frames_missing"] == 0, summary
+    assert report["frames_corrupt"] == 0, summary
+    assert report["jobs_completed"] + report["jobs_failed"] == report["jobs_accepted"], summary
+    assert report["daemon_exit_code"] == 0, f"{summary}\n{log}"
+    assert report["segments_leaked"] == 0, summary
+    assert report["orphan_processes"] == 0, report["orphan_detail"]
+    assert report["zombie_processes"] == 0, summary
+    assert report["load_thread_errors"] == [], summary
+    for kind in FAULT_KINDS:
+        assert report["faults_by_kind"][kind] > 0, f"no {kind} injected\n{summary}"
+    assert report["rss_flat"], summary
+
+
+def _sections(tmp_path: Path) -> dict[str, dict[str, object]]:
+    return {
+        "daemon": {"workers": 2, "min_ready": 2, "devices": "cpu"},
+        "timeouts": FAST_TIMEOUTS, "restart": FAST_RESTART,
+        "engines": {"avatar": "fake", "tts": "fake", "asr": "fake"},
+        "engines.options.fake": {"width": SIZE, "height": SIZE, "frame_ms": 20},
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
+    old = DaemonProcess(tmp_path, _sections(tmp_path))
+    new = None
+    try:
+        old.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "two ready workers")
+        worker_pids = old.worker_pids()
+        assert len(worker_pids) == 2
+        client = Client(old.endpoint, timeout_s=3.0, name="victim")
+        frames = 0
+        started = time.monotonic()
+        with pytest.raises(DaemonUnavailable) as err:
+            for event in client.speak("One two three four. Five six seven eight.", seed=5):
+                if isinstance(event, FrameEvent):
+                    assert event.index == frames
+                    np.testing.assert_array_equal(event.array,
+                                                  expected_frame(5, frames, SIZE, SIZE))
+                    frames += 1
+                    if frames == 10:
+                        os.kill(old.proc.pid, signal.SIGKILL)
+                        killed_at = time.monotonic()
+                assert time.monotonic() - started < 60, "the client never gave up"
+        # A clear error naming what it waited for, after about the client's timeout.
+        assert "event of job" in str(err.value) and "within 3.0 s" in str(err.value)
+        assert time.monotonic() - killed_at < 3.0 + 5.0
+        assert old.proc.wait(timeout=10) == -signal.SIGKILL
+        # Workers die with their parent (PR_SET_PDEATHSIG).
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in worker_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in worker_pids if _alive(p)], "workers outlived the supervisor"
+        stale = daemon_segments(old.proc.pid)
+        assert stale, "a SIGKILLed supervisor cannot unlink its segments"
+        assert (old.runtime_dir / "avatard.sock").exists(), "expected a stale socket file"
+
+        new = DaemonProcess(tmp_path, _sections(tmp_path))
+        new.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "the new daemon")
+        assert not daemon_segments(old.proc.pid), "the new daemon swept the old segments"
+        assert "shared-memory segments of dead owners" in new.log_text()
+        # The old Client object's session died with the old daemon; it is told so, fast.
+        with pytest.raises(ClientError):
+            list(client.speak("Hello again.", seed=6))
+        client.close()
+        with Client(new.endpoint, timeout_s=20.0, name="reconnected") as fresh:
+            got = [e for e in fresh.speak("Hello again.", seed=6)]
+        frames_after = [e for e in got if isinstance(e, FrameEvent)]
+        assert isinstance(got[-1], DoneEvent) and got[-1].frames == len(frames_after) > 0
+        assert new.stop() == 0, new.log_text()[-3000:]
+        assert not daemon_segments(new.proc.pid)
+    finally:
+        for d in (old, new):
+            if d is not None and d.proc.poll() is None:
+                d.stop(signal.SIGKILL, timeout_s=10)
+
+
+@pytest.mark.timeout(90)
+def test_session_of_a_dead_client_is_ended(tmp_path: Path) -> None:
+    """Found by the chaos run (77 sessions of killed clients left after 10 minutes), fixed by
+    `timeouts.session_idle_s`: a session with no message and no job is closed."""
+    d = DaemonProcess(tmp_path, {**_sections(tmp_path),
+                                 "timeouts": {**FAST_TIMEOUTS, "client_call_s": 2.0,
+                                              "session_idle_s": 3.0}})
+    try:
+        d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 60, "a ready worker")
+        baseline = len(daemon_segments(d.proc.pid))
+        gone = Client(d.endpoint, timeout_s=10.0, name="vanishes")
+        list(gone.speak("One two.", seed=1))
+        gone._sock.close(linger=0)  # the process "dies": no bye, the socket just goes away
+        assert len(daemon_segments(d.proc.pid)) == baseline + 1  # its input ring
+        deadline = time.monotonic() + 15  # session_idle_s, plus slack for a busy machine
+        while len(daemon_segments(d.proc.pid)) > baseline and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(daemon_segments(d.proc.pid)) == baseline, "its input ring was unlinked"
+        status = d.status()  # counts its own (inline) session too
+        assert status["daemon"]["sessions"] == 1, status["daemon"]
+    finally:
+        d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout_s=10)
+        for name in daemon_segments(d.proc.pid):  # a SIGKILLed owner cannot clean up
+            segments.unlink_segment(name)
