@@ -55,7 +55,9 @@ class DaemonProcess:
         proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if not env or "NOTIFY_SOCKET" not in env:
             proc_env.pop("NOTIFY_SOCKET", None)
-        command = [AVATARD, "serve", "--config", str(config)]
+        # The module, not the console script: works wherever the package imports (a
+        # --target install has no script next to the interpreter).
+        command = [sys.executable, "-m", "avatard.daemon.cli", "serve", "--config", str(config)]
         if watchdog_usec:
             # systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
             proc_env["WATCHDOG_USEC"] = str(watchdog_usec)
