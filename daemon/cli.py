@@ -164,24 +164,14 @@ def render(text: str, output: str, avatar: str | None, voice: str, seed: int,
     """
     from pathlib import Path
 
-    from avatard.daemon.render import (
-        Progress,
-        connect,
-        engine_overrides,
-        read_file,
-        write_job_mp4,
-    )
-    from avatard.engines.mux import check_writable
+    from avatard.daemon.render import engine_overrides, render_to_mp4
     from avatard.ipc.client import ClientError
 
-    out = Path(output)
     try:
-        check_writable(out)
-        image = read_file(avatar, "avatar") if avatar else None
-        with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
-            avatar_id = client.register_avatar(image) if image else ""
-            events = client.speak(text, avatar=avatar_id, voice=voice, seed=seed)
-            result = write_job_mp4(events, out, 25, Progress(sys.stderr, "render"))
+        result = render_to_mp4(
+            endpoint, engine_overrides(engine, sets), avatar, Path(output), "render",
+            lambda client, avatar_id: client.speak(text, avatar=avatar_id, voice=voice,
+                                                   seed=seed))
     except (ClientError, OSError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {result.path}: {result.frames} frames, {result.media_s:.2f} s of video "
@@ -203,28 +193,19 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
     """Animate a portrait to an audio file (wav, mp3, flac, ogg...) and write an mp4."""
     from pathlib import Path
 
-    from avatard.daemon.render import (
-        Progress,
-        connect,
-        engine_overrides,
-        read_file,
-        write_job_mp4,
-    )
+    from avatard.daemon.render import engine_overrides, render_to_mp4
     from avatard.engines.audio import decode_audio
     from avatard.engines.base import EngineInputError
     from avatard.engines.mux import check_writable
     from avatard.ipc.client import ClientError
 
-    out = Path(output)
     try:
-        check_writable(out)
+        check_writable(Path(output))  # before decoding a long file
         pcm, rate = decode_audio(audio)
-        image = read_file(avatar, "avatar") if avatar else None
-        with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
-            avatar_id = client.register_avatar(image) if image else ""
-            events = client.lipsync(pcm, rate, avatar=avatar_id, seed=seed)
-            result = write_job_mp4(events, out, 25, Progress(sys.stderr, "lipsync"),
-                                   audio=(pcm, rate))
+        result = render_to_mp4(
+            endpoint, engine_overrides(engine, sets), avatar, Path(output), "lipsync",
+            lambda client, avatar_id: client.lipsync(pcm, rate, avatar=avatar_id, seed=seed),
+            audio=(pcm, rate))
     except EngineInputError as exc:
         _fail(ClientError(f"bad audio file {audio}: {exc}"))
     except (ClientError, OSError, ValueError) as exc:

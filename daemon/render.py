@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +183,21 @@ def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress
         progress.done()
     return RenderResult(out, frames, done.media_s or frames / fps, done.wall_s,
                         done.first_frame_s, done.attempts)
+
+
+def render_to_mp4(endpoint: str | None, overrides: list[str], avatar_path: str | None,
+                  out: Path, label: str, start_job: Callable[[Client, str], Iterator[Any]],
+                  audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
+    """The shared body of `avatard render` and `lipsync`: check the output path first,
+    register the portrait if one is given, run the job and mux it."""
+    from avatard.engines.mux import check_writable
+
+    check_writable(out)
+    image = read_file(avatar_path, "avatar") if avatar_path else None
+    with connect(endpoint, overrides, sys.stderr) as client:
+        avatar_id = client.register_avatar(image) if image else ""
+        events = start_job(client, avatar_id)
+        return write_job_mp4(events, out, 25, Progress(sys.stderr, label), audio=audio)
 
 
 def engine_overrides(avatar_engine: str | None, extra: tuple[str, ...]) -> list[str]:

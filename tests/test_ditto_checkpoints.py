@@ -13,6 +13,8 @@ import pytest
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 torch = pytest.importorskip("torch")
 
+from ditto_shared import MANIFESTS  # noqa: E402
+
 from avatard.engines.ditto import checkpoints, networks, synthetic  # noqa: E402
 from avatard.engines.ditto.checkpoints import (  # noqa: E402
     CHECKPOINT_FILES,
@@ -23,15 +25,6 @@ from avatard.engines.ditto.checkpoints import (  # noqa: E402
     restricted_loads,
 )
 
-
-def shared_ditto() -> Path:
-    override = os.environ.get("AVATARD_DITTO_SHARED")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "ditto"
-
-
-MANIFESTS = shared_ditto() / "manifest"
 needs_manifests = pytest.mark.skipif(
     not MANIFESTS.is_dir(), reason=f"Ditto manifests not found at {MANIFESTS}"
 )

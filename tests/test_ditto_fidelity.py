@@ -3,17 +3,21 @@ reference vectors (synthetic weights, float32 on CPU, relative L2 error <= 1e-4)
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 torch = pytest.importorskip("torch")
 
+
+from ditto_shared import MANIFESTS, VECTORS, needs_shared  # noqa: E402
+
 from avatard.engines.ditto import networks, synthetic  # noqa: E402
-from avatard.engines.ditto.keypoints import bins_to_degrees, rotation_matrix, transform_keypoints  # noqa: E402
+from avatard.engines.ditto.keypoints import (  # noqa: E402
+    bins_to_degrees,
+    rotation_matrix,
+    transform_keypoints,
+)
 from avatard.engines.ditto.lmdm import ddim_time_pairs  # noqa: E402
 from avatard.engines.ditto.motion import MOTION_OUTPUTS  # noqa: E402
 from avatard.engines.ditto.verify import relative_l2  # noqa: E402
@@ -21,21 +25,7 @@ from avatard.engines.ditto.verify import relative_l2  # noqa: E402
 TOL = 1e-4
 
 
-def shared_ditto() -> Path:
-    override = os.environ.get("AVATARD_DITTO_SHARED")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "ditto"
-
-
-SHARED = shared_ditto()
-VECTORS = SHARED / "vectors"
-MANIFESTS = SHARED / "manifest"
-
-pytestmark = pytest.mark.skipif(
-    not (VECTORS.is_dir() and MANIFESTS.is_dir()),
-    reason=f"Ditto reference material not found at {SHARED} (set AVATARD_DITTO_SHARED)",
-)
+pytestmark = needs_shared
 
 
 def vectors(name: str) -> dict[str, np.ndarray]:

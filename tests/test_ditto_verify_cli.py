@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -13,24 +12,11 @@ from click.testing import CliRunner
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 pytest.importorskip("torch")
 
+from ditto_shared import MANIFESTS, VECTORS, needs_shared  # noqa: E402
+
 from avatard.engines.ditto.cli import ditto  # noqa: E402
 
-
-def shared_ditto() -> Path:
-    override = os.environ.get("AVATARD_DITTO_SHARED")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "ditto"
-
-
-SHARED = shared_ditto()
-VECTORS = SHARED / "vectors"
-MANIFESTS = SHARED / "manifest"
-
-pytestmark = pytest.mark.skipif(
-    not (VECTORS.is_dir() and MANIFESTS.is_dir()),
-    reason=f"Ditto reference material not found at {SHARED}",
-)
+pytestmark = needs_shared
 
 
 def run_verify(*args: str):

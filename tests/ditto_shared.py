@@ -1,0 +1,29 @@
+"""Where the Ditto reference material (manifests, vectors) is: `../shared/ditto` beside the
+repository, or $AVATARD_DITTO_SHARED."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def shared_ditto() -> Path:
+    override = os.environ.get("AVATARD_DITTO_SHARED")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "ditto"
+
+
+SHARED = shared_ditto()
+VECTORS = SHARED / "vectors"
+MANIFESTS = SHARED / "manifest"
+
+# In CI the material is always beside the clone: a skip there would hide a broken set-up,
+# so CI (AVATARD_EXPECT_INSTALLED=1) fails instead of skipping.
+needs_shared = pytest.mark.skipif(
+    not (VECTORS.is_dir() and MANIFESTS.is_dir())
+    and os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
+    reason=f"Ditto reference material not found at {SHARED} (set AVATARD_DITTO_SHARED)",
+)
