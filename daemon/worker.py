@@ -289,8 +289,12 @@ class Worker:
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
             pcm, _ = validate_pcm(pcm, job.sample_rate, field="audio")
             resampled = resample(pcm, job.sample_rate, rate)
+            # A first chunk of one frame's audio, so the first frame leaves as soon as the
+            # engine can make it; then bigger chunks, which cost less per frame.
+            first = max(1, rate // 25)
+            yield resampled[:first], None, 0
             step = max(1, int(rate * LIPSYNC_CHUNK_S))
-            for start in range(0, resampled.size, step):
+            for start in range(first, resampled.size, step):
                 yield resampled[start : start + step], None, 0
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")

@@ -132,6 +132,9 @@ class ClientPort:
             # Unroutable replies (client gone) must not raise: the client reconnects.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
+            # libzmq drops a peer that sends a part over this size before buffering it,
+            # so an oversize upload costs the daemon nothing (the codec checks again).
+            sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_INLINE_BYTES)
             if kind == "tcp" and curve_secret_key_file:
                 self._enable_curve(ctx, sock, curve_secret_key_file, curve_clients_dir)
             for item in by_kind[kind]:
