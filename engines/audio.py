@@ -75,7 +75,8 @@ def validate_pcm(
         raise EngineInputError(
             field, f"is {duration_s:.1f} s long; the limit is {max_duration_s:g} s"
         )
-    samples = np.ascontiguousarray(samples, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
     if not np.isfinite(samples).all():
         raise EngineInputError(field, "contains NaN or infinite samples")
     peak = float(np.abs(samples).max())
