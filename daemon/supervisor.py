@@ -17,9 +17,11 @@ Worker states (asserted on every transition)::
        |                                                   |
        +---------------------------------------------------+--> FAILED (gave up loading)
 
-Ownership: the supervisor creates the frame and audio ring of each worker slot, one input
-ring per local client session and one segment per registered avatar; it unlinks all of
-them on exit. Signal handlers only set flags; the loop acts on them.
+Ownership: the supervisor creates the frame and audio ring of each worker slot (used for
+remote sessions), per local client session an input ring and a frame/audio ring pair for
+each worker that runs its jobs (so a client maps only its own session's segments), and one
+segment per registered avatar; it unlinks a session's rings when the session ends and
+everything on exit. Signal handlers only set flags; the loop acts on them.
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ class Session:
     session_id: str
     inline: bool
     input_ring: SlotRing | None = None
+    # Frame and audio rings of this session, one pair per worker that ran its jobs: one
+    # writer each (a worker runs one job at a time), and no other session's frames in them.
+    outputs: dict[int, tuple[SlotRing, SlotRing]] = field(default_factory=dict)
     held: dict[tuple[str, int, int], float] = field(default_factory=dict)  # slot -> handed at
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -159,6 +164,7 @@ class Supervisor:
         self.queue = JobQueue(config.daemon.queue_size)
         self.inline_sends: deque[tuple[zmq.MessageTracker, SlotRing, int, int]] = deque()
         self.inline_input: SlotRing | None = None
+        self.output_rings: dict[str, SlotRing] = {}  # name -> every ring workers write
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "frames_delivered": 0, "jobs_requeued": 0, "bad_messages": 0,
                       "refused_clients": 0}
@@ -221,6 +227,9 @@ class Supervisor:
                                            rings.frame_slot_bytes),
                 audio_ring=SlotRing.create(f"w{i}.audio", rings.audio_slots,
                                            rings.audio_slot_bytes)))
+            w = self.workers[-1]
+            self.output_rings[w.frame_ring.name] = w.frame_ring
+            self.output_rings[w.audio_ring.name] = w.audio_ring
         self.inline_input = SlotRing.create("inline.in", rings.audio_slots,
                                             rings.audio_slot_bytes)
         self._check_shm_room()
@@ -337,6 +346,9 @@ class Supervisor:
         for session in self.sessions.values():
             if session.input_ring is not None:
                 session.input_ring.close()
+            for pair in session.outputs.values():
+                for ring in pair:
+                    ring.close()
         for w in self.workers:
             w.frame_ring.close()
             w.audio_ring.close()
@@ -482,7 +494,9 @@ class Supervisor:
         """The worker process is gone: reclaim its slots and decide what comes next."""
         w.proc.join(timeout=0)
         # Slots it was writing are half-written; READY slots still belong to clients.
-        for ring in (w.frame_ring, w.audio_ring):
+        rings = [w.frame_ring, w.audio_ring]
+        rings += [r for s in self.sessions.values() for r in s.outputs.get(w.index, ())]
+        for ring in rings:
             ring.reclaim([s for s in range(ring.slot_count) if ring.state(s) == WRITING])
         w.proc, w.pid = None, 0
         r = self.cfg.restart
@@ -554,15 +568,9 @@ class Supervisor:
             self._release_worker_slot(msg.worker, msg.data, audio=isinstance(msg, P.WAudio))
 
     def _release_worker_slot(self, index: int, data: P.SlotDesc, audio: bool) -> None:
-        if not 0 <= index < len(self.workers):
-            return
-        w = self.workers[index]
-        ring = w.audio_ring if audio else w.frame_ring
-        if data.ring == ring.name:
-            try:
-                ring.release(data.slot, data.seq)
-            except (StaleSlotError, DescriptorError):
-                pass
+        # Only rings the daemon made for workers; a ring already closed (its session
+        # ended) needs no release.
+        self._release_by_name(data.ring, data.slot, data.seq)
 
     def _on_worker_msg(self, w: WorkerSlot, msg: P.Msg) -> None:
         now = time.monotonic()
@@ -625,7 +633,17 @@ class Supervisor:
                 voice=p.get("voice", ""), avatar_id=p.get("avatar_id", ""),
                 avatar_segment=avatar.segment.name if avatar else "",
                 avatar_bytes=avatar.nbytes if avatar else 0, audio=p.get("audio"),
-                sample_rate=p.get("sample_rate", 0), send_audio=p.get("send_audio", False)))
+                sample_rate=p.get("sample_rate", 0), send_audio=p.get("send_audio", False),
+                **self._output_names(job, w)))
+
+    def _output_names(self, job: Job, w: WorkerSlot) -> dict[str, str]:
+        """Local sessions get rings of their own; remote ones (bytes sent inline by the
+        daemon) and register/transcribe jobs use the worker's rings."""
+        session = self.sessions.get(job.client)
+        if session is None or session.inline or job.kind not in ("speak", "lipsync"):
+            return {}
+        frames, audio = self._session_outputs(session, w.index)
+        return {"frame_ring": frames.name, "audio_ring": audio.name}
 
     def _on_job_msg(self, w: WorkerSlot, msg: Any, now: float) -> None:
         job = w.job
@@ -637,6 +655,8 @@ class Supervisor:
                 w.to(WState.READY, f"left cancelled job {job.job_id}")
             return
         session = self.sessions.get(job.client)
+        if isinstance(msg, (P.WFrame, P.WAudio)) and msg.data.ring not in self.output_rings:
+            return  # a ring of a session that ended meanwhile
         if isinstance(msg, P.WFrame):
             w.progress, w.progress_at = max(w.progress, msg.index + 1), now
             if msg.index != job.frames_delivered or session is None:
@@ -648,7 +668,7 @@ class Supervisor:
             self.stats["frames_delivered"] += 1
             if not job.first_frame_at:
                 job.first_frame_at = now
-            self._forward(session, w.frame_ring, msg.data,
+            self._forward(session, self.output_rings[msg.data.ring], msg.data,
                           P.make(P.Frame, job_id=job.job_id, index=msg.index,
                                  pts_us=msg.pts_us, data=msg.data))
         elif isinstance(msg, P.WAudio):
@@ -656,7 +676,7 @@ class Supervisor:
                 self._release_worker_slot(w.index, msg.data, audio=True)
                 return
             job.audio_delivered += 1
-            self._forward(session, w.audio_ring, msg.data,
+            self._forward(session, self.output_rings[msg.data.ring], msg.data,
                           P.make(P.AudioChunk, job_id=job.job_id, index=msg.index,
                                  pts_us=msg.pts_us, sample_rate=msg.sample_rate,
                                  data=msg.data))
@@ -760,15 +780,25 @@ class Supervisor:
             self._end_session(identity)
 
     def _release_by_name(self, ring_name: str, slot: int, seq: int) -> bool:
-        for w in self.workers:
-            for ring in (w.frame_ring, w.audio_ring):
-                if ring.name == ring_name:
-                    try:
-                        ring.release(slot, seq)
-                        return True
-                    except (StaleSlotError, DescriptorError):
-                        return False
-        return False
+        ring = self.output_rings.get(ring_name)
+        if ring is None:
+            return False
+        try:
+            ring.release(slot, seq)
+            return True
+        except (StaleSlotError, DescriptorError):
+            return False
+
+    def _session_outputs(self, session: Session, worker: int) -> tuple[SlotRing, SlotRing]:
+        pair = session.outputs.get(worker)
+        if pair is None:
+            rings = self.cfg.rings
+            pair = (SlotRing.create("s.frames", rings.frame_slots, rings.frame_slot_bytes),
+                    SlotRing.create("s.audio", rings.audio_slots, rings.audio_slot_bytes))
+            session.outputs[worker] = pair
+            for ring in pair:
+                self.output_rings[ring.name] = ring
+        return pair
 
     def _end_job(self, w: WorkerSlot | None, job: Job, state: JobState) -> None:
         job.state = state
@@ -923,6 +953,12 @@ class Supervisor:
             self._release_by_name(*key)
         if session.input_ring is not None:
             session.input_ring.close()
+        # A worker may still write into these until it acknowledges the cancel: it keeps
+        # its own mapping, and its late descriptors name a ring no longer known here.
+        for pair in session.outputs.values():
+            for ring in pair:
+                self.output_rings.pop(ring.name, None)
+                ring.close()
 
     def _client_release(self, identity: bytes, session: Session | None, msg: P.Release) -> None:
         key = (msg.ring, msg.slot, msg.seq)

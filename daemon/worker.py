@@ -95,6 +95,7 @@ class Worker:
         self.engines: dict[str, Any] = {}
         self.avatars: dict[str, Any] = {}  # avatar_id -> engine state
         self.inputs: dict[str, SlotRing] = {}
+        self.outputs: dict[str, SlotRing] = {}  # session rings of the current job
         # Read by the heartbeat thread (plain attribute reads are atomic under the GIL).
         self.job_id = ""
         self.progress = 0
@@ -206,6 +207,9 @@ class Worker:
             if job.kind == "transcribe":
                 self._transcribe(job)
                 return
+            if job.frame_ring:  # the client session's own rings
+                frame_ring = self._attach_output(job.frame_ring)
+                audio_ring = self._attach_output(job.audio_ring)
             frames, samples, media_s = self._render(job, frame_ring, audio_ring)
             self.send(P.WJobDone, worker=self.spec.index, job_id=job.job_id, frames=frames,
                       audio_samples=samples, media_s=media_s)
@@ -228,6 +232,15 @@ class Worker:
             for ring in self.inputs.values():
                 ring.close()
             self.inputs.clear()
+            for ring in self.outputs.values():
+                ring.close()
+            self.outputs.clear()
+
+    def _attach_output(self, name: str) -> SlotRing:
+        ring = self.outputs.get(name)
+        if ring is None:
+            ring = self.outputs[name] = SlotRing.attach(name)
+        return ring
 
     def _input_array(self, desc: P.SlotDesc) -> np.ndarray:
         ring = self.inputs.get(desc.ring)

@@ -377,6 +377,10 @@ class RunJob(Msg, tag="run_job"):
     audio: SlotDesc | None = None
     sample_rate: NonNegInt = 0
     send_audio: bool = False
+    # The rings this job's frames and audio go to ("" = the worker's own). Local clients
+    # get rings of their own session, so a client maps only its own session's segments.
+    frame_ring: Name = ""
+    audio_ring: Name = ""
 
 
 class CancelJob(Msg, tag="cancel_job"):

@@ -127,11 +127,12 @@ def test_session_of_a_dead_client_is_ended(tmp_path: Path) -> None:
         gone = Client(d.endpoint, timeout_s=10.0, name="vanishes")
         list(gone.speak("One two.", seed=1))
         gone._sock.close(linger=0)  # the process "dies": no bye, the socket just goes away
-        assert len(daemon_segments(d.proc.pid)) == baseline + 1  # its input ring
+        # Its input ring and its own frame and audio rings (one pair per worker it used).
+        assert len(daemon_segments(d.proc.pid)) == baseline + 3
         deadline = time.monotonic() + 15  # session_idle_s, plus slack for a busy machine
         while len(daemon_segments(d.proc.pid)) > baseline and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(daemon_segments(d.proc.pid)) == baseline, "its input ring was unlinked"
+        assert len(daemon_segments(d.proc.pid)) == baseline, "its rings were unlinked"
         status = d.status()  # counts its own (inline) session too
         assert status["daemon"]["sessions"] == 1, status["daemon"]
     finally:

@@ -413,3 +413,17 @@ def test_sessions_of_vanished_clients_expire_and_idle_clients_reconnect(tmp_path
             frames, _, done = collect(c.speak("Back again.", seed=3))
             assert done is not None
             assert_frames_exact(frames, 3)
+
+
+def test_local_clients_get_frames_only_from_rings_of_their_own_session(tmp_path):
+    with run_daemon(tmp_path, fake=FAKE) as d, d.client() as a, d.client() as b:
+        def rings_of(client, seed):
+            names = set()
+            for event in client.speak("Hello there.", seed=seed):
+                if isinstance(event, FrameEvent | AudioEvent):
+                    names.update(client._rings)  # every segment this client mapped
+            return names
+
+        rings_a, rings_b = rings_of(a, 1), rings_of(b, 2)
+        assert rings_a and rings_b and not rings_a & rings_b
+        assert all(name.endswith(("-s.frames", "-s.audio")) for name in rings_a | rings_b)
