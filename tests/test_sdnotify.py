@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from avatard.daemon.sdnotify import Notifier, parse_notify_address, parse_watchdog_interval_s
 
 
