@@ -57,8 +57,8 @@ def test_random_weights_render_one_frame(caplog: pytest.LogCaptureFixture) -> No
         assert (state.width, state.height) == (128, 96)
 
         stream = engine.open_stream(state, seed=5)
-        assert stream.push(np.zeros(640, np.float32)) == []  # a window needs 82 frames
-        frames = stream.finish()
+        assert list(stream.push(np.zeros(640, np.float32))) == []  # a window needs 82 frames
+        frames = list(stream.finish())
     assert len(frames) == 1
     assert frames[0].shape == (96, 128, 3) and frames[0].dtype == np.uint8
     # Outside the central square crop (x 16..112) the source shows through unchanged.

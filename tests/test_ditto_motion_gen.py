@@ -3,6 +3,8 @@ independence, with a cheap deterministic stand-in for the LMDM sampler."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 
@@ -112,10 +114,15 @@ class _FakeEngine:
         return linear_sampler(reference, cond) + noise
 
     def driving_keypoints(self, avatar, motion, first_motion) -> np.ndarray:
-        return (motion - first_motion)[None, :63].reshape(1, 21, 3)
+        return (motion - first_motion)[:, :63].reshape(-1, 21, 3)
 
-    def render(self, avatar, x_d) -> np.ndarray:
-        return x_d.copy()
+    def submit_frames(self, avatar, x_d) -> list[Future]:
+        futures = []
+        for frame in x_d:
+            future: Future = Future()
+            future.set_result(frame.copy())
+            futures.append(future)
+        return futures
 
 
 def _render_stream(pcm: np.ndarray, chunk: int) -> list[np.ndarray]:
@@ -156,9 +163,9 @@ def test_stream_emits_before_finish() -> None:
         np.zeros((1, 21, 3), np.float32),
     )
     stream = DittoStream(_FakeEngine(), avatar, seed=1)  # type: ignore[arg-type]
-    early = stream.push(pcm)
+    early = list(stream.push(pcm))
     assert len(early) == 70  # frames before the first window's overlap
-    assert len(early) + len(stream.finish()) == 125
+    assert len(early) + len(list(stream.finish())) == 125
 
 
 def test_stream_without_audio_gives_no_frames() -> None:

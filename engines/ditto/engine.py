@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,11 @@ from ..base import (
     no_progress,
 )
 from . import checkpoints, networks, synthetic
+from .batcher import Batcher, drain_futures
+from .graphs import GraphedCall
 from .keypoints import bins_to_degrees, transform_keypoints
-from .lmdm import LMDM
-from .motion_gen import WindowedMotion, info_to_vector, vector_to_info
+from .lmdm import LMDM, ddim_time_pairs
+from .motion_gen import WindowedMotion, info_to_vector, vectors_to_info
 
 log = logging.getLogger("avatard.engines.ditto")
 
@@ -66,6 +69,7 @@ _LIP_ROWS = (6, 12, 14, 17, 19, 20)
 _EYE_ROWS = (11, 13, 15, 16, 18)
 HUBERT_CHUNK = (3, 5, 2)  # frames of left context, produced, look-ahead
 LOOKAHEAD = HUBERT_CHUNK[2]
+RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
 
 
 def module_state_template(module: torch.nn.Module) -> synthetic.Manifest:
@@ -93,10 +97,13 @@ class DittoAvatar:
     feature_3d: torch.Tensor  # (1,32,16,64,64) on the device, render dtype
     source_info: dict[str, np.ndarray]  # motion-extractor outputs
     x_s: np.ndarray  # (1,21,3) source keypoints
+    image_t: torch.Tensor | None = None  # (H,W,3) float32 source on the device
+    mask_t: torch.Tensor | None = None  # (side,side,1) float32 paste-back mask on the device
 
 
 class DittoEngine(AvatarEngine):
     name = "ditto"
+    thread_safe = True
 
     def __init__(self, device: str, options: dict[str, Any], progress: ProgressFn = no_progress):
         t0 = time.perf_counter()
@@ -110,8 +117,16 @@ class DittoEngine(AvatarEngine):
         if dtype_name not in ("float32", "bfloat16"):
             raise EngineInputError("dtype", "must be float32 or bfloat16")
         self.render_dtype = networks.DTYPES[dtype_name]
-        self.sampling_timesteps = int(options.get("sampling_timesteps", 50))
-        self.cache_size = int(options.get("cache_size", 8))
+        cuda = device.startswith("cuda")
+        self.sampling_timesteps = _int_option(options, "sampling_timesteps", 50, 1, 1000)
+        self.cache_size = _int_option(options, "cache_size", 8, 1, 1024)
+        # Frames per warp + decode batch (across all of this worker's streams) and LMDM
+        # windows per sampling batch; the wait bounds how long a lone item waits for company.
+        self.max_batch = _int_option(options, "max_batch", 16 if cuda else 4, 1, 64)
+        self.max_windows = _int_option(options, "max_windows", 16 if cuda else 4, 1, 64)
+        batch_wait_ms = _float_option(options, "batch_wait_ms", 2.0, 0.0, 100.0)
+        self.cuda_graphs = _bool_option(options, "cuda_graphs", cuda) and cuda
+        self.channels_last = _bool_option(options, "channels_last", cuda)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self.cfg: Any = None
@@ -147,6 +162,18 @@ class DittoEngine(AvatarEngine):
                     name, weights, device, dtype, lmdm_config if name == "lmdm" else None
                 )
             self._log(f"loaded {name} ({dtype}) on {device}")
+        if self.channels_last:
+            # The decoder is 2D convolutions on 64..512 px maps: NHWC lets cuDNN use its
+            # tensor-core kernels without layout transposes (measured faster on the H100).
+            self.models["decoder"].to(memory_format=torch.channels_last)
+        self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
+        self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
+        self._frame_batcher: Batcher = Batcher(
+            "frames", self._render_items, self.max_batch, batch_wait_ms / 1000
+        )
+        self._window_batcher: Batcher = Batcher(
+            "windows", self._sample_items, self.max_windows, batch_wait_ms / 1000
+        )
         if not self.random_weights:
             self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
         self._load_s = time.perf_counter() - t0
@@ -167,10 +194,23 @@ class DittoEngine(AvatarEngine):
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        feature = torch.zeros(1, 32, 16, 64, 64, device=self.device, dtype=self.render_dtype)
-        kp = np.zeros((1, 21, 3), np.float32)
-        warped = networks.warp_feature(self.models["warp_network"], feature, kp, kp)
-        self.models["decoder"](warped)
+        """cuDNN algorithm choice, workspaces and (on CUDA) the graphs of the batch sizes a
+        busy worker uses most: one frame, a full batch, and a single LMDM window."""
+        sizes = sorted({1, self.max_batch}) if self.cuda_graphs else [1]
+        for n in sizes:
+            feature = torch.zeros(n, 32, 16, 64, 64, device=self.device, dtype=self.render_dtype)
+            kp = torch.zeros(n, 21, 3, device=self.device)
+            self._warp_decode(feature, kp, kp)
+        if self.cuda_graphs:
+            seq = self.lmdm.seq_frames
+            self._sample_items([
+                (
+                    np.zeros(self.lmdm.motion_feat_dim, np.float32),
+                    np.zeros((seq, AUDIO_DIM + CONTROL_DIM), np.float32),
+                    np.zeros((seq, self.lmdm.motion_feat_dim), np.float32),
+                    np.zeros((self.noise_steps, seq, self.lmdm.motion_feat_dim), np.float32),
+                )
+            ])
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
@@ -191,6 +231,9 @@ class DittoEngine(AvatarEngine):
             )
         notes.append(f"render dtype {str(self.render_dtype).removeprefix('torch.')}")
         notes.append(f"{self.sampling_timesteps} DDIM steps")
+        notes.append(f"batches of <= {self.max_batch} frames, <= {self.max_windows} windows")
+        if self.cuda_graphs:
+            notes.append("CUDA graphs")
         return EngineReport(
             name=self.name,
             kind=self.kind,
@@ -201,6 +244,8 @@ class DittoEngine(AvatarEngine):
         )
 
     def close(self) -> None:
+        self._frame_batcher.close()
+        self._window_batcher.close()
         with self._lock:
             self._cache.clear()
         self.models.clear()
@@ -243,6 +288,8 @@ class DittoEngine(AvatarEngine):
             feature_3d=networks.to_tensor(feature, self.device, self.render_dtype),
             source_info=info,
             x_s=transform_keypoints(info),
+            image_t=torch.from_numpy(rgb).to(self.device, torch.float32),
+            mask_t=_feather_mask(box[2]).to(self.device),
         )
         state = AvatarState(avatar_id, rgb.shape[1], rgb.shape[0], payload, {"crop_box": box})
         with self._lock:
@@ -275,30 +322,56 @@ class DittoEngine(AvatarEngine):
         controls = np.zeros((len(audio_features), CONTROL_DIM), np.float32)
         return np.concatenate([audio_features, controls], axis=1)
 
-    @torch.inference_mode()
+    @property
+    def noise_steps(self) -> int:
+        """Noise draws per DDIM run after the initial one (every step but the last)."""
+        return len(ddim_time_pairs(self.sampling_timesteps, self.lmdm.n_timestep)) - 1
+
     def sample_window(
         self, reference: np.ndarray, cond: np.ndarray, generator: torch.Generator
     ) -> np.ndarray:
-        """One DDIM run of the LMDM: (1,265) reference, (1,80,1059) -> (1,80,265)."""
-        dev = self.device
-        out = self.lmdm.ddim_sample(
-            torch.from_numpy(reference).to(dev),
-            torch.from_numpy(cond).to(dev),
-            self.sampling_timesteps,
-            generator=generator,
+        """One DDIM run of the LMDM: (1,265) reference, (1,80,1059) -> (1,80,265). The
+        noise is drawn here, from the stream's own generator and in upstream's order
+        (start, then one per step), so a window does not depend on which other streams'
+        windows share its batch."""
+        shape = (1, cond.shape[1], self.lmdm.motion_feat_dim)
+        x_init = torch.randn(shape, generator=generator)
+        noises = [torch.randn(shape, generator=generator) for _ in range(self.noise_steps)]
+        noise = torch.cat(noises).numpy() if noises else np.zeros((0,) + shape[1:], np.float32)
+        item = (reference.reshape(-1), cond[0], x_init[0].numpy(), noise)
+        future = self._window_batcher.submit([item])[0]
+        return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))[None]
+
+    def _ddim_eager(
+        self, cond_frame: torch.Tensor, cond: torch.Tensor, x_init: torch.Tensor,
+        noises: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.lmdm.ddim_sample(
+            cond_frame, cond, self.sampling_timesteps, x_init=x_init, noises=list(noises)
         )
-        return networks.to_numpy(out)
+
+    @torch.inference_mode()
+    def _sample_items(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+        """A batch of windows: (reference, cond, x_init, noises) each -> (80,265) each."""
+        dev = self.device
+        ref = torch.from_numpy(np.stack([i[0] for i in items])).to(dev)
+        cond = torch.from_numpy(np.stack([i[1] for i in items])).to(dev)
+        x_init = torch.from_numpy(np.stack([i[2] for i in items])).to(dev)
+        noises = torch.from_numpy(np.stack([i[3] for i in items], axis=1)).to(dev)
+        return list(networks.to_numpy(self._ddim(ref, cond, x_init, noises)))
 
     def driving_keypoints(
         self, avatar: DittoAvatar, motion: np.ndarray, first_motion: np.ndarray
     ) -> np.ndarray:
-        """Motion stitch for an image source: driving motion relative to the first
-        generated frame, lips and eyes from the driving expression, gaze correction, then
-        the stitching network. Returns x_d (1,21,3)."""
+        """Motion stitch for an image source, for N frames at once: driving motion
+        (N,265) relative to the first generated frame, lips and eyes from the driving
+        expression, gaze correction, then the stitching network. Returns x_d (N,21,3)."""
+        motion = np.asarray(motion, np.float32).reshape(-1, self.lmdm.motion_feat_dim)
+        n = len(motion)
         src = avatar.source_info
-        drv = vector_to_info(motion)
-        d0 = vector_to_info(first_motion)
-        info = dict(src)
+        drv = vectors_to_info(motion)
+        d0 = vectors_to_info(np.asarray(first_motion, np.float32).reshape(1, -1))
+        info = {key: np.repeat(value, n, axis=0) for key, value in src.items()}
         for key in ("exp", "pitch", "yaw", "roll", "t"):
             info[key] = src[key] + (drv[key] - d0[key])
         rows = np.zeros((21, 3), np.float32)
@@ -307,16 +380,51 @@ class DittoEngine(AvatarEngine):
         info["exp"] = info["exp"] * mix + src["exp"] * (1 - mix)
         info["exp"] = _fix_gaze(info, src)
         x_d = transform_keypoints(info)
-        return networks.stitch(self.models["stitch_network"], avatar.x_s, x_d)
+        x_s = np.repeat(avatar.x_s, n, axis=0)
+        return networks.stitch(self.models["stitch_network"], x_s, x_d)
+
+    def submit_frames(self, avatar: DittoAvatar, x_d: np.ndarray) -> list:
+        """Queue N frames (x_d (N,21,3)) for batched warp + decode + paste-back; one
+        Future per frame, resolved to its (H,W,3) uint8 frame."""
+        return self._frame_batcher.submit([(avatar, x) for x in np.asarray(x_d, np.float32)])
+
+    def render(self, avatar: DittoAvatar, x_d: np.ndarray) -> np.ndarray:
+        """One frame, waited for: (H,W,3) uint8 at the source size."""
+        futures = self.submit_frames(avatar, np.asarray(x_d).reshape(1, 21, 3))
+        return next(drain_futures(futures, RESULT_TIMEOUT_S, "frame"))
+
+    def _warp_decode_eager(
+        self, feature: torch.Tensor, kp_s: torch.Tensor, kp_d: torch.Tensor
+    ) -> torch.Tensor:
+        warped = self.models["warp_network"](feature, kp_s, kp_d)
+        return self.models["decoder"](warped)
 
     @torch.inference_mode()
-    def render(self, avatar: DittoAvatar, x_d: np.ndarray) -> np.ndarray:
-        """Warp + decode + paste-back: (H,W,3) uint8 frame at the source size."""
-        warped = networks.warp_feature(
-            self.models["warp_network"], avatar.feature_3d, avatar.x_s, x_d
-        )
-        face = self.models["decoder"](warped).float()  # (1,3,512,512) in [0,1]
-        return _paste_back(avatar.image, face, avatar.crop_box)
+    def _render_items(self, items: list[tuple[DittoAvatar, np.ndarray]]) -> list[np.ndarray]:
+        """Warp + decode a batch of frames (any mix of avatars), paste each face back into
+        its source image on the device, and copy each group of equal-sized frames to the
+        host in one transfer. The warped feature never leaves the device."""
+        dev = self.device
+        avatars = [avatar for avatar, _ in items]
+        kp_s = torch.from_numpy(np.stack([a.x_s[0] for a in avatars])).to(dev)
+        kp_d = torch.from_numpy(np.stack([x for _, x in items])).to(dev)
+        if all(a is avatars[0] for a in avatars):
+            feature = avatars[0].feature_3d.expand(len(items), -1, -1, -1, -1)
+        else:
+            feature = torch.cat([a.feature_3d for a in avatars])
+        faces = self._warp_decode(feature, kp_s, kp_d)
+        frames: list[np.ndarray | None] = [None] * len(items)
+        start = 0
+        while start < len(items):  # runs of the same avatar paste back as one batch
+            end = start + 1
+            while end < len(items) and avatars[end] is avatars[start]:
+                end += 1
+            pasted = _paste_back(avatars[start], faces[start:end])
+            host = pasted.cpu().numpy()
+            for offset in range(end - start):
+                frames[start + offset] = host[offset]
+            start = end
+        return frames  # type: ignore[return-value]
 
 
 def _lmdm_config_from_cfg(cfg: Any) -> dict[str, Any]:
@@ -339,19 +447,40 @@ def _rss_bytes() -> int:
 
 def _fix_gaze(info: dict[str, np.ndarray], src: dict[str, np.ndarray]) -> np.ndarray:
     """Shift the eye-ball expression entries with the head's yaw/pitch change so the gaze
-    follows the head (upstream's ratios and coefficients)."""
+    follows the head (upstream's ratios and coefficients), for N frames at once."""
     exp = info["exp"].copy()
-    dx = (float(bins_to_degrees(info["yaw"])[0]) - float(bins_to_degrees(src["yaw"])[0])) * 0.26
-    dy = (float(bins_to_degrees(info["pitch"])[0]) - float(bins_to_degrees(src["pitch"])[0])) * 0.28
-    if dx > 0:
-        exp[0, 33] += dx * 0.0007
-        exp[0, 45] += dx * 0.001
-    else:
-        exp[0, 33] += dx * 0.001
-        exp[0, 45] += dx * 0.0007
-    exp[0, 34] += dy * -0.001
-    exp[0, 46] += dy * -0.001
+    dx = (bins_to_degrees(info["yaw"]) - float(bins_to_degrees(src["yaw"])[0])) * 0.26
+    dy = (bins_to_degrees(info["pitch"]) - float(bins_to_degrees(src["pitch"])[0])) * 0.28
+    right = dx > 0
+    exp[:, 33] += dx * np.where(right, 0.0007, 0.001)
+    exp[:, 45] += dx * np.where(right, 0.001, 0.0007)
+    exp[:, 34] += dy * -0.001
+    exp[:, 46] += dy * -0.001
     return exp
+
+
+def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise EngineInputError(name, f"must be an integer in {lo}..{hi}, got {value!r}")
+    if not lo <= value <= hi:
+        raise EngineInputError(name, f"must be in {lo}..{hi}, got {value}")
+    return int(value)
+
+
+def _float_option(options: dict[str, Any], name: str, default: float, lo: float,
+                  hi: float) -> float:
+    value = options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise EngineInputError(name, f"must be a number in {lo:g}..{hi:g}, got {value!r}")
+    return float(value)
+
+
+def _bool_option(options: dict[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise EngineInputError(name, f"must be true or false, got {value!r}")
+    return value
 
 
 class DittoStream(AvatarStream):
@@ -393,16 +522,19 @@ class DittoStream(AvatarStream):
                 self.engine.sample_window(self.motion.reference, window_cond, generator)
             )
 
-    def _drain(self, limit: int) -> list[np.ndarray]:
-        frames = []
+    def _drain(self, limit: int) -> Iterator[np.ndarray]:
+        """Queue frames [emitted, limit) for rendering now; the returned iterator hands
+        them out in order as their batches finish, so the first leaves before the last
+        is decoded."""
+        if self.emitted >= limit:
+            return iter(())
         motion = self.motion.motion[0]
-        while self.emitted < limit:
-            x_d = self.engine.driving_keypoints(self.avatar, motion[self.emitted], motion[0])
-            frames.append(self.engine.render(self.avatar, x_d))
-            self.emitted += 1
-        return frames
+        x_d = self.engine.driving_keypoints(self.avatar, motion[self.emitted : limit], motion[0])
+        futures = self.engine.submit_frames(self.avatar, x_d)
+        self.emitted = limit
+        return drain_futures(futures, RESULT_TIMEOUT_S, "frame")
 
-    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+    def push(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
         if self.finished:
             raise EngineInputError("audio", "stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
@@ -410,7 +542,7 @@ class DittoStream(AvatarStream):
         self._run_windows(final=False)
         return self._drain(self.motion.settled)
 
-    def finish(self) -> list[np.ndarray]:
+    def finish(self) -> Iterator[np.ndarray]:
         self.finished = True
         self._run_windows(final=True)
         total = round(len(self.pcm) / SAMPLES_PER_FRAME)
@@ -457,18 +589,25 @@ def _center_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int
     return crop, (x0, y0, side)
 
 
-def _paste_back(image: np.ndarray, face: torch.Tensor, box: tuple[int, int, int]) -> np.ndarray:
-    """Resize the (1,3,512,512) face into the crop box and blend it with a feathered mask."""
-    x0, y0, side = box
-    resized = F.interpolate(face, size=(side, side), mode="bilinear", antialias=True)[0]
-    face_np = resized.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255
-    ramp = np.minimum(np.arange(side), np.arange(side)[::-1]) / max(side * 0.06, 1)
-    edge = np.clip(ramp, 0, 1).astype(np.float32)
-    mask = (edge[:, None] * edge[None, :])[..., None]
-    out = image.astype(np.float32)
-    region = out[y0 : y0 + side, x0 : x0 + side]
-    out[y0 : y0 + side, x0 : x0 + side] = region * (1 - mask) + face_np * mask
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+def _feather_mask(side: int) -> torch.Tensor:
+    """(side,side,1) float32 blend weights: 1 inside, ramping to 0 over the outer 6%."""
+    ramp = torch.minimum(torch.arange(side), torch.arange(side).flip(0)) / max(side * 0.06, 1)
+    edge = ramp.clamp(0, 1).float()
+    return (edge[:, None] * edge[None, :])[..., None]
+
+
+def _paste_back(avatar: DittoAvatar, faces: torch.Tensor) -> torch.Tensor:
+    """Resize N (N,3,512,512) faces into the avatar's crop box and blend them into its
+    source image with the feathered mask, on the faces' device: (N,H,W,3) uint8."""
+    assert avatar.image_t is not None and avatar.mask_t is not None
+    x0, y0, side = avatar.crop_box
+    resized = F.interpolate(faces.float(), size=(side, side), mode="bilinear", antialias=True)
+    face = resized.clamp(0, 1).permute(0, 2, 3, 1) * 255
+    out = avatar.image_t.expand(len(faces), -1, -1, -1).clone()
+    mask = avatar.mask_t.to(out.device)
+    region = out[:, y0 : y0 + side, x0 : x0 + side]
+    out[:, y0 : y0 + side, x0 : x0 + side] = region * (1 - mask) + face * mask
+    return (out + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------- HuBERT

@@ -40,12 +40,17 @@ def info_to_vector(info: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def vector_to_info(vector: np.ndarray) -> dict[str, np.ndarray]:
     """(265,) vector -> {name: (1,k)} as the motion extractor gives them (no kp)."""
-    vector = np.asarray(vector, dtype=np.float32)
-    if vector.shape[-1] < MOTION_DIM:
-        raise ValueError(f"motion vector has {vector.shape[-1]} dims, needs {MOTION_DIM}")
+    return vectors_to_info(np.asarray(vector).reshape(1, -1))
+
+
+def vectors_to_info(vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """(N,265) vectors -> {name: (N,k)} as the motion extractor gives them (no kp)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] < MOTION_DIM:
+        raise ValueError(f"motion vectors are {vectors.shape}, need (N, {MOTION_DIM})")
     info, start = {}, 0
     for name, width in MOTION_LAYOUT:
-        value = vector[start : start + width].reshape(1, width).copy()
+        value = vectors[:, start : start + width].copy()
         info[name] = value + 1 if name == "scale" else value
         start += width
     return info

@@ -1,0 +1,159 @@
+"""Dynamic batching of Ditto's per-frame work across streams, and its CUDA-graph wrapper."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from avatard.engines.base import EngineInputError  # noqa: E402
+from avatard.engines.ditto.batcher import Batcher, BatcherClosed, drain_futures  # noqa: E402
+from avatard.engines.ditto.engine import DittoEngine  # noqa: E402
+from avatard.engines.ditto.graphs import GraphedCall  # noqa: E402
+
+
+def _recording_batcher(max_items: int, max_wait_s: float):
+    batches: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return [i * 10 for i in items]
+
+    return Batcher("test", run, max_items, max_wait_s), batches
+
+
+def test_items_from_many_threads_share_batches_and_keep_their_order() -> None:
+    # A long wait: the batch thread holds the first items until 4 are pending.
+    batcher, batches = _recording_batcher(max_items=4, max_wait_s=5.0)
+    results: dict[str, list[int]] = {}
+    start = threading.Barrier(2)
+
+    def stream(name: str, base: int) -> None:
+        start.wait(timeout=10)
+        futures = batcher.submit([base, base + 1])
+        results[name] = list(drain_futures(futures, 10, name))
+
+    threads = [threading.Thread(target=stream, args=(n, b)) for n, b in (("a", 0), ("b", 100))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    batcher.close()
+    assert results == {"a": [0, 10], "b": [1000, 1010]}
+    assert len(batches) == 1 and sorted(batches[0]) == [0, 1, 100, 101]
+    assert batcher.mean_batch == 4
+
+
+def test_a_lone_item_runs_after_the_bounded_wait() -> None:
+    batcher, batches = _recording_batcher(max_items=8, max_wait_s=0.01)
+    assert batcher.run_now([7]) == [70]
+    assert batches == [[7]]
+    # More items than a batch holds are split, oldest first.
+    assert batcher.run_now(list(range(20))) == [i * 10 for i in range(20)]
+    assert [len(b) for b in batches[1:]] == [8, 8, 4]
+    batcher.close()
+
+
+def test_a_failing_batch_fails_each_of_its_items_and_the_batcher_goes_on() -> None:
+    calls = {"n": 0}
+
+    def run(items: list[int]) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device fault")
+        return items
+
+    batcher = Batcher("test", run, max_items=4, max_wait_s=0.0)
+    futures = batcher.submit([1])
+    with pytest.raises(RuntimeError, match="device fault"):
+        futures[0].result(timeout=10)
+    assert batcher.run_now([5]) == [5]
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.submit([1])
+
+
+def test_wrong_result_count_is_an_error_not_a_hang() -> None:
+    batcher = Batcher("test", lambda items: items[:-1], max_items=4, max_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="gave 1 results"):
+        batcher.run_now([1, 2])
+    batcher.close()
+
+
+def test_batcher_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_items"):
+        Batcher("x", lambda i: i, 0, 0.0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        Batcher("x", lambda i: i, 1, -1.0)
+
+
+def test_graphed_call_without_cuda_calls_the_function() -> None:
+    seen = []
+
+    def fn(a: torch.Tensor) -> torch.Tensor:
+        seen.append(a.shape)
+        return a * 2
+
+    call = GraphedCall("x", fn, enabled=True)
+    assert torch.equal(call(torch.ones(3)), torch.full((3,), 2.0))
+    assert seen == [(3,)] and call.captured == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphed_call_replays_per_shape_on_cuda() -> None:
+    weight = torch.randn(16, 16, device="cuda")
+    call = GraphedCall("mm", lambda x: torch.relu(x @ weight), enabled=True)
+    for rows in (1, 4, 1):
+        x = torch.randn(rows, 16, device="cuda")
+        assert torch.allclose(call(x), torch.relu(x @ weight))
+    assert call.captured == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("max_batch", 0, "max_batch: must be in 1..64"),
+        ("max_batch", 2.5, "max_batch: must be an integer"),
+        ("batch_wait_ms", 1000, "batch_wait_ms: must be a number in 0..100"),
+        ("cuda_graphs", "yes", "cuda_graphs: must be true or false"),
+        ("sampling_timesteps", 0, "sampling_timesteps: must be in 1..1000"),
+    ],
+)
+def test_engine_options_name_the_field_and_limit(option: str, value: object, needle: str) -> None:
+    with pytest.raises(EngineInputError) as info:
+        DittoEngine("cpu", {"weights": "random", option: value, "warmup": False})
+    assert needle in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_frames_of_two_avatars_batched_together_match_frames_rendered_alone() -> None:
+    """Cross-stream batching must not change what a stream renders: two avatars' frames
+    in one warp + decode batch equal the frames each gets in a batch of its own."""
+    engine = DittoEngine(
+        "cpu",
+        {"weights": "random", "seed": 1, "sampling_timesteps": 2, "max_batch": 4,
+         "batch_wait_ms": 100, "warmup": False},
+    )
+    rng = np.random.default_rng(2)
+    states = [
+        engine.register(rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)),
+        engine.register(rng.integers(0, 256, size=(72, 72, 3), dtype=np.uint8)),
+    ]
+    avatars = [s.payload for s in states]
+    x_d = [a.x_s + rng.normal(0, 0.02, size=(1, 21, 3)).astype(np.float32) for a in avatars]
+    alone = [engine.render(a, x) for a, x in zip(avatars, x_d, strict=True)]
+    before = engine._frame_batcher.batches
+    # Submitted back to back within the 100 ms wait: one batch of two avatars.
+    futures = [engine.submit_frames(a, x)[0] for a, x in zip(avatars, x_d, strict=True)]
+    together = list(drain_futures(futures, 300, "frame"))
+    assert engine._frame_batcher.batches == before + 1
+    for a, b in zip(alone, together, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    source = states[0].payload.image
+    assert not np.array_equal(together[0][20:60, 30:70], source[20:60, 30:70])
+    engine.close()
