@@ -119,6 +119,14 @@ class DaemonConfig:
         "/tmp/avatard-<uid>.",
     )
     workers: int = _key(1, "Worker processes to run (each loads its own engines).", ge=1)
+    jobs_per_worker: int = _key(
+        1,
+        "Jobs one worker runs at the same time, each in its own thread, so an engine can "
+        "batch the frames of several streams; calls into an engine that is not thread-safe "
+        "are serialised (one job at a time inside that engine).",
+        ge=1,
+        le=64,
+    )
     min_ready: int = _key(
         1,
         "Workers that must be ready before the daemon reports READY; at most `workers`.",

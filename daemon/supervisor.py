@@ -6,7 +6,7 @@ It never imports torch or any engine. One loop, one tick at a time:
 2. handle what arrived (client requests, worker handshakes, frames, heartbeats),
 3. reconcile: reap dead workers, enforce every deadline (hello, load, heartbeat, stall,
    kill grace, job deadline), start the next worker when the stagger rules allow, hand
-   queued jobs to idle workers, release slots whose inline send finished,
+   queued jobs to workers with a free place, release slots whose inline send finished,
 4. tell systemd how things stand.
 
 Worker states (asserted on every transition)::
@@ -17,11 +17,19 @@ Worker states (asserted on every transition)::
        |                                                   |
        +---------------------------------------------------+--> FAILED (gave up loading)
 
+A worker runs up to `capacity` jobs at once (`daemon.jobs_per_worker`, reported in its
+READY). Each queued job goes to the ready or busy worker with the fewest jobs that has room
+(ties: lowest index). BUSY means "runs at least one job". Everything kept per job (progress,
+back-pressure, cancel, deadline, requeue with `resume_from`) is in `RunningJob`; a worker
+that dies or is stopped requeues every job it held.
+
 Ownership: the supervisor creates the frame and audio ring of each worker slot (used for
 remote sessions), per local client session an input ring and a frame/audio ring pair for
-each worker that runs its jobs (so a client maps only its own session's segments), and one
-segment per registered avatar; it unlinks a session's rings when the session ends and
-everything on exit. Signal handlers only set flags; the loop acts on them.
+each (worker, lane) that runs its jobs, the lane telling apart the session's jobs that run
+on one worker at once (so a client maps only its own session's segments, and two jobs never
+share a ring a client must drain), and one segment per registered avatar; it unlinks a
+session's rings when the session ends and everything on exit. Signal handlers only set
+flags; the loop acts on them.
 """
 
 from __future__ import annotations
@@ -87,6 +95,18 @@ ALLOWED = {
 
 
 @dataclass
+class RunningJob:
+    """A job placed on a worker, as the supervisor tracks it until the worker lets go of
+    it (done, failed, or a cancel acknowledged)."""
+
+    job: Job
+    lane: int  # which of its session's ring pairs on this worker it writes
+    progress: int = 0  # frames the worker says it has produced
+    progress_at: float = 0.0  # when progress last grew (stall detection)
+    waiting_on_ring: bool = False  # blocked on a full ring: back-pressure, not a stall
+
+
+@dataclass
 class WorkerSlot:
     index: int
     device: dev.DeviceInfo
@@ -101,10 +121,8 @@ class WorkerSlot:
     state_since: float = field(default_factory=time.monotonic)
     deadline: float = 0.0  # of the current phase (hello, load, kill grace, backoff)
     last_heartbeat: float = 0.0
-    job: Job | None = None
-    progress: int = 0
-    progress_at: float = 0.0
-    waiting_on_ring: bool = False
+    jobs: dict[str, RunningJob] = field(default_factory=dict)  # by job id, dispatch order
+    capacity: int = 1  # jobs it runs at once (from READY)
     rss_bytes: int = 0
     memory_bytes: int = 0
     load_s: float = 0.0
@@ -133,9 +151,9 @@ class Session:
     session_id: str
     inline: bool
     input_ring: SlotRing | None = None
-    # Frame and audio rings of this session, one pair per worker that ran its jobs: one
-    # writer each (a worker runs one job at a time), and no other session's frames in them.
-    outputs: dict[int, tuple[SlotRing, SlotRing]] = field(default_factory=dict)
+    # Frame and audio rings of this session, one pair per (worker, lane) that ran its
+    # jobs: one writer job at a time each, and no other session's frames in them.
+    outputs: dict[tuple[int, int], tuple[SlotRing, SlotRing]] = field(default_factory=dict)
     held: dict[tuple[str, int, int], float] = field(default_factory=dict)  # slot -> handed at
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -307,12 +325,11 @@ class Supervisor:
                            "started: submit it again")
 
     def _check_drain(self, now: float) -> None:
-        running = [w for w in self.workers if w.job is not None]
+        running = [r.job for w in self.workers for r in w.jobs.values()]
         if not running:
             self.exit_now = True
         elif now >= self.drain_deadline:
-            for w in running:
-                job = w.job
+            for job in running:
                 self._fail_job(job, P.E_DRAINING, f"daemon stopped after drain_timeout_s="
                                f"{self.cfg.daemon.drain_timeout_s:g} s before the job ended")
             self.exit_now = True
@@ -374,7 +391,8 @@ class Supervisor:
                      "asr": self.cfg.engines.asr},
             engine_options={k: dict(v) for k, v in self.cfg.engines.options.items()},
             heartbeat_interval_s=self.cfg.timeouts.heartbeat_interval_s,
-            supervisor_pid=os.getpid(), log_level=self.cfg.daemon.log_level)
+            supervisor_pid=os.getpid(), log_level=self.cfg.daemon.log_level,
+            jobs_per_worker=self.cfg.daemon.jobs_per_worker)
         w.proc = self.spawn.Process(target=worker_main, args=(spec,),
                                     name=f"avatard-worker-{w.index}")
         w.proc.start()
@@ -429,26 +447,34 @@ class Supervisor:
                 os.kill(w.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        self._worker_lost_job(w, reason)
+        self._worker_lost_jobs(w, reason)
         self._set_status()
 
-    def _worker_lost_job(self, w: WorkerSlot, reason: str) -> None:
-        job, w.job = w.job, None
-        if job is None or job.finished:
-            return
-        job.worker = None
-        job.last_error = reason
-        if job.attempts >= self.cfg.restart.max_job_attempts:
-            self._fail_job(job, P.E_WORKER, f"worker died {job.attempts} times running this "
-                           f"job; last: {reason}")
-        elif self.draining:
-            self._fail_job(job, P.E_DRAINING, f"worker lost during drain: {reason}")
-        else:
-            job.state = JobState.QUEUED
-            self.stats["jobs_requeued"] += 1
+    def _worker_lost_jobs(self, w: WorkerSlot, reason: str) -> None:
+        """Every job of a worker that died or is being stopped: requeue (ahead of newer
+        jobs, in their old order) or fail each on its own attempt count. Each keeps its
+        delivery counters, so its next run resumes where its client is."""
+        lost = [r.job for r in w.jobs.values()]
+        w.jobs.clear()
+        requeue = []
+        for job in lost:
+            if job.finished:
+                continue  # cancelled or timed out, waiting for an acknowledgement
+            job.worker = None
+            job.last_error = reason
+            if job.attempts >= self.cfg.restart.max_job_attempts:
+                self._fail_job(job, P.E_WORKER, f"worker died {job.attempts} times running "
+                               f"this job; last: {reason}")
+            elif self.draining:
+                self._fail_job(job, P.E_DRAINING, f"worker lost during drain: {reason}")
+            else:
+                job.state = JobState.QUEUED
+                self.stats["jobs_requeued"] += 1
+                requeue.append(job)
+                log.info("job %s requeued after %d frames delivered (%s)", job.job_id,
+                         job.frames_delivered, reason)
+        for job in reversed(requeue):  # push_front: the first one ends up first
             self.queue.push_front(job)
-            log.info("job %s requeued after %d frames delivered (%s)", job.job_id,
-                     job.frames_delivered, reason)
 
     def _reconcile_workers(self, now: float) -> None:
         t = self.cfg.timeouts
@@ -484,18 +510,23 @@ class Supervisor:
                 self._stop(w, "runtime" if w.state in (WState.READY, WState.BUSY) else "load",
                            f"no heartbeat for {now - w.last_heartbeat:.1f} s "
                            f"(heartbeat_timeout_s={t.heartbeat_timeout_s:g})")
-            elif (w.state is WState.BUSY and not w.waiting_on_ring
-                  and now - w.progress_at > t.stall_timeout_s):
-                self._stop(w, "runtime", f"job {w.job.job_id if w.job else '?'} made no "
-                           f"progress for {now - w.progress_at:.1f} s "
-                           f"(stall_timeout_s={t.stall_timeout_s:g})")
+            elif w.state is WState.BUSY:
+                # Per job: one stalled job is enough (a thread cannot be killed, so the
+                # worker goes, and its other jobs are requeued with it).
+                stalled = next((r for r in w.jobs.values() if not r.waiting_on_ring
+                                and now - r.progress_at > t.stall_timeout_s), None)
+                if stalled is not None:
+                    self._stop(w, "runtime", f"job {stalled.job.job_id} made no progress for "
+                               f"{now - stalled.progress_at:.1f} s "
+                               f"(stall_timeout_s={t.stall_timeout_s:g})")
 
     def _after_exit(self, w: WorkerSlot, now: float) -> None:
         """The worker process is gone: reclaim its slots and decide what comes next."""
         w.proc.join(timeout=0)
         # Slots it was writing are half-written; READY slots still belong to clients.
         rings = [w.frame_ring, w.audio_ring]
-        rings += [r for s in self.sessions.values() for r in s.outputs.get(w.index, ())]
+        rings += [r for s in self.sessions.values() for (index, _), pair in s.outputs.items()
+                  if index == w.index for r in pair]
         for ring in rings:
             ring.reclaim([s for s in range(ring.slot_count) if ring.state(s) == WRITING])
         w.proc, w.pid = None, 0
@@ -577,9 +608,16 @@ class Supervisor:
         w.last_heartbeat = now
         if isinstance(msg, P.WHeartbeat):
             w.rss_bytes = msg.rss_bytes
-            w.waiting_on_ring = msg.waiting
-            if w.job is not None and msg.job_id == w.job.job_id and msg.progress != w.progress:
-                w.progress, w.progress_at = msg.progress, now
+            # A worker that predates `jobs` reports its one job in the old fields.
+            reports = msg.jobs or ([P.JobProgress(job_id=msg.job_id, progress=msg.progress,
+                                                  waiting=msg.waiting)] if msg.job_id else [])
+            for report in reports:
+                r = w.jobs.get(report.job_id)
+                if r is None:
+                    continue  # ended here already, or not started there yet
+                r.waiting_on_ring = report.waiting
+                if report.progress != r.progress:
+                    r.progress, r.progress_at = report.progress, now
         elif isinstance(msg, P.WHello):
             if w.state is WState.STARTING:
                 w.pid = msg.pid
@@ -592,6 +630,7 @@ class Supervisor:
         elif isinstance(msg, P.WReady):
             if w.state is WState.LOADING:
                 w.memory_bytes, w.load_s, w.warmup_s = msg.memory_bytes, msg.load_s, msg.warmup_s
+                w.capacity = msg.capacity
                 w.engines = [{"name": e.name, "kind": e.kind, "device": e.device,
                               "memory_bytes": e.memory_bytes, "warmup_s": e.warmup_s,
                               "notes": e.notes} for e in msg.engines]
@@ -611,10 +650,18 @@ class Supervisor:
 
     # ================================================================ jobs
 
+    def _free_worker(self) -> WorkerSlot | None:
+        """The up worker with the fewest jobs that has room for one more (ties: lowest
+        index), or None."""
+        free = [w for w in self.workers
+                if w.state in (WState.READY, WState.BUSY) and len(w.jobs) < w.capacity]
+        return min(free, key=lambda w: (len(w.jobs), w.index), default=None)
+
     def _dispatch(self, now: float) -> None:
-        for w in self.workers:
-            if w.state is not WState.READY or not len(self.queue):
-                continue
+        while len(self.queue):
+            w = self._free_worker()
+            if w is None:
+                return
             job = self.queue.pop()
             if job is None:
                 return
@@ -622,8 +669,16 @@ class Supervisor:
             job.attempts += 1
             job.worker = w.index
             job.started_at = job.started_at or now
-            w.job, w.progress, w.progress_at, w.waiting_on_ring = job, 0, now, False
-            w.to(WState.BUSY, f"job {job.job_id}")
+            # Lanes only keep one session's concurrent jobs apart (rings are per session),
+            # so a client with one job at a time always writes the same ring pair.
+            lanes = {r.lane for r in w.jobs.values() if r.job.client == job.client}
+            lane = next(k for k in range(w.capacity) if k not in lanes)
+            w.jobs[job.job_id] = RunningJob(job, lane, progress_at=now)
+            if w.state is WState.READY:
+                w.to(WState.BUSY, f"job {job.job_id}")
+            else:
+                log.info("worker %d: job %s too (%d of %d)", w.index, job.job_id,
+                         len(w.jobs), w.capacity)
             p = job.params
             avatar = self.avatars.get(p.get("avatar_id", ""))
             self._send_worker(w, P.make(
@@ -634,31 +689,40 @@ class Supervisor:
                 avatar_segment=avatar.segment.name if avatar else "",
                 avatar_bytes=avatar.nbytes if avatar else 0, audio=p.get("audio"),
                 sample_rate=p.get("sample_rate", 0), send_audio=p.get("send_audio", False),
-                **self._output_names(job, w)))
+                **self._output_names(job, w, lane)))
 
-    def _output_names(self, job: Job, w: WorkerSlot) -> dict[str, str]:
-        """Local sessions get rings of their own; remote ones (bytes sent inline by the
-        daemon) and register/transcribe jobs use the worker's rings."""
+    def _output_names(self, job: Job, w: WorkerSlot, lane: int) -> dict[str, str]:
+        """Local sessions get rings of their own, one pair per lane, so a job never waits
+        for its client to drain another job's frames; remote ones (bytes sent inline by the
+        daemon, which releases the slots itself) and register/transcribe jobs use the
+        worker's rings."""
         session = self.sessions.get(job.client)
         if session is None or session.inline or job.kind not in ("speak", "lipsync"):
             return {}
-        frames, audio = self._session_outputs(session, w.index)
+        frames, audio = self._session_outputs(session, w.index, lane)
         return {"frame_ring": frames.name, "audio_ring": audio.name}
 
+    def _let_go(self, w: WorkerSlot, job_id: str, reason: str) -> None:
+        """The worker no longer holds this job: free its place; with no job left it is
+        READY again."""
+        w.jobs.pop(job_id, None)
+        if not w.jobs and w.state is WState.BUSY:
+            w.to(WState.READY, reason)
+
     def _on_job_msg(self, w: WorkerSlot, msg: Any, now: float) -> None:
-        job = w.job
-        if job is None or msg.job_id != job.job_id or job.finished:
+        running = w.jobs.get(msg.job_id)
+        job = running.job if running is not None else None
+        if running is None or job.finished:
             self._drop_stale(msg)  # a job already cancelled, timed out or requeued
-            if (job is not None and job.finished and msg.job_id == job.job_id
-                    and isinstance(msg, (P.WJobDone, P.WJobFailed))):
-                w.job = None  # the worker acknowledged the cancel: it is free again
-                w.to(WState.READY, f"left cancelled job {job.job_id}")
+            if running is not None and isinstance(msg, (P.WJobDone, P.WJobFailed)):
+                # The worker acknowledged the cancel: that place is free again.
+                self._let_go(w, msg.job_id, f"left cancelled job {msg.job_id}")
             return
         session = self.sessions.get(job.client)
         if isinstance(msg, (P.WFrame, P.WAudio)) and msg.data.ring not in self.output_rings:
             return  # a ring of a session that ended meanwhile
         if isinstance(msg, P.WFrame):
-            w.progress, w.progress_at = max(w.progress, msg.index + 1), now
+            running.progress, running.progress_at = max(running.progress, msg.index + 1), now
             if msg.index != job.frames_delivered or session is None:
                 # Below: already delivered by an earlier attempt. Above: cannot happen
                 # (workers send in order); never forward out of order.
@@ -710,15 +774,12 @@ class Supervisor:
                 job.last_error = msg.message
                 job.state = JobState.QUEUED
                 job.worker = None
-                w.job = None
-                w.to(WState.READY, f"job {job.job_id} failed, requeued")
+                self._let_go(w, job.job_id, f"job {job.job_id} failed, requeued")
                 self.stats["jobs_requeued"] += 1
                 self.queue.push_front(job)
                 return
             self._fail_job(job, msg.code, msg.message)
-            w.job = None
-            if w.state is WState.BUSY:
-                w.to(WState.READY, f"job {job.job_id} failed")
+            self._let_go(w, job.job_id, f"job {job.job_id} failed")
 
     def _forward(self, session: Session, ring: SlotRing, data: P.SlotDesc, msg: P.Msg) -> None:
         if session.inline:
@@ -789,13 +850,14 @@ class Supervisor:
         except (StaleSlotError, DescriptorError):
             return False
 
-    def _session_outputs(self, session: Session, worker: int) -> tuple[SlotRing, SlotRing]:
-        pair = session.outputs.get(worker)
+    def _session_outputs(self, session: Session, worker: int, lane: int
+                         ) -> tuple[SlotRing, SlotRing]:
+        pair = session.outputs.get((worker, lane))
         if pair is None:
             rings = self.cfg.rings
             pair = (SlotRing.create("s.frames", rings.frame_slots, rings.frame_slot_bytes),
                     SlotRing.create("s.audio", rings.audio_slots, rings.audio_slot_bytes))
-            session.outputs[worker] = pair
+            session.outputs[(worker, lane)] = pair
             for ring in pair:
                 self.output_rings[ring.name] = ring
         return pair
@@ -806,10 +868,8 @@ class Supervisor:
             self.stats["jobs_done"] += 1
         self._release_job_input(job)
         self.jobs.pop(job.job_id, None)
-        if w is not None and w.job is job:
-            w.job = None
-            if w.state is WState.BUSY:
-                w.to(WState.READY, f"job {job.job_id} {state.value}")
+        if w is not None and job.job_id in w.jobs and w.jobs[job.job_id].job is job:
+            self._let_go(w, job.job_id, f"job {job.job_id} {state.value}")
 
     def _release_job_input(self, job: Job) -> None:
         if job.input_slot is None:
@@ -829,10 +889,12 @@ class Supervisor:
         if job.finished:
             return
         worker = self.workers[job.worker] if job.worker is not None else None
-        if worker is not None and worker.job is job and code in (P.E_CANCELLED, P.E_TIMEOUT,
-                                                                 P.E_DRAINING):
+        running = worker.jobs.get(job.job_id) if worker is not None else None
+        if (running is not None and running.job is job
+                and code in (P.E_CANCELLED, P.E_TIMEOUT, P.E_DRAINING)):
             self._send_worker(worker, P.make(P.CancelJob, job_id=job.job_id))
-            # The worker stays BUSY until it acknowledges (its late messages are dropped).
+            # The job keeps its place on the worker until the worker acknowledges (its
+            # late messages are dropped); the worker's other jobs run on.
             job.state = JobState.FAILED
             self._count_failure(code)
             self._release_job_input(job)
@@ -866,12 +928,16 @@ class Supervisor:
                 self._fail_job(job, P.E_TIMEOUT, f"job deadline of "
                                f"{job.deadline - job.accepted_at:.1f} s passed "
                                f"({job.frames_delivered} frames delivered)")
-        # A job cancelled while running keeps its worker BUSY until the worker answers;
-        # if it never does, the stall check replaces the worker.
+        # A job cancelled while running keeps its place on the worker until the worker
+        # answers; if it never does, the stall check replaces the worker.
         for w in self.workers:
-            if w.state is WState.BUSY and w.job is not None and w.job.finished:
-                if now - w.progress_at > self.cfg.timeouts.stall_timeout_s:
-                    self._stop(w, "runtime", "did not acknowledge a cancelled job")
+            if w.state is not WState.BUSY:
+                continue
+            for r in list(w.jobs.values()):
+                if r.job.finished and now - r.progress_at > self.cfg.timeouts.stall_timeout_s:
+                    self._stop(w, "runtime", f"did not acknowledge cancelled job "
+                               f"{r.job.job_id}")
+                    break
 
     # ================================================================ clients
 
@@ -1109,7 +1175,10 @@ class Supervisor:
                 "load_memory_bytes": w.memory_bytes, "rss_bytes": rss,
                 "uptime_s": round(now - w.started_at, 3) if w.pid else 0.0,
                 "restarts": w.restarts, "load_failures": w.load_failures,
-                "attempt": w.attempt, "current_job": w.job.job_id if w.job else "",
+                "attempt": w.attempt,
+                # current_job: the first one, for readers that know one job per worker.
+                "current_job": next(iter(w.jobs), ""), "current_jobs": list(w.jobs),
+                "capacity": w.capacity,
                 "stage": w.stage, "load_s": round(w.load_s, 3), "reason": w.reason,
                 "engines": w.engines,
             })
@@ -1122,7 +1191,7 @@ class Supervisor:
                        "sessions": len(self.sessions)},
             "workers": workers,
             "queue": {"depth": len(self.queue), "size": self.queue.size,
-                      "running": sum(w.job is not None for w in self.workers)},
+                      "running": sum(len(w.jobs) for w in self.workers)},
             "jobs": dict(self.stats),
             "rtf_recent_median": (statistics.median(self.recent_rtf) if self.recent_rtf
                                   else None),

@@ -1,4 +1,4 @@
-"""The worker process: one device, its engines, one job at a time.
+"""The worker process: one device, its engines, `jobs_per_worker` jobs at a time.
 
 Started by the supervisor with the `spawn` method (never fork: CUDA state does not survive
 a fork). The first thing it does is pin its GPU through CUDA_VISIBLE_DEVICES, before any
@@ -6,10 +6,19 @@ engine (and so torch) is imported. It asks the kernel to kill it if the supervis
 so a SIGKILLed supervisor leaves no orphan workers.
 
 Handshake on its DEALER socket: HELLO -> LOADING (stage, progress)... -> READY (engines,
-memory, warm-up) or LOAD_FAILED. A heartbeat thread with its own socket reports, every
-`heartbeat_interval_s`, the current job and how many frames it has produced; the
-supervisor kills the worker when heartbeats stop (hung or stopped process) or when the job
-makes no progress (hung engine), except while the worker waits on back-pressure.
+memory, warm-up, capacity) or LOAD_FAILED. A heartbeat thread with its own socket reports,
+every `heartbeat_interval_s`, each running job and how many frames it has produced; the
+supervisor kills the worker when heartbeats stop (hung or stopped process) or when a job
+makes no progress (hung engine), except while that job waits on back-pressure.
+
+Concurrency: with `jobs_per_worker` = 1 a job runs on the main thread, which polls the
+control socket between frames (cancel, shutdown). With more, every job runs in a thread of
+its own and the main thread only receives control messages. ZeroMQ sockets must not be
+shared between threads, so each thread sends on a socket it owns: the main socket, the
+heartbeat socket, one socket per job thread (the supervisor maps all of them to this worker
+by their `w<index>.<attempt>` identity prefix; one job's messages stay in order on its
+socket). Calls into an engine whose `thread_safe` is False are serialised by a lock per
+engine; writes into a ring shared by several jobs by a lock per ring.
 
 Frames and audio go into rings the supervisor owns; the worker writes each frame into a
 slot once and sends a descriptor. Frames below `resume_from` were delivered by an earlier
@@ -26,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +43,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
-from avatard.ipc.ring import RingFullError, SlotRef, SlotRing
+from avatard.ipc.ring import SlotRef, SlotRing
 from avatard.ipc.segments import Segment
 
 log = logging.getLogger("avatard.worker")
@@ -41,6 +51,7 @@ log = logging.getLogger("avatard.worker")
 PR_SET_PDEATHSIG = 1
 RING_WAIT_STEP_S = 0.1  # how long one back-pressure wait lasts before checking messages
 LIPSYNC_CHUNK_S = 0.2  # audio fed to the avatar stream per push (streaming granularity)
+SHUTDOWN_JOIN_S = 2.0  # how long a Shutdown waits for job threads to notice it
 
 
 @dataclass
@@ -58,10 +69,33 @@ class WorkerSpec:
     heartbeat_interval_s: float = 1.0
     supervisor_pid: int = 0
     log_level: str = "info"
+    jobs_per_worker: int = 1
 
 
 class JobCancelled(Exception):
     pass
+
+
+@dataclass(eq=False)
+class JobRun:
+    """One running job inside the worker. The heartbeat thread reads `progress` and
+    `waiting` (plain attribute reads and writes are atomic under the GIL)."""
+
+    job_id: str
+    progress: int = 0
+    waiting: bool = False  # blocked on a full ring: back-pressure, not a stall
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
+    outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
+    thread: threading.Thread | None = None  # None: runs on the main thread
+
+    def close_rings(self) -> None:
+        # Unmap the clients' rings: sessions come and go, and an unlinked ring stays in
+        # memory for as long as anyone maps it. Attaching again is cheap.
+        for ring in (*self.inputs.values(), *self.outputs.values()):
+            ring.close()
+        self.inputs.clear()
+        self.outputs.clear()
 
 
 class ShutdownRequested(Exception):
@@ -93,19 +127,29 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(spec.control_endpoint)
         self.engines: dict[str, Any] = {}
+        self._engine_locks: dict[str, AbstractContextManager[Any]] = {}  # kind -> lock
         self.avatars: dict[str, Any] = {}  # avatar_id -> engine state
-        self.inputs: dict[str, SlotRing] = {}
-        self.outputs: dict[str, SlotRing] = {}  # session rings of the current job
-        # Read by the heartbeat thread (plain attribute reads are atomic under the GIL).
-        self.job_id = ""
-        self.progress = 0
-        self.waiting = False
+        # Running jobs by id, in start order; read by the heartbeat thread.
+        self.runs: dict[str, JobRun] = {}
+        self._runs_lock = threading.Lock()
+        self._ring_locks: dict[str, threading.Lock] = {}  # ring name -> writer lock
+        self._ring_locks_lock = threading.Lock()
+        self._run_count = 0  # numbers the job threads' socket identities
+        self._main_thread = threading.get_ident()
+        self._local = threading.local()  # .sock: the socket a job thread sends on
+        self._shutdown = threading.Event()
         self._stop = threading.Event()
 
     # ------------------------------------------------------------ messaging
 
     def send(self, cls: type[P.Msg], **fields: Any) -> None:
-        self.sock.send_multipart(P.Codec.encode(P.make(cls, **fields)))
+        """Send on the calling thread's own socket: the main socket, or the job thread's."""
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            if threading.get_ident() != self._main_thread:
+                raise RuntimeError(f"{cls.__name__} sent from a thread that owns no socket")
+            sock = self.sock
+        sock.send_multipart(P.Codec.encode(P.make(cls, **fields)))
 
     def _heartbeat_loop(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -116,21 +160,56 @@ class Worker:
             while not self._stop.wait(self.spec.heartbeat_interval_s):
                 if self.spec.supervisor_pid and os.getppid() != self.spec.supervisor_pid:
                     os._exit(0)  # supervisor gone and no PDEATHSIG: do not linger
-                msg = P.make(P.WHeartbeat, worker=self.spec.index, job_id=self.job_id,
-                             progress=self.progress, waiting=self.waiting,
-                             rss_bytes=_rss_bytes())
+                with self._runs_lock:
+                    jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
+                                          waiting=r.waiting) for r in self.runs.values()]
+                first = jobs[0] if jobs else P.JobProgress(job_id="")
+                msg = P.make(P.WHeartbeat, worker=self.spec.index, job_id=first.job_id,
+                             progress=first.progress, waiting=first.waiting,
+                             rss_bytes=_rss_bytes(), jobs=jobs)
                 sock.send_multipart(P.Codec.encode(msg))
         finally:
             sock.close(linger=0)
 
-    def _check_control(self, job_id: str) -> None:
-        """Act on messages that arrived while a job runs (cancel, shutdown)."""
+    def _check_control(self, run: JobRun) -> None:
+        """Act on a cancel or shutdown that arrived while a job runs. A job on the main
+        thread reads the control socket itself; a job thread checks the flags that the
+        main thread sets."""
+        if run.thread is not None:
+            if self._shutdown.is_set():
+                raise ShutdownRequested("shutdown")
+            if run.cancelled.is_set():
+                raise JobCancelled(run.job_id)
+            return
         while self.sock.poll(0, zmq.POLLIN):
             msg, _ = P.CONTROL_CODEC.decode(self.sock.recv_multipart())
-            if isinstance(msg, P.CancelJob) and msg.job_id == job_id:
-                raise JobCancelled(job_id)
+            if isinstance(msg, P.CancelJob) and msg.job_id == run.job_id:
+                raise JobCancelled(run.job_id)
             if isinstance(msg, P.Shutdown):
                 raise ShutdownRequested(msg.reason)
+
+    def _engine(self, kind: str) -> tuple[Any, AbstractContextManager[Any]]:
+        """An engine and what to hold while calling it: a lock shared by every job when
+        the engine is not thread-safe, else nothing."""
+        return self.engines[kind], self._engine_locks[kind]
+
+    def _ring_lock(self, name: str) -> threading.Lock:
+        # Per ring name, not per mapping: two jobs may map the same ring separately.
+        with self._ring_locks_lock:
+            lock = self._ring_locks.get(name)
+            if lock is None:
+                lock = self._ring_locks[name] = threading.Lock()
+            return lock
+
+    def _forget_ring_locks(self, names: list[str]) -> None:
+        """Drop the locks of session rings no running job writes any more: sessions come
+        and go for as long as the worker lives."""
+        with self._runs_lock:
+            in_use = {name for r in self.runs.values() for name in r.outputs}
+        with self._ring_locks_lock:
+            for name in names:
+                if name not in in_use:
+                    self._ring_locks.pop(name, None)
 
     # ------------------------------------------------------------ loading
 
@@ -156,8 +235,17 @@ class Worker:
                           progress=overall)
 
             progress("start", 0.0)
-            self.engines[kind] = load_engine(kind, name, device, options, progress)
+            engine = self.engines[kind] = load_engine(kind, name, device, options, progress)
+            self._engine_locks[kind] = (nullcontext() if getattr(engine, "thread_safe", False)
+                                        else threading.Lock())
             progress("ready", 1.0)
+        if spec.jobs_per_worker > 1:
+            serialised = [f"{kind} {spec.engines[kind]}" for kind in self.engines
+                          if not getattr(self.engines[kind], "thread_safe", False)]
+            log.info("runs %d jobs at once; %s", spec.jobs_per_worker,
+                     f"engines not thread-safe, called by one job at a time: "
+                     f"{', '.join(serialised)}" if serialised else
+                     "every engine is thread-safe")
         reports = [e.report() for e in self.engines.values()]
         memory = max(0, _rss_bytes() - rss_before)
         if device.startswith("cuda"):
@@ -168,13 +256,14 @@ class Worker:
                                         warmup_s=float(r.warmup_s), notes=r.notes[:4000])
                            for r in reports],
                   memory_bytes=memory, load_s=time.monotonic() - started,
-                  warmup_s=sum(r.warmup_s for r in reports))
+                  warmup_s=sum(r.warmup_s for r in reports), capacity=spec.jobs_per_worker)
 
     # ------------------------------------------------------------ jobs
 
     def serve(self) -> None:
         frame_ring = SlotRing.attach(self.spec.frame_ring)
         audio_ring = SlotRing.attach(self.spec.audio_ring)
+        threaded = self.spec.jobs_per_worker > 1
         try:
             while True:
                 if not self.sock.poll(1000, zmq.POLLIN):
@@ -183,21 +272,77 @@ class Worker:
                 if isinstance(msg, P.Shutdown):
                     return
                 if isinstance(msg, P.RunJob):
+                    if threaded:
+                        self._start_thread(msg, frame_ring, audio_ring)
+                        continue
+                    run = JobRun(msg.job_id)
                     try:
-                        self.run_job(msg, frame_ring, audio_ring)
+                        self.run_job(msg, run, frame_ring, audio_ring)
                     except ShutdownRequested:
                         return
+                elif isinstance(msg, P.CancelJob):
+                    run = self.runs.get(msg.job_id)
+                    if run is not None:
+                        run.cancelled.set()
                 # A CancelJob for a job already finished needs no answer.
         finally:
-            frame_ring.close()
-            audio_ring.close()
-            for ring in self.inputs.values():
-                ring.close()
+            self._shutdown.set()
+            if self._join_job_threads():
+                frame_ring.close()
+                audio_ring.close()
+            # else a job thread stuck in an engine may still write into them: the process
+            # exit unmaps them.
 
-    def run_job(self, job: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
+    def _start_thread(self, msg: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
+        if len(self.runs) >= self.spec.jobs_per_worker:
+            # The supervisor never sends more; if it did, running it beats dropping it.
+            log.warning("job %s arrived with %d jobs running (jobs_per_worker=%d)",
+                        msg.job_id, len(self.runs), self.spec.jobs_per_worker)
+        self._run_count += 1
+        run = JobRun(msg.job_id)
+        run.thread = threading.Thread(target=self._job_thread, name=f"job-{msg.job_id}",
+                                      args=(msg, run, frame_ring, audio_ring, self._run_count),
+                                      daemon=True)
+        # Registered before the thread starts, so a CancelJob right behind finds it.
+        with self._runs_lock:
+            self.runs[msg.job_id] = run
+        run.thread.start()
+
+    def _job_thread(self, msg: P.RunJob, run: JobRun, frame_ring: SlotRing,
+                    audio_ring: SlotRing, number: int) -> None:
+        # The thread's own socket: ZeroMQ sockets must not be used from two threads.
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY,
+                        f"w{self.spec.index}.{self.spec.attempt}.j{number}".encode())
+        sock.setsockopt(zmq.LINGER, 2000)  # the job's last messages still leave on close
+        sock.connect(self.spec.control_endpoint)
+        self._local.sock = sock
+        try:
+            self.run_job(msg, run, frame_ring, audio_ring)
+        except ShutdownRequested:
+            pass  # the supervisor is stopping us: it expects nothing more of this job
+        except BaseException:
+            log.exception("job thread %s died", msg.job_id)
+        finally:
+            self._local.sock = None
+            sock.close()
+
+    def _join_job_threads(self) -> bool:
+        """After a Shutdown: give job threads a moment to see it (they check between
+        frames) so their sockets close; a thread stuck in an engine is left behind.
+        True when none is left."""
+        deadline = time.monotonic() + SHUTDOWN_JOIN_S
+        threads = [r.thread for r in list(self.runs.values()) if r.thread is not None]
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)
+
+    def run_job(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing,
+                audio_ring: SlotRing) -> None:
         from avatard.engines.base import EngineInputError
 
-        self.job_id, self.progress = job.job_id, 0
+        with self._runs_lock:
+            self.runs[job.job_id] = run
         try:
             if job.kind == "register":
                 state = self._avatar(job)
@@ -205,12 +350,12 @@ class Worker:
                           avatar_id=state.avatar_id)
                 return
             if job.kind == "transcribe":
-                self._transcribe(job)
+                self._transcribe(job, run)
                 return
             if job.frame_ring:  # the client session's own rings
-                frame_ring = self._attach_output(job.frame_ring)
-                audio_ring = self._attach_output(job.audio_ring)
-            frames, samples, media_s = self._render(job, frame_ring, audio_ring)
+                frame_ring = self._attach_output(run, job.frame_ring)
+                audio_ring = self._attach_output(run, job.audio_ring)
+            frames, samples, media_s = self._render(job, run, frame_ring, audio_ring)
             self.send(P.WJobDone, worker=self.spec.index, job_id=job.job_id, frames=frames,
                       audio_samples=samples, media_s=media_s)
         except JobCancelled:
@@ -226,54 +371,57 @@ class Worker:
             self.send(P.WJobFailed, worker=self.spec.index, job_id=job.job_id,
                       code=P.E_WORKER, message=f"{type(exc).__name__}: {exc}"[:4000])
         finally:
-            self.job_id, self.progress, self.waiting = "", 0, False
-            # Unmap the clients' input rings: sessions come and go, and an unlinked ring
-            # stays in memory for as long as anyone maps it. Attaching again is cheap.
-            for ring in self.inputs.values():
-                ring.close()
-            self.inputs.clear()
-            for ring in self.outputs.values():
-                ring.close()
-            self.outputs.clear()
+            with self._runs_lock:
+                # A retried job may already run again under the same id: keep that one.
+                if self.runs.get(job.job_id) is run:
+                    del self.runs[job.job_id]
+            names = list(run.outputs)
+            run.close_rings()
+            self._forget_ring_locks(names)
 
-    def _attach_output(self, name: str) -> SlotRing:
-        ring = self.outputs.get(name)
+    def _attach_output(self, run: JobRun, name: str) -> SlotRing:
+        ring = run.outputs.get(name)
         if ring is None:
-            ring = self.outputs[name] = SlotRing.attach(name)
+            ring = run.outputs[name] = SlotRing.attach(name)
         return ring
 
-    def _input_array(self, desc: P.SlotDesc) -> np.ndarray:
-        ring = self.inputs.get(desc.ring)
+    def _input_array(self, run: JobRun, desc: P.SlotDesc) -> np.ndarray:
+        ring = run.inputs.get(desc.ring)
         if ring is None:
-            ring = self.inputs[desc.ring] = SlotRing.attach(desc.ring)
+            ring = run.inputs[desc.ring] = SlotRing.attach(desc.ring)
         ref = SlotRef(desc.ring, desc.slot, desc.seq, tuple(desc.shape), desc.dtype)
         return np.array(ring.read(ref))  # a private copy: the slot goes back after the job
 
     def _avatar(self, job: P.RunJob) -> Any:
         from avatard.engines.base import EngineInputError
 
-        engine = self.engines["avatar"]
+        engine, lock = self._engine("avatar")
         if job.avatar_id and job.avatar_id in self.avatars:
             return self.avatars[job.avatar_id]
         if job.avatar_segment:
             with Segment.attach(job.avatar_segment, min_size=job.avatar_bytes) as seg:
                 image = bytes(seg.buffer[: job.avatar_bytes])
-            state = engine.register(image)
+            with lock:
+                state = engine.register(image)
         else:
-            portrait = engine.default_portrait()
+            with lock:
+                portrait = engine.default_portrait()
             if portrait is None:
                 raise EngineInputError("avatar_id", "this engine has no default portrait; "
                                        "register an avatar first")
-            state = engine.register(portrait)
+            with lock:
+                state = engine.register(portrait)
         self.avatars[state.avatar_id] = state
         if job.avatar_id:
             self.avatars[job.avatar_id] = state
         return state
 
-    def _transcribe(self, job: P.RunJob) -> None:
+    def _transcribe(self, job: P.RunJob, run: JobRun) -> None:
         assert job.audio is not None
-        pcm = self._input_array(job.audio).reshape(-1).astype(np.float32, copy=False)
-        transcript = self.engines["asr"].transcribe(pcm, job.sample_rate)
+        pcm = self._input_array(run, job.audio).reshape(-1).astype(np.float32, copy=False)
+        asr, lock = self._engine("asr")
+        with lock:
+            transcript = asr.transcribe(pcm, job.sample_rate)
         segments = [P.SegmentMsg(text=s.text, start_s=s.start_s, end_s=s.end_s,
                                  words=[P.WordMsg(text=w.text, start_s=w.start_s,
                                                   end_s=w.end_s, probability=w.probability)
@@ -285,20 +433,27 @@ class Worker:
         self.send(P.WJobDone, worker=self.spec.index, job_id=job.job_id, frames=0,
                   media_s=transcript.duration_s)
 
-    def _audio_chunks(self, job: P.RunJob, rate: int):
+    def _audio_chunks(self, job: P.RunJob, run: JobRun, rate: int):
         """(pcm at the avatar's rate, original pcm, original rate) per chunk."""
         from avatard.engines.audio import resample
 
         if job.kind == "speak":
-            tts = self.engines["tts"]
-            for pcm in tts.stream(job.text, job.voice or None):
+            tts, lock = self._engine("tts")
+            with lock:
+                sentences = iter(tts.stream(job.text, job.voice or None))
+            while True:
+                # Each sentence is synthesized inside next(): that is the engine call.
+                with lock:
+                    pcm = next(sentences, None)
+                if pcm is None:
+                    return
                 pcm = np.asarray(pcm, np.float32)
                 yield resample(pcm, tts.sample_rate, rate), pcm, tts.sample_rate
         elif job.kind == "lipsync":
             from avatard.engines.audio import validate_pcm
 
             assert job.audio is not None
-            pcm = self._input_array(job.audio).reshape(-1).astype(np.float32, copy=False)
+            pcm = self._input_array(run, job.audio).reshape(-1).astype(np.float32, copy=False)
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
             pcm, _ = validate_pcm(pcm, job.sample_rate, field="audio")
             resampled = resample(pcm, job.sample_rate, rate)
@@ -312,11 +467,12 @@ class Worker:
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
 
-    def _render(self, job: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing
+    def _render(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing
                 ) -> tuple[int, int, float]:
-        avatar = self.engines["avatar"]
+        avatar, lock = self._engine("avatar")
         state = self._avatar(job)
-        stream = avatar.open_stream(state, job.seed)
+        with lock:
+            stream = avatar.open_stream(state, job.seed)
         fps = avatar.fps
         next_frame = 0
         audio_index = 0
@@ -328,45 +484,87 @@ class Worker:
             for frame in frames:
                 index = next_frame
                 next_frame += 1
-                self.progress = next_frame
+                run.progress = next_frame
                 if index < job.resume_from:
                     continue  # delivered by an earlier attempt
-                ref = self._write(frame_ring, frame, job.job_id)
+                ref = self._write(frame_ring, frame, run)
                 self.send(P.WFrame, worker=self.spec.index, job_id=job.job_id, index=index,
                           pts_us=index * 1_000_000 // fps, data=_desc(ref))
-                self._check_control(job.job_id)
+                self._check_control(run)
 
-        for pcm, original, original_rate in self._audio_chunks(job, avatar.audio_rate):
-            self._check_control(job.job_id)
+        for pcm, original, original_rate in self._audio_chunks(job, run, avatar.audio_rate):
+            self._check_control(run)
             if job.send_audio and original is not None:
                 if audio_index >= job.audio_resume_from:
-                    ref = self._write(audio_ring, original, job.job_id)
+                    ref = self._write(audio_ring, original, run)
                     self.send(P.WAudio, worker=self.spec.index, job_id=job.job_id,
                               index=audio_index, pts_us=out_samples * 1_000_000 // original_rate,
                               sample_rate=original_rate, data=_desc(ref))
                 audio_index += 1
                 out_samples += original.size
             samples += pcm.size
-            emit(stream.push(pcm))
-        emit(stream.finish())
+            with lock:
+                frames = stream.push(pcm)
+            emit(frames)
+        with lock:
+            frames = stream.finish()
+        emit(frames)
         return next_frame, out_samples, samples / avatar.audio_rate
 
-    def _write(self, ring: SlotRing, array: np.ndarray, job_id: str) -> SlotRef:
-        """Copy into a free slot, waiting out back-pressure while still obeying cancels."""
+    def _write(self, ring: SlotRing, array: np.ndarray, run: JobRun) -> SlotRef:
+        """Copy into a free slot, waiting out back-pressure while still obeying cancels.
+
+        A ring has one writer process, but with several jobs several threads of it: taking
+        a slot and publishing it (seq) happen under the ring's lock; the copy into the
+        slot, which the thread then owns, does not."""
         array = np.ascontiguousarray(array)
+        lock = self._ring_lock(ring.name)
         while True:
-            try:
-                ref = ring.write(array, timeout_s=RING_WAIT_STEP_S)
-                self.waiting = False
-                return ref
-            except RingFullError:
-                self.waiting = True  # the client is slow, not us: no stall
-                self._check_control(job_id)
+            slot = self._acquire(ring, lock, RING_WAIT_STEP_S)
+            if slot is not None:
+                break
+            run.waiting = True  # the client is slow, not us: no stall
+            self._check_control(run)
+        shape, dtype = tuple(array.shape), array.dtype.name
+        try:
+            np.copyto(ring.slot_view(slot, shape, dtype), array, casting="no")
+            with lock:
+                ref = ring.publish(slot, shape, dtype)
+        except BaseException:
+            ring.abandon(slot)
+            raise
+        run.waiting = False
+        return ref
+
+    @staticmethod
+    def _acquire(ring: SlotRing, lock: threading.Lock, timeout_s: float) -> int | None:
+        """A FREE slot marked WRITING, or None after `timeout_s` of a full ring. Polls
+        like `SlotRing.acquire` (20 us doubling to 2 ms), taking the lock per attempt only,
+        so a job waiting on its slow client never holds up another job's write."""
+        deadline = time.monotonic() + timeout_s
+        pause_s = 20e-6
+        while True:
+            with lock:
+                slot = ring.try_acquire()
+            if slot is not None:
+                return slot
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2e-3)
 
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         self._stop.set()
+        stuck = [r.job_id for r in list(self.runs.values())
+                 if r.thread is not None and r.thread.is_alive()]
+        if stuck:
+            # Closing engines under a running job could crash it mid-call, and term()
+            # would wait forever for its socket: leave both to the process exit.
+            log.warning("exiting with job threads still in the engine: %s", ", ".join(stuck))
+            self.sock.close(linger=1000)
+            return
         for engine in self.engines.values():
             try:
                 engine.close()

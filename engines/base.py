@@ -57,6 +57,11 @@ class Engine(abc.ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    # Whether several job threads of one worker (daemon.jobs_per_worker > 1) may call this
+    # engine at the same time: its methods, and those of the streams it opens, on
+    # different streams. False makes the worker serialise every call into it with one
+    # lock; set True only where shared state (caches, detectors, models) is guarded.
+    thread_safe: ClassVar[bool] = False
 
     @abc.abstractmethod
     def report(self) -> EngineReport:

@@ -55,6 +55,7 @@ import hashlib
 import os
 import re
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -422,6 +423,9 @@ class FakeAvatarEngine(AvatarEngine):
 
     name: ClassVar[str] = "fake"
     accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
+    # Streams share nothing but the avatar cache, which `_cache_lock` guards; frames are a
+    # pure function of (seed, index).
+    thread_safe: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -431,6 +435,7 @@ class FakeAvatarEngine(AvatarEngine):
     ):
         self.options = parse_fake_options(options)
         self.device = device
+        self._cache_lock = threading.Lock()
         self.fps = self.options.fps
         self.audio_rate = self.options.audio_rate
         self.frame_height = self.options.height
@@ -445,7 +450,8 @@ class FakeAvatarEngine(AvatarEngine):
 
     def close(self) -> None:
         self._load.ballast = None
-        self._avatars.clear()
+        with self._cache_lock:
+            self._avatars.clear()
 
     def default_portrait(self) -> np.ndarray:
         """A flat grey portrait: the fake engine renders test patterns whatever the face."""
@@ -475,17 +481,20 @@ class FakeAvatarEngine(AvatarEngine):
                 "image", f"must be bytes or an array, got {type(image).__name__}"
             )
 
-        cached = self._avatars.get(avatar_id)
-        if cached is not None:
-            self._avatars.move_to_end(avatar_id)
-            return cached
-        state = AvatarState(
-            avatar_id=avatar_id, width=self.frame_width, height=self.frame_height, payload=None
-        )
-        self._avatars[avatar_id] = state
-        if len(self._avatars) > AVATAR_CACHE_SIZE:
-            self._avatars.popitem(last=False)
-        return state
+        # Look-up, move and eviction as one step: another job thread may evict between them.
+        with self._cache_lock:
+            cached = self._avatars.get(avatar_id)
+            if cached is not None:
+                self._avatars.move_to_end(avatar_id)
+                return cached
+            state = AvatarState(
+                avatar_id=avatar_id, width=self.frame_width, height=self.frame_height,
+                payload=None,
+            )
+            self._avatars[avatar_id] = state
+            if len(self._avatars) > AVATAR_CACHE_SIZE:
+                self._avatars.popitem(last=False)
+            return state
 
     def open_stream(self, state: AvatarState, seed: int) -> FakeAvatarStream:
         if state.avatar_id not in self._avatars:

@@ -291,12 +291,18 @@ class WLoading(Msg, tag="w_loading"):
     progress: Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
+MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
+
+
 class WReady(Msg, tag="w_ready"):
     worker: NonNegInt
     engines: list[EngineInfo]
     memory_bytes: NonNegInt
     load_s: float
     warmup_s: float
+    # Jobs the worker runs at once (daemon.jobs_per_worker); a worker that predates the
+    # field runs one.
+    capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)] = 1
 
 
 class WLoadFailed(Msg, tag="w_load_failed"):
@@ -305,12 +311,26 @@ class WLoadFailed(Msg, tag="w_load_failed"):
     out_of_memory: bool = False
 
 
+class JobProgress(Struct, frozen=True, forbid_unknown_fields=True):
+    """One running job of a worker, as its heartbeat reports it."""
+
+    job_id: Name
+    progress: NonNegInt = 0  # frames (or samples) produced so far
+    waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
+
+
+RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]
+
+
 class WHeartbeat(Msg, tag="w_heartbeat"):
     worker: NonNegInt
+    # The first running job (kept for readers that know one job per worker); `jobs` has
+    # every running job, this one included.
     job_id: Name = ""
     progress: NonNegInt = 0  # frames (or samples) produced by the current job so far
     waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
     rss_bytes: NonNegInt = 0
+    jobs: RunningJobs = msgspec.field(default_factory=list)
 
 
 class WFrame(Msg, tag="w_frame"):

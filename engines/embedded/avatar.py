@@ -414,6 +414,9 @@ class EmbeddedAvatarEngine(AvatarEngine):
     """
 
     name = "embedded"
+    # Streams own all their state and only read the avatar's rig; the cache and the shared
+    # OpenCV face detectors (not safe to call from two threads) are guarded by locks.
+    thread_safe = True
 
     def __init__(
         self, device: str = "cpu", options: dict | None = None, progress: ProgressFn = no_progress
@@ -431,6 +434,9 @@ class EmbeddedAvatarEngine(AvatarEngine):
             raise EngineInputError("options.cache_size", "must be at least 1")
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self._lock = threading.Lock()
+        # The Haar cascades are process-wide objects whose detectMultiScale keeps scratch
+        # state in the classifier: one registration detects at a time.
+        self._detect_lock = threading.Lock()
         # Counters that show whether registrations hit the cache.
         self.cache_hits = 0
         self.cache_misses = 0
@@ -471,7 +477,8 @@ class EmbeddedAvatarEngine(AvatarEngine):
                 return cached
         rgb = _image_from_bytes(image) if isinstance(image, bytes) else _image_from_array(image)
         try:
-            landmarks = find_landmarks(rgb)
+            with self._detect_lock:
+                landmarks = find_landmarks(rgb)
         except NoFaceError as error:
             raise EngineInputError("image", str(error)) from None
         portrait, crop_landmarks = frame_portrait(rgb, landmarks)
