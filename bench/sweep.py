@@ -54,9 +54,8 @@ WARMUP_S = 0.4  # media seconds of the unmeasured warm-up job each worker render
 RSS_SAMPLE_S = 0.2  # how often process memory is sampled during a configuration
 # Engines that take `weights` in their options table (the others refuse unknown options).
 WEIGHTS_ENGINES = frozenset({"ditto"})
-# Engine -> its option capping the frames rendered per batch. No engine has one yet; an
-# engine that gains one is added here and `--batch` then varies it.
-BATCH_OPTIONS: dict[str, str] = {}
+# Engine -> its option capping the frames rendered per batch; `--batch` varies it.
+BATCH_OPTIONS: dict[str, str] = {"ditto": "max_batch"}
 NOT_APPLICABLE = "n/a"
 
 

@@ -118,10 +118,12 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
     click.echo(f"{'id':>3} {'state':9} {'pid':>7} {'device':8} {'gpu MiB':>8} {'rss MiB':>8} "
                f"{'up s':>7} {'restarts':>8}  job / reason")
     for w in body["workers"]:
+        # current_jobs: every job of a worker (a daemon before jobs_per_worker has only
+        # current_job).
+        jobs = ", ".join(w.get("current_jobs", [w["current_job"]] if w["current_job"] else []))
         click.echo(f"{w['id']:>3} {w['state']:9} {w['pid']:>7} {w['device']:8} "
                    f"{w['device_memory_bytes'] >> 20:>8} {w['rss_bytes'] >> 20:>8} "
-                   f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  "
-                   f"{w['current_job'] or w['reason']}")
+                   f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  {jobs or w['reason']}")
     q, j = body["queue"], body["jobs"]
     rtf = body["rtf_recent_median"]
     click.echo(f"queue {q['depth']}/{q['size']}, running {q['running']}; jobs done "
@@ -420,6 +422,47 @@ def bench_chaos(seconds: float, seed: int, workers: int, as_json: bool) -> None:
     else:
         click.echo(format_chaos(report))
     sys.exit(0 if report["passed"] else 1)
+
+
+@bench.command("ditto")
+@click.option("--upstream", type=click.Path(exists=True, file_okay=False),
+              help="A copy of antgroup/ditto-talkinghead's sources: time its networks beside "
+              "ours (omit: ours only).")
+@click.option("--device", help="cuda (default when present) or cpu.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write every figure to this JSON file.")
+@click.option("--repeats", type=click.IntRange(1, 10_000),
+              help="Timed calls per row (default 10; 1 with --quick).")
+@click.option("--warmup", type=click.IntRange(0, 1000),
+              help="Untimed calls first (default 2; 0 with --quick).")
+@click.option("--batches", help="Warp+decode batch sizes, e.g. 1,8,16,32 (the default).")
+@click.option("--modes", help="Comma list of fp32,tf32,fp16,bf16 (CUDA default: all; CPU: fp32).")
+@click.option("--lmdm-steps", help="DDIM step counts of the LMDM rows (default 10,50).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random "
+              "weights and inputs.")
+@click.option("--time-budget", type=click.FloatRange(0), help="Seconds; rows after it are "
+              "recorded as skipped.")
+@click.option("--quick", is_flag=True, help="Smoke run: batch 1, one repeat, LMDM 2 steps "
+              "(fp32 only on CPU).")
+def bench_ditto(upstream: str | None, device: str | None, json_path: str | None,
+                repeats: int | None, warmup: int | None, batches: str | None,
+                modes: str | None, lmdm_steps: str | None, seed: int,
+                time_budget: float | None, quick: bool) -> None:
+    """Upstream Ditto's PyTorch networks vs ours, side by side, with RANDOM weights:
+    latency per call and per frame in fp32, TF32, fp16 autocast and bf16, FLOPs per call
+    (both counted), matmul peak, achieved TFLOP/s and the FLOP bound on frames/s."""
+    from avatard.bench.ditto_baseline import main as baseline_main
+
+    argv = ["--seed", str(seed)]
+    for flag, value in (("--upstream", upstream), ("--device", device),
+                        ("--json", json_path), ("--repeats", repeats), ("--warmup", warmup),
+                        ("--batches", batches), ("--modes", modes),
+                        ("--lmdm-steps", lmdm_steps), ("--time-budget", time_budget)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if quick:
+        argv.append("--quick")
+    sys.exit(baseline_main(argv))
 
 
 def _attach_ditto() -> None:

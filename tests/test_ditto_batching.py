@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,30 @@ def test_a_lone_item_runs_after_the_bounded_wait() -> None:
     batcher.close()
 
 
+def test_earliest_deadline_runs_first_and_a_cut_makes_a_batch_of_one() -> None:
+    gate = threading.Event()
+    batches: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        gate.wait(timeout=10)  # hold the thread on the first batch while the rest queue
+        batches.append(list(items))
+        return items
+
+    batcher = Batcher("test", run, max_items=3, max_wait_s=0.0)
+    first = batcher.submit(["blocker"])
+    deadline = time.monotonic() + 10
+    while not first[0].running() and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the batch thread has taken the blocker
+    # An old stream's later frames, then a new stream whose first frame is due sooner.
+    old = batcher.submit(["old5", "old6", "old7"], deadlines=[5.0, 6.0, 7.0])
+    new = batcher.submit(["new1", "new2"], deadlines=[1.0, 2.0], cut_after_first=True)
+    gate.set()
+    for fut in first + old + new:
+        fut.result(timeout=10)
+    batcher.close()
+    assert batches == [["blocker"], ["new1"], ["new2", "old5", "old6"], ["old7"]]
+
+
 def test_a_failing_batch_fails_each_of_its_items_and_the_batcher_goes_on() -> None:
     calls = {"n": 0}
 
@@ -88,6 +113,10 @@ def test_batcher_arguments_are_checked() -> None:
         Batcher("x", lambda i: i, 0, 0.0)
     with pytest.raises(ValueError, match="max_wait_s"):
         Batcher("x", lambda i: i, 1, -1.0)
+    batcher = Batcher("x", lambda i: i, 1, 0.0)
+    with pytest.raises(ValueError, match="2 items but 1 deadlines"):
+        batcher.submit([1, 2], deadlines=[0.0])
+    batcher.close()
 
 
 def test_graphed_call_without_cuda_calls_the_function() -> None:
@@ -157,3 +186,16 @@ def test_frames_of_two_avatars_batched_together_match_frames_rendered_alone() ->
     source = states[0].payload.image
     assert not np.array_equal(together[0][20:60, 30:70], source[20:60, 30:70])
     engine.close()
+
+
+def test_batch_buckets_pad_with_the_last_row() -> None:
+    from avatard.engines.ditto.engine import _bucket, _pad, _powers_of_two
+
+    assert _powers_of_two(16) == [1, 2, 4, 8, 16]
+    assert _powers_of_two(12) == [1, 2, 4, 8, 12]
+    assert _powers_of_two(1) == [1]
+    assert [_bucket(n, [1, 2, 4, 8, 12]) for n in (1, 3, 5, 9, 12, 13)] == [1, 4, 8, 12, 12, 13]
+    t = torch.arange(6.0).reshape(3, 2)
+    padded = _pad(t, 5)
+    assert padded.shape == (5, 2) and torch.equal(padded[3:], t[-1:].expand(2, 2))
+    assert _pad(t, 3) is t

@@ -30,7 +30,13 @@ def test_checkpoint_folder_errors_name_the_file(tmp_path: Path) -> None:
     cfg_path.write_bytes(pickle.dumps({"base_cfg": {}}))
     with pytest.raises(CheckpointError, match="audio2motion_cfg"):
         DittoEngine("cpu", {"weights": str(tmp_path)})
+    # The condition handler's flags (all on by default: 1024 + 79) must agree with the
+    # LMDM's condition width; a cfg where they disagree is refused, naming both.
     cfg = {"audio2motion_cfg": {"motion_feat_dim": 265, "audio_feat_dim": 1059, "seq_frames": 80}}
+    cfg_path.write_bytes(pickle.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"audio_feat_dim is 1059 .* = 1103"):
+        DittoEngine("cpu", {"weights": str(tmp_path)})
+    cfg["audio2motion_cfg"]["audio_feat_dim"] = 1103
     cfg_path.write_bytes(pickle.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"appearance_extractor\.pth does not exist"):
         DittoEngine("cpu", {"weights": str(tmp_path)})

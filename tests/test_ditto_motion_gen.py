@@ -106,17 +106,19 @@ class _FakeEngine:
         per_frame = padded.reshape(end, SAMPLES_PER_FRAME).mean(axis=1)
         return per_frame[start:end, None].repeat(4, axis=1)
 
-    def conditions(self, feats: np.ndarray) -> np.ndarray:
+    def conditions(self, feats: np.ndarray, avatar, start: int) -> np.ndarray:
         return feats
 
-    def sample_window(self, reference, cond, generator: torch.Generator) -> np.ndarray:
+    fps = 25
+
+    def sample_window(self, reference, cond, generator: torch.Generator, due=None) -> np.ndarray:
         noise = torch.randn(1, 80, MOTION_DIM, generator=generator).numpy() * 1e-3
         return linear_sampler(reference, cond) + noise
 
     def driving_keypoints(self, avatar, motion, first_motion) -> np.ndarray:
         return (motion - first_motion)[:, :63].reshape(-1, 21, 3)
 
-    def submit_frames(self, avatar, x_d) -> list[Future]:
+    def submit_frames(self, avatar, x_d, deadlines=None, first_alone=False) -> list[Future]:
         futures = []
         for frame in x_d:
             future: Future = Future()

@@ -7,17 +7,22 @@ window) and get a Future per item; the batch thread takes up to `max_items` pend
 items, and when fewer are pending it waits at most `max_wait_s` after the oldest one
 arrived for more to come, so a lone stream is never held back by more than that wait.
 
-Items leave in submission order, so one stream's frames come back in order whatever the
-other streams submit. `run` must return one result per item, in order; if it raises, every
-item of that batch gets the exception.
+Items carry a deadline (by default their arrival time) and run earliest deadline first:
+a stream that submits frame k with deadline ``start + k / fps`` gets its first frames
+ahead of another stream's later ones, so every stream keeps pace with realtime while the
+GPU has the capacity (FIFO would let one stream's 70-frame window hold all others back).
+A submission can also ask for a cut after its first item, so a new stream's first frame
+runs in a small batch of its own and leaves early. `run` must return one result per item,
+in order; if it raises, every item of that batch gets the exception.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
@@ -48,7 +53,9 @@ class Batcher(Generic[Item, Result]):
         self._run = run
         self.max_items = max_items
         self.max_wait_s = max_wait_s
-        self._pending: deque[tuple[float, Item, Future[Result]]] = deque()
+        # Heap of (deadline, sequence, arrival, cut_after, item, future).
+        self._pending: list[tuple[float, int, float, bool, Item, Future[Result]]] = []
+        self._sequence = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
         # Counters for benchmarks and logs: how full the batches actually were.
@@ -61,13 +68,29 @@ class Batcher(Generic[Item, Result]):
     def mean_batch(self) -> float:
         return self.items / self.batches if self.batches else 0.0
 
-    def submit(self, items: Sequence[Item]) -> list[Future[Result]]:
+    def submit(
+        self,
+        items: Sequence[Item],
+        deadlines: Sequence[float] | None = None,
+        cut_after_first: bool = False,
+    ) -> list[Future[Result]]:
+        """Queue items; `deadlines` (time.monotonic() values, one per item) order them
+        against other callers' items, default arrival time. With `cut_after_first`, the
+        batch that takes the first item takes nothing after it."""
         futures: list[Future[Result]] = [Future() for _ in items]
         now = time.monotonic()
+        if deadlines is None:
+            deadlines = [now] * len(items)
+        elif len(deadlines) != len(items):
+            raise ValueError(f"{len(items)} items but {len(deadlines)} deadlines")
         with self._cond:
             if self._closed:
                 raise BatcherClosed(f"{self.name} batcher is closed")
-            self._pending.extend((now, item, fut) for item, fut in zip(items, futures, strict=True))
+            for i, (item, fut, deadline) in enumerate(zip(items, futures, deadlines, strict=True)):
+                cut = cut_after_first and i == 0
+                heapq.heappush(
+                    self._pending, (deadline, next(self._sequence), now, cut, item, fut)
+                )
             self._cond.notify()
         return futures
 
@@ -84,30 +107,36 @@ class Batcher(Generic[Item, Result]):
         if self._thread.is_alive():
             log.warning("%s batcher thread did not stop within %.0f s", self.name, timeout_s)
 
-    def _take(self) -> list[tuple[float, Item, Future[Result]]] | None:
+    def _take(self) -> list[tuple[Item, Future[Result]]] | None:
         with self._cond:
             while True:
                 if self._closed and not self._pending:
                     return None
                 if self._pending:
-                    if len(self._pending) >= self.max_items or self._closed:
+                    head = self._pending[0]
+                    if len(self._pending) >= self.max_items or self._closed or head[3]:
                         break
-                    waited = time.monotonic() - self._pending[0][0]
+                    waited = time.monotonic() - min(entry[2] for entry in self._pending)
                     if waited >= self.max_wait_s:
                         break
                     self._cond.wait(self.max_wait_s - waited)
                 else:
                     # Nothing to do: sleep until a submit (bounded, to notice close()).
                     self._cond.wait(1.0)
-            count = min(self.max_items, len(self._pending))
-            return [self._pending.popleft() for _ in range(count)]
+            batch = []
+            while self._pending and len(batch) < self.max_items:
+                _, _, _, cut, item, fut = heapq.heappop(self._pending)
+                batch.append((item, fut))
+                if cut:
+                    break
+            return batch
 
     def _loop(self) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 return
-            live = [(item, fut) for _, item, fut in batch if fut.set_running_or_notify_cancel()]
+            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if not live:
                 continue
             try:

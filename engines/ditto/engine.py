@@ -3,23 +3,26 @@
 Options (from config):
 - ``weights``: ``"random"`` (seeded random weights of the official shapes, for
   benchmarking; every log line and the report say RANDOM WEIGHTS) or the checkpoint
-  folder holding ``ditto_pytorch/`` and ``ditto_cfg/``.
+  folder holding ``ditto_pytorch/`` (networks and aux models) and ``ditto_cfg/``.
 - ``seed`` (random weights, default 0), ``dtype`` (``float32`` | ``bfloat16``: warp and
   decoder, the per-frame cost; the extractors, stitching and LMDM stay float32),
   ``sampling_timesteps`` (DDIM steps per window, default 50).
+- Speed: ``max_batch`` / ``max_windows`` (frames per warp + decode batch and LMDM windows
+  per sampling batch, shared by all of the worker's streams), ``batch_wait_ms`` (how long
+  a lone item waits for company), ``cuda_graphs``, ``channels_last``, ``cudnn_benchmark``
+  (default on with CUDA), ``compile`` (torch.compile of warp and decoder; default on
+  with CUDA, about 80 s more at load; falls back to eager if compiling fails).
 
-What runs: motion generation over 80-frame LMDM windows with overlap 10, motion
-stitching (relative driving motion, lip/eye expression mix, gaze fix, stitching network),
-keypoint transform, warp, decode and paste-back into the source image.
+What runs: registration (face detection, landmarks, the landmark-based crop; see
+registration.py), source features once per avatar, HuBERT audio features, the condition
+handler (conditions.py), motion generation over 80-frame LMDM windows with overlap 10,
+motion clipping and stitching (relative driving motion, lip/eye expression mix, gaze fix,
+stitching network), keypoint transform, warp, decode and paste-back into the source image.
+Per-frame work goes through batchers (batcher.py) shared by every stream of the worker.
 
-Not implemented yet (raises NotImplementedError naming the part):
-- registration with the official face detection / landmark models (det_10g, 2d106det,
-  landmark203, mediapipe) and the landmark-based crop; random-weights mode registers
-  with a centred square crop instead, which is enough for benchmarking;
-- the condition handler's 35 control dims (emotion, eye openness, eye ball, ...) from the
-  config and the source landmarks; random-weights mode feeds zeros there;
-- HuBERT features are computed with the official streaming ONNX file when a checkpoint
-  folder is given; random-weights mode has no HuBERT file and feeds zero audio features.
+Random-weights mode has no aux models, HuBERT file or cfg: it registers with a centred
+square crop and feeds zero audio features and zero control dims, which is enough to
+measure the compute.
 """
 
 from __future__ import annotations
@@ -49,18 +52,20 @@ from ..base import (
     ProgressFn,
     no_progress,
 )
-from . import checkpoints, networks, synthetic
+from . import checkpoints, conditions, networks, random_checkpoint, synthetic
 from .batcher import Batcher, drain_futures
 from .graphs import GraphedCall
 from .keypoints import bins_to_degrees, transform_keypoints
 from .lmdm import LMDM, ddim_time_pairs
 from .motion_gen import WindowedMotion, info_to_vector, vectors_to_info
+from .networks import module_state_template
+from .registration import CROP_SIZE as FACE_SIZE
+from .registration import PasteBack, Registrar, RegistrationError
 
 log = logging.getLogger("avatard.engines.ditto")
 
 RANDOM_NOTE = "RANDOM WEIGHTS"
 AUDIO_DIM = 1024
-CONTROL_DIM = 35
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 CROP_SIZE = 256
 MAX_SIDE = 4096
@@ -72,33 +77,17 @@ LOOKAHEAD = HUBERT_CHUNK[2]
 RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
 
 
-def module_state_template(module: torch.nn.Module) -> synthetic.Manifest:
-    """A manifest made from a module's own state_dict (for random weights without the
-    shared manifests at run time)."""
-    entries = []
-    for key, value in module.state_dict().items():
-        if key.endswith("rotary.freqs"):
-            kind = "constant"
-        elif key.endswith(("weight_u", "weight_v")):
-            kind = "spectral_uv"
-        else:
-            kind = "scheme"
-        dtype = str(value.dtype).removeprefix("torch.")
-        entries.append(synthetic.ManifestEntry(key, tuple(value.shape), dtype, kind))
-    return synthetic.Manifest("", "", "", 0, tuple(entries), {})
-
-
 @dataclass
 class DittoAvatar:
     """Once-per-avatar state: the crop, its features and motion (cached per avatar)."""
 
-    image: np.ndarray  # (H,W,3) uint8 source
-    crop_box: tuple[int, int, int]  # x0, y0, side in source pixels
+    image: np.ndarray  # (H,W,3) uint8 source (after registration's resize, if any)
+    crop_box: tuple[int, int, int] | None  # x0, y0, side of the centred crop (random mode)
     feature_3d: torch.Tensor  # (1,32,16,64,64) on the device, render dtype
     source_info: dict[str, np.ndarray]  # motion-extractor outputs
     x_s: np.ndarray  # (1,21,3) source keypoints
-    image_t: torch.Tensor | None = None  # (H,W,3) float32 source on the device
-    mask_t: torch.Tensor | None = None  # (side,side,1) float32 paste-back mask on the device
+    paster: PasteBack | None = None  # blends decoded faces into `image`, on the device
+    cond_source: conditions.ConditionSource | None = None  # for the condition handler
 
 
 class DittoEngine(AvatarEngine):
@@ -111,6 +100,11 @@ class DittoEngine(AvatarEngine):
         if weights is None:
             raise EngineInputError("weights", "set 'random' or the Ditto checkpoint folder")
         self.random_weights = weights == "random"
+        # A folder written by random_checkpoint (for testing the loading path) is random
+        # too, and every log line and report must say so as well.
+        self.random_folder = not self.random_weights and (
+            Path(weights) / random_checkpoint.MARKER_FILE
+        ).exists()
         self.device = device
         self.seed = int(options.get("seed", 0))
         dtype_name = str(options.get("dtype", "float32"))
@@ -126,7 +120,7 @@ class DittoEngine(AvatarEngine):
         self.max_windows = _int_option(options, "max_windows", 16 if cuda else 4, 1, 64)
         batch_wait_ms = _float_option(options, "batch_wait_ms", 2.0, 0.0, 100.0)
         self.cuda_graphs = _bool_option(options, "cuda_graphs", cuda) and cuda
-        self.channels_last = _bool_option(options, "channels_last", cuda)
+        self.channels_last = _bool_option(options, "channels_last", False)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self.cfg: Any = None
@@ -141,10 +135,15 @@ class DittoEngine(AvatarEngine):
             mem0 = _rss_bytes()
 
         lmdm_config: dict[str, Any] = {}
+        self.registrar: Registrar | None = None
         if not self.random_weights:
             root = Path(weights)
             self.cfg = checkpoints.load_cfg(root / checkpoints.CFG_RELPATH)
             lmdm_config = _lmdm_config_from_cfg(self.cfg)
+            try:
+                conditions.check_width(self.cfg)
+            except conditions.ConditionError as exc:
+                raise checkpoints.CheckpointError(f"{checkpoints.CFG_RELPATH}: {exc}") from None
 
         self.models: dict[str, torch.nn.Module] = {}
         names = synthetic.MODULES
@@ -162,10 +161,22 @@ class DittoEngine(AvatarEngine):
                     name, weights, device, dtype, lmdm_config if name == "lmdm" else None
                 )
             self._log(f"loaded {name} ({dtype}) on {device}")
+        if cuda and _bool_option(options, "cudnn_benchmark", True):
+            # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the
+            # fastest (the first call of each batch size pays for it, in the warm-up).
+            torch.backends.cudnn.benchmark = True
         if self.channels_last:
             # The decoder is 2D convolutions on 64..512 px maps: NHWC lets cuDNN use its
             # tensor-core kernels without layout transposes (measured faster on the H100).
             self.models["decoder"].to(memory_format=torch.channels_last)
+        self.compiled = _bool_option(options, "compile", cuda) and cuda
+        if self.compiled:
+            # Inductor fuses the decoder's norm/modulation/activation chains, which are
+            # memory-bound at 512 px. Shapes are kept to two (1 and max_batch frames; see
+            # _render_items) so it compiles twice, in the warm-up.
+            self._eager = {name: self.models[name] for name in ("warp_network", "decoder")}
+            for name, module in self._eager.items():
+                self.models[name] = torch.compile(module, dynamic=False)
         self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
         self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
         self._frame_batcher: Batcher = Batcher(
@@ -176,6 +187,9 @@ class DittoEngine(AvatarEngine):
         )
         if not self.random_weights:
             self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
+            flags = conditions.handler_flags(self.cfg)
+            eyes = flags["use_eye_open"] or flags["use_eye_ball"]
+            self.registrar = Registrar.from_checkpoint(weights, self.cfg, device, eyes=eyes)
         self._load_s = time.perf_counter() - t0
         self._warmup_s = 0.0
         if options.get("warmup", True):
@@ -196,31 +210,65 @@ class DittoEngine(AvatarEngine):
     def _warm_up(self) -> None:
         """cuDNN algorithm choice, workspaces and (on CUDA) the graphs of the batch sizes a
         busy worker uses most: one frame, a full batch, and a single LMDM window."""
-        sizes = sorted({1, self.max_batch}) if self.cuda_graphs else [1]
+        try:
+            self._warm_up_render()
+        except Exception as exc:
+            if not self.compiled:
+                raise
+            # torch.compile needs a working Triton/C toolchain; without one, serve eager.
+            log.warning("torch.compile failed (%s: %s); running warp and decoder eagerly",
+                        type(exc).__name__, str(exc)[:300])
+            self.models.update(self._eager)
+            self.compiled = False
+            self._warp_decode = GraphedCall(
+                "warp+decode", self._warp_decode_eager, self.cuda_graphs
+            )
+            self._warm_up_render()
+        if self.cuda_graphs:
+            seq, dim = self.lmdm.seq_frames, self.lmdm.motion_feat_dim
+            window = (
+                np.zeros(dim, np.float32),
+                np.zeros((seq, self.condition_dim), np.float32),
+                np.zeros((seq, dim), np.float32),
+                np.zeros((self.noise_steps, seq, dim), np.float32),
+            )
+            for n in self.window_buckets:
+                self._sample_items([window] * n)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def _warm_up_render(self) -> None:
+        sizes = self.frame_buckets if self.cuda_graphs or self.compiled else [1]
         for n in sizes:
             feature = torch.zeros(n, 32, 16, 64, 64, device=self.device, dtype=self.render_dtype)
             kp = torch.zeros(n, 21, 3, device=self.device)
             self._warp_decode(feature, kp, kp)
-        if self.cuda_graphs:
-            seq = self.lmdm.seq_frames
-            self._sample_items([
-                (
-                    np.zeros(self.lmdm.motion_feat_dim, np.float32),
-                    np.zeros((seq, AUDIO_DIM + CONTROL_DIM), np.float32),
-                    np.zeros((seq, self.lmdm.motion_feat_dim), np.float32),
-                    np.zeros((self.noise_steps, seq, self.lmdm.motion_feat_dim), np.float32),
-                )
-            ])
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ helpers
     def _log(self, message: str) -> None:
-        log.info("%s%s", f"{RANDOM_NOTE}: " if self.random_weights else "", message)
+        random = self.random_weights or self.random_folder
+        log.info("%s%s", f"{RANDOM_NOTE}: " if random else "", message)
 
     @property
     def lmdm(self) -> LMDM:
         return self.models["lmdm"]  # type: ignore[return-value]
+
+    @property
+    def frame_buckets(self) -> list[int]:
+        """Batch sizes warp + decode runs at on CUDA (others are padded up to one):
+        powers of two up to max_batch, or just 1 and max_batch when compiled."""
+        if self.compiled:
+            return sorted({1, self.max_batch})
+        return _powers_of_two(self.max_batch)
+
+    @property
+    def window_buckets(self) -> list[int]:
+        return _powers_of_two(self.max_windows)
+
+    @property
+    def condition_dim(self) -> int:
+        """Width of the LMDM's per-frame condition: 1024 audio + the control dims."""
+        return int(self.lmdm.model.cond_projection.in_features)
 
     def report(self) -> EngineReport:
         notes = []
@@ -229,9 +277,16 @@ class DittoEngine(AvatarEngine):
                 f"{RANDOM_NOTE} (seed {self.seed}): output is noise; benchmarking only; "
                 "zero audio/control features, centred crop"
             )
+        if self.random_folder:
+            notes.append(
+                f"{RANDOM_NOTE}: the checkpoint folder holds {random_checkpoint.MARKER_FILE}; "
+                "output is noise; for testing the loading path only"
+            )
         notes.append(f"render dtype {str(self.render_dtype).removeprefix('torch.')}")
         notes.append(f"{self.sampling_timesteps} DDIM steps")
         notes.append(f"batches of <= {self.max_batch} frames, <= {self.max_windows} windows")
+        if self.compiled:
+            notes.append("torch.compile")
         if self.cuda_graphs:
             notes.append("CUDA graphs")
         return EngineReport(
@@ -271,27 +326,39 @@ class DittoEngine(AvatarEngine):
             if avatar_id in self._cache:
                 self._cache.move_to_end(avatar_id)
                 return self._cache[avatar_id]
-        if not self.random_weights:
-            raise NotImplementedError(
-                "Ditto registration with the official face detection and landmark models "
-                "(det_10g, 2d106det, landmark203, mediapipe) and the landmark-based crop is "
-                "not implemented yet"
-            )
-        crop, box = _center_crop(rgb, CROP_SIZE)
-        image_t = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255)
-        image_np = image_t.numpy()
-        feature = networks.appearance_feature(self.models["appearance_extractor"], image_np)
-        info = networks.motion_info(self.models["motion_extractor"], image_np)
+        box: tuple[int, int, int] | None = None
+        registration = None
+        if self.registrar is not None:
+            # Face detection, landmarks and the landmark-based crop (official aux models).
+            try:
+                registration = self.registrar.register(rgb)
+            except RegistrationError as exc:
+                raise EngineInputError("image", str(exc)) from None
+            source, crop_np = registration.image, registration.crop_tensor().numpy()
+            m_c2o = registration.m_c2o
+        else:
+            # Random weights: no aux models; a centred square crop stands in.
+            crop, box = _center_crop(rgb, CROP_SIZE)
+            crop_np = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(255).numpy()
+            source = rgb
+            x0, y0, side = box
+            m_c2o = np.array([[side / FACE_SIZE, 0, x0], [0, side / FACE_SIZE, y0], [0, 0, 1]])
+        feature = networks.appearance_feature(self.models["appearance_extractor"], crop_np)
+        info = networks.motion_info(self.models["motion_extractor"], crop_np)
         payload = DittoAvatar(
-            image=rgb,
+            image=source,
             crop_box=box,
             feature_3d=networks.to_tensor(feature, self.device, self.render_dtype),
             source_info=info,
             x_s=transform_keypoints(info),
-            image_t=torch.from_numpy(rgb).to(self.device, torch.float32),
-            mask_t=_feather_mask(box[2]).to(self.device),
+            paster=PasteBack(source, m_c2o, self.device),
+            cond_source=(
+                conditions.ConditionSource.from_registration(registration, info)
+                if registration is not None else None
+            ),
         )
-        state = AvatarState(avatar_id, rgb.shape[1], rgb.shape[0], payload, {"crop_box": box})
+        extras = {"crop_box": box} if box is not None else {}
+        state = AvatarState(avatar_id, source.shape[1], source.shape[0], payload, extras)
         with self._lock:
             self._cache[avatar_id] = state
             while len(self._cache) > self.cache_size:
@@ -312,15 +379,15 @@ class DittoEngine(AvatarEngine):
             return np.zeros((end - start, AUDIO_DIM), np.float32)
         return _hubert_features(self._hubert, pcm, start, end)
 
-    def conditions(self, audio_features: np.ndarray) -> np.ndarray:
-        """(N,1059) LMDM conditions: audio features + control dims."""
-        if not self.random_weights:
-            raise NotImplementedError(
-                "the condition handler (emotion, eye openness/ball and the other control "
-                "dims from the config and source landmarks) is not implemented yet"
-            )
-        controls = np.zeros((len(audio_features), CONTROL_DIM), np.float32)
-        return np.concatenate([audio_features, controls], axis=1)
+    def conditions(self, audio_features: np.ndarray, avatar: DittoAvatar, start: int
+                   ) -> np.ndarray:
+        """(N, condition_dim) LMDM conditions of clip frames start..start+N-1: audio
+        features + the condition handler's control dims (emotion, eyes, source keypoints,
+        as the cfg enables them). Random-weights mode has no cfg: zeros."""
+        if self.cfg is None or avatar.cond_source is None:
+            controls = np.zeros((len(audio_features), self.condition_dim - AUDIO_DIM), np.float32)
+            return np.concatenate([audio_features, controls], axis=1)
+        return conditions.build_condition(audio_features, self.cfg, avatar.cond_source, start)
 
     @property
     def noise_steps(self) -> int:
@@ -328,7 +395,11 @@ class DittoEngine(AvatarEngine):
         return len(ddim_time_pairs(self.sampling_timesteps, self.lmdm.n_timestep)) - 1
 
     def sample_window(
-        self, reference: np.ndarray, cond: np.ndarray, generator: torch.Generator
+        self,
+        reference: np.ndarray,
+        cond: np.ndarray,
+        generator: torch.Generator,
+        deadline_s: float | None = None,
     ) -> np.ndarray:
         """One DDIM run of the LMDM: (1,265) reference, (1,80,1059) -> (1,80,265). The
         noise is drawn here, from the stream's own generator and in upstream's order
@@ -339,7 +410,8 @@ class DittoEngine(AvatarEngine):
         noises = [torch.randn(shape, generator=generator) for _ in range(self.noise_steps)]
         noise = torch.cat(noises).numpy() if noises else np.zeros((0,) + shape[1:], np.float32)
         item = (reference.reshape(-1), cond[0], x_init[0].numpy(), noise)
-        future = self._window_batcher.submit([item])[0]
+        deadline = [deadline_s] if deadline_s is not None else None
+        future = self._window_batcher.submit([item], deadline)[0]
         return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))[None]
 
     def _ddim_eager(
@@ -358,7 +430,12 @@ class DittoEngine(AvatarEngine):
         cond = torch.from_numpy(np.stack([i[1] for i in items])).to(dev)
         x_init = torch.from_numpy(np.stack([i[2] for i in items])).to(dev)
         noises = torch.from_numpy(np.stack([i[3] for i in items], axis=1)).to(dev)
-        return list(networks.to_numpy(self._ddim(ref, cond, x_init, noises)))
+        n = len(items)
+        if self.cuda_graphs:
+            bucket = _bucket(n, self.window_buckets)
+            ref, cond, x_init = (_pad(t, bucket) for t in (ref, cond, x_init))
+            noises = _pad(noises.transpose(0, 1), bucket).transpose(0, 1)
+        return list(networks.to_numpy(self._ddim(ref, cond, x_init, noises)[:n]))
 
     def driving_keypoints(
         self, avatar: DittoAvatar, motion: np.ndarray, first_motion: np.ndarray
@@ -367,6 +444,11 @@ class DittoEngine(AvatarEngine):
         (N,265) relative to the first generated frame, lips and eyes from the driving
         expression, gaze correction, then the stitching network. Returns x_d (N,21,3)."""
         motion = np.asarray(motion, np.float32).reshape(-1, self.lmdm.motion_feat_dim)
+        if self.cfg is not None:
+            # The cfg's per-dim motion limits apply where motion becomes keypoints (the
+            # windows keep the unclipped motion for their reference frame).
+            motion = conditions.clip_motion(motion, self.cfg)
+            first_motion = conditions.clip_motion(first_motion, self.cfg)
         n = len(motion)
         src = avatar.source_info
         drv = vectors_to_info(motion)
@@ -383,10 +465,19 @@ class DittoEngine(AvatarEngine):
         x_s = np.repeat(avatar.x_s, n, axis=0)
         return networks.stitch(self.models["stitch_network"], x_s, x_d)
 
-    def submit_frames(self, avatar: DittoAvatar, x_d: np.ndarray) -> list:
+    def submit_frames(
+        self,
+        avatar: DittoAvatar,
+        x_d: np.ndarray,
+        deadlines: list[float] | None = None,
+        first_alone: bool = False,
+    ) -> list:
         """Queue N frames (x_d (N,21,3)) for batched warp + decode + paste-back; one
-        Future per frame, resolved to its (H,W,3) uint8 frame."""
-        return self._frame_batcher.submit([(avatar, x) for x in np.asarray(x_d, np.float32)])
+        Future per frame, resolved to its (H,W,3) uint8 frame. `deadlines` order them
+        against other streams' frames (earliest first); `first_alone` renders the first
+        in a batch of its own so it leaves sooner (a stream's first frame)."""
+        items = [(avatar, x) for x in np.asarray(x_d, np.float32)]
+        return self._frame_batcher.submit(items, deadlines, cut_after_first=first_alone)
 
     def render(self, avatar: DittoAvatar, x_d: np.ndarray) -> np.ndarray:
         """One frame, waited for: (H,W,3) uint8 at the source size."""
@@ -412,14 +503,22 @@ class DittoEngine(AvatarEngine):
             feature = avatars[0].feature_3d.expand(len(items), -1, -1, -1, -1)
         else:
             feature = torch.cat([a.feature_3d for a in avatars])
-        faces = self._warp_decode(feature, kp_s, kp_d)
+        n = len(items)
+        if self.cuda_graphs or self.compiled:
+            # Only a few batch sizes, each captured (and compiled) once at warm-up: a new
+            # size met mid-job would cost a capture or a compile while streams wait.
+            bucket = _bucket(n, self.frame_buckets)
+            kp_s, kp_d, feature = (_pad(t, bucket) for t in (kp_s, kp_d, feature))
+        faces = self._warp_decode(feature, kp_s, kp_d)[:n]
         frames: list[np.ndarray | None] = [None] * len(items)
         start = 0
         while start < len(items):  # runs of the same avatar paste back as one batch
             end = start + 1
             while end < len(items) and avatars[end] is avatars[start]:
                 end += 1
-            pasted = _paste_back(avatars[start], faces[start:end])
+            paster = avatars[start].paster
+            assert paster is not None
+            pasted = paster(faces[start:end])
             host = pasted.cpu().numpy()
             for offset in range(end - start):
                 frames[start + offset] = host[offset]
@@ -457,6 +556,28 @@ def _fix_gaze(info: dict[str, np.ndarray], src: dict[str, np.ndarray]) -> np.nda
     exp[:, 34] += dy * -0.001
     exp[:, 46] += dy * -0.001
     return exp
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, and `limit` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < limit:
+        sizes.append(sizes[-1] * 2)
+    return sorted(set(sizes) | {limit})
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    """The smallest bucket holding n items (n itself beyond the largest)."""
+    return next((b for b in buckets if b >= n), n)
+
+
+def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad dim 0 to `size` by repeating the last row (padded rows are computed and
+    dropped; repeating real data keeps them numerically tame)."""
+    extra = size - tensor.shape[0]
+    if extra <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
 
 
 def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
@@ -501,6 +622,9 @@ class DittoStream(AvatarStream):
         self.pcm = np.zeros(0, np.float32)
         self.emitted = 0
         self.finished = False
+        # Frame k is due at start + k / fps: the batchers serve the earliest due first.
+        self.started = time.monotonic()
+        self.fps = engine.fps
 
     def _run_windows(self, final: bool) -> None:
         frames_known = len(self.pcm) // SAMPLES_PER_FRAME
@@ -515,11 +639,12 @@ class DittoStream(AvatarStream):
             # whatever the chunking, because a non-final window waits for all of it.
             pcm = self.pcm[: (end + LOOKAHEAD) * SAMPLES_PER_FRAME]
             feats = self.engine.audio_features(pcm, start, end)
-            cond = self.engine.conditions(feats)  # (end-start, 1059)
+            cond = self.engine.conditions(feats, self.avatar, start)  # (end-start, 1059)
             window_cond = self.motion.window_condition(cond, offset=start)
             generator = torch.Generator().manual_seed(self.seed * 100003 + self.motion.windows)
+            due = self.started + start / self.fps
             self.motion.add(
-                self.engine.sample_window(self.motion.reference, window_cond, generator)
+                self.engine.sample_window(self.motion.reference, window_cond, generator, due)
             )
 
     def _drain(self, limit: int) -> Iterator[np.ndarray]:
@@ -530,7 +655,8 @@ class DittoStream(AvatarStream):
             return iter(())
         motion = self.motion.motion[0]
         x_d = self.engine.driving_keypoints(self.avatar, motion[self.emitted : limit], motion[0])
-        futures = self.engine.submit_frames(self.avatar, x_d)
+        due = [self.started + k / self.fps for k in range(self.emitted, limit)]
+        futures = self.engine.submit_frames(self.avatar, x_d, due, first_alone=self.emitted == 0)
         self.emitted = limit
         return drain_futures(futures, RESULT_TIMEOUT_S, "frame")
 
@@ -583,31 +709,10 @@ def _center_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int
     h, w = rgb.shape[:2]
     side = min(h, w)
     x0, y0 = (w - side) // 2, (h - side) // 2
-    patch = torch.from_numpy(rgb[y0 : y0 + side, x0 : x0 + side]).permute(2, 0, 1)[None].float()
+    patch = torch.tensor(rgb[y0 : y0 + side, x0 : x0 + side]).permute(2, 0, 1)[None].float()
     patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True)
     crop = patch[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
     return crop, (x0, y0, side)
-
-
-def _feather_mask(side: int) -> torch.Tensor:
-    """(side,side,1) float32 blend weights: 1 inside, ramping to 0 over the outer 6%."""
-    ramp = torch.minimum(torch.arange(side), torch.arange(side).flip(0)) / max(side * 0.06, 1)
-    edge = ramp.clamp(0, 1).float()
-    return (edge[:, None] * edge[None, :])[..., None]
-
-
-def _paste_back(avatar: DittoAvatar, faces: torch.Tensor) -> torch.Tensor:
-    """Resize N (N,3,512,512) faces into the avatar's crop box and blend them into its
-    source image with the feathered mask, on the faces' device: (N,H,W,3) uint8."""
-    assert avatar.image_t is not None and avatar.mask_t is not None
-    x0, y0, side = avatar.crop_box
-    resized = F.interpolate(faces.float(), size=(side, side), mode="bilinear", antialias=True)
-    face = resized.clamp(0, 1).permute(0, 2, 3, 1) * 255
-    out = avatar.image_t.expand(len(faces), -1, -1, -1).clone()
-    mask = avatar.mask_t.to(out.device)
-    region = out[:, y0 : y0 + side, x0 : x0 + side]
-    out[:, y0 : y0 + side, x0 : x0 + side] = region * (1 - mask) + face * mask
-    return (out + 0.5).clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------- HuBERT

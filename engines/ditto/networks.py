@@ -105,6 +105,33 @@ def synthetic_module(
     return place(module, device, dtype)
 
 
+def module_state_template(module: nn.Module) -> synthetic.Manifest:
+    """A manifest made from a module's own state_dict (for random weights without the
+    shared manifests at run time)."""
+    entries = []
+    for key, value in module.state_dict().items():
+        if key.endswith("rotary.freqs"):
+            kind = "constant"
+        elif key.endswith(("weight_u", "weight_v")):
+            kind = "spectral_uv"
+        else:
+            kind = "scheme"
+        dtype = str(value.dtype).removeprefix("torch.")
+        entries.append(synthetic.ManifestEntry(key, tuple(value.shape), dtype, kind))
+    return synthetic.Manifest("", "", "", 0, tuple(entries), {})
+
+
+def random_state(
+    name: str, seed: int, lmdm_config: Mapping[str, object] | None = None
+) -> dict[str, torch.Tensor]:
+    """Seeded random weights for network `name`, shaped like its checkpoint's state_dict
+    (the LMDM's: its denoiser, sized by `lmdm_config`). The shapes come from the module
+    itself, so no manifest is needed; the values are those the engine's random-weights
+    mode builds for the same seed."""
+    target = weight_target(build_module(name, lmdm_config))
+    return synthetic.random_state_dict(module_state_template(target), seed)
+
+
 def random_module(
     name: str, manifest: synthetic.Manifest, seed: int, device: str, dtype: torch.dtype
 ) -> nn.Module:
