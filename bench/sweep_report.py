@@ -146,12 +146,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _jobs_per_worker(config: dict[str, Any]) -> Any:
+    """Concurrent jobs per worker of the sweep's daemons (a --set override, default 1)."""
+    return config.get("settings", {}).get("daemon.jobs_per_worker", 1)
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    head = ("| engine | workers | batch | streams | media s | audio Hz | mode | jobs | RTF p50 | "
-            "RTF p95 | "
+    head = ("| engine | workers | jobs/worker | batch | streams | media s | audio Hz | mode | "
+            "jobs | RTF p50 | RTF p95 | "
             "frames/s | videos/h | realtime streams | first frame p50 / p95 (s) | "
             "worker RSS MiB | device MiB / worker | load s / worker |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
              "---:|---:|"]
     for r in records:
         c, m = r["config"], r["metrics"]
@@ -159,7 +164,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         dev_mem = m["device_memory_bytes"]
         loads = m["load_s"]
         lines.append(
-            f"| {c['engine']} | {c['workers']} | {c['batch']} | {c['streams']} | "
+            f"| {c['engine']} | {c['workers']} | {_jobs_per_worker(c)} | {c['batch']} | "
+            f"{c['streams']} | "
             f"{c['seconds']:g} | {c.get('sample_rate', '-')} | {c['mode']} | {m['jobs']} | "
             f"{_fmt(m['rtf_p50'])} | "
             f"{_fmt(m['rtf_p95'])} | {_fmt(m['frames_per_s'], 1)} | "
