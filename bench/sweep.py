@@ -57,6 +57,7 @@ WEIGHTS_ENGINES = frozenset({"ditto"})
 # Engine -> its option capping the frames rendered per batch; `--batch` varies it.
 BATCH_OPTIONS: dict[str, str] = {"ditto": "max_batch"}
 NOT_APPLICABLE = "n/a"
+ENGINE_DEFAULT = "default"  # --batch default: leave the engine's own batch option alone
 
 
 # ---------------------------------------------------------------------------- input
@@ -493,7 +494,8 @@ def _record(cfg: SweepConfig, metrics: dict[str, Any], facts: dict[str, Any],
 
 
 def run_sweep(engine: str | None, out: Path, *, weights: str | None = None,
-              workers: Iterable[int] | None = None, batches: Iterable[int] = (1,),
+              workers: Iterable[int] | None = None,
+              batches: Iterable[int | str] = (ENGINE_DEFAULT,),
               streams: Iterable[int] = (1,), seconds: Iterable[float] = (10.0,),
               mode: str = "offline", endpoint: str | None = None, repeat: int = 1,
               options: dict[str, Any] | None = None, force: bool = False,
@@ -544,7 +546,7 @@ def run_sweep(engine: str | None, out: Path, *, weights: str | None = None,
             raise ValueError("--engine is required unless --endpoint names a running daemon")
         batch_values: list[int | str] = list(batches)
         if engine not in BATCH_OPTIONS:
-            if batch_values != [1]:
+            if batch_values not in ([1], [ENGINE_DEFAULT]):
                 echo(f"note: engine {engine!r} has no batch option: batch is recorded as "
                      f"{NOT_APPLICABLE!r} and not swept")
             batch_values = [NOT_APPLICABLE]
@@ -707,7 +709,10 @@ def sweep_command(engine: str | None, weights: str | None, workers: str | None, 
     result = run_sweep(
         engine, Path(out), weights=weights,
         workers=parse_list(workers, int, "workers") if workers else None,
-        batches=parse_list(batch, int, "batch"), streams=parse_list(streams, int, "streams"),
+        batches=(
+            [ENGINE_DEFAULT] if batch.strip() == ENGINE_DEFAULT else parse_list(batch, int, "batch")
+        ),
+        streams=parse_list(streams, int, "streams"),
         seconds=parse_list(seconds, float, "seconds"), mode=mode, endpoint=endpoint,
         repeat=repeat, options=parse(options, "--option"), force=force,
         allowance_s=allowance_s, seed=seed, sample_rate=sample_rate,

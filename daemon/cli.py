@@ -304,9 +304,9 @@ def bench_recovery(as_json: bool) -> None:
 @click.option("--workers", help="Comma list of worker counts, e.g. 1,2,4,8: one private "
               "daemon each. Not with --endpoint (a running daemon's count is recorded). "
               "[default: 1]")
-@click.option("--batch", default="1", show_default=True,
-              help="Comma list of batch sizes (the engine's max_batch option). Engines "
-              "without a batch option record n/a and run once.")
+@click.option("--batch", default="default", show_default=True,
+              help="Comma list of batch sizes (the engine's max_batch option), or 'default' "
+              "for the engine's own. Engines without a batch option record n/a and run once.")
 @click.option("--streams", default="1", show_default=True,
               help="Comma list of concurrent streams (one thread and one client each).")
 @click.option("--seconds", default="10", show_default=True,

@@ -182,3 +182,12 @@ def test_cli_sweep_when_registered(tmp_path: Path):
     assert "| fake | 1 |" in run.stdout
     assert len(json.loads((out / "results.json").read_text())["records"]) == 1
     shutil.rmtree(out)
+
+
+def test_ditto_batch_default_leaves_the_engine_option_alone() -> None:
+    from avatard.bench.sweep import ENGINE_DEFAULT, engine_sections
+
+    default = engine_sections("ditto", 1, ENGINE_DEFAULT, "random", {}, streams_max=4)
+    assert default["engines.options.ditto"] == {"weights": "random"}
+    swept = engine_sections("ditto", 1, 8, "random", {}, streams_max=4)
+    assert swept["engines.options.ditto"] == {"weights": "random", "max_batch": 8}
