@@ -257,8 +257,8 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path] | str:
             ax.set_xlabel(dim)
             ax.set_ylabel(label)
             if not lines:
-                ax.text(0.5, 0.5, f"{dim}: n/a for this engine", ha="center", va="center",
-                        transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"{dim}: not swept (no numeric values)", ha="center",
+                        va="center", transform=ax.transAxes)
             elif len(lines) <= 8:
                 ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
