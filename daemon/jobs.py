@@ -87,7 +87,8 @@ class JobQueue:
 
     def push_front(self, job: Job) -> None:
         """Requeue a job whose worker died: it keeps its place ahead of newer jobs. May
-        exceed `size` by the number of workers, never more."""
+        exceed `size` by the jobs the workers were running (workers x jobs_per_worker), never
+        more."""
         self._queue.appendleft(job)
 
     def pop(self) -> Job | None:
