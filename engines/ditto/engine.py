@@ -122,6 +122,7 @@ class DittoEngine(AvatarEngine):
         self.cuda_graphs = _bool_option(options, "cuda_graphs", cuda) and cuda
         self.channels_last = _bool_option(options, "channels_last", False)
         self._lock = threading.Lock()
+        self._register_lock = threading.Lock()
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self.cfg: Any = None
         self._hubert = None
@@ -331,7 +332,10 @@ class DittoEngine(AvatarEngine):
         if self.registrar is not None:
             # Face detection, landmarks and the landmark-based crop (official aux models).
             try:
-                registration = self.registrar.register(rgb)
+                # One registration at a time: mediapipe's landmarker is not documented as
+                # safe across threads, and registration runs once per avatar anyway.
+                with self._register_lock:
+                    registration = self.registrar.register(rgb)
             except RegistrationError as exc:
                 raise EngineInputError("image", str(exc)) from None
             source, crop_np = registration.image, registration.crop_tensor().numpy()
