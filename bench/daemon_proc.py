@@ -46,7 +46,8 @@ class DaemonProcess:
     """A running `avatard serve`, its endpoint and its log file."""
 
     def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]],
-                 env: dict[str, str] | None = None, watchdog_usec: int = 0):
+                 env: dict[str, str] | None = None, watchdog_usec: int = 0,
+                 extra_args: list[str] | None = None):
         self.runtime_dir = workdir / "run"
         sections = {**sections}
         sections["daemon"] = {"runtime_dir": str(self.runtime_dir), **sections.get("daemon", {})}
@@ -57,7 +58,8 @@ class DaemonProcess:
             proc_env.pop("NOTIFY_SOCKET", None)
         # The module, not the console script: works wherever the package imports (a
         # --target install has no script next to the interpreter).
-        command = [sys.executable, "-m", "avatard.daemon.cli", "serve", "--config", str(config)]
+        command = [sys.executable, "-m", "avatard.daemon.cli", "serve", "--config", str(config),
+                   *(extra_args or [])]
         if watchdog_usec:
             # systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
             proc_env["WATCHDOG_USEC"] = str(watchdog_usec)

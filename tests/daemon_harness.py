@@ -32,7 +32,9 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
                daemon: dict[str, Any] | None = None, timeouts: dict[str, Any] | None = None,
                restart: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                wait_ready: bool = True, watchdog_usec: int = 0,
-               engines: dict[str, str] | None = None):
+               engines: dict[str, str] | None = None,
+               engine_options: dict[str, dict[str, Any]] | None = None,
+               extra_args: list[str] | None = None, ready_timeout_s: float = 60):
     """A daemon with the fake engines and short timeouts. On exit: SIGTERM, then assert
     exit status 0, no shared-memory segment, no child process and no socket left."""
     d = DaemonProcess(tmp_path, {
@@ -42,10 +44,12 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
         "restart": {**FAST_RESTART, **(restart or {})},
         "engines": engines or {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": fake or {},
-    }, env=env, watchdog_usec=watchdog_usec)
+        **{f"engines.options.{name}": opts for name, opts in (engine_options or {}).items()},
+    }, env=env, watchdog_usec=watchdog_usec, extra_args=extra_args)
     try:
         if wait_ready:
-            d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 60, "a ready worker")
+            d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, ready_timeout_s,
+                       "a ready worker")
         yield d
     finally:
         try:

@@ -193,3 +193,36 @@ def test_loader_rejects_a_corrupted_folder(folder, tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"lmdm_v0\.4_hubert\.pth.*cond_projection\.weight"):
         DittoEngine("cpu", {"weights": str(mismatch), **options})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_serve_with_checkpoints_through_the_daemon(folder, tmp_path):
+    """`avatard serve --engine ditto --checkpoints DIR`: a real daemon and worker load the
+    folder, register a portrait sent by a client and stream a lipsync job's frames."""
+    import io
+
+    from daemon_harness import run_daemon
+    from PIL import Image
+
+    from avatard.ipc.client import DoneEvent, FrameEvent
+
+    root, planted = folder
+    buffer = io.BytesIO()
+    Image.fromarray(face_image(planted)).save(buffer, format="PNG")
+    slow = {"load_s": 900.0, "warmup_s": 900.0, "stall_timeout_s": 900.0,
+            "heartbeat_timeout_s": 60.0, "client_call_s": 900.0}
+    with run_daemon(tmp_path, engines={"avatar": "ditto", "tts": "fake", "asr": "fake"},
+                    engine_options={"ditto": {"sampling_timesteps": 2, "warmup": False}},
+                    extra_args=["--checkpoints", str(root)], timeouts=slow,
+                    ready_timeout_s=900) as d:
+        worker = d.status()["workers"][0]
+        assert "RANDOM WEIGHTS" in str(worker["engines"])  # the folder's marker file
+        with d.client(timeout_s=900) as client:
+            avatar = client.register_avatar(buffer.getvalue())
+            pcm = (0.3 * np.random.default_rng(1).standard_normal(1920)).astype(np.float32)
+            events = list(client.lipsync(pcm, 16000, avatar=avatar, seed=3))
+    frames = [e for e in events if isinstance(e, FrameEvent)]
+    assert [f.index for f in frames] == [0, 1, 2]  # 0.12 s at 25 fps
+    assert all(f.array.shape == (*IMAGE_HW, 3) and f.array.dtype == np.uint8 for f in frames)
+    assert isinstance(events[-1], DoneEvent)
