@@ -177,10 +177,12 @@ def _doomed_client(endpoint: str, seed: int, text: str, conn: Any) -> None:
 
 
 class Chaos:
-    def __init__(self, seconds: float, seed: int, workers: int, clients: int, workdir: Path):
+    def __init__(self, seconds: float, seed: int, workers: int, clients: int, workdir: Path,
+                 jobs_per_worker: int = 1):
         self.seconds = seconds
         self.seed = seed
         self.workers = workers
+        self.jobs_per_worker = jobs_per_worker
         self.clients = clients
         self.rng = random.Random(seed)
         self.stop = threading.Event()
@@ -198,7 +200,8 @@ class Chaos:
         self.max_daemon_segments = 0
         self.t0 = time.monotonic()
         self.d = DaemonProcess(workdir, {
-            "daemon": {"workers": workers, "min_ready": 1, "devices": "cpu",
+            "daemon": {"workers": workers, "jobs_per_worker": jobs_per_worker,
+                       "min_ready": 1, "devices": "cpu",
                        "queue_size": 64, "job_deadline_s": 120.0, "drain_timeout_s": 30.0,
                        "log_level": "info"},
             "timeouts": TIMEOUTS, "restart": RESTART, "rings": RINGS,
@@ -514,6 +517,7 @@ class Chaos:
         doomed_ran_on = [self.doomed_seen.get(j, k) - k for j, k in self.doomed_jobs.items()]
         report = {
             "seconds": round(load_s, 1), "seed": self.seed, "workers": self.workers,
+            "jobs_per_worker": self.jobs_per_worker,
             "load_clients": self.clients, "frame": f"{FRAME}x{FRAME}", "frame_ms": FRAME_MS,
             "timeouts": TIMEOUTS, "restart": RESTART, "rings": RINGS,
             "jobs_accepted": len(jobs),
@@ -576,14 +580,14 @@ def _r(value: float) -> float:
 
 
 def run_chaos(seconds: float, seed: int, workers: int = 3, clients: int = 3,
-              workdir: Path | None = None) -> dict[str, Any]:
+              workdir: Path | None = None, jobs_per_worker: int = 1) -> dict[str, Any]:
     """Run the chaos scenario for `seconds` of load and return the audit (see the module
     docstring). `workdir` keeps the daemon's config and log (a temporary folder if None)."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        return Chaos(seconds, seed, workers, clients, workdir).run()
+        return Chaos(seconds, seed, workers, clients, workdir, jobs_per_worker).run()
     with tempfile.TemporaryDirectory(prefix="avatard-chaos-") as tmp:
-        return Chaos(seconds, seed, workers, clients, Path(tmp)).run()
+        return Chaos(seconds, seed, workers, clients, Path(tmp), jobs_per_worker).run()
 
 
 def format_chaos(report: dict[str, Any]) -> str:
@@ -592,8 +596,8 @@ def format_chaos(report: dict[str, Any]) -> str:
     failed = ", ".join(f"{k} {n}" for k, n in report["jobs_failed_by_code"].items()) or "-"
     lines = [
         f"chaos: {report['seconds']} s of load, seed {report['seed']}, {report['workers']} "
-        f"workers, {report['load_clients']} load clients, {report['frame']} frames at "
-        f"{report['frame_ms']} ms",
+        f"workers x {report.get('jobs_per_worker', 1)} jobs, {report['load_clients']} load "
+        f"clients, {report['frame']} frames at {report['frame_ms']} ms",
         f"jobs: {report['jobs_accepted']} accepted, {report['jobs_completed']} completed, "
         f"{report['jobs_failed']} failed ({failed}), {report['jobs_lost']} lost; "
         f"{report['jobs_moved_to_another_worker']} completed on another worker",

@@ -407,15 +407,18 @@ def bench_overhead(frame_ms: float, busy: bool, seconds: float, size: int, repea
               help="Seeds the fault schedule and the jobs.")
 @click.option("--workers", type=click.IntRange(2, 64), default=3, show_default=True,
               help="Workers of the daemon under test.")
+@click.option("--jobs-per-worker", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Concurrent jobs each worker runs (daemon.jobs_per_worker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench_chaos(seconds: float, seed: int, workers: int, as_json: bool) -> None:
+def bench_chaos(seconds: float, seed: int, workers: int, jobs_per_worker: int,
+                as_json: bool) -> None:
     """Steady fake-engine load while a seeded schedule SIGKILLs, SIGSTOPs and SIGTERMs
     workers, fills a ring, slows a client and kills a client mid-stream; then audits:
     every job done or failed with a reason, frames exactly once, nothing leaked. Exits 1
     when the audit fails."""
     from avatard.bench.chaos import format_chaos, run_chaos
 
-    report = run_chaos(seconds, seed, workers=workers)
+    report = run_chaos(seconds, seed, workers=workers, jobs_per_worker=jobs_per_worker)
     if as_json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -23,8 +23,13 @@ SIZE = 32
 
 
 @pytest.mark.timeout(150)
-def test_short_chaos_loses_nothing_and_leaves_nothing(tmp_path: Path) -> None:
-    report = run_chaos(seconds=20, seed=7, workers=3, workdir=tmp_path)
+@pytest.mark.parametrize("jobs_per_worker", [1, 3])
+def test_short_chaos_loses_nothing_and_leaves_nothing(tmp_path: Path, jobs_per_worker: int
+                                                      ) -> None:
+    # With 3 jobs per worker a killed or stopped worker takes several jobs down at once.
+    report = run_chaos(seconds=20, seed=7, workers=3, workdir=tmp_path,
+                       jobs_per_worker=jobs_per_worker)
+    assert report["jobs_per_worker"] == jobs_per_worker
     summary = format_chaos(report)
     log = (tmp_path / "daemon.log").read_text(errors="replace")[-3000:]
     assert report["jobs_accepted"] > 10, summary
