@@ -1,7 +1,8 @@
 """`avatard bench overhead`: what the daemon adds to the fake avatar engine, side by side.
 
 - ``direct``: `FakeAvatarEngine` in this process: open_stream, push the audio in the same
-  chunks the worker uses (`LIPSYNC_CHUNK_S`), finish. First frame = when the first push
+  chunks the worker uses (`lipsync_chunks`: one frame's audio, then `LIPSYNC_CHUNK_S`),
+  finish. First frame = when the first push
   returns frames; wall = when finish returns.
 - ``daemon``: the same engine options in a private `avatard serve` with one worker, one
   local client (shared-memory frames): a lipsync job with the same audio and seed, timed
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from avatard.daemon.worker import LIPSYNC_CHUNK_S
+from avatard.daemon.worker import LIPSYNC_CHUNK_S, lipsync_chunks
 from avatard.ipc.client import Client, DoneEvent, FrameEvent
 
 from .daemon_proc import DaemonProcess
@@ -41,17 +42,16 @@ FIRST_FRAME_TARGET_S = 0.005  # and at most 5 ms to the first frame
 
 
 def _direct(engine: Any, state: Any, pcm: np.ndarray, seed: int) -> dict[str, float]:
-    step = max(1, int(engine.audio_rate * LIPSYNC_CHUNK_S))
     started = time.perf_counter()
     first = None
     frames = 0
     stream = engine.open_stream(state, seed)
-    for start in range(0, pcm.size, step):
-        got = stream.push(pcm[start:start + step])
+    for chunk in lipsync_chunks(pcm, engine.audio_rate, engine.fps):
+        got = list(stream.push(chunk))
         if got and first is None:
             first = time.perf_counter() - started
         frames += len(got)
-    got = stream.finish()
+    got = list(stream.finish())
     if got and first is None:
         first = time.perf_counter() - started
     frames += len(got)
@@ -166,7 +166,8 @@ def format_overhead(r: dict[str, Any]) -> str:
     lines = [
         f"fake engine, {r['size']}x{r['size']} frames, frame_ms={r['frame_ms']:g} "
         f"({'busy' if r['frame_busy'] else 'sleep'}), {r['seconds']:g} s of audio = "
-        f"{r['frames']} frames, pushed in {r['chunk_s']:g} s chunks; median of {r['repeat']} "
+        f"{r['frames']} frames, pushed as one frame's audio then {r['chunk_s']:g} s chunks; "
+        f"median of {r['repeat']} "
         "alternating runs",
         "",
         "| path | per frame (ms) | first frame (ms) | wall (s) |",

@@ -456,14 +456,8 @@ class Worker:
             pcm = self._input_array(run, job.audio).reshape(-1).astype(np.float32, copy=False)
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
             pcm, _ = validate_pcm(pcm, job.sample_rate, field="audio")
-            resampled = resample(pcm, job.sample_rate, rate)
-            # A first chunk of one frame's audio, so the first frame leaves as soon as the
-            # engine can make it; then bigger chunks, which cost less per frame.
-            first = max(1, rate // 25)
-            yield resampled[:first], None, 0
-            step = max(1, int(rate * LIPSYNC_CHUNK_S))
-            for start in range(first, resampled.size, step):
-                yield resampled[start : start + step], None, 0
+            for chunk in lipsync_chunks(resample(pcm, job.sample_rate, rate), rate):
+                yield chunk, None, 0
         else:
             raise ValueError(f"unknown job kind {job.kind!r}")
 
@@ -572,6 +566,17 @@ class Worker:
                 log.exception("closing engine %s", engine)
         self.sock.close(linger=1000)
         self.ctx.term()
+
+
+def lipsync_chunks(pcm: np.ndarray, rate: int, fps: int = 25):
+    """How a lipsync job's audio is fed to the avatar stream: a first chunk of one frame's
+    audio, so the first frame leaves as soon as the engine can make it, then chunks of
+    LIPSYNC_CHUNK_S, which cost less per frame."""
+    first = max(1, rate // fps)
+    yield pcm[:first]
+    step = max(1, int(rate * LIPSYNC_CHUNK_S))
+    for start in range(first, pcm.size, step):
+        yield pcm[start : start + step]
 
 
 def _desc(ref: SlotRef) -> P.SlotDesc:
