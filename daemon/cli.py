@@ -252,6 +252,15 @@ def bench() -> None:
     """Benchmarks that print a table and can write JSON."""
 
 
+def _print_report(report: dict, as_json: bool, formatter) -> None:
+    """A bench report as indented JSON, or as the bench's own text table."""
+    if as_json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        click.echo(formatter(report))
+
+
 @bench.command("ipc")
 @click.option("--frames", default=2000, show_default=True, type=click.IntRange(10, 10**6),
               help="Frames moved per method in the throughput phase.")
@@ -273,11 +282,7 @@ def bench_ipc(frames: int, latency_frames: int, slots: int, seed: int, as_json: 
     from avatard.bench.ipc_bench import format_table, run_ipc_bench
 
     report = run_ipc_bench(frames=frames, latency_frames=latency_frames, slots=slots, seed=seed)
-    if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        click.echo(format_table(report))
+    _print_report(report, as_json, format_table)
 
 
 @bench.command("recovery")
@@ -289,11 +294,7 @@ def bench_recovery(as_json: bool) -> None:
     from avatard.bench.recovery import format_recovery, run_recovery_bench
 
     report = run_recovery_bench()
-    if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        click.echo(format_recovery(report))
+    _print_report(report, as_json, format_recovery)
 
 
 @bench.command("sweep")
@@ -393,11 +394,7 @@ def bench_overhead(frame_ms: float, busy: bool, seconds: float, size: int, repea
                               frame_busy=busy)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        click.echo(format_overhead(report))
+    _print_report(report, as_json, format_overhead)
 
 
 @bench.command("chaos")
@@ -419,11 +416,7 @@ def bench_chaos(seconds: float, seed: int, workers: int, jobs_per_worker: int,
     from avatard.bench.chaos import format_chaos, run_chaos
 
     report = run_chaos(seconds, seed, workers=workers, jobs_per_worker=jobs_per_worker)
-    if as_json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        click.echo(format_chaos(report))
+    _print_report(report, as_json, format_chaos)
     sys.exit(0 if report["passed"] else 1)
 
 

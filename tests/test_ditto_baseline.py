@@ -36,6 +36,15 @@ COUNTED = (
     "warp+decode",
     "lmdm_step",
 )
+# What a --quick run times (and, with upstream, compares output by output).
+QUICK_NETWORKS = {
+    "appearance_extractor",
+    "motion_extractor",
+    "stitch_network",
+    "lmdm_step",
+    "lmdm_ddim_2",
+    "warp+decode",
+}
 
 
 def conv_flops(cin: int, cout: int, kernel: int, voxels: int, dims: int = 2) -> int:
@@ -183,14 +192,7 @@ def _check_report(report: dict, with_upstream: bool) -> None:
     assert report["peak_tflops"]["fp32"] > 0
     assert set(report["flops"]) == set(COUNTED)
     sides = ["upstream", "ours"] if with_upstream else ["ours"]
-    networks_timed = {
-        "appearance_extractor",
-        "motion_extractor",
-        "stitch_network",
-        "lmdm_step",
-        "lmdm_ddim_2",
-        "warp+decode",
-    }
+    networks_timed = QUICK_NETWORKS
     for side in sides:
         rows = {r["network"]: r for r in report["timing"] if r["side"] == side}
         assert set(rows) == networks_timed
@@ -243,14 +245,7 @@ def test_quick_cpu_run_side_by_side_with_upstream(tmp_path, capsys):
         assert row["ours_flops"] == pytest.approx(row["upstream_flops"], rel=0.01), key
         assert row["ours_params"] == row["upstream_params"], key
     # Same weights and inputs in float32 on CPU: the outputs agree to rounding (~1e-6).
-    assert set(report["agreement"]) == {
-        "appearance_extractor",
-        "motion_extractor",
-        "stitch_network",
-        "lmdm_step",
-        "lmdm_ddim_2",
-        "warp+decode",
-    }
+    assert set(report["agreement"]) == QUICK_NETWORKS
     for key, err in report["agreement"].items():
         assert err < 1e-4, (key, err)
     assert "ALL WEIGHTS ARE RANDOM" in capsys.readouterr().out
