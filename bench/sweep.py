@@ -387,9 +387,11 @@ def compute_metrics(cfg: SweepConfig, results: list[JobResult], errors: list[str
     }
 
 
-def warm_up(endpoint: str, workers: int, seed: int) -> None:
-    """One short unmeasured job per worker (concurrently, so each worker gets one): first
-    calls (avatar registration, lazy allocations, kernel selection) stay out of the data."""
+def warm_up(endpoint: str, jobs: int, seed: int) -> None:
+    """Short unmeasured jobs, all at once: at least one per worker, and as many as the
+    largest stream count measured, so first calls (avatar registration, lazy allocations,
+    kernel selection, host buffers of every batch size) stay out of the data of the first
+    configuration; with a batching engine those depend on how many streams run together."""
     pcm = speech_like_pcm(WARMUP_S, seed)
     failures: list[str] = []
 
@@ -399,7 +401,7 @@ def warm_up(endpoint: str, workers: int, seed: int) -> None:
         if job.error:
             failures.append(job.error)
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(workers)]
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(jobs)]
     for t in threads:
         t.start()
     _join(threads)
@@ -628,7 +630,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
             target = d.endpoint
         else:
             target = endpoint
-        warm_up(target, n_workers, seed)
+        warm_up(target, max(n_workers, *(c.streams for c in configs)), seed)
         for cfg in configs:
             bar.describe(f"W={cfg.workers} B={cfg.batch} S={cfg.streams} "
                          f"{cfg.seconds:g}s {cfg.mode}")

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -473,9 +474,16 @@ class Worker:
         samples = 0
         out_samples = 0
 
-        def emit(frames: list[np.ndarray]) -> None:
+        def emit(frames: Iterable[np.ndarray]) -> None:
             nonlocal next_frame
-            for frame in frames:
+            # An engine may return a lazy iterator that computes frames as it is read:
+            # each step is an engine call, made under the engine's lock.
+            frames = iter(frames)
+            while True:
+                with lock:
+                    frame = next(frames, None)
+                if frame is None:
+                    return
                 index = next_frame
                 next_frame += 1
                 run.progress = next_frame

@@ -119,6 +119,77 @@ def test_batcher_arguments_are_checked() -> None:
     batcher.close()
 
 
+def test_two_stage_batches_launch_ahead_and_complete_in_order() -> None:
+    # `run` launches (returns a handle), `finish` waits for it. The batch thread must
+    # launch the next batch while an earlier one still waits in `finish`, keep at most
+    # `in_flight` launched batches unfinished, and deliver each item's own result.
+    release = threading.Event()
+    launched: list[list[int]] = []
+    unfinished = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def launch(items: list[int]) -> list[int]:
+        with lock:
+            launched.append(list(items))
+            unfinished["now"] += 1
+            unfinished["max"] = max(unfinished["max"], unfinished["now"])
+        return list(items)
+
+    def finish(handle: list[int]) -> list[int]:
+        release.wait(timeout=10)
+        with lock:
+            unfinished["now"] -= 1
+        return [i * 10 for i in handle]
+
+    batcher = Batcher("test", launch, max_items=2, max_wait_s=0.0, finish=finish, in_flight=2)
+    futures = batcher.submit(list(range(8)))
+    deadline = time.monotonic() + 10
+    while len(launched) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the semaphore must hold the third launch back meanwhile
+    assert len(launched) == 2 and not any(f.done() for f in futures)
+    release.set()
+    assert list(drain_futures(futures, 10, "item")) == [i * 10 for i in range(8)]
+    assert unfinished["max"] == 2
+    assert batcher.batches == 4 and batcher.mean_batch == 2
+    batcher.close()
+
+
+def test_two_stage_failures_reach_every_item_of_their_batch() -> None:
+    def launch(items: list[int]) -> list[int]:
+        if 1 in items:
+            raise RuntimeError("launch fault")
+        return items
+
+    def finish(handle: list[int]) -> list[int]:
+        if 2 in handle:
+            raise RuntimeError("copy fault")
+        return handle if 3 not in handle else handle[:-1]
+
+    batcher = Batcher("test", launch, max_items=1, max_wait_s=0.0, finish=finish)
+    futures = batcher.submit([1, 2, 3, 4])
+    with pytest.raises(RuntimeError, match="launch fault"):
+        futures[0].result(timeout=10)
+    with pytest.raises(RuntimeError, match="copy fault"):
+        futures[1].result(timeout=10)
+    with pytest.raises(RuntimeError, match="gave 0 results"):
+        futures[2].result(timeout=10)
+    assert futures[3].result(timeout=10) == 4
+    batcher.close()
+
+
+def test_closing_a_two_stage_batcher_completes_what_was_launched() -> None:
+    def finish(handle: list[int]) -> list[int]:
+        time.sleep(0.05)
+        return handle
+
+    batcher = Batcher("test", lambda items: items, max_items=1, max_wait_s=0.0, finish=finish)
+    futures = batcher.submit([1, 2, 3])
+    batcher.close(timeout_s=10)
+    assert [f.result(timeout=0) for f in futures] == [1, 2, 3]
+    assert not batcher._thread.is_alive() and not batcher._completer.is_alive()
+
+
 def test_graphed_call_without_cuda_calls_the_function() -> None:
     seen = []
 

@@ -110,6 +110,7 @@ class _FakeEngine:
         return feats
 
     fps = 25
+    max_batch = 16  # frames per render batch: the stream queues whole batches between windows
 
     def sample_window(self, reference, cond, generator: torch.Generator, due=None) -> np.ndarray:
         noise = torch.randn(1, 80, MOTION_DIM, generator=generator).numpy() * 1e-3

@@ -7,6 +7,13 @@ window) and get a Future per item; the batch thread takes up to `max_items` pend
 items, and when fewer are pending it waits at most `max_wait_s` after the oldest one
 arrived for more to come, so a lone stream is never held back by more than that wait.
 
+With a `finish` function the batch runs in two stages: `run` only launches the work (on
+a GPU: queues the kernels and an asynchronous copy to the host) and returns a handle;
+a completion thread calls `finish(handle)` to wait for it and resolve the futures. The
+batch thread meanwhile gathers and launches the next batch, so the GPU is not idle while
+the host waits for, splits and hands out the previous one. At most `in_flight` launched
+batches wait for completion (two: one running, one queued behind it).
+
 Items carry a deadline (by default their arrival time) and run earliest deadline first:
 a stream that submits frame k with deadline ``start + k / fps`` gets its first frames
 ahead of another stream's later ones, so every stream keeps pace with realtime while the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +52,8 @@ class Batcher(Generic[Item, Result]):
         run: Callable[[list[Item]], Sequence[Result]],
         max_items: int,
         max_wait_s: float,
+        finish: Callable[[Any], Sequence[Result]] | None = None,
+        in_flight: int = 2,
     ):
         if max_items < 1:
             raise ValueError(f"{name}: max_items must be >= 1, got {max_items}")
@@ -61,8 +71,17 @@ class Batcher(Generic[Item, Result]):
         # Counters for benchmarks and logs: how full the batches actually were.
         self.batches = 0
         self.items = 0
+        self._finish = finish
+        self._in_flight = threading.BoundedSemaphore(max(1, in_flight))
+        self._launched: queue.SimpleQueue[tuple[Any, list] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
+        self._completer: threading.Thread | None = None
+        if finish is not None:
+            self._completer = threading.Thread(
+                target=self._complete_loop, name=f"batch-{name}-done", daemon=True
+            )
+            self._completer.start()
 
     @property
     def mean_batch(self) -> float:
@@ -103,9 +122,13 @@ class Batcher(Generic[Item, Result]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.warning("%s batcher thread did not stop within %.0f s", self.name, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for thread in (self._thread, self._completer):
+            if thread is None:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s thread did not stop within %.0f s", thread.name, timeout_s)
 
     def _take(self) -> list[tuple[Item, Future[Result]]] | None:
         with self._cond:
@@ -132,27 +155,68 @@ class Batcher(Generic[Item, Result]):
             return batch
 
     def _loop(self) -> None:
+        try:
+            while True:
+                batch = self._take()
+                if batch is None:
+                    return
+                live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+                if not live:
+                    continue
+                if self._finish is None:
+                    try:
+                        results = self._run([item for item, _ in live])
+                    except BaseException as exc:  # delivered to every caller of this batch
+                        _fail(live, exc)
+                        continue
+                    self._deliver(live, results)
+                    continue
+                # Two stages: wait (bounded) for a completion slot, launch, hand over.
+                while not self._in_flight.acquire(timeout=1.0):
+                    log.debug("%s: waiting for a launched batch to complete", self.name)
+                try:
+                    handle = self._run([item for item, _ in live])
+                except BaseException as exc:
+                    self._in_flight.release()
+                    _fail(live, exc)
+                    continue
+                self._launched.put((handle, live))
+        finally:
+            self._launched.put(None)  # lets the completion thread finish what was launched
+
+    def _complete_loop(self) -> None:
+        assert self._finish is not None
         while True:
-            batch = self._take()
-            if batch is None:
+            entry = self._launched.get()
+            if entry is None:
                 return
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
-            if not live:
-                continue
+            handle, live = entry
             try:
-                results = self._run([item for item, _ in live])
-                if len(results) != len(live):
-                    raise RuntimeError(
-                        f"{self.name}: batch of {len(live)} gave {len(results)} results"
-                    )
-            except BaseException as exc:  # delivered to every caller of this batch
-                for _, fut in live:
-                    fut.set_exception(exc)
-                continue
-            self.batches += 1
-            self.items += len(live)
-            for (_, fut), result in zip(live, results, strict=True):
-                fut.set_result(result)
+                # Blocks until the device has finished this batch. A hung device shows up
+                # to the callers as their own bounded waits on the futures timing out.
+                results = self._finish(handle)
+            except BaseException as exc:
+                _fail(live, exc)
+            else:
+                self._deliver(live, results)
+            finally:
+                self._in_flight.release()
+
+    def _deliver(self, live: list, results: Sequence[Result]) -> None:
+        if len(results) != len(live):
+            _fail(live, RuntimeError(
+                f"{self.name}: batch of {len(live)} gave {len(results)} results"))
+            return
+        self.batches += 1
+        self.items += len(live)
+        for (_, fut), result in zip(live, results, strict=True):
+            fut.set_result(result)
+
+
+def _fail(live: list, exc: BaseException) -> None:
+    """Deliver one exception to every caller of a batch."""
+    for _, fut in live:
+        fut.set_exception(exc)
 
 
 def drain_futures(futures: Sequence[Future[Any]], timeout_s: float, what: str):

@@ -37,8 +37,15 @@ def ditto() -> None:
     show_default=True,
     help="Largest relative L2 error accepted per output array.",
 )
+@click.option(
+    "--serving",
+    is_flag=True,
+    help="Check the warp network and decoder as the engine serves them (slow layers "
+    "rewritten into equivalent faster ones).",
+)
 def verify_command(
-    vectors_dir: Path, device: str, dtype: str, manifests: Path | None, tolerance: float
+    vectors_dir: Path, device: str, dtype: str, manifests: Path | None, tolerance: float,
+    serving: bool,
 ) -> None:
     """Run our networks with the synthetic weights on every VECTORS_DIR/*.npz and compare
     each output with its reference (relative L2 error). Exits 1 if any output is above
@@ -51,7 +58,9 @@ def verify_command(
 
         if not torch.cuda.is_available():
             raise click.UsageError(f"--device {device}: CUDA is not available")
-    click.echo(f"ditto verify: {vectors_dir} on {device} in {dtype}, tolerance {tolerance:g}")
+    mode = ", serving layers" if serving else ""
+    click.echo(f"ditto verify: {vectors_dir} on {device} in {dtype}, tolerance {tolerance:g}"
+               f"{mode}")
     results = verify(
         vectors_dir,
         manifests,
@@ -59,6 +68,7 @@ def verify_command(
         dtype=dtype,
         tolerance=tolerance,
         progress=lambda r: click.echo(r.line()),
+        serving=serving,
     )
     failed = [r for r in results if not r.passed]
     click.echo(f"{len(results) - len(failed)} of {len(results)} checks passed")

@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ from .motion_gen import WindowedMotion, info_to_vector, vectors_to_info
 from .networks import module_state_template
 from .registration import CROP_SIZE as FACE_SIZE
 from .registration import PasteBack, Registrar, RegistrationError
+from .serving import rewrite_for_serving
 
 log = logging.getLogger("avatard.engines.ditto")
 
@@ -162,6 +163,12 @@ class DittoEngine(AvatarEngine):
                     name, weights, device, dtype, lmdm_config if name == "lmdm" else None
                 )
             self._log(f"loaded {name} ({dtype}) on {device}")
+        self.serving_layers = _bool_option(options, "serving_layers", True)
+        if self.serving_layers:
+            # Same function, tensor-core friendly shapes (serving.py): the dense-motion
+            # mask conv alone was 29 % of a bf16 render batch on an H100 as loaded.
+            for name in ("warp_network", "decoder"):
+                self.models[name] = rewrite_for_serving(self.models[name])
         if cuda and _bool_option(options, "cudnn_benchmark", True):
             # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the
             # fastest (the first call of each batch size pays for it, in the warm-up).
@@ -178,10 +185,13 @@ class DittoEngine(AvatarEngine):
             self._eager = {name: self.models[name] for name in ("warp_network", "decoder")}
             for name, module in self._eager.items():
                 self.models[name] = torch.compile(module, dynamic=False)
+        # Priority -1: ahead of the default stream's 0 (lower numbers run first).
+        self._lmdm_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
         self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
         self._frame_batcher: Batcher = Batcher(
-            "frames", self._render_items, self.max_batch, batch_wait_ms / 1000
+            "frames", self._launch_render, self.max_batch, batch_wait_ms / 1000,
+            finish=self._finish_render,
         )
         self._window_batcher: Batcher = Batcher(
             "windows", self._sample_items, self.max_windows, batch_wait_ms / 1000
@@ -286,6 +296,8 @@ class DittoEngine(AvatarEngine):
         notes.append(f"render dtype {str(self.render_dtype).removeprefix('torch.')}")
         notes.append(f"{self.sampling_timesteps} DDIM steps")
         notes.append(f"batches of <= {self.max_batch} frames, <= {self.max_windows} windows")
+        if self.serving_layers:
+            notes.append("serving layers")
         if self.compiled:
             notes.append("torch.compile")
         if self.cuda_graphs:
@@ -426,9 +438,19 @@ class DittoEngine(AvatarEngine):
             cond_frame, cond, self.sampling_timesteps, x_init=x_init, noises=list(noises)
         )
 
-    @torch.inference_mode()
     def _sample_items(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
-        """A batch of windows: (reference, cond, x_init, noises) each -> (80,265) each."""
+        """A batch of windows: (reference, cond, x_init, noises) each -> (80,265) each.
+
+        On CUDA it runs on a stream of its own with high priority: the DDIM loop is
+        hundreds of small kernels that leave most of the GPU idle, so they fit between
+        the render batches' kernels instead of waiting behind them."""
+        if self._lmdm_stream is None:
+            return self._sample_on_current_stream(items)
+        with torch.cuda.stream(self._lmdm_stream):
+            return self._sample_on_current_stream(items)
+
+    @torch.inference_mode()
+    def _sample_on_current_stream(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
         dev = self.device
         ref = torch.from_numpy(np.stack([i[0] for i in items])).to(dev)
         cond = torch.from_numpy(np.stack([i[1] for i in items])).to(dev)
@@ -494,15 +516,22 @@ class DittoEngine(AvatarEngine):
         warped = self.models["warp_network"](feature, kp_s, kp_d)
         return self.models["decoder"](warped)
 
-    @torch.inference_mode()
     def _render_items(self, items: list[tuple[DittoAvatar, np.ndarray]]) -> list[np.ndarray]:
-        """Warp + decode a batch of frames (any mix of avatars), paste each face back into
-        its source image on the device, and copy each group of equal-sized frames to the
-        host in one transfer. The warped feature never leaves the device."""
+        """Warp + decode + paste-back of a batch of frames, waited for (see `_launch_render`)."""
+        return self._finish_render(self._launch_render(items))
+
+    @torch.inference_mode()
+    def _launch_render(self, items: list[tuple[DittoAvatar, np.ndarray]]) -> _LaunchedFrames:
+        """Queue warp + decode for a batch of frames (any mix of avatars), paste each face
+        back into its source image on the device, and start one host copy per group of
+        equal-sized frames. The warped feature never leaves the device. On CUDA nothing
+        here waits for the device: inputs go up from pinned memory, outputs come down into
+        pinned memory, and `_finish_render` waits for the copies."""
         dev = self.device
+        cuda = dev.startswith("cuda")
         avatars = [avatar for avatar, _ in items]
-        kp_s = torch.from_numpy(np.stack([a.x_s[0] for a in avatars])).to(dev)
-        kp_d = torch.from_numpy(np.stack([x for _, x in items])).to(dev)
+        kp_s = _upload(np.stack([a.x_s[0] for a in avatars]), dev)
+        kp_d = _upload(np.stack([x for _, x in items]), dev)
         if all(a is avatars[0] for a in avatars):
             feature = avatars[0].feature_3d.expand(len(items), -1, -1, -1, -1)
         else:
@@ -514,20 +543,46 @@ class DittoEngine(AvatarEngine):
             bucket = _bucket(n, self.frame_buckets)
             kp_s, kp_d, feature = (_pad(t, bucket) for t in (kp_s, kp_d, feature))
         faces = self._warp_decode(feature, kp_s, kp_d)[:n]
-        frames: list[np.ndarray | None] = [None] * len(items)
+        groups: list[torch.Tensor] = []
         start = 0
-        while start < len(items):  # runs of the same avatar paste back as one batch
+        while start < n:  # runs of the same avatar paste back as one batch
             end = start + 1
-            while end < len(items) and avatars[end] is avatars[start]:
+            while end < n and avatars[end] is avatars[start]:
                 end += 1
             paster = avatars[start].paster
             assert paster is not None
             pasted = paster(faces[start:end])
-            host = pasted.cpu().numpy()
-            for offset in range(end - start):
-                frames[start + offset] = host[offset]
+            groups.append(pasted.to("cpu", non_blocking=True) if cuda else pasted.cpu())
             start = end
-        return frames  # type: ignore[return-value]
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _LaunchedFrames(groups, done)
+
+    @staticmethod
+    def _finish_render(launched: _LaunchedFrames) -> list[np.ndarray]:
+        if launched.done is not None:
+            launched.done.synchronize()
+        return [frame for group in launched.groups for frame in group.numpy()]
+
+
+@dataclass
+class _LaunchedFrames:
+    """A render batch in flight: host tensors (filled once `done` has passed) per avatar
+    group, in item order."""
+
+    groups: list[torch.Tensor]
+    done: torch.cuda.Event | None
+
+
+def _upload(array: np.ndarray, device: str) -> torch.Tensor:
+    """A small host array onto `device` without waiting for the device's queued work (a
+    copy from pageable memory would wait for the stream; pinned memory does not)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _lmdm_config_from_cfg(cfg: Any) -> dict[str, Any]:
@@ -624,19 +679,31 @@ class DittoStream(AvatarStream):
             info_to_vector(avatar.source_info), seq_frames=engine.lmdm.seq_frames, overlap=10
         )
         self.pcm = np.zeros(0, np.float32)
-        self.emitted = 0
+        self.emitted = 0  # frames submitted for rendering
+        self.handed_out = 0  # frames given to the caller
+        self._queued: deque = deque()  # futures of submitted frames not yet handed out
         self.finished = False
         # Frame k is due at start + k / fps: the batchers serve the earliest due first.
         self.started = time.monotonic()
         self.fps = engine.fps
 
-    def _run_windows(self, final: bool) -> None:
+    def _frames(self, final: bool) -> Iterator[np.ndarray]:
+        """Run every LMDM window the audio so far allows and hand out frames in order.
+
+        A window's settled frames are queued for rendering as soon as it is sampled, so
+        they render while the next window samples; frames already finished are handed out
+        between windows, and the stream's very first frame is waited for there, so it
+        leaves before the later windows of a long clip have sampled."""
         frames_known = len(self.pcm) // SAMPLES_PER_FRAME
         total = round(len(self.pcm) / SAMPLES_PER_FRAME) if final else frames_known
         seq = self.motion.seq_frames
+
+        def window_ready(start: int) -> bool:
+            return start < total and (final or start + seq + LOOKAHEAD <= frames_known)
+
         while True:
             start = self.motion.next_start()
-            if start >= total or (not final and start + seq + LOOKAHEAD > frames_known):
+            if not window_ready(start):
                 break
             end = min(start + seq, total) if final else start + seq
             # Audio up to the window's end plus the encoder's look-ahead: the same slice
@@ -650,33 +717,50 @@ class DittoStream(AvatarStream):
             self.motion.add(
                 self.engine.sample_window(self.motion.reference, window_cond, generator, due)
             )
+            # Never past the audio: the last window runs beyond the clip's end.
+            ready = min(self.motion.settled, total)
+            if window_ready(self.motion.next_start()):
+                # The next window samples right away: queue whole batches only and let the
+                # rest join its frames (a lone stream would pad a short batch to full size).
+                batch = self.engine.max_batch
+                ready = max(self.emitted, ready - (ready - self.emitted) % batch)
+            self._queue(ready)
+            while self._queued and (self._queued[0].done() or self.handed_out == 0):
+                yield self._next_queued()
+        limit = min(total, self.motion.motion.shape[1]) if final else self.motion.settled
+        self._queue(limit)
+        while self._queued:
+            yield self._next_queued()
 
-    def _drain(self, limit: int) -> Iterator[np.ndarray]:
-        """Queue frames [emitted, limit) for rendering now; the returned iterator hands
-        them out in order as their batches finish, so the first leaves before the last
-        is decoded."""
+    def _queue(self, limit: int) -> None:
+        """Submit frames [emitted, limit) for rendering; their futures wait in `_queued`."""
         if self.emitted >= limit:
-            return iter(())
+            return
         motion = self.motion.motion[0]
         x_d = self.engine.driving_keypoints(self.avatar, motion[self.emitted : limit], motion[0])
         due = [self.started + k / self.fps for k in range(self.emitted, limit)]
-        futures = self.engine.submit_frames(self.avatar, x_d, due, first_alone=self.emitted == 0)
+        self._queued.extend(
+            self.engine.submit_frames(self.avatar, x_d, due, first_alone=self.emitted == 0)
+        )
         self.emitted = limit
-        return drain_futures(futures, RESULT_TIMEOUT_S, "frame")
+
+    def _next_queued(self) -> np.ndarray:
+        frame = next(drain_futures([self._queued.popleft()], RESULT_TIMEOUT_S, "frame"))
+        self.handed_out += 1
+        return frame
 
     def push(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
+        """Add audio; the returned iterator does the work as it is read (windows, frames)
+        and must be read to the end before the next push or finish."""
         if self.finished:
             raise EngineInputError("audio", "stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self.pcm = np.concatenate([self.pcm, pcm])
-        self._run_windows(final=False)
-        return self._drain(self.motion.settled)
+        return self._frames(final=False)
 
     def finish(self) -> Iterator[np.ndarray]:
         self.finished = True
-        self._run_windows(final=True)
-        total = round(len(self.pcm) / SAMPLES_PER_FRAME)
-        return self._drain(min(total, self.motion.motion.shape[1]))
+        return self._frames(final=True)
 
 
 # ---------------------------------------------------------------------- image helpers

@@ -21,6 +21,7 @@ from . import networks
 from .keypoints import transform_keypoints
 from .lmdm import ddim_time_pairs
 from .motion import MOTION_OUTPUTS
+from .serving import rewrite_for_serving
 from .synthetic import CONSTANTS_FILE, find_constants
 
 CHAIN = "chain (image -> frame)"
@@ -68,6 +69,7 @@ class Verifier:
         device: str = "cpu",
         dtype: str = "float32",
         tolerance: float = 1e-4,
+        serving: bool = False,
     ):
         self.vectors_dir = Path(vectors_dir)
         self.manifest_dir = (
@@ -77,6 +79,8 @@ class Verifier:
         self.dtype_name = dtype
         self.dtype = networks.DTYPES[dtype]
         self.tolerance = tolerance
+        # Check the warp network and decoder as the engine serves them (see serving.py).
+        self.serving = serving
         self._modules: dict[str, nn.Module] = {}
         self.handlers: dict[str, Callable[[dict[str, np.ndarray]], Iterator[tuple]]] = {
             "appearance_extractor.npz": self._appearance,
@@ -97,7 +101,8 @@ class Verifier:
                 find_constants(self.manifest_dir, self.vectors_dir) if name == "lmdm" else None
             )
             source = networks.SyntheticSource(self.manifest_dir, constants)
-            self._modules[name] = networks.synthetic_module(name, source, self.device, self.dtype)
+            module = networks.synthetic_module(name, source, self.device, self.dtype)
+            self._modules[name] = rewrite_for_serving(module) if self.serving else module
         return self._modules[name]
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -270,6 +275,7 @@ def verify(
     dtype: str = "float32",
     tolerance: float = 1e-4,
     progress: Callable[[CheckResult], None] | None = None,
+    serving: bool = False,
 ) -> list[CheckResult]:
     """All checks of a vectors folder; see `Verifier`.
 
@@ -281,6 +287,6 @@ def verify(
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return Verifier(vectors_dir, manifest_dir, device, dtype, tolerance).run(progress)
+        return Verifier(vectors_dir, manifest_dir, device, dtype, tolerance, serving).run(progress)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
