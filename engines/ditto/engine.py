@@ -9,7 +9,8 @@ Options (from config):
   ``sampling_timesteps`` (DDIM steps per window, default 50).
 - Speed: ``max_batch`` / ``max_windows`` (frames per warp + decode batch and LMDM windows
   per sampling batch, shared by all of the worker's streams), ``batch_wait_ms`` (how long
-  a lone item waits for company), ``cuda_graphs``, ``channels_last``, ``cudnn_benchmark``
+  a lone item waits for company), ``cuda_graphs``, ``serving_layers`` (serving.py's
+  equivalent, faster layers; default on), ``channels_last``, ``cudnn_benchmark``
   (default on with CUDA), ``compile`` (torch.compile of warp and decoder; default on
   with CUDA, about 80 s more at load; falls back to eager if compiling fails).
 

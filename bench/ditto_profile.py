@@ -1,0 +1,131 @@
+"""`python -m avatard.bench.ditto_profile`: where a Ditto render batch spends its GPU time.
+
+Builds the engine (random weights unless --checkpoints) with CUDA graphs off, so the
+compiled warp network and decoder run as separate calls, and reports for one batch size:
+
+- ms per frame of the warp network alone, of the decoder alone (CUDA events, median),
+  and of the engine's whole render call (warp + decode + paste-back + host copy);
+- with --kernels, the profiler's table of the kernels of a few warp + decode batches,
+  sorted by device time.
+
+Compare ``--serving-layers on`` and ``off`` in one run to see what the rewrites of
+`engines/ditto/serving.py` buy. Achieved TFLOP/s follow from the FLOPs per frame that
+`avatard bench ditto` counts (docs/bench.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _median_ms(fn, repeats: int, cuda: bool) -> float:
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def profile(device: str, batch: int, serving_layers: bool, repeats: int, kernels: bool,
+            options: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from avatard.engines.ditto.engine import DittoEngine
+
+    cuda = device.startswith("cuda")
+    engine = DittoEngine(device, {"weights": "random", "dtype": "bfloat16" if cuda else
+                                  "float32", **options, "cuda_graphs": False,
+                                  "serving_layers": serving_layers})
+    try:
+        avatar = engine.register(engine.default_portrait()).payload
+        rng = np.random.default_rng(1)
+        items = [(avatar, avatar.x_s[0] + rng.normal(0, 0.01, (21, 3)).astype(np.float32))
+                 for _ in range(batch)]
+        warp, decoder = engine.models["warp_network"], engine.models["decoder"]
+        with torch.inference_mode():
+            feature = avatar.feature_3d.expand(batch, -1, -1, -1, -1).contiguous()
+            kp_s = torch.from_numpy(np.stack([avatar.x_s[0]] * batch)).to(device)
+            kp_d = torch.from_numpy(np.stack([x for _, x in items])).to(device)
+            warped = warp(feature, kp_s, kp_d)
+            record: dict[str, Any] = {
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "torch": torch.__version__, "batch": batch, "serving_layers": serving_layers,
+                "report": engine.report().notes,
+                "warp_ms_per_frame": _median_ms(lambda: warp(feature, kp_s, kp_d), repeats,
+                                                cuda) / batch,
+                "decoder_ms_per_frame": _median_ms(lambda: decoder(warped), repeats,
+                                                   cuda) / batch,
+                "render_ms_per_frame": _median_ms(lambda: engine._render_items(items),
+                                                  repeats, cuda) / batch,
+            }
+            if kernels:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+                with torch_profile(activities=activities) as prof:
+                    for _ in range(5):
+                        decoder(warp(feature, kp_s, kp_d))
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                sort = "cuda_time_total" if cuda else "cpu_time_total"
+                record["kernels"] = prof.key_averages().table(
+                    sort_by=sort, row_limit=30, max_name_column_width=90)
+        return record
+    finally:
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m avatard.bench.ditto_profile",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--serving-layers", default="on,off",
+                        help="on, off, or both in one run: on,off")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kernels", action="store_true", help="print the kernel table")
+    parser.add_argument("--option", action="append", default=[], metavar="K=V",
+                        help="engine option (JSON value)")
+    args = parser.parse_args(argv)
+    options = {}
+    for kv in args.option:
+        key, _, value = kv.partition("=")
+        options[key] = json.loads(value)
+    print("*** RANDOM WEIGHTS: benchmark of compute only; the frames are noise ***")
+    for mode in args.serving_layers.split(","):
+        if mode not in ("on", "off"):
+            parser.error(f"--serving-layers: {mode!r} is not on or off")
+        record = profile(args.device, args.batch, mode == "on", args.repeats, args.kernels,
+                         options)
+        table = record.pop("kernels", None)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                          for k, v in record.items()}))
+        if table:
+            print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
