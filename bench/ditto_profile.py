@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.option:
         key, _, value = kv.partition("=")
         options[key] = json.loads(value)
-    print("*** RANDOM WEIGHTS: benchmark of compute only; the frames are noise ***")
-    for mode in args.serving_layers.split(","):
+    modes = args.serving_layers.split(",")
+    for mode in modes:
         if mode not in ("on", "off"):
             parser.error(f"--serving-layers: {mode!r} is not on or off")
+    print("*** RANDOM WEIGHTS: benchmark of compute only; the frames are noise ***")
+    for mode in modes:
         record = profile(args.device, args.batch, mode == "on", args.repeats, args.kernels,
                          options)
         table = record.pop("kernels", None)
