@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from avatard.daemon.worker import LIPSYNC_CHUNK_S, lipsync_chunks
+from avatard.engines.audio import LIPSYNC_CHUNK_S, lipsync_chunks
 from avatard.ipc.client import Client, DoneEvent, FrameEvent
 
 from .daemon_proc import DaemonProcess

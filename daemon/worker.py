@@ -51,7 +51,6 @@ log = logging.getLogger("avatard.worker")
 
 PR_SET_PDEATHSIG = 1
 RING_WAIT_STEP_S = 0.1  # how long one back-pressure wait lasts before checking messages
-LIPSYNC_CHUNK_S = 0.2  # audio fed to the avatar stream per push (streaming granularity)
 SHUTDOWN_JOIN_S = 2.0  # how long a Shutdown waits for job threads to notice it
 
 
@@ -436,7 +435,7 @@ class Worker:
 
     def _audio_chunks(self, job: P.RunJob, run: JobRun, rate: int):
         """(pcm at the avatar's rate, original pcm, original rate) per chunk."""
-        from avatard.engines.audio import resample
+        from avatard.engines.audio import lipsync_chunks, resample
 
         if job.kind == "speak":
             tts, lock = self._engine("tts")
@@ -574,17 +573,6 @@ class Worker:
                 log.exception("closing engine %s", engine)
         self.sock.close(linger=1000)
         self.ctx.term()
-
-
-def lipsync_chunks(pcm: np.ndarray, rate: int, fps: int = 25):
-    """How a lipsync job's audio is fed to the avatar stream: a first chunk of one frame's
-    audio, so the first frame leaves as soon as the engine can make it, then chunks of
-    LIPSYNC_CHUNK_S, which cost less per frame."""
-    first = max(1, rate // fps)
-    yield pcm[:first]
-    step = max(1, int(rate * LIPSYNC_CHUNK_S))
-    for start in range(first, pcm.size, step):
-        yield pcm[start : start + step]
 
 
 def _desc(ref: SlotRef) -> P.SlotDesc:

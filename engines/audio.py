@@ -343,3 +343,19 @@ def _cut_long(sentence: str, max_chars: int) -> list[str]:
     if remaining:
         pieces.append(remaining)
     return pieces
+
+
+LIPSYNC_CHUNK_S = 0.2  # seconds of audio per avatar-stream push after the first frame's
+
+
+def lipsync_chunks(pcm: np.ndarray, rate: int, fps: int = 25):
+    """How a lipsync job's audio is fed to an avatar stream (the worker and the benches
+    feed it the same way): a first chunk of one frame's audio (`rate // fps` samples), so
+    the first frame leaves as soon as the engine can make it, then chunks of
+    LIPSYNC_CHUNK_S seconds, which cost less per frame. `pcm`: 1-D float32 at `rate` Hz;
+    yields 1-D views of it, none empty."""
+    first = max(1, rate // fps)
+    yield pcm[:first]
+    step = max(1, int(rate * LIPSYNC_CHUNK_S))
+    for start in range(first, pcm.size, step):
+        yield pcm[start : start + step]

@@ -40,8 +40,11 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -117,6 +120,16 @@ def check_layout(shape: tuple[int, ...], dtype: str, slot_bytes: int) -> int:
             "shape", f"{list(shape)} x {dtype} needs {nbytes} bytes; slot holds {slot_bytes}"
         )
     return nbytes
+
+
+@dataclass(slots=True)
+class PendingSlot:
+    """A slot held for writing inside `SlotRing.writing()`: fill `view` (a writable numpy
+    view of the slot, no copy); `ref` is set once the block exits and the slot is READY."""
+
+    slot: int
+    view: np.ndarray
+    ref: SlotRef | None = field(default=None)
 
 
 class SlotRing:
@@ -232,15 +245,70 @@ class SlotRing:
         return SlotRef(self.name, slot, seq, tuple(int(d) for d in shape), dtype, pts)
 
     def write(self, array: np.ndarray, timeout_s: float, pts: int = 0) -> SlotRef:
-        """Copy `array` into a free slot (the one copy of the data plane) and publish."""
-        slot = self.acquire(timeout_s)
+        """Copy `array` into a free slot (the one copy of the data plane) and publish.
+        Raises `RingFullError` after `timeout_s` of a full ring."""
+        with self.writing(tuple(array.shape), array.dtype.name, timeout_s, pts) as pending:
+            np.copyto(pending.view, array, casting="no")
+        assert pending.ref is not None
+        return pending.ref
+
+    @contextmanager
+    def writing(
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        timeout_s: float,
+        pts: int = 0,
+        lock: threading.Lock | None = None,
+        on_wait: Callable[[], None] | None = None,
+        wait_step_s: float = 0.1,
+    ) -> Iterator[PendingSlot]:
+        """Hold one slot for writing: acquire -> yield a view to fill -> publish.
+
+        The one way to write a slot by hand (the worker and the benches use it; `write()`
+        is the copy-in shorthand). On a normal exit of the block the slot is published and
+        `PendingSlot.ref` holds its descriptor; on an exception it goes back to FREE and
+        the exception propagates, so an error can never leak a WRITING slot.
+
+        `lock`: held only while taking and publishing a slot (several writer threads of one
+        process may share a ring), never while waiting or copying. `on_wait`: called about
+        every `wait_step_s` while the ring is full (back-pressure); it may raise to give up
+        (a cancelled job). Polls like `acquire()` (20 us doubling to 2 ms).
+
+        Raises `RingFullError` after `timeout_s` of a full ring (naming the ring, its slot
+        count and the timeout), and `DescriptorError` when (shape, dtype) does not fit a
+        slot, before any slot is taken.
+        """
+        shape = tuple(int(d) for d in shape)
+        check_layout(shape, dtype, self.slot_bytes)
+        guard: AbstractContextManager[object] = lock if lock is not None else nullcontext()
+        deadline = time.monotonic() + timeout_s
+        next_wait_call = time.monotonic() + wait_step_s
+        pause_s = 20e-6
+        while True:
+            with guard:
+                slot = self.try_acquire()
+            if slot is not None:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                raise RingFullError(
+                    f"ring {self.name}: no free slot among {self.slot_count} within "
+                    f"{timeout_s:.3f} s (reader not releasing)"
+                )
+            if on_wait is not None and now >= next_wait_call:
+                on_wait()
+                next_wait_call = now + wait_step_s
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2e-3)
+        pending = PendingSlot(slot, self.slot_view(slot, shape, dtype))
         try:
-            view = self.slot_view(slot, tuple(array.shape), array.dtype.name)
-            np.copyto(view, array, casting="no")
+            yield pending
+            with guard:
+                pending.ref = self.publish(slot, shape, dtype, pts)
         except BaseException:
-            self._state[slot] = FREE
+            self.abandon(slot)
             raise
-        return self.publish(slot, tuple(array.shape), array.dtype.name, pts)
 
     def abandon(self, slot: int) -> None:
         """Give back a slot acquired but not published (writer-side error path)."""
