@@ -15,7 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+
+from avatard.ipc import protocol as P
 
 
 class JobState(StrEnum):
@@ -25,25 +26,37 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
+    """One accepted request, from acceptance to its one end. `spec` is the typed request
+    (built once at acceptance, sent to the worker as is); the rest is the book's record:
+    placement, progress and the delivery counters that make a rerun resume exactly where
+    the client is. Times are `time.monotonic()` seconds."""
+
     job_id: str
-    kind: str  # speak | lipsync | transcribe | register
+    spec: P.AnyJobSpec
     client: bytes  # ROUTER identity of the client that owns the job
     req_id: int
     seed: int
-    deadline: float  # monotonic
-    params: dict[str, Any] = field(default_factory=dict)
+    deadline: float
+    accepted_at: float = field(default_factory=time.monotonic)
     state: JobState = JobState.QUEUED
     attempts: int = 0
-    worker: int | None = None
+    worker: int | None = None  # where it runs (or awaits the cancel's acknowledgement)
+    lane: int = 0  # which of its session's ring pairs on that worker it writes
+    progress: int = 0  # frames the worker says it has produced (this attempt)
+    progress_at: float = 0.0  # when progress last grew (stall detection)
+    waiting_on_ring: bool = False  # blocked on a full ring: back-pressure, not a stall
     frames_delivered: int = 0  # next frame index the client expects
     audio_delivered: int = 0  # next audio chunk index the client expects
-    accepted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     first_frame_at: float = 0.0
     last_error: str = ""
     input_slot: tuple[str, int, int] | None = None  # (ring, slot, seq) to release at the end
+
+    @property
+    def kind(self) -> P.JobKind:
+        return self.spec.job_kind
 
     @property
     def finished(self) -> bool:
@@ -54,6 +67,7 @@ _job_counter = itertools.count(1)
 
 
 def new_job_id() -> str:
+    """A daemon-unique job id: a counter (readable in logs) plus 32 random bits."""
     return f"j{next(_job_counter)}-{secrets.token_hex(4)}"
 
 

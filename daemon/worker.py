@@ -11,14 +11,14 @@ every `heartbeat_interval_s`, each running job and how many frames it has produc
 supervisor kills the worker when heartbeats stop (hung or stopped process) or when a job
 makes no progress (hung engine), except while that job waits on back-pressure.
 
-Concurrency: with `jobs_per_worker` = 1 a job runs on the main thread, which polls the
-control socket between frames (cancel, shutdown). With more, every job runs in a thread of
-its own and the main thread only receives control messages. ZeroMQ sockets must not be
-shared between threads, so each thread sends on a socket it owns: the main socket, the
-heartbeat socket, one socket per job thread (the supervisor maps all of them to this worker
-by their `w<index>.<attempt>` identity prefix; one job's messages stay in order on its
-socket). Calls into an engine whose `thread_safe` is False are serialised by a lock per
-engine; writes into a ring shared by several jobs by a lock per ring.
+Concurrency: the main thread only reads control messages (run, cancel, shutdown); every
+job runs on a thread of its own, whatever `jobs_per_worker` is, and dispatches once on its
+spec's type (one handler per job kind). ZeroMQ sockets must not be shared between threads,
+so each thread sends on a socket it owns: the main socket, the heartbeat socket, one socket
+per job thread, all named by the worker's identity (`WorkerId`: `w<index>.<attempt>`, plus
+`.hb` / `.j<n>`), which is how the supervisor knows whose message it is. Calls into an
+engine whose `thread_safe` is False are serialised by a lock per engine; writes into a ring
+shared by several jobs by a lock per ring (`SlotRing.writing(lock=...)`).
 
 Frames and audio go into rings the supervisor owns; the worker writes each frame into a
 slot once and sends a descriptor. Frames below `resume_from` were delivered by an earlier
@@ -46,6 +46,8 @@ import zmq
 from avatard.ipc import protocol as P
 from avatard.ipc.ring import SlotRef, SlotRing
 from avatard.ipc.segments import Segment
+
+from .pool import WorkerId
 
 log = logging.getLogger("avatard.worker")
 
@@ -76,18 +78,37 @@ class JobCancelled(Exception):
     pass
 
 
+class ShutdownRequested(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What a job handler produced: frames, audio samples sent, media seconds."""
+
+    frames: int = 0
+    audio_samples: int = 0
+    media_s: float = 0.0
+
+
 @dataclass(eq=False)
 class JobRun:
-    """One running job inside the worker. The heartbeat thread reads `progress` and
-    `waiting` (plain attribute reads and writes are atomic under the GIL)."""
+    """One running job inside the worker, on a thread of its own. The heartbeat thread
+    reads `progress` and `waiting` (plain attribute reads and writes are atomic under the
+    GIL); the main thread sets `cancelled`."""
 
-    job_id: str
+    msg: P.RunJob
+    number: int  # numbers the job thread's socket identity
     progress: int = 0
     waiting: bool = False  # blocked on a full ring: back-pressure, not a stall
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
     outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
-    thread: threading.Thread | None = None  # None: runs on the main thread
+    thread: threading.Thread | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.msg.job_id
 
     def close_rings(self) -> None:
         # Unmap the clients' rings: sessions come and go, and an unlinked ring stays in
@@ -96,10 +117,6 @@ class JobRun:
             ring.close()
         self.inputs.clear()
         self.outputs.clear()
-
-
-class ShutdownRequested(Exception):
-    pass
 
 
 def _die_with_parent() -> None:
@@ -121,41 +138,46 @@ def _rss_bytes() -> int:
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        self.id = WorkerId(spec.index, spec.attempt)
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"w{spec.index}.{spec.attempt}".encode())
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.connect(spec.control_endpoint)
+        self.sock = self._socket()
         self.engines: dict[str, Any] = {}
         self._engine_locks: dict[str, AbstractContextManager[Any]] = {}  # kind -> lock
-        self.avatars: dict[str, Any] = {}  # avatar_id -> engine state
+        self.avatars: dict[str, Any] = {}  # supervisor's avatar id -> engine state
+        self._avatars_lock = threading.Lock()
         # Running jobs by id, in start order; read by the heartbeat thread.
         self.runs: dict[str, JobRun] = {}
         self._runs_lock = threading.Lock()
         self._ring_locks: dict[str, threading.Lock] = {}  # ring name -> writer lock
         self._ring_locks_lock = threading.Lock()
-        self._run_count = 0  # numbers the job threads' socket identities
-        self._main_thread = threading.get_ident()
+        self._run_count = 0
         self._local = threading.local()  # .sock: the socket a job thread sends on
         self._shutdown = threading.Event()
         self._stop = threading.Event()
+        self.handlers = {  # job spec type -> handler; the one dispatch on the job kind
+            P.SpeakSpec: self._render,
+            P.LipsyncSpec: self._render,
+            P.TranscribeSpec: self._transcribe,
+            P.RegisterSpec: self._register,
+        }
 
     # ------------------------------------------------------------ messaging
 
+    def _socket(self, suffix: str = "", linger_ms: int = 2000) -> zmq.Socket:
+        """A DEALER to the supervisor named by this worker's identity (+ a thread suffix)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.id.identity(suffix))
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.connect(self.spec.control_endpoint)
+        return sock
+
     def send(self, cls: type[P.Msg], **fields: Any) -> None:
-        """Send on the calling thread's own socket: the main socket, or the job thread's."""
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            if threading.get_ident() != self._main_thread:
-                raise RuntimeError(f"{cls.__name__} sent from a thread that owns no socket")
-            sock = self.sock
+        """Send on the calling thread's own socket: a job thread's, else the main one."""
+        sock = getattr(self._local, "sock", None) or self.sock
         sock.send_multipart(P.Codec.encode(P.make(cls, **fields)))
 
     def _heartbeat_loop(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"w{self.spec.index}.{self.spec.attempt}.hb".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.spec.control_endpoint)
+        sock = self._socket("hb", linger_ms=0)
         try:
             while not self._stop.wait(self.spec.heartbeat_interval_s):
                 if self.spec.supervisor_pid and os.getppid() != self.spec.supervisor_pid:
@@ -163,30 +185,17 @@ class Worker:
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
                                           waiting=r.waiting) for r in self.runs.values()]
-                first = jobs[0] if jobs else P.JobProgress(job_id="")
-                msg = P.make(P.WHeartbeat, worker=self.spec.index, job_id=first.job_id,
-                             progress=first.progress, waiting=first.waiting,
-                             rss_bytes=_rss_bytes(), jobs=jobs)
+                msg = P.make(P.WHeartbeat, rss_bytes=_rss_bytes(), jobs=jobs)
                 sock.send_multipart(P.Codec.encode(msg))
         finally:
             sock.close(linger=0)
 
     def _check_control(self, run: JobRun) -> None:
-        """Act on a cancel or shutdown that arrived while a job runs. A job on the main
-        thread reads the control socket itself; a job thread checks the flags that the
-        main thread sets."""
-        if run.thread is not None:
-            if self._shutdown.is_set():
-                raise ShutdownRequested("shutdown")
-            if run.cancelled.is_set():
-                raise JobCancelled(run.job_id)
-            return
-        while self.sock.poll(0, zmq.POLLIN):
-            msg, _ = P.CONTROL_CODEC.decode(self.sock.recv_multipart())
-            if isinstance(msg, P.CancelJob) and msg.job_id == run.job_id:
-                raise JobCancelled(run.job_id)
-            if isinstance(msg, P.Shutdown):
-                raise ShutdownRequested(msg.reason)
+        """Between frames: act on a cancel or shutdown that the main thread recorded."""
+        if self._shutdown.is_set():
+            raise ShutdownRequested("shutdown")
+        if run.cancelled.is_set():
+            raise JobCancelled(run.job_id)
 
     def _engine(self, kind: str) -> tuple[Any, AbstractContextManager[Any]]:
         """An engine and what to hold while calling it: a lock shared by every job when
@@ -231,8 +240,7 @@ class Worker:
             def progress(stage: str, fraction: float, kind=kind, position=position,
                          name=name) -> None:
                 overall = (position + max(0.0, min(1.0, fraction))) / len(kinds)
-                self.send(P.WLoading, worker=spec.index, stage=f"{kind} {name}: {stage}"[:4000],
-                          progress=overall)
+                self.send(P.WLoading, stage=f"{kind} {name}: {stage}"[:4000], progress=overall)
 
             progress("start", 0.0)
             engine = self.engines[kind] = load_engine(kind, name, device, options, progress)
@@ -250,7 +258,7 @@ class Worker:
         memory = max(0, _rss_bytes() - rss_before)
         if device.startswith("cuda"):
             memory = sum(r.memory_bytes for r in reports)
-        self.send(P.WReady, worker=spec.index,
+        self.send(P.WReady,
                   engines=[P.EngineInfo(name=r.name, kind=r.kind, device=r.device,
                                         memory_bytes=max(0, int(r.memory_bytes)),
                                         warmup_s=float(r.warmup_s), notes=r.notes[:4000])
@@ -261,9 +269,10 @@ class Worker:
     # ------------------------------------------------------------ jobs
 
     def serve(self) -> None:
+        """The main thread: read control messages; every job runs on a thread of its own
+        (one way to run a job, whatever `jobs_per_worker` is)."""
         frame_ring = SlotRing.attach(self.spec.frame_ring)
         audio_ring = SlotRing.attach(self.spec.audio_ring)
-        threaded = self.spec.jobs_per_worker > 1
         try:
             while True:
                 if not self.sock.poll(1000, zmq.POLLIN):
@@ -272,16 +281,10 @@ class Worker:
                 if isinstance(msg, P.Shutdown):
                     return
                 if isinstance(msg, P.RunJob):
-                    if threaded:
-                        self._start_thread(msg, frame_ring, audio_ring)
-                        continue
-                    run = JobRun(msg.job_id)
-                    try:
-                        self.run_job(msg, run, frame_ring, audio_ring)
-                    except ShutdownRequested:
-                        return
+                    self._start(msg, frame_ring, audio_ring)
                 elif isinstance(msg, P.CancelJob):
-                    run = self.runs.get(msg.job_id)
+                    with self._runs_lock:
+                        run = self.runs.get(msg.job_id)
                     if run is not None:
                         run.cancelled.set()
                 # A CancelJob for a job already finished needs no answer.
@@ -293,36 +296,30 @@ class Worker:
             # else a job thread stuck in an engine may still write into them: the process
             # exit unmaps them.
 
-    def _start_thread(self, msg: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
+    def _start(self, msg: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
         if len(self.runs) >= self.spec.jobs_per_worker:
             # The supervisor never sends more; if it did, running it beats dropping it.
             log.warning("job %s arrived with %d jobs running (jobs_per_worker=%d)",
                         msg.job_id, len(self.runs), self.spec.jobs_per_worker)
         self._run_count += 1
-        run = JobRun(msg.job_id)
+        run = JobRun(msg, self._run_count)
         run.thread = threading.Thread(target=self._job_thread, name=f"job-{msg.job_id}",
-                                      args=(msg, run, frame_ring, audio_ring, self._run_count),
-                                      daemon=True)
+                                      args=(run, frame_ring, audio_ring), daemon=True)
         # Registered before the thread starts, so a CancelJob right behind finds it.
         with self._runs_lock:
             self.runs[msg.job_id] = run
         run.thread.start()
 
-    def _job_thread(self, msg: P.RunJob, run: JobRun, frame_ring: SlotRing,
-                    audio_ring: SlotRing, number: int) -> None:
-        # The thread's own socket: ZeroMQ sockets must not be used from two threads.
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY,
-                        f"w{self.spec.index}.{self.spec.attempt}.j{number}".encode())
-        sock.setsockopt(zmq.LINGER, 2000)  # the job's last messages still leave on close
-        sock.connect(self.spec.control_endpoint)
-        self._local.sock = sock
+    def _job_thread(self, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
+        # The thread's own socket: ZeroMQ sockets must not be used from two threads. Its
+        # linger lets the job's last messages leave on close.
+        sock = self._local.sock = self._socket(f"j{run.number}")
         try:
-            self.run_job(msg, run, frame_ring, audio_ring)
+            self._run_job(run, frame_ring, audio_ring)
         except ShutdownRequested:
             pass  # the supervisor is stopping us: it expects nothing more of this job
         except BaseException:
-            log.exception("job thread %s died", msg.job_id)
+            log.exception("job thread %s died", run.job_id)
         finally:
             self._local.sock = None
             sock.close()
@@ -337,39 +334,30 @@ class Worker:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in threads)
 
-    def run_job(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing,
-                audio_ring: SlotRing) -> None:
+    def _run_job(self, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
+        """Run one job through the handler of its spec type and report its end: done (the
+        handler's result), cancelled, bad input (field and rule), or an engine fault."""
         from avatard.engines.base import EngineInputError
 
-        with self._runs_lock:
-            self.runs[job.job_id] = run
+        job = run.msg
         try:
-            if job.kind == "register":
-                state = self._avatar(job)
-                self.send(P.WAvatar, worker=self.spec.index, job_id=job.job_id,
-                          avatar_id=state.avatar_id)
-                return
-            if job.kind == "transcribe":
-                self._transcribe(job, run)
-                return
             if job.frame_ring:  # the client session's own rings
                 frame_ring = self._attach_output(run, job.frame_ring)
                 audio_ring = self._attach_output(run, job.audio_ring)
-            frames, samples, media_s = self._render(job, run, frame_ring, audio_ring)
-            self.send(P.WJobDone, worker=self.spec.index, job_id=job.job_id, frames=frames,
-                      audio_samples=samples, media_s=media_s)
+            result = self.handlers[type(job.spec)](job, run, frame_ring, audio_ring)
+            self.send(P.WJobDone, job_id=job.job_id, frames=result.frames,
+                      audio_samples=result.audio_samples, media_s=result.media_s)
         except JobCancelled:
-            self.send(P.WJobFailed, worker=self.spec.index, job_id=job.job_id,
-                      code=P.E_CANCELLED, message="cancelled")
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_CANCELLED, message="cancelled")
         except EngineInputError as exc:
-            self.send(P.WJobFailed, worker=self.spec.index, job_id=job.job_id,
-                      code=P.E_BAD_INPUT, message=f"{exc.field}: {exc.rule}"[:4000])
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_BAD_INPUT,
+                      message=str(exc)[:4000], field=exc.field[:256], rule=exc.rule[:4000])
         except ShutdownRequested:
             raise
         except Exception as exc:  # an engine fault: the supervisor decides on a retry
             log.exception("job %s failed", job.job_id)
-            self.send(P.WJobFailed, worker=self.spec.index, job_id=job.job_id,
-                      code=P.E_WORKER, message=f"{type(exc).__name__}: {exc}"[:4000])
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_WORKER,
+                      message=f"{type(exc).__name__}: {exc}"[:4000])
         finally:
             with self._runs_lock:
                 # A retried job may already run again under the same id: keep that one.
@@ -389,58 +377,65 @@ class Worker:
         ring = run.inputs.get(desc.ring)
         if ring is None:
             ring = run.inputs[desc.ring] = SlotRing.attach(desc.ring)
-        ref = SlotRef(desc.ring, desc.slot, desc.seq, tuple(desc.shape), desc.dtype)
-        return np.array(ring.read(ref))  # a private copy: the slot goes back after the job
+        return np.array(ring.read(desc.ref()))  # a private copy: the slot goes back later
 
-    def _avatar(self, job: P.RunJob) -> Any:
+    # ------------------------------------------------------------ handlers, one per kind
+
+    def _avatar_state(self, avatar: P.AvatarRef | None) -> Any:
+        """The engine's state for a registered portrait (registered on first use, then
+        kept under the supervisor's id), or for the engine's default portrait."""
         from avatard.engines.base import EngineInputError
 
+        key = avatar.avatar_id if avatar is not None else ""
+        with self._avatars_lock:
+            state = self.avatars.get(key)
+        if state is not None:
+            return state
         engine, lock = self._engine("avatar")
-        if job.avatar_id and job.avatar_id in self.avatars:
-            return self.avatars[job.avatar_id]
-        if job.avatar_segment:
-            with Segment.attach(job.avatar_segment, min_size=job.avatar_bytes) as seg:
-                image = bytes(seg.buffer[: job.avatar_bytes])
-            with lock:
-                state = engine.register(image)
+        if avatar is not None:
+            with Segment.attach(avatar.segment, min_size=avatar.nbytes) as seg:
+                image = bytes(seg.buffer[: avatar.nbytes])
         else:
             with lock:
-                portrait = engine.default_portrait()
-            if portrait is None:
+                image = engine.default_portrait()
+            if image is None:
                 raise EngineInputError("avatar_id", "this engine has no default portrait; "
                                        "register an avatar first")
-            with lock:
-                state = engine.register(portrait)
-        self.avatars[state.avatar_id] = state
-        if job.avatar_id:
-            self.avatars[job.avatar_id] = state
+        with lock:
+            state = engine.register(image)
+        with self._avatars_lock:
+            self.avatars[key] = state
         return state
 
-    def _transcribe(self, job: P.RunJob, run: JobRun) -> None:
-        assert job.audio is not None
-        pcm = self._input_array(run, job.audio).reshape(-1).astype(np.float32, copy=False)
+    def _register(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
+        assert isinstance(job.spec, P.RegisterSpec)
+        self._avatar_state(job.spec.avatar)
+        return JobResult()
+
+    def _transcribe(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
+        spec = job.spec
+        assert isinstance(spec, P.TranscribeSpec)
+        pcm = self._input_array(run, spec.audio).reshape(-1).astype(np.float32, copy=False)
         asr, lock = self._engine("asr")
         with lock:
-            transcript = asr.transcribe(pcm, job.sample_rate)
+            transcript = asr.transcribe(pcm, spec.sample_rate)
         segments = [P.SegmentMsg(text=s.text, start_s=s.start_s, end_s=s.end_s,
                                  words=[P.WordMsg(text=w.text, start_s=w.start_s,
                                                   end_s=w.end_s, probability=w.probability)
                                         for w in s.words])
                     for s in transcript.segments]
-        self.send(P.WTranscript, worker=self.spec.index, job_id=job.job_id,
-                  language=transcript.language, duration_s=transcript.duration_s,
-                  segments=segments)
-        self.send(P.WJobDone, worker=self.spec.index, job_id=job.job_id, frames=0,
-                  media_s=transcript.duration_s)
+        self.send(P.WTranscript, job_id=job.job_id, language=transcript.language,
+                  duration_s=transcript.duration_s, segments=segments)
+        return JobResult(media_s=transcript.duration_s)
 
-    def _audio_chunks(self, job: P.RunJob, run: JobRun, rate: int):
-        """(pcm at the avatar's rate, original pcm, original rate) per chunk."""
-        from avatard.engines.audio import lipsync_chunks, resample
+    def _audio_chunks(self, spec: P.SpeakSpec | P.LipsyncSpec, run: JobRun, rate: int):
+        """(pcm at the avatar's rate, original pcm or None, original rate) per chunk."""
+        from avatard.engines.audio import lipsync_chunks, resample, validate_pcm
 
-        if job.kind == "speak":
+        if isinstance(spec, P.SpeakSpec):
             tts, lock = self._engine("tts")
             with lock:
-                sentences = iter(tts.stream(job.text, job.voice or None))
+                sentences = iter(tts.stream(spec.text, spec.voice or None))
             while True:
                 # Each sentence is synthesized inside next(): that is the engine call.
                 with lock:
@@ -449,29 +444,24 @@ class Worker:
                     return
                 pcm = np.asarray(pcm, np.float32)
                 yield resample(pcm, tts.sample_rate, rate), pcm, tts.sample_rate
-        elif job.kind == "lipsync":
-            from avatard.engines.audio import validate_pcm
-
-            assert job.audio is not None
-            pcm = self._input_array(run, job.audio).reshape(-1).astype(np.float32, copy=False)
-            # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
-            pcm, _ = validate_pcm(pcm, job.sample_rate, field="audio")
-            for chunk in lipsync_chunks(resample(pcm, job.sample_rate, rate), rate):
-                yield chunk, None, 0
         else:
-            raise ValueError(f"unknown job kind {job.kind!r}")
+            pcm = self._input_array(run, spec.audio).reshape(-1).astype(np.float32, copy=False)
+            # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
+            pcm, _ = validate_pcm(pcm, spec.sample_rate, field="audio")
+            for chunk in lipsync_chunks(resample(pcm, spec.sample_rate, rate), rate):
+                yield chunk, None, 0
 
     def _render(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing
-                ) -> tuple[int, int, float]:
+                ) -> JobResult:
+        spec = job.spec
+        assert isinstance(spec, (P.SpeakSpec, P.LipsyncSpec))
         avatar, lock = self._engine("avatar")
-        state = self._avatar(job)
+        state = self._avatar_state(spec.avatar)
         with lock:
             stream = avatar.open_stream(state, job.seed)
         fps = avatar.fps
-        next_frame = 0
-        audio_index = 0
-        samples = 0
-        out_samples = 0
+        send_audio = isinstance(spec, P.SpeakSpec) and spec.send_audio
+        next_frame = audio_index = samples = out_samples = 0
 
         def emit(frames: Iterable[np.ndarray]) -> None:
             nonlocal next_frame
@@ -489,18 +479,18 @@ class Worker:
                 if index < job.resume_from:
                     continue  # delivered by an earlier attempt
                 ref = self._write(frame_ring, frame, run)
-                self.send(P.WFrame, worker=self.spec.index, job_id=job.job_id, index=index,
-                          pts_us=index * 1_000_000 // fps, data=_desc(ref))
+                self.send(P.WFrame, job_id=job.job_id, index=index,
+                          pts_us=index * 1_000_000 // fps, data=P.SlotDesc.from_ref(ref))
                 self._check_control(run)
 
-        for pcm, original, original_rate in self._audio_chunks(job, run, avatar.audio_rate):
+        for pcm, original, original_rate in self._audio_chunks(spec, run, avatar.audio_rate):
             self._check_control(run)
-            if job.send_audio and original is not None:
+            if send_audio and original is not None:
                 if audio_index >= job.audio_resume_from:
                     ref = self._write(audio_ring, original, run)
-                    self.send(P.WAudio, worker=self.spec.index, job_id=job.job_id,
-                              index=audio_index, pts_us=out_samples * 1_000_000 // original_rate,
-                              sample_rate=original_rate, data=_desc(ref))
+                    self.send(P.WAudio, job_id=job.job_id, index=audio_index,
+                              pts_us=out_samples * 1_000_000 // original_rate,
+                              sample_rate=original_rate, data=P.SlotDesc.from_ref(ref))
                 audio_index += 1
                 out_samples += original.size
             samples += pcm.size
@@ -510,75 +500,28 @@ class Worker:
         with lock:
             frames = stream.finish()
         emit(frames)
-        return next_frame, out_samples, samples / avatar.audio_rate
+        return JobResult(next_frame, out_samples, samples / avatar.audio_rate)
 
     def _write(self, ring: SlotRing, array: np.ndarray, run: JobRun) -> SlotRef:
-        """Copy into a free slot, waiting out back-pressure while still obeying cancels.
-
-        A ring has one writer process, but with several jobs several threads of it: taking
-        a slot and publishing it (seq) happen under the ring's lock; the copy into the
-        slot, which the thread then owns, does not."""
+        """Copy into a free slot, waiting out back-pressure (the client is slow, not us: no
+        stall) while still obeying cancels. A ring has one writer process but possibly
+        several job threads: taking and publishing a slot happen under the ring's lock;
+        the copy into the slot, which the thread then owns, does not."""
         array = np.ascontiguousarray(array)
-        lock = self._ring_lock(ring.name)
-        while True:
-            slot = self._acquire(ring, lock, RING_WAIT_STEP_S)
-            if slot is not None:
-                break
-            run.waiting = True  # the client is slow, not us: no stall
+
+        def waiting() -> None:
+            run.waiting = True
             self._check_control(run)
-        shape, dtype = tuple(array.shape), array.dtype.name
+
         try:
-            np.copyto(ring.slot_view(slot, shape, dtype), array, casting="no")
-            with lock:
-                ref = ring.publish(slot, shape, dtype)
-        except BaseException:
-            ring.abandon(slot)
-            raise
-        run.waiting = False
-        return ref
-
-    @staticmethod
-    def _acquire(ring: SlotRing, lock: threading.Lock, timeout_s: float) -> int | None:
-        """A FREE slot marked WRITING, or None after `timeout_s` of a full ring. Polls
-        like `SlotRing.acquire` (20 us doubling to 2 ms), taking the lock per attempt only,
-        so a job waiting on its slow client never holds up another job's write."""
-        deadline = time.monotonic() + timeout_s
-        pause_s = 20e-6
-        while True:
-            with lock:
-                slot = ring.try_acquire()
-            if slot is not None:
-                return slot
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(pause_s)
-            pause_s = min(pause_s * 2, 2e-3)
-
-    # ------------------------------------------------------------ lifecycle
-
-    def close(self) -> None:
-        self._stop.set()
-        stuck = [r.job_id for r in list(self.runs.values())
-                 if r.thread is not None and r.thread.is_alive()]
-        if stuck:
-            # Closing engines under a running job could crash it mid-call, and term()
-            # would wait forever for its socket: leave both to the process exit.
-            log.warning("exiting with job threads still in the engine: %s", ", ".join(stuck))
-            self.sock.close(linger=1000)
-            return
-        for engine in self.engines.values():
-            try:
-                engine.close()
-            except Exception:
-                log.exception("closing engine %s", engine)
-        self.sock.close(linger=1000)
-        self.ctx.term()
-
-
-def _desc(ref: SlotRef) -> P.SlotDesc:
-    return P.SlotDesc(ring=ref.ring, slot=ref.slot, seq=ref.seq, shape=list(ref.shape),
-                      dtype=ref.dtype)
-
+            with ring.writing(array.shape, array.dtype.name, timeout_s=float("inf"),
+                              lock=self._ring_lock(ring.name), on_wait=waiting,
+                              wait_step_s=RING_WAIT_STEP_S) as pending:
+                np.copyto(pending.view, array, casting="no")
+        finally:
+            run.waiting = False
+        assert pending.ref is not None
+        return pending.ref
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a spawned worker process."""
@@ -595,21 +538,19 @@ def worker_main(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     worker = Worker(spec)
-    worker.send(P.WHello, worker=spec.index, pid=os.getpid(), device=spec.device,
-                attempt=spec.attempt)
+    worker.send(P.WHello, pid=os.getpid(), device=spec.device)
     threading.Thread(target=worker._heartbeat_loop, name="heartbeat", daemon=True).start()
     try:
         worker.load()
     except MemoryError as exc:
-        worker.send(P.WLoadFailed, worker=spec.index, reason=f"out of memory: {exc}"[:4000],
-                    out_of_memory=True)
+        worker.send(P.WLoadFailed, reason=f"out of memory: {exc}"[:4000], out_of_memory=True)
         worker.close()
         sys.exit(3)
     except Exception as exc:
         oom = "out of memory" in str(exc).lower()
         log.exception("loading failed")
-        worker.send(P.WLoadFailed, worker=spec.index,
-                    reason=f"{type(exc).__name__}: {exc}"[:4000], out_of_memory=oom)
+        worker.send(P.WLoadFailed, reason=f"{type(exc).__name__}: {exc}"[:4000],
+                    out_of_memory=oom)
         worker.close()
         sys.exit(2)
     try:

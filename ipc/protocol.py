@@ -18,10 +18,14 @@ other way).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta, Struct
+
+if TYPE_CHECKING:
+    from .ring import SlotRef
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 1 << 20  # part 0 of any message
@@ -75,13 +79,31 @@ class Msg(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
 
 
 class SlotDesc(Struct, frozen=True, forbid_unknown_fields=True, tag_field="at", tag="shm"):
-    """Data in a shared-memory ring slot (local clients and workers)."""
+    """Data in a shared-memory ring slot (local clients and workers): the wire form of
+    `avatard.ipc.ring.SlotRef`. `from_ref()` and `ref()` convert without loss (the
+    timestamp travels in the message that carries the descriptor, not in it)."""
 
     ring: Name
     slot: U32
     seq: U64
     shape: Shape
     dtype: DType
+
+    @classmethod
+    def from_ref(cls, ref: SlotRef) -> SlotDesc:
+        return cls(ring=ref.ring, slot=ref.slot, seq=ref.seq, shape=list(ref.shape),
+                   dtype=ref.dtype)
+
+    def ref(self) -> SlotRef:
+        """The ring's own descriptor, to read or release the slot with."""
+        from .ring import SlotRef
+
+        return SlotRef(self.ring, self.slot, self.seq, tuple(self.shape), self.dtype)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(ring, slot, seq): what identifies the slot's current content."""
+        return (self.ring, self.slot, self.seq)
 
 
 class Inline(Struct, frozen=True, forbid_unknown_fields=True, tag_field="at", tag="inline"):
@@ -267,6 +289,10 @@ class StatsReply(Msg, tag="stats_reply"):
 
 
 # ---------------------------------------------------------------- worker <-> supervisor
+#
+# Internal: both ends ship in one package and start together, so these carry no
+# compatibility fields. A worker is named by its socket identity (`WorkerId` in
+# daemon/pool.py: `w<index>.<attempt>`, plus a suffix per thread), never by a field.
 
 
 class EngineInfo(Struct, frozen=True, forbid_unknown_fields=True):
@@ -279,14 +305,11 @@ class EngineInfo(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class WHello(Msg, tag="w_hello"):
-    worker: NonNegInt
     pid: NonNegInt
     device: Name
-    attempt: NonNegInt
 
 
 class WLoading(Msg, tag="w_loading"):
-    worker: NonNegInt
     stage: ShortText
     progress: Annotated[float, Meta(ge=0.0, le=1.0)]
 
@@ -295,18 +318,14 @@ MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
 
 
 class WReady(Msg, tag="w_ready"):
-    worker: NonNegInt
     engines: list[EngineInfo]
     memory_bytes: NonNegInt
     load_s: float
     warmup_s: float
-    # Jobs the worker runs at once (daemon.jobs_per_worker); a worker that predates the
-    # field runs one.
-    capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)] = 1
+    capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)]  # jobs it runs at once
 
 
 class WLoadFailed(Msg, tag="w_load_failed"):
-    worker: NonNegInt
     reason: ShortText
     out_of_memory: bool = False
 
@@ -323,18 +342,11 @@ RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]
 
 
 class WHeartbeat(Msg, tag="w_heartbeat"):
-    worker: NonNegInt
-    # The first running job (kept for readers that know one job per worker); `jobs` has
-    # every running job, this one included.
-    job_id: Name = ""
-    progress: NonNegInt = 0  # frames (or samples) produced by the current job so far
-    waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
     rss_bytes: NonNegInt = 0
-    jobs: RunningJobs = msgspec.field(default_factory=list)
+    jobs: RunningJobs = msgspec.field(default_factory=list)  # every running job
 
 
 class WFrame(Msg, tag="w_frame"):
-    worker: NonNegInt
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
@@ -342,7 +354,6 @@ class WFrame(Msg, tag="w_frame"):
 
 
 class WAudio(Msg, tag="w_audio"):
-    worker: NonNegInt
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
@@ -351,21 +362,13 @@ class WAudio(Msg, tag="w_audio"):
 
 
 class WTranscript(Msg, tag="w_transcript"):
-    worker: NonNegInt
     job_id: Name
     language: Name
     duration_s: float
     segments: list[SegmentMsg]
 
 
-class WAvatar(Msg, tag="w_avatar"):
-    worker: NonNegInt
-    job_id: Name
-    avatar_id: Name
-
-
 class WJobDone(Msg, tag="w_job_done"):
-    worker: NonNegInt
     job_id: Name
     frames: NonNegInt
     audio_samples: NonNegInt = 0
@@ -373,30 +376,90 @@ class WJobDone(Msg, tag="w_job_done"):
 
 
 class WJobFailed(Msg, tag="w_job_failed"):
-    worker: NonNegInt
+    """`field`/`rule`: which input broke which rule (code `bad_input`, from an engine's
+    `EngineInputError`); empty for faults, whose text is in `message`."""
+
     job_id: Name
     code: Name
     message: ShortText
+    field: Name = ""
+    rule: ShortText = ""
+
+
+# ---------------------------------------------------------------- job specs
+#
+# One typed spec per job kind, built once when the supervisor accepts the request and
+# carried to the worker inside `RunJob` as a tagged union (tag `kind`); both ends dispatch
+# on its type. A new kind adds a spec here, its policy in daemon/book.py and its handler
+# in daemon/worker.py.
+
+
+class JobKind(StrEnum):
+    SPEAK = "speak"
+    LIPSYNC = "lipsync"
+    TRANSCRIBE = "transcribe"
+    REGISTER = "register"
+
+
+class AvatarRef(Struct, frozen=True, forbid_unknown_fields=True):
+    """A registered portrait: the one id the supervisor minted for it (content hash of the
+    image file) and the segment holding the file's `nbytes` bytes."""
+
+    avatar_id: Name
+    segment: Name
+    nbytes: NonNegInt
+
+
+class JobSpec(Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
+    """Base of the per-kind specs. `job_kind` names the kind; `renders` says whether it
+    produces frames (and so needs output rings)."""
+
+    job_kind: ClassVar[JobKind]
+    renders: ClassVar[bool] = False
+
+
+class SpeakSpec(JobSpec, tag=JobKind.SPEAK.value):
+    text: Text
+    voice: Name = ""
+    avatar: AvatarRef | None = None  # None: the engine's default portrait
+    send_audio: bool = True
+    job_kind: ClassVar[JobKind] = JobKind.SPEAK
+    renders: ClassVar[bool] = True
+
+
+class LipsyncSpec(JobSpec, tag=JobKind.LIPSYNC.value):
+    audio: SlotDesc  # float32 mono PCM
+    sample_rate: SampleRate
+    avatar: AvatarRef | None = None
+    job_kind: ClassVar[JobKind] = JobKind.LIPSYNC
+    renders: ClassVar[bool] = True
+
+
+class TranscribeSpec(JobSpec, tag=JobKind.TRANSCRIBE.value):
+    audio: SlotDesc  # float32 mono PCM
+    sample_rate: SampleRate
+    job_kind: ClassVar[JobKind] = JobKind.TRANSCRIBE
+
+
+class RegisterSpec(JobSpec, tag=JobKind.REGISTER.value):
+    avatar: AvatarRef
+    job_kind: ClassVar[JobKind] = JobKind.REGISTER
+
+
+AnyJobSpec = SpeakSpec | LipsyncSpec | TranscribeSpec | RegisterSpec
 
 
 class RunJob(Msg, tag="run_job"):
-    """Supervisor -> worker. Frames with index < `resume_from` were already delivered by
-    an earlier attempt; the worker recomputes (engines are seeded) but does not send them."""
+    """Supervisor -> worker. Frames with index < `resume_from` (audio chunks below
+    `audio_resume_from`) were already delivered by an earlier attempt; the worker
+    recomputes them (engines are seeded) but does not send them."""
 
     job_id: Name
-    kind: Name  # "speak" | "lipsync" | "transcribe" | "register"
     seed: Seed
     attempt: NonNegInt
+    spec: AnyJobSpec
     resume_from: NonNegInt = 0
     audio_resume_from: NonNegInt = 0
-    text: Text = ""
-    voice: Name = ""
-    avatar_id: Name = ""
-    avatar_segment: Name = ""  # segment holding the portrait's encoded bytes ("" = default)
-    avatar_bytes: NonNegInt = 0
-    audio: SlotDesc | None = None
-    sample_rate: NonNegInt = 0
-    send_audio: bool = False
     # The rings this job's frames and audio go to ("" = the worker's own). Local clients
     # get rings of their own session, so a client maps only its own session's segments.
     frame_ring: Name = ""
@@ -416,7 +479,7 @@ CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcr
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
-                        WTranscript, WAvatar, WJobDone, WJobFailed)
+                        WTranscript, WJobDone, WJobFailed)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, Shutdown)
 
 

@@ -62,9 +62,9 @@ def assert_frames_exact(frames, seed):
 
 
 def busy_worker(d, timeout_s=20):
-    status = d.wait_for(lambda s: any(w["current_job"] for w in s["workers"]), timeout_s,
+    status = d.wait_for(lambda s: any(w["current_jobs"] for w in s["workers"]), timeout_s,
                         "a busy worker")
-    return next(w for w in status["workers"] if w["current_job"])
+    return next(w for w in status["workers"] if w["current_jobs"])
 
 
 def test_speak_streams_exact_frames_and_audio(tmp_path):
@@ -305,7 +305,7 @@ def test_status_json_lists_workers(tmp_path):
         assert [w["id"] for w in body["workers"]] == [0, 1]
         for w in body["workers"]:
             assert {"id", "pid", "state", "device", "restarts", "rss_bytes", "uptime_s",
-                    "current_job", "device_memory_bytes"} <= set(w)
+                    "current_jobs", "device_memory_bytes"} <= set(w)
             assert w["state"] == "ready" and w["device"] == "cpu" and w["pid"] > 0
         text = subprocess.run([AVATARD, "status", "--endpoint", d.endpoint],
                               capture_output=True, text=True, timeout=60)

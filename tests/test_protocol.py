@@ -82,7 +82,7 @@ def test_oversize_parts_are_refused_before_decoding():
 
 
 def test_messages_of_another_direction_are_unknown_here():
-    worker_msg = P.Codec.encode(P.make(P.WHeartbeat, worker=1))
+    worker_msg = P.Codec.encode(P.make(P.WHeartbeat, rss_bytes=1))
     with pytest.raises(P.ProtocolError) as err:
         P.CLIENT_CODEC.decode(worker_msg)
     assert err.value.code == P.E_UNKNOWN_TYPE

@@ -1,0 +1,340 @@
+"""The job book: every accepted job from acceptance to its one end. Pure policy.
+
+It owns the bounded queue, the placement of jobs on workers (which worker, which lane),
+per-job progress, deadlines, the exactly-once delivery counters and the requeue policy. It
+never touches a socket, a ring or a process: the coordinator (daemon/supervisor.py) feeds
+it worker reports and the clock, and acts on what it returns:
+
+- `Ended(job, ...)`: the job ended (done, failed, cancelled, timed out); answer its client
+  and release its input. `cancel_on` names the worker still running it, which must be told
+  to stop (the job keeps its place there until the worker acknowledges).
+- `Requeued(job, reason)`: back at the front of the queue; it resumes after the last frame
+  its client has.
+- `StopWorker(index, reason)`: a worker holds a stalled job, or never acknowledged a
+  cancel; only replacing the process frees it (a thread cannot be killed).
+
+Per-kind policy lives in `POLICIES`, so a new job kind adds one entry here.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from avatard.ipc import protocol as P
+
+from .jobs import Job, JobQueue, JobState
+
+log = logging.getLogger("avatard.supervisor")
+
+RETRYABLE = frozenset({P.E_WORKER})  # failure codes that a rerun may fix
+
+
+@dataclass(frozen=True, slots=True)
+class KindPolicy:
+    """How the daemon treats one job kind.
+
+    `announced`: the client gets `accepted` {job_id} at once and `done`/`job_failed` at the
+    end; otherwise the job answers its request directly at the end (registration: the
+    reply is `avatar_registered` or `error`). `uses_session_rings`: its frames and audio go
+    to rings of the client's own session (local clients)."""
+
+    announced: bool = True
+    uses_session_rings: bool = False
+
+
+POLICIES: dict[P.JobKind, KindPolicy] = {
+    P.JobKind.SPEAK: KindPolicy(uses_session_rings=True),
+    P.JobKind.LIPSYNC: KindPolicy(uses_session_rings=True),
+    P.JobKind.TRANSCRIBE: KindPolicy(),
+    P.JobKind.REGISTER: KindPolicy(announced=False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A job's one end. `code` is "" when it succeeded (then `result` is the worker's
+    WJobDone); else an error code with `message` and, for bad input, `field`/`rule`."""
+
+    job: Job
+    code: str = ""
+    message: str = ""
+    field: str = ""
+    rule: str = ""
+    result: P.WJobDone | None = None
+    cancel_on: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    job: Job
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    index: int
+    reason: str
+
+
+Outcome = Ended | Requeued | StopWorker
+
+
+class JobBook:
+    """Jobs by id, the queue, and the jobs placed on each worker."""
+
+    def __init__(self, queue_size: int, max_job_attempts: int, stall_timeout_s: float):
+        self.queue = JobQueue(queue_size)
+        self.max_job_attempts = max_job_attempts
+        self.stall_timeout_s = stall_timeout_s
+        self.jobs: dict[str, Job] = {}  # live jobs (not ended), by id
+        # Jobs placed on each worker, in dispatch order; an ended job stays until the
+        # worker lets go of it (done/failed message, or the worker is lost).
+        self.placed: dict[int, dict[str, Job]] = {}
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
+                      "frames_delivered": 0, "jobs_requeued": 0}
+        self.recent_rtf: deque[float] = deque(maxlen=50)
+        self.recent_job_s: deque[float] = deque(maxlen=50)
+        self.queue_closed = False  # draining: nothing new is queued or requeued
+
+    # ------------------------------------------------------------ queries
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def of_client(self, client: bytes) -> list[Job]:
+        return [job for job in self.jobs.values() if job.client == client]
+
+    def on_worker(self, index: int) -> list[Job]:
+        """Every job placed on worker `index`, ended ones awaiting acknowledgement too."""
+        return list(self.placed.get(index, {}).values())
+
+    def load(self, index: int) -> int:
+        return len(self.placed.get(index, {}))
+
+    def running_count(self) -> int:
+        return sum(len(jobs) for jobs in self.placed.values())
+
+    def retry_hint_s(self) -> float:
+        """How long until a queue place is likely free: the median of recent job times."""
+        return statistics.median(self.recent_job_s) if self.recent_job_s else 1.0
+
+    # ------------------------------------------------------------ accept and place
+
+    def accept(self, job: Job) -> int:
+        """Queue a new job; returns its queue position. Raises `QueueFull` (the caller
+        releases what the job held and answers `busy`)."""
+        position = self.queue.push(job, self.retry_hint_s())
+        self.jobs[job.job_id] = job
+        return position
+
+    def place(self, capacities: dict[int, int], now: float) -> list[Job]:
+        """Hand queued jobs to up workers (`capacities`: index -> places): each to the one
+        with the fewest jobs that has room (ties: lowest index). Returns the placed jobs,
+        each with `worker`, `lane` and `attempts` set, in order."""
+        placed = []
+        while len(self.queue):
+            free = [i for i, cap in capacities.items() if self.load(i) < cap]
+            if not free:
+                break
+            index = min(free, key=lambda i: (self.load(i), i))
+            job = self.queue.pop()
+            if job is None:
+                break
+            on_worker = self.placed.setdefault(index, {})
+            # Lanes only keep one session's concurrent jobs apart (rings are per session),
+            # so a client with one job at a time always writes the same ring pair.
+            lanes = {j.lane for j in on_worker.values() if j.client == job.client}
+            job.lane = next(k for k in range(capacities[index]) if k not in lanes)
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.worker = index
+            job.started_at = job.started_at or now
+            job.progress, job.progress_at, job.waiting_on_ring = 0, now, False
+            on_worker[job.job_id] = job
+            placed.append(job)
+        return placed
+
+    # ------------------------------------------------------------ worker reports
+
+    def _placed_job(self, index: int, job_id: str) -> Job | None:
+        return self.placed.get(index, {}).get(job_id)
+
+    def progress(self, index: int, reports: list[P.JobProgress], now: float) -> None:
+        """A heartbeat's per-job frame counts and back-pressure flags."""
+        for report in reports:
+            job = self._placed_job(index, report.job_id)
+            if job is None:
+                continue  # ended here already, or not started there yet
+            job.waiting_on_ring = report.waiting
+            if report.progress != job.progress:
+                job.progress, job.progress_at = report.progress, now
+
+    def frame(self, index: int, job_id: str, frame_index: int, now: float) -> Job | None:
+        """A frame the worker wrote. Returns the job when the frame is the next one its
+        client expects (counted as delivered: forward it); None when it must be dropped
+        (its slot released): an ended job, or a frame an earlier attempt delivered."""
+        job = self._placed_job(index, job_id)
+        if job is None or job.finished:
+            return None
+        job.progress, job.progress_at = max(job.progress, frame_index + 1), now
+        if frame_index != job.frames_delivered:
+            # Below: already delivered by an earlier attempt. Above: cannot happen
+            # (workers send in order); never forward out of order.
+            return None
+        job.frames_delivered += 1
+        self.stats["frames_delivered"] += 1
+        if not job.first_frame_at:
+            job.first_frame_at = now
+        return job
+
+    def audio(self, index: int, job_id: str, chunk_index: int) -> Job | None:
+        """Like `frame`, for audio chunks."""
+        job = self._placed_job(index, job_id)
+        if job is None or job.finished or chunk_index != job.audio_delivered:
+            return None
+        job.audio_delivered += 1
+        return job
+
+    def live(self, index: int, job_id: str) -> Job | None:
+        """The job if it is placed on `index` and still running (for other results)."""
+        job = self._placed_job(index, job_id)
+        return None if job is None or job.finished else job
+
+    def done(self, index: int, msg: P.WJobDone, now: float) -> Ended | None:
+        """The worker finished a job. None when it was ended here already (the message only
+        frees the job's place)."""
+        job = self._placed_job(index, msg.job_id)
+        if job is None:
+            return None
+        self._let_go(index, job.job_id)
+        if job.finished:
+            return None
+        wall = now - job.accepted_at
+        if msg.media_s > 0:
+            self.recent_rtf.append(wall / msg.media_s)
+        self.recent_job_s.append(now - job.started_at)
+        return self._end(job, JobState.DONE, Ended(job, result=msg))
+
+    def failed(self, index: int, msg: P.WJobFailed) -> Ended | Requeued | None:
+        """The worker gave up a job: a retryable fault is requeued while attempts are left
+        (and the daemon is not draining); anything else ends it."""
+        job = self._placed_job(index, msg.job_id)
+        if job is None:
+            return None
+        self._let_go(index, job.job_id)
+        if job.finished:
+            return None
+        if msg.code in RETRYABLE and job.attempts < self.max_job_attempts \
+                and not self.queue_closed:
+            return self._requeue([job], msg.message)[0]
+        return self._end(job, JobState.FAILED, Ended(job, msg.code, msg.message, msg.field,
+                                                     msg.rule))
+
+    def worker_lost(self, index: int, reason: str) -> list[Ended | Requeued]:
+        """Every job of a worker that died or is being stopped: requeue (ahead of newer
+        jobs, in their old order) or fail each on its own attempt count. Each keeps its
+        delivery counters, so its next run resumes where its client is."""
+        lost = list(self.placed.pop(index, {}).values())
+        outcomes: list[Ended | Requeued] = []
+        requeue = []
+        for job in lost:
+            if job.finished:
+                continue  # cancelled or timed out, was waiting for an acknowledgement
+            job.worker = None
+            job.last_error = reason
+            if job.attempts >= self.max_job_attempts:
+                outcomes.append(self._end(job, JobState.FAILED, Ended(
+                    job, P.E_WORKER, f"worker died {job.attempts} times running this job; "
+                    f"last: {reason}")))
+            elif self.queue_closed:
+                outcomes.append(self._end(job, JobState.FAILED, Ended(
+                    job, P.E_DRAINING, f"worker lost during drain: {reason}")))
+            else:
+                requeue.append(job)
+        return outcomes + self._requeue(requeue, reason)
+
+    def _requeue(self, jobs: list[Job], reason: str) -> list[Requeued]:
+        for job in reversed(jobs):  # push_front: the first one ends up first
+            job.state = JobState.QUEUED
+            job.worker = None
+            job.last_error = reason
+            self.stats["jobs_requeued"] += 1
+            self.queue.push_front(job)
+            log.info("job %s requeued after %d frames delivered (%s)", job.job_id,
+                     job.frames_delivered, reason)
+        return [Requeued(job, reason) for job in jobs]
+
+    # ------------------------------------------------------------ ending
+
+    def cancel(self, job: Job, code: str, message: str) -> Ended | None:
+        """End a live job from this side (client cancel, bye, deadline, drain). A running
+        job keeps its place until its worker acknowledges (`cancel_on` says which worker to
+        tell). None when it had ended already."""
+        if job.finished:
+            return None
+        self.queue.remove(job)
+        running_on = job.worker if (job.worker is not None and
+                                    self._placed_job(job.worker, job.job_id) is job) else None
+        return self._end(job, JobState.FAILED, Ended(job, code, message, cancel_on=running_on))
+
+    def _end(self, job: Job, state: JobState, ended: Ended) -> Ended:
+        job.state = state
+        self.jobs.pop(job.job_id, None)
+        if state is JobState.DONE:
+            self.stats["jobs_done"] += 1
+        else:
+            self.stats["jobs_cancelled" if ended.code == P.E_CANCELLED else "jobs_failed"] += 1
+        log.info("job %s %s%s", job.job_id, state.value,
+                 f": {ended.code}: {ended.message}" if ended.code else "")
+        return ended
+
+    def _let_go(self, index: int, job_id: str) -> None:
+        on_worker = self.placed.get(index)
+        if on_worker is not None:
+            on_worker.pop(job_id, None)
+
+    def close_queue(self, message: str) -> list[Ended]:
+        """Draining: end every queued job (not started; the client may submit it again),
+        and requeue nothing from now on."""
+        self.queue_closed = True
+        return [ended for job in self.queue.drain()
+                if (ended := self.cancel(job, P.E_DRAINING, message)) is not None]
+
+    # ------------------------------------------------------------ the clock
+
+    def tick(self, now: float) -> list[Ended | StopWorker]:
+        """Deadlines, stalled jobs and unacknowledged cancels."""
+        outcomes: list[Ended | StopWorker] = []
+        for job in list(self.jobs.values()):
+            if now >= job.deadline:
+                ended = self.cancel(job, P.E_TIMEOUT, f"job deadline of "
+                                    f"{job.deadline - job.accepted_at:.1f} s passed "
+                                    f"({job.frames_delivered} frames delivered)")
+                if ended is not None:
+                    outcomes.append(ended)
+        for index, on_worker in self.placed.items():
+            for job in on_worker.values():
+                age = now - job.progress_at
+                if age <= self.stall_timeout_s:
+                    continue
+                if job.finished:
+                    # Cancelled while running and the worker never answered.
+                    outcomes.append(StopWorker(index, f"did not acknowledge cancelled job "
+                                                      f"{job.job_id}"))
+                    break
+                if not job.waiting_on_ring:
+                    # One stalled job is enough (a thread cannot be killed, so the worker
+                    # goes, and its other jobs are requeued with it).
+                    outcomes.append(StopWorker(index, f"job {job.job_id} made no progress "
+                                               f"for {age:.1f} s "
+                                               f"(stall_timeout_s={self.stall_timeout_s:g})"))
+                    break
+        return outcomes
+
+    def end_all(self, code: str, message: str) -> list[Ended]:
+        """Shutdown: end every live job."""
+        return [ended for job in list(self.jobs.values())
+                if (ended := self.cancel(job, code, message)) is not None]

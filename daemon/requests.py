@@ -1,0 +1,92 @@
+"""Client job requests -> typed job specs, built once when the supervisor accepts them.
+
+One builder per request type, chosen once by the request's type. A builder checks what
+the protocol's types cannot (payload shape and dtype, a known avatar, non-empty text),
+takes the request's data into a daemon-owned ring slot and returns the spec with that
+slot's descriptor; every refusal is a `ProtocolError` naming the field and the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from avatard.ipc import protocol as P
+
+from .avatars import AvatarStore
+from .sessions import Session, Sessions
+
+Built = tuple[P.AnyJobSpec, P.SlotDesc | None]  # the spec, and the input slot it holds
+
+
+def _avatar(avatars: AvatarStore, avatar_id: str, req_id: int) -> P.AvatarRef | None:
+    if not avatar_id:
+        return None  # the engine's default portrait
+    ref = avatars.ref(avatar_id)
+    if ref is None:
+        raise P.ProtocolError(P.E_NOT_FOUND, "avatar_id",
+                              f"avatar {avatar_id!r} is not registered", req_id)
+    return ref
+
+
+def _check_pcm(msg: P.Lipsync | P.Transcribe) -> None:
+    if msg.audio.dtype != "float32" or len(msg.audio.shape) != 1:
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.shape", "must be 1-D float32 PCM",
+                              msg.req_id)
+
+
+def _register(msg: P.RegisterAvatar, extra: list[Any], session: Session, sessions: Sessions,
+              avatars: AvatarStore) -> Built:
+    if msg.image.dtype != "uint8" or len(msg.image.shape) != 1:
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "image.shape",
+                              "must be 1-D uint8 (the bytes of an image file)", msg.req_id)
+    desc = sessions.take_input(session, msg.image, extra, "image", msg.req_id)
+    try:
+        ref = avatars.store(sessions.read_input(desc))
+    finally:
+        sessions.release_input(desc.key)  # the store keeps its own copy
+    return P.RegisterSpec(avatar=ref), None
+
+
+def _speak(msg: P.Speak, extra: list[Any], session: Session, sessions: Sessions,
+           avatars: AvatarStore) -> Built:
+    avatar = _avatar(avatars, msg.avatar_id, msg.req_id)
+    if not msg.text.strip():
+        raise P.ProtocolError(P.E_BAD_INPUT, "text", "must not be empty", msg.req_id)
+    return P.SpeakSpec(text=msg.text, voice=msg.voice, avatar=avatar,
+                       send_audio=msg.send_audio), None
+
+
+def _lipsync(msg: P.Lipsync, extra: list[Any], session: Session, sessions: Sessions,
+             avatars: AvatarStore) -> Built:
+    _check_pcm(msg)
+    avatar = _avatar(avatars, msg.avatar_id, msg.req_id)
+    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
+    return P.LipsyncSpec(audio=desc, sample_rate=msg.sample_rate, avatar=avatar), desc
+
+
+def _transcribe(msg: P.Transcribe, extra: list[Any], session: Session, sessions: Sessions,
+                avatars: AvatarStore) -> Built:
+    _check_pcm(msg)
+    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
+    return P.TranscribeSpec(audio=desc, sample_rate=msg.sample_rate), desc
+
+
+BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {
+    P.RegisterAvatar: _register,
+    P.Speak: _speak,
+    P.Lipsync: _lipsync,
+    P.Transcribe: _transcribe,
+}
+
+
+def build_spec(msg: P.Msg, extra: list[Any], session: Session, sessions: Sessions,
+               avatars: AvatarStore) -> Built:
+    """The typed spec of a job request, and the input slot it holds (None: none; release
+    it with `sessions.release_input(desc.key)` when the job ends). Raises `ProtocolError`
+    (`unknown_type` for a message that is not a job request)."""
+    builder = BUILDERS.get(type(msg))
+    if builder is None:
+        raise P.ProtocolError(P.E_UNKNOWN_TYPE, "type", f"{type(msg).__name__} is not a job "
+                              "request", getattr(msg, "req_id", 0))
+    return builder(msg, extra, session, sessions, avatars)

@@ -1,0 +1,115 @@
+"""Status and notify: what the daemon tells about itself, to clients and to systemd.
+
+Builds the `stats`/`avatard status` body and the Prometheus snapshot from plain figures
+the coordinator passes in (worker slots, the job book's counters, session count), decides
+the health word, and sends systemd READY=1 once, STATUS= lines when the summary changes and
+WATCHDOG=1 pings while the loop runs. It reads nothing of the other components itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections.abc import Iterable
+from typing import Any
+
+from . import devices as dev
+from .pool import UP, WorkerSlot, WState
+from .sdnotify import Notifier
+
+log = logging.getLogger("avatard.supervisor")
+
+
+def health(draining: bool, ready: int, min_ready: int, all_failed: bool) -> str:
+    """draining | ready (min_ready workers up) | failed (every worker gave up loading,
+    nothing will change without an operator) | starting."""
+    if draining:
+        return "draining"
+    if ready >= min_ready:
+        return "ready"
+    if all_failed:
+        return "failed"
+    return "starting"
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` in bytes; 0 when it cannot be read."""
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def worker_status(w: WorkerSlot, running: list[str], now: float) -> dict[str, Any]:
+    """One worker's entry of the status body. `running`: ids of every job placed on it."""
+    device_memory = dev.nvml().process_memory(w.pid) if (w.pid and w.device.is_gpu) else 0
+    rss = (process_rss_bytes(w.pid) or w.rss_bytes) if w.pid else w.rss_bytes
+    return {
+        "id": w.index, "pid": w.pid, "state": w.state.value,
+        "state_age_s": round(now - w.state_since, 3), "device": w.device.name,
+        "device_label": w.device.label, "device_memory_bytes": device_memory,
+        "load_memory_bytes": w.memory_bytes, "rss_bytes": rss,
+        "uptime_s": round(now - w.started_at, 3) if w.pid else 0.0,
+        "restarts": w.restarts, "load_failures": w.load_failures, "attempt": w.attempt,
+        "current_jobs": running, "capacity": w.capacity,
+        "stage": w.stage, "load_s": round(w.load_s, 3), "reason": w.reason,
+        "engines": w.engines,
+    }
+
+
+class StatusBoard:
+    """systemd notification state and the status body."""
+
+    def __init__(self, notifier: Notifier, min_ready: int, started_at: float):
+        self.notifier = notifier
+        self.min_ready = min_ready
+        self.started_at = started_at
+        self.ready_sent = False
+        self._last_status = ""
+        self._last_watchdog = 0.0
+
+    def body(self, now: float, state: str, endpoints: list[str], sessions: int,
+             workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,
+             running: int, counters: dict[str, int], recent_rtf: Iterable[float]
+             ) -> dict[str, Any]:
+        """The `stats_reply` body (docs/protocol.md, `avatard status --json`)."""
+        workers = list(workers)
+        rtf = list(recent_rtf)
+        return {
+            "daemon": {"pid": os.getpid(), "uptime_s": round(now - self.started_at, 3),
+                       "endpoints": endpoints, "state": state,
+                       "ready_workers": sum(w["state"] in UP for w in workers),
+                       "min_ready": self.min_ready, "sessions": sessions},
+            "workers": workers,
+            "queue": {"depth": queue_depth, "size": queue_size, "running": running},
+            "jobs": dict(counters),
+            "rtf_recent_median": statistics.median(rtf) if rtf else None,
+        }
+
+    def publish(self, state_counts: dict[str, int], queue_depth: int, total: int) -> None:
+        """READY=1 once `min_ready` workers are up; STATUS= whenever the summary changes."""
+        text = ", ".join(f"{n} {s}" for s, n in sorted(state_counts.items()))
+        text = f"workers: {text}; queue {queue_depth}"
+        ready = state_counts.get(WState.READY.value, 0) + state_counts.get(WState.BUSY.value, 0)
+        if not self.ready_sent and ready >= self.min_ready:
+            self.ready_sent = True
+            log.info("ready: %d of %d workers up", ready, total)
+            self.notifier.ready(text)
+            self._last_status = text
+        elif text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)
+
+    def stopping(self) -> None:
+        self.notifier.stopping()
+
+    def watchdog(self, now: float) -> None:
+        """WATCHDOG=1 every `WATCHDOG_USEC / 2`, called from the loop (so a stuck loop
+        stops the pings and systemd restarts the daemon)."""
+        interval = self.notifier.watchdog_interval_s()
+        if interval and now - self._last_watchdog >= interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()
