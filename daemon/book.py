@@ -101,9 +101,6 @@ class JobBook:
 
     # ------------------------------------------------------------ queries
 
-    def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
-
     def of_client(self, client: bytes) -> list[Job]:
         return [job for job in self.jobs.values() if job.client == client]
 
@@ -117,16 +114,14 @@ class JobBook:
     def running_count(self) -> int:
         return sum(len(jobs) for jobs in self.placed.values())
 
-    def retry_hint_s(self) -> float:
-        """How long until a queue place is likely free: the median of recent job times."""
-        return statistics.median(self.recent_job_s) if self.recent_job_s else 1.0
-
     # ------------------------------------------------------------ accept and place
 
     def accept(self, job: Job) -> int:
         """Queue a new job; returns its queue position. Raises `QueueFull` (the caller
         releases what the job held and answers `busy`)."""
-        position = self.queue.push(job, self.retry_hint_s())
+        # The retry hint: how long until a place is likely free (median recent job time).
+        hint_s = statistics.median(self.recent_job_s) if self.recent_job_s else 1.0
+        position = self.queue.push(job, hint_s)
         self.jobs[job.job_id] = job
         return position
 
@@ -172,15 +167,20 @@ class JobBook:
             if report.progress != job.progress:
                 job.progress, job.progress_at = report.progress, now
 
-    def frame(self, index: int, job_id: str, frame_index: int, now: float) -> Job | None:
-        """A frame the worker wrote. Returns the job when the frame is the next one its
-        client expects (counted as delivered: forward it); None when it must be dropped
-        (its slot released): an ended job, or a frame an earlier attempt delivered."""
-        job = self._placed_job(index, job_id)
+    def delivered(self, index: int, msg: P.WFrame | P.WAudio, now: float) -> Job | None:
+        """A frame or audio chunk the worker wrote. Returns the job when it is the next one
+        its client expects (counted as delivered: forward it); None when it must be dropped
+        (its slot released): an ended job, or one an earlier attempt delivered."""
+        job = self._placed_job(index, msg.job_id)
         if job is None or job.finished:
             return None
-        job.progress, job.progress_at = max(job.progress, frame_index + 1), now
-        if frame_index != job.frames_delivered:
+        if isinstance(msg, P.WAudio):
+            if msg.index != job.audio_delivered:
+                return None
+            job.audio_delivered += 1
+            return job
+        job.progress, job.progress_at = max(job.progress, msg.index + 1), now
+        if msg.index != job.frames_delivered:
             # Below: already delivered by an earlier attempt. Above: cannot happen
             # (workers send in order); never forward out of order.
             return None
@@ -188,14 +188,6 @@ class JobBook:
         self.stats["frames_delivered"] += 1
         if not job.first_frame_at:
             job.first_frame_at = now
-        return job
-
-    def audio(self, index: int, job_id: str, chunk_index: int) -> Job | None:
-        """Like `frame`, for audio chunks."""
-        job = self._placed_job(index, job_id)
-        if job is None or job.finished or chunk_index != job.audio_delivered:
-            return None
-        job.audio_delivered += 1
         return job
 
     def live(self, index: int, job_id: str) -> Job | None:
@@ -209,7 +201,7 @@ class JobBook:
         job = self._placed_job(index, msg.job_id)
         if job is None:
             return None
-        self._let_go(index, job.job_id)
+        self.placed[index].pop(job.job_id)
         if job.finished:
             return None
         wall = now - job.accepted_at
@@ -224,7 +216,7 @@ class JobBook:
         job = self._placed_job(index, msg.job_id)
         if job is None:
             return None
-        self._let_go(index, job.job_id)
+        self.placed[index].pop(job.job_id)
         if job.finished:
             return None
         if msg.code in RETRYABLE and job.attempts < self.max_job_attempts \
@@ -290,11 +282,6 @@ class JobBook:
         log.info("job %s %s%s", job.job_id, state.value,
                  f": {ended.code}: {ended.message}" if ended.code else "")
         return ended
-
-    def _let_go(self, index: int, job_id: str) -> None:
-        on_worker = self.placed.get(index)
-        if on_worker is not None:
-            on_worker.pop(job_id, None)
 
     def close_queue(self, message: str) -> list[Ended]:
         """Draining: end every queued job (not started; the client may submit it again),

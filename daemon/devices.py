@@ -129,6 +129,17 @@ def place(devices: list[DeviceInfo], workers_per_device: dict[str, int]) -> Devi
     return min(devices, key=lambda d: (workers_per_device.get(d.name, 0), -d.free_bytes, d.index))
 
 
+def place_all(devices: list[DeviceInfo], count: int) -> list[DeviceInfo]:
+    """The device of each of `count` workers, in worker order (`place` for each)."""
+    per_device: dict[str, int] = {}
+    placed = []
+    for _ in range(count):
+        device = place(devices, per_device)
+        per_device[device.name] = per_device.get(device.name, 0) + 1
+        placed.append(device)
+    return placed
+
+
 def has_room(device: DeviceInfo, needed_bytes: int) -> bool:
     """True when the device has the free memory the previous load used."""
     return device.free_bytes >= needed_bytes

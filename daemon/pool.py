@@ -27,6 +27,7 @@ Worker states (asserted on every transition)::
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -376,7 +377,8 @@ class WorkerPool:
             elif w.state is WState.LOADING and now >= w.deadline:
                 lost = self.stop(w.index, "load", f"sent no READY within load_s={t.load_s:g} s "
                                  f"(last stage: {w.stage})", now)
-            elif now - w.last_heartbeat > t.heartbeat_timeout_s:
+            elif (w.state is not WState.STARTING  # heartbeats begin after HELLO: hello_s
+                  and now - w.last_heartbeat > t.heartbeat_timeout_s):
                 lost = self.stop(w.index, "runtime" if w.state in UP else "load",
                                  f"no heartbeat for {now - w.last_heartbeat:.1f} s "
                                  f"(heartbeat_timeout_s={t.heartbeat_timeout_s:g})", now)
@@ -420,6 +422,18 @@ class WorkerPool:
         """Draining: from now on no worker is started, and one that stops is not restarted."""
         self.holding = True
 
-    def processes(self) -> list[tuple[WorkerSlot, ProcessHandle]]:
-        """Every slot with a process handle (for the bounded shutdown)."""
-        return [(w, w.proc) for w in self.workers if w.proc is not None]
+    def reap_all(self, grace_s: float) -> None:
+        """Daemon exit, after the workers were asked to shut down: wait up to `grace_s`
+        for them to exit, then SIGTERM and wait again, then SIGKILL. Bounded by about
+        3 x grace_s."""
+        for step in ("join", "terminate", "kill"):
+            deadline = time.monotonic() + grace_s
+            for w in self.workers:
+                if w.proc is None:
+                    continue
+                if step != "join" and w.proc.exitcode is None:
+                    if step == "kill":
+                        log.warning("worker %d ignored SIGTERM for %.1f s: SIGKILL", w.index,
+                                    grace_s)
+                    getattr(w.proc, step)()
+                w.proc.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,4 +1,5 @@
-"""Client job requests -> typed job specs, built once when the supervisor accepts them.
+"""Client job requests -> typed job specs (built once when the supervisor accepts them),
+and a job's end -> the reply its client gets.
 
 One builder per request type, chosen once by the request's type. A builder checks what
 the protocol's types cannot (payload shape and dtype, a known avatar, non-empty text),
@@ -14,6 +15,7 @@ from typing import Any
 from avatard.ipc import protocol as P
 
 from .avatars import AvatarStore
+from .book import POLICIES, Ended
 from .sessions import Session, Sessions
 
 Built = tuple[P.AnyJobSpec, P.SlotDesc | None]  # the spec, and the input slot it holds
@@ -90,3 +92,26 @@ def build_spec(msg: P.Msg, extra: list[Any], session: Session, sessions: Session
         raise P.ProtocolError(P.E_UNKNOWN_TYPE, "type", f"{type(msg).__name__} is not a job "
                               "request", getattr(msg, "req_id", 0))
     return builder(msg, extra, session, sessions, avatars)
+
+
+def end_reply(ended: Ended, now: float) -> P.Msg:
+    """The message a job's client gets at its end (`now`: monotonic seconds). An announced
+    job gets `done` or `job_failed` (bad input as "field: rule"); a registration answers its
+    request with `avatar_registered` or `error` {code, field, rule}."""
+    job = ended.job
+    if not POLICIES[job.kind].announced:
+        assert isinstance(job.spec, P.RegisterSpec)
+        if not ended.code:
+            return P.make(P.AvatarRegistered, req_id=job.req_id,
+                          avatar_id=job.spec.avatar.avatar_id)
+        return P.make(P.Error, req_id=job.req_id, code=ended.code,
+                      field=ended.field or "image", rule=(ended.rule or ended.message)[:4096])
+    if ended.result is not None:
+        r = ended.result
+        return P.make(P.Done, job_id=job.job_id, frames=r.frames, audio_samples=r.audio_samples,
+                      media_s=r.media_s, wall_s=now - job.accepted_at,
+                      first_frame_s=(job.first_frame_at - job.accepted_at
+                                     if job.first_frame_at else 0.0), attempts=job.attempts)
+    message = f"{ended.field}: {ended.rule}" if ended.field else ended.message
+    return P.make(P.JobFailed, job_id=job.job_id, code=ended.code, message=message[:4096],
+                  attempts=job.attempts)

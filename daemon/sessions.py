@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
+from avatard.ipc import segments
 from avatard.ipc.ring import WRITING, DescriptorError, SlotRing, StaleSlotError
 
 from .config import RingsConfig
@@ -84,10 +85,18 @@ class Sessions:
             for ring in pair:
                 self.output_rings[ring.name] = ring
 
-    def ring_bytes(self) -> int:
-        """Bytes of /dev/shm the daemon's own rings may use once written."""
-        return (self.inline_input.segment.size
-                + sum(r.segment.size for pair in self.worker_rings for r in pair))
+    def check_shm_room(self) -> None:
+        """Rings are sparse files: pages are taken from /dev/shm only when written, and a
+        write the tmpfs cannot hold kills the writer with SIGBUS. Warn at start when the
+        daemon's own rings could outgrow it (containers often give /dev/shm 64 MiB)."""
+        capacity = (self.inline_input.segment.size
+                    + sum(r.segment.size for pair in self.worker_rings for r in pair))
+        stat = os.statvfs(segments.SHM_DIR)
+        free = stat.f_bavail * stat.f_frsize
+        if capacity > free:
+            log.warning("the rings may use up to %d MiB of %s but only %d MiB is free; lower "
+                        "rings.frame_slots/frame_slot_bytes/audio_slots/audio_slot_bytes or "
+                        "give /dev/shm more room", capacity >> 20, segments.SHM_DIR, free >> 20)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -218,9 +227,6 @@ class Sessions:
             for ring in pair:
                 self.output_rings[ring.name] = ring
         return pair[0].name, pair[1].name
-
-    def knows_output(self, ring_name: str) -> bool:
-        return ring_name in self.output_rings
 
     def release_output(self, ring_name: str, slot: int, seq: int) -> bool:
         """Free a slot of a ring workers write; False for an unknown ring or a stale pair."""

@@ -1,34 +1,27 @@
 """The supervisor process (`avatard serve`): a coordinator over five components.
 
 It owns the sockets, the signal flags and the process lock, and routes between components
-that never call each other (each returns what happened; only this module turns one
-component's output into another's input):
+that never call each other; each returns what happened, and only `_route` turns one
+component's output into another's input (docs/daemon.md, "Architecture"):
 
-    client socket --> Sessions (rings, delivery, expiry)      AvatarStore (portraits)
-         |                  ^ frames / replies                      ^ stored / validated
-         v                  |                                       |
-    +--------------------- Supervisor: the tick --------------------------+
-         |                  ^ Ended / Requeued / StopWorker         ^ WorkerReady / Lost / ...
-         v                  |                                       |
-    JobBook (queue, placement, progress, deadlines)   WorkerPool (processes, states, backoff)
-                                                           |
-    worker socket <-- RunJob / CancelJob / Shutdown <------+      StatusBoard (status, systemd)
+    clients <-> ClientPort --> Sessions (rings, delivery, expiry), AvatarStore (portraits)
+                                    ^ frames, replies
+    Supervisor tick --------------- + ---------------------------------------------------
+      | Ended / Requeued / StopWorker           | WorkerReady / WorkerLost / WorkerExited
+    JobBook (queue, placement, deadlines)     WorkerPool (processes, states, backoff)
+    StatusBoard (status body, systemd)        workers <-> RunJob / CancelJob / Shutdown
 
-One tick: read both sockets (bounded by TICK_S), act on recorded signals, then run the
-named steps: workers checked, workers started, jobs checked, jobs placed, sends finished,
+One tick: read both sockets (bounded by TICK_S), act on recorded signals, then the named
+steps: workers checked, workers started, jobs checked, jobs placed, sends finished,
 sessions expired, drain checked, status published. It never imports torch or an engine.
-Signal handlers only record the signal; the loop acts on it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import multiprocessing as mp
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -43,11 +36,12 @@ from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .jobs import Job, QueueFull, new_job_id
 from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
-from .requests import build_spec
+from .requests import build_spec, end_reply
+from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions
 from .status import StatusBoard, health, worker_status
-from .worker import WorkerSpec, worker_main
+from .worker import WorkerSpec, start_worker
 
 log = logging.getLogger("avatard.supervisor")
 
@@ -73,26 +67,11 @@ class Supervisor:
         self.exit_code = 0
         self._signals: list[int] = []
         self._lock_fd: int | None = None
-        self.spawn = mp.get_context("spawn")
 
     # ================================================================ start / stop
 
-    def _take_lock(self) -> None:
-        path = self.runtime_dir / "avatard.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = Path(path).read_text().strip() or "?"
-            os.close(fd)
-            raise RuntimeError(f"another avatard serve (pid {other}) holds {path}; stop it "
-                               "or set daemon.runtime_dir to another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
-
     def start(self) -> None:
-        self._take_lock()
+        self._lock_fd = hold_runtime_lock(self.runtime_dir)
         removed = segments.sweep_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments of dead owners", len(removed))
@@ -107,19 +86,13 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.client_port.register(self.poller)
         self.poller.register(self.worker_sock, zmq.POLLIN)
-        device_list = dev.discover(d.devices)
-        per_device: dict[str, int] = {}
-        placed = []
-        for _ in range(d.workers):
-            device = dev.place(device_list, per_device)
-            per_device[device.name] = per_device.get(device.name, 0) + 1
-            placed.append(device)
+        placed = dev.place_all(dev.discover(d.devices), d.workers)
         self.sessions = Sessions(self.cfg.rings, self.client_port, t.client_call_s,
                                  t.session_idle_s)
         self.sessions.add_worker_rings(len(placed))
         self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads,
                                self._launch, now=time.monotonic())
-        self._check_shm_room()
+        self.sessions.check_shm_room()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if d.metrics_port:
@@ -127,37 +100,14 @@ class Supervisor:
 
             start_metrics_server(self, d.metrics_host, d.metrics_port)
         log.info("serving on %s; %d workers on %s", ", ".join(self.client_port.endpoints),
-                 len(placed), ", ".join(sorted(per_device)))
-        self._publish_status()
-
-    def _check_shm_room(self) -> None:
-        """Rings are sparse files: pages are taken from /dev/shm only when written, and a
-        write the tmpfs cannot hold kills the writer with SIGBUS. Warn at start when the
-        rings could outgrow it (containers often give /dev/shm 64 MiB)."""
-        capacity = self.sessions.ring_bytes()
-        stat = os.statvfs(segments.SHM_DIR)
-        free = stat.f_bavail * stat.f_frsize
-        if capacity > free:
-            log.warning("the rings may use up to %d MiB of %s but only %d MiB is free; lower "
-                        "rings.frame_slots/frame_slot_bytes/audio_slots/audio_slot_bytes or "
-                        "give /dev/shm more room", capacity >> 20, segments.SHM_DIR, free >> 20)
+                 len(placed), ", ".join(sorted({device.name for device in placed})))
+        self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
 
     def _launch(self, worker_id: WorkerId, device: dev.DeviceInfo) -> ProcessHandle:
         frames, audio = self.sessions.worker_rings[worker_id.index]
-        spec = WorkerSpec(
-            index=worker_id.index, attempt=worker_id.attempt, device=device.name,
-            control_endpoint=self.worker_endpoint, frame_ring=frames.name,
-            audio_ring=audio.name,
-            engines={"avatar": self.cfg.engines.avatar, "tts": self.cfg.engines.tts,
-                     "asr": self.cfg.engines.asr},
-            engine_options={k: dict(v) for k, v in self.cfg.engines.options.items()},
-            heartbeat_interval_s=self.cfg.timeouts.heartbeat_interval_s,
-            supervisor_pid=os.getpid(), log_level=self.cfg.daemon.log_level,
-            jobs_per_worker=self.cfg.daemon.jobs_per_worker)
-        proc = self.spawn.Process(target=worker_main, args=(spec,),
-                                  name=f"avatard-worker-{worker_id.index}")
-        proc.start()
-        return proc
+        return start_worker(WorkerSpec.from_config(
+            self.cfg, worker_id.index, worker_id.attempt, device.name, self.worker_endpoint,
+            frames.name, audio.name))
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)  # the loop acts; nothing else happens in a handler
@@ -176,7 +126,7 @@ class Supervisor:
         if self.worker_sock in events:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
-            self._read_clients()
+            self.client_port.serve(self._on_client_msg)
         self.client_port.check_refusals()
         self._handle_signals()
         now = time.monotonic()
@@ -188,7 +138,7 @@ class Supervisor:
         self._expire_sessions(now)
         if self.draining:
             self._check_drain(now)
-        self._publish_status()
+        self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
         self.board.watchdog(now)
 
     def _handle_signals(self) -> None:
@@ -224,15 +174,7 @@ class Supervisor:
         grace = self.cfg.timeouts.kill_grace_s
         for worker_id in self.pool.live_ids():
             self._send(worker_id.index, P.make(P.Shutdown, reason="daemon stopping"))
-        for step in ("join", "terminate", "kill"):
-            deadline = time.monotonic() + grace
-            for w, proc in self.pool.processes():
-                if step != "join" and proc.exitcode is None:
-                    if step == "kill":
-                        log.warning("worker %d ignored SIGTERM for %.1f s: SIGKILL", w.index,
-                                    grace)
-                    getattr(proc, step)()
-                proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.pool.reap_all(grace)
         self._route(self.book.end_all(P.E_DRAINING, "daemon stopped before the job ended"),
                     time.monotonic())
         self.client_port.close()
@@ -297,29 +239,12 @@ class Supervisor:
         if job.input_slot is not None:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
-        port = self.client_port
-        if not POLICIES[job.kind].announced:  # registration answers its request
-            avatar_id = job.spec.avatar.avatar_id  # type: ignore[union-attr]
-            if not ended.code:
-                self.avatars.validated(avatar_id)
-                port.send(job.client, P.make(P.AvatarRegistered, req_id=job.req_id,
-                                             avatar_id=avatar_id))
+        if isinstance(job.spec, P.RegisterSpec):  # the store keeps only accepted portraits
+            if ended.code:
+                self.avatars.forget(job.spec.avatar.avatar_id)
             else:
-                self.avatars.forget(avatar_id)
-                port.send(job.client, P.make(P.Error, req_id=job.req_id, code=ended.code,
-                                             field=ended.field or "image",
-                                             rule=(ended.rule or ended.message)[:4096]))
-        elif ended.result is not None:
-            r = ended.result
-            port.send(job.client, P.make(
-                P.Done, job_id=job.job_id, frames=r.frames, audio_samples=r.audio_samples,
-                media_s=r.media_s, wall_s=now - job.accepted_at,
-                first_frame_s=(job.first_frame_at - job.accepted_at
-                               if job.first_frame_at else 0.0), attempts=job.attempts))
-        else:
-            message = f"{ended.field}: {ended.rule}" if ended.field else ended.message
-            port.send(job.client, P.make(P.JobFailed, job_id=job.job_id, code=ended.code,
-                                         message=message[:4096], attempts=job.attempts))
+                self.avatars.validated(job.spec.avatar.avatar_id)
+        self.client_port.send(job.client, end_reply(ended, now))
 
     def _expire_sessions(self, now: float) -> None:
         limit = self.cfg.timeouts.client_call_s
@@ -346,7 +271,7 @@ class Supervisor:
 
     def _on_worker_msg(self, w: Any, msg: P.Msg) -> None:
         if isinstance(msg, (P.WFrame, P.WAudio)) and (
-                w is None or not self.sessions.knows_output(msg.data.ring)):
+                w is None or msg.data.ring not in self.sessions.output_rings):
             # From a replaced process: give its slot back. A ring no longer known was a
             # session's that ended meanwhile: nothing to give back.
             self.sessions.release_output(*msg.data.key)
@@ -358,18 +283,14 @@ class Supervisor:
         index = w.index
         if isinstance(msg, P.WHeartbeat):
             self.book.progress(index, msg.jobs, now)
-        elif isinstance(msg, P.WFrame):
-            job = self.book.frame(index, msg.job_id, msg.index, now)
+        elif isinstance(msg, (P.WFrame, P.WAudio)):
+            job = self.book.delivered(index, msg, now)
             if job is None:
                 self.sessions.release_output(*msg.data.key)
-            else:
+            elif isinstance(msg, P.WFrame):
                 self.sessions.forward(job.client, P.make(
                     P.Frame, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
                     data=msg.data), now)
-        elif isinstance(msg, P.WAudio):
-            job = self.book.audio(index, msg.job_id, msg.index)
-            if job is None:
-                self.sessions.release_output(*msg.data.key)
             else:
                 self.sessions.forward(job.client, P.make(
                     P.AudioChunk, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
@@ -387,28 +308,13 @@ class Supervisor:
 
     # ================================================================ clients
 
-    def _read_clients(self) -> None:
-        for identity, msg, extra in self.client_port.receive():
-            session = self.sessions.get(identity)
-            if session is not None:
-                session.last_seen = time.monotonic()
-            try:
-                self._on_client_msg(identity, session, msg, extra)
-            except P.ProtocolError as exc:  # well-formed but refused: counts as bad too
-                self.client_port.bad_messages += 1
-                self.client_port.send(identity, exc.reply())
-            except Exception as exc:  # a bug of ours: answer it, log it, keep serving
-                log.exception("internal error handling %s from %s", type(msg).__name__,
-                              identity.hex())
-                self.client_port.send(identity, P.make(
-                    P.Error, req_id=getattr(msg, "req_id", 0), code=P.E_INTERNAL,
-                    field="message", rule=f"internal error: {type(exc).__name__}"))
-
-    def _on_client_msg(self, identity: bytes, session: Session | None, msg: Any,
-                       extra: list[Any]) -> None:
+    def _on_client_msg(self, identity: bytes, msg: Any, extra: list[Any]) -> None:
         req_id = getattr(msg, "req_id", 0)
         now = time.monotonic()
         port = self.client_port
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_seen = now
         if isinstance(msg, P.Hello):
             session = self.sessions.hello(identity, msg.inline, now)
             ring = session.input_ring
@@ -429,7 +335,7 @@ class Supervisor:
                 self._route([self.book.cancel(job, P.E_CANCELLED, "client said bye")], now)
             self.sessions.end(identity)
         elif isinstance(msg, P.Cancel):
-            job = self.book.get(msg.job_id)
+            job = self.book.jobs.get(msg.job_id)
             if job is None or job.client != identity:
                 raise P.ProtocolError(P.E_NOT_FOUND, "job_id",
                                       f"no running job {msg.job_id!r} of this client", req_id)
@@ -481,6 +387,3 @@ class Supervisor:
                                len(self.sessions), workers, len(self.book.queue),
                                self.book.queue.size, self.book.running_count(), counters,
                                self.book.recent_rtf)
-
-    def _publish_status(self) -> None:
-        self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -47,6 +49,7 @@ from avatard.ipc import protocol as P
 from avatard.ipc.ring import SlotRef, SlotRing
 from avatard.ipc.segments import Segment
 
+from .config import Config
 from .pool import WorkerId
 
 log = logging.getLogger("avatard.worker")
@@ -72,6 +75,29 @@ class WorkerSpec:
     supervisor_pid: int = 0
     log_level: str = "info"
     jobs_per_worker: int = 1
+
+    @classmethod
+    def from_config(cls, config: Config, index: int, attempt: int, device: str,
+                    control_endpoint: str, frame_ring: str, audio_ring: str) -> WorkerSpec:
+        """The spec of one worker process of a daemon running `config`."""
+        e = config.engines
+        return cls(index=index, attempt=attempt, device=device,
+                   control_endpoint=control_endpoint, frame_ring=frame_ring,
+                   audio_ring=audio_ring,
+                   engines={"avatar": e.avatar, "tts": e.tts, "asr": e.asr},
+                   engine_options={k: dict(v) for k, v in e.options.items()},
+                   heartbeat_interval_s=config.timeouts.heartbeat_interval_s,
+                   supervisor_pid=os.getpid(), log_level=config.daemon.log_level,
+                   jobs_per_worker=config.daemon.jobs_per_worker)
+
+
+def start_worker(spec: WorkerSpec) -> multiprocessing.process.BaseProcess:
+    """Start a worker process with the `spawn` method (never fork: CUDA state does not
+    survive a fork) and return its handle."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=worker_main, args=(spec,), name=f"avatard-worker-{spec.index}")
+    proc.start()
+    return proc
 
 
 class JobCancelled(Exception):
@@ -289,12 +315,17 @@ class Worker:
                         run.cancelled.set()
                 # A CancelJob for a job already finished needs no answer.
         finally:
+            # Give job threads a moment to see the shutdown (they check between frames) so
+            # their sockets close; a thread stuck in an engine is left behind, and may still
+            # write into the rings: then the process exit unmaps them.
             self._shutdown.set()
-            if self._join_job_threads():
+            deadline = time.monotonic() + SHUTDOWN_JOIN_S
+            threads = [r.thread for r in list(self.runs.values()) if r.thread is not None]
+            for thread in threads:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not any(thread.is_alive() for thread in threads):
                 frame_ring.close()
                 audio_ring.close()
-            # else a job thread stuck in an engine may still write into them: the process
-            # exit unmaps them.
 
     def _start(self, msg: P.RunJob, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
         if len(self.runs) >= self.spec.jobs_per_worker:
@@ -324,16 +355,6 @@ class Worker:
             self._local.sock = None
             sock.close()
 
-    def _join_job_threads(self) -> bool:
-        """After a Shutdown: give job threads a moment to see it (they check between
-        frames) so their sockets close; a thread stuck in an engine is left behind.
-        True when none is left."""
-        deadline = time.monotonic() + SHUTDOWN_JOIN_S
-        threads = [r.thread for r in list(self.runs.values()) if r.thread is not None]
-        for thread in threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in threads)
-
     def _run_job(self, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing) -> None:
         """Run one job through the handler of its spec type and report its end: done (the
         handler's result), cancelled, bad input (field and rule), or an engine fault."""
@@ -342,8 +363,9 @@ class Worker:
         job = run.msg
         try:
             if job.frame_ring:  # the client session's own rings
-                frame_ring = self._attach_output(run, job.frame_ring)
-                audio_ring = self._attach_output(run, job.audio_ring)
+                for name in (job.frame_ring, job.audio_ring):
+                    run.outputs[name] = SlotRing.attach(name)
+                frame_ring, audio_ring = run.outputs[job.frame_ring], run.outputs[job.audio_ring]
             result = self.handlers[type(job.spec)](job, run, frame_ring, audio_ring)
             self.send(P.WJobDone, job_id=job.job_id, frames=result.frames,
                       audio_samples=result.audio_samples, media_s=result.media_s)
@@ -366,12 +388,6 @@ class Worker:
             names = list(run.outputs)
             run.close_rings()
             self._forget_ring_locks(names)
-
-    def _attach_output(self, run: JobRun, name: str) -> SlotRing:
-        ring = run.outputs.get(name)
-        if ring is None:
-            ring = run.outputs[name] = SlotRing.attach(name)
-        return ring
 
     def _input_array(self, run: JobRun, desc: P.SlotDesc) -> np.ndarray:
         ring = run.inputs.get(desc.ring)

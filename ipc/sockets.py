@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,24 @@ class ClientPort:
                                                         "could not be decoded").reply())
                     continue
                 yield identity, msg, extra
+
+    def serve(self, handler: Callable[[bytes, P.Msg, list[Any]], None]) -> None:
+        """Hand every waiting request to `handler(identity, msg, extra parts)`. A
+        `ProtocolError` it raises becomes the error reply (and counts as a bad message);
+        any other exception is a bug of ours: logged, answered as `internal`, and the
+        daemon keeps serving. A client never sees a traceback."""
+        for identity, msg, extra in self.receive():
+            try:
+                handler(identity, msg, extra)
+            except P.ProtocolError as exc:  # well-formed but refused: counts as bad too
+                self.bad_messages += 1
+                self.send(identity, exc.reply())
+            except Exception as exc:
+                log.exception("internal error handling %s from %s", type(msg).__name__,
+                              identity.hex())
+                self.send(identity, P.make(
+                    P.Error, req_id=getattr(msg, "req_id", 0), code=P.E_INTERNAL,
+                    field="message", rule=f"internal error: {type(exc).__name__}"))
 
     def send(self, identity: bytes, msg: P.Msg, *extra: bytes | memoryview) -> None:
         self.send_parts(identity, P.Codec.encode(msg, *extra))
