@@ -98,6 +98,9 @@ class JobBook:
         self.recent_rtf: deque[float] = deque(maxlen=50)
         self.recent_job_s: deque[float] = deque(maxlen=50)
         self.queue_closed = False  # draining: nothing new is queued or requeued
+        # Jobs cancelled while running, awaiting their worker's answer: since when (the
+        # first tick that saw them ended), so the worker has stall_timeout_s from there.
+        self.cancel_seen: dict[str, float] = {}
 
     # ------------------------------------------------------------ queries
 
@@ -302,23 +305,27 @@ class JobBook:
                                     f"({job.frames_delivered} frames delivered)")
                 if ended is not None:
                     outcomes.append(ended)
+        cancel_seen: dict[str, float] = {}
         for index, on_worker in self.placed.items():
+            stop: StopWorker | None = None
             for job in on_worker.values():
-                age = now - job.progress_at
-                if age <= self.stall_timeout_s:
-                    continue
                 if job.finished:
-                    # Cancelled while running and the worker never answered.
-                    outcomes.append(StopWorker(index, f"did not acknowledge cancelled job "
-                                                      f"{job.job_id}"))
-                    break
-                if not job.waiting_on_ring:
+                    # Cancelled while running: timed from the cancel, not from its last
+                    # progress (a job blocked on its ring may have none for long).
+                    since = cancel_seen[job.job_id] = self.cancel_seen.get(job.job_id, now)
+                    if stop is None and now - since > self.stall_timeout_s:
+                        stop = StopWorker(index, f"did not acknowledge cancelled job "
+                                                 f"{job.job_id}")
+                    continue
+                age = now - job.progress_at
+                if stop is None and age > self.stall_timeout_s and not job.waiting_on_ring:
                     # One stalled job is enough (a thread cannot be killed, so the worker
                     # goes, and its other jobs are requeued with it).
-                    outcomes.append(StopWorker(index, f"job {job.job_id} made no progress "
-                                               f"for {age:.1f} s "
-                                               f"(stall_timeout_s={self.stall_timeout_s:g})"))
-                    break
+                    stop = StopWorker(index, f"job {job.job_id} made no progress for "
+                                      f"{age:.1f} s (stall_timeout_s={self.stall_timeout_s:g})")
+            if stop is not None:
+                outcomes.append(stop)
+        self.cancel_seen = cancel_seen  # only jobs still awaiting an answer
         return outcomes
 
     def end_all(self, code: str, message: str) -> list[Ended]:

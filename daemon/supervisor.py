@@ -207,6 +207,9 @@ class Supervisor:
             # WorkerReady and WorkerGaveUp change only what status shows.
         for index in range(len(self.pool)):
             self.pool.set_load(index, self.book.load(index), now)
+        # At once, not at the end of the tick: systemd sees each step (READY=1, then
+        # the next worker starting) as its own STATUS= line.
+        self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
 
     def _send(self, index: int, msg: P.Msg) -> None:
         identity = self.pool.workers[index].id.identity()

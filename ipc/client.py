@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .ring import SlotRef, SlotRing
+from .ring import SlotRing
 from .sockets import default_runtime_dir, wait_readable
 
 
@@ -198,8 +198,7 @@ class Client:
         array = np.ascontiguousarray(array)
         if self._input_ring is not None and array.nbytes <= self._input_ring.slot_bytes:
             ref = self._input_ring.write(array, timeout_s=self.timeout_s)
-            return P.SlotDesc(ring=ref.ring, slot=ref.slot, seq=ref.seq,
-                              shape=list(ref.shape), dtype=ref.dtype), []
+            return P.SlotDesc.from_ref(ref), []
         return P.Inline(part=1, shape=list(array.shape), dtype=array.dtype.name), [
             memoryview(array).cast("B")]
 
@@ -313,8 +312,7 @@ class Client:
         if isinstance(data, P.Inline):
             buf = extra[data.part - 1]
             return np.frombuffer(buf, dtype=data.dtype).reshape(data.shape)
-        ref = SlotRef(data.ring, data.slot, data.seq, tuple(data.shape), data.dtype)
-        return self._ring(data.ring).read(ref)
+        return self._ring(data.ring).read(data.ref())
 
     def _release(self, data: P.SlotDesc) -> None:
         if self._sock.closed:  # an abandoned job iterator collected after close()
