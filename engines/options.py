@@ -38,7 +38,6 @@ __all__ = [
     "check_options",
     "option",
     "option_specs",
-    "options_table_markdown",
     "parse_options",
     "unknown_option_error",
 ]
@@ -108,17 +107,21 @@ def option(
 
 # ---------------------------------------------------------------------------- specs
 
-_SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
-_TYPE_WORDS = {"bool": "bool", "int": "int", "float": "float", "str": "str",
-               "int list": "list of ints", "str list": "list of strings"}
+# The TOML scalar types an option (or each entry of a list option) can hold, and their names
+# in "expected ..." messages (singular, plural).
+_TYPE_NAMES: dict[type, tuple[str, str]] = {
+    bool: ("bool", "bools"), int: ("int", "ints"), float: ("float", "floats"),
+    str: ("str", "strings"),
+}
 
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One declared option: its name, value kind, default and rules (see `option`)."""
+    """One declared option: its name, value type, default and rules (see `option`)."""
 
     name: str
-    kind: str  # "bool" | "int" | "float" | "str" | "int list" | "str list"
+    value_type: type  # bool, int, float or str: of the value, or of each entry of a list
+    is_list: bool  # a TOML array (a tuple in the options object)
     default: Any  # MISSING for a required option
     doc: str
     ge: float | None = None
@@ -136,8 +139,9 @@ class OptionSpec:
 
     @property
     def type_word(self) -> str:
-        """The TOML type in a word: "int", "list of ints"..."""
-        return _TYPE_WORDS[self.kind]
+        """The TOML type in words: "int", "list of ints"..."""
+        singular, plural = _TYPE_NAMES[self.value_type]
+        return f"list of {plural}" if self.is_list else singular
 
     def range_text(self) -> str:
         """The bounds alone: "1..64", ">= 0", "> 0 and <= 1" ("" without bounds)."""
@@ -150,15 +154,14 @@ class OptionSpec:
     def entry_allowed(self) -> str:
         """What one value (or one entry of a list) may be, as a phrase: "an integer in
         1..64", "a number > 0", "one of float32, bfloat16", "true or false"."""
-        kind = self.kind.removesuffix(" list")
-        if kind == "bool":
+        if self.value_type is bool:
             return "true or false"
-        if kind == "str":
+        if self.value_type is str:
             if self.choices is None:
                 return "a non-empty string" if self.nonempty else "a string"
             listed = f"one of {', '.join(self.choices)}"
             return f"{listed} ({self.choices_name})" if self.choices_name else listed
-        noun = "a number" if kind == "float" else "an integer"
+        noun = "a number" if self.value_type is float else "an integer"
         if self.multiple_of == 2:
             noun = "an even integer"
         elif self.multiple_of:
@@ -170,31 +173,37 @@ class OptionSpec:
 
     def allowed(self) -> str:
         """What the option accepts, as a phrase (for a list: "a list, each entry ...")."""
-        if self.kind.endswith(" list"):
+        if self.is_list:
             return f"a list, each entry {self.entry_allowed()}"
         return self.entry_allowed()
 
     def check(self, key: str, value: Any) -> Any:
         """`value` converted to the field's type (float for an int given to a float, tuple
         for an array), or EngineOptionError naming `key`, the value and what is allowed."""
-        if self.kind.endswith(" list"):
-            entry_kind = self.kind.removesuffix(" list")
-            if not isinstance(value, list | tuple) or not all(
-                _has_kind(entry, entry_kind) for entry in value
-            ):
+        if not self.is_list:
+            if not self._has_type(value):
                 raise self._type_error(key, value)
-            if any(self._entry_problem(entry) for entry in value):
-                raise EngineOptionError(
-                    key, value, self.allowed(),
-                    f"every entry must be {self.entry_allowed()}, got {_show(value)}",
-                )
-            return tuple(float(e) if entry_kind == "float" else e for e in value)
-        if not _has_kind(value, self.kind):
+            problem = self._value_problem(value)
+            if problem:
+                raise EngineOptionError(key, value, self.allowed(), problem)
+            return float(value) if self.value_type is float else value
+        if not isinstance(value, list | tuple) or not all(map(self._has_type, value)):
             raise self._type_error(key, value)
-        problem = self._entry_problem(value)
-        if problem:
-            raise EngineOptionError(key, value, self.allowed(), problem)
-        return float(value) if self.kind == "float" else value
+        if any(self._value_problem(entry) for entry in value):
+            raise EngineOptionError(
+                key, value, self.allowed(),
+                f"every entry must be {self.entry_allowed()}, got {_show(value)}",
+            )
+        return tuple(float(e) if self.value_type is float else e for e in value)
+
+    def _has_type(self, value: Any) -> bool:
+        if self.value_type is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool):  # bool is an int subclass, but `max_batch = true` is a slip
+            return False
+        if self.value_type is float:
+            return isinstance(value, int | float)  # TOML writes 2 for 2.0
+        return isinstance(value, self.value_type)
 
     def _type_error(self, key: str, value: Any) -> EngineOptionError:
         return EngineOptionError(
@@ -203,12 +212,11 @@ class OptionSpec:
             f"{_toml_type(value)} {_show(value)}",
         )
 
-    def _entry_problem(self, value: Any) -> str:
-        """Why a value of the right type is still refused ("" when it is fine)."""
-        kind = self.kind.removesuffix(" list")
-        if kind == "bool":
+    def _value_problem(self, value: Any) -> str:
+        """Why a value (or list entry) of the right type is still refused ("": it is not)."""
+        if self.value_type is bool:
             return ""
-        if kind == "str":
+        if self.value_type is str:
             if self.nonempty and not value:
                 return "must not be empty"
             if self.choices is not None and value not in self.choices:
@@ -216,7 +224,7 @@ class OptionSpec:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 return f"must be {self.entry_allowed()}, got {_show(value)}{hint}"
             return ""
-        if kind == "float":
+        if self.value_type is float:
             try:
                 number = float(value)
             except OverflowError:  # an integer beyond any float
@@ -251,42 +259,33 @@ def option_specs(cls: type) -> tuple[OptionSpec, ...]:
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
-        kind = _kind_of(hints[f.name], f"{cls.__name__}.{f.name}")
-        rules = {k: f.metadata.get(k) for k in ("ge", "gt", "le", "multiple_of", "choices")}
+        value_type, is_list = _toml_form(hints[f.name], f"{cls.__name__}.{f.name}")
+        rules = {name: f.metadata.get(name) for name in
+                 ("ge", "gt", "le", "multiple_of", "choices")}
         specs.append(OptionSpec(
-            name=f.name, kind=kind, default=f.default, doc=f.metadata.get("doc", ""),
-            choices_name=f.metadata.get("choices_name", ""),
+            name=f.name, value_type=value_type, is_list=is_list, default=f.default,
+            doc=f.metadata.get("doc", ""), choices_name=f.metadata.get("choices_name", ""),
             nonempty=f.metadata.get("nonempty", False),
             default_doc=f.metadata.get("default_doc", ""), **rules,
         ))
     return tuple(specs)
 
 
-def _kind_of(annotation: Any, where: str) -> str:
+def _toml_form(annotation: Any, where: str) -> tuple[type, bool]:
+    """(scalar type, is a list) of a field annotation: `int`, `tuple[int, ...]`, each
+    optionally `| None`."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        # `X | None`: None is a default only (TOML has no null), so the kind is X's.
+        # `X | None`: None is a default only (TOML has no null), so the form is X's.
         rest = [a for a in args if a is not type(None)]
         if len(rest) == 1 and len(args) == 2:
-            return _kind_of(rest[0], where)
-    if annotation in _SCALARS:
-        return _SCALARS[annotation]
-    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
-        if args[0] in (int, str, float):
-            return f"{_SCALARS[args[0]]} list"
+            return _toml_form(rest[0], where)
+    if annotation in _TYPE_NAMES:
+        return annotation, False
+    if (typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis
+            and args[0] in _TYPE_NAMES):
+        return args[0], True
     raise TypeError(f"{where}: option type {annotation!r} has no TOML form")
-
-
-def _has_kind(value: Any, kind: str) -> bool:
-    if kind == "bool":
-        return isinstance(value, bool)
-    if isinstance(value, bool):  # bool is an int subclass, but `max_batch = true` is a slip
-        return False
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, int | float)
-    return isinstance(value, str)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -368,52 +367,6 @@ def unknown_option_error(key_prefix: str, name: str, value: Any,
         f"{key_prefix}.{name}", value, listing,
         f"unknown option{hint}, got {_show(value)}; known options: {listing}",
     )
-
-
-# ---------------------------------------------------------------------------- docs
-
-
-def options_table_markdown(cls: type) -> str:
-    """A Markdown table of the options of `cls`: option, type, default, range, meaning."""
-    lines = ["| Option | Type | Default | Range | Meaning |", "| --- | --- | --- | --- | --- |"]
-    # Required options first: they are what a reader must set.
-    for spec in sorted(option_specs(cls), key=lambda spec: not spec.required):
-        if spec.required:
-            default = "required"
-        elif spec.default is None:
-            default = spec.default_doc or "unset"
-        else:
-            default = _toml_literal(spec.default)
-        cells = [f"`{spec.name}`", spec.type_word, default, _rule_text(spec), spec.doc]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _rule_text(spec: OptionSpec) -> str:
-    parts = []
-    if spec.choices is not None:
-        parts.append("one of " + ", ".join(f"`{c}`" for c in spec.choices))
-    bounds = spec.range_text()
-    if bounds:
-        parts.append(bounds)
-    if spec.multiple_of:
-        parts.append("even" if spec.multiple_of == 2 else f"multiple of {spec.multiple_of}")
-    if spec.nonempty:
-        parts.append("not empty")
-    text = "; ".join(parts) or "-"
-    return f"each entry: {text}" if spec.kind.endswith("list") and parts else text
-
-
-def _toml_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "`true`" if value else "`false`"
-    if isinstance(value, str):
-        return f'`"{value}"`'
-    if isinstance(value, tuple):
-        return "`[" + ", ".join(_toml_literal(v).strip("`") for v in value) + "]`"
-    if isinstance(value, float):
-        return f"`{value!r}`"
-    return f"`{value}`"
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -16,8 +16,9 @@ import ast
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from .options import options_table_markdown
+from .options import OptionSpec, option_specs
 from .registry import ENGINES, engine_kinds, engine_options_class, options_key_prefix
 
 BLOCK = re.compile(
@@ -57,6 +58,49 @@ def _engine_part(kind: str, name: str, kinds: list[str]) -> str:
     summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
     return (f"{owner} engine{plural} `{name}` (`{cls.__name__}`): {summary}\n\n"
             f"{options_table_markdown(cls)}")
+
+
+def options_table_markdown(cls: type) -> str:
+    """A Markdown table of the options of `cls`: option, type, default, range, meaning."""
+    lines = ["| Option | Type | Default | Range | Meaning |", "| --- | --- | --- | --- | --- |"]
+    # Required options first: they are what a reader must set.
+    for spec in sorted(option_specs(cls), key=lambda spec: not spec.required):
+        if spec.required:
+            default = "required"
+        elif spec.default is None:
+            default = spec.default_doc or "unset"
+        else:
+            default = _toml_literal(spec.default)
+        cells = [f"`{spec.name}`", spec.type_word, default, _rule_text(spec), spec.doc]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rule_text(spec: OptionSpec) -> str:
+    parts = []
+    if spec.choices is not None:
+        parts.append("one of " + ", ".join(f"`{c}`" for c in spec.choices))
+    bounds = spec.range_text()
+    if bounds:
+        parts.append(bounds)
+    if spec.multiple_of:
+        parts.append("even" if spec.multiple_of == 2 else f"multiple of {spec.multiple_of}")
+    if spec.nonempty:
+        parts.append("not empty")
+    text = "; ".join(parts) or "-"
+    return f"each entry: {text}" if spec.is_list and parts else text
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(_toml_literal(v).strip("`") for v in value) + "]`"
+    if isinstance(value, float):
+        return f"`{value!r}`"
+    return f"`{value}`"
 
 
 def refresh_generated_blocks(text: str) -> str:
