@@ -60,7 +60,8 @@ ENGINES: dict[str, dict[str, EngineEntry]] = {
     },
 }
 
-# Keys of the old transitional protocol, where the worker put its context in the options.
+# TRANSITIONAL (goes with _pop_legacy_context): the keys the current worker adds to every
+# options table in place of passing context=.
 _LEGACY_CONTEXT_KEYS = ("worker_index", "attempt")
 
 
@@ -147,6 +148,7 @@ def load_engine(
     entry = _entry(kind, name)
     table = dict(options or {})
     if context is None:
+        # TRANSITIONAL: a worker that still sends worker_index/attempt in the table.
         context = _pop_legacy_context(table) or STANDALONE
     # Options first: a bad table fails before the engine's heavy imports.
     typed = parse_engine_options(kind, name, table)

@@ -368,7 +368,8 @@ def test_worker_context_is_not_an_option():
 
 
 def test_transitional_context_in_the_options_table():
-    # The worker of this branch still puts worker_index/attempt in the table.
+    # TRANSITIONAL, delete with registry._pop_legacy_context: the worker of this branch
+    # still puts worker_index/attempt in the table.
     engine = load_engine("avatar", "fake", "cpu", {"worker_index": 4, "attempt": 2})
     assert engine.context == WorkerContext(worker_index=4, attempt=2)
 

@@ -20,7 +20,7 @@ class DittoOptions:
     """The Ditto talking-head engine (PyTorch; random or checkpoint weights)."""
 
     weights: str = option(
-        doc='`"random"` (seeded random weights of the official shapes, for benchmarking; '
+        doc='"random" (seeded random weights of the official shapes, for benchmarking; '
         "every report and log line says RANDOM WEIGHTS) or the checkpoint folder holding "
         "ditto_pytorch/ and ditto_cfg/.", nonempty=True,
     )
