@@ -35,6 +35,8 @@ class EmbeddedWhisperEngine(FasterWhisperEngine):
         options: EmbeddedWhisperOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
+        # Not super().__init__: that parses FasterWhisperOptions, whose model_dir is
+        # required; here the model is fixed and only the decoding options are taken.
         opts = as_options(EmbeddedWhisperOptions, options, "engines.options.embedded")
         self._load(shipped_model_dir(), opts, device, progress)
 
