@@ -58,7 +58,7 @@ class CoquiTTSOptions(TextLimitOptions):
     )
     seed: int = option(
         0, "Seed of the sampling noise: sentence i uses seed + i, so the same text gives the "
-        "same audio.", ge=0,
+        "same audio.",
     )
 
 

@@ -204,7 +204,7 @@ CASES: dict[type, dict[str, Any]] = {
         defaults={"model_file": None, "vocoder_dir": None, "speaker": None, "language": None,
                   "seed": 0, "max_text_chars": 5000, "max_sentence_chars": 300},
         typo=("speeker", "speaker"), wrong=("seed", "0", "expected int, got str"),
-        out_of_range=("seed", -1, "must be >= 0, got -1"), integer="max_sentence_chars",
+        out_of_range=("max_text_chars", 0, "must be >= 1, got 0"), integer="seed",
     ),
     FasterWhisperOptions: dict(
         prefix="engines.options.faster-whisper", required={"model_dir": "/models/whisper"},

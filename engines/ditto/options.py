@@ -24,7 +24,7 @@ class DittoOptions:
         "every report and log line says RANDOM WEIGHTS) or the checkpoint folder holding "
         "ditto_pytorch/ and ditto_cfg/.", nonempty=True,
     )
-    seed: int = option(0, "Seed of the random weights (weights = \"random\" only).", ge=0)
+    seed: int = option(0, "Seed of the random weights (weights = \"random\" only).")
     dtype: str = option(
         "float32", "Dtype of warp and decoder, the per-frame cost; the extractors, stitching "
         "and LMDM stay float32.", choices=DTYPES,
