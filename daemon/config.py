@@ -10,7 +10,8 @@ renders that into the table in docs/config.md, and a test compares the two so th
 cannot drift from the code.
 
 This module runs in the supervisor, which must stay light: stdlib only, plus the engine
-name table of `avatard.engines.registry` (which imports no engine).
+table of `avatard.engines.registry` (which imports no engine) and, while a config is
+loaded, the engines' options classes (modules that import no engine runtime either).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avatard.engines.registry import ENGINES
+from avatard.engines.options import EngineOptionError
+from avatard.engines.registry import ENGINES, check_engine_options
 
 __all__ = [
     "AF_UNIX_PATH_MAX_BYTES",
@@ -248,8 +250,8 @@ class EnginesConfig:
     tts: str = _key("embedded", "Text-to-speech engine, a name from the registry.")
     asr: str = _key("embedded", "Speech-recognition engine, a name from the registry.")
     options: dict[str, dict[str, Any]] = _key(
-        doc="Per-engine option tables, `[engines.options.<engine-name>]`, passed as-is to "
-        "every engine of that name.",
+        doc="Per-engine option tables, `[engines.options.<engine-name>]`, shared by every "
+        "engine of that name; checked against the engines' options (see Engine options).",
         default_factory=dict,
     )
 
@@ -281,7 +283,7 @@ SECTIONS: dict[str, type] = {
     "rings": RingsConfig,
     "engines": EnginesConfig,
 }
-# Keys whose value is a free-form table (its inside is not checked here).
+# Keys whose value is a table checked by other rules (engine options: by the registry).
 FREE_FORM_KEYS = frozenset({"engines.options"})
 
 
@@ -500,6 +502,20 @@ def _check_section_rules(section: str, values: Any) -> None:
                 )
             if not isinstance(options, dict):
                 raise ConfigError(key, f"expected table, got {_type_name(options)}")
+        _check_engine_options(values)
+
+
+def _check_engine_options(engines: EnginesConfig) -> None:
+    """Check every options table against the options classes of the engines of its name
+    (torch-free: only the classes' own modules are imported), and the required options of
+    every configured engine, so a typo fails here and not in a worker's load."""
+    configured = {kind: getattr(engines, kind) for kind in ("avatar", "tts", "asr")}
+    for name in sorted(set(configured.values()) | set(engines.options)):
+        kinds = [kind for kind, chosen in configured.items() if chosen == name]
+        try:
+            check_engine_options(name, engines.options.get(name, {}), kinds)
+        except EngineOptionError as exc:
+            raise ConfigError(exc.key, exc.reason) from None
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")

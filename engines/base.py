@@ -2,8 +2,10 @@
 
 Engines are loaded inside worker processes only (never in the supervisor, which must not
 import torch). A worker builds an engine through `avatard.engines.registry.load_engine`,
-which passes the engine's options from config, the device string (``"cpu"``,
-``"cuda:0"``) and a progress callback that feeds the LOADING stage of the handshake.
+which passes the engine's typed options (parsed from its config table by the engine's
+options class, see `avatard.engines.options`), the device string (``"cpu"``,
+``"cuda:0"``), a progress callback that feeds the LOADING stage of the handshake and, to
+engines that declare `needs_worker_context`, a `WorkerContext`.
 
 Conventions shared by every engine:
 - Audio is mono float32 PCM in [-1, 1] as a 1-D numpy array plus its sample rate.
@@ -29,6 +31,28 @@ ProgressFn = Callable[[str, float], None]
 
 def no_progress(stage: str, fraction: float) -> None:
     """Progress callback for callers that do not report loading stages."""
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Which worker slot loads an engine and which load attempt this is, for engines that
+    act on it (the fake engines aim their injected faults with it). Only engines whose
+    class sets `needs_worker_context` receive it, as the `context=` constructor argument."""
+
+    worker_index: int  # the worker slot, 0-based
+    attempt: int  # load attempt of that slot, 1-based (a restart after a crash is 2)
+
+    def __post_init__(self) -> None:
+        for name, smallest in (("worker_index", 0), ("attempt", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"WorkerContext.{name} must be an int >= {smallest}, "
+                                 f"got {value!r}")
+
+
+# The context of an engine loaded outside the daemon (a test, a benchmark): worker 0, first
+# attempt.
+STANDALONE = WorkerContext(worker_index=0, attempt=1)
 
 
 class EngineInputError(ValueError):
@@ -62,6 +86,10 @@ class Engine(abc.ABC):
     # different streams. False makes the worker serialise every call into it with one
     # lock; set True only where shared state (caches, detectors, models) is guarded.
     thread_safe: ClassVar[bool] = False
+    # Whether the constructor takes `context: WorkerContext` (see `WorkerContext`). Only
+    # engines that act on the worker slot or load attempt set it; `load_engine` passes the
+    # context to those alone, so the others' constructors stay (device, options, progress).
+    needs_worker_context: ClassVar[bool] = False
 
     @abc.abstractmethod
     def report(self) -> EngineReport:

@@ -10,14 +10,7 @@ The zoo rewrites file paths inside config.json when it downloads a model; a dire
 copied from elsewhere still holds the trainer's paths. We point those entries at the files
 in the model directory (in a temporary copy of the config) so such a directory loads.
 
-Options:
-  model_dir     required
-  model_file    checkpoint file name inside model_dir, if the default search is ambiguous
-  vocoder_dir   directory of a vocoder model (checkpoint + config.json), if needed
-  speaker       default voice for multi-speaker models (default: the first speaker)
-  language      language for multi-lingual models (default: the first language)
-  seed          seed of the sampling noise, default 0: the same text gives the same audio
-  max_text_chars, max_sentence_chars   as for every TTS engine
+Options: `CoquiTTSOptions` (engines/speech_options.py; the table is in docs/engines.md).
 """
 
 from __future__ import annotations
@@ -33,13 +26,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .audio import (
-    DEFAULT_MAX_SENTENCE_CHARS,
-    DEFAULT_MAX_TEXT_CHARS,
-    split_sentences,
-    validate_text,
-)
+from .audio import split_sentences, validate_text
 from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+from .options import as_options
+from .speech_options import CoquiTTSOptions
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +99,19 @@ class CoquiTTSEngine(TTSEngine):
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: CoquiTTSOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
-        options = dict(options or {})
-        if not options.get("model_dir"):
-            raise ValueError("coqui TTS needs options.model_dir (checkpoint + config.json)")
-        model_dir = Path(options["model_dir"])
+        opts = as_options(CoquiTTSOptions, options, "engines.options.coqui")
+        model_dir = Path(opts.model_dir)
         progress("check model", 0.0)
         config_path = model_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir} has no config.json")
-        checkpoint = find_checkpoint(model_dir, options.get("model_file"))
+        checkpoint = find_checkpoint(model_dir, opts.model_file)
         vocoder_checkpoint = vocoder_config = None
-        if options.get("vocoder_dir"):
-            vocoder_dir = Path(options["vocoder_dir"])
+        if opts.vocoder_dir:
+            vocoder_dir = Path(opts.vocoder_dir)
             vocoder_checkpoint = find_checkpoint(vocoder_dir)
             vocoder_config = vocoder_dir / "config.json"
             if not vocoder_config.is_file():
@@ -164,19 +152,19 @@ class CoquiTTSEngine(TTSEngine):
         languages = list(getattr(language_manager, "language_names", None) or [])
         self._speakers = speakers
         self._voices = speakers or ["default"]
-        default_voice = options.get("speaker") or self._voices[0]
+        default_voice = opts.speaker or self._voices[0]
         if default_voice not in self._voices:
             raise ValueError(f"speaker {default_voice!r} is not one of {self._voices}")
         self._voices.remove(default_voice)
         self._voices.insert(0, default_voice)
         self.languages = languages
-        self.language = options.get("language") or (languages[0] if languages else None)
+        self.language = opts.language or (languages[0] if languages else None)
         if languages and self.language not in languages:
             raise ValueError(f"language {self.language!r} is not one of {languages}")
 
-        self.seed = int(options.get("seed", 0))
-        self.max_text_chars = int(options.get("max_text_chars", DEFAULT_MAX_TEXT_CHARS))
-        self.max_sentence_chars = int(options.get("max_sentence_chars", DEFAULT_MAX_SENTENCE_CHARS))
+        self.seed = opts.seed
+        self.max_text_chars = opts.max_text_chars
+        self.max_sentence_chars = opts.max_sentence_chars
 
         progress("warm up", 0.8)
         started = time.perf_counter()

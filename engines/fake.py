@@ -6,41 +6,14 @@ out of memory or hold memory, so a supervisor's handling of each failure can be 
 in tests and rehearsed on a real deployment (`[engines] avatar = "fake"`).
 
 All three fake engines (avatar, TTS, ASR) are registered under the name "fake" and share
-one options table, `[engines.options.fake]`; the worker adds `worker_index` and `attempt`
-(1-based load attempt) to it. Options:
-
-Loading (applied only by the engine kinds listed in `load_kinds`, by default the avatar
-engine alone, because one worker loads all three engines from the same table):
-  load_s          float  0      seconds a load takes; progress is reported along the way
-  load_hang       bool   false  hang forever in the middle of loading
-  load_crash      bool   false  exit abruptly (os._exit) in the middle of loading
-  load_oom        bool   false  raise MemoryError in the middle of loading
-  load_error      bool   false  raise RuntimeError in the middle of loading
-  alloc_mb        int    0      allocate and touch this many MiB at load and keep them
-  load_kinds      list   ["avatar"]  engine kinds that apply the options above
-Rendering (avatar engine):
-  frame_ms        float  0      compute time per frame
-  frame_busy      bool   false  spend frame_ms busy-waiting (CPU load) instead of sleeping
-  hang_at_frame   int    -1     hang forever before producing this frame index (-1: off)
-  crash_at_frame  int    -1     exit abruptly before producing this frame index (-1: off)
-  error_at_frame  int    -1     raise RuntimeError before this frame index (-1: off)
-  width, height   int    64     frame size (even, 8..4096)
-  fps             int    25
-  audio_rate      int    16000  sample rate of the audio pushed into streams
-Speech (TTS engine):
-  sentence_ms     float  0      compute time per synthesized sentence
-Restricting faults (to load_hang, load_crash, load_oom, load_error, alloc_mb and the
-*_at_frame faults):
-  fault_workers   list   all    worker indices the faults apply to
-  fault_attempts  list   all    load attempts (1-based) the faults apply to
-  load_hang_workers, load_crash_workers, load_oom_workers
-                  list   []     workers that hang / crash / run out of memory while loading,
-                                whatever the flags say (still restricted by fault_attempts)
-  crash_delay_s   float  0.1    pause before an injected crash (lets logs reach the pipe)
-  crash_exit_code int    70     exit status of an injected crash (EX_SOFTWARE)
-
-So `fault_workers = [1, 3, 5]`, `fault_attempts = [1]`, `load_hang = true` makes workers 1, 3
-and 5 hang on their first load and load normally when restarted.
+one options table, `[engines.options.fake]`, typed by `FakeOptions` (engines/fake_options.py,
+listed with defaults and ranges in docs/config.md). Loading options (load_s and the load
+faults) apply only to the engine kinds in `load_kinds`, by default the avatar engine alone,
+because one worker loads all three engines from the same table. The engines take a
+`WorkerContext` (worker slot, load attempt) so faults can be aimed: `fault_workers = [1, 3,
+5]`, `fault_attempts = [1]`, `load_hang = true` makes workers 1, 3 and 5 hang on their first
+load and load normally when restarted; `load_hang_workers` and friends mix faults in one
+config (3 hang, 2 crash...).
 
 Frames are a pure function of (job seed, frame index): `expected_frame` computes the frame
 a stream must produce, so tests can check every pixel. Its first four pixels carry the
@@ -50,7 +23,6 @@ frame index and the seed in the clear (`frame_index_of`, `frame_seed_of`).
 from __future__ import annotations
 
 import collections
-import difflib
 import hashlib
 import os
 import re
@@ -59,7 +31,6 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any, ClassVar, NoReturn
 
@@ -67,6 +38,7 @@ import numpy as np
 import psutil
 
 from .base import (
+    STANDALONE,
     ASREngine,
     AvatarEngine,
     AvatarState,
@@ -78,8 +50,11 @@ from .base import (
     Transcript,
     TTSEngine,
     Word,
+    WorkerContext,
     no_progress,
 )
+from .fake_options import FakeOptions
+from .options import as_options
 
 __all__ = [
     "FAKE_VOICES",
@@ -96,7 +71,6 @@ __all__ = [
 
 NOTES = "FAKE ENGINE: test patterns and injected faults, not a model"
 FAKE_VOICES = ["fake-a", "fake-b"]
-ENGINE_KINDS = ("avatar", "tts", "asr")
 HEADER_MARKER = 0xA5  # blue channel of the four header pixels, to spot a fake frame
 MIB = 1024 * 1024
 UINT64_MASK = (1 << 64) - 1
@@ -106,123 +80,11 @@ AVATAR_CACHE_SIZE = 1024  # registered avatars kept; the oldest is forgotten fir
 # ---------------------------------------------------------------------------- options
 
 
-@dataclass(frozen=True)
-class FakeOptions:
-    """The validated `[engines.options.fake]` table (see the module docstring)."""
-
-    worker_index: int = 0
-    attempt: int = 1
-    load_s: float = 0.0
-    load_hang: bool = False
-    load_crash: bool = False
-    load_oom: bool = False
-    load_error: bool = False
-    alloc_mb: int = 0
-    load_kinds: tuple[str, ...] = ("avatar",)
-    frame_ms: float = 0.0
-    frame_busy: bool = False
-    hang_at_frame: int = -1
-    crash_at_frame: int = -1
-    error_at_frame: int = -1
-    width: int = 64
-    height: int = 64
-    fps: int = 25
-    audio_rate: int = 16000
-    sentence_ms: float = 0.0
-    fault_workers: tuple[int, ...] | None = None  # None: every worker
-    fault_attempts: tuple[int, ...] | None = None  # None: every attempt
-    # Per-fault worker lists, so one config can mix faults (3 hang, 2 crash...).
-    load_hang_workers: tuple[int, ...] = ()
-    load_crash_workers: tuple[int, ...] = ()
-    load_oom_workers: tuple[int, ...] = ()
-    crash_delay_s: float = 0.1
-    crash_exit_code: int = 70
-
-    @property
-    def faults_apply(self) -> bool:
-        """Whether this worker and load attempt are among those the faults target."""
-        worker_matches = self.fault_workers is None or self.worker_index in self.fault_workers
-        attempt_matches = self.fault_attempts is None or self.attempt in self.fault_attempts
-        return worker_matches and attempt_matches
-
-    def load_fault(self, flag: bool, workers: tuple[int, ...]) -> bool:
-        """Whether one load fault strikes here: by its flag (restricted by fault_workers)
-        or because this worker is in the fault's own worker list."""
-        attempt_matches = self.fault_attempts is None or self.attempt in self.fault_attempts
-        return (flag and self.faults_apply) or (self.worker_index in workers and attempt_matches)
-
-
-_BOOL_OPTIONS = {"load_hang", "load_crash", "load_oom", "load_error", "frame_busy"}
-_FLOAT_OPTIONS = {"load_s", "frame_ms", "sentence_ms", "crash_delay_s"}
-_INT_OPTIONS = {
-    "worker_index": 0,
-    "attempt": 1,
-    "alloc_mb": 0,
-    "hang_at_frame": -1,
-    "crash_at_frame": -1,
-    "error_at_frame": -1,
-    "width": 8,
-    "height": 8,
-    "fps": 1,
-    "audio_rate": 1000,
-    "crash_exit_code": 1,
-}  # name -> smallest allowed value
-_INT_LIST_OPTIONS = {
-    "fault_workers": 0,
-    "fault_attempts": 1,
-    "load_hang_workers": 0,
-    "load_crash_workers": 0,
-    "load_oom_workers": 0,
-}  # name -> smallest element
-
-
-def parse_fake_options(options: dict[str, Any] | None) -> FakeOptions:
-    """Validate the options table; a bad entry raises EngineInputError naming it."""
-    known = [f.name for f in fields(FakeOptions)]
-    values: dict[str, Any] = {}
-    for name, value in (options or {}).items():
-        field_name = f"options.{name}"
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise EngineInputError(field_name, f"unknown option of the fake engines{hint}")
-        if name in _BOOL_OPTIONS:
-            if not isinstance(value, bool):
-                raise EngineInputError(field_name, f"expected bool, got {type(value).__name__}")
-        elif name in _FLOAT_OPTIONS:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise EngineInputError(field_name, f"expected float, got {type(value).__name__}")
-            value = float(value)
-            if not (0.0 <= value < float("inf")):
-                raise EngineInputError(field_name, f"must be a finite number >= 0, got {value}")
-        elif name in _INT_OPTIONS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise EngineInputError(field_name, f"expected int, got {type(value).__name__}")
-            if value < _INT_OPTIONS[name]:
-                raise EngineInputError(field_name, f"must be >= {_INT_OPTIONS[name]}, got {value}")
-        elif name in _INT_LIST_OPTIONS:
-            if not isinstance(value, list | tuple) or any(
-                isinstance(item, bool) or not isinstance(item, int) for item in value
-            ):
-                raise EngineInputError(field_name, "expected a list of ints")
-            if any(item < _INT_LIST_OPTIONS[name] for item in value):
-                raise EngineInputError(
-                    field_name, f"every entry must be >= {_INT_LIST_OPTIONS[name]}"
-                )
-            value = tuple(value)
-        elif name == "load_kinds":
-            if not isinstance(value, list | tuple) or any(k not in ENGINE_KINDS for k in value):
-                raise EngineInputError(
-                    field_name, f"expected a list of engine kinds from {list(ENGINE_KINDS)}"
-                )
-            value = tuple(value)
-        values[name] = value
-    parsed = FakeOptions(**values)
-    for name in ("width", "height"):
-        size = getattr(parsed, name)
-        if size % 2 or size > 4096:
-            raise EngineInputError(f"options.{name}", f"must be even and <= 4096, got {size}")
-    return parsed
+def parse_fake_options(options: FakeOptions | dict[str, Any] | None,
+                       key_prefix: str = "options") -> FakeOptions:
+    """The typed options of a fake engine from its table; a bad entry raises
+    EngineOptionError (an EngineInputError) whose field is ``f"{key_prefix}.{name}"``."""
+    return as_options(FakeOptions, options, key_prefix)
 
 
 # ---------------------------------------------------------------------------- frames
@@ -266,12 +128,12 @@ def frame_count(sample_count: int, audio_rate: int, fps: int) -> int:
 # ---------------------------------------------------------------------------- faults
 
 
-def _crash(options: FakeOptions, where: str) -> NoReturn:
+def _crash(options: FakeOptions, context: WorkerContext, where: str) -> NoReturn:
     """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
     # One line on stderr so an operator reading the journal knows the crash was asked for.
     message = (
-        f"avatard fake engine: injected crash {where} (worker {options.worker_index}, "
-        f"attempt {options.attempt}, exit status {options.crash_exit_code})\n"
+        f"avatard fake engine: injected crash {where} (worker {context.worker_index}, "
+        f"attempt {context.attempt}, exit status {options.crash_exit_code})\n"
     )
     try:
         sys.stderr.flush()
@@ -310,9 +172,11 @@ class _FakeLoad:
 
     LOAD_STEPS = 10  # progress reports during the "weights" stage
 
-    def __init__(self, kind: str, options: FakeOptions, progress: ProgressFn):
+    def __init__(self, kind: str, options: FakeOptions, context: WorkerContext,
+                 progress: ProgressFn):
         self.kind = kind
         self.options = options
+        self.context = context
         self.ballast: np.ndarray | None = None
         self.warmup_s = 0.0
         self.memory_bytes = 0
@@ -332,23 +196,21 @@ class _FakeLoad:
                 self._inject_load_faults()
 
     def _inject_load_faults(self) -> None:
-        options = self.options
-        if options.alloc_mb and options.faults_apply:
+        options, context = self.options, self.context
+        where = f"worker {context.worker_index}, attempt {context.attempt}"
+        if options.alloc_mb and options.faults_apply(context):
             # np.ones writes every byte, so the pages are resident, not just reserved.
             self.ballast = np.ones(options.alloc_mb * MIB, dtype=np.uint8)
-        if options.load_fault(options.load_oom, options.load_oom_workers):
+        if options.load_fault(options.load_oom, options.load_oom_workers, context):
             raise MemoryError(
                 f"fake engine: injected out-of-memory while loading {self.kind} weights "
-                f"(worker {options.worker_index}, attempt {options.attempt})"
+                f"({where})"
             )
-        if options.load_error and options.faults_apply:
-            raise RuntimeError(
-                f"fake engine: injected load error in {self.kind} engine "
-                f"(worker {options.worker_index}, attempt {options.attempt})"
-            )
-        if options.load_fault(options.load_crash, options.load_crash_workers):
-            _crash(options, f"while loading the {self.kind} engine")
-        if options.load_fault(options.load_hang, options.load_hang_workers):
+        if options.load_error and options.faults_apply(context):
+            raise RuntimeError(f"fake engine: injected load error in {self.kind} engine ({where})")
+        if options.load_fault(options.load_crash, options.load_crash_workers, context):
+            _crash(options, context, f"while loading the {self.kind} engine")
+        if options.load_fault(options.load_hang, options.load_hang_workers, context):
             _hang()
 
     def warm_up(self, call: Any) -> None:
@@ -422,7 +284,7 @@ class FakeAvatarEngine(AvatarEngine):
     """Test-pattern avatar engine with injectable faults (see the module docstring)."""
 
     name: ClassVar[str] = "fake"
-    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
+    needs_worker_context: ClassVar[bool] = True  # faults target workers and attempts
     # Streams share nothing but the avatar cache, which `_cache_lock` guards; frames are a
     # pure function of (seed, index).
     thread_safe: ClassVar[bool] = True
@@ -430,10 +292,12 @@ class FakeAvatarEngine(AvatarEngine):
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: FakeOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
+        context: WorkerContext = STANDALONE,
     ):
-        self.options = parse_fake_options(options)
+        self.options = parse_fake_options(options, "engines.options.fake")
+        self.context = context
         self.device = device
         self._cache_lock = threading.Lock()
         self.fps = self.options.fps
@@ -441,7 +305,7 @@ class FakeAvatarEngine(AvatarEngine):
         self.frame_height = self.options.height
         self.frame_width = self.options.width
         self._avatars: collections.OrderedDict[str, AvatarState] = collections.OrderedDict()
-        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load = _FakeLoad(self.kind, self.options, context, progress)
         self._load.load_weights()
         self._load.warm_up(lambda: expected_frame(0, 0, self.frame_height, self.frame_width))
 
@@ -505,11 +369,11 @@ class FakeAvatarEngine(AvatarEngine):
 
     def _render_frame(self, seed: int, index: int) -> np.ndarray:
         options = self.options
-        if options.faults_apply:
+        if options.faults_apply(self.context):
             if index == options.error_at_frame:
                 raise RuntimeError(f"fake engine: injected render error at frame {index}")
             if index == options.crash_at_frame:
-                _crash(options, f"at frame {index}")
+                _crash(options, self.context, f"at frame {index}")
             if index == options.hang_at_frame:
                 _hang()
         _spend(options.frame_ms / 1000.0, options.frame_busy)
@@ -535,18 +399,20 @@ class FakeTTSEngine(TTSEngine):
     The audio is a pure function of (text, voice)."""
 
     name: ClassVar[str] = "fake"
-    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
+    needs_worker_context: ClassVar[bool] = True  # faults target workers and attempts
 
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: FakeOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
+        context: WorkerContext = STANDALONE,
     ):
-        self.options = parse_fake_options(options)
+        self.options = parse_fake_options(options, "engines.options.fake")
+        self.context = context
         self.device = device
         self.sample_rate = 16000
-        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load = _FakeLoad(self.kind, self.options, context, progress)
         self._load.load_weights()
         self._load.warm_up(lambda: self._sentence_audio("warm up.", FAKE_VOICES[0]))
 
@@ -606,17 +472,19 @@ class FakeASREngine(ASREngine):
     a fixed vocabulary in order. The transcript is a pure function of the audio."""
 
     name: ClassVar[str] = "fake"
-    accepts_worker_context: ClassVar[bool] = True  # faults target workers and attempts
+    needs_worker_context: ClassVar[bool] = True  # faults target workers and attempts
 
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: FakeOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
+        context: WorkerContext = STANDALONE,
     ):
-        self.options = parse_fake_options(options)
+        self.options = parse_fake_options(options, "engines.options.fake")
+        self.context = context
         self.device = device
-        self._load = _FakeLoad(self.kind, self.options, progress)
+        self._load = _FakeLoad(self.kind, self.options, context, progress)
         self._load.load_weights()
         self._load.warm_up(lambda: self.transcribe(np.zeros(1600, np.float32), 16000))
 

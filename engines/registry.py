@@ -1,67 +1,220 @@
-"""Engine names -> implementation, imported lazily inside the worker that loads them.
+"""Engine names -> implementation and options class; engines are imported lazily inside the
+worker that loads them.
 
-The supervisor reads this table to validate config (a name must exist) without importing
-any engine module, so it never pulls torch or a model runtime into its process.
+The supervisor reads this table to validate config without importing any engine module: a
+name must exist, and an options table must fit the engine's options class, which lives in a
+module that imports no engine runtime (no torch, onnxruntime or OpenCV).
+
+One `[engines.options.<name>]` table serves every engine of that name: `embedded` and
+`fake` exist for avatar, TTS and ASR at once. A key is accepted when at least one of those
+engines declares it, each engine receives only the keys it declares, and an unknown key is
+refused with the option names of all of them.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .base import Engine, ProgressFn, no_progress
+from .base import STANDALONE, Engine, ProgressFn, WorkerContext, no_progress
+from .options import check_options, option_specs, parse_options, unknown_option_error
 
-# kind -> name -> "module:Class". Each class takes (device: str, options: dict, progress).
-ENGINES: dict[str, dict[str, str]] = {
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """Where one engine lives: `engine` is "module:Class", imported only in a worker (the
+    class takes device, options, progress, and `context` if it sets needs_worker_context);
+    `options` is "module:OptionsClass", torch-free, imported by the supervisor too."""
+
+    engine: str
+    options: str
+
+
+# kind -> name -> where the engine and its options class live.
+ENGINES: dict[str, dict[str, EngineEntry]] = {
     "avatar": {
-        "fake": "avatard.engines.fake:FakeAvatarEngine",
-        "embedded": "avatard.engines.embedded.avatar:EmbeddedAvatarEngine",
-        "ditto": "avatard.engines.ditto.engine:DittoEngine",
+        "fake": EngineEntry("avatard.engines.fake:FakeAvatarEngine",
+                            "avatard.engines.fake_options:FakeOptions"),
+        "embedded": EngineEntry("avatard.engines.embedded.avatar:EmbeddedAvatarEngine",
+                                "avatard.engines.embedded.options:EmbeddedAvatarOptions"),
+        "ditto": EngineEntry("avatard.engines.ditto.engine:DittoEngine",
+                             "avatard.engines.ditto.options:DittoOptions"),
     },
     "tts": {
-        "fake": "avatard.engines.fake:FakeTTSEngine",
-        "embedded": "avatard.engines.embedded.tts:PiperTTSEngine",
-        "coqui": "avatard.engines.coqui_tts:CoquiTTSEngine",
+        "fake": EngineEntry("avatard.engines.fake:FakeTTSEngine",
+                            "avatard.engines.fake_options:FakeOptions"),
+        "embedded": EngineEntry("avatard.engines.embedded.tts:PiperTTSEngine",
+                                "avatard.engines.embedded.options:PiperTTSOptions"),
+        "coqui": EngineEntry("avatard.engines.coqui_tts:CoquiTTSEngine",
+                             "avatard.engines.speech_options:CoquiTTSOptions"),
     },
     "asr": {
-        "fake": "avatard.engines.fake:FakeASREngine",
-        "embedded": "avatard.engines.embedded.asr:EmbeddedWhisperEngine",
-        "faster-whisper": "avatard.engines.whisper_asr:FasterWhisperEngine",
+        "fake": EngineEntry("avatard.engines.fake:FakeASREngine",
+                            "avatard.engines.fake_options:FakeOptions"),
+        "embedded": EngineEntry("avatard.engines.embedded.asr:EmbeddedWhisperEngine",
+                                "avatard.engines.embedded.options:EmbeddedWhisperOptions"),
+        "faster-whisper": EngineEntry("avatard.engines.whisper_asr:FasterWhisperEngine",
+                                      "avatard.engines.speech_options:FasterWhisperOptions"),
     },
 }
 
-
-# Keys the worker adds to every engine's options (see `accepts_worker_context`).
-WORKER_CONTEXT_KEYS = ("worker_index", "attempt")
+# TRANSITIONAL (goes with _pop_legacy_context): the keys the current worker adds to every
+# options table in place of passing context=.
+_LEGACY_CONTEXT_KEYS = ("worker_index", "attempt")
 
 
 def engine_names(kind: str) -> list[str]:
-    if kind not in ENGINES:
-        raise KeyError(f"engine kind {kind!r} is not one of {sorted(ENGINES)}")
-    return sorted(ENGINES[kind])
+    """The engine names registered for `kind` ("avatar", "tts", "asr"), sorted. Raises
+    KeyError for an unknown kind."""
+    return sorted(_kind_table(kind))
+
+
+def engine_kinds(name: str) -> list[str]:
+    """The kinds that have an engine called `name`, in registry order ([] if none)."""
+    return [kind for kind, table in ENGINES.items() if name in table]
+
+
+def options_key_prefix(name: str) -> str:
+    """The dotted config key of engine `name`'s options table: ``engines.options.<name>``."""
+    return f"engines.options.{name}"
+
+
+def engine_options_class(kind: str, name: str) -> type:
+    """The options class of engine `name` of `kind` (a frozen dataclass, see
+    `avatard.engines.options`). Imports only its torch-free module. Raises KeyError for an
+    unknown kind or name."""
+    return _import(_entry(kind, name).options)
+
+
+def parse_engine_options(kind: str, name: str, table: Mapping[str, Any] | None,
+                         kinds: Collection[str] | None = None) -> Any:
+    """The typed options of engine `name` of `kind`, from the table
+    ``[engines.options.<name>]`` shared by the engines of that name of `kinds` (None: of
+    every kind that has one). Keys that only those other engines declare are left out;
+    a key none of them declares raises EngineOptionError naming the options of each; so
+    does a bad value or a missing required option of this engine. Raises KeyError for an
+    unknown kind or name."""
+    cls = engine_options_class(kind, name)
+    sharing = [k for k in engine_kinds(name) if k == kind or kinds is None or k in kinds]
+    declared = _check_shared_keys(name, table, sharing)
+    own = {spec.name for spec in option_specs(cls)}
+    return parse_options(cls, table, options_key_prefix(name),
+                         ignore=frozenset(declared - own))
+
+
+def check_engine_options(name: str, table: Mapping[str, Any] | None,
+                         configured_kinds: Collection[str] = ()) -> None:
+    """Validate the table ``[engines.options.<name>]`` when the config is loaded.
+
+    `configured_kinds`: the kinds whose configured engine is `name`. Then the table may hold
+    only keys those engines declare, each engine's values must be valid and its required
+    options present. With none configured (a table kept for another setup), the table is
+    checked against the engines of that name of every kind, required options aside.
+    Raises EngineOptionError, or KeyError when no kind has an engine called `name`.
+    """
+    if not engine_kinds(name):
+        raise KeyError(f"no engine is called {name!r}")
+    if configured_kinds:
+        for kind in configured_kinds:
+            parse_engine_options(kind, name, table, configured_kinds)
+        return
+    kinds = engine_kinds(name)
+    declared = _check_shared_keys(name, table, kinds)
+    for kind in kinds:
+        cls = engine_options_class(kind, name)
+        own = {spec.name for spec in option_specs(cls)}
+        check_options(cls, table, options_key_prefix(name), ignore=frozenset(declared - own))
 
 
 def load_engine(
     kind: str,
     name: str,
     device: str = "cpu",
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     progress: ProgressFn = no_progress,
+    context: WorkerContext | None = None,
 ) -> Engine:
-    """Import and construct engine `name` of `kind`. Call only in a worker process."""
+    """Import and construct engine `name` of `kind`. Call only in a worker process.
+
+    `device`: "cpu" or "cuda[:N]". `options`: the table ``[engines.options.<name>]`` as a
+    plain dict (keys only sibling engines of that name declare are left out; see
+    `parse_engine_options`). `progress(stage, fraction)` reports loading. `context` reaches
+    the engine only if its class sets `needs_worker_context`. Raises KeyError for an
+    unknown kind or name, EngineOptionError for a bad option, and whatever the engine's
+    load raises.
+    """
+    entry = _entry(kind, name)
+    table = dict(options or {})
+    if context is None:
+        # TRANSITIONAL: a worker that still sends worker_index/attempt in the table.
+        context = _pop_legacy_context(table) or STANDALONE
+    # Options first: a bad table fails before the engine's heavy imports.
+    typed = parse_engine_options(kind, name, table)
+    cls = _import(entry.engine)
+    if getattr(cls, "needs_worker_context", False):
+        return cls(device=device, options=typed, progress=progress, context=context)
+    return cls(device=device, options=typed, progress=progress)
+
+
+def _pop_legacy_context(table: dict[str, Any]) -> WorkerContext | None:
+    # TRANSITIONAL, delete when the worker passes context=: the worker of this branch still
+    # adds worker_index/attempt to every options table.
+    if not any(key in table for key in _LEGACY_CONTEXT_KEYS):
+        return None
+    return WorkerContext(worker_index=table.pop("worker_index", 0),
+                         attempt=table.pop("attempt", 1))
+
+
+def _check_shared_keys(name: str, table: Mapping[str, Any] | None,
+                       kinds: Collection[str]) -> set[str]:
+    """Refuse a key of `table` that no engine `name` of `kinds` declares; return the
+    option names they declare together."""
+    kinds_of_class: dict[type, list[str]] = {}
+    for kind in kinds:
+        kinds_of_class.setdefault(engine_options_class(kind, name), []).append(kind)
+    every = {spec.name for cls in kinds_of_class for spec in option_specs(cls)}
+    if isinstance(table, Mapping):
+        for key, value in table.items():
+            if key not in every:
+                # One options class (the fake engines share theirs): the names alone;
+                # several: say whose each list is.
+                known = {
+                    (f"{'/'.join(class_kinds)} {name}" if len(kinds_of_class) > 1 else ""):
+                    [spec.name for spec in option_specs(cls)]
+                    for cls, class_kinds in kinds_of_class.items()
+                }
+                raise unknown_option_error(options_key_prefix(name), str(key), value, known,
+                                           _unconfigured_owner(name, str(key), kinds))
+    return every
+
+
+def _unconfigured_owner(name: str, key: str, kinds: Collection[str]) -> str:
+    """A hint when `key` belongs to an engine `name` of a kind not in `kinds` (e.g. a Piper
+    option while engines.tts is not "embedded"); "" otherwise."""
+    for kind in engine_kinds(name):
+        if kind not in kinds and any(
+            spec.name == key for spec in option_specs(engine_options_class(kind, name))
+        ):
+            return f"only the {kind} engine {name} declares it, and engines.{kind} is not {name}"
+    return ""
+
+
+def _kind_table(kind: str) -> dict[str, EngineEntry]:
     table = ENGINES.get(kind)
     if table is None:
         raise KeyError(f"engine kind {kind!r} is not one of {sorted(ENGINES)}")
-    target = table.get(name)
-    if target is None:
+    return table
+
+
+def _entry(kind: str, name: str) -> EngineEntry:
+    table = _kind_table(kind)
+    if name not in table:
         raise KeyError(f"{kind} engine {name!r} is not one of {sorted(table)}")
-    module_name, _, class_name = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name)
-    options = dict(options or {})
-    if not getattr(cls, "accepts_worker_context", False):
-        # worker_index/attempt are for engines that act on them (the fault injector);
-        # the others validate their options strictly and would refuse them.
-        for key in WORKER_CONTEXT_KEYS:
-            options.pop(key, None)
-    return cls(device=device, options=options, progress=progress)
+    return table[name]
+
+
+def _import(target: str) -> Any:
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)

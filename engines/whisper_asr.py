@@ -4,15 +4,8 @@ The model directory is a CTranslate2 conversion of a Whisper checkpoint: `model.
 `config.json`, `tokenizer.json` and `vocabulary.*`. It is always loaded from disk with
 `local_files_only`, so a missing directory fails at once instead of trying a hub.
 
-Options:
-  model_dir        required (the embedded engine fills it in)
-  compute_type     CTranslate2 type: default int8 on CPU, float16 on CUDA
-  cpu_threads      default: the cores this process may use
-  beam_size        default 1 (greedy): 5 costs ~2x CPU for little gain on clean speech
-  language         ISO code; default: "en" for English-only models, else detected
-  vad              true to skip non-speech with the Silero VAD shipped in faster-whisper
-  word_timestamps  default true
-  max_duration_s   longest audio accepted, default 600
+Options: `FasterWhisperOptions` (engines/speech_options.py; the table is in
+docs/engines.md).
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .audio import DEFAULT_MAX_DURATION_S, resample, validate_pcm
+from .audio import resample, validate_pcm
 from .base import (
     ASREngine,
     EngineReport,
@@ -35,6 +28,8 @@ from .base import (
     Word,
     no_progress,
 )
+from .options import as_options
+from .speech_options import FasterWhisperOptions, WhisperDecodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +59,16 @@ class FasterWhisperEngine(ASREngine):
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: FasterWhisperOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
-        options = dict(options or {})
-        model_dir_option = options.get("model_dir")
-        if not model_dir_option:
-            raise ValueError("faster-whisper needs options.model_dir (a CTranslate2 model)")
-        self.model_dir = Path(model_dir_option)
+        opts = as_options(FasterWhisperOptions, options, "engines.options.faster-whisper")
+        self._load(Path(opts.model_dir), opts, device, progress)
+
+    def _load(self, model_dir: Path, opts: WhisperDecodeOptions, device: str,
+              progress: ProgressFn) -> None:
+        """Load the CTranslate2 model in `model_dir` on `device` and warm it up."""
+        self.model_dir = model_dir
         progress("check model", 0.0)
         missing = [f for f in REQUIRED_MODEL_FILES if not (self.model_dir / f).is_file()]
         if missing:
@@ -83,14 +80,13 @@ class FasterWhisperEngine(ASREngine):
 
         kind, index = parse_device(device)
         self.device = device
-        self.compute_type = str(
-            options.get("compute_type", "float16" if kind == "cuda" else "int8")
-        )
-        cpu_threads = int(options.get("cpu_threads", len(os.sched_getaffinity(0))))
-        self.beam_size = int(options.get("beam_size", 1))
-        self.vad = bool(options.get("vad", False))
-        self.word_timestamps = bool(options.get("word_timestamps", True))
-        self.max_duration_s = float(options.get("max_duration_s", DEFAULT_MAX_DURATION_S))
+        # Unset options: the device's and the host's own values.
+        self.compute_type = opts.compute_type or ("float16" if kind == "cuda" else "int8")
+        cpu_threads = opts.cpu_threads or len(os.sched_getaffinity(0))
+        self.beam_size = opts.beam_size
+        self.vad = opts.vad
+        self.word_timestamps = opts.word_timestamps
+        self.max_duration_s = opts.max_duration_s
 
         progress("load model", 0.2)
         rss_before = rss_bytes()
@@ -102,7 +98,7 @@ class FasterWhisperEngine(ASREngine):
             cpu_threads=cpu_threads,
             local_files_only=True,
         )
-        self.language: str | None = options.get("language") or (
+        self.language: str | None = opts.language or (
             None if self._model.model.is_multilingual else "en"
         )
 

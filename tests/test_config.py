@@ -294,6 +294,156 @@ def test_unknown_engine_options_table():
     assert "did you mean fake?" in error.reason
 
 
+# ---------------------------------------------------------------------------- engine options
+
+
+def test_engine_option_typo_in_a_file_suggests_the_option(tmp_path):
+    path = write_toml(tmp_path, """
+        [engines]
+        avatar = "fake"
+
+        [engines.options.fake]
+        frame_mss = 3
+        """)
+    error = error_of(path)
+    assert error.key == "engines.options.fake.frame_mss"
+    assert "unknown option (did you mean frame_ms?), got 3" in error.reason
+    assert "known options: load_s, " in error.reason
+    assert error.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        # an ill-typed value: the value and what the option takes
+        ({"engines.avatar": "fake", "engines.options.fake.frame_ms": "3"},
+         "engines.options.fake.frame_ms", "must be a number >= 0; expected float, got str '3'"),
+        # bool is not an int
+        ({"engines.avatar": "fake", "engines.options.fake.alloc_mb": True},
+         "engines.options.fake.alloc_mb", "expected int, got bool True"),
+        # out of range
+        ({"engines.avatar": "ditto", "engines.options.ditto": {"weights": "random",
+                                                               "max_batch": 0}},
+         "engines.options.ditto.max_batch", "must be in 1..64, got 0 (not >= 1)"),
+        # a choice, with a did-you-mean
+        ({"engines.avatar": "ditto", "engines.options.ditto": {"weights": "random",
+                                                               "dtype": "bfloat"}},
+         "engines.options.ditto.dtype",
+         "must be one of float32, bfloat16, got 'bfloat' (did you mean bfloat16?)"),
+        # a required option of a configured engine
+        ({"engines.avatar": "ditto"}, "engines.options.ditto.weights", "is required"),
+        ({"engines.asr": "faster-whisper"}, "engines.options.faster-whisper.model_dir",
+         "is required"),
+        # two options that contradict each other
+        ({"engines.options.embedded.noise_scale": 0.5}, "engines.options.embedded.noise_scale",
+         "set deterministic = false to use it"),
+        # the worker's context is not an option
+        ({"engines.avatar": "fake", "engines.options.fake.worker_index": 1},
+         "engines.options.fake.worker_index", "unknown option"),
+        # a table for an engine that is not configured is still checked
+        ({"engines.options.ditto.sampling_timesteps": 0},
+         "engines.options.ditto.sampling_timesteps", "must be in 1..1000, got 0"),
+        ({"engines.options.coqui.sed": 1}, "engines.options.coqui.sed", "did you mean seed?"),
+        # an option of the embedded TTS while another TTS is configured
+        ({"engines.tts": "fake", "engines.options.embedded.length_scale": 1.2},
+         "engines.options.embedded.length_scale",
+         "only the tts engine embedded declares it, and engines.tts is not embedded"),
+        # an engine name no kind has
+        ({"engines.options.dito.weights": "random"}, "engines.options.dito",
+         "did you mean ditto?"),
+    ],
+)
+def test_engine_option_errors_name_key_value_and_rule(overrides, key, reason):
+    error = error_of(None, overrides)
+    assert error.key == key
+    assert reason in error.reason
+    assert str(error).startswith(f"{key}: ")
+
+
+def test_engine_option_tables_that_fit_are_kept_as_plain_tables():
+    config = load_config(None, {
+        # one table for the three embedded engines: each declares some of the keys
+        "engines.options.embedded": {"cache_size": 4, "length_scale": 1.2, "vad": True},
+        # tables of engines not configured: checked, required options aside
+        "engines.options.ditto": {"max_batch": 8},
+        "engines.options.fake": {"load_s": 1},
+    })
+    assert config.engines.options == {
+        "embedded": {"cache_size": 4, "length_scale": 1.2, "vad": True},
+        "ditto": {"max_batch": 8},
+        "fake": {"load_s": 1},
+    }
+    ditto = load_config(None, {"engines.avatar": "ditto", "engines.options.ditto.weights":
+                               "random", "engines.options.ditto.batch_wait_ms": 5})
+    assert ditto.engines.engine_options("ditto") == {"weights": "random", "batch_wait_ms": 5}
+
+
+def test_config_with_every_engine_loads_without_torch(tmp_path):
+    path = write_toml(tmp_path, """
+        [engines]
+        avatar = "ditto"
+        tts = "coqui"
+        asr = "faster-whisper"
+
+        [engines.options.ditto]
+        weights = "random"
+        max_batch = 8
+
+        [engines.options.coqui]
+        model_dir = "/models/vits"
+
+        [engines.options.faster-whisper]
+        model_dir = "/models/whisper"
+
+        [engines.options.embedded]
+        cache_size = 4
+        length_scale = 1.1
+
+        [engines.options.fake]
+        frame_ms = 2
+        """)
+    heavy = ("torch", "onnxruntime", "cv2", "piper", "faster_whisper", "ctranslate2", "TTS",
+             "avatard.engines.fake", "avatard.engines.ditto.engine",
+             "avatard.engines.embedded.avatar", "avatard.engines.embedded.tts",
+             "avatard.engines.embedded.asr", "avatard.engines.coqui_tts",
+             "avatard.engines.whisper_asr")
+    code = ("import sys\nfrom avatard.daemon.config import load_config\n"
+            f"load_config({str(path)!r})\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how):
+    from daemon_harness import AVATARD, daemon_segments
+
+    runtime = tmp_path / "run"
+    args = [AVATARD, "serve", "--engine", "fake", "--set", f"daemon.runtime_dir={runtime}"]
+    if how == "flag":
+        args += ["--set", "engines.options.fake.frame_mss=3"]
+    else:
+        config = write_toml(tmp_path, "[engines.options.fake]\nframe_mss = 3\n")
+        args += ["--config", str(config)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == config_module.EXIT_CONFIG_ERROR == 78, stderr
+    # One line and nothing else: no supervisor or worker ever logged.
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("avatard serve: bad config: engines.options.fake.frame_mss: ")
+    assert "got 3" in line and "did you mean frame_ms?" in line
+    # Refused before the supervisor started: no runtime dir, socket or shared memory.
+    assert not runtime.exists()
+    assert daemon_segments(process.pid) == []
+
+
 @pytest.mark.parametrize(
     ("overrides", "key", "reason"),
     [

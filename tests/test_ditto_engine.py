@@ -15,11 +15,27 @@ pytest.importorskip("torch")
 from avatard.engines.base import EngineInputError  # noqa: E402
 from avatard.engines.ditto.checkpoints import CFG_RELPATH, CheckpointError  # noqa: E402
 from avatard.engines.ditto.engine import RANDOM_NOTE, DittoEngine  # noqa: E402
+from avatard.engines.ditto.options import DittoOptions  # noqa: E402
 
 
 def test_weights_option_is_required() -> None:
     with pytest.raises(EngineInputError, match="weights"):
         DittoEngine("cpu", {})
+
+
+@pytest.mark.slow
+def test_device_defaults_are_resolved_by_the_engine() -> None:
+    # Typed options are accepted as they are. Unset batch sizes take the CPU's defaults,
+    # set ones win, and the CUDA-only switches stay off on a CPU even when asked for.
+    options = DittoOptions(weights="random", sampling_timesteps=2, max_windows=8,
+                           cuda_graphs=True, compile=True, warmup=False)
+    engine = DittoEngine("cpu", options)
+    try:
+        assert engine.options is options
+        assert (engine.max_batch, engine.max_windows) == (4, 8)
+        assert not engine.cuda_graphs and not engine.compiled
+    finally:
+        engine.close()
 
 
 def test_checkpoint_folder_errors_name_the_file(tmp_path: Path) -> None:

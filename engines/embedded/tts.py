@@ -6,14 +6,7 @@ ONNX runner and its own espeak-ng phonemizer and data. Another Piper voice on di
 used instead through the `model_path` option (its `.onnx.json` must sit beside it or be
 given as `config_path`).
 
-Options (all optional):
-  model_path, config_path   another Piper voice instead of the shipped one
-  length_scale              > 1 speaks slower, < 1 faster (default: the voice's own, 1.0)
-  noise_scale, noise_w_scale  variation of timbre and of phoneme durations
-  deterministic             default true: the same text gives the same samples every call
-  volume                    output gain, default 1.0
-  max_text_chars            default 5000
-  max_sentence_chars        longer sentences are cut at clauses, default 300
+Options: `PiperTTSOptions` (engines/embedded/options.py; the table is in docs/engines.md).
 """
 
 from __future__ import annotations
@@ -27,14 +20,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..audio import (
-    DEFAULT_MAX_SENTENCE_CHARS,
-    DEFAULT_MAX_TEXT_CHARS,
-    split_sentences,
-    validate_text,
-)
+from ..audio import split_sentences, validate_text
 from ..base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+from ..options import as_options
 from . import shipped_path
+from .options import PiperTTSOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +44,9 @@ def rss_bytes() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
-def _positive_float(options: dict[str, Any], key: str, default: float) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"option {key} must be a positive number, got {value!r}")
-    return float(value)
+def _chosen(value: float | None, voice_default: float) -> float:
+    """An option's value, or the voice's own where the option is unset."""
+    return float(voice_default if value is None else value)
 
 
 class PiperTTSEngine(TTSEngine):
@@ -67,16 +55,17 @@ class PiperTTSEngine(TTSEngine):
     def __init__(
         self,
         device: str = "cpu",
-        options: dict[str, Any] | None = None,
+        options: PiperTTSOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
+        # Options first: a bad table fails before the runtime imports.
+        opts = as_options(PiperTTSOptions, options, "engines.options.embedded")
         import onnxruntime
         from piper import PiperVoice, SynthesisConfig
 
-        options = dict(options or {})
         progress("locate voice", 0.0)
-        model_path = Path(options.get("model_path") or shipped_voice_path())
-        config_path = Path(options.get("config_path") or f"{model_path}.json")
+        model_path = Path(opts.model_path or shipped_voice_path())
+        config_path = Path(opts.config_path or f"{model_path}.json")
         for path in (model_path, config_path):
             if not path.is_file():
                 raise FileNotFoundError(f"Piper voice file {path} does not exist")
@@ -100,29 +89,20 @@ class PiperTTSEngine(TTSEngine):
         config = self._voice.config
         self.sample_rate = int(config.sample_rate)
 
-        deterministic = bool(options.get("deterministic", True))
         # Piper's ONNX graph draws its noise from an unseeded RandomNormalLike, so any
         # non-zero noise makes every call different. The job contract wants reproducible
-        # output, so deterministic mode zeroes both noise terms: durations become the
-        # predicted means, which costs a little liveliness but no intelligibility.
-        noise_default = 0.0 if deterministic else float(config.noise_scale)
-        noise_w_default = 0.0 if deterministic else float(config.noise_w_scale)
-        noise_scale = float(options.get("noise_scale", noise_default))
-        noise_w_scale = float(options.get("noise_w_scale", noise_w_default))
-        if deterministic and (noise_scale != 0 or noise_w_scale != 0):
-            raise ValueError(
-                "noise_scale/noise_w_scale > 0 make Piper output random; "
-                "set deterministic: false to use them"
-            )
-        if noise_scale < 0 or noise_w_scale < 0:
-            raise ValueError("noise_scale and noise_w_scale must be >= 0")
-        self._length_scale = _positive_float(options, "length_scale", config.length_scale)
-        self._noise_scale = noise_scale
-        self._noise_w_scale = noise_w_scale
-        self._volume = _positive_float(options, "volume", 1.0)
+        # output, so deterministic mode zeroes both noise terms (PiperTTSOptions refuses
+        # noise there): durations become the predicted means, which costs a little
+        # liveliness but no intelligibility. Unset values are the voice's own.
+        self._noise_scale = _chosen(opts.noise_scale, 0.0 if opts.deterministic
+                                    else config.noise_scale)
+        self._noise_w_scale = _chosen(opts.noise_w_scale, 0.0 if opts.deterministic
+                                      else config.noise_w_scale)
+        self._length_scale = _chosen(opts.length_scale, config.length_scale)
+        self._volume = opts.volume
         self._synthesis_config = SynthesisConfig
-        self.max_text_chars = int(options.get("max_text_chars", DEFAULT_MAX_TEXT_CHARS))
-        self.max_sentence_chars = int(options.get("max_sentence_chars", DEFAULT_MAX_SENTENCE_CHARS))
+        self.max_text_chars = opts.max_text_chars
+        self.max_sentence_chars = opts.max_sentence_chars
 
         # Multi-speaker voices expose their speaker names; a single-speaker voice is named
         # after its file (en_US-joe-medium).

@@ -1,0 +1,66 @@
+"""`DittoOptions`: the `[engines.options.ditto]` table.
+
+Torch-free: the supervisor imports this module (not `engine.py`) to validate the config.
+Options whose best value depends on the device default to None, which the engine resolves
+when it knows its device (`DittoEngine`); a value set explicitly always wins, except that
+the CUDA-only switches stay off on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import option
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DittoOptions:
+    """The Ditto talking-head engine (PyTorch; random or checkpoint weights)."""
+
+    weights: str = option(
+        doc='"random" (seeded random weights of the official shapes, for benchmarking; '
+        "every report and log line says RANDOM WEIGHTS) or the checkpoint folder holding "
+        "ditto_pytorch/ and ditto_cfg/.", nonempty=True,
+    )
+    seed: int = option(0, "Seed of the random weights (weights = \"random\" only).")
+    dtype: str = option(
+        "float32", "Dtype of warp and decoder, the per-frame cost; the extractors, stitching "
+        "and LMDM stay float32.", choices=DTYPES,
+    )
+    sampling_timesteps: int = option(50, "DDIM steps per 80-frame LMDM window.", ge=1, le=1000)
+    cache_size: int = option(8, "Registered avatars kept in memory.", ge=1, le=1024)
+    max_batch: int | None = option(
+        None, "Frames per warp + decode batch, across all of the worker's streams.",
+        ge=1, le=64, default_doc="16 on CUDA, else 4",
+    )
+    max_windows: int | None = option(
+        None, "LMDM windows per sampling batch, across all of the worker's streams.",
+        ge=1, le=64, default_doc="16 on CUDA, else 4",
+    )
+    batch_wait_ms: float = option(
+        2.0, "How long a lone frame or window waits for others to batch with, in ms.",
+        ge=0, le=100,
+    )
+    cuda_graphs: bool | None = option(
+        None, "Replay warp + decode and LMDM sampling as CUDA graphs (CUDA only).",
+        default_doc="on with CUDA",
+    )
+    serving_layers: bool = option(
+        True, "Swap in serving.py's equivalent, tensor-core friendly layers for warp and "
+        "decoder.",
+    )
+    channels_last: bool = option(False, "Run the decoder in channels-last (NHWC) layout.")
+    cudnn_benchmark: bool = option(
+        True, "Let cuDNN time its algorithms once per input shape and keep the fastest "
+        "(CUDA only).",
+    )
+    compile: bool | None = option(
+        None, "torch.compile warp and decoder (CUDA only; about 80 s more at load; falls back "
+        "to eager if compiling fails).", default_doc="on with CUDA",
+    )
+    warmup: bool = option(
+        True, "Run the batch sizes the batchers use once at load (compiled and captured "
+        "there, reported as warmup_s), not on a job's first frames.",
+    )
