@@ -249,9 +249,11 @@ class Worker:
     # ------------------------------------------------------------ loading
 
     def load(self) -> None:
+        from avatard.engines.base import WorkerContext
         from avatard.engines.registry import load_engine
 
         spec = self.spec
+        context = WorkerContext(worker_index=spec.index, attempt=spec.attempt)
         device = spec.device
         if device.startswith("cuda:"):
             device = "cuda:0"  # CUDA_VISIBLE_DEVICES holds exactly our GPU
@@ -261,7 +263,6 @@ class Worker:
         for position, kind in enumerate(kinds):
             name = spec.engines[kind]
             options = dict(spec.engine_options.get(name, {}))
-            options.update(worker_index=spec.index, attempt=spec.attempt)
 
             def progress(stage: str, fraction: float, kind=kind, position=position,
                          name=name) -> None:
@@ -269,7 +270,8 @@ class Worker:
                 self.send(P.WLoading, stage=f"{kind} {name}: {stage}"[:4000], progress=overall)
 
             progress("start", 0.0)
-            engine = self.engines[kind] = load_engine(kind, name, device, options, progress)
+            engine = self.engines[kind] = load_engine(kind, name, device, options, progress,
+                                                      context=context)
             self._engine_locks[kind] = (nullcontext() if getattr(engine, "thread_safe", False)
                                         else threading.Lock())
             progress("ready", 1.0)

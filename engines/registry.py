@@ -60,11 +60,6 @@ ENGINES: dict[str, dict[str, EngineEntry]] = {
     },
 }
 
-# TRANSITIONAL (goes with _pop_legacy_context): the keys the current worker adds to every
-# options table in place of passing context=.
-_LEGACY_CONTEXT_KEYS = ("worker_index", "attempt")
-
-
 def engine_names(kind: str) -> list[str]:
     """The engine names registered for `kind` ("avatar", "tts", "asr"), sorted. Raises
     KeyError for an unknown kind."""
@@ -148,23 +143,13 @@ def load_engine(
     entry = _entry(kind, name)
     table = dict(options or {})
     if context is None:
-        # TRANSITIONAL: a worker that still sends worker_index/attempt in the table.
-        context = _pop_legacy_context(table) or STANDALONE
+        context = STANDALONE  # loaded outside the daemon (benches, tests, tools)
     # Options first: a bad table fails before the engine's heavy imports.
     typed = parse_engine_options(kind, name, table)
     cls = _import(entry.engine)
     if getattr(cls, "needs_worker_context", False):
         return cls(device=device, options=typed, progress=progress, context=context)
     return cls(device=device, options=typed, progress=progress)
-
-
-def _pop_legacy_context(table: dict[str, Any]) -> WorkerContext | None:
-    # TRANSITIONAL, delete when the worker passes context=: the worker of this branch still
-    # adds worker_index/attempt to every options table.
-    if not any(key in table for key in _LEGACY_CONTEXT_KEYS):
-        return None
-    return WorkerContext(worker_index=table.pop("worker_index", 0),
-                         attempt=table.pop("attempt", 1))
 
 
 def _check_shared_keys(name: str, table: Mapping[str, Any] | None,

@@ -367,13 +367,6 @@ def test_worker_context_is_not_an_option():
         WorkerContext(worker_index=True, attempt=1)  # type: ignore[arg-type]
 
 
-def test_transitional_context_in_the_options_table():
-    # TRANSITIONAL, delete with registry._pop_legacy_context: the worker of this branch
-    # still puts worker_index/attempt in the table.
-    engine = load_engine("avatar", "fake", "cpu", {"worker_index": 4, "attempt": 2})
-    assert engine.context == WorkerContext(worker_index=4, attempt=2)
-
-
 def test_a_bad_option_fails_before_the_engine_is_imported():
     code = (
         "import sys\n"

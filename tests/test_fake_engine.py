@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avatard.engines.base import EngineInputError
+from avatard.engines.base import EngineInputError, WorkerContext
 from avatard.engines.fake import (
     FAKE_VOICES,
     FakeASREngine,
@@ -39,8 +39,16 @@ CHILD_START_TIMEOUT_S = 60.0  # a spawned child imports numpy first; slow CI is 
 # ---------------------------------------------------------------------------- helpers
 
 
+def _context(options: dict[str, Any]) -> tuple[dict[str, Any], WorkerContext]:
+    """Split the worker context a test names (worker_index, attempt) off the options: the
+    worker passes it to the engine beside them, not in them."""
+    options = dict(options)
+    return options, WorkerContext(options.pop("worker_index", 0), options.pop("attempt", 1))
+
+
 def make_avatar(**options: Any) -> FakeAvatarEngine:
-    engine = load_engine("avatar", "fake", "cpu", options)
+    options, context = _context(options)
+    engine = load_engine("avatar", "fake", "cpu", options, context=context)
     assert isinstance(engine, FakeAvatarEngine)
     return engine
 
@@ -61,7 +69,8 @@ def load_in_child(kind: str, options: dict[str, Any], events: Any) -> None:
     def progress(stage: str, fraction: float) -> None:
         events.put(("progress", stage, fraction))
 
-    load_engine(kind, "fake", "cpu", options, progress)
+    options, context = _context(options)
+    load_engine(kind, "fake", "cpu", options, progress, context=context)
     events.put(("loaded", "", 1.0))
 
 
@@ -324,9 +333,9 @@ def test_option_validation_names_the_option(options, field, rule):
 
 
 def test_every_engine_kind_accepts_the_shared_table():
-    table = {"load_s": 0.0, "frame_ms": 1.0, "sentence_ms": 0.0, "worker_index": 2, "attempt": 1}
+    table = {"load_s": 0.0, "frame_ms": 1.0, "sentence_ms": 0.0}
     for kind in ("avatar", "tts", "asr"):
-        engine = load_engine(kind, "fake", "cuda:1", table)
+        engine = load_engine(kind, "fake", "cuda:1", table, context=WorkerContext(2, 1))
         report = engine.report()
         assert (report.name, report.kind, report.device) == ("fake", kind, "cuda:1")
         assert "FAKE" in report.notes
@@ -377,11 +386,12 @@ def test_faults_restricted_by_worker_and_attempt(worker_index, attempt, fails):
         "worker_index": worker_index,
         "attempt": attempt,
     }
+    options, context = _context(options)
     if fails:
         with pytest.raises(MemoryError):
-            load_engine("avatar", "fake", "cpu", options)
+            load_engine("avatar", "fake", "cpu", options, context=context)
     else:
-        load_engine("avatar", "fake", "cpu", options)
+        load_engine("avatar", "fake", "cpu", options, context=context)
 
 
 def test_frame_error_restricted_by_worker():
