@@ -10,7 +10,8 @@ renders that into the table in docs/config.md, and a test compares the two so th
 cannot drift from the code.
 
 This module runs in the supervisor, which must stay light: stdlib only, plus the engine
-name table of `avatard.engines.registry` (which imports no engine).
+name table of `avatard.engines.registry` (which imports no engine) and the runtime-dir
+resolver of `avatard.ipc.paths` (stdlib only).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from avatard.engines.registry import ENGINES
+from avatard.ipc.paths import default_runtime_dir, socket_endpoint
 
 __all__ = [
     "AF_UNIX_PATH_MAX_BYTES",
@@ -603,18 +605,13 @@ def _parse_devices(devices: str) -> list[str] | None:
 
 
 def resolved_runtime_dir(config: Config, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the socket and run files live (see `daemon.runtime_dir`). Does not create it."""
-    env = os.environ if environ is None else environ
+    """Where the socket and run files live: `daemon.runtime_dir`, else the environment's
+    choice (`avatard.ipc.paths.default_runtime_dir`, the one the client reads too).
+    `environ`: the variables to read (default: this process's environment). Does not
+    create the directory."""
     if config.daemon.runtime_dir:
         return Path(config.daemon.runtime_dir).expanduser()
-    if env.get("AVATARD_RUNTIME_DIR"):
-        return Path(env["AVATARD_RUNTIME_DIR"])
-    if env.get("RUNTIME_DIRECTORY"):
-        # systemd sets this from RuntimeDirectory=; several directories are ':'-separated.
-        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-    if env.get("XDG_RUNTIME_DIR"):
-        return Path(env["XDG_RUNTIME_DIR"]) / "avatard"
-    return Path(f"/tmp/avatard-{os.getuid()}")
+    return default_runtime_dir(environ)
 
 
 def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) -> str:
@@ -622,9 +619,9 @@ def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) 
     runtime directory. Raises ConfigError if that socket path is too long for AF_UNIX."""
     if config.daemon.endpoint:
         return config.daemon.endpoint
-    path = resolved_runtime_dir(config, environ) / "avatard.sock"
-    _check_ipc_path("daemon.runtime_dir", str(path))
-    return f"ipc://{path}"
+    endpoint = socket_endpoint(resolved_runtime_dir(config, environ))
+    _check_ipc_path("daemon.runtime_dir", endpoint.removeprefix("ipc://"))
+    return endpoint
 
 
 def resolved_devices(config: Config, visible_gpu_count: int) -> list[str]:

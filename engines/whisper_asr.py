@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatard.ipc.procmem import rss_bytes
+
 from .audio import DEFAULT_MAX_DURATION_S, resample, validate_pcm
 from .base import (
     ASREngine,
@@ -39,13 +41,6 @@ from .base import (
 log = logging.getLogger(__name__)
 
 REQUIRED_MODEL_FILES = ("model.bin", "config.json")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, for the load-time memory figure."""
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
 def parse_device(device: str) -> tuple[str, int]:

