@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from avatard.daemon import PrivateDaemon
 from avatard.engines.fake import expected_frame
 from avatard.ipc import segments
 from avatard.ipc.client import (
@@ -57,9 +58,8 @@ from avatard.ipc.client import (
     FrameEvent,
     JobFailedError,
 )
+from avatard.ipc.procmem import rss_bytes
 from avatard.ipc.ring import StaleSlotError
-
-from .daemon_proc import DaemonProcess
 
 FRAME = 48  # frames are FRAME x FRAME: small, so every pixel is checked cheaply
 FRAME_MS = 3.0
@@ -199,7 +199,7 @@ class Chaos:
         self.children: dict[int, psutil.Process] = {}
         self.max_daemon_segments = 0
         self.t0 = time.monotonic()
-        self.d = DaemonProcess(workdir, {
+        self.d = PrivateDaemon(workdir, {
             "daemon": {"workers": workers, "jobs_per_worker": jobs_per_worker,
                        "min_ready": 1, "devices": "cpu",
                        "queue_size": 64, "job_deadline_s": 120.0, "drain_timeout_s": 30.0,
@@ -399,13 +399,10 @@ class Chaos:
 
     def _sample(self, ctl: Client) -> dict[str, Any]:
         now = time.monotonic()
-        proc = psutil.Process(self.d.proc.pid)
-        self.rss.append((now, proc.memory_info().rss / 2**20))
-        for child in proc.children(recursive=True):
+        self.rss.append((now, rss_bytes(self.d.proc.pid) / 2**20))
+        for child in psutil.Process(self.d.proc.pid).children(recursive=True):
             self.children.setdefault(child.pid, child)
-        mine = [n for n in segments.list_segments()
-                if (segments.parse_segment_name(n) or (0,))[0] == self.d.proc.pid]
-        self.max_daemon_segments = max(self.max_daemon_segments, len(mine))
+        self.max_daemon_segments = max(self.max_daemon_segments, len(self.d.segments()))
         status = ctl.stats()
         running = {w["current_job"] for w in status["workers"] if w["current_job"]}
         with self.lock:
@@ -485,9 +482,7 @@ class Chaos:
 
     def _audit(self, load_s: float, exit_code: int, zombies: int,
                final_status: dict[str, Any]) -> dict[str, Any]:
-        pid = self.d.proc.pid
-        leaked = [n for n in segments.list_segments()
-                  if (segments.parse_segment_name(n) or (0,))[0] == pid]
+        leaked = self.d.segments()
         for name in leaked:  # report, then clean up so one run does not poison the next
             segments.unlink_segment(name)
         _, alive = psutil.wait_procs(list(self.children.values()), timeout=5)

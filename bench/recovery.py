@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from avatard.daemon import PrivateDaemon
 from avatard.ipc.client import DoneEvent, FrameEvent
-
-from .daemon_proc import DaemonProcess
 
 TIMEOUTS = {"hello_s": 20.0, "load_s": 3.0, "heartbeat_interval_s": 0.2,
             "heartbeat_timeout_s": 2.0, "stall_timeout_s": 2.0, "kill_grace_s": 1.0}
@@ -38,7 +37,7 @@ def _sections(workers: int, fake: dict[str, Any], **daemon: Any) -> dict[str, di
 
 def staggered_start(workers: int, load_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="avatard-bench-") as tmp:
-        d = DaemonProcess(Path(tmp), _sections(workers, {"load_s": load_s}))
+        d = PrivateDaemon(Path(tmp), _sections(workers, {"load_s": load_s}))
         try:
             first = d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 120, "first READY")
             first_s = time.monotonic() - d.started
@@ -55,7 +54,7 @@ def staggered_start(workers: int, load_s: float) -> dict[str, Any]:
 
 def _fault_during_job(name: str, fake: dict[str, Any], action: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="avatard-bench-") as tmp:
-        d = DaemonProcess(Path(tmp), _sections(2, {"frame_ms": 10, **fake}))
+        d = PrivateDaemon(Path(tmp), _sections(2, {"frame_ms": 10, **fake}))
         try:
             d.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 120, "two ready workers")
             stamps: list[float] = []
@@ -111,7 +110,7 @@ def _fault_during_job(name: str, fake: dict[str, Any], action: str | None) -> di
 
 def _fault_while_loading(name: str, fake: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="avatard-bench-") as tmp:
-        d = DaemonProcess(Path(tmp), _sections(1, {"fault_attempts": [1], **fake}))
+        d = PrivateDaemon(Path(tmp), _sections(1, {"fault_attempts": [1], **fake}))
         try:
             status = d.wait_for(lambda s: s["daemon"]["ready_workers"] == 1, 120, "READY")
             ready_s = time.monotonic() - d.started

@@ -17,7 +17,7 @@ allowance (default 0.5 s) is the first-frame latency a live viewer tolerates, pt
 frame's presentation time (index / fps). Both modes report every metric.
 
 The daemon is either one already running (``endpoint``) or a private one started per
-(workers, batch) pair with `DaemonProcess`; its configurations then run on it one after
+(workers, batch) pair with `PrivateDaemon`; its configurations then run on it one after
 another. Records go to ``results.json`` after every configuration, so an interrupted sweep
 resumes where it stopped (a configuration whose key is already stored is skipped unless
 ``force``).
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
+from avatard.daemon import PrivateDaemon
 from avatard.ipc.client import BusyError, Client, ClientError, DoneEvent, FrameEvent
+from avatard.ipc.procmem import rss_bytes
 
 from . import sweep_report as report
-from .daemon_proc import DaemonProcess
 
 ALLOWANCE_S = 0.5  # first-frame latency a live viewer tolerates (realtime deadline offset)
 SAMPLE_RATE = 16000  # default rate of the synthetic speech; workers resample to the engine's
@@ -245,21 +245,13 @@ class _MemorySampler(threading.Thread):
 
     def __init__(self, pids: dict[str, int]):
         super().__init__(name="rss-sampler", daemon=True)
-        self.procs = {}
-        for name, pid in pids.items():
-            try:
-                self.procs[name] = psutil.Process(pid)
-            except psutil.Error:
-                pass
+        self.pids = dict(pids)
         self.peak = dict.fromkeys(pids, 0)
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        for name, proc in self.procs.items():
-            try:
-                self.peak[name] = max(self.peak[name], proc.memory_info().rss)
-            except psutil.Error:
-                pass
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], rss_bytes(pid))  # 0 once it is gone
 
     def run(self) -> None:
         while not self._halt.wait(RSS_SAMPLE_S):
@@ -620,7 +612,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
                 engine, n_workers, batch, weights, options, max(c.streams for c in configs),
                 max(audio_bytes(c.seconds, c.sample_rate) for c in configs), settings)
             bar.describe(f"starting {n_workers} worker(s)")
-            d = DaemonProcess(Path(tmp), sections)
+            d = PrivateDaemon(Path(tmp), sections)
             try:
                 d.wait_for(lambda s: s["daemon"]["ready_workers"] == n_workers, 3600,
                            f"{n_workers} workers READY")
@@ -659,7 +651,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drain_started(d: DaemonProcess) -> None:
+def _drain_started(d: PrivateDaemon) -> None:
     """Interrupted with jobs running: SIGTERM starts the daemon's drain, so that the SIGTERM
     `stop` sends next ends it at once instead of waiting for the jobs. The second signal
     must come after the daemon has acted on the first: two pending signals of one kind
@@ -675,7 +667,7 @@ def _drain_started(d: DaemonProcess) -> None:
         time.sleep(0.05)
 
 
-def _keep_log(d: DaemonProcess, out: Path, workers: int, batch: int | str) -> None:
+def _keep_log(d: PrivateDaemon, out: Path, workers: int, batch: int | str) -> None:
     name = f"daemon-w{workers}-b{str(batch).replace('/', '')}.log"  # "n/a" -> "na"
     (out / name).write_text(d.log_text())
 

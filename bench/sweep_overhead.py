@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from avatard.daemon import PrivateDaemon
 from avatard.engines.audio import LIPSYNC_CHUNK_S, lipsync_chunks
 from avatard.ipc.client import Client, DoneEvent, FrameEvent
 
-from .daemon_proc import DaemonProcess
 from .sweep import MIB, SAMPLE_RATE, audio_bytes, speech_like_pcm
 
 PER_FRAME_TARGET = 0.02  # the daemon may add at most 2 % to the time per frame
@@ -113,7 +113,7 @@ def run_overhead(frame_ms: float = 40.0, seconds: float = 10.0, size: int = 512,
         sections["rings"] = {"audio_slot_bytes": -(-audio_bytes(seconds, SAMPLE_RATE) // MIB)
                              * MIB}
     with tempfile.TemporaryDirectory(prefix="avatard-overhead-") as tmp:
-        d = DaemonProcess(Path(tmp), sections)
+        d = PrivateDaemon(Path(tmp), sections)
         try:
             d.wait_for(lambda s: s["daemon"]["ready_workers"] == 1, 120, "the worker READY")
             with d.client(timeout_s=60 + 10 * seconds, name="overhead") as client:
