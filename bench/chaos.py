@@ -61,6 +61,8 @@ from avatard.ipc.client import (
 from avatard.ipc.procmem import rss_bytes
 from avatard.ipc.ring import StaleSlotError
 
+from .timing import percentile
+
 FRAME = 48  # frames are FRAME x FRAME: small, so every pixel is checked cheaply
 FRAME_MS = 3.0
 HEARTBEAT_TIMEOUT_S = 2.0
@@ -535,10 +537,10 @@ class Chaos:
             "worker_faults_on_busy_worker": sum(bool(f.get("job_id")) for f in self.faults
                                                 if f["kind"] in WORKER_FAULTS),
             "recovery_samples": len(every),
-            "recovery_p50_s": _pct(every, 50),
-            "recovery_p99_s": _pct(every, 99),
+            "recovery_p50_s": percentile(every, 50, 3),
+            "recovery_p99_s": percentile(every, 99, 3),
             "recovery_max_s": round(every[-1], 3) if every else None,
-            "recovery_p99_by_kind_s": {k: _pct(sorted(v), 99) for k, v in recovery.items()},
+            "recovery_p99_by_kind_s": {k: percentile(v, 99, 3) for k, v in recovery.items()},
             "killed_client_jobs": len(self.doomed_jobs),
             "killed_client_job_ran_on_max_s": (round(max(doomed_ran_on), 2) if doomed_ran_on
                                                else None),
@@ -562,12 +564,6 @@ class Chaos:
                             and report["orphan_processes"] == 0 and zombies == 0
                             and report["rss_flat"] and not self.errors)
         return report
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(float(np.percentile(values, q)), 3)
 
 
 def _r(value: float) -> float:

@@ -20,6 +20,8 @@ from typing import Any
 from avatard.daemon import PrivateDaemon
 from avatard.ipc.client import DoneEvent, FrameEvent
 
+from .timing import median
+
 TIMEOUTS = {"hello_s": 20.0, "load_s": 3.0, "heartbeat_interval_s": 0.2,
             "heartbeat_timeout_s": 2.0, "stall_timeout_s": 2.0, "kill_grace_s": 1.0}
 RESTART = {"backoff_initial_s": 0.2, "backoff_max_s": 2.0, "max_load_attempts": 3}
@@ -103,7 +105,7 @@ def _fault_during_job(name: str, fake: dict[str, Any], action: str | None) -> di
         "attempts": done.attempts if done else None,
         "job_s": round(job_s, 3),
         "max_frame_gap_s": round(max(gaps), 3) if gaps else None,
-        "median_frame_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
+        "median_frame_gap_s": round(median(gaps), 4) if gaps else None,
         "replacement_ready_after_fault_s": round(replaced_s, 3) if replaced_s else None,
     }
 

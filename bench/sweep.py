@@ -45,6 +45,7 @@ from avatard.ipc.client import BusyError, Client, ClientError, DoneEvent, FrameE
 from avatard.ipc.procmem import rss_bytes
 
 from . import sweep_report as report
+from .timing import percentile
 
 ALLOWANCE_S = 0.5  # first-frame latency a live viewer tolerates (realtime deadline offset)
 SAMPLE_RATE = 16000  # default rate of the synthetic speech; workers resample to the engine's
@@ -271,10 +272,6 @@ def _join(threads: list[threading.Thread]) -> None:
             t.join(0.2)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def _stream_thread(endpoint: str, cfg: SweepConfig, stream: int, pcm: np.ndarray, seed: int,
                    barrier: threading.Barrier, results: list[JobResult],
                    errors: list[str], on_job: Callable[[JobResult], None],
@@ -353,18 +350,18 @@ def compute_metrics(cfg: SweepConfig, results: list[JobResult], errors: list[str
         "frames_reported": sum(r.frames_reported for r in results),
         "frames_missing": sum(max(0, r.frames_reported - r.frames_received) for r in results),
         "frames_out_of_order": sum(r.out_of_order for r in results),
-        "rtf_p50": _percentile(rtfs, 50),
-        "rtf_p95": _percentile(rtfs, 95),
-        "daemon_rtf_p50": _percentile(daemon_rtfs, 50),
+        "rtf_p50": percentile(rtfs, 50),
+        "rtf_p95": percentile(rtfs, 95),
+        "daemon_rtf_p50": percentile(daemon_rtfs, 50),
         "frames_per_s": frames / wall if wall > 0 else None,
         # Videos of `seconds` each finished per hour at this rate, all streams together.
         "videos_per_hour": len(done) / wall * 3600 if wall > 0 else None,
         "realtime_streams": realtime,
         "late_frames": sum(r.late_frames for r in results),
         "max_lateness_s": max(lateness) if lateness else None,
-        "first_frame_s_p50": _percentile(first, 50),
-        "first_frame_s_p95": _percentile(first, 95),
-        "accepted_s_p50": _percentile([r.accepted_s for r in done], 50),
+        "first_frame_s_p50": percentile(first, 50),
+        "first_frame_s_p95": percentile(first, 95),
+        "accepted_s_p50": percentile([r.accepted_s for r in done], 50),
         "attempts_max": max((r.attempts for r in done), default=0),
         "busy_retries": sum(r.busy_retries for r in results),
         "device_memory_bytes": [w["device_memory_bytes"] for w in workers],
@@ -683,7 +680,7 @@ def sweep_command(engine: str | None, weights: str | None, workers: str | None, 
                   progress: bool = True) -> SweepResult:
     """What `avatard bench sweep` runs: parse the comma lists and the KEY=VALUE options and
     settings, then run. Raises ValueError for bad arguments (the CLI shows them)."""
-    from avatard.daemon.config import ConfigError, parse_override
+    from avatard.daemon import ConfigError, parse_override
 
     if threading.current_thread() is threading.main_thread():
         # SIGTERM ends the sweep like Ctrl-C: through the `finally` that stops the private
