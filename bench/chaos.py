@@ -24,8 +24,9 @@ segment of the daemon's pid in /dev/shm; no child of the daemon alive after it e
 zombie child while it ran; the supervisor's RSS flat within `RSS_GROWTH_BOUND_MB`.
 
 `recovery_p99_s`: for each fault that hit a busy worker, the time from the injection until
-the job that worker was running delivered its next event (a frame, its `done` or its
-`job_failed`) to its client; the 99th percentile over those faults.
+every job that worker was running (`current_jobs` in the status) had delivered its next
+event (a frame, its `done` or its `job_failed`) to its client; the 99th percentile over
+those faults.
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ class Chaos:
 
     def _victim(self, status: dict[str, Any]) -> dict[str, Any] | None:
         live = [w for w in status["workers"] if w["pid"] and w["state"] in ("ready", "busy")]
-        busy = [w for w in live if w["current_job"]]
+        busy = [w for w in live if w["current_jobs"]]
         pool = busy if busy and self.rng.random() < 0.85 else live
         if not pool:
             return None
@@ -354,7 +355,7 @@ class Chaos:
             return None
         pid = victim["pid"]
         fault: dict[str, Any] = {"kind": kind, "worker": victim["id"], "pid": pid,
-                                 "job_id": victim["current_job"]}
+                                 "job_ids": list(victim["current_jobs"])}
         try:
             created = psutil.Process(pid).create_time()
             fault["at"] = time.monotonic()
@@ -406,7 +407,7 @@ class Chaos:
             self.children.setdefault(child.pid, child)
         self.max_daemon_segments = max(self.max_daemon_segments, len(self.d.segments()))
         status = ctl.stats()
-        running = {w["current_job"] for w in status["workers"] if w["current_job"]}
+        running = {job for w in status["workers"] for job in w["current_jobs"]}
         with self.lock:
             for job_id in self.doomed_jobs:
                 if job_id in running:
@@ -503,12 +504,14 @@ class Chaos:
         recovery: dict[str, list[float]] = {}
         stamps = {j.job_id: j.stamps for j in jobs}
         for fault in self.faults:
-            times = stamps.get(fault.get("job_id") or "")
-            if fault["kind"] not in WORKER_FAULTS or not times:
+            if fault["kind"] not in WORKER_FAULTS:
                 continue
-            after = [t for t in times if t > fault["at"]]
-            if after:
-                recovery.setdefault(fault["kind"], []).append(after[0] - fault["at"])
+            # Each job the worker ran recovers at its next event; the fault, at the last.
+            next_events = [next((t for t in stamps.get(job_id, ()) if t > fault["at"]), None)
+                           for job_id in fault["job_ids"]]
+            seen = [t for t in next_events if t is not None]
+            if seen:
+                recovery.setdefault(fault["kind"], []).append(max(seen) - fault["at"])
         every = sorted(s for values in recovery.values() for s in values)
         rss = [mb for _, mb in self.rss]
         doomed_ran_on = [self.doomed_seen.get(j, k) - k for j, k in self.doomed_jobs.items()]
@@ -534,7 +537,7 @@ class Chaos:
             "jobs_moved_to_another_worker": sum(j.attempts > 1 for j in done),
             "faults_injected": len(self.faults),
             "faults_by_kind": {k: by_kind.get(k, 0) for k in FAULT_KINDS},
-            "worker_faults_on_busy_worker": sum(bool(f.get("job_id")) for f in self.faults
+            "worker_faults_on_busy_worker": sum(bool(f["job_ids"]) for f in self.faults
                                                 if f["kind"] in WORKER_FAULTS),
             "recovery_samples": len(every),
             "recovery_p50_s": percentile(every, 50, 3),

@@ -53,14 +53,20 @@ def bench_ipc(frames: int, latency_frames: int, slots: int, seed: int, as_json: 
 
 
 @bench.command("recovery")
+@click.option("--jobs-per-worker", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Concurrent jobs each worker runs (daemon.jobs_per_worker); the faults "
+              "during a job then hit a worker running that many (2N-1 jobs on 2 workers).")
+@click.option("--part", "parts", multiple=True,
+              type=click.Choice(["staggered-start", "during-job", "while-loading"]),
+              help="Run only this part (repeatable). [default: all three]")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_recovery(as_json: bool) -> None:
+def bench_recovery(jobs_per_worker: int, parts: tuple[str, ...], as_json: bool) -> None:
     """Time a 4-worker staggered start and the recovery from each fault (SIGKILL, SIGSTOP,
     hang and crash mid-job; crash, hang and out-of-memory while loading), with the fake
     engine on real processes."""
-    from avatard.bench.recovery import format_recovery, run_recovery_bench
+    from avatard.bench.recovery import PARTS, format_recovery, run_recovery_bench
 
-    report = run_recovery_bench()
+    report = run_recovery_bench(jobs_per_worker, parts or PARTS)
     _print_report(report, as_json, format_recovery)
 
 

@@ -118,9 +118,7 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
     click.echo(f"{'id':>3} {'state':9} {'pid':>7} {'device':8} {'gpu MiB':>8} {'rss MiB':>8} "
                f"{'up s':>7} {'restarts':>8}  job / reason")
     for w in body["workers"]:
-        # current_jobs: every job of a worker (a daemon before jobs_per_worker has only
-        # current_job).
-        jobs = ", ".join(w.get("current_jobs", [w["current_job"]] if w["current_job"] else []))
+        jobs = ", ".join(w["current_jobs"])  # every job the worker runs
         click.echo(f"{w['id']:>3} {w['state']:9} {w['pid']:>7} {w['device']:8} "
                    f"{w['device_memory_bytes'] >> 20:>8} {w['rss_bytes'] >> 20:>8} "
                    f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  {jobs or w['reason']}")
