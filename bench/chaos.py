@@ -24,8 +24,9 @@ segment of the daemon's pid in /dev/shm; no child of the daemon alive after it e
 zombie child while it ran; the supervisor's RSS flat within `RSS_GROWTH_BOUND_MB`.
 
 `recovery_p99_s`: for each fault that hit a busy worker, the time from the injection until
-the job that worker was running delivered its next event (a frame, its `done` or its
-`job_failed`) to its client; the 99th percentile over those faults.
+every job that worker was running (`current_jobs` in the status) had delivered its next
+event (a frame, its `done` or its `job_failed`) to its client; the 99th percentile over
+those faults.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from avatard.daemon import PrivateDaemon
 from avatard.engines.fake import expected_frame
 from avatard.ipc import segments
 from avatard.ipc.client import (
@@ -57,9 +59,10 @@ from avatard.ipc.client import (
     FrameEvent,
     JobFailedError,
 )
+from avatard.ipc.procmem import rss_bytes
 from avatard.ipc.ring import StaleSlotError
 
-from .daemon_proc import DaemonProcess
+from .timing import percentile
 
 FRAME = 48  # frames are FRAME x FRAME: small, so every pixel is checked cheaply
 FRAME_MS = 3.0
@@ -199,7 +202,7 @@ class Chaos:
         self.children: dict[int, psutil.Process] = {}
         self.max_daemon_segments = 0
         self.t0 = time.monotonic()
-        self.d = DaemonProcess(workdir, {
+        self.d = PrivateDaemon(workdir, {
             "daemon": {"workers": workers, "jobs_per_worker": jobs_per_worker,
                        "min_ready": 1, "devices": "cpu",
                        "queue_size": 64, "job_deadline_s": 120.0, "drain_timeout_s": 30.0,
@@ -329,7 +332,7 @@ class Chaos:
 
     def _victim(self, status: dict[str, Any]) -> dict[str, Any] | None:
         live = [w for w in status["workers"] if w["pid"] and w["state"] in ("ready", "busy")]
-        busy = [w for w in live if w["current_job"]]
+        busy = [w for w in live if w["current_jobs"]]
         pool = busy if busy and self.rng.random() < 0.85 else live
         if not pool:
             return None
@@ -352,7 +355,7 @@ class Chaos:
             return None
         pid = victim["pid"]
         fault: dict[str, Any] = {"kind": kind, "worker": victim["id"], "pid": pid,
-                                 "job_id": victim["current_job"]}
+                                 "job_ids": list(victim["current_jobs"])}
         try:
             created = psutil.Process(pid).create_time()
             fault["at"] = time.monotonic()
@@ -399,15 +402,12 @@ class Chaos:
 
     def _sample(self, ctl: Client) -> dict[str, Any]:
         now = time.monotonic()
-        proc = psutil.Process(self.d.proc.pid)
-        self.rss.append((now, proc.memory_info().rss / 2**20))
-        for child in proc.children(recursive=True):
+        self.rss.append((now, rss_bytes(self.d.proc.pid) / 2**20))
+        for child in psutil.Process(self.d.proc.pid).children(recursive=True):
             self.children.setdefault(child.pid, child)
-        mine = [n for n in segments.list_segments()
-                if (segments.parse_segment_name(n) or (0,))[0] == self.d.proc.pid]
-        self.max_daemon_segments = max(self.max_daemon_segments, len(mine))
+        self.max_daemon_segments = max(self.max_daemon_segments, len(self.d.segments()))
         status = ctl.stats()
-        running = {w["current_job"] for w in status["workers"] if w["current_job"]}
+        running = {job for w in status["workers"] for job in w["current_jobs"]}
         with self.lock:
             for job_id in self.doomed_jobs:
                 if job_id in running:
@@ -485,9 +485,7 @@ class Chaos:
 
     def _audit(self, load_s: float, exit_code: int, zombies: int,
                final_status: dict[str, Any]) -> dict[str, Any]:
-        pid = self.d.proc.pid
-        leaked = [n for n in segments.list_segments()
-                  if (segments.parse_segment_name(n) or (0,))[0] == pid]
+        leaked = self.d.segments()
         for name in leaked:  # report, then clean up so one run does not poison the next
             segments.unlink_segment(name)
         _, alive = psutil.wait_procs(list(self.children.values()), timeout=5)
@@ -506,12 +504,14 @@ class Chaos:
         recovery: dict[str, list[float]] = {}
         stamps = {j.job_id: j.stamps for j in jobs}
         for fault in self.faults:
-            times = stamps.get(fault.get("job_id") or "")
-            if fault["kind"] not in WORKER_FAULTS or not times:
+            if fault["kind"] not in WORKER_FAULTS:
                 continue
-            after = [t for t in times if t > fault["at"]]
-            if after:
-                recovery.setdefault(fault["kind"], []).append(after[0] - fault["at"])
+            # Each job the worker ran recovers at its next event; the fault, at the last.
+            next_events = [next((t for t in stamps.get(job_id, ()) if t > fault["at"]), None)
+                           for job_id in fault["job_ids"]]
+            seen = [t for t in next_events if t is not None]
+            if seen:
+                recovery.setdefault(fault["kind"], []).append(max(seen) - fault["at"])
         every = sorted(s for values in recovery.values() for s in values)
         rss = [mb for _, mb in self.rss]
         doomed_ran_on = [self.doomed_seen.get(j, k) - k for j, k in self.doomed_jobs.items()]
@@ -537,13 +537,13 @@ class Chaos:
             "jobs_moved_to_another_worker": sum(j.attempts > 1 for j in done),
             "faults_injected": len(self.faults),
             "faults_by_kind": {k: by_kind.get(k, 0) for k in FAULT_KINDS},
-            "worker_faults_on_busy_worker": sum(bool(f.get("job_id")) for f in self.faults
+            "worker_faults_on_busy_worker": sum(bool(f["job_ids"]) for f in self.faults
                                                 if f["kind"] in WORKER_FAULTS),
             "recovery_samples": len(every),
-            "recovery_p50_s": _pct(every, 50),
-            "recovery_p99_s": _pct(every, 99),
+            "recovery_p50_s": percentile(every, 50, 3),
+            "recovery_p99_s": percentile(every, 99, 3),
             "recovery_max_s": round(every[-1], 3) if every else None,
-            "recovery_p99_by_kind_s": {k: _pct(sorted(v), 99) for k, v in recovery.items()},
+            "recovery_p99_by_kind_s": {k: percentile(v, 99, 3) for k, v in recovery.items()},
             "killed_client_jobs": len(self.doomed_jobs),
             "killed_client_job_ran_on_max_s": (round(max(doomed_ran_on), 2) if doomed_ran_on
                                                else None),
@@ -567,12 +567,6 @@ class Chaos:
                             and report["orphan_processes"] == 0 and zombies == 0
                             and report["rss_flat"] and not self.errors)
         return report
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(float(np.percentile(values, q)), 3)
 
 
 def _r(value: float) -> float:

@@ -52,7 +52,6 @@ import importlib
 import json
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +67,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from avatard.engines.ditto import checkpoints, networks
+
+from .timing import time_calls
 
 BANNER = (
     "#" * 78
@@ -479,38 +480,6 @@ def precision(mode: Mode, side: str, device: str) -> contextlib.ExitStack:
     return stack
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def time_call(
-    fn: Callable[[], Any], device: str, warmup: int, repeats: int
-) -> tuple[float, list[float], Any]:
-    """(median ms, all ms, last output): CUDA events around each call on CUDA (the host
-    waits for each call's end before the next), wall clock elsewhere."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    times = []
-    cuda = device.startswith("cuda")
-    for _ in range(repeats):
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times, out
-
-
 def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int, tf32: bool = False) -> float:
     """Median TFLOP/s of an n x n x n matmul in `dtype`."""
     gen = torch.Generator().manual_seed(0)
@@ -518,14 +487,14 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int, tf32: boo
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     inner = 1
     with tf32_flags(tf32):
-        ms, _, _ = time_call(lambda: a @ b, device, warmup=2, repeats=1)
+        ms = time_calls(lambda: a @ b, device, repeats=1, warmup=2).median_ms
         inner = max(1, min(20, int(20 / max(ms, 1e-3))))  # ~20 ms per timed call
 
         def run() -> None:
             for _ in range(inner):
                 torch.mm(a, b)
 
-        ms, _, _ = time_call(run, device, warmup=1, repeats=repeats)
+        ms = time_calls(run, device, repeats, warmup=1).median_ms
     return 2 * n**3 * inner / (ms / 1e3) / 1e12
 
 
@@ -831,13 +800,14 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(self.s.device)
         try:
             with precision(mode, side, self.s.device):
-                ms, all_ms, out = time_call(fn, self.s.device, warmup, repeats)
+                timed = time_calls(fn, self.s.device, repeats, warmup)
         except Exception as exc:  # e.g. out of memory at a large batch: report, go on
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             self.log(f"  {mode.name:<5} {network:<22} b{batch:<3} {side:<8} FAILED {row['error']}")
             if cuda:
                 torch.cuda.empty_cache()
             return None
+        ms = timed.median_ms
         per_call_flops = self.flops_per_call(network, side)
         if per_call_flops is not None and not network.startswith("lmdm"):
             per_call_flops *= batch
@@ -845,7 +815,7 @@ class Runner:
             ms_per_call=round(ms, 4),
             ms_per_frame=round(ms / frames, 5),
             frames_per_s=round(frames / (ms / 1e3), 2),
-            ms_all=[round(t, 4) for t in all_ms],
+            ms_all=[round(t, 4) for t in timed.times_ms],
         )
         if cuda:
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.s.device) / 2**30, 2)
@@ -860,7 +830,7 @@ class Runner:
             f"  {mode.name:<5} {network:<22} b{batch:<3} {side:<8} {ms:10.3f} ms/call "
             f"{ms / frames:9.3f} ms/frame  {row.get('tflops', '-')} TFLOP/s"
         )
-        return out
+        return timed.output
 
     def run(self) -> dict[str, Any]:
         s, log = self.s, self.log

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -26,24 +25,13 @@ from typing import Any
 
 import numpy as np
 
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+from .timing import FrameClock, median, time_calls
 
 
 def _median_s(fn, repeats: int, device: str) -> float:
-    fn()  # warm (and capture, where graphs are on)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of a synchronised call after one warm call (which also captures
+    the CUDA graphs, where they are on)."""
+    return time_calls(fn, device, repeats, warmup=1, cuda_events=False).median_ms / 1e3
 
 
 def speech(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
@@ -92,24 +80,18 @@ def run_stream(engine, state, pcm: np.ndarray, seed: int, start: threading.Barri
     """One job: push the audio (whole, or in chunks), take every frame; timings."""
     if start is not None:
         start.wait(timeout=600)
-    t0 = time.perf_counter()
+    clock = FrameClock()
     stream = engine.open_stream(state, seed)
-    first = None
-    frames = 0
     step = len(pcm) if chunk_s is None else int(chunk_s * 16000)
     for i in range(0, len(pcm), step):
         for _ in stream.push(pcm[i : i + step]):
-            frames += 1
-            if first is None:
-                first = time.perf_counter() - t0
+            clock.frame()
     for _ in stream.finish():
-        frames += 1
-        if first is None:
-            first = time.perf_counter() - t0
-    wall = time.perf_counter() - t0
+        clock.frame()
+    wall = clock.elapsed_s()
     media = len(pcm) / 16000
-    return {"frames": frames, "wall_s": wall, "media_s": media, "rtf": wall / media,
-            "first_frame_s": first}
+    return {"frames": clock.frames, "wall_s": wall, "media_s": media, "rtf": wall / media,
+            "first_frame_s": clock.first_frame_s}
 
 
 def bench_streams(engine, state, counts: list[int], seconds: float) -> list[dict[str, Any]]:
@@ -132,8 +114,8 @@ def bench_streams(engine, state, counts: list[int], seconds: float) -> list[dict
         rtfs = [r["rtf"] for r in results]
         firsts = [r["first_frame_s"] for r in results]
         rows.append({"part": "streams", "streams": s, "seconds": seconds,
-                     "frames_per_s": frames / wall, "rtf_p50": statistics.median(rtfs),
-                     "rtf_max": max(rtfs), "first_frame_p50_s": statistics.median(firsts),
+                     "frames_per_s": frames / wall, "rtf_p50": median(rtfs),
+                     "rtf_max": max(rtfs), "first_frame_p50_s": median(firsts),
                      "first_frame_max_s": max(firsts),
                      "mean_frame_batch": engine._frame_batcher.mean_batch,
                      "mean_window_batch": engine._window_batcher.mean_batch})
@@ -187,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         run_stream(engine, state, speech(2.0, 0), 0, None)  # warm the stream path
         runs = [run_stream(engine, state, speech(args.seconds, 1), 1, None) for _ in range(3)]
         rows.append({"part": "offline", "seconds": args.seconds,
-                     "rtf_p50": statistics.median(r["rtf"] for r in runs),
-                     "first_frame_p50_s": statistics.median(r["first_frame_s"] for r in runs),
+                     "rtf_p50": median([r["rtf"] for r in runs]),
+                     "first_frame_p50_s": median([r["first_frame_s"] for r in runs]),
                      "frames": runs[0]["frames"]})
     if "streams" in parts:
         rows += bench_streams(engine, state, ints(args.streams), args.seconds)

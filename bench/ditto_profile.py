@@ -17,33 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
+from .timing import time_calls
 
-def _median_ms(fn, repeats: int, cuda: bool) -> float:
-    import torch
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, device: str, repeats: int) -> float:
+    return time_calls(fn, device, repeats, warmup=3).median_ms
 
 
 def profile(device: str, batch: int, serving_layers: bool, repeats: int, kernels: bool,
@@ -71,12 +54,12 @@ def profile(device: str, batch: int, serving_layers: bool, repeats: int, kernels
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "torch": torch.__version__, "batch": batch, "serving_layers": serving_layers,
                 "report": engine.report().notes,
-                "warp_ms_per_frame": _median_ms(lambda: warp(feature, kp_s, kp_d), repeats,
-                                                cuda) / batch,
-                "decoder_ms_per_frame": _median_ms(lambda: decoder(warped), repeats,
-                                                   cuda) / batch,
+                "warp_ms_per_frame": _median_ms(lambda: warp(feature, kp_s, kp_d), device,
+                                                repeats) / batch,
+                "decoder_ms_per_frame": _median_ms(lambda: decoder(warped), device,
+                                                   repeats) / batch,
                 "render_ms_per_frame": _median_ms(lambda: engine._render_items(items),
-                                                  repeats, cuda) / batch,
+                                                  device, repeats) / batch,
             }
             if kernels:
                 from torch.profiler import ProfilerActivity

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,11 +29,14 @@ from typing import Any
 import numpy as np
 import zmq
 
-from avatard.ipc.ring import SlotRef, SlotRing
+from avatard.ipc.ring import READY, SlotRef, SlotRing
 from avatard.ipc.sockets import wait_readable
+
+from .timing import median, percentile
 
 FRAME_SHAPE = (512, 512, 3)
 WAIT_S = 30.0  # bound on every wait inside the benchmark
+RELEASE_POLL_MS = 100  # one read of RELEASE messages while the ring is full
 
 
 @dataclass
@@ -83,16 +85,16 @@ def _shm_producer(addr: str, ring_name_q: Any, frames: int, lat_frames: int, slo
 
         for phase, count in (("tput", frames), ("lat", lat_frames)):
             for i in range(count):
-                while True:
-                    slot = ring.try_acquire()
-                    if slot is not None:
-                        break
-                    drain_releases(int(WAIT_S * 1000))
-                # The write is the data plane's one copy (a worker renders into the slot);
-                # the handoff clock starts once the frame is in the slot.
-                np.copyto(ring.slot_view(slot, FRAME_SHAPE, "uint8"), data[i % 8])
-                t0 = time.perf_counter_ns()
-                ref = ring.publish(slot, FRAME_SHAPE, "uint8")
+                # A full ring frees up only through the RELEASE messages on our socket, so
+                # the wait reads them (blocking briefly) as soon as the ring is full.
+                with ring.writing(FRAME_SHAPE, "uint8", WAIT_S, wait_step_s=0.0,
+                                  on_wait=lambda: drain_releases(RELEASE_POLL_MS)) as pending:
+                    # The write is the data plane's one copy (a worker renders into the
+                    # slot); the handoff clock starts once the frame is in the slot.
+                    np.copyto(pending.view, data[i % 8])
+                    t0 = time.perf_counter_ns()
+                ref = pending.ref
+                assert ref is not None  # set when the block published the slot
                 sock.send(np.array([ref.slot, ref.seq, t0, i], np.int64).tobytes())
                 if phase == "lat":
                     drain_releases(int(WAIT_S * 1000))  # one frame in flight
@@ -100,7 +102,7 @@ def _shm_producer(addr: str, ring_name_q: Any, frames: int, lat_frames: int, slo
                     drain_releases(0)
         sock.send(b"")  # end
         deadline = time.monotonic() + WAIT_S
-        while ring.count(2) and time.monotonic() < deadline:
+        while ring.count(READY) and time.monotonic() < deadline:
             drain_releases(100)
     finally:
         ring.close()
@@ -257,13 +259,13 @@ def _run_pair(producer: Any, consumer: Any, frames: int, lat_frames: int, slots:
     lat = stamps[frames:]
     elapsed_s = (tput[-1][1] - tput[0][0]) / 1e9
     frame_bytes = int(np.prod(FRAME_SHAPE))
-    lat_us = sorted((t1 - t0) / 1e3 for t0, t1 in lat)
+    lat_us = [(t1 - t0) / 1e3 for t0, t1 in lat]
     return MethodResult(
         frames=frames,
         frames_per_s=frames / elapsed_s,
         gb_per_s=frames * frame_bytes / elapsed_s / 1e9,
-        p50_us=statistics.median(lat_us),
-        p99_us=lat_us[min(len(lat_us) - 1, int(round(0.99 * (len(lat_us) - 1))))],
+        p50_us=median(lat_us),
+        p99_us=percentile(lat_us, 99),
         latency_samples=len(lat_us),
     )
 

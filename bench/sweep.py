@@ -17,7 +17,7 @@ allowance (default 0.5 s) is the first-frame latency a live viewer tolerates, pt
 frame's presentation time (index / fps). Both modes report every metric.
 
 The daemon is either one already running (``endpoint``) or a private one started per
-(workers, batch) pair with `DaemonProcess`; its configurations then run on it one after
+(workers, batch) pair with `PrivateDaemon`; its configurations then run on it one after
 another. Records go to ``results.json`` after every configuration, so an interrupted sweep
 resumes where it stopped (a configuration whose key is already stored is skipped unless
 ``force``).
@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
+from avatard.daemon import PrivateDaemon
 from avatard.ipc.client import BusyError, Client, ClientError, DoneEvent, FrameEvent
+from avatard.ipc.procmem import rss_bytes
 
 from . import sweep_report as report
-from .daemon_proc import DaemonProcess
+from .timing import percentile
 
 ALLOWANCE_S = 0.5  # first-frame latency a live viewer tolerates (realtime deadline offset)
 SAMPLE_RATE = 16000  # default rate of the synthetic speech; workers resample to the engine's
@@ -245,21 +246,13 @@ class _MemorySampler(threading.Thread):
 
     def __init__(self, pids: dict[str, int]):
         super().__init__(name="rss-sampler", daemon=True)
-        self.procs = {}
-        for name, pid in pids.items():
-            try:
-                self.procs[name] = psutil.Process(pid)
-            except psutil.Error:
-                pass
+        self.pids = dict(pids)
         self.peak = dict.fromkeys(pids, 0)
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        for name, proc in self.procs.items():
-            try:
-                self.peak[name] = max(self.peak[name], proc.memory_info().rss)
-            except psutil.Error:
-                pass
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], rss_bytes(pid))  # 0 once it is gone
 
     def run(self) -> None:
         while not self._halt.wait(RSS_SAMPLE_S):
@@ -277,10 +270,6 @@ def _join(threads: list[threading.Thread]) -> None:
     for t in threads:
         while t.is_alive():
             t.join(0.2)
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
 
 
 def _stream_thread(endpoint: str, cfg: SweepConfig, stream: int, pcm: np.ndarray, seed: int,
@@ -361,18 +350,18 @@ def compute_metrics(cfg: SweepConfig, results: list[JobResult], errors: list[str
         "frames_reported": sum(r.frames_reported for r in results),
         "frames_missing": sum(max(0, r.frames_reported - r.frames_received) for r in results),
         "frames_out_of_order": sum(r.out_of_order for r in results),
-        "rtf_p50": _percentile(rtfs, 50),
-        "rtf_p95": _percentile(rtfs, 95),
-        "daemon_rtf_p50": _percentile(daemon_rtfs, 50),
+        "rtf_p50": percentile(rtfs, 50),
+        "rtf_p95": percentile(rtfs, 95),
+        "daemon_rtf_p50": percentile(daemon_rtfs, 50),
         "frames_per_s": frames / wall if wall > 0 else None,
         # Videos of `seconds` each finished per hour at this rate, all streams together.
         "videos_per_hour": len(done) / wall * 3600 if wall > 0 else None,
         "realtime_streams": realtime,
         "late_frames": sum(r.late_frames for r in results),
         "max_lateness_s": max(lateness) if lateness else None,
-        "first_frame_s_p50": _percentile(first, 50),
-        "first_frame_s_p95": _percentile(first, 95),
-        "accepted_s_p50": _percentile([r.accepted_s for r in done], 50),
+        "first_frame_s_p50": percentile(first, 50),
+        "first_frame_s_p95": percentile(first, 95),
+        "accepted_s_p50": percentile([r.accepted_s for r in done], 50),
         "attempts_max": max((r.attempts for r in done), default=0),
         "busy_retries": sum(r.busy_retries for r in results),
         "device_memory_bytes": [w["device_memory_bytes"] for w in workers],
@@ -620,7 +609,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
                 engine, n_workers, batch, weights, options, max(c.streams for c in configs),
                 max(audio_bytes(c.seconds, c.sample_rate) for c in configs), settings)
             bar.describe(f"starting {n_workers} worker(s)")
-            d = DaemonProcess(Path(tmp), sections)
+            d = PrivateDaemon(Path(tmp), sections)
             try:
                 d.wait_for(lambda s: s["daemon"]["ready_workers"] == n_workers, 3600,
                            f"{n_workers} workers READY")
@@ -659,7 +648,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drain_started(d: DaemonProcess) -> None:
+def _drain_started(d: PrivateDaemon) -> None:
     """Interrupted with jobs running: SIGTERM starts the daemon's drain, so that the SIGTERM
     `stop` sends next ends it at once instead of waiting for the jobs. The second signal
     must come after the daemon has acted on the first: two pending signals of one kind
@@ -675,7 +664,7 @@ def _drain_started(d: DaemonProcess) -> None:
         time.sleep(0.05)
 
 
-def _keep_log(d: DaemonProcess, out: Path, workers: int, batch: int | str) -> None:
+def _keep_log(d: PrivateDaemon, out: Path, workers: int, batch: int | str) -> None:
     name = f"daemon-w{workers}-b{str(batch).replace('/', '')}.log"  # "n/a" -> "na"
     (out / name).write_text(d.log_text())
 
@@ -691,7 +680,7 @@ def sweep_command(engine: str | None, weights: str | None, workers: str | None, 
                   progress: bool = True) -> SweepResult:
     """What `avatard bench sweep` runs: parse the comma lists and the KEY=VALUE options and
     settings, then run. Raises ValueError for bad arguments (the CLI shows them)."""
-    from avatard.daemon.config import ConfigError, parse_override
+    from avatard.daemon import ConfigError, parse_override
 
     if threading.current_thread() is threading.main_thread():
         # SIGTERM ends the sweep like Ctrl-C: through the `finally` that stops the private

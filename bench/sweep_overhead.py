@@ -23,70 +23,61 @@ Daemon-side timestamps from the `done` event split the first-frame difference:
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from avatard.daemon import PrivateDaemon
 from avatard.engines.audio import LIPSYNC_CHUNK_S, lipsync_chunks
 from avatard.ipc.client import Client, DoneEvent, FrameEvent
 
-from .daemon_proc import DaemonProcess
 from .sweep import MIB, SAMPLE_RATE, audio_bytes, speech_like_pcm
+from .timing import FrameClock, median
 
 PER_FRAME_TARGET = 0.02  # the daemon may add at most 2 % to the time per frame
 FIRST_FRAME_TARGET_S = 0.005  # and at most 5 ms to the first frame
 
 
-def _direct(engine: Any, state: Any, pcm: np.ndarray, seed: int) -> dict[str, float]:
-    started = time.perf_counter()
-    first = None
-    frames = 0
-    stream = engine.open_stream(state, seed)
-    for chunk in lipsync_chunks(pcm, engine.audio_rate, engine.fps):
-        got = list(stream.push(chunk))
-        if got and first is None:
-            first = time.perf_counter() - started
-        frames += len(got)
-    got = list(stream.finish())
-    if got and first is None:
-        first = time.perf_counter() - started
-    frames += len(got)
-    wall = time.perf_counter() - started
-    return {"frames": frames, "first_frame_s": first or 0.0, "wall_s": wall,
+def _run_figures(clock: FrameClock) -> dict[str, float]:
+    wall = clock.elapsed_s()
+    frames = clock.frames
+    return {"frames": frames, "first_frame_s": clock.first_frame_s or 0.0, "wall_s": wall,
             "per_frame_s": wall / frames if frames else 0.0}
 
 
+def _direct(engine: Any, state: Any, pcm: np.ndarray, seed: int) -> dict[str, float]:
+    clock = FrameClock()
+    stream = engine.open_stream(state, seed)
+    for chunk in lipsync_chunks(pcm, engine.audio_rate, engine.fps):
+        clock.frame(len(list(stream.push(chunk))))
+    clock.frame(len(list(stream.finish())))
+    return _run_figures(clock)
+
+
 def _daemon(client: Client, pcm: np.ndarray, seed: int) -> dict[str, float]:
-    started = time.perf_counter()
+    clock = FrameClock()
     events = client.lipsync(pcm, SAMPLE_RATE, seed=seed)
-    accepted = time.perf_counter() - started
-    first = None
-    frames = 0
+    accepted = clock.elapsed_s()
     done: DoneEvent | None = None
     for event in events:
         if isinstance(event, FrameEvent):
-            if first is None:
-                first = time.perf_counter() - started
-            if event.index != frames:
-                raise RuntimeError(f"frame {event.index} arrived as number {frames}")
-            frames += 1
+            if event.index != clock.frames:
+                raise RuntimeError(f"frame {event.index} arrived as number {clock.frames}")
+            clock.frame()
         elif isinstance(event, DoneEvent):
             done = event
-    wall = time.perf_counter() - started
-    if done is None or done.frames != frames:
-        raise RuntimeError(f"daemon job ended with {frames} frames received, done says "
+    figures = _run_figures(clock)
+    if done is None or done.frames != clock.frames:
+        raise RuntimeError(f"daemon job ended with {clock.frames} frames received, done says "
                            f"{done.frames if done else None}")
-    return {"frames": frames, "first_frame_s": first or 0.0, "wall_s": wall,
-            "per_frame_s": wall / frames if frames else 0.0, "accepted_s": accepted,
-            "daemon_first_frame_s": done.first_frame_s, "daemon_wall_s": done.wall_s}
+    return {**figures, "accepted_s": accepted, "daemon_first_frame_s": done.first_frame_s,
+            "daemon_wall_s": done.wall_s}
 
 
 def _median(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+    return median([r[key] for r in runs])
 
 
 def _least(runs: list[dict[str, float]], key: str) -> float:
@@ -113,7 +104,7 @@ def run_overhead(frame_ms: float = 40.0, seconds: float = 10.0, size: int = 512,
         sections["rings"] = {"audio_slot_bytes": -(-audio_bytes(seconds, SAMPLE_RATE) // MIB)
                              * MIB}
     with tempfile.TemporaryDirectory(prefix="avatard-overhead-") as tmp:
-        d = DaemonProcess(Path(tmp), sections)
+        d = PrivateDaemon(Path(tmp), sections)
         try:
             d.wait_for(lambda s: s["daemon"]["ready_workers"] == 1, 120, "the worker READY")
             with d.client(timeout_s=60 + 10 * seconds, name="overhead") as client:

@@ -57,15 +57,13 @@ def cpu_model() -> str:
 
 def device_facts() -> dict[str, Any]:
     """GPU names and driver through NVML (no torch), else the CPU model."""
-    from avatard.daemon.devices import nvml
+    from avatard.daemon import gpu_inventory
 
     facts: dict[str, Any] = {"cpu": cpu_model(), "cpu_count": os.cpu_count() or 0}
-    lib = nvml()
-    names = [lib.info(i).label for i in range(lib.count())] if lib.ok else []
-    if names:
-        driver = lib.nvml.nvmlSystemGetDriverVersion()
-        facts["device"] = ", ".join(names)
-        facts["driver_version"] = driver.decode() if isinstance(driver, bytes) else str(driver)
+    gpus = gpu_inventory()
+    if gpus.names:
+        facts["device"] = ", ".join(gpus.names)
+        facts["driver_version"] = gpus.driver_version
     else:
         facts["device"] = f"CPU: {facts['cpu']} ({facts['cpu_count']} cores)"
         facts["driver_version"] = "n/a (no GPU)"

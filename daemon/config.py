@@ -10,8 +10,9 @@ renders that into the table in docs/config.md, and a test compares the two so th
 cannot drift from the code.
 
 This module runs in the supervisor, which must stay light: stdlib only, plus the engine
-table of `avatard.engines.registry` (which imports no engine) and, while a config is
-loaded, the engines' options classes (modules that import no engine runtime either).
+table of `avatard.engines.registry` (which imports no engine), while a config is loaded
+the engines' options classes (modules that import no engine runtime either), and the
+runtime-dir resolver of `avatard.ipc.paths` (stdlib only).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from avatard.engines.options import EngineOptionError
 from avatard.engines.registry import ENGINES, check_engine_options
+from avatard.ipc.paths import default_runtime_dir, socket_endpoint
 
 __all__ = [
     "AF_UNIX_PATH_MAX_BYTES",
@@ -619,18 +621,13 @@ def _parse_devices(devices: str) -> list[str] | None:
 
 
 def resolved_runtime_dir(config: Config, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the socket and run files live (see `daemon.runtime_dir`). Does not create it."""
-    env = os.environ if environ is None else environ
+    """Where the socket and run files live: `daemon.runtime_dir`, else the environment's
+    choice (`avatard.ipc.paths.default_runtime_dir`, the one the client reads too).
+    `environ`: the variables to read (default: this process's environment). Does not
+    create the directory."""
     if config.daemon.runtime_dir:
         return Path(config.daemon.runtime_dir).expanduser()
-    if env.get("AVATARD_RUNTIME_DIR"):
-        return Path(env["AVATARD_RUNTIME_DIR"])
-    if env.get("RUNTIME_DIRECTORY"):
-        # systemd sets this from RuntimeDirectory=; several directories are ':'-separated.
-        return Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-    if env.get("XDG_RUNTIME_DIR"):
-        return Path(env["XDG_RUNTIME_DIR"]) / "avatard"
-    return Path(f"/tmp/avatard-{os.getuid()}")
+    return default_runtime_dir(environ)
 
 
 def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) -> str:
@@ -638,9 +635,9 @@ def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) 
     runtime directory. Raises ConfigError if that socket path is too long for AF_UNIX."""
     if config.daemon.endpoint:
         return config.daemon.endpoint
-    path = resolved_runtime_dir(config, environ) / "avatard.sock"
-    _check_ipc_path("daemon.runtime_dir", str(path))
-    return f"ipc://{path}"
+    endpoint = socket_endpoint(resolved_runtime_dir(config, environ))
+    _check_ipc_path("daemon.runtime_dir", endpoint.removeprefix("ipc://"))
+    return endpoint
 
 
 def resolved_devices(config: Config, visible_gpu_count: int) -> list[str]:

@@ -54,6 +54,13 @@ class _Nvml:
             name = name.decode()
         return DeviceInfo(f"cuda:{index}", index, int(mem.total), int(mem.free), name)
 
+    def driver_version(self) -> str:
+        """The NVIDIA driver's version ("" without NVML)."""
+        if not self.ok:
+            return ""
+        version = self.nvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+
     def process_memory(self, pid: int) -> int:
         """Device memory used by `pid` on any GPU (0 when unknown)."""
         if not self.ok:
@@ -79,6 +86,22 @@ def nvml() -> _Nvml:
     if _NVML is None:
         _NVML = _Nvml()
     return _NVML
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    """The GPUs of this machine as NVML sees them, for reports."""
+
+    names: tuple[str, ...]  # model names, in NVML order (every GPU, visible or not)
+    driver_version: str  # "" when there is no NVML (no driver, no GPU)
+
+
+def gpu_inventory() -> GpuInventory:
+    """Every GPU's model name and the driver version, through NVML (no torch). Empty names
+    and "" on a machine without NVML; raises nothing for a missing driver."""
+    lib = nvml()
+    names = tuple(lib.info(i).label for i in range(lib.count())) if lib.ok else ()
+    return GpuInventory(names, lib.driver_version() if names else "")
 
 
 def visible_gpu_indices() -> list[int]:

@@ -1,15 +1,13 @@
 """Client side of `avatard render`, `lipsync` and `transcribe`: find a daemon (or start a
 private one for the call), run one job, and mux its frames and audio into an mp4.
 
-A private daemon runs in its own runtime directory under a temporary folder, is stopped
-with SIGTERM when the call ends (drain, exit 0, nothing left in /dev/shm), and is killed if
-it does not stop in time.
+A private daemon (`PrivateDaemon`) runs in its own runtime directory under a temporary
+folder, is stopped with SIGTERM when the call ends (drain, exit 0, nothing left in
+/dev/shm), and is killed if it does not stop in time.
 """
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from avatard.ipc.client import (
     default_endpoint,
 )
 from avatard.ipc.sockets import ipc_path
+
+from .private_daemon import PrivateDaemon, PrivateDaemonError
 
 PRIVATE_START_TIMEOUT_S = 300.0  # model loads on a slow CPU; the daemon enforces its own
 PRIVATE_STOP_TIMEOUT_S = 60.0
@@ -65,60 +65,38 @@ def _daemon_answers(endpoint: str) -> bool:
 @contextmanager
 def connect(endpoint: str | None, overrides: list[str], log: TextIO,
             timeout_s: float = 600.0) -> Iterator[Client]:
-    """A client of the daemon at `endpoint`, or of a private daemon started for the call."""
+    """A client of the daemon at `endpoint` (default: `default_endpoint()`), or, when none
+    answers there, of a private daemon started for the call with `overrides` (``KEY=VALUE``
+    config items) and stopped when the block ends. `log` gets one line when a private
+    daemon starts. `timeout_s` bounds each call of the client.
+
+    Raises `ClientError` when the private daemon exits or cannot load its engines,
+    `DaemonUnavailable` when it is not ready within PRIVATE_START_TIMEOUT_S, ValueError for
+    overrides a private daemon cannot take (daemon.runtime_dir, daemon.endpoint).
+    """
     endpoint = endpoint or default_endpoint()
     if _daemon_answers(endpoint):
         with Client(endpoint, timeout_s=timeout_s, name="cli") as client:
             yield client
         return
     with tempfile.TemporaryDirectory(prefix="avatard-") as tmp:
-        runtime = Path(tmp) / "run"
-        private = f"ipc://{runtime / 'avatard.sock'}"
-        command = [sys.executable, "-m", "avatard.daemon.cli", "serve",
-                   "--set", f"daemon.runtime_dir={runtime}", "--set", "daemon.endpoint=",
-                   *[arg for item in overrides for arg in ("--set", item)]]
         log.write(f"no daemon at {endpoint}: starting a private one\n")
-        daemon_log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(command, stdout=daemon_log, stderr=subprocess.STDOUT)
+        daemon = PrivateDaemon(Path(tmp), overrides=overrides)
         try:
-            _wait_ready(proc, private, Path(tmp) / "daemon.log")
-            with Client(private, timeout_s=timeout_s, name="cli") as client:
+            try:
+                daemon.wait_ready(PRIVATE_START_TIMEOUT_S)
+            except PrivateDaemonError as exc:
+                raise ClientError(str(exc)) from None
+            except TimeoutError as exc:
+                raise DaemonUnavailable(str(exc)) from None
+            with daemon.client(timeout_s=timeout_s, name="cli") as client:
                 yield client
         finally:
-            _stop(proc)
-            daemon_log.close()
-
-
-def _wait_ready(proc: subprocess.Popen, endpoint: str, log_path: Path) -> None:
-    deadline = time.monotonic() + PRIVATE_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise ClientError(f"the private daemon exited with status {proc.returncode}:\n{tail}")
-        if _daemon_answers(endpoint):
-            with Client(endpoint, timeout_s=5.0, name="probe", inline=True) as client:
-                health = client.health().status
-                if health == "ready":
-                    return
-                if health == "failed":
-                    reasons = "; ".join(f"worker {w['id']}: {w['reason']}"
-                                        for w in client.stats()["workers"])
-                    raise ClientError(f"the private daemon could not load its engines: "
-                                      f"{reasons}")
-        time.sleep(0.2)
-    tail = log_path.read_text(errors="replace")[-3000:]
-    raise DaemonUnavailable(f"the private daemon was not ready within "
-                            f"{PRIVATE_START_TIMEOUT_S:.0f} s:\n{tail}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=PRIVATE_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+            try:
+                daemon.stop(timeout_s=PRIVATE_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.write(f"the private daemon did not stop within {PRIVATE_STOP_TIMEOUT_S:.0f}"
+                          " s of SIGTERM: killed\n")
 
 
 class Progress:

@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from avatard.ipc.procmem import rss_bytes
+
 from . import devices as dev
 from .pool import UP, WorkerSlot, WState
 from .sdnotify import Notifier
@@ -33,20 +35,10 @@ def health(draining: bool, ready: int, min_ready: int, all_failed: bool) -> str:
     return "starting"
 
 
-def process_rss_bytes(pid: int) -> int:
-    """Resident memory of process `pid` in bytes; 0 when it cannot be read."""
-    import psutil
-
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
-
-
 def worker_status(w: WorkerSlot, running: list[str], now: float) -> dict[str, Any]:
     """One worker's entry of the status body. `running`: ids of every job placed on it."""
     device_memory = dev.nvml().process_memory(w.pid) if (w.pid and w.device.is_gpu) else 0
-    rss = (process_rss_bytes(w.pid) or w.rss_bytes) if w.pid else w.rss_bytes
+    rss = (rss_bytes(w.pid) or w.rss_bytes) if w.pid else w.rss_bytes
     return {
         "id": w.index, "pid": w.pid, "state": w.state.value,
         "state_age_s": round(now - w.state_since, 3), "device": w.device.name,

@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
+from avatard.ipc.procmem import rss_bytes
 from avatard.ipc.ring import SlotRef, SlotRing
 from avatard.ipc.segments import Segment
 
@@ -153,14 +154,6 @@ def _die_with_parent() -> None:
         pass  # not Linux: the heartbeat thread's parent check still ends us
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -211,7 +204,7 @@ class Worker:
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
                                           waiting=r.waiting) for r in self.runs.values()]
-                msg = P.make(P.WHeartbeat, rss_bytes=_rss_bytes(), jobs=jobs)
+                msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs)
                 sock.send_multipart(P.Codec.encode(msg))
         finally:
             sock.close(linger=0)
@@ -258,7 +251,7 @@ class Worker:
         if device.startswith("cuda:"):
             device = "cuda:0"  # CUDA_VISIBLE_DEVICES holds exactly our GPU
         started = time.monotonic()
-        rss_before = _rss_bytes()
+        rss_before = rss_bytes()
         kinds = [k for k in ("avatar", "tts", "asr") if spec.engines.get(k)]
         for position, kind in enumerate(kinds):
             name = spec.engines[kind]
@@ -283,7 +276,7 @@ class Worker:
                      f"{', '.join(serialised)}" if serialised else
                      "every engine is thread-safe")
         reports = [e.report() for e in self.engines.values()]
-        memory = max(0, _rss_bytes() - rss_before)
+        memory = max(0, rss_bytes() - rss_before)
         if device.startswith("cuda"):
             memory = sum(r.memory_bytes for r in reports)
         self.send(P.WReady,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from avatard.ipc.procmem import rss_bytes
 
 from .audio import split_sentences, validate_text
 from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
@@ -84,13 +85,6 @@ def localise_config(config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
                     f"config.json names {key}={value!r}, not found in {model_dir}"
                 )
     return fixed
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, for the load-time memory figure."""
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
 class CoquiTTSEngine(TTSEngine):

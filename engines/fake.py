@@ -35,7 +35,8 @@ from fractions import Fraction
 from typing import Any, ClassVar, NoReturn
 
 import numpy as np
-import psutil
+
+from avatard.ipc.procmem import rss_bytes
 
 from .base import (
     STANDALONE,
@@ -162,10 +163,6 @@ def _spend(duration_s: float, busy: bool) -> None:
         pass
 
 
-def _rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
-
-
 class _FakeLoad:
     """The load every fake engine performs: timed progress, the load faults, the ballast
     allocation, and the figures for `report()`."""
@@ -181,7 +178,7 @@ class _FakeLoad:
         self.warmup_s = 0.0
         self.memory_bytes = 0
         self._progress = progress
-        self._rss_before = _rss_bytes()
+        self._rss_before = rss_bytes()
 
     def load_weights(self) -> None:
         options = self.options
@@ -222,7 +219,7 @@ class _FakeLoad:
         call()
         self._progress("warmup", 1.0)
         self.warmup_s = time.perf_counter() - started
-        self.memory_bytes = max(0, _rss_bytes() - self._rss_before)
+        self.memory_bytes = max(0, rss_bytes() - self._rss_before)
 
     def report(self, device: str) -> EngineReport:
         return EngineReport(

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from avatard.ipc.procmem import rss_bytes
+
 from .audio import resample, validate_pcm
 from .base import (
     ASREngine,
@@ -34,13 +36,6 @@ from .speech_options import FasterWhisperOptions, WhisperDecodeOptions
 log = logging.getLogger(__name__)
 
 REQUIRED_MODEL_FILES = ("model.bin", "config.json")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, for the load-time memory figure."""
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
 def parse_device(device: str) -> tuple[str, int]:

@@ -26,8 +26,9 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .paths import default_runtime_dir, socket_endpoint
 from .ring import SlotRing
-from .sockets import default_runtime_dir, wait_readable
+from .sockets import wait_readable
 
 
 class ClientError(RuntimeError):
@@ -54,7 +55,9 @@ class JobFailedError(ClientError):
 
 
 def default_endpoint() -> str:
-    return os.environ.get("AVATARD_ENDPOINT") or f"ipc://{default_runtime_dir() / 'avatard.sock'}"
+    """$AVATARD_ENDPOINT, else the socket in the runtime directory the environment names
+    (`avatard.ipc.paths.default_runtime_dir`, as the daemon resolves it)."""
+    return os.environ.get("AVATARD_ENDPOINT") or socket_endpoint(default_runtime_dir())
 
 
 @dataclass

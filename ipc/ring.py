@@ -273,7 +273,10 @@ class SlotRing:
         `lock`: held only while taking and publishing a slot (several writer threads of one
         process may share a ring), never while waiting or copying. `on_wait`: called about
         every `wait_step_s` while the ring is full (back-pressure); it may raise to give up
-        (a cancelled job). Polls like `acquire()` (20 us doubling to 2 ms).
+        (a cancelled job), and a slot is looked for again right after it returns (it may
+        have handled a RELEASE). Polls like `acquire()` (20 us doubling to 2 ms); with
+        `wait_step_s` 0 the wait is `on_wait`'s own, so it should block for a while (poll
+        a socket with a timeout).
 
         Raises `RingFullError` after `timeout_s` of a full ring (naming the ring, its slot
         count and the timeout), and `DescriptorError` when (shape, dtype) does not fit a
@@ -299,6 +302,7 @@ class SlotRing:
             if on_wait is not None and now >= next_wait_call:
                 on_wait()
                 next_wait_call = now + wait_step_s
+                continue  # on_wait may have freed a slot (a RELEASE it read): look again
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 2e-3)
         pending = PendingSlot(slot, self.slot_view(slot, shape, dtype))

@@ -96,6 +96,13 @@ def list_segments() -> list[str]:
         return []
 
 
+def segments_of(pid: int) -> list[str]:
+    """Names of the avatard segments in the shared-memory directory whose name says `pid`
+    created them (sorted; empty when there are none). After that process has exited, what
+    is left is what it leaked."""
+    return [name for name in list_segments() if (parse_segment_name(name) or (0,))[0] == pid]
+
+
 def sweep_stale_segments() -> list[str]:
     """Unlink avatard segments whose owner process is gone. Returns what was removed."""
     removed = []

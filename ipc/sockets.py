@@ -38,19 +38,6 @@ def wait_readable(sock: zmq.Socket, timeout_ms: int, spin_us: int = 0) -> bool:
     return bool(sock.poll(timeout_ms, zmq.POLLIN))
 
 
-def default_runtime_dir() -> Path:
-    """$AVATARD_RUNTIME_DIR, systemd's $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/avatard, or a
-    per-user folder under /tmp."""
-    for var in ("AVATARD_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
-        value = os.environ.get(var)
-        if value:
-            return Path(value.split(":")[0])
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "avatard"
-    return Path(f"/tmp/avatard-{os.getuid()}")
-
-
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (mode 0700) or check an existing one is ours and not open to others."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

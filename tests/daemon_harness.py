@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from avatard.bench.daemon_proc import AVATARD, DaemonProcess
+from avatard.daemon import PrivateDaemon
 from avatard.ipc import segments
 
-__all__ = ["AVATARD", "run_daemon", "daemon_segments", "FAST_TIMEOUTS", "FAST_RESTART"]
+__all__ = ["AVATARD", "run_daemon", "FAST_TIMEOUTS", "FAST_RESTART"]
 
+# The console script next to this interpreter (the tests run the installed command).
+AVATARD = str(Path(sys.executable).with_name("avatard"))
 FAST_TIMEOUTS = {
     "hello_s": 20.0, "load_s": 20.0, "heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 3.0,
     "stall_timeout_s": 3.0, "kill_grace_s": 1.0, "client_call_s": 30.0,
 }
 FAST_RESTART = {"backoff_initial_s": 0.1, "backoff_max_s": 1.0, "max_load_attempts": 2}
-
-
-def daemon_segments(pid: int) -> list[str]:
-    return [n for n in segments.list_segments() if (segments.parse_segment_name(n) or (0,))[0]
-            == pid]
 
 
 @contextmanager
@@ -37,7 +35,7 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
                extra_args: list[str] | None = None, ready_timeout_s: float = 60):
     """A daemon with the fake engines and short timeouts. On exit: SIGTERM, then assert
     exit status 0, no shared-memory segment, no child process and no socket left."""
-    d = DaemonProcess(tmp_path, {
+    d = PrivateDaemon(tmp_path, {
         "daemon": {"workers": workers, "min_ready": 1, "devices": "cpu", "log_level": "info",
                    **(daemon or {})},
         "timeouts": {**FAST_TIMEOUTS, **(timeouts or {})},
@@ -45,7 +43,7 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
         "engines": engines or {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": fake or {},
         **{f"engines.options.{name}": opts for name, opts in (engine_options or {}).items()},
-    }, env=env, watchdog_usec=watchdog_usec, extra_args=extra_args)
+    }, env=env, watchdog_usec=watchdog_usec, extra_args=extra_args or ())
     try:
         if wait_ready:
             d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, ready_timeout_s,
@@ -57,7 +55,7 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
         except psutil.Error:
             children = []
         code = d.stop()
-        leaked = daemon_segments(d.proc.pid)
+        leaked = d.segments()
         # Helpers such as multiprocessing's resource tracker exit when they see the daemon
         # gone; give them a moment before calling them orphans.
         _, still = psutil.wait_procs(children, timeout=5)

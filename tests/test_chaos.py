@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from daemon_harness import FAST_RESTART, FAST_TIMEOUTS, daemon_segments
+from daemon_harness import FAST_RESTART, FAST_TIMEOUTS
 
 from avatard.bench.chaos import FAULT_KINDS, format_chaos, run_chaos
-from avatard.bench.daemon_proc import DaemonProcess
+from avatard.daemon import PrivateDaemon
 from avatard.engines.fake import expected_frame
 from avatard.ipc import segments
 from avatard.ipc.client import Client, ClientError, DaemonUnavailable, DoneEvent, FrameEvent
@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.timeout(150)
 def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
-    old = DaemonProcess(tmp_path, _sections(tmp_path))
+    old = PrivateDaemon(tmp_path, _sections(tmp_path))
     new = None
     try:
         old.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "two ready workers")
@@ -95,13 +95,13 @@ def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
         while any(_alive(p) for p in worker_pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in worker_pids if _alive(p)], "workers outlived the supervisor"
-        stale = daemon_segments(old.proc.pid)
+        stale = old.segments()
         assert stale, "a SIGKILLed supervisor cannot unlink its segments"
         assert (old.runtime_dir / "avatard.sock").exists(), "expected a stale socket file"
 
-        new = DaemonProcess(tmp_path, _sections(tmp_path))
+        new = PrivateDaemon(tmp_path, _sections(tmp_path))
         new.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "the new daemon")
-        assert not daemon_segments(old.proc.pid), "the new daemon swept the old segments"
+        assert not old.segments(), "the new daemon swept the old segments"
         assert "shared-memory segments of dead owners" in new.log_text()
         # The old Client object's session died with the old daemon; it is told so, fast.
         with pytest.raises(ClientError):
@@ -112,7 +112,7 @@ def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
         frames_after = [e for e in got if isinstance(e, FrameEvent)]
         assert isinstance(got[-1], DoneEvent) and got[-1].frames == len(frames_after) > 0
         assert new.stop() == 0, new.log_text()[-3000:]
-        assert not daemon_segments(new.proc.pid)
+        assert not new.segments()
     finally:
         for d in (old, new):
             if d is not None and d.proc.poll() is None:
@@ -123,24 +123,24 @@ def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
 def test_session_of_a_dead_client_is_ended(tmp_path: Path) -> None:
     """Found by the chaos run (77 sessions of killed clients left after 10 minutes), fixed by
     `timeouts.session_idle_s`: a session with no message and no job is closed."""
-    d = DaemonProcess(tmp_path, {**_sections(tmp_path),
+    d = PrivateDaemon(tmp_path, {**_sections(tmp_path),
                                  "timeouts": {**FAST_TIMEOUTS, "client_call_s": 2.0,
                                               "session_idle_s": 3.0}})
     try:
         d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 60, "a ready worker")
-        baseline = len(daemon_segments(d.proc.pid))
+        baseline = len(d.segments())
         gone = Client(d.endpoint, timeout_s=10.0, name="vanishes")
         list(gone.speak("One two.", seed=1))
         gone._sock.close(linger=0)  # the process "dies": no bye, the socket just goes away
         # Its input ring and its own frame and audio rings (one pair per worker it used).
-        assert len(daemon_segments(d.proc.pid)) == baseline + 3
+        assert len(d.segments()) == baseline + 3
         deadline = time.monotonic() + 15  # session_idle_s, plus slack for a busy machine
-        while len(daemon_segments(d.proc.pid)) > baseline and time.monotonic() < deadline:
+        while len(d.segments()) > baseline and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(daemon_segments(d.proc.pid)) == baseline, "its rings were unlinked"
+        assert len(d.segments()) == baseline, "its rings were unlinked"
         status = d.status()  # counts its own (inline) session too
         assert status["daemon"]["sessions"] == 1, status["daemon"]
     finally:
         d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout_s=10)
-        for name in daemon_segments(d.proc.pid):  # a SIGKILLed owner cannot clean up
+        for name in d.segments():  # a SIGKILLed owner cannot clean up
             segments.unlink_segment(name)

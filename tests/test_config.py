@@ -418,7 +418,9 @@ def test_config_with_every_engine_loads_without_torch(tmp_path):
 
 @pytest.mark.parametrize("how", ["flag", "file"])
 def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how):
-    from daemon_harness import AVATARD, daemon_segments
+    from daemon_harness import AVATARD
+
+    from avatard.ipc.segments import segments_of
 
     runtime = tmp_path / "run"
     args = [AVATARD, "serve", "--engine", "fake", "--set", f"daemon.runtime_dir={runtime}"]
@@ -441,7 +443,7 @@ def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how
     assert "got 3" in line and "did you mean frame_ms?" in line
     # Refused before the supervisor started: no runtime dir, socket or shared memory.
     assert not runtime.exists()
-    assert daemon_segments(process.pid) == []
+    assert segments_of(process.pid) == []
 
 
 @pytest.mark.parametrize(

@@ -391,7 +391,6 @@ def _hello_then_die(endpoint, ready_q):
 
 def test_sessions_of_vanished_clients_expire_and_idle_clients_reconnect(tmp_path):
     from conftest import spawn_context
-    from daemon_harness import daemon_segments
 
     with run_daemon(tmp_path, fake=FAKE, timeouts={"session_idle_s": 1.0}) as d:
         ctx = spawn_context()
@@ -399,15 +398,15 @@ def test_sessions_of_vanished_clients_expire_and_idle_clients_reconnect(tmp_path
         proc = ctx.Process(target=_hello_then_die, args=(d.endpoint, ready_q))
         proc.start()
         ready_q.get(timeout=30)
-        rings = [n for n in daemon_segments(d.proc.pid) if n.endswith("-s.in")]
+        rings = [n for n in d.segments() if n.endswith("-s.in")]
         assert len(rings) == 1, "the client's session owns one input ring"
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=10)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-                n.endswith("-s.in") for n in daemon_segments(d.proc.pid)):
+                n.endswith("-s.in") for n in d.segments()):
             time.sleep(0.1)
-        assert not [n for n in daemon_segments(d.proc.pid) if n.endswith("-s.in")]
+        assert not [n for n in d.segments() if n.endswith("-s.in")]
         with d.client(inline=True) as c:
             time.sleep(1.5)  # the session expires while the client idles
             frames, _, done = collect(c.speak("Back again.", seed=3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -63,6 +64,36 @@ def test_engine_options_modules_do_not_import_engine_runtimes(tmp_path):
         "print(len(classes), [m for m in (*heavy, *engines) if m in sys.modules])"
     )
     assert _python(code, tmp_path) == "9 []"
+
+
+def _avatard_imports(folder: str) -> list[tuple[str, str, list[str]]]:
+    """(file, module, names) of each import of an avatard module in REPO/folder."""
+    found = []
+    for path in sorted((REPO / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("avatard"):
+                found.append((path.name, node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                found += [(path.name, a.name, []) for a in node.names
+                          if a.name.startswith("avatard")]
+    return found
+
+
+def test_bench_uses_only_the_public_daemon_api():
+    import avatard.daemon
+
+    for name in avatard.daemon.__all__:
+        assert getattr(avatard.daemon, name) is not None, name
+    for file, module, names in _avatard_imports("bench"):
+        if module.startswith("avatard.daemon"):
+            assert module == "avatard.daemon", f"bench/{file} imports {module}"
+            assert set(names) <= set(avatard.daemon.__all__), f"bench/{file}: {names}"
+
+
+def test_the_daemon_imports_bench_only_to_register_its_commands():
+    bench = [(file, module) for file, module, _ in _avatard_imports("daemon")
+             if module.startswith("avatard.bench")]
+    assert bench == [("cli.py", "avatard.bench.cli")]
 
 
 def _commands(group, prefix=()):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemon_harness import AVATARD
 
 from avatard.bench import sweep_report
-from avatard.bench.daemon_proc import AVATARD, DaemonProcess
 from avatard.bench.sweep import (
     NOT_APPLICABLE,
     SAMPLE_RATE,
@@ -25,6 +25,7 @@ from avatard.bench.sweep import (
     speech_like_pcm,
 )
 from avatard.bench.sweep_overhead import format_overhead, run_overhead
+from avatard.daemon import PrivateDaemon
 
 FPS = 25  # the fake engine's default
 # A small frame cost keeps the workers busy for a moment without slowing the suite.
@@ -129,7 +130,7 @@ def test_online_mode_on_a_running_daemon(tmp_path: Path):
     """--endpoint drives a daemon someone else started; online rounds start together."""
     workdir = tmp_path / "d"
     workdir.mkdir()
-    d = DaemonProcess(workdir, {
+    d = PrivateDaemon(workdir, {
         "daemon": {"workers": 1, "min_ready": 1, "devices": "cpu"},
         "engines": {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": FAKE})

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avatard.ipc.procmem import rss_bytes
+
 from ..base import (
     AvatarEngine,
     AvatarState,
@@ -129,7 +131,7 @@ class DittoEngine(AvatarEngine):
             torch.cuda.reset_peak_memory_stats(device)
             mem0 = torch.cuda.memory_allocated(device)
         else:
-            mem0 = _rss_bytes()
+            mem0 = rss_bytes()
 
         lmdm_config: dict[str, Any] = {}
         self.registrar: Registrar | None = None
@@ -175,7 +177,7 @@ class DittoEngine(AvatarEngine):
         if cuda:
             self._memory_bytes = torch.cuda.max_memory_allocated(device) - mem0
         else:
-            self._memory_bytes = max(_rss_bytes() - mem0, 0)
+            self._memory_bytes = max(rss_bytes() - mem0, 0)
 
     def _load_networks(self, lmdm_config: dict[str, Any],
                        progress: ProgressFn) -> dict[str, torch.nn.Module]:
@@ -602,12 +604,6 @@ def _lmdm_config_from_cfg(cfg: Any) -> dict[str, Any]:
         )
     keys = ("motion_feat_dim", "audio_feat_dim", "seq_frames")
     return {k: int(section[k]) for k in keys if k in section}
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 def _fix_gaze(info: dict[str, np.ndarray], src: dict[str, np.ndarray]) -> np.ndarray:

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import io
 import math
-import os
 import threading
 import time
 import warnings
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+
+from avatard.ipc.procmem import rss_bytes
 
 from ..base import (
     AvatarEngine,
@@ -363,15 +364,6 @@ class EmbeddedAvatarStream(AvatarStream):
 # ---------------------------------------------------------------------------- engine
 
 
-def _rss_bytes() -> int:
-    try:
-        import psutil
-
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-    except ImportError:  # psutil is a base dependency, but a bare checkout may lack it
-        return 0
-
-
 def speech_like_signal(seconds: float, seed: int = 0) -> np.ndarray:
     """Synthetic speech-like audio at 16 kHz: voiced syllables (a buzzing glottal pulse
     train through vowel formants) at about 4 per second, with hissy consonants and pauses.
@@ -438,7 +430,7 @@ class EmbeddedAvatarEngine(AvatarEngine):
         self.cache_hits = 0
         self.cache_misses = 0
 
-        rss_before = _rss_bytes()
+        rss_before = rss_bytes()
         started = time.perf_counter()
         progress("landmarks", 0.0)
         load_detectors()
@@ -451,7 +443,7 @@ class EmbeddedAvatarEngine(AvatarEngine):
                 pass
             self._warmup_s = time.perf_counter() - warm_started
         self._load_s = time.perf_counter() - started
-        self._memory_bytes = max(0, _rss_bytes() - rss_before)
+        self._memory_bytes = max(0, rss_bytes() - rss_before)
         progress("landmarks", 1.0)
 
     def default_portrait(self) -> np.ndarray:

