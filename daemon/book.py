@@ -198,14 +198,17 @@ class JobBook:
         job = self._placed_job(index, job_id)
         return None if job is None or job.finished else job
 
+    def _let_go(self, index: int, job_id: str) -> Job | None:
+        """The worker reported a job's end: free its place. Returns the job if it is still
+        live here; None when unknown or ended here already (a cancel it acknowledged)."""
+        job = self.placed.get(index, {}).pop(job_id, None)
+        return None if job is None or job.finished else job
+
     def done(self, index: int, msg: P.WJobDone, now: float) -> Ended | None:
         """The worker finished a job. None when it was ended here already (the message only
         frees the job's place)."""
-        job = self._placed_job(index, msg.job_id)
+        job = self._let_go(index, msg.job_id)
         if job is None:
-            return None
-        self.placed[index].pop(job.job_id)
-        if job.finished:
             return None
         wall = now - job.accepted_at
         if msg.media_s > 0:
@@ -216,11 +219,8 @@ class JobBook:
     def failed(self, index: int, msg: P.WJobFailed) -> Ended | Requeued | None:
         """The worker gave up a job: a retryable fault is requeued while attempts are left
         (and the daemon is not draining); anything else ends it."""
-        job = self._placed_job(index, msg.job_id)
+        job = self._let_go(index, msg.job_id)
         if job is None:
-            return None
-        self.placed[index].pop(job.job_id)
-        if job.finished:
             return None
         if msg.code in RETRYABLE and job.attempts < self.max_job_attempts \
                 and not self.queue_closed:
