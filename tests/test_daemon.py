@@ -159,14 +159,12 @@ def test_job_crashing_twice_is_reported_with_the_reason(tmp_path):
 
 def test_many_workers_with_load_hangs_and_crashes_serve_with_the_rest(tmp_path):
     fake = {**FAKE, "load_hang_workers": [1, 3, 5], "load_crash_workers": [2, 4]}
-    t0 = time.monotonic()
     with run_daemon(tmp_path, workers=8, fake=fake, wait_ready=False,
                     daemon={"max_parallel_loads": 2},
                     timeouts={"load_s": 2.0}) as d:
         status = d.wait_for(
             lambda s: sum(w["state"] == "failed" for w in s["workers"]) == 5
             and s["daemon"]["ready_workers"] == 3, 120, "3 ready and 5 failed workers")
-        elapsed = time.monotonic() - t0
         failed = {w["id"]: w["reason"] for w in status["workers"] if w["state"] == "failed"}
         assert sorted(failed) == [1, 2, 3, 4, 5]
         for i in (1, 3, 5):
@@ -177,7 +175,6 @@ def test_many_workers_with_load_hangs_and_crashes_serve_with_the_rest(tmp_path):
         with d.client() as c:  # and it serves
             frames, _, _ = collect(c.speak("Still here.", seed=9))
             assert_frames_exact(frames, 9)
-    assert elapsed < 120
 
 
 def test_sigterm_under_load_drains_cleanly(tmp_path):

@@ -38,7 +38,9 @@ def test_room_is_the_memory_the_last_load_used():
 
 
 def test_cpu_only_machine_places_on_cpu():
-    assert discover("cpu") == [discover("cpu")[0]]
-    assert discover("cpu")[0].name == "cpu"
+    # One device, the CPU. (Two discoveries are never compared whole: each reads the live
+    # free memory, which moves while other work runs.)
+    [device] = discover("cpu")
+    assert device.name == "cpu" and not device.is_gpu
     cpu = cpu_device()
     assert cpu.free_bytes > 0 and not cpu.is_gpu

@@ -276,24 +276,6 @@ def test_face_in_a_big_mirrored_picture_gets_the_same_landmarks(engine):
     assert abs(framed_copy.face_box[2] - framed.face_box[2]) < 0.12 * framed.face_box[2]
 
 
-def test_rendering_is_faster_than_realtime(engine, portrait_state):
-    import time
-
-    import cv2
-
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # the promise is one core per stream
-    try:
-        pcm = speech_like_signal(2.0, seed=8)
-        started = time.perf_counter()
-        frames = _render(engine, portrait_state, pcm, seed=1)
-        per_frame_s = (time.perf_counter() - started) / len(frames)
-    finally:
-        cv2.setNumThreads(threads)
-    # 40 ms is the realtime budget at 25 fps; a few ms is typical, CI machines are slower.
-    assert per_frame_s < 0.040
-
-
 def test_grey_portrait_registers_without_colour_cues(engine):
     grey = np.asarray(PIL_Image.fromarray(default_portrait()).convert("L"))
     state = engine.register(_encoded(grey, "PNG"))

@@ -348,7 +348,7 @@ def test_load_reports_progress_and_takes_load_s():
         "avatar", "fake", "cpu", {"load_s": 0.5}, lambda s, f: stages.append((s, f))
     )
     elapsed_s = time.perf_counter() - started
-    assert 0.45 <= elapsed_s < 5.0
+    assert elapsed_s >= 0.45  # a lower bound only: a busy machine makes it longer
     weights = [f for s, f in stages if s == "weights"]
     assert len(weights) >= 5 and weights == sorted(weights) and weights[-1] == 1.0
     assert [s for s, _ in stages][-2:] == ["warmup", "warmup"]
@@ -357,8 +357,8 @@ def test_load_reports_progress_and_takes_load_s():
 
 def test_load_s_applies_to_load_kinds_only():
     started = time.perf_counter()
-    load_engine("tts", "fake", "cpu", {"load_s": 2.0})
-    assert time.perf_counter() - started < 1.0
+    load_engine("tts", "fake", "cpu", {"load_s": 60.0})
+    assert time.perf_counter() - started < 60.0  # it did not wait out load_s
     started = time.perf_counter()
     load_engine("tts", "fake", "cpu", {"load_s": 0.3, "load_kinds": ["tts"]})
     assert time.perf_counter() - started >= 0.28

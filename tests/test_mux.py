@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +127,8 @@ def test_frames_decode_to_what_was_written(tmp_path: Path):
 
 
 def test_missing_directory_fails_before_any_work(tmp_path: Path):
-    started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Mp4Writer(tmp_path / "no" / "such" / "dir.mp4", 25, WIDTH, HEIGHT, 16000)
-    assert time.perf_counter() - started < 0.5
     assert not (tmp_path / "no").exists()
 
 

@@ -123,10 +123,8 @@ def test_unset_notify_socket_is_a_cheap_no_op():
     assert not notifier.reloading()
     assert notifier._socket is None  # no socket was even created
     assert notifier.watchdog_interval_s() is None
-    started = time.perf_counter()
-    for _ in range(10_000):
-        notifier.watchdog()
-    assert time.perf_counter() - started < 0.5
+    assert not any(notifier.watchdog() for _ in range(10_000))
+    assert notifier._socket is None
 
 
 def test_addresses():
@@ -165,9 +163,8 @@ def test_full_receiver_queue_does_not_block(path_receiver):
     # blocking the caller (the scheduler loop).
     path_receiver.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     notifier = Notifier({"NOTIFY_SOCKET": path_receiver.env_value})
-    started = time.perf_counter()
+    # A blocking send would hang here (the test's timeout catches it).
     results = [notifier.status("x" * 512) for _ in range(5000)]
-    assert time.perf_counter() - started < 5.0
     assert results[0] is True
     assert False in results
     notifier.close()
