@@ -192,6 +192,13 @@ class TimeoutsConfig:
         "ring unlinked (a client that died without saying bye); the client says hello again.",
         gt=0,
     )
+    vanished_check_s: float = _key(
+        0.5,
+        "How often the daemon checks that the processes of its local clients still run; a "
+        "client that exited (even SIGKILLed) has its jobs cancelled at the next check, so it "
+        "never holds a worker. Slow clients that are alive are not affected.",
+        gt=0, le=60,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import zmq
 from avatard.ipc import protocol as P
 from avatard.ipc import segments
 from avatard.ipc.ring import WRITING, DescriptorError, SlotRing, StaleSlotError
+from avatard.ipc.segments import process_start_ticks
 
 from .config import RingsConfig
 
@@ -56,17 +57,23 @@ class Session:
     outputs: dict[tuple[int, int], tuple[SlotRing, SlotRing]] = field(default_factory=dict)
     held: dict[SlotKey, float] = field(default_factory=dict)  # slot -> when handed over
     last_seen: float = 0.0
+    # A local client's process (pid and its start time, so a reused pid is not taken for
+    # it): when it is gone, so is the client, whatever its socket still holds.
+    pid: int | None = None
+    pid_start: int | None = None
 
 
 class Sessions:
     """Sessions by client identity, and every client-facing ring."""
 
     def __init__(self, rings: RingsConfig, port: Port, client_call_s: float,
-                 session_idle_s: float):
+                 session_idle_s: float, vanished_check_s: float = 0.5):
         self.rings_cfg = rings
         self.port = port
         self.client_call_s = client_call_s
         self.session_idle_s = session_idle_s
+        self.vanished_check_s = vanished_check_s
+        self._next_vanished_check = 0.0
         self.sessions: dict[bytes, Session] = {}
         self.inline_input = SlotRing.create("inline.in", rings.audio_slots,
                                             rings.audio_slot_bytes)
@@ -106,14 +113,18 @@ class Sessions:
 
     # ------------------------------------------------------------ lifecycle
 
-    def hello(self, identity: bytes, inline: bool, now: float) -> Session:
+    def hello(self, identity: bytes, inline: bool, now: float, pid: int | None = None
+              ) -> Session:
         """The client's session, opened on its first hello (a local one gets its input
-        ring); a repeated hello keeps it."""
+        ring); a repeated hello keeps it. `pid`: the client's process when the connection
+        tells it (ipc://), watched by `vanished`."""
         session = self.sessions.get(identity)
         if session is None:
             self._opened += 1
+            start = process_start_ticks(pid) if pid else None
             session = Session(identity, f"s{self._opened}-{os.urandom(4).hex()}", inline,
-                              last_seen=now)
+                              last_seen=now, pid=pid if start is not None else None,
+                              pid_start=start)
             if not inline:
                 session.input_ring = SlotRing.create("s.in", self.rings_cfg.audio_slots,
                                                      self.rings_cfg.audio_slot_bytes)
@@ -313,10 +324,20 @@ class Sessions:
                 stuck.append(session.identity)
         return stuck
 
-    def expire_idle(self, now: float, busy: set[bytes]) -> list[str]:
+    def vanished(self, now: float) -> list[bytes]:
+        """Clients whose process has exited (local clients only; checked at most every
+        `vanished_check_s`): their jobs must end now, not when held slots or deadlines run
+        out. A slow client that is alive is never among them."""
+        if now < self._next_vanished_check:
+            return []
+        self._next_vanished_check = now + self.vanished_check_s
+        return [s.identity for s in self.sessions.values()
+                if s.pid is not None and process_start_ticks(s.pid) != s.pid_start]
+
+    def expire_idle(self, now: float, busy: set[bytes]) -> list[bytes]:
         """Close sessions silent for `session_idle_s` that hold no slot and no job (`busy`:
         clients with live jobs), so the rings of clients that vanished without bye do not
-        pile up in /dev/shm. Returns the closed session ids."""
+        pile up in /dev/shm. Returns the closed sessions' client identities."""
         closed = []
         for identity, session in list(self.sessions.items()):
             if (now - session.last_seen <= self.session_idle_s or session.held
@@ -325,5 +346,5 @@ class Sessions:
             log.info("session %s idle for %.0f s: closed", session.session_id,
                      self.session_idle_s)
             self.end(identity)
-            closed.append(session.session_id)
+            closed.append(identity)
         return closed

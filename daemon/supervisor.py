@@ -88,7 +88,7 @@ class Supervisor:
         self.poller.register(self.worker_sock, zmq.POLLIN)
         placed = dev.place_all(dev.discover(d.devices), d.workers)
         self.sessions = Sessions(self.cfg.rings, self.client_port, t.client_call_s,
-                                 t.session_idle_s)
+                                 t.session_idle_s, t.vanished_check_s)
         self.sessions.add_worker_rings(len(placed))
         self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads,
                                self._launch, now=time.monotonic())
@@ -252,10 +252,19 @@ class Supervisor:
     def _expire_sessions(self, now: float) -> None:
         limit = self.cfg.timeouts.client_call_s
         for identity in self.sessions.expire_held(now):
-            for job in self.book.of_client(identity):
-                self._route([self.book.cancel(job, P.E_TIMEOUT, f"the client held a frame for "
-                             f"over client_call_s={limit:g} s; job stopped")], now)
-        self.sessions.expire_idle(now, {job.client for job in self.book.jobs.values()})
+            self._end_client_jobs(identity, P.E_TIMEOUT, f"the client held a frame for over "
+                                  f"client_call_s={limit:g} s; job stopped", now)
+        for identity in self.sessions.vanished(now):
+            log.info("client %s: its process exited; its jobs end", identity.hex())
+            self._end_client_jobs(identity, P.E_CANCELLED, "the client process exited", now)
+            self.sessions.end(identity)
+        busy = {job.client for job in self.book.jobs.values()}
+        for identity in self.sessions.expire_idle(now, busy):
+            self.client_port.forget(identity)
+
+    def _end_client_jobs(self, identity: bytes, code: str, message: str, now: float) -> None:
+        self._route([self.book.cancel(job, code, message)
+                     for job in self.book.of_client(identity)], now)
 
     # ================================================================ workers
 
@@ -319,7 +328,8 @@ class Supervisor:
         if session is not None:
             session.last_seen = now
         if isinstance(msg, P.Hello):
-            session = self.sessions.hello(identity, msg.inline, now)
+            session = self.sessions.hello(identity, msg.inline, now,
+                                          port.peer_pids.get(identity))
             ring = session.input_ring
             port.send(identity, P.make(
                 P.Welcome, req_id=req_id, session=session.session_id,
@@ -334,9 +344,9 @@ class Supervisor:
         elif isinstance(msg, P.Release):
             self.sessions.client_release(identity, msg)
         elif isinstance(msg, P.Bye):
-            for job in self.book.of_client(identity):
-                self._route([self.book.cancel(job, P.E_CANCELLED, "client said bye")], now)
+            self._end_client_jobs(identity, P.E_CANCELLED, "client said bye", now)
             self.sessions.end(identity)
+            port.forget(identity)
         elif isinstance(msg, P.Cancel):
             job = self.book.jobs.get(msg.job_id)
             if job is None or job.client != identity:

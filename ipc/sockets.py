@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
+import struct
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,36 @@ import zmq
 from . import protocol as P
 
 log = logging.getLogger("avatard.ipc")
+
+
+MAX_PEERS = 4096  # peer pids kept for identities with no session yet (oldest dropped)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_pid(frame: zmq.Frame) -> int | None:
+    """The process id of the peer that sent `frame` over an ``ipc://`` connection
+    (SO_PEERCRED of the connection's file descriptor, which libzmq reports as the
+    message's source fd); None for tcp peers or when it cannot be read. Lets the daemon
+    see a local client die (SIGKILL gives no goodbye) instead of waiting out timeouts."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # ZMQ_SRCFD: no successor
+            fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError, ValueError):
+        return None
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        pid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                            _UCRED.size))[0]
+        return pid if pid > 0 else None
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # the fd stays libzmq's
 
 
 def wait_readable(sock: zmq.Socket, timeout_ms: int, spin_us: int = 0) -> bool:
@@ -105,6 +138,9 @@ class ClientPort:
         self.endpoints: list[str] = []
         self.bad_messages = 0
         self.refused_clients = 0
+        # Identity -> pid of a local (ipc://) client, None for tcp; read once per identity
+        # and dropped with its session (`forget`).
+        self.peer_pids: dict[bytes, int | None] = {}
         self._auth = None
         self._monitor: zmq.Socket | None = None
         by_kind: dict[str, list[str]] = {"ipc": [], "tcp": []}
@@ -176,6 +212,10 @@ class ClientPort:
                 except zmq.Again:
                     break
                 identity = bytes([index]) + bytes(frames[0].buffer)
+                if identity not in self.peer_pids and len(frames) > 1:
+                    if len(self.peer_pids) >= MAX_PEERS:  # connections that never said bye
+                        del self.peer_pids[next(iter(self.peer_pids))]
+                    self.peer_pids[identity] = peer_pid(frames[1])
                 parts = [f.buffer for f in frames[1:]]
                 try:
                     msg, extra = P.CLIENT_CODEC.decode(parts)
@@ -209,6 +249,10 @@ class ClientPort:
                 self.send(identity, P.make(
                     P.Error, req_id=getattr(msg, "req_id", 0), code=P.E_INTERNAL,
                     field="message", rule=f"internal error: {type(exc).__name__}"))
+
+    def forget(self, identity: bytes) -> None:
+        """The client's session ended: drop what is kept about its connection."""
+        self.peer_pids.pop(identity, None)
 
     def send(self, identity: bytes, msg: P.Msg, *extra: bytes | memoryview) -> None:
         self.send_parts(identity, P.Codec.encode(msg, *extra))

@@ -4,6 +4,8 @@ ones); every test closes them all (the autouse leak check in conftest.py)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -335,7 +337,7 @@ def test_expire_idle_closes_only_quiet_sessions(sessions):
 
     assert sessions.expire_idle(T0 + 300, busy={b"busy"}) == []  # exactly session_idle_s
     closed = sessions.expire_idle(T0 + 300.5, busy={b"busy"})
-    assert sorted(closed) == sorted([quiet.session_id, quiet_remote.session_id])
+    assert sorted(closed) == sorted([quiet.identity, quiet_remote.identity])
     assert sorted(sessions.sessions) == [b"busy", b"fresh", b"holding"]
     assert not shm_exists(quiet_ring)
     assert holding.held and shm_exists(holding.input_ring.name)
@@ -361,3 +363,29 @@ def test_reclaim_worker_frees_writing_slots_only(sessions):
         writing, ready = slots[ring.name]
         assert (ring.state(writing), ring.state(ready)) == (WRITING, READY)
     sessions.reclaim_worker(7)  # no such worker: nothing to do
+
+
+def test_vanished_finds_local_clients_whose_process_exited(sessions):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        gone = sessions.hello(LOCAL, inline=False, now=T0, pid=child.pid)
+        alive = sessions.hello(OTHER, inline=False, now=T0, pid=os.getpid())
+        remote = sessions.hello(REMOTE, inline=True, now=T0, pid=None)  # tcp: no pid
+        assert gone.pid == child.pid and alive.pid == os.getpid() and remote.pid is None
+        assert sessions.vanished(T0) == []  # everyone runs
+        child.kill()
+        child.wait(timeout=10)
+        assert sessions.vanished(T0 + 0.1) == []  # checked at most every vanished_check_s
+        assert sessions.vanished(T0 + 0.6) == [LOCAL]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+
+
+def test_hello_with_a_pid_that_does_not_run_watches_nothing(sessions):
+    session = sessions.hello(LOCAL, inline=False, now=T0, pid=2**22 + 12345)
+    assert session.pid is None
+    assert sessions.vanished(T0 + 1) == []
