@@ -35,7 +35,9 @@ def _job_events(frames: int, audio_samples: int, rate: int):
 
 # Job lengths whose audio does not end on an AAC frame (1024 samples), so the writer must
 # repeat frames: e.g. 26 frames = 1.04 s of 16 kHz audio ends inside AAC frame 17.
-@pytest.mark.parametrize("frames, rate", [(26, 16000), (1, 16000), (91, 22050), (50, 44100)])
+@pytest.mark.parametrize(
+    "frames, rate", [(26, 16000), (1, 16000), (91, 22050), (50, 44100), (40, 37800)]
+)
 def test_result_counts_the_frames_the_file_holds(tmp_path, frames, rate):
     out = tmp_path / "job.mp4"
     samples = round(frames / FPS * rate)
