@@ -39,8 +39,8 @@ PRIVATE_STOP_TIMEOUT_S = 60.0
 @dataclass
 class RenderResult:
     path: Path
-    frames: int
-    media_s: float
+    frames: int  # frames the mp4 holds (the job's, plus repeats that cover the audio)
+    media_s: float  # video length of the mp4
     wall_s: float
     first_frame_s: float
     attempts: int
@@ -159,7 +159,9 @@ def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress
         raise
     finally:
         progress.done()
-    return RenderResult(out, frames, done.media_s or frames / fps, done.wall_s,
+    # Report what the file holds, not what the job sent: the writer repeats the last frame
+    # (1-3 times) so the video covers the audio's padding to a whole AAC frame.
+    return RenderResult(out, writer.frames_written, writer.video_duration_s, done.wall_s,
                         done.first_frame_s, done.attempts)
 
 

@@ -232,18 +232,9 @@ _WHITESPACE_RUN = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 
 
-def validate_text(text: object, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
-    """Return text ready for synthesis or raise naming `text`.
-
-    Control characters are removed (newlines and tabs become spaces, except that a blank
-    line is kept as a paragraph break), Unicode is NFC-normalised, and the text must hold
-    something speakable: at least one letter or digit.
-    """
-    if not isinstance(text, str):
-        raise EngineInputError("text", f"must be a string, got {type(text).__name__}")
-    # Checked on the raw input first so a megabyte of text is refused before any work.
-    if len(text) > max_chars:
-        raise EngineInputError("text", f"is {len(text)} characters long; the limit is {max_chars}")
+def clean_text(text: str) -> str:
+    """Controls dropped, NFC, tabs and single newlines as spaces, and blank lines kept as
+    one paragraph break; no refusals (`validate_text` adds those)."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     paragraphs = _BLANK_LINES.split(text)
     cleaned_paragraphs = []
@@ -256,7 +247,22 @@ def validate_text(text: object, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
         kept = _WHITESPACE_RUN.sub(" ", kept).strip()
         if kept:
             cleaned_paragraphs.append(kept)
-    cleaned = "\n\n".join(cleaned_paragraphs)
+    return "\n\n".join(cleaned_paragraphs)
+
+
+def validate_text(text: object, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
+    """Return text ready for synthesis or raise naming `text`.
+
+    Control characters are removed (newlines and tabs become spaces, except that a blank
+    line is kept as a paragraph break), Unicode is NFC-normalised, and the text must hold
+    something speakable: at least one letter or digit.
+    """
+    if not isinstance(text, str):
+        raise EngineInputError("text", f"must be a string, got {type(text).__name__}")
+    # Checked on the raw input first so a megabyte of text is refused before any work.
+    if len(text) > max_chars:
+        raise EngineInputError("text", f"is {len(text)} characters long; the limit is {max_chars}")
+    cleaned = clean_text(text)
     if not cleaned:
         raise EngineInputError("text", "is empty")
     if not any(ch.isalnum() for ch in cleaned):

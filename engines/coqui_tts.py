@@ -25,12 +25,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+<<<<<<< HEAD
 from avatard.ipc.procmem import rss_bytes
 
 from .audio import split_sentences, validate_text
+=======
+>>>>>>> field-text
 from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
 from .options import as_options
 from .speech_options import CoquiTTSOptions
+from .speech_text import SpeechText, route_voice, speak_sentences
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,12 @@ class CoquiTTSEngine(TTSEngine):
         self.language = opts.language or (languages[0] if languages else None)
         if languages and self.language not in languages:
             raise ValueError(f"language {self.language!r} is not one of {languages}")
+        # What the text check compares with: a multi-lingual model's languages (a request
+        # goes to the one that can read its script), else the phonemizer language that a
+        # single-language model's config declares; none declared: the text is not checked.
+        declared = config.get("phoneme_language")
+        self._text_languages = ((self.language,) if languages
+                                else (str(declared),) if declared else ())
 
         self.seed = opts.seed
         self.max_text_chars = opts.max_text_chars
@@ -176,34 +186,42 @@ class CoquiTTSEngine(TTSEngine):
         return list(self._voices)
 
     def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
-        clean = validate_text(text, self.max_text_chars)
+        speech = SpeechText.parse(text, self.max_text_chars)
         if voice is None:
             voice = self._voices[0]
         if not isinstance(voice, str) or voice not in self._voices:
             raise EngineInputError("voice", f"unknown voice {voice!r}; one of {self._voices}")
         speaker = voice if self._speakers else None
-        return self._synthesize_sentences(split_sentences(clean, self.max_sentence_chars), speaker)
+        language = self.language
+        if self.languages:
+            # A multi-lingual model speaks the text in the first of its languages (the
+            # configured one first) whose script it is written in.
+            language = route_voice(speech.text, None, str(self.language),
+                                   {name: (name,) for name in self.languages},
+                                   {name: name for name in self.languages})
+        languages = (language,) if self.languages else self._text_languages
+        sentences = speech.sentences(voice, languages, self.max_sentence_chars)
+        counter = iter(range(len(sentences)))
+        return speak_sentences(
+            sentences, lambda s: self._synthesize(s, next(counter), speaker, language),
+            self.sample_rate)
 
-    def _synthesize_sentences(
-        self, sentences: list[str], speaker: str | None
-    ) -> Iterator[np.ndarray]:
+    def _synthesize(self, sentence: str, index: int, speaker: str | None,
+                    language: str | None) -> np.ndarray:
         torch = self._torch
         devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
-        for index, sentence in enumerate(sentences):
-            # VITS-family models sample noise; seeding per sentence makes the output a
-            # function of (text, voice, seed). fork_rng restores the global generator so
-            # other engines in this worker see no change.
-            with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                torch.manual_seed(self.seed + index)
-                wav = self._synth.tts(
-                    sentence,
-                    speaker_name=speaker,
-                    language_name=self.language,
-                    split_sentences=False,
-                )
-            samples = np.asarray(wav, dtype=np.float32).reshape(-1)
-            if samples.size:
-                yield np.clip(samples, -1.0, 1.0)
+        # VITS-family models sample noise; seeding per sentence makes the output a
+        # function of (text, voice, seed). fork_rng restores the global generator so other
+        # engines in this worker see no change.
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(self.seed + index)
+            wav = self._synth.tts(
+                sentence,
+                speaker_name=speaker,
+                language_name=language,
+                split_sentences=False,
+            )
+        return np.clip(np.asarray(wav, dtype=np.float32).reshape(-1), -1.0, 1.0)
 
     def report(self) -> EngineReport:
         return EngineReport(

@@ -98,6 +98,8 @@ def test_lipsync_of_an_audio_file(embedded_daemon, tmp_path):
         (["render", "x" * 110_000, "-o", "{tmp}/x.mp4"], "text"),
         (["render", "Hi.", "-o", "/nonexistent-dir/x.mp4"], "does not exist"),
         (["render", "Hi.", "-o", "{tmp}/x.mp4", "--voice", "no-such-voice"], "voice"),
+        # Chinese to the English voice: refused naming the script (issue 16, item 2).
+        (["render", "你好，世界。今天天气很好。", "-o", "{tmp}/x.mp4"], "Han"),
         (["render", "Hi.", "-o", "{tmp}/x.mp4", "--avatar", "{tmp}/noface.png"], "image"),
         (["lipsync", "{tmp}/noface.png", "-o", "{tmp}/x.mp4"], "audio"),
     ],

@@ -53,8 +53,23 @@ class PiperTTSOptions(TextLimitOptions):
         default_doc="0, or the voice's own (0.8) when not deterministic",
     )
     volume: float = option(1.0, "Output gain.", gt=0)
+    voices_by_language: tuple[str, ...] = option(
+        (), "More Piper voices, as `language=path/to/voice.onnx` (its .onnx.json beside it): "
+        "text in a script the default voice cannot read goes to the voice of a language "
+        "written in that script, when the request names no voice. Each is also listed by "
+        "voices() under its file name.", nonempty=True,
+    )
+
+    def language_voices(self) -> dict[str, str]:
+        """voices_by_language as {language: model path}."""
+        return dict(entry.split("=", 1) for entry in self.voices_by_language)
 
     def __post_init__(self) -> None:
+        for entry in self.voices_by_language:
+            language, _, path = entry.partition("=")
+            if not language.strip() or not path.strip() or language != language.strip():
+                raise OptionConflict("voices_by_language", f"{entry!r} is not "
+                                     "`language=path/to/voice.onnx`")
         if self.deterministic:
             for name in ("noise_scale", "noise_w_scale"):
                 if getattr(self, name):

