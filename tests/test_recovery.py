@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import pytest
 
+from avatard.bench.cli import bench_recovery
 from avatard.bench.recovery import (
+    PARTS,
     RESTART,
     TIMEOUTS,
     fault_during_job,
     format_recovery,
 )
+
+
+def test_the_command_offers_every_part() -> None:
+    option = next(p for p in bench_recovery.params if p.name == "parts")
+    assert tuple(option.type.choices) == PARTS
 
 
 @pytest.mark.timeout(240)
