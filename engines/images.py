@@ -13,10 +13,10 @@ every Pillow mode reaches every engine the same way:
 - 48- and 64-bit RGB(A) PNGs are opened by Pillow as 8-bit RGB(A) (the high byte of
   each sample), which is the same scaling.
 - Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``La``/``RGBa``, a palette or
-  grey/RGB ``tRNS`` key) is composited over a background colour (the engines' option
-  `background`, default `DEFAULT_BACKGROUND`, a neutral light grey) and also returned as
-  an 8-bit matte (`DecodedImage.alpha`) for engines that can use it. A picture whose
-  alpha is opaque everywhere has no matte.
+  grey/RGB ``tRNS`` key, also on 16-bit grey) is composited over a background colour
+  (the engines' option `background`, default `DEFAULT_BACKGROUND`, a neutral light grey)
+  and also returned as an 8-bit matte (`DecodedImage.alpha`) for engines that can use
+  it. A picture whose alpha is opaque everywhere has no matte.
 - Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``, ``RGBX``)
   goes through Pillow's conversion to RGB. Embedded ICC profiles are not applied.
 
@@ -154,8 +154,13 @@ def image_to_rgb8(image, background: tuple[int, int, int] | str = DEFAULT_BACKGR
     image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
-        grey = _scaled_to_8_bits(np.asarray(image), mode)
-        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2)), None
+        values = np.asarray(image)
+        grey = np.repeat(_scaled_to_8_bits(values, mode)[..., None], 3, axis=2)
+        key = image.info.get("transparency")  # a 16-bit grey PNG's tRNS: one grey value
+        if isinstance(key, int) and not isinstance(key, bool) and np.any(values == key):
+            alpha = np.where(values == key, 0, 255).astype(np.uint8)
+            return composite(grey, alpha, background), alpha
+        return np.ascontiguousarray(grey), None
     has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
     if not has_alpha:
         return np.ascontiguousarray(np.asarray(image.convert("RGB"))), None

@@ -62,7 +62,7 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def png16(samples: np.ndarray) -> bytes:
+def png16(samples: np.ndarray, transparent_grey: int | None = None) -> bytes:
     """A 16-bit PNG written by hand (Pillow writes only 16-bit grey): (H, W) grey,
     (H, W, 2) grey+alpha, (H, W, 3) RGB (48-bit) or (H, W, 4) RGBA (64-bit) uint16."""
     colour_types = {1: 0, 2: 4, 3: 2, 4: 6}
@@ -76,6 +76,10 @@ def png16(samples: np.ndarray) -> bytes:
             ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 16, colour_types[channels], 0, 0, 0)
+    if transparent_grey is not None:  # a tRNS key: pixels of this grey are transparent
+        header_chunks = chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(">H", transparent_grey))
+        return (b"\x89PNG\r\n\x1a\n" + header_chunks
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
 
@@ -192,7 +196,13 @@ def _alpha_cases() -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
     binary = np.where(np.arange(W) < 8, 0, 255).astype(np.uint8)[None].repeat(H, 0)
     pa = Image.fromarray(rgb).quantize(256).convert("PA")
     pa.putalpha(Image.fromarray(alpha))
+    grey_keyed = grey.copy()
+    grey_keyed[grey_keyed == 77] = 78  # grey 77 appears only where it was planted
+    grey_keyed[:, :8] = 77
+    keyed_alpha = np.where(grey_keyed == 77, 0, 255).astype(np.uint8)
     return {
+        "I;16 png with a tRNS key": (png16(grey_keyed.astype(np.uint16) * 257, 77 * 257),
+                                     grey3(grey_keyed), keyed_alpha),
         "RGBA png": (encode(Image.fromarray(rgba), "PNG"), rgb, alpha),
         "RGBA webp lossless": (encode(Image.fromarray(rgba), "WEBP", lossless=True), rgb, alpha),
         "RGBA tiff": (encode(Image.fromarray(rgba), "TIFF"), rgb, alpha),
