@@ -22,7 +22,6 @@ measure the compute.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -48,6 +47,7 @@ from ..base import (
     ProgressFn,
     no_progress,
 )
+from ..images import decode_image
 from ..options import as_options
 from . import checkpoints, conditions, networks, random_checkpoint, synthetic
 from .batcher import Batcher, drain_futures
@@ -342,7 +342,8 @@ class DittoEngine(AvatarEngine):
             image = bytes(image)
         if not isinstance(image, bytes | np.ndarray):
             raise EngineInputError("image", "must be encoded image bytes or an RGB uint8 array")
-        rgb = _decode_image(image) if isinstance(image, bytes) else _check_array(image)
+        rgb = (_decode_image(image, self.options.background) if isinstance(image, bytes)
+               else _check_array(image))
         avatar_id = hashlib.sha256(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
         with self._lock:
             if avatar_id in self._cache:
@@ -757,19 +758,9 @@ def _check_size(width: int, height: int) -> None:
         raise EngineInputError("image", f"sides must be 64..{MAX_SIDE} px, got {width}x{height}")
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    try:
-        from PIL import Image, ImageOps
-    except ImportError:  # pillow is an optional dependency
-        raise EngineInputError("image", "encoded images need pillow; pass an RGB array") from None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            return _check_array(np.asarray(img, dtype=np.uint8))
-    except EngineInputError:
-        raise
-    except Exception as exc:
-        raise EngineInputError("image", f"cannot decode image: {exc}") from None
+def _decode_image(data: bytes, background: str) -> np.ndarray:
+    """The shared portrait decoder (`engines/images.py`): any format Pillow opens."""
+    return decode_image(data, background=background, check_size=_check_size).rgb
 
 
 def _center_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int]]:

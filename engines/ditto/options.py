@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..images import background_option, check_background_option
 from ..options import option
 
 DTYPES = ("float32", "bfloat16")
@@ -64,3 +65,7 @@ class DittoOptions:
         True, "Run the batch sizes the batchers use once at load (compiled and captured "
         "there, reported as warmup_s), not on a job's first frames.",
     )
+    background: str = background_option()
+
+    def __post_init__(self) -> None:
+        check_background_option(self)

@@ -6,7 +6,8 @@ What upstream's registrar does for an image source, re-implemented here:
    (top-left aligned, zero padded), normalised as ``(x - 127.5) / 128`` with its channel
    order reversed, and the nine outputs (scores, box distances and five keypoints for the
    strides 8, 16 and 32, two anchors per cell) are decoded, thresholded at 0.5 and
-   reduced by NMS (IoU 0.4). The largest box is the face.
+   reduced by NMS (IoU 0.4). The largest box is the face, unless it is too small or
+   another is about as large (`engines/faces.py`: the error then says so).
 2. 106 landmarks with ``2d106det.onnx`` on a 192x192 crop around that box (side
    1.5 x the longer box side, channel order reversed, no normalisation).
 3. 203 landmarks with ``landmark203.onnx`` on a 224x224 crop computed from the 106 points
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..faces import FaceChoiceError, choose_face
 from .checkpoints import AUX_RELDIR, CheckpointError
 
 # Official file names under ditto_pytorch/aux_models (see `aux_paths`).
@@ -581,16 +583,22 @@ class Registrar:
         return cls(Path(root) / AUX_RELDIR, device, paths=aux_paths(root, cfg), crop=crop,
                    **kwargs)
 
-    def landmarks(self, rgb: np.ndarray, last_lmk203: np.ndarray | None = None
+    def landmarks(self, rgb: np.ndarray, last_lmk203: np.ndarray | None = None,
+                  source_scale: float = 1.0
                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(lmk203, lmk106, box): detection -> 106 points -> 203 points, or, for video
-        tracking, 203 points guided by the previous frame's 203 points."""
+        tracking, 203 points guided by the previous frame's 203 points. The face is chosen
+        by `choose_face` (engines/faces.py): the largest, unless it is under MIN_FACE_PX
+        wide in the submitted picture (`rgb` is that picture times `source_scale`) or
+        another face is about as large; RegistrationError names the cause."""
         box = lmk106 = None
         if last_lmk203 is None:
             dets, _ = self.detector(rgb)
-            box = largest_face(dets)
-            if box is None:
-                raise RegistrationError("no face found in the source image")
+            widths = (dets[:, 2] - dets[:, 0]) / source_scale
+            try:
+                box = dets[choose_face(widths.tolist())]
+            except FaceChoiceError as exc:
+                raise RegistrationError(str(exc)) from None
             lmk106 = self.landmark106(rgb, box)
             guide = lmk106
         else:
@@ -601,8 +609,10 @@ class Registrar:
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError("registration needs an (H, W, 3) uint8 RGB image")
-        rgb = fit_source(rgb, self.max_dim)
-        lmk203, lmk106, box = self.landmarks(rgb, last_lmk203)
+        fitted = fit_source(rgb, self.max_dim)
+        scale = fitted.shape[1] / rgb.shape[1]
+        rgb = fitted
+        lmk203, lmk106, box = self.landmarks(rgb, last_lmk203, source_scale=scale)
         reg = crop_registration(rgb, lmk203, **self.crop)
         reg.lmk106, reg.box = lmk106, box
         if self.landmark478 is not None:

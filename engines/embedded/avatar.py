@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import math
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
@@ -37,6 +35,7 @@ from ..base import (
     ProgressFn,
     no_progress,
 )
+from ..images import DecodedImage, decode_image, parse_colour
 from ..options import as_options
 from .landmarks import FaceLandmarks, NoFaceError, find_landmarks, load_detectors
 from .options import EmbeddedAvatarOptions
@@ -45,9 +44,7 @@ from .warp import FacePose, Rig, build_rig, frame_portrait, render_frame
 MIN_SIDE_PX = 64
 MAX_SIDE_PX = 8192
 MAX_PIXELS = 40_000_000
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-# PIL names some camera JPEGs (with an embedded second picture) "MPO"; they are JPEGs.
-_PIL_FORMATS = frozenset(ACCEPTED_FORMATS) | {"MPO"}
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # camera "MPO" JPEGs count as JPEG
 
 FPS = 25
 AUDIO_RATE = 16000
@@ -95,8 +92,6 @@ def default_portrait() -> np.ndarray:
 
 @functools.cache
 def _decoded_default_portrait() -> np.ndarray:
-    from PIL import Image
-
     asset = resources.files(__package__).joinpath("assets", _ASSET_PORTRAIT)
     try:
         data = asset.read_bytes()
@@ -108,50 +103,18 @@ def _decoded_default_portrait() -> np.ndarray:
                 f"the default portrait assets/{_ASSET_PORTRAIT} is missing from this install"
             ) from error
         return np.ascontiguousarray(skimage_data.astronaut()[..., :3])
-    with Image.open(io.BytesIO(data)) as image:
-        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return decode_image(data).rgb
 
 
 # ---------------------------------------------------------------------------- input
 
 
-def _image_from_bytes(data: bytes) -> np.ndarray:
-    """Decode encoded image bytes to RGB uint8 after checking format and size limits."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise EngineInputError("image", "is empty")
-    try:
-        # Opening reads only the header, so the size check comes before any big decode.
-        # Pillow refuses headers past its decompression-bomb limit itself (an error, not
-        # a warning, beyond twice the limit), and a truncated header is an OSError.
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise EngineInputError(
-            "image", f"is not a decodable image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
-        ) from None
-    except Image.DecompressionBombError as error:
-        raise EngineInputError("image", f"is too large to decode ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise EngineInputError("image", f"header is truncated or corrupt ({error})") from None
-    with image:
-        if image.format not in _PIL_FORMATS:
-            raise EngineInputError(
-                "image",
-                f"format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}",
-            )
-        _check_size(image.width, image.height)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = np.asarray(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as error:
-            raise EngineInputError(
-                "image", f"{image.format} data is truncated or corrupt ({error})"
-            ) from None
-    return np.ascontiguousarray(rgb)
+def _image_from_bytes(data: bytes, background: tuple[int, int, int]) -> DecodedImage:
+    """Decode encoded image bytes (the shared decoder, `engines/images.py`) after checking
+    format and size limits; transparency is composited over `background`."""
+    return decode_image(
+        data, background=background, formats=ACCEPTED_FORMATS, check_size=_check_size
+    )
 
 
 def _check_size(width: int, height: int) -> None:
@@ -421,6 +384,7 @@ class EmbeddedAvatarEngine(AvatarEngine):
             device = "cpu"
         self.device = device
         self.cache_size = self.options.cache_size
+        self.background = parse_colour(self.options.background)
         self._cache: OrderedDict[str, AvatarState] = OrderedDict()
         self._lock = threading.Lock()
         # The Haar cascades are process-wide objects whose detectMultiScale keeps scratch
@@ -464,7 +428,12 @@ class EmbeddedAvatarEngine(AvatarEngine):
                 self._cache.move_to_end(avatar_id)
                 self.cache_hits += 1
                 return cached
-        rgb = _image_from_bytes(image) if isinstance(image, bytes) else _image_from_array(image)
+        has_matte = False
+        if isinstance(image, bytes):
+            decoded = _image_from_bytes(image, self.background)
+            rgb, has_matte = decoded.rgb, decoded.alpha is not None
+        else:
+            rgb = _image_from_array(image)
         try:
             with self._detect_lock:
                 landmarks = find_landmarks(rgb)
@@ -481,6 +450,9 @@ class EmbeddedAvatarEngine(AvatarEngine):
                 "eyes_found": landmarks.eyes_found,
                 "mouth_found": landmarks.mouth_found,
                 "face_box": tuple(float(v) for v in landmarks.face_box),
+                # The picture was transparent and was composited over `background`; the
+                # matte itself is not kept (frames are opaque RGB, see the docs).
+                "composited": has_matte,
             },
         )
         with self._lock:

@@ -16,11 +16,19 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..faces import MIN_FACE_PX, FaceChoiceError, choose_face
+
 # Detection runs on a copy whose longer side is at most this: the cascades are scale
 # invariant and a 12 MP photo would otherwise cost seconds per registration.
 DETECT_MAX_SIDE = 640
-# A face narrower than this (in source pixels) has too little detail to animate.
-MIN_FACE_PX = 48
+# When that finds no face, a second search looks for small faces (only pictures without a
+# face of a portrait's size pay for it): with finer scale steps, down to the cascade's
+# window, on copies at most this large (longer side) and at most this much enlarged
+# (the cascade misses faces near its window size; enlarged, it finds them).
+SMALL_FACE_MAX_SIDES = (1600,)
+SMALL_FACE_MAX_ENLARGE = 2.0
+SMALL_FACE_ENLARGED_MAX_SIDE = 1024  # an enlarged copy stays this small (cost)
+CASCADE_WINDOW_PX = 20  # the frontal-face cascade's window: it finds nothing smaller
 # Eyes and mouth are searched in a copy of the face region scaled to this face width.
 NORMAL_FACE_PX = 144
 
@@ -98,16 +106,31 @@ def load_detectors() -> None:
         _cascade(file_name)
 
 
-def _for_detection(rgb: np.ndarray) -> tuple[np.ndarray, float]:
-    """Equalised grey copy no larger than DETECT_MAX_SIDE, and the factor it was shrunk by."""
+def _for_detection(
+    rgb: np.ndarray, max_side: int = DETECT_MAX_SIDE, enlarge: float = 1.0
+) -> tuple[np.ndarray, float]:
+    """Equalised grey copy no larger than `max_side` (enlarged by at most `enlarge`), and
+    the factor it was scaled by."""
     height, width = rgb.shape[:2]
-    shrink = min(1.0, DETECT_MAX_SIDE / max(height, width))
+    shrink = min(enlarge, max_side / max(height, width))
     small = rgb
-    if shrink < 1.0:
+    if shrink != 1.0:
         size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        interpolation = cv2.INTER_AREA if shrink < 1.0 else cv2.INTER_LINEAR
+        small = cv2.resize(rgb, size, interpolation=interpolation)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     return cv2.equalizeHist(gray), shrink
+
+
+def _detect_faces(gray: np.ndarray, min_face_px: int, fine: bool = False) -> np.ndarray:
+    """(N, 4) float x, y, w, h of the frontal faces in `gray` at least `min_face_px` wide;
+    `fine`: smaller scale steps and fewer neighbours, which small faces need."""
+    scale_factor, neighbours = (1.05, 3) if fine else (1.1, 5)
+    found = _cascade(FACE_CASCADE).detectMultiScale(
+        gray, scaleFactor=scale_factor, minNeighbors=neighbours,
+        minSize=(min_face_px, min_face_px),
+    )
+    return np.asarray(found, dtype=np.float64).reshape(-1, 4)
 
 
 def _largest(boxes: np.ndarray | tuple) -> np.ndarray | None:
@@ -242,7 +265,8 @@ def _lips_by_colour(
 
 
 def find_landmarks(rgb: np.ndarray) -> FaceLandmarks:
-    """Landmarks of the largest frontal face in an RGB uint8 image, or NoFaceError.
+    """Landmarks of the frontal face in an RGB uint8 image, or NoFaceError naming the cause
+    (no face, a face under MIN_FACE_PX, several faces of similar size: `choose_face`).
 
     The face is found on a reduced copy; eyes and mouth are then looked for in a copy of
     the face region from the full-resolution picture scaled to a standard face width, so
@@ -251,20 +275,29 @@ def find_landmarks(rgb: np.ndarray) -> FaceLandmarks:
     gray, shrink = _for_detection(rgb)
     short_side = min(gray.shape)
     # Small windows are most of the cascade's work; a portrait's face is rarely under a
-    # tenth of the picture, and one under MIN_FACE_PX would be refused anyway.
+    # tenth of the picture, so the first search skips smaller ones.
     min_face = max(24, int(0.1 * short_side), int(MIN_FACE_PX * shrink))
-    faces = _cascade(FACE_CASCADE).detectMultiScale(
-        gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face)
-    )
-    face = _largest(faces)
-    if face is None:
-        raise NoFaceError("no frontal face found; use a well-lit, front-facing portrait")
-    face_w = face[2] / shrink
-    if face_w < MIN_FACE_PX:
-        raise NoFaceError(f"the face is {face_w:.0f} px wide; at least {MIN_FACE_PX} px is needed")
+    faces = _detect_faces(gray, min_face) / shrink
+    longest = max(rgb.shape[:2])
+    enlarge = max(1.0, min(SMALL_FACE_MAX_ENLARGE, SMALL_FACE_ENLARGED_MAX_SIDE / longest))
+    for max_side in SMALL_FACE_MAX_SIDES:
+        if len(faces) > 0:
+            break
+        # A small face (a group or full-body photo, a large picture): search again for
+        # every face the cascade can see, so the error can say how small it is.
+        small_gray, small_shrink = _for_detection(rgb, max_side, enlarge)
+        faces = _detect_faces(small_gray, CASCADE_WINDOW_PX, fine=True) / small_shrink
+        shrink = small_shrink
+    try:
+        chosen = choose_face(
+            [float(f[2]) for f in faces], smallest_searched_px=CASCADE_WINDOW_PX / shrink
+        )
+    except FaceChoiceError as error:
+        raise NoFaceError(str(error)) from None
+    face = faces[chosen]
 
     # Face region with room for the chin, at NORMAL_FACE_PX face width.
-    fx, fy, fw, fh = (float(v) / shrink for v in face)
+    fx, fy, fw, fh = (float(v) for v in face)
     height, width = rgb.shape[:2]
     rx0, ry0 = int(max(0, fx - 0.25 * fw)), int(max(0, fy - 0.25 * fh))
     rx1, ry1 = int(min(width, fx + 1.25 * fw)), int(min(height, fy + 1.45 * fh))

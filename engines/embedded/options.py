@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..images import background_option, check_background_option
 from ..options import OptionConflict, option
 from ..speech_options import TextLimitOptions, WhisperDecodeOptions
 
@@ -24,6 +25,10 @@ class EmbeddedAvatarOptions:
         True, "At load, register the default portrait and render 1 s of speech-like audio; "
         "the time goes into report().warmup_s.",
     )
+    background: str = background_option()
+
+    def __post_init__(self) -> None:
+        check_background_option(self)
 
 
 @dataclass(frozen=True, kw_only=True)
