@@ -25,12 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-<<<<<<< HEAD
 from avatard.ipc.procmem import rss_bytes
 
-from .audio import split_sentences, validate_text
-=======
->>>>>>> field-text
 from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
 from .options import as_options
 from .speech_options import CoquiTTSOptions
