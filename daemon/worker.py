@@ -229,16 +229,6 @@ class Worker:
                 lock = self._ring_locks[name] = threading.Lock()
             return lock
 
-    def _forget_ring_locks(self, names: list[str]) -> None:
-        """Drop the locks of session rings no running job writes any more: sessions come
-        and go for as long as the worker lives."""
-        with self._runs_lock:
-            in_use = {name for r in self.runs.values() for name in r.outputs}
-        with self._ring_locks_lock:
-            for name in names:
-                if name not in in_use:
-                    self._ring_locks.pop(name, None)
-
     # ------------------------------------------------------------ loading
 
     def load(self) -> None:
@@ -382,7 +372,14 @@ class Worker:
                     del self.runs[job.job_id]
             names = list(run.outputs)
             run.close_rings()
-            self._forget_ring_locks(names)
+            # Drop the locks of session rings no running job writes any more: sessions
+            # come and go for as long as the worker lives.
+            with self._runs_lock:
+                in_use = {name for r in self.runs.values() for name in r.outputs}
+            with self._ring_locks_lock:
+                for name in names:
+                    if name not in in_use:
+                        self._ring_locks.pop(name, None)
 
     def _input_array(self, run: JobRun, desc: P.SlotDesc) -> np.ndarray:
         ring = run.inputs.get(desc.ring)
@@ -533,6 +530,29 @@ class Worker:
             run.waiting = False
         assert pending.ref is not None
         return pending.ref
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the engines and the control socket (its linger lets the last messages,
+        such as a load failure's reason, leave). With a job thread still inside an engine,
+        leave both to the process exit: closing an engine under a running call could crash
+        it, and terminating the context would wait forever for that thread's socket."""
+        self._stop.set()
+        stuck = [r.job_id for r in list(self.runs.values())
+                 if r.thread is not None and r.thread.is_alive()]
+        if stuck:
+            log.warning("exiting with job threads still in the engine: %s", ", ".join(stuck))
+            self.sock.close(linger=1000)
+            return
+        for engine in self.engines.values():
+            try:
+                engine.close()
+            except Exception:
+                log.exception("closing engine %s", engine)
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a spawned worker process."""

@@ -41,7 +41,16 @@ class ClientError(RuntimeError):
 
 
 class DaemonUnavailable(ClientError):
-    """No daemon answered at the endpoint."""
+    """No daemon answered at the endpoint, or the one that did went away (code
+    `daemon_gone`: its connection closed, so it exited or restarted, and with it every job
+    and session of this client)."""
+
+
+DAEMON_GONE = "daemon_gone"  # DaemonUnavailable.code when the connection dropped mid-call
+# tcp peers send ZMTP heartbeats: a daemon host that vanishes without closing the
+# connection is dropped after HEARTBEAT_TIMEOUT_MS, which the client sees as a disconnect.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
 
 
 class BusyError(ClientError):
@@ -129,6 +138,14 @@ class Client:
                 raise ClientError(f"{client_key} holds no secret key (use the .key_secret file)")
             self._sock.curve_publickey = public
             self._sock.curve_secretkey = secret
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed daemon
+        # says nothing): every wait watches for it instead of running out its timeout.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._sock.connect(self.endpoint)
         self._req_ids = itertools.count(1)
         self._rings: dict[str, SlotRing] = {}
@@ -139,7 +156,7 @@ class Client:
         try:
             welcome = self._hello(name)
         except BaseException:
-            self._sock.close(linger=0)  # no daemon, or it refused us: leave no socket
+            self._close_sockets()  # no daemon, or it refused us: leave no socket
             raise
         self.session = welcome.session
         self.server = welcome.server
@@ -155,13 +172,34 @@ class Client:
         self._sock.send_multipart(P.Codec.encode(msg, *extra), copy=False)
 
     def _recv_one(self, deadline: float, what: str) -> tuple[P.Msg, list[Any]]:
-        remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-        if not wait_readable(self._sock, remaining_ms):
-            raise DaemonUnavailable(
-                f"no {what} from the daemon at {self.endpoint} within {self.timeout_s:.1f} s"
-                " (is `avatard serve` running?)", code=P.E_TIMEOUT)
-        frames = self._sock.recv_multipart(copy=False)
-        return P.SERVER_CODEC.decode([f.buffer for f in frames])
+        """The next message, waiting until `deadline` (monotonic s). Raises
+        DaemonUnavailable: code `timeout` when nothing came, `daemon_gone` as soon as the
+        connection drops (the daemon exited or restarted; what it had of us is gone)."""
+        while True:
+            if wait_readable(self._sock, 0, spin_us=0):
+                frames = self._sock.recv_multipart(copy=False)
+                return P.SERVER_CODEC.decode([f.buffer for f in frames])
+            if self._disconnected():
+                raise DaemonUnavailable(
+                    f"the daemon at {self.endpoint} closed the connection while this client "
+                    f"waited for {what}: it exited or restarted, and its jobs and session "
+                    "are gone", code=DAEMON_GONE)
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise DaemonUnavailable(
+                    f"no {what} from the daemon at {self.endpoint} within "
+                    f"{self.timeout_s:.1f} s (is `avatard serve` running?)", code=P.E_TIMEOUT)
+            self._poller.poll(remaining_ms)
+
+    def _disconnected(self) -> bool:
+        """Whether the monitor reported the connection to the daemon dropped."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        gone = False
+        while self._monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._monitor)
+            gone = gone or event["event"] == zmq.EVENT_DISCONNECTED
+        return gone
 
     def _route(self, msg: P.Msg, extra: list[Any]) -> None:
         """Keep a message for whoever waits for it: a request id or a job id."""
@@ -333,6 +371,14 @@ class Client:
         if self._input_ring is not None:
             self._input_ring.close()
             self._input_ring = None
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def __enter__(self) -> Client:

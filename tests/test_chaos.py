@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from daemon_harness import FAST_RESTART, FAST_TIMEOUTS
+from daemon_harness import AVATARD, FAST_RESTART, FAST_TIMEOUTS
 
 from avatard.bench.chaos import FAULT_KINDS, format_chaos, run_chaos
 from avatard.daemon import PrivateDaemon
 from avatard.engines.fake import expected_frame
 from avatard.ipc import segments
-from avatard.ipc.client import Client, ClientError, DaemonUnavailable, DoneEvent, FrameEvent
+from avatard.ipc.client import (
+    DAEMON_GONE,
+    Client,
+    ClientError,
+    DaemonUnavailable,
+    DoneEvent,
+    FrameEvent,
+)
 
 SIZE = 32
 
@@ -72,9 +80,9 @@ def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
         old.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "two ready workers")
         worker_pids = old.worker_pids()
         assert len(worker_pids) == 2
-        client = Client(old.endpoint, timeout_s=3.0, name="victim")
+        # A timeout far beyond the test's own: only the dropped connection can end the wait.
+        client = Client(old.endpoint, timeout_s=600.0, name="victim")
         frames = 0
-        started = time.monotonic()
         with pytest.raises(DaemonUnavailable) as err:
             for event in client.speak("One two three four. Five six seven eight.", seed=5):
                 if isinstance(event, FrameEvent):
@@ -84,11 +92,10 @@ def test_sigkill_of_the_supervisor_mid_stream(tmp_path: Path) -> None:
                     frames += 1
                     if frames == 10:
                         os.kill(old.proc.pid, signal.SIGKILL)
-                        killed_at = time.monotonic()
-                assert time.monotonic() - started < 60, "the client never gave up"
-        # A clear error naming what it waited for, after about the client's timeout.
-        assert "event of job" in str(err.value) and "within 3.0 s" in str(err.value)
-        assert time.monotonic() - killed_at < 3.0 + 5.0
+        # A clear error naming what it waited for and why it stopped waiting: the daemon's
+        # connection dropped (not a timeout).
+        assert err.value.code == DAEMON_GONE, err.value
+        assert "event of job" in str(err.value) and "exited or restarted" in str(err.value)
         assert old.proc.wait(timeout=10) == -signal.SIGKILL
         # Workers die with their parent (PR_SET_PDEATHSIG).
         deadline = time.monotonic() + 10
@@ -143,4 +150,33 @@ def test_session_of_a_dead_client_is_ended(tmp_path: Path) -> None:
     finally:
         d.stop(signal.SIGKILL if d.proc.poll() is None else signal.SIGTERM, timeout_s=10)
         for name in d.segments():  # a SIGKILLed owner cannot clean up
+            segments.unlink_segment(name)
+
+
+@pytest.mark.timeout(150)
+def test_render_fails_fast_and_leaves_no_file_when_the_daemon_dies(tmp_path: Path) -> None:
+    # `avatard render` waits up to 600 s per event; a SIGKILLed daemon must end it within
+    # the test's own bounded wait, with a clear message and without a partial mp4.
+    daemon = PrivateDaemon(tmp_path, _sections(tmp_path))
+    out = tmp_path / "out.mp4"
+    text = " ".join(f"Sentence {i} of a long answer to render." for i in range(300))
+    render = None
+    try:
+        daemon.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "two ready workers")
+        render = subprocess.Popen([AVATARD, "render", text, "-o", str(out), "--endpoint",
+                                   daemon.endpoint], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        daemon.wait_for(lambda s: s["jobs"]["frames_delivered"] > 20, 60, "frames flowing")
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        _, stderr = render.communicate(timeout=60)
+        assert render.returncode != 0
+        assert "exited or restarted" in stderr, stderr
+        assert not out.exists(), "a partial mp4 was left behind"
+    finally:
+        if render is not None and render.poll() is None:
+            render.kill()
+            render.wait(timeout=10)
+        if daemon.proc.poll() is None:
+            daemon.stop()
+        for name in daemon.segments():  # a SIGKILLed daemon cannot unlink its own
             segments.unlink_segment(name)

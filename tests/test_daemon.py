@@ -423,3 +423,15 @@ def test_local_clients_get_frames_only_from_rings_of_their_own_session(tmp_path)
         rings_a, rings_b = rings_of(a, 1), rings_of(b, 2)
         assert rings_a and rings_b and not rings_a & rings_b
         assert all(name.endswith(("-s.frames", "-s.audio")) for name in rings_a | rings_b)
+
+
+def test_a_worker_that_fails_to_load_exits_cleanly_with_its_status(tmp_path):
+    # The worker reports why, closes its engines and socket, and exits 2 (3 for out of
+    # memory): no traceback of its own shutdown in the log.
+    with run_daemon(tmp_path, workers=1, fake={**FAKE, "load_error": True},
+                    wait_ready=False, restart={"max_load_attempts": 1}) as d:
+        status = d.wait_for(lambda s: s["workers"][0]["state"] == "failed", 60,
+                            "the worker to give up loading")
+        reason = status["workers"][0]["reason"]
+        assert "load failed: RuntimeError" in reason and "exited with status 2" in reason
+    assert "Traceback" not in d.log_text().split("injected load error")[-1]
