@@ -26,6 +26,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import EngineInputError
@@ -87,6 +88,8 @@ def option(
     choices_name: str = "",
     nonempty: bool = False,
     default_doc: str = "",
+    path: str = "",
+    path_words: tuple[str, ...] = (),
 ) -> Any:
     """Declare one option field (use as ``name: int = option(16, "...", ge=1)``).
 
@@ -95,11 +98,13 @@ def option(
     with units. `ge`/`gt`/`le`: bounds of a number, or of each entry of a list;
     `multiple_of`: a step for integers; `choices`: the strings allowed (for a list: for
     each entry), `choices_name` what they are ("engine kinds"); `nonempty`: a string
-    must not be "".
+    must not be "". `path`: "file" or "dir": a string must name one that exists (checked
+    when the config loads, so a typo'd path is a config error, not a worker's load
+    failure), unless it is one of `path_words` (e.g. "random").
     """
     metadata = {"doc": doc, "ge": ge, "gt": gt, "le": le, "multiple_of": multiple_of,
                 "choices": choices, "choices_name": choices_name, "nonempty": nonempty,
-                "default_doc": default_doc}
+                "default_doc": default_doc, "path": path, "path_words": path_words}
     if isinstance(default, list):  # a mutable default: store it as the tuple it parses to
         default = tuple(default)
     return dataclasses.field(default=default, metadata=metadata)
@@ -132,6 +137,8 @@ class OptionSpec:
     choices_name: str = ""
     nonempty: bool = False
     default_doc: str = ""
+    path: str = ""  # "file" | "dir": must exist (unless one of path_words)
+    path_words: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -157,6 +164,10 @@ class OptionSpec:
         if self.value_type is bool:
             return "true or false"
         if self.value_type is str:
+            if self.path:
+                what = "file" if self.path == "file" else "folder"
+                words = "".join(f" or {w!r}" for w in self.path_words)
+                return f"the path of an existing {what}{words}"
             if self.choices is None:
                 return "a non-empty string" if self.nonempty else "a string"
             listed = f"one of {', '.join(self.choices)}"
@@ -219,6 +230,8 @@ class OptionSpec:
         if self.value_type is str:
             if self.nonempty and not value:
                 return "must not be empty"
+            if self.path and value not in self.path_words:
+                return self._path_problem(value)
             if self.choices is not None and value not in self.choices:
                 close = difflib.get_close_matches(value, self.choices, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
@@ -244,6 +257,17 @@ class OptionSpec:
             return f"must be {step}, got {value}"
         return ""
 
+    def _path_problem(self, value: str) -> str:
+        target = Path(value).expanduser()
+        is_right = target.is_file() if self.path == "file" else target.is_dir()
+        if is_right:
+            return ""
+        what = "file" if self.path == "file" else "folder"
+        found = "is not a " + what if target.exists() else "does not exist"
+        close = difflib.get_close_matches(value, self.path_words, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"must be {self.entry_allowed()}; {_show(value)} {found}{hint}"
+
     def _in_bounds(self, number: float) -> bool:
         return not (
             (self.ge is not None and number < self.ge)
@@ -266,7 +290,8 @@ def option_specs(cls: type) -> tuple[OptionSpec, ...]:
             name=f.name, value_type=value_type, is_list=is_list, default=f.default,
             doc=f.metadata.get("doc", ""), choices_name=f.metadata.get("choices_name", ""),
             nonempty=f.metadata.get("nonempty", False),
-            default_doc=f.metadata.get("default_doc", ""), **rules,
+            default_doc=f.metadata.get("default_doc", ""), path=f.metadata.get("path", ""),
+            path_words=f.metadata.get("path_words", ()), **rules,
         ))
     return tuple(specs)
 

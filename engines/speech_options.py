@@ -39,7 +39,7 @@ class CoquiTTSOptions(TextLimitOptions):
 
     model_dir: str = option(
         doc="The model directory: a checkpoint, config.json and the side files the model "
-        "needs.", nonempty=True,
+        "needs.", nonempty=True, path="dir",
     )
     model_file: str | None = option(
         None, "Checkpoint file name inside model_dir, when more than one is present.",
@@ -47,7 +47,7 @@ class CoquiTTSOptions(TextLimitOptions):
     )
     vocoder_dir: str | None = option(
         None, "Directory of a separate vocoder (checkpoint + config.json), for models that "
-        "are not end-to-end.", nonempty=True, default_doc="none",
+        "are not end-to-end.", nonempty=True, default_doc="none", path="dir",
     )
     speaker: str | None = option(
         None, "The default voice; voices() lists the model's speakers (or `default`).",
@@ -97,5 +97,5 @@ class FasterWhisperOptions(WhisperDecodeOptions):
 
     model_dir: str = option(
         doc="CTranslate2 Whisper model directory (model.bin, config.json, tokenizer.json, "
-        "vocabulary.*); never fetched from a hub.", nonempty=True,
+        "vocabulary.*); never fetched from a hub.", nonempty=True, path="dir",
     )

@@ -379,7 +379,10 @@ def test_engine_option_tables_that_fit_are_kept_as_plain_tables():
 
 
 def test_config_with_every_engine_loads_without_torch(tmp_path):
-    path = write_toml(tmp_path, """
+    # Model folders must exist when the config loads (a typo'd path is a config error).
+    for name in ("vits", "whisper"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    path = write_toml(tmp_path, f"""
         [engines]
         avatar = "ditto"
         tts = "coqui"
@@ -390,10 +393,10 @@ def test_config_with_every_engine_loads_without_torch(tmp_path):
         max_batch = 8
 
         [engines.options.coqui]
-        model_dir = "/models/vits"
+        model_dir = "{tmp_path}/models/vits"
 
         [engines.options.faster-whisper]
-        model_dir = "/models/whisper"
+        model_dir = "{tmp_path}/models/whisper"
 
         [engines.options.embedded]
         cache_size = 4

@@ -156,6 +156,9 @@ def test_an_option_type_without_a_toml_form_is_a_class_error():
 
 # Per options class: what a minimal valid table needs, some defaults, an unknown key with the
 # option it resembles, a wrong type, an out-of-range value and an integer option.
+# A folder that exists: path options are checked against the file system.
+EXISTING_DIR = str(Path(__file__).resolve().parent)
+
 CASES: dict[type, dict[str, Any]] = {
     FakeOptions: dict(
         prefix="engines.options.fake", required={},
@@ -200,14 +203,14 @@ CASES: dict[type, dict[str, Any]] = {
         integer="beam_size",
     ),
     CoquiTTSOptions: dict(
-        prefix="engines.options.coqui", required={"model_dir": "/models/vits"},
+        prefix="engines.options.coqui", required={"model_dir": EXISTING_DIR},
         defaults={"model_file": None, "vocoder_dir": None, "speaker": None, "language": None,
                   "seed": 0, "max_text_chars": 5000, "max_sentence_chars": 300},
         typo=("speeker", "speaker"), wrong=("seed", "0", "expected int, got str"),
         out_of_range=("max_text_chars", 0, "must be >= 1, got 0"), integer="seed",
     ),
     FasterWhisperOptions: dict(
-        prefix="engines.options.faster-whisper", required={"model_dir": "/models/whisper"},
+        prefix="engines.options.faster-whisper", required={"model_dir": EXISTING_DIR},
         defaults={"compute_type": None, "cpu_threads": None, "beam_size": 1, "vad": False,
                   "word_timestamps": True, "max_duration_s": 600.0},
         typo=("compute_typ", "compute_type"),

@@ -109,7 +109,9 @@ def test_noise_needs_non_deterministic_mode():
 def test_report(tts: TTSEngine):
     report = tts.report()
     assert report.kind == "tts" and report.name == "embedded" and report.device == "cpu"
-    assert report.memory_bytes > 0 and report.warmup_s > 0
+    # memory_bytes is the RSS growth of the load: a live reading that may be 0 when the
+    # allocator reuses pages freed earlier in the process, so only its sign is checked.
+    assert report.memory_bytes >= 0 and report.warmup_s > 0
 
 
 def test_cuda_request_without_a_cuda_provider_runs_on_cpu():

@@ -23,7 +23,7 @@ class DittoOptions:
     weights: str = option(
         doc='"random" (seeded random weights of the official shapes, for benchmarking; '
         "every report and log line says RANDOM WEIGHTS) or the checkpoint folder holding "
-        "ditto_pytorch/ and ditto_cfg/.", nonempty=True,
+        "ditto_pytorch/ and ditto_cfg/.", nonempty=True, path="dir", path_words=("random",),
     )
     seed: int = option(0, "Seed of the random weights (weights = \"random\" only).")
     dtype: str = option(

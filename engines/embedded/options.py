@@ -37,10 +37,11 @@ class PiperTTSOptions(TextLimitOptions):
 
     model_path: str | None = option(
         None, "Another Piper voice (.onnx) instead of the shipped one.", nonempty=True,
-        default_doc="the shipped voice",
+        default_doc="the shipped voice", path="file",
     )
     config_path: str | None = option(
-        None, "The voice's .onnx.json.", nonempty=True, default_doc="model_path + `.json`"
+        None, "The voice's .onnx.json.", nonempty=True, default_doc="model_path + `.json`",
+        path="file",
     )
     length_scale: float | None = option(
         None, "Above 1 speaks slower, below 1 faster.", gt=0, default_doc="the voice's own (1.0)"
