@@ -25,7 +25,8 @@ def main() -> None:
               help="TOML config file (every key is documented in docs/config.md).")
 @click.option("--workers", type=int, help="Worker processes (overrides daemon.workers).")
 @click.option("--engine", help="Avatar engine name (overrides engines.avatar), e.g. fake, "
-              "embedded, ditto.")
+              "embedded, ditto. `fake` also makes TTS and ASR fake unless --set "
+              "engines.tts / engines.asr names others.")
 @click.option("--endpoint", help="Client endpoint, ipc://PATH or tcp://HOST:PORT "
               "(overrides daemon.endpoint).")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False),

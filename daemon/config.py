@@ -752,10 +752,9 @@ def config_reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if key == "rings.audio_slot_bytes":
-                default_text = f"`{default}` (1 MiB)"
-            else:
-                default_text = _format_default(default)
+            default_text = _format_default(default)
+            if key.endswith("_bytes") and isinstance(default, int) and default >= 1 << 20:
+                default_text += f" ({default / (1 << 20):.3g} MiB)"
             cells = [
                 f"`{key}`",
                 _format_type(types[f.name]),

@@ -1,5 +1,6 @@
-"""Client job requests -> typed job specs (built once when the supervisor accepts them),
-and a job's end -> the reply its client gets.
+"""What the supervisor says and hears on a job's behalf: client requests -> typed job
+specs and jobs (built once, at acceptance), worker output -> client events, and a job's
+end -> the reply its client gets.
 
 One builder per request type, chosen once by the request's type. A builder checks what
 the protocol's types cannot (payload shape and dtype, a known avatar, non-empty text),
@@ -9,6 +10,7 @@ slot's descriptor; every refusal is a `ProtocolError` naming the field and the r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from avatard.ipc import protocol as P
 
 from .avatars import AvatarStore
 from .book import POLICIES, Ended
+from .jobs import Job, new_job_id
 from .sessions import Session, Sessions
 
 Built = tuple[P.AnyJobSpec, P.SlotDesc | None]  # the spec, and the input slot it holds
@@ -80,6 +83,29 @@ BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {
     P.Lipsync: _lipsync,
     P.Transcribe: _transcribe,
 }
+
+
+def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
+              avatars: AvatarStore, default_deadline_s: float, now: float) -> Job:
+    """The job of a request: its typed spec (`build_spec`), a daemon-unique id, the seed
+    (the request's, else a random one kept for reruns), the deadline (the request's
+    `deadline_s`, else `default_deadline_s`, from `now`, monotonic s) and the input slot it
+    holds. Raises `ProtocolError` like `build_spec`."""
+    spec, input_desc = build_spec(msg, extra, session, sessions, avatars)
+    return Job(job_id=new_job_id(), spec=spec, client=session.identity, req_id=msg.req_id,
+               seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
+               deadline=now + (getattr(msg, "deadline_s", 0.0) or default_deadline_s),
+               accepted_at=now, input_slot=input_desc.key if input_desc else None)
+
+
+def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
+    """The client's `frame` / `audio` event for a frame or audio chunk a worker wrote
+    (same index, pts and slot)."""
+    if isinstance(msg, P.WFrame):
+        return P.make(P.Frame, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
+                      data=msg.data)
+    return P.make(P.AudioChunk, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
+                  sample_rate=msg.sample_rate, data=msg.data)
 
 
 def build_spec(msg: P.Msg, extra: list[Any], session: Session, sessions: Sessions,

@@ -34,9 +34,9 @@ from . import devices as dev
 from .avatars import AvatarStore
 from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
-from .jobs import Job, QueueFull, new_job_id
+from .jobs import QueueFull
 from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
-from .requests import build_spec, end_reply
+from .requests import build_job, client_event, end_reply
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions
@@ -90,11 +90,18 @@ class Supervisor:
         self.sessions = Sessions(self.cfg.rings, self.client_port, t.client_call_s,
                                  t.session_idle_s, t.vanished_check_s)
         self.sessions.add_worker_rings(len(placed))
-        self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads,
-                               self._launch, now=time.monotonic())
+        def launch(worker_id: WorkerId, device: dev.DeviceInfo) -> ProcessHandle:
+            frames, audio = self.sessions.worker_rings[worker_id.index]
+            return start_worker(WorkerSpec.from_config(
+                self.cfg, worker_id.index, worker_id.attempt, device.name,
+                self.worker_endpoint, frames.name, audio.name))
+
+        self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads, launch,
+                               now=time.monotonic())
         self.sessions.check_shm_room()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+            # The handler only records; the loop acts (nothing else is safe in a handler).
+            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
         if d.metrics_port:
             from .metrics import start_metrics_server
 
@@ -102,15 +109,6 @@ class Supervisor:
         log.info("serving on %s; %d workers on %s", ", ".join(self.client_port.endpoints),
                  len(placed), ", ".join(sorted({device.name for device in placed})))
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
-
-    def _launch(self, worker_id: WorkerId, device: dev.DeviceInfo) -> ProcessHandle:
-        frames, audio = self.sessions.worker_rings[worker_id.index]
-        return start_worker(WorkerSpec.from_config(
-            self.cfg, worker_id.index, worker_id.attempt, device.name, self.worker_endpoint,
-            frames.name, audio.name))
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signals.append(signum)  # the loop acts; nothing else happens in a handler
 
     def run(self) -> int:
         self.start()
@@ -191,8 +189,8 @@ class Supervisor:
     # ================================================================ routing
 
     def _route(self, items: list[PoolEvent] | list[Outcome] | list[Any], now: float) -> None:
-        """Act on what a component returned: the only place one component's output
-        becomes another's input."""
+        """Act on what a component returned (events, outcomes), then give the pool the
+        book's per-worker job counts and publish the status."""
         for item in items:
             if isinstance(item, WorkerLost):
                 self._route(self.book.worker_lost(item.index, item.reason), now)
@@ -230,8 +228,7 @@ class Supervisor:
                 spec=job.spec, resume_from=job.frames_delivered,
                 audio_resume_from=job.audio_delivered, frame_ring=frame_ring,
                 audio_ring=audio_ring))
-        for index in range(len(self.pool)):
-            self.pool.set_load(index, self.book.load(index), now)
+        self._route([], now)  # the workers' new loads (READY -> BUSY)
 
     def _finish(self, ended: Ended, now: float) -> None:
         """A job's one end: stop it on its worker if it still runs there, give back its
@@ -299,14 +296,8 @@ class Supervisor:
             job = self.book.delivered(index, msg, now)
             if job is None:
                 self.sessions.release_output(*msg.data.key)
-            elif isinstance(msg, P.WFrame):
-                self.sessions.forward(job.client, P.make(
-                    P.Frame, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
-                    data=msg.data), now)
             else:
-                self.sessions.forward(job.client, P.make(
-                    P.AudioChunk, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
-                    sample_rate=msg.sample_rate, data=msg.data), now)
+                self.sessions.forward(job.client, client_event(job, msg), now)
         elif isinstance(msg, P.WTranscript):
             job = self.book.live(index, msg.job_id)
             if job is not None:
@@ -364,12 +355,8 @@ class Supervisor:
 
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""
-        spec, input_desc = build_spec(msg, extra, session, self.sessions, self.avatars)
-        job = Job(job_id=new_job_id(), spec=spec, client=session.identity, req_id=msg.req_id,
-                  seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
-                  deadline=now + (getattr(msg, "deadline_s", 0.0)
-                                  or self.cfg.daemon.job_deadline_s),
-                  accepted_at=now, input_slot=input_desc.key if input_desc else None)
+        job = build_job(msg, extra, session, self.sessions, self.avatars,
+                        self.cfg.daemon.job_deadline_s, now)
         try:
             position = self.book.accept(job)
         except QueueFull as exc:
