@@ -10,6 +10,7 @@ tmpfs (Docker's default 64 MiB); they need root and `unshare`, and skip otherwis
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avatard.daemon.config import RingsConfig
@@ -175,3 +177,32 @@ def test_daemon_refuses_to_start_when_its_own_rings_do_not_fit(tmp_path):
     assert "/dev/shm has no room" in found["log_tail"], found["log_tail"]
     assert "Traceback" not in found["log_tail"], found["log_tail"]
     assert found["left"] == [], found["left"]
+
+
+# ---------------------------------------------------------------- small audio slots
+
+
+@pytest.mark.timeout(120)
+def test_a_sentence_longer_than_an_audio_slot_arrives_as_several_chunks(tmp_path):
+    from daemon_harness import run_daemon
+
+    from avatard.engines.registry import load_engine
+
+    text = "One two three four five six seven eight. Nine ten."
+    expected = [np.asarray(s, np.float32) for s in load_engine("tts", "fake").stream(text)]
+    slot_bytes = 4096  # 1024 samples per chunk; each fake sentence is several thousand
+    with run_daemon(tmp_path, sections={"rings": {"audio_slot_bytes": slot_bytes}}) as d:
+        with d.client(name="audio") as client:
+            audio, done = [], None
+            for event in client.speak(text, seed=1):  # a slot is valid until the next event
+                if type(event).__name__ == "AudioEvent":
+                    audio.append(dataclasses.replace(event, pcm=event.pcm.copy()))
+                done = event
+    assert [e.index for e in audio] == list(range(len(audio)))
+    assert len(audio) > len(expected) and all(e.pcm.size <= 1024 for e in audio)
+    joined = np.concatenate([e.pcm for e in audio])
+    np.testing.assert_array_equal(joined, np.concatenate(expected))
+    assert done.audio_samples == joined.size
+    starts = np.cumsum([0] + [e.pcm.size for e in audio[:-1]])
+    assert [e.pts_us for e in audio] == [int(s) * 1_000_000 // audio[0].sample_rate
+                                         for s in starts]
