@@ -97,9 +97,10 @@ class Supervisor:
                                self._launch, now=time.monotonic())
         shm = self.sessions.shm_bytes()
         size, free = segments.shm_space()
-        log.info("rings reserve %.1f MiB of %s (%.1f MiB of %.1f MiB left); each local "
-                 "session takes %.1f MiB more per concurrent job", shm["daemon_rings_bytes"]
-                 / MIB, segments.SHM_DIR, free / MIB, size / MIB, shm["per_session_bytes"] / MIB)
+        log.info("rings reserve %.1f MiB of %s (%.1f of %.1f MiB left); a local session "
+                 "running one job takes %.1f MiB more (docs/config.md, Shared memory)",
+                 shm["daemon_rings_bytes"] / MIB, segments.SHM_DIR, free / MIB, size / MIB,
+                 shm["per_session_bytes"] / MIB)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if d.metrics_port:
