@@ -48,7 +48,7 @@ import zmq
 
 from avatard.ipc import protocol as P
 from avatard.ipc.procmem import rss_bytes
-from avatard.ipc.ring import SlotRef, SlotRing
+from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing
 from avatard.ipc.segments import Segment
 
 from .config import Config
@@ -110,6 +110,16 @@ class JobCancelled(Exception):
 
 class ShutdownRequested(Exception):
     pass
+
+
+class SlotTooSmall(Exception):
+    """An output does not fit a slot of its ring: a config limit, not an engine fault (a
+    rerun cannot fix it), so the job fails `too_large` naming the key to raise."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +396,9 @@ class Worker:
         except EngineInputError as exc:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_BAD_INPUT,
                       message=str(exc)[:4000], field=exc.field[:256], rule=exc.rule[:4000])
+        except SlotTooSmall as exc:
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_TOO_LARGE,
+                      message=str(exc)[:4000], field=exc.field, rule=exc.rule[:4000])
         except ShutdownRequested:
             raise
         except Exception as exc:  # an engine fault: the supervisor decides on a retry
@@ -512,7 +525,13 @@ class Worker:
                 run.progress = next_frame
                 if index < job.resume_from:
                     continue  # delivered by an earlier attempt
-                ref = self._write(frame_ring, frame, run)
+                try:
+                    ref = self._write(frame_ring, frame, run)
+                except DescriptorError as exc:
+                    # Ditto renders at the portrait's own size (up to 1920 px a side).
+                    raise SlotTooSmall("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
+                                       f"at least {np.asarray(frame).nbytes} (H x W x 3 of the "
+                                       "largest frame; docs/config.md)") from None
                 self.send(P.WFrame, job_id=job.job_id, index=index,
                           pts_us=index * 1_000_000 // fps, data=P.SlotDesc.from_ref(ref))
                 self._check_control(run)

@@ -206,3 +206,20 @@ def test_a_sentence_longer_than_an_audio_slot_arrives_as_several_chunks(tmp_path
     starts = np.cumsum([0] + [e.pcm.size for e in audio[:-1]])
     assert [e.pts_us for e in audio] == [int(s) * 1_000_000 // audio[0].sample_rate
                                          for s in starts]
+
+
+@pytest.mark.timeout(120)
+def test_a_frame_larger_than_a_slot_fails_too_large_naming_the_key(tmp_path):
+    from daemon_harness import run_daemon
+
+    from avatard.ipc.client import JobFailedError
+
+    # 640 x 480 frames (Ditto renders at a portrait's own size) in the default 512 x 512
+    # slots: a config limit, refused once with the key to raise, not retried as a fault.
+    with run_daemon(tmp_path, fake={"width": 640, "height": 480}) as d:
+        with d.client(name="big") as client:
+            with pytest.raises(JobFailedError) as caught:
+                list(client.speak("Hello.", seed=1))
+    assert caught.value.code == "too_large"
+    assert "rings.frame_slot_bytes" in str(caught.value) and "921600" in str(caught.value)
+    assert "after 1 attempt" in str(caught.value)
