@@ -146,9 +146,10 @@ def engine_sections(engine: str, workers: int, batch: int | str, weights: str | 
     """Config of a private daemon for one (workers, batch) pair. TTS and ASR are the fake
     engines: lipsync jobs never use them, and loading real ones would only add load time
     and memory that do not belong to the avatar engine being measured. The audio slots
-    are made large enough for the longest job: a job's audio must fit one slot
-    (`rings.audio_slot_bytes`, 1 MiB by default: 16.4 s at 16 kHz). `settings` are
-    dotted config keys (``timeouts.load_s``, ``rings.frame_slot_bytes``) applied last."""
+    are made large enough for the longest job: a job's audio must fit one slot of the
+    session's input ring (`rings.input_slot_bytes`, 1 MiB by default: 16.4 s at 16 kHz).
+    `settings` are dotted config keys (``timeouts.load_s``, ``rings.frame_slot_bytes``)
+    applied last."""
     engine_options = dict(options)
     if weights is not None and engine in WEIGHTS_ENGINES:
         engine_options["weights"] = weights
@@ -160,7 +161,7 @@ def engine_sections(engine: str, workers: int, batch: int | str, weights: str | 
         "engines": {"avatar": engine, "tts": "fake", "asr": "fake"},
     }
     if audio_max_bytes > MIB:
-        sections["rings"] = {"audio_slot_bytes": -(-audio_max_bytes // MIB) * MIB}
+        sections["rings"] = {"input_slot_bytes": -(-audio_max_bytes // MIB) * MIB}
     for dotted, value in (settings or {}).items():
         section, _, name = dotted.rpartition(".")
         if not section:
@@ -513,12 +514,13 @@ def run_sweep(engine: str | None, out: Path, *, weights: str | None = None,
         with Client(endpoint, timeout_s=10, name="sweep-status") as c:
             status = c.stats()
             # The Client keeps the welcome's input ring, whose slot size is the daemon's
-            # rings.audio_slot_bytes; a remote (inline) client is held to the same limit.
+            # rings.input_slot_bytes (larger audio would travel inline, a copy the sweep
+            # does not want to measure).
             slot = c._input_ring.slot_bytes if c._input_ring is not None else MIB
         if audio_max > slot:
             raise ValueError(f"--seconds {max(seconds):g} at {sample_rate} Hz is {audio_max} "
                              f"bytes of audio; the daemon at {endpoint} takes at most {slot} "
-                             "per job (rings.audio_slot_bytes): raise it there")
+                             "per job (rings.input_slot_bytes): raise it there")
         running = len(status["workers"])
         names = {e["name"] for w in status["workers"] for e in w["engines"]
                  if e["kind"] == "avatar"}

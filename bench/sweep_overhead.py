@@ -100,9 +100,13 @@ def run_overhead(frame_ms: float = 40.0, seconds: float = 10.0, size: int = 512,
         "daemon": {"workers": 1, "min_ready": 1, "devices": "cpu"},
         "engines": {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": options}
+    rings: dict[str, int] = {}
     if audio_bytes(seconds, SAMPLE_RATE) > MIB:  # a job's audio must fit one input slot
-        sections["rings"] = {"audio_slot_bytes": -(-audio_bytes(seconds, SAMPLE_RATE) // MIB)
-                             * MIB}
+        rings["input_slot_bytes"] = -(-audio_bytes(seconds, SAMPLE_RATE) // MIB) * MIB
+    if size * size * 3 > 512 * 512 * 3:  # a frame must fit one slot (default: 512 x 512)
+        rings["frame_slot_bytes"] = size * size * 3
+    if rings:
+        sections["rings"] = rings
     with tempfile.TemporaryDirectory(prefix="avatard-overhead-") as tmp:
         d = PrivateDaemon(Path(tmp), sections)
         try:

@@ -5,11 +5,19 @@ The supervisor mints the one id of a portrait here (the SHA-256 of the image fil
 engine state. Workers read the file's bytes from the segment when they first need the
 avatar, so a portrait crosses no socket after its upload. An avatar stays `pending` until a
 worker has registered it successfully; a failed registration forgets it.
+
+Bounds: at most `max_count` portraits and `max_bytes` of image files. A new portrait makes
+room by letting the least recently used ones go (used: registered, or named by an accepted
+job), never one that a live job names (`pin`/`unpin`, counted, from the coordinator):
+that job's worker may still have to read its segment. When /dev/shm itself is full, more
+unpinned portraits go before the store gives up with `ShmFullError`. A let-go id is
+remembered (a bounded list) so that a request naming it is told why it is not found.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from hashlib import sha256
 
@@ -20,7 +28,13 @@ from avatard.ipc import segments
 
 log = logging.getLogger("avatard.supervisor")
 
-MAX_AVATARS = 64  # pending ones beyond this are forgotten oldest first
+MAX_AVATARS = 64
+MAX_BYTES = 16 << 20
+EVICTED_REMEMBERED = 4096  # let-go ids kept to explain a not_found
+
+
+class AvatarTooLarge(ValueError):
+    """One image file larger than the whole store may hold (`avatars.max_bytes`)."""
 
 
 @dataclass
@@ -28,14 +42,19 @@ class Avatar:
     ref: P.AvatarRef
     segment: segments.Segment
     validated: bool = False
+    pins: int = 0  # live jobs naming it
 
 
 class AvatarStore:
-    """Portraits by id, in insertion order."""
+    """Portraits by id, least recently used first."""
 
-    def __init__(self, max_avatars: int = MAX_AVATARS):
+    def __init__(self, max_avatars: int = MAX_AVATARS, max_bytes: int = MAX_BYTES):
         self.max_avatars = max_avatars
-        self._avatars: dict[str, Avatar] = {}
+        self.max_bytes = max_bytes
+        self._avatars: OrderedDict[str, Avatar] = OrderedDict()
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+        self.bytes = 0  # image bytes held, all portraits together
+        self.evictions = 0  # portraits let go to make room, since start
 
     def __contains__(self, avatar_id: str) -> bool:
         return avatar_id in self._avatars
@@ -45,30 +64,81 @@ class AvatarStore:
 
     def store(self, data: np.ndarray | bytes) -> P.AvatarRef:
         """Keep an image file's bytes (1-D uint8) under their content hash; storing the
-        same bytes again returns the same reference. Raises `SegmentError` when /dev/shm
-        cannot hold them."""
+        same bytes again returns the same reference. Raises `AvatarTooLarge` for a file
+        over `max_bytes`, `ShmFullError` when /dev/shm cannot hold it even after every
+        unpinned portrait went."""
         raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
         avatar_id = sha256(raw).hexdigest()[:32]
         avatar = self._avatars.get(avatar_id)
         if avatar is not None:
+            self._avatars.move_to_end(avatar_id)
             return avatar.ref
-        if len(self._avatars) >= self.max_avatars:
-            oldest = next((a for a, v in self._avatars.items() if not v.validated), None)
-            if oldest is not None:
-                self.forget(oldest)
-        segment = segments.Segment.create("avatar", max(1, len(raw)))
+        size = max(1, len(raw))
+        if size > self.max_bytes:
+            raise AvatarTooLarge(f"{len(raw)} bytes; the daemon keeps at most {self.max_bytes} "
+                                 "bytes of portraits (avatars.max_bytes)")
+        while len(self._avatars) >= self.max_avatars or self.bytes + size > self.max_bytes:
+            if not self._evict_one():
+                break  # every portrait is pinned: go over the bound rather than refuse
+        while True:
+            try:
+                segment = segments.Segment.create("avatar", size)
+                break
+            except segments.ShmFullError:
+                if not self._evict_one():
+                    raise
         segment.buffer[: len(raw)] = raw
         ref = P.AvatarRef(avatar_id=avatar_id, segment=segment.name, nbytes=len(raw))
         self._avatars[avatar_id] = Avatar(ref, segment)
+        self._evicted.pop(avatar_id, None)
+        self.bytes += segment.size
         return ref
 
+    def _evict_one(self) -> bool:
+        """Let the least recently used unpinned portrait go; False when none can."""
+        victim = next((a for a, v in self._avatars.items() if not v.pins), None)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.evictions += 1
+        self._evicted[victim] = None
+        while len(self._evicted) > EVICTED_REMEMBERED:
+            self._evicted.popitem(last=False)
+        log.info("avatar %s let go (least recently used; %d kept, %d bytes)", victim,
+                 len(self._avatars), self.bytes)
+        return True
+
+    def _drop(self, avatar_id: str) -> None:
+        avatar = self._avatars.pop(avatar_id)
+        self.bytes -= avatar.segment.size
+        avatar.segment.close()
+
     def ref(self, avatar_id: str) -> P.AvatarRef | None:
-        """The reference of a stored avatar; None when unknown ("" is never stored)."""
+        """The reference of a stored avatar, now its most recently used; None when unknown
+        ("" is never stored)."""
         avatar = self._avatars.get(avatar_id)
-        return avatar.ref if avatar is not None else None
+        if avatar is None:
+            return None
+        self._avatars.move_to_end(avatar_id)
+        return avatar.ref
+
+    def was_evicted(self, avatar_id: str) -> bool:
+        """It was stored, then let go to make room (so a not_found can say so)."""
+        return avatar_id in self._evicted
+
+    def pin(self, avatar_id: str) -> None:
+        """A live job names it: keep it until `unpin`."""
+        avatar = self._avatars.get(avatar_id)
+        if avatar is not None:
+            avatar.pins += 1
+
+    def unpin(self, avatar_id: str) -> None:
+        avatar = self._avatars.get(avatar_id)
+        if avatar is not None and avatar.pins:
+            avatar.pins -= 1
 
     def validated(self, avatar_id: str) -> None:
-        """A worker registered it: keep it for good."""
+        """A worker registered it."""
         avatar = self._avatars.get(avatar_id)
         if avatar is not None:
             avatar.validated = True
@@ -77,11 +147,17 @@ class AvatarStore:
         """Drop an avatar no worker accepted (a failed registration); validated ones stay,
         since jobs may name them."""
         avatar = self._avatars.get(avatar_id)
-        if avatar is not None and not avatar.validated:
-            del self._avatars[avatar_id]
-            avatar.segment.close()
+        if avatar is not None and not avatar.validated and not avatar.pins:
+            self._drop(avatar_id)
+
+    def stats(self) -> dict[str, int]:
+        """The status body's `avatars` map."""
+        return {"count": len(self._avatars), "bytes": self.bytes,
+                "max_count": self.max_avatars, "max_bytes": self.max_bytes,
+                "evictions": self.evictions}
 
     def close_all(self) -> None:
         for avatar in self._avatars.values():
             avatar.segment.close()
         self._avatars.clear()
+        self.bytes = 0

@@ -275,6 +275,20 @@ class JobBook:
                                     self._placed_job(job.worker, job.job_id) is job) else None
         return self._end(job, JobState.FAILED, Ended(job, code, message, cancel_on=running_on))
 
+    def unplace(self, job: Job, code: str, message: str) -> Ended:
+        """End a job just placed whose RunJob could not be sent (its session's rings could
+        not be made): its place is free at once, no worker knows of it."""
+        if job.worker is not None:
+            self.placed.get(job.worker, {}).pop(job.job_id, None)
+        job.worker = None
+        return self._end(job, JobState.FAILED, Ended(job, code, message))
+
+    def places_of(self, client: bytes) -> set[tuple[int, int]]:
+        """(worker, lane) of every place this client's jobs hold, including jobs cancelled
+        here whose worker has not acknowledged yet (it may still write their rings)."""
+        return {(index, job.lane) for index, jobs in self.placed.items()
+                for job in jobs.values() if job.client == client}
+
     def _end(self, job: Job, state: JobState, ended: Ended) -> Ended:
         job.state = state
         self.jobs.pop(job.job_id, None)

@@ -84,10 +84,13 @@ def serve(config_path: str | None, workers: int | None, engine: str | None,
     logging.basicConfig(level=cfg.daemon.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from avatard.daemon.supervisor import Supervisor
+    from avatard.ipc.segments import SegmentError
 
     try:
         code = Supervisor(cfg).run()
-    except RuntimeError as exc:
+    except (RuntimeError, SegmentError) as exc:
+        # SegmentError: /dev/shm cannot hold the daemon's own rings (ShmFullError says
+        # how big it is, what is free, what the rings need and which keys size them).
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
 

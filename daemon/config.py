@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DaemonConfig",
     "EnginesConfig",
+    "AvatarsConfig",
     "RestartConfig",
     "RingsConfig",
     "TimeoutsConfig",
@@ -228,26 +229,82 @@ class RestartConfig:
 
 @dataclass(frozen=True, slots=True)
 class RingsConfig:
-    """`[rings]`: the shared-memory rings that carry audio in and frames out."""
+    """`[rings]`: the shared-memory rings that carry client input in and frames and audio
+    out. Every page of a ring is reserved in /dev/shm when the ring is made (see "Shared
+    memory" below for what a daemon and each session take)."""
 
     frame_slots: int = _key(
-        32, "Frames a worker's frame ring holds; at least 2 so writer and reader overlap.", ge=2
+        8,
+        "Frames one frame ring holds (a worker's, and each local session's per worker and "
+        "lane); at least 2 so writer and reader overlap.",
+        ge=2,
     )
     frame_slot_bytes: int = _key(
-        1920 * 1080 * 3,
-        "Bytes of one frame slot: the largest frame (H x W x 3) a worker may send. Only the "
-        "bytes a frame uses are ever touched, so a large value costs address space, not RAM.",
+        512 * 512 * 3,
+        "Bytes of one frame slot: the largest frame (H x W x 3) a worker may send. The "
+        "default fits 512 x 512 (the embedded engine, the fake one, Ditto with the default "
+        "portrait); Ditto renders at a registered portrait's own size, up to 1920 px a "
+        "side, so raise it for those (1920 x 1080: 6220800) and /dev/shm with it; a larger "
+        "frame fails its job `too_large` naming this key.",
         ge=1024,
     )
     audio_slots: int = _key(
-        16, "Chunks a job's audio ring holds; at least 2 so writer and reader overlap.", ge=2
+        4, "Audio chunks one output audio ring holds; at least 2 so writer and reader overlap.",
+        ge=2,
     )
     audio_slot_bytes: int = _key(
-        32 * MIB,
-        "Bytes of one audio slot (float32 samples, so a multiple of 4): the longest audio "
-        "a client may send (32 MiB: 8.7 min at 16 kHz, 2.9 min at 48 kHz) and the largest "
-        "image it may register. Only the bytes used are touched.",
+        256 * 1024,
+        "Bytes of one output audio slot (float32 samples, so a multiple of 4): the speech "
+        "sent with frames; a longer sentence goes out as several chunks (256 KiB: 3 s at "
+        "22.05 kHz).",
         ge=1024,
+    )
+    input_slots: int = _key(
+        4,
+        "Inputs (audio, image files) one local session's input ring holds: its jobs that "
+        "may hold input at once.",
+        ge=1,
+    )
+    input_slot_bytes: int = _key(
+        1 * MIB,
+        "Bytes of one slot of a local session's input ring (a multiple of 4): larger inputs "
+        "travel inline through the socket into the daemon's inline ring (1 MiB: 16.4 s of "
+        "16 kHz audio).",
+        ge=1024,
+    )
+    inline_slots: int = _key(
+        2,
+        "Inputs the daemon's one inline input ring holds (remote clients' inputs, and local "
+        "ones too large for their session's slots): inline jobs that may hold input at once.",
+        ge=1,
+    )
+    inline_slot_bytes: int = _key(
+        8 * MIB,
+        "Bytes of one inline input slot (a multiple of 4): the largest input any client may "
+        "send: an image file, or audio (8 MiB: 131 s at 16 kHz, 43 s at 48 kHz).",
+        ge=1024,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AvatarsConfig:
+    """`[avatars]`: how many registered portraits are kept, by the daemon and by workers.
+    Past a bound the least recently used one goes (its /dev/shm segment is unlinked); a
+    job that names it gets `not_found` and the client registers it again."""
+
+    max_count: int = _key(
+        64, "Portraits the daemon keeps (each in a /dev/shm segment of the file's size).", ge=1
+    )
+    max_bytes: int = _key(
+        16 * MIB,
+        "Bytes of image files the daemon keeps in /dev/shm at most, all portraits together.",
+        ge=1024,
+    )
+    worker_cache_size: int = _key(
+        8,
+        "Portraits whose engine state each worker keeps (a few MiB each for real engines); "
+        "the engines' own `cache_size` options bound their caches the same way.",
+        ge=1,
     )
 
 
@@ -277,6 +334,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     restart: RestartConfig = field(default_factory=RestartConfig)
     rings: RingsConfig = field(default_factory=RingsConfig)
+    avatars: AvatarsConfig = field(default_factory=AvatarsConfig)
     engines: EnginesConfig = field(default_factory=EnginesConfig)
 
     def as_dict(self) -> dict[str, Any]:
@@ -290,6 +348,7 @@ SECTIONS: dict[str, type] = {
     "timeouts": TimeoutsConfig,
     "restart": RestartConfig,
     "rings": RingsConfig,
+    "avatars": AvatarsConfig,
     "engines": EnginesConfig,
 }
 # Keys whose value is a table checked by other rules (engine options: by the registry).
@@ -485,11 +544,12 @@ def _check_section_rules(section: str, values: Any) -> None:
         if not values.metrics_host:
             raise ConfigError("daemon.metrics_host", "must not be empty")
     elif section == "rings":
-        if values.audio_slot_bytes % 4:
-            raise ConfigError(
-                "rings.audio_slot_bytes",
-                f"must be a multiple of 4 (float32 samples), got {values.audio_slot_bytes}",
-            )
+        for name in ("audio_slot_bytes", "input_slot_bytes", "inline_slot_bytes"):
+            if getattr(values, name) % 4:
+                raise ConfigError(
+                    f"rings.{name}",
+                    f"must be a multiple of 4 (float32 samples), got {getattr(values, name)}",
+                )
     elif section == "engines":
         for kind in ("avatar", "tts", "asr"):
             name = getattr(values, kind)
@@ -737,6 +797,15 @@ def _format_rule(rules: Any) -> str:
     return "; ".join(parts) or "-"
 
 
+def _binary_size(nbytes: int) -> str:
+    """1048576 -> "1 MiB", 786432 -> "768 KiB": for the docs' default column."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            value = nbytes / size
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def config_reference_markdown() -> str:
     """The key reference of docs/config.md, rendered from the dataclasses above."""
     lines: list[str] = []
@@ -744,7 +813,7 @@ def config_reference_markdown() -> str:
         types = _field_types(cls)
         lines.append(f"### `[{section}]`")
         lines.append("")
-        summary = (cls.__doc__ or "").strip().split(": ", 1)[-1]
+        summary = " ".join((cls.__doc__ or "").split()).split(": ", 1)[-1]
         lines.append(summary[:1].upper() + summary[1:])
         lines.append("")
         lines.append("| Key | Type | Default | Range | Meaning |")
@@ -753,8 +822,8 @@ def config_reference_markdown() -> str:
             key = f"{section}.{f.name}"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             default_text = _format_default(default)
-            if key.endswith("_bytes") and isinstance(default, int) and default >= 1 << 20:
-                default_text += f" ({default / (1 << 20):.3g} MiB)"
+            if key.endswith("_bytes") and isinstance(default, int) and default >= 1024:
+                default_text += f" ({_binary_size(default)})"
             cells = [
                 f"`{key}`",
                 _format_type(types[f.name]),

@@ -53,10 +53,44 @@ class _Collector:
         yield jobs
         yield CounterMetricFamily("avatard_frames_delivered", "Frames delivered to clients",
                                   value=status["jobs"]["frames_delivered"])
+        yield from _cache_metrics(status)
         if status["rtf_recent_median"] is not None:
             yield GaugeMetricFamily("avatard_rtf_recent_median",
                                     "Median real-time factor of recent jobs",
                                     value=status["rtf_recent_median"])
+
+
+def _cache_metrics(status: dict[str, Any]):
+    """The bounded caches and /dev/shm: avatar store, worker and engine avatar caches."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    avatars, shm = status["avatars"], status["shm"]
+    yield GaugeMetricFamily("avatard_avatars", "Portraits the daemon keeps",
+                            value=avatars["count"])
+    yield GaugeMetricFamily("avatard_avatar_bytes", "Bytes of portraits the daemon keeps",
+                            value=avatars["bytes"])
+    yield CounterMetricFamily("avatard_avatar_evictions", "Portraits let go to make room",
+                              value=avatars["evictions"])
+    cached = GaugeMetricFamily("avatard_worker_avatars_cached",
+                               "Avatar states a worker keeps", labels=["worker", "cache"])
+    evicted = CounterMetricFamily("avatard_worker_avatar_evictions",
+                                  "Avatar states a worker let go", labels=["worker"])
+    for w in status["workers"]:
+        cache = w["avatar_cache"]
+        cached.add_metric([str(w["id"]), "worker"], cache["cached"])
+        cached.add_metric([str(w["id"]), "engine"], cache["engine_cached"])
+        evicted.add_metric([str(w["id"])], cache["evictions"])
+    yield cached
+    yield evicted
+    yield GaugeMetricFamily("avatard_shm_segments", "Shared-memory segments of the daemon",
+                            value=shm["segments"])
+    yield GaugeMetricFamily("avatard_shm_free_bytes", "Free bytes of /dev/shm",
+                            value=shm["free_bytes"])
+    rings = GaugeMetricFamily("avatard_shm_ring_bytes", "Bytes the rings reserve",
+                              labels=["owner"])
+    rings.add_metric(["daemon"], shm["daemon_rings_bytes"])
+    rings.add_metric(["sessions"], shm["session_rings_bytes"])
+    yield rings
 
 
 def start_metrics_server(supervisor: Any, host: str, port: int) -> None:

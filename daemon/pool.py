@@ -147,6 +147,8 @@ class WorkerSlot:
     capacity: int = 1  # jobs it runs at once (from READY)
     jobs: int = 0  # jobs placed on it (the job book's count)
     rss_bytes: int = 0
+    # Its avatar caches, from heartbeats: {"cached", "evictions", "engine_cached"}.
+    avatar_cache: dict[str, int] = field(default_factory=dict)
     memory_bytes: int = 0
     load_s: float = 0.0
     warmup_s: float = 0.0
@@ -296,6 +298,8 @@ class WorkerPool:
         w.last_heartbeat = now
         if isinstance(msg, P.WHeartbeat):
             w.rss_bytes = msg.rss_bytes
+            w.avatar_cache = {"cached": msg.avatars_cached, "evictions": msg.avatar_evictions,
+                              "engine_cached": msg.engine_avatars_cached}
         elif isinstance(msg, P.WHello):
             if w.state is WState.STARTING:
                 w.pid = msg.pid

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from avatard.ipc import protocol as P
+from avatard.ipc.segments import ShmFullError
 
-from .avatars import AvatarStore
+from .avatars import AvatarStore, AvatarTooLarge
 from .book import POLICIES, Ended
 from .jobs import Job, new_job_id
 from .sessions import Session, Sessions
@@ -29,8 +30,11 @@ def _avatar(avatars: AvatarStore, avatar_id: str, req_id: int) -> P.AvatarRef | 
         return None  # the engine's default portrait
     ref = avatars.ref(avatar_id)
     if ref is None:
+        why = (" any more: it was let go to make room for newer portraits (avatars.max_count"
+               f"={avatars.max_avatars}, avatars.max_bytes={avatars.max_bytes}); register "
+               "it again" if avatars.was_evicted(avatar_id) else "")
         raise P.ProtocolError(P.E_NOT_FOUND, "avatar_id",
-                              f"avatar {avatar_id!r} is not registered", req_id)
+                              f"avatar {avatar_id!r} is not registered{why}", req_id)
     return ref
 
 
@@ -48,6 +52,10 @@ def _register(msg: P.RegisterAvatar, extra: list[Any], session: Session, session
     desc = sessions.take_input(session, msg.image, extra, "image", msg.req_id)
     try:
         ref = avatars.store(sessions.read_input(desc))
+    except AvatarTooLarge as exc:
+        raise P.ProtocolError(P.E_TOO_LARGE, "image", str(exc), msg.req_id) from None
+    except ShmFullError as exc:
+        raise P.ProtocolError(P.E_NO_SPACE, "image", str(exc), msg.req_id) from None
     finally:
         sessions.release_input(desc.key)  # the store keeps its own copy
     return P.RegisterSpec(avatar=ref), None

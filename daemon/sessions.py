@@ -8,6 +8,13 @@ of its concurrent jobs never share a ring it must drain. It knows nothing of job
 workers' states: the coordinator says which session a frame is for, and asks which
 sessions went quiet.
 
+Every ring reserves its pages in /dev/shm when it is made: one that does not fit raises
+`ShmFullError` from `hello` (the session's input ring) or `output_names` (a job's ring
+pair), and the coordinator answers the client `no_space`. A session keeps the ring pair
+of each (worker, lane) only while a job of its runs there, plus the one in use: a pair
+whose place is free again is unlinked when the session needs a new one, so a long-lived
+session that ran on many workers holds no more than its concurrent jobs need.
+
 Delivery: a local session gets a descriptor and owns the slot until it sends RELEASE (or
 `client_call_s` passes: the slot is taken back and the coordinator stops that client's
 jobs); a remote (inline) session gets the bytes sent zero-copy from the slot, which goes
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,8 +35,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
-from avatard.ipc import segments
-from avatard.ipc.ring import WRITING, DescriptorError, SlotRing, StaleSlotError
+from avatard.ipc.ring import WRITING, DescriptorError, SlotRing, StaleSlotError, ring_bytes
 from avatard.ipc.segments import process_start_ticks
 
 from .config import RingsConfig
@@ -75,8 +82,8 @@ class Sessions:
         self.vanished_check_s = vanished_check_s
         self._next_vanished_check = 0.0
         self.sessions: dict[bytes, Session] = {}
-        self.inline_input = SlotRing.create("inline.in", rings.audio_slots,
-                                            rings.audio_slot_bytes)
+        self.inline_input = SlotRing.create("inline.in", rings.inline_slots,
+                                            rings.inline_slot_bytes)
         self.worker_rings: list[tuple[SlotRing, SlotRing]] = []
         self.output_rings: dict[str, SlotRing] = {}  # name -> every ring workers write
         self.inline_sends: deque[tuple[zmq.MessageTracker, SlotRing, int, int]] = deque()
@@ -84,26 +91,40 @@ class Sessions:
 
     def add_worker_rings(self, count: int) -> None:
         """The frame and audio ring of each worker slot (index order)."""
-        r = self.rings_cfg
         for i in range(count):
-            pair = (SlotRing.create(f"w{i}.frames", r.frame_slots, r.frame_slot_bytes),
-                    SlotRing.create(f"w{i}.audio", r.audio_slots, r.audio_slot_bytes))
+            pair = self._ring_pair(f"w{i}")
             self.worker_rings.append(pair)
             for ring in pair:
                 self.output_rings[ring.name] = ring
 
-    def check_shm_room(self) -> None:
-        """Rings are sparse files: pages are taken from /dev/shm only when written, and a
-        write the tmpfs cannot hold kills the writer with SIGBUS. Warn at start when the
-        daemon's own rings could outgrow it (containers often give /dev/shm 64 MiB)."""
-        capacity = (self.inline_input.segment.size
-                    + sum(r.segment.size for pair in self.worker_rings for r in pair))
-        stat = os.statvfs(segments.SHM_DIR)
-        free = stat.f_bavail * stat.f_frsize
-        if capacity > free:
-            log.warning("the rings may use up to %d MiB of %s but only %d MiB is free; lower "
-                        "rings.frame_slots/frame_slot_bytes/audio_slots/audio_slot_bytes or "
-                        "give /dev/shm more room", capacity >> 20, segments.SHM_DIR, free >> 20)
+    def _ring_pair(self, prefix: str) -> tuple[SlotRing, SlotRing]:
+        """A frame ring and an audio ring, both or neither (`ShmFullError`)."""
+        r = self.rings_cfg
+        frames = SlotRing.create(f"{prefix}.frames", r.frame_slots, r.frame_slot_bytes)
+        try:
+            audio = SlotRing.create(f"{prefix}.audio", r.audio_slots, r.audio_slot_bytes)
+        except BaseException:
+            frames.close()
+            raise
+        return frames, audio
+
+    def shm_bytes(self) -> dict[str, int]:
+        """What the rings reserve in /dev/shm: the daemon's own (inline input ring, worker
+        rings), all sessions' together, and what one new local session takes with one job
+        (its input ring and one ring pair)."""
+        r = self.rings_cfg
+        own = self.inline_input.segment.size + sum(
+            ring.segment.size for pair in self.worker_rings for ring in pair)
+        # The metrics thread calls this too: iterate over snapshots (list() of a dict view
+        # is one step under the GIL), never over a dict the loop may be changing.
+        sessions = sum(
+            (s.input_ring.segment.size if s.input_ring is not None else 0)
+            + sum(ring.segment.size for pair in list(s.outputs.values()) for ring in pair)
+            for s in list(self.sessions.values()))
+        return {"daemon_rings_bytes": own, "session_rings_bytes": sessions,
+                "per_session_bytes": (ring_bytes(r.input_slots, r.input_slot_bytes)
+                                      + ring_bytes(r.frame_slots, r.frame_slot_bytes)
+                                      + ring_bytes(r.audio_slots, r.audio_slot_bytes))}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -117,17 +138,19 @@ class Sessions:
               ) -> Session:
         """The client's session, opened on its first hello (a local one gets its input
         ring); a repeated hello keeps it. `pid`: the client's process when the connection
-        tells it (ipc://), watched by `vanished`."""
+        tells it (ipc://), watched by `vanished`. Raises `ShmFullError` (no session is
+        opened) when /dev/shm cannot hold the input ring."""
         session = self.sessions.get(identity)
         if session is None:
+            input_ring = None
+            if not inline:
+                input_ring = SlotRing.create("s.in", self.rings_cfg.input_slots,
+                                             self.rings_cfg.input_slot_bytes)
             self._opened += 1
             start = process_start_ticks(pid) if pid else None
             session = Session(identity, f"s{self._opened}-{os.urandom(4).hex()}", inline,
-                              last_seen=now, pid=pid if start is not None else None,
-                              pid_start=start)
-            if not inline:
-                session.input_ring = SlotRing.create("s.in", self.rings_cfg.audio_slots,
-                                                     self.rings_cfg.audio_slot_bytes)
+                              input_ring=input_ring, last_seen=now,
+                              pid=pid if start is not None else None, pid_start=start)
             self.sessions[identity] = session
         return session
 
@@ -222,22 +245,37 @@ class Sessions:
 
     # ------------------------------------------------------------ output rings
 
-    def output_names(self, identity: bytes, worker: int, lane: int) -> tuple[str, str]:
+    def output_names(self, identity: bytes, worker: int, lane: int,
+                     busy: Collection[tuple[int, int]] | None = None) -> tuple[str, str]:
         """The (frame, audio) rings a job of this client writes on `worker` in `lane`:
         rings of the session's own for a local client (created on first use), ("", "") for
-        the worker's own rings (remote clients: the daemon sends the bytes and releases)."""
+        the worker's own rings (remote clients: the daemon sends the bytes and releases).
+        `busy`: the (worker, lane) places this client's other jobs still hold (running, or
+        cancelled and not yet acknowledged); the session's pairs elsewhere that hold no
+        slot go before a new pair is made (None: keep every pair). Raises `ShmFullError`
+        when /dev/shm cannot hold a new pair."""
         session = self.sessions.get(identity)
         if session is None or session.inline:
             return "", ""
         pair = session.outputs.get((worker, lane))
         if pair is None:
-            r = self.rings_cfg
-            pair = (SlotRing.create("s.frames", r.frame_slots, r.frame_slot_bytes),
-                    SlotRing.create("s.audio", r.audio_slots, r.audio_slot_bytes))
+            if busy is not None:
+                self._drop_idle_pairs(session, busy)
+            pair = self._ring_pair("s")
             session.outputs[(worker, lane)] = pair
             for ring in pair:
                 self.output_rings[ring.name] = ring
         return pair[0].name, pair[1].name
+
+    def _drop_idle_pairs(self, session: Session, busy: Collection[tuple[int, int]]) -> None:
+        held_rings = {key[0] for key in session.held}
+        for place, pair in list(session.outputs.items()):
+            if place in busy or any(ring.name in held_rings for ring in pair):
+                continue
+            del session.outputs[place]
+            for ring in pair:
+                self.output_rings.pop(ring.name, None)
+                ring.close()
 
     def release_output(self, ring_name: str, slot: int, seq: int) -> bool:
         """Free a slot of a ring workers write; False for an unknown ring or a stale pair."""

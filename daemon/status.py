@@ -49,6 +49,7 @@ def worker_status(w: WorkerSlot, running: list[str], now: float) -> dict[str, An
         "current_jobs": running, "capacity": w.capacity,
         "stage": w.stage, "load_s": round(w.load_s, 3), "reason": w.reason,
         "engines": w.engines,
+        "avatar_cache": {"cached": 0, "evictions": 0, "engine_cached": 0, **w.avatar_cache},
     }
 
 
@@ -65,7 +66,8 @@ class StatusBoard:
 
     def body(self, now: float, state: str, endpoints: list[str], sessions: int,
              workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,
-             running: int, counters: dict[str, int], recent_rtf: Iterable[float]
+             running: int, counters: dict[str, int], recent_rtf: Iterable[float],
+             avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None
              ) -> dict[str, Any]:
         """The `stats_reply` body (docs/protocol.md, `avatard status --json`)."""
         workers = list(workers)
@@ -79,6 +81,8 @@ class StatusBoard:
             "queue": {"depth": queue_depth, "size": queue_size, "running": running},
             "jobs": dict(counters),
             "rtf_recent_median": statistics.median(rtf) if rtf else None,
+            "avatars": dict(avatars or {}),  # the supervisor's portrait store
+            "shm": dict(shm or {}),  # /dev/shm and what the daemon's segments take
         }
 
     def publish(self, state_counts: dict[str, int], queue_depth: int, total: int) -> None:

@@ -46,6 +46,7 @@ from .worker import WorkerSpec, start_worker
 log = logging.getLogger("avatard.supervisor")
 
 TICK_S = 0.02
+MIB = 1 << 20
 
 
 class Supervisor:
@@ -60,7 +61,7 @@ class Supervisor:
         self.endpoint = resolved_endpoint(config)
         self.book = JobBook(config.daemon.queue_size, config.restart.max_job_attempts,
                             config.timeouts.stall_timeout_s)
-        self.avatars = AvatarStore()
+        self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -87,6 +88,8 @@ class Supervisor:
         self.client_port.register(self.poller)
         self.poller.register(self.worker_sock, zmq.POLLIN)
         placed = dev.place_all(dev.discover(d.devices), d.workers)
+        # Rings reserve their pages now: a /dev/shm too small refuses the start with
+        # ShmFullError (`avatard serve` reports it), never a SIGBUS later.
         self.sessions = Sessions(self.cfg.rings, self.client_port, t.client_call_s,
                                  t.session_idle_s, t.vanished_check_s)
         self.sessions.add_worker_rings(len(placed))
@@ -98,7 +101,12 @@ class Supervisor:
 
         self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads, launch,
                                now=time.monotonic())
-        self.sessions.check_shm_room()
+        shm = self.sessions.shm_bytes()
+        size, free = segments.shm_space()
+        log.info("rings reserve %.1f MiB of %s (%.1f of %.1f MiB left); a local session "
+                 "running one job takes %.1f MiB more (docs/config.md, Shared memory)",
+                 shm["daemon_rings_bytes"] / MIB, segments.SHM_DIR, free / MIB, size / MIB,
+                 shm["per_session_bytes"] / MIB)
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only records; the loop acts (nothing else is safe in a handler).
             signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
@@ -111,7 +119,11 @@ class Supervisor:
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
 
     def run(self) -> int:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self._abort_start()
+            raise
         try:
             while not self.exit_now:
                 self.tick()
@@ -167,6 +179,23 @@ class Supervisor:
                                           "the job ended"), now)
             self.exit_now = True
 
+    def _abort_start(self) -> None:
+        """Undo a start that failed half-way (a /dev/shm too small for the rings, a
+        socket in use): what was made is closed and unlinked, nothing else runs."""
+        for name in ("client_port", "sessions"):
+            part = getattr(self, name, None)
+            if part is not None:
+                (part.close_all if name == "sessions" else part.close)()
+        sock = getattr(self, "worker_sock", None)
+        if sock is not None:
+            sock.close(linger=0)
+            unlink_endpoint(self.worker_endpoint)
+        segments.unlink_all_created()
+        self.ctx.destroy(linger=0)  # closes any socket a failed constructor left open
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def shutdown(self) -> None:
         """Stop workers, close sockets, unlink every segment. Bounded in time."""
         grace = self.cfg.timeouts.kill_grace_s
@@ -221,8 +250,13 @@ class Supervisor:
             assert job.worker is not None
             frame_ring = audio_ring = ""
             if POLICIES[job.kind].uses_session_rings:
-                frame_ring, audio_ring = self.sessions.output_names(job.client, job.worker,
-                                                                    job.lane)
+                others = self.book.places_of(job.client) - {(job.worker, job.lane)}
+                try:
+                    frame_ring, audio_ring = self.sessions.output_names(
+                        job.client, job.worker, job.lane, others)
+                except segments.ShmFullError as exc:
+                    self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
+                    continue
             self._send(job.worker, P.make(
                 P.RunJob, job_id=job.job_id, seed=job.seed, attempt=job.attempts,
                 spec=job.spec, resume_from=job.frames_delivered,
@@ -239,6 +273,9 @@ class Supervisor:
         if job.input_slot is not None:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
+        avatar = getattr(job.spec, "avatar", None)
+        if avatar is not None:
+            self.avatars.unpin(avatar.avatar_id)
         if isinstance(job.spec, P.RegisterSpec):  # the store keeps only accepted portraits
             if ended.code:
                 self.avatars.forget(job.spec.avatar.avatar_id)
@@ -319,8 +356,12 @@ class Supervisor:
         if session is not None:
             session.last_seen = now
         if isinstance(msg, P.Hello):
-            session = self.sessions.hello(identity, msg.inline, now,
-                                          port.peer_pids.get(identity))
+            try:
+                session = self.sessions.hello(identity, msg.inline, now,
+                                              port.peer_pids.get(identity))
+            except segments.ShmFullError as exc:
+                raise P.ProtocolError(P.E_NO_SPACE, "inline", f"{exc}; a session with "
+                                      "inline=true needs no ring of its own", req_id) from None
             ring = session.input_ring
             port.send(identity, P.make(
                 P.Welcome, req_id=req_id, session=session.session_id,
@@ -359,6 +400,8 @@ class Supervisor:
                         self.cfg.daemon.job_deadline_s, now)
         try:
             position = self.book.accept(job)
+            if getattr(job.spec, "avatar", None) is not None:
+                self.avatars.pin(job.spec.avatar.avatar_id)  # type: ignore[union-attr]
         except QueueFull as exc:
             if job.input_slot is not None:
                 self.sessions.release_input(job.input_slot)
@@ -383,7 +426,11 @@ class Supervisor:
                    for w in self.pool.workers]
         counters = {**self.book.stats, "bad_messages": self.client_port.bad_messages,
                     "refused_clients": self.client_port.refused_clients}
+        size, free = segments.shm_space()
+        shm = {"dir": str(segments.SHM_DIR), "size_bytes": size, "free_bytes": free,
+               "segments": len(segments.segments_of(os.getpid())),
+               **self.sessions.shm_bytes()}
         return self.board.body(now, self._health(), self.client_port.endpoints,
                                len(self.sessions), workers, len(self.book.queue),
                                self.book.queue.size, self.book.running_count(), counters,
-                               self.book.recent_rtf)
+                               self.book.recent_rtf, self.avatars.stats(), shm)

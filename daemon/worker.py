@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ import zmq
 
 from avatard.ipc import protocol as P
 from avatard.ipc.procmem import rss_bytes
-from avatard.ipc.ring import SlotRef, SlotRing
+from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing
 from avatard.ipc.segments import Segment
 
 from .config import Config
@@ -76,6 +77,7 @@ class WorkerSpec:
     supervisor_pid: int = 0
     log_level: str = "info"
     jobs_per_worker: int = 1
+    avatar_cache_size: int = 8  # avatars.worker_cache_size
 
     @classmethod
     def from_config(cls, config: Config, index: int, attempt: int, device: str,
@@ -89,7 +91,8 @@ class WorkerSpec:
                    engine_options={k: dict(v) for k, v in e.options.items()},
                    heartbeat_interval_s=config.timeouts.heartbeat_interval_s,
                    supervisor_pid=os.getpid(), log_level=config.daemon.log_level,
-                   jobs_per_worker=config.daemon.jobs_per_worker)
+                   jobs_per_worker=config.daemon.jobs_per_worker,
+                   avatar_cache_size=config.avatars.worker_cache_size)
 
 
 def start_worker(spec: WorkerSpec) -> multiprocessing.process.BaseProcess:
@@ -107,6 +110,16 @@ class JobCancelled(Exception):
 
 class ShutdownRequested(Exception):
     pass
+
+
+class SlotTooSmall(Exception):
+    """An output does not fit a slot of its ring: a config limit, not an engine fault (a
+    rerun cannot fix it), so the job fails `too_large` naming the key to raise."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +175,12 @@ class Worker:
         self.sock = self._socket()
         self.engines: dict[str, Any] = {}
         self._engine_locks: dict[str, AbstractContextManager[Any]] = {}  # kind -> lock
-        self.avatars: dict[str, Any] = {}  # supervisor's avatar id -> engine state
+        # Supervisor's avatar id -> engine state, least recently used first, at most
+        # `avatar_cache_size` (a state is a few MiB of a real engine's tensors): a state
+        # let go here is registered again from the avatar's segment when next needed.
+        self.avatars: OrderedDict[str, Any] = OrderedDict()
         self._avatars_lock = threading.Lock()
+        self.avatar_evictions = 0
         # Running jobs by id, in start order; read by the heartbeat thread.
         self.runs: dict[str, JobRun] = {}
         self._runs_lock = threading.Lock()
@@ -204,10 +221,20 @@ class Worker:
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
                                           waiting=r.waiting) for r in self.runs.values()]
-                msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs)
+                with self._avatars_lock:
+                    cached, evictions = len(self.avatars), self.avatar_evictions
+                msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs,
+                             avatars_cached=cached, avatar_evictions=evictions,
+                             engine_avatars_cached=self._engine_avatars())
                 sock.send_multipart(P.Codec.encode(msg))
         finally:
             sock.close(linger=0)
+
+    def _engine_avatars(self) -> int:
+        """Portraits the avatar engine's own cache holds (engines that say)."""
+        engine = self.engines.get("avatar")
+        count = getattr(engine, "cached_avatars", None)
+        return int(count()) if callable(count) else 0
 
     def _check_control(self, run: JobRun) -> None:
         """Between frames: act on a cancel or shutdown that the main thread recorded."""
@@ -359,6 +386,9 @@ class Worker:
         except EngineInputError as exc:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_BAD_INPUT,
                       message=str(exc)[:4000], field=exc.field[:256], rule=exc.rule[:4000])
+        except SlotTooSmall as exc:
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_TOO_LARGE,
+                      message=str(exc)[:4000], field=exc.field, rule=exc.rule[:4000])
         except ShutdownRequested:
             raise
         except Exception as exc:  # an engine fault: the supervisor decides on a retry
@@ -397,6 +427,8 @@ class Worker:
         key = avatar.avatar_id if avatar is not None else ""
         with self._avatars_lock:
             state = self.avatars.get(key)
+            if state is not None:
+                self.avatars.move_to_end(key)
         if state is not None:
             return state
         engine, lock = self._engine("avatar")
@@ -413,6 +445,10 @@ class Worker:
             state = engine.register(image)
         with self._avatars_lock:
             self.avatars[key] = state
+            self.avatars.move_to_end(key)
+            while len(self.avatars) > self.spec.avatar_cache_size:
+                self.avatars.popitem(last=False)
+                self.avatar_evictions += 1
         return state
 
     def _register(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
@@ -486,7 +522,13 @@ class Worker:
                 run.progress = next_frame
                 if index < job.resume_from:
                     continue  # delivered by an earlier attempt
-                ref = self._write(frame_ring, frame, run)
+                try:
+                    ref = self._write(frame_ring, frame, run)
+                except DescriptorError as exc:
+                    # Ditto renders at the portrait's own size (up to 1920 px a side).
+                    raise SlotTooSmall("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
+                                       f"at least {np.asarray(frame).nbytes} (H x W x 3 of the "
+                                       "largest frame; docs/config.md)") from None
                 self.send(P.WFrame, job_id=job.job_id, index=index,
                           pts_us=index * 1_000_000 // fps, data=P.SlotDesc.from_ref(ref))
                 self._check_control(run)
@@ -494,13 +536,18 @@ class Worker:
         for pcm, original, original_rate in self._audio_chunks(spec, run, avatar.audio_rate):
             self._check_control(run)
             if send_audio and original is not None:
-                if audio_index >= job.audio_resume_from:
-                    ref = self._write(audio_ring, original, run)
-                    self.send(P.WAudio, job_id=job.job_id, index=audio_index,
-                              pts_us=out_samples * 1_000_000 // original_rate,
-                              sample_rate=original_rate, data=P.SlotDesc.from_ref(ref))
-                audio_index += 1
-                out_samples += original.size
+                # A sentence longer than one slot goes out as several chunks; the split
+                # depends only on the slot size, so a resumed attempt counts the same.
+                step = max(1, audio_ring.slot_bytes // original.itemsize)
+                for start in range(0, max(1, original.size), step):
+                    piece = original[start:start + step]
+                    if audio_index >= job.audio_resume_from:
+                        ref = self._write(audio_ring, piece, run)
+                        self.send(P.WAudio, job_id=job.job_id, index=audio_index,
+                                  pts_us=out_samples * 1_000_000 // original_rate,
+                                  sample_rate=original_rate, data=P.SlotDesc.from_ref(ref))
+                    audio_index += 1
+                    out_samples += piece.size
             samples += pcm.size
             with lock:
                 frames = stream.push(pcm)

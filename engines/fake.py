@@ -75,7 +75,6 @@ FAKE_VOICES = ["fake-a", "fake-b"]
 HEADER_MARKER = 0xA5  # blue channel of the four header pixels, to spot a fake frame
 MIB = 1024 * 1024
 UINT64_MASK = (1 << 64) - 1
-AVATAR_CACHE_SIZE = 1024  # registered avatars kept; the oldest is forgotten first
 
 
 # ---------------------------------------------------------------------------- options
@@ -297,6 +296,7 @@ class FakeAvatarEngine(AvatarEngine):
         self.context = context
         self.device = device
         self._cache_lock = threading.Lock()
+        self._token = object()  # marks the avatar states this engine made
         self.fps = self.options.fps
         self.audio_rate = self.options.audio_rate
         self.frame_height = self.options.height
@@ -348,18 +348,29 @@ class FakeAvatarEngine(AvatarEngine):
             if cached is not None:
                 self._avatars.move_to_end(avatar_id)
                 return cached
+            payload = None
+            if self.options.avatar_state_kb:
+                payload = np.ones(self.options.avatar_state_kb * 1024, np.uint8)  # touched
             state = AvatarState(
                 avatar_id=avatar_id, width=self.frame_width, height=self.frame_height,
-                payload=None,
+                payload=payload, extras={"engine": self._token},
             )
             self._avatars[avatar_id] = state
-            if len(self._avatars) > AVATAR_CACHE_SIZE:
+            while len(self._avatars) > self.options.cache_size:
                 self._avatars.popitem(last=False)
             return state
 
+    def cached_avatars(self) -> int:
+        """Avatars this engine's cache holds (the worker reports it in heartbeats)."""
+        with self._cache_lock:
+            return len(self._avatars)
+
     def open_stream(self, state: AvatarState, seed: int) -> FakeAvatarStream:
-        if state.avatar_id not in self._avatars:
-            raise EngineInputError("avatar_id", f"{state.avatar_id!r} is not registered")
+        # Like the real engines, a stream needs only the state, which the caller may keep
+        # after this cache let it go; a state this engine did not make is refused.
+        if not isinstance(state, AvatarState) or state.extras.get("engine") is not self._token:
+            raise EngineInputError("avatar_id", f"{getattr(state, 'avatar_id', state)!r} is "
+                                   "not registered with this engine")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise EngineInputError("seed", f"must be an int, got {type(seed).__name__}")
         return FakeAvatarStream(self, int(seed))

@@ -49,6 +49,13 @@ class FakeOptions:
     width: int = option(64, "Frame width in pixels.", ge=8, le=4096, multiple_of=2)
     height: int = option(64, "Frame height in pixels.", ge=8, le=4096, multiple_of=2)
     fps: int = option(25, "Frames per second of the avatar engine.", ge=1)
+    cache_size: int = option(
+        64, "Registered avatars kept (least recently used goes first).", ge=1, le=65536
+    )
+    avatar_state_kb: int = option(
+        0, "KiB of memory each registered avatar's state holds and touches (a stand-in for "
+        "a real engine's per-portrait tensors, so cache bounds show in RSS).", ge=0,
+    )
     audio_rate: int = option(
         16000, "Sample rate (Hz) of the audio pushed into avatar streams.", ge=1000
     )

@@ -60,6 +60,7 @@ E_BAD_INPUT = "bad_input"  # well-formed but refused by an engine (no face, bad 
 E_NOT_FOUND = "not_found"
 E_NO_SESSION = "no_session"  # say hello (again): the session was never opened or expired
 E_BUSY = "busy"
+E_NO_SPACE = "no_space"  # /dev/shm cannot hold a ring or portrait this request needs
 E_DRAINING = "draining"
 E_STALE = "stale_slot"
 E_TIMEOUT = "timeout"
@@ -344,6 +345,9 @@ RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]
 class WHeartbeat(Msg, tag="w_heartbeat"):
     rss_bytes: NonNegInt = 0
     jobs: RunningJobs = msgspec.field(default_factory=list)  # every running job
+    avatars_cached: NonNegInt = 0  # engine states in the worker's avatar cache
+    avatar_evictions: NonNegInt = 0  # states let go from it since the worker started
+    engine_avatars_cached: NonNegInt = 0  # portraits in the avatar engine's own cache
 
 
 class WFrame(Msg, tag="w_frame"):

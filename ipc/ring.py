@@ -106,6 +106,13 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
+def ring_bytes(slot_count: int, slot_bytes: int) -> int:
+    """Bytes of the segment of a ring of `slot_count` slots of `slot_bytes`: what it
+    reserves in /dev/shm (header and slot table, then the 64-B aligned slots)."""
+    data_offset = _round_up(HEADER_BYTES + slot_count * SLOT_ENTRY_BYTES, PAGE)
+    return data_offset + slot_count * _round_up(slot_bytes, ALIGN)
+
+
 def check_layout(shape: tuple[int, ...], dtype: str, slot_bytes: int) -> int:
     """Validate (shape, dtype) for a slot of `slot_bytes`; return the byte count."""
     if dtype not in ALLOWED_DTYPES:
@@ -171,7 +178,8 @@ class SlotRing:
             raise ValueError(f"slot_bytes must be >= 1, got {slot_bytes}")
         slot_bytes = _round_up(slot_bytes, ALIGN)
         data_offset = _round_up(HEADER_BYTES + slot_count * SLOT_ENTRY_BYTES, PAGE)
-        segment = Segment.create(label, data_offset + slot_count * slot_bytes)
+        # Raises ShmFullError when /dev/shm cannot hold every page (segments.py).
+        segment = Segment.create(label, ring_bytes(slot_count, slot_bytes))
         _HEADER.pack_into(
             segment.buffer, 0, MAGIC, LAYOUT_VERSION, slot_count, slot_bytes, data_offset, 1,
             os.getpid(),

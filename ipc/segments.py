@@ -15,11 +15,17 @@ Ownership rules (the invariants the rest of avatard relies on):
   the next owner has started.
 - Every segment this process created is unlinked at interpreter exit too (atexit), in
   case a caller forgot `close()`.
+- Every page of a segment is reserved when it is created (`posix_fallocate`). A segment is
+  a tmpfs file, and a store into a page that tmpfs cannot back raises SIGBUS in whichever
+  process touches it (a 64 MiB Docker /dev/shm fills fast); reserving up front turns that
+  into `ShmFullError` at creation, which callers answer with an error, never a signal.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
+import logging
 import mmap
 import os
 import re
@@ -32,12 +38,63 @@ PREFIX = "avatard-"
 _NAME_RE = re.compile(r"^avatard-(\d+)-(\d+)-([0-9a-f]{16})-([A-Za-z0-9_.]{1,64})$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
 
+log = logging.getLogger("avatard.segments")
+
 _created_lock = threading.Lock()
 _created_by_me: set[str] = set()
 
 
 class SegmentError(OSError):
     """A segment could not be created, attached or validated."""
+
+
+class ShmFullError(SegmentError):
+    """The shared-memory directory cannot hold a new segment's pages. The message names the
+    directory, its size, its free space, what the segment needs and the config keys that
+    size rings, so an operator knows what to change (a container's `--shm-size`)."""
+
+    def __init__(self, label: str, needed_bytes: int):
+        total_bytes, free_bytes = shm_space()
+        self.needed_bytes = needed_bytes
+        self.total_bytes = total_bytes
+        self.free_bytes = free_bytes
+        super().__init__(
+            f"{SHM_DIR} has no room: a {label} segment needs {_mib(needed_bytes)} but only "
+            f"{_mib(free_bytes)} of its {_mib(total_bytes)} is free; give it more room "
+            "(docker run --shm-size, see docs/config.md) or lower rings.frame_slots, "
+            "rings.frame_slot_bytes, rings.audio_slots, rings.audio_slot_bytes, "
+            "rings.input_slots, rings.input_slot_bytes, rings.inline_slots, "
+            "rings.inline_slot_bytes or avatars.max_bytes")
+        self.errno = errno.ENOSPC
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def shm_space() -> tuple[int, int]:
+    """(size, free bytes) of the shared-memory directory's file system; (0, 0) unknown."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0, 0
+    return stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+
+
+def _reserve(fd: int, size: int, label: str) -> None:
+    """Back every page of a new segment now, or raise `ShmFullError` (see module doc)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise ShmFullError(label, size) from None
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            # A directory whose file system cannot reserve (AVATARD_SHM_DIR elsewhere):
+            # the segment stays sparse, as before; say so once per creation.
+            log.warning("%s cannot reserve pages (%s): segment %s stays sparse", SHM_DIR,
+                        exc.strerror, label)
+            return
+        raise
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -137,6 +194,7 @@ class Segment:
         try:
             os.fchmod(fd, 0o600)  # independent of the umask, state it explicitly
             os.ftruncate(fd, size)
+            _reserve(fd, size, label)
         except BaseException:
             os.close(fd)
             os.unlink(path)

@@ -32,9 +32,11 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
                wait_ready: bool = True, watchdog_usec: int = 0,
                engines: dict[str, str] | None = None,
                engine_options: dict[str, dict[str, Any]] | None = None,
-               extra_args: list[str] | None = None, ready_timeout_s: float = 60):
+               extra_args: list[str] | None = None, ready_timeout_s: float = 60,
+               sections: dict[str, dict[str, Any]] | None = None):
     """A daemon with the fake engines and short timeouts. On exit: SIGTERM, then assert
-    exit status 0, no shared-memory segment, no child process and no socket left."""
+    exit status 0, no shared-memory segment, no child process and no socket left.
+    `sections`: more config tables by dotted name (``{"avatars": {"max_count": 8}}``)."""
     d = PrivateDaemon(tmp_path, {
         "daemon": {"workers": workers, "min_ready": 1, "devices": "cpu", "log_level": "info",
                    **(daemon or {})},
@@ -43,6 +45,7 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
         "engines": engines or {"avatar": "fake", "tts": "fake", "asr": "fake"},
         "engines.options.fake": fake or {},
         **{f"engines.options.{name}": opts for name, opts in (engine_options or {}).items()},
+        **(sections or {}),
     }, env=env, watchdog_usec=watchdog_usec, extra_args=extra_args or ())
     try:
         if wait_ready:

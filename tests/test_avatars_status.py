@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from avatard.daemon import devices as dev
-from avatard.daemon.avatars import AvatarStore
+from avatard.daemon.avatars import AvatarStore, AvatarTooLarge
 from avatard.daemon.pool import WorkerSlot, WState
 from avatard.daemon.sdnotify import Notifier
 from avatard.daemon.status import StatusBoard, health, worker_status
@@ -73,29 +73,55 @@ def test_forget_drops_only_unvalidated_avatars(store):
     assert store.store(b"pending portrait") == store.ref(pending.avatar_id)  # back, anew
 
 
-def test_eviction_beyond_max_avatars_takes_the_oldest_unvalidated(store):
+def test_eviction_beyond_max_avatars_takes_the_least_recently_used(store):
+    # The store fixture keeps 3. Use (a registration or a job naming it) refreshes one.
     a, b, c = (store.store(x) for x in (b"a", b"b", b"c"))
     store.validated(a.avatar_id)
+    assert store.ref(a.avatar_id) == a  # a job named a: now the most recently used
     d = store.store(b"d")
     assert len(store) == 3
-    assert b.avatar_id not in store and not shm_exists(b.segment)  # oldest pending
+    assert b.avatar_id not in store and not shm_exists(b.segment)  # least recently used
+    assert store.was_evicted(b.avatar_id) and not store.was_evicted(a.avatar_id)
     assert a.avatar_id in store and c.avatar_id in store and d.avatar_id in store
     store.store(b"e")
     assert c.avatar_id not in store and a.avatar_id in store and d.avatar_id in store
     assert store.store(b"a") == a and len(store) == 3  # a known one evicts nothing
+    assert store.stats()["evictions"] == 2 and store.stats()["count"] == 3
 
 
-def test_validated_avatars_are_never_evicted():
+def test_validated_avatars_are_evicted_but_pinned_ones_never():
     store = AvatarStore(max_avatars=2)
     try:
         refs = [store.store(x) for x in (b"x", b"y")]
         for ref in refs:
             store.validated(ref.avatar_id)
+        store.pin(refs[0].avatar_id)  # a live job names x
         z = store.store(b"z")
-        assert len(store) == 3 and all(r.avatar_id in store for r in [*refs, z])
+        assert len(store) == 2 and refs[0].avatar_id in store and z.avatar_id in store
+        assert not shm_exists(refs[1].segment)
+        store.pin(z.avatar_id)
+        w = store.store(b"w")  # everything pinned: over the bound rather than refuse
+        assert len(store) == 3
+        store.unpin(refs[0].avatar_id)
+        store.unpin(z.avatar_id)
+        store.store(b"v")
+        assert len(store) == 2 and w.avatar_id in store
     finally:
         store.close_all()
     assert len(store) == 0 and not any(shm_exists(r.segment) for r in [*refs, z])
+
+
+def test_byte_bound_evicts_and_refuses_a_file_larger_than_the_bound():
+    store = AvatarStore(max_avatars=64, max_bytes=3 * 4096)
+    try:
+        refs = [store.store(bytes([i]) * 4000) for i in range(5)]
+        assert len(store) == 3 and store.bytes <= 3 * 4096
+        assert [r.avatar_id in store for r in refs] == [False, False, True, True, True]
+        with pytest.raises(AvatarTooLarge, match="avatars.max_bytes"):
+            store.store(b"x" * (3 * 4096 + 1))
+        assert len(store) == 3
+    finally:
+        store.close_all()
 
 
 # ------------------------------------------------------------------ health

@@ -70,9 +70,17 @@ def test_defaults_without_a_file():
     assert config.restart.backoff_factor == 2.0
     assert config.restart.crash_loop_window_s == 60.0
     assert config.restart.max_job_attempts == 2
-    assert config.rings.frame_slots == 32
-    assert config.rings.audio_slots == 16
-    assert config.rings.audio_slot_bytes == 32 * 1024 * 1024
+    assert config.rings.frame_slots == 8
+    assert config.rings.frame_slot_bytes == 512 * 512 * 3
+    assert config.rings.audio_slots == 4
+    assert config.rings.audio_slot_bytes == 256 * 1024
+    assert config.rings.input_slots == 4
+    assert config.rings.input_slot_bytes == 1024 * 1024
+    assert config.rings.inline_slots == 2
+    assert config.rings.inline_slot_bytes == 8 * 1024 * 1024
+    assert config.avatars.max_count == 64
+    assert config.avatars.max_bytes == 16 * 1024 * 1024
+    assert config.avatars.worker_cache_size == 8
     assert (config.engines.avatar, config.engines.tts, config.engines.asr) == ("embedded",) * 3
     assert config.engines.options == {}
 

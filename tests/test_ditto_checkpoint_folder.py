@@ -215,7 +215,11 @@ def test_serve_with_checkpoints_through_the_daemon(folder, tmp_path):
     with run_daemon(tmp_path, engines={"avatar": "ditto", "tts": "fake", "asr": "fake"},
                     engine_options={"ditto": {"sampling_timesteps": 2, "warmup": False}},
                     extra_args=["--checkpoints", str(root)], timeouts=slow,
-                    ready_timeout_s=900) as d:
+                    ready_timeout_s=900,
+                    # Ditto pastes back into the portrait: frames are its size, here
+                    # larger than the default 512 x 512 slots.
+                    sections={"rings": {"frame_slot_bytes": IMAGE_HW[0] * IMAGE_HW[1] * 3}}
+                    ) as d:
         worker = d.status()["workers"][0]
         assert "RANDOM WEIGHTS" in str(worker["engines"])  # the folder's marker file
         with d.client(timeout_s=900) as client:

@@ -16,7 +16,8 @@ from avatard.ipc import segments
 from avatard.ipc.ring import FREE, READY, WRITING
 
 T0 = 1000.0
-RINGS = RingsConfig(frame_slots=2, frame_slot_bytes=1024, audio_slots=2, audio_slot_bytes=1024)
+RINGS = RingsConfig(frame_slots=2, frame_slot_bytes=1024, audio_slots=2, audio_slot_bytes=1024,
+                    input_slots=2, input_slot_bytes=1024, inline_slots=2, inline_slot_bytes=1024)
 LOCAL, OTHER, REMOTE = b"local-client", b"other-client", b"remote-client"
 
 

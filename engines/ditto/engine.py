@@ -392,6 +392,10 @@ class DittoEngine(AvatarEngine):
         self._log(f"registered avatar {avatar_id[:12]} {rgb.shape[1]}x{rgb.shape[0]}")
         return state
 
+    def cached_avatars(self) -> int:
+        """Portraits this engine's cache holds (the worker reports it in heartbeats)."""
+        return len(self._cache)
+
     def open_stream(self, state: AvatarState, seed: int) -> DittoStream:
         if not isinstance(state.payload, DittoAvatar):
             raise EngineInputError("avatar", "was not registered with the ditto engine")

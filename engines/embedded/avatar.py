@@ -462,6 +462,10 @@ class EmbeddedAvatarEngine(AvatarEngine):
                 self._cache.popitem(last=False)
         return state
 
+    def cached_avatars(self) -> int:
+        """Portraits this engine's cache holds (the worker reports it in heartbeats)."""
+        return len(self._cache)
+
     def open_stream(self, state: AvatarState, seed: int) -> EmbeddedAvatarStream:
         payload = state.payload
         if not isinstance(payload, EmbeddedAvatarPayload):
