@@ -14,7 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from avatard.engines.ditto import random_checkpoint  # noqa: E402
-from avatard.engines.ditto.engine import SAMPLES_PER_FRAME, DittoAvatar, DittoStream  # noqa: E402
+from avatard.engines.ditto.engine import (  # noqa: E402
+    HUBERT_LEAD,
+    SAMPLES_PER_FRAME,
+    DittoAvatar,
+    DittoStream,
+    _hubert_features,
+)
 from avatard.engines.ditto.generator import Blinks, FeatureMotion  # noqa: E402
 from avatard.engines.ditto.motion_gen import (  # noqa: E402
     MOTION_DIM,
@@ -225,7 +231,10 @@ def test_cfg_modes_and_overrides() -> None:
     assert online.overrides["sampling_timesteps"][1] == 8
     assert not offline.unhonoured
     cfg["default_kwargs"]["ctrl_info"] = {3: {"fade_alpha": 0.5}}
-    assert PipelineConfig.from_cfg(cfg, "offline").unhonoured == ("ctrl_info",)
+    cfg["default_kwargs"]["overall_ctrl_info"] = {"delta_pitch": 2, "vad_alpha": 0.5}
+    pcfg = PipelineConfig.from_cfg(cfg, "offline")
+    assert pcfg.unhonoured == ("ctrl_info", "overall_ctrl_info.vad_alpha")
+    assert pcfg.overall_ctrl == {"delta_pitch": 2.0}
 
 
 # ----------------------------------------------------------------------- the stream
@@ -256,11 +265,16 @@ class _FakeEngine:
     def preroll_features(self, rows: int) -> np.ndarray:
         return np.zeros((rows, 1024), np.float32)
 
-    def audio_features(self, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
-        padded = np.zeros(end * SAMPLES_PER_FRAME, np.float32)
-        padded[: min(len(pcm), len(padded))] = pcm[: len(padded)]
-        per_frame = padded.reshape(end, SAMPLES_PER_FRAME).mean(axis=1)
-        return per_frame[start:end, None].repeat(1024, axis=1)
+    def audio_features(self, pcm: np.ndarray, start: int, end: int, base: int = 0
+                       ) -> np.ndarray:
+        # Frame f's mean; `pcm` holds the clip from sample `base` on (the stream drops
+        # audio it no longer needs, never audio a chunk with its lead still reads).
+        assert base == 0 or base <= start * SAMPLES_PER_FRAME - HUBERT_LEAD
+        rows = []
+        for f in range(start, end):
+            segment = pcm[f * SAMPLES_PER_FRAME - base : (f + 1) * SAMPLES_PER_FRAME - base]
+            rows.append(segment.sum() / SAMPLES_PER_FRAME)
+        return np.array(rows, np.float32).reshape(-1, 1).repeat(1024, axis=1)
 
     def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
         self.step_noises.append(step_noise)
@@ -357,3 +371,40 @@ def test_feature_motion_without_cfg_pads_zero_controls() -> None:
     assert len(out) == 0
     motion.push(np.zeros((100, 1024), np.float32))
     assert seen[0] == (80, 1059)
+
+
+class _FakeSession:
+    """onnxruntime's surface for `_hubert_features`: (1,6480) -> (1,20,1024) from the chunk."""
+
+    class _Input:
+        name = "audio"
+
+    def get_inputs(self):
+        return [self._Input()]
+
+    def run(self, outputs, feeds):
+        chunk = feeds["audio"].reshape(20, -1)[:, :324]
+        return [np.repeat(chunk.sum(axis=1, keepdims=True), 1024, axis=1)[None]]
+
+
+def test_hubert_features_from_the_recent_audio_only() -> None:
+    """A long stream keeps only recent audio: features from a tail of the clip equal the
+    features from the whole clip."""
+    pcm = np.sin(np.arange(30 * SAMPLES_PER_FRAME) / 9.0).astype(np.float32)
+    session = _FakeSession()
+    whole = _hubert_features(session, pcm, 10, 27)
+    base = 10 * SAMPLES_PER_FRAME - HUBERT_LEAD
+    tail = _hubert_features(session, pcm[base:], 10, 27, base)
+    np.testing.assert_array_equal(whole, tail)
+    assert whole.shape == (17, 1024) and np.abs(whole).max() > 0
+    with pytest.raises(ValueError, match="cannot give"):
+        _hubert_features(session, pcm[base + 1 :], 10, 27, base + 1)
+
+
+def test_long_stream_keeps_little_audio() -> None:
+    engine = _FakeEngine("online")
+    stream = DittoStream(engine, _avatar(), seed=1, mode="online")  # type: ignore[arg-type]
+    for _ in range(40):  # 40 s
+        list(stream.push(np.zeros(16000, np.float32)))
+    # Trimmed in steps of 16 encoder windows (6.5 s), never to less than a chunk needs.
+    assert len(stream.pcm) < 8 * 16000 and stream.samples == 40 * 16000

@@ -143,7 +143,7 @@ class _VectorEngine:
     def preroll_features(self, rows: int) -> np.ndarray:
         return self.data["preroll_features"]
 
-    def audio_features(self, pcm, start: int, end: int) -> np.ndarray:
+    def audio_features(self, pcm, start: int, end: int, base: int = 0) -> np.ndarray:
         return self.data["features"][start:end]
 
     def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:

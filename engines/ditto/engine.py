@@ -74,6 +74,8 @@ CROP_SIZE = 256
 MAX_SIDE = 4096
 HUBERT_CHUNK = (3, 5, 2)  # frames of left context, produced, look-ahead
 LOOKAHEAD = HUBERT_CHUNK[2]
+HUBERT_WINDOW = sum(HUBERT_CHUNK) * SAMPLES_PER_FRAME + 80  # 6480 samples per chunk
+HUBERT_LEAD = HUBERT_WINDOW - (HUBERT_CHUNK[1] + HUBERT_CHUNK[2]) * SAMPLES_PER_FRAME  # 2000
 RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
 
 
@@ -465,12 +467,15 @@ class DittoEngine(AvatarEngine):
         return DittoStream(self, state.payload, int(seed), mode or self.mode)
 
     # ------------------------------------------------------------------ per-frame maths
-    def audio_features(self, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
-        """(end-start, 1024) features of frames [start, end) of the clip `pcm` (16 kHz)."""
+    def audio_features(self, pcm: np.ndarray, start: int, end: int, base: int = 0
+                       ) -> np.ndarray:
+        """(end-start, 1024) features of frames [start, end) of a clip (16 kHz) of which
+        `pcm` holds the samples from index `base` on (0, or at least `HUBERT_LEAD` samples
+        before the first chunk read, so a long stream keeps only its recent audio)."""
         if self._hubert is None:
             # Random-weights mode has no HuBERT file: zero features (see report notes).
             return np.zeros((end - start, AUDIO_DIM), np.float32)
-        return _hubert_features(self._hubert, pcm, start, end)
+        return _hubert_features(self._hubert, pcm, start, end, base)
 
     @property
     def noise_steps(self) -> int:
@@ -732,7 +737,9 @@ class DittoStream(AvatarStream):
         preroll = engine.preroll_features(pcfg.motion.overlap) if pcfg.motion.online else None
         self.motion = FeatureMotion(pcfg, engine.cfg, cond_source, template, self._sample,
                                     preroll, engine.condition_dim)
-        self.pcm = np.zeros(0, np.float32)
+        self.pcm = np.zeros(0, np.float32)  # the job's audio from sample `pcm_base` on
+        self.pcm_base = 0
+        self.samples = 0  # audio samples received
         self.features = 0  # feature rows fed to the motion generator
         self._motion: list[np.ndarray] = []  # clipped motion of frames not yet stitched
         self.motion_frames = 0  # frames of final motion received
@@ -755,20 +762,21 @@ class DittoStream(AvatarStream):
         if final:
             return total
         mid = HUBERT_CHUNK[1]
-        known = len(self.pcm) // SAMPLES_PER_FRAME - LOOKAHEAD
+        known = self.samples // SAMPLES_PER_FRAME - LOOKAHEAD
         return max(known - known % mid, self.features)
 
     def _frames(self, final: bool) -> Iterator[np.ndarray]:
         """Feed the features the audio allows, one window's worth at a time, queue the
         frames that became final and hand out finished ones in order; the stream's very
         first frame is waited for, so it leaves before later windows sample."""
-        total = round(len(self.pcm) / SAMPLES_PER_FRAME) if final else None
+        total = round(self.samples / SAMPLES_PER_FRAME) if final else None
         limit = self._feature_limit(final, total or 0)
         step = self.pcfg.motion.valid
         while self.features < limit:
             stop = min(self.features + step, limit)
-            rows = self.engine.audio_features(self.pcm, self.features, stop)
+            rows = self.engine.audio_features(self.pcm, self.features, stop, self.pcm_base)
             self.features = stop
+            self._drop_old_audio()
             self._add_motion(self.motion.push(rows))
             more = self.features < limit
             self._queue(None, whole_batches=more)
@@ -780,6 +788,15 @@ class DittoStream(AvatarStream):
         while self._queued:
             yield self._next_queued()
 
+    def _drop_old_audio(self) -> None:
+        """Keep only the audio that later feature chunks read (a live session runs for
+        hours): from `HUBERT_LEAD` samples before the chunk of the next feature row."""
+        first = self.features - self.features % HUBERT_CHUNK[1]
+        keep_from = first * SAMPLES_PER_FRAME - HUBERT_LEAD
+        if first and keep_from > self.pcm_base + 16 * HUBERT_WINDOW:  # not on every step
+            self.pcm = self.pcm[keep_from - self.pcm_base :]
+            self.pcm_base = keep_from
+
     def _add_motion(self, frames: np.ndarray) -> None:
         if len(frames):
             self._motion.append(frames)
@@ -789,7 +806,7 @@ class DittoStream(AvatarStream):
         """Stitch and submit the frames whose motion and blink row are known. With
         `whole_batches`, more windows follow at once: queue only whole render batches
         and let the rest join the next window's frames."""
-        known = len(self.pcm) // SAMPLES_PER_FRAME
+        known = self.samples // SAMPLES_PER_FRAME
         ready = self.blinks.ready(self.motion_frames, known, total)
         if whole_batches:
             batch = self.engine.max_batch
@@ -820,6 +837,7 @@ class DittoStream(AvatarStream):
             raise EngineInputError("audio", "stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self.pcm = np.concatenate([self.pcm, pcm])
+        self.samples += len(pcm)
         return self._frames(final=False)
 
     def finish(self) -> Iterator[np.ndarray]:
@@ -885,22 +903,27 @@ def _open_hubert(aux_dir: Path, device: str):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def _hubert_features(session, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
+def _hubert_features(session, pcm: np.ndarray, start: int, end: int, base: int = 0
+                     ) -> np.ndarray:
     """Frames [start, end) of the offline chunking of the streaming encoder: windows of
     6480 samples (3+5+2 frames of 40 ms plus 80 samples) every 5 frames from frame 0; of
     each window's 50 Hz outputs, the rows of the 5 produced frames are averaged in pairs
-    to 25 fps. Audio beyond `pcm` is zeros."""
+    to 25 fps. The clip starts with `HUBERT_LEAD` samples of silence; `pcm` holds its
+    audio from sample `base` on; audio beyond `pcm` is zeros."""
     left, mid, right = HUBERT_CHUNK
-    window = int(sum(HUBERT_CHUNK) * 0.04 * 16000) + 80  # 6480
-    lead = window - int((mid + right) * 0.04 * 16000)
-    padded = np.concatenate(
-        [np.zeros(lead, np.float32), pcm.astype(np.float32), np.zeros(window, np.float32)]
-    )
-    input_name = session.get_inputs()[0].name
+    window = HUBERT_WINDOW
+    lead = HUBERT_LEAD
     first = start - start % mid  # chunks are aligned to multiples of 5 frames
+    if base and base > first * SAMPLES_PER_FRAME - lead:
+        raise ValueError(f"audio from sample {base} cannot give frame {first}'s chunk")
+    # padded[0] is clip sample `origin` (the silence before the clip when base is 0).
+    origin = -lead if base == 0 else base
+    padded = np.concatenate([np.zeros(lead if base == 0 else 0, np.float32),
+                             pcm.astype(np.float32), np.zeros(window, np.float32)])
+    input_name = session.get_inputs()[0].name
     out = []
     for i in range(first, end, mid):
-        offset = int(i * 0.04 * 16000)
+        offset = i * SAMPLES_PER_FRAME - lead - origin
         chunk = padded[offset : offset + window]
         if len(chunk) < window:
             chunk = np.pad(chunk, (0, window - len(chunk)))

@@ -56,6 +56,8 @@ HONOURED = {
 }
 # Read by upstream but not reproduced here, when present with a value that acts.
 NOT_HONOURED = ("ctrl_info",)
+OVERALL_CONTROLS = ("delta_pitch", "delta_yaw", "delta_roll", "alpha_pitch", "alpha_yaw",
+                    "alpha_roll", "delta_exp")
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class PipelineConfig:
     delta_eye_arr: np.ndarray | None
     delta_eye_open_n: int | list[int]
     flag_stitching: bool
-    overall_ctrl: dict[str, float]
+    overall_ctrl: dict[str, Any]
     overrides: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key: (cfg, used)
     unhonoured: tuple[str, ...] = ()
 
@@ -151,7 +153,11 @@ class PipelineConfig:
         )
         ch_info = kw.get("ch_info")
         delta_eye = kw.get("delta_eye_arr")
-        unhonoured = tuple(k for k in NOT_HONOURED if kw.get(k))
+        unhonoured = [k for k in NOT_HONOURED if kw.get(k)]
+        overall = dict(kw.get("overall_ctrl_info") or {})
+        # Upstream merges these into every frame's controls; we reproduce the pose and
+        # expression offsets and gains, not per-frame fades or VAD gating.
+        unhonoured += [f"overall_ctrl_info.{k}" for k in overall if k not in OVERALL_CONTROLS]
         return cls(
             mode=mode,
             motion=motion,
@@ -168,9 +174,10 @@ class PipelineConfig:
             delta_eye_arr=None if delta_eye is None else np.asarray(delta_eye, np.float32),
             delta_eye_open_n=kw.get("delta_eye_open_n", 0),
             flag_stitching=bool(kw.get("flag_stitching", True)),
-            overall_ctrl={k: float(v) for k, v in (kw.get("overall_ctrl_info") or {}).items()},
+            overall_ctrl={k: v if k == "delta_exp" else float(v)
+                          for k, v in overall.items() if k in OVERALL_CONTROLS},
             overrides=changed,
-            unhonoured=unhonoured,
+            unhonoured=tuple(unhonoured),
         )
 
     def describe_overrides(self) -> list[str]:
@@ -271,7 +278,10 @@ def driving_keypoints(cfg: PipelineConfig, source: StitchSource, motion_clipped:
             else:
                 keys = {k: ratio if k in ("exp", "pitch", "yaw", "roll") else 1 for k in keys}
     info: dict[str, np.ndarray] = {}
-    if cfg.relative_d and d0 is not None:
+    # Upstream's online worker sets d0 itself, so online motion is relative whatever
+    # relative_d says.
+    relative = (cfg.relative_d or cfg.motion.online) and d0 is not None
+    if relative:
         ref = vectors_to_info(np.asarray(d0, np.float32).reshape(1, -1))
         for k, v in drv.items():
             weight = keys.get(k, 1) if isinstance(keys, Mapping) else 1
@@ -281,7 +291,7 @@ def driving_keypoints(cfg: PipelineConfig, source: StitchSource, motion_clipped:
     for k, v in src.items():
         if k not in info or k not in keys:
             info[k] = np.repeat(v, n, axis=0)
-    if isinstance(keys, Mapping) and not (cfg.relative_d and d0 is not None):
+    if isinstance(keys, Mapping) and not relative:
         for k, weight in keys.items():
             info[k] = info[k] * weight
     # Expression rows: lips driven, the rest the avatar's; eyes scripted or driven.
@@ -310,7 +320,7 @@ def driving_keypoints(cfg: PipelineConfig, source: StitchSource, motion_clipped:
         if f"alpha_{name}" in ctrl:
             info[name] = info[name] * ctrl[f"alpha_{name}"]
     if "delta_exp" in ctrl:
-        info["exp"] = info["exp"] + ctrl["delta_exp"]
+        info["exp"] = info["exp"] + np.asarray(ctrl["delta_exp"], np.float32).reshape(1, -1)
     if drive_eye:
         info["exp"] = _fix_gaze(info, source.yaw_pitch)
     return transform_keypoints(info)
