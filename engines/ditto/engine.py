@@ -298,15 +298,20 @@ class DittoEngine(AvatarEngine):
             )
             self._warm_up_render()
         if self.cuda_graphs:
+            # Both modes' step counts: a live session (online) on a worker whose default
+            # is offline must not pay a graph capture mid-stream.
             seq, dim = self.lmdm.seq_frames, self.lmdm.motion_feat_dim
-            window = (
-                np.zeros(dim, np.float32),
-                np.zeros((seq, self.condition_dim), np.float32),
-                np.zeros((seq, dim), np.float32),
-                np.zeros((self.noise_steps, seq, dim), np.float32),
-            )
-            for n in self.window_buckets:
-                self._sample_items([window] * n)
+            counts = {noise_steps(p.sampling_timesteps, self.lmdm.n_timestep)
+                      for p in self.pipelines.values()}
+            for count in sorted(counts):
+                window = (
+                    np.zeros(dim, np.float32),
+                    np.zeros((seq, self.condition_dim), np.float32),
+                    np.zeros((seq, dim), np.float32),
+                    np.zeros((count, seq, dim), np.float32),
+                )
+                for n in self.window_buckets:
+                    self._sample_items([window] * n)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
