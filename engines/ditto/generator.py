@@ -88,7 +88,7 @@ class FeatureMotion:
 
     def finish(self, total: int | None = None) -> np.ndarray:
         """End of audio: the remaining frames. Offline: up to `total` frames in all
-        (default: one per feature row). Online: upstream outputs frames in tens, 10 to 19
+        (default: one per feature row). Online: upstream outputs frames in tens, 1 to 10
         past the audio; with `total` those past it are dropped, and a stream of fewer
         than 10 frames (upstream outputs none) takes them from the first window."""
         if self.online is not None:
