@@ -27,3 +27,10 @@ needs_shared = pytest.mark.skipif(
     and os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
     reason=f"Ditto reference material not found at {SHARED} (set AVATARD_DITTO_SHARED)",
 )
+
+# Upstream's motion pipeline (audio features -> driving keypoints), recorded per case.
+MOTION = SHARED / "motion"
+needs_motion = pytest.mark.skipif(
+    not MOTION.is_dir() and os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
+    reason=f"Ditto motion vectors not found at {MOTION} (set AVATARD_DITTO_SHARED)",
+)

@@ -270,3 +270,36 @@ def test_batch_buckets_pad_with_the_last_row() -> None:
     padded = _pad(t, 5)
     assert padded.shape == (5, 2) and torch.equal(padded[3:], t[-1:].expand(2, 2))
     assert _pad(t, 3) is t
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_windows_of_both_modes_batched_together_match_windows_sampled_alone() -> None:
+    """LMDM windows of many streams share a DDIM batch (online mode runs a window per 10
+    frames); windows with different step counts (offline and online streams) in one
+    batch are split by count and each equals the window sampled alone."""
+    engine = DittoEngine(
+        "cpu",
+        {"weights": "random", "seed": 1, "sampling_timesteps": 3, "max_windows": 4,
+         "warmup": False},
+    )
+    try:
+        rng = np.random.default_rng(5)
+        seq, dim = engine.lmdm.seq_frames, engine.lmdm.motion_feat_dim
+
+        def item(steps: int) -> tuple[np.ndarray, ...]:
+            return (rng.normal(size=dim).astype(np.float32),
+                    rng.normal(size=(seq, engine.condition_dim)).astype(np.float32),
+                    rng.normal(size=(seq, dim)).astype(np.float32),
+                    rng.normal(size=(steps - 1, seq, dim)).astype(np.float32))
+
+        items = [item(3), item(2), item(3)]
+        together = engine._sample_items(items)
+        for one, window in zip(items, together, strict=True):
+            alone = engine._sample_items([one])[0]
+            assert window.shape == (seq, dim)
+            np.testing.assert_allclose(window, alone, rtol=1e-4, atol=1e-4)
+        assert engine.pipeline("online").motion.overlap == 70
+        assert engine.pipeline("offline").sampling_timesteps == 3  # the option wins
+    finally:
+        engine.close()

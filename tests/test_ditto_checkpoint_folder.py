@@ -4,9 +4,9 @@ The folder has the official layout: the six networks written by
 ``avatard.engines.ditto.random_checkpoint`` (seeded RANDOM weights of the official
 shapes, official containers) with its cfg, and stand-in aux ONNX models from
 ``ditto_fake_aux`` (a planted face; a HuBERT stand-in whose features depend on the audio).
-mediapipe's face_landmarker.task has no stand-in, so the cfg switches the eye conditions
-off (``use_eye_open``/``use_eye_ball`` false, condition width 1024 + 8 + 63 = 1095) and the
-engine registers without eye features. The output is noise; what is checked is that the
+mediapipe's face_landmarker.task has no stand-in and needs none: the cfg has the released
+structure, whose template ``ch_info`` supplies the eye conditions (condition width 1103),
+so the engine registers without eye features. The output is noise; what is checked is that the
 whole path loads, registers, conditions, samples and composites frames of the right size,
 and that a broken folder is refused with an error naming the file.
 """
@@ -48,8 +48,14 @@ def test_cfg_matches_the_condition_handler_and_loader():
     cfg = checkpoints.restricted_loads(pickle.dumps(make_cfg(), protocol=4))
     a2m = cfg["audio2motion_cfg"]
     assert conditions.handler_flags(cfg) == {
-        "use_emo": True, "use_eye_open": False, "use_eye_ball": False, "use_sc": True}
-    assert conditions.check_width(cfg) == a2m["audio_feat_dim"] == 1024 + 8 + 63
+        "use_emo": True, "use_eye_open": True, "use_eye_ball": True, "use_sc": True}
+    assert conditions.check_width(cfg) == a2m["audio_feat_dim"] == 1024 + 8 + 2 + 6 + 63
+    kwargs = conditions.default_kwargs(cfg)
+    assert kwargs["delta_eye_arr"].shape == (15, 63)
+    assert kwargs["v_min_max_for_clip"].shape == (4, 265)
+    assert kwargs["ch_info"]["sc"].shape == (63,)
+    assert (kwargs["fix_kp_cond"], kwargs["fix_kp_cond_dim"]) == (1, [0, 202])
+    assert kwargs["overall_ctrl_info"] == {"delta_pitch": 2}
     assert (a2m["motion_feat_dim"], a2m["seq_frames"]) == (265, 80)
     v_min, v_max = conditions.clip_limits(cfg)
     assert v_min.shape == v_max.shape == (265,) and np.all(v_min < v_max)
@@ -64,8 +70,9 @@ def test_cfg_matches_the_condition_handler_and_loader():
         section = a2m if module == "lmdm" else base[f"{module}_cfg"]
         assert section["model_path"] == f"models/{filename}"
     assert base["hubert_cfg"]["model_path"] == "aux_models/hubert_streaming_fix_kv.onnx"
-    eyes = make_cfg(eyes=True)
-    assert conditions.check_width(eyes) == eyes["audio2motion_cfg"]["audio_feat_dim"] == 1103
+    plain = make_cfg(template=False)
+    assert "ch_info" not in plain["default_kwargs"]
+    assert conditions.check_width(plain) == plain["audio2motion_cfg"]["audio_feat_dim"] == 1095
 
 
 def test_containers_read_back(tmp_path):
@@ -125,7 +132,7 @@ def test_engine_renders_from_checkpoint_folder(folder):
     engine = DittoEngine("cpu", {"weights": str(root), "sampling_timesteps": 2,
                                  "warmup": False})
     try:
-        assert engine.lmdm.model.cond_projection.in_features == 1095  # from the cfg
+        assert engine.lmdm.model.cond_projection.in_features == 1103  # from the cfg
         assert "RANDOM WEIGHTS" in engine.report().notes  # the folder's marker file
 
         # HuBERT stand-in: (frames, 1024) features that follow the audio.
@@ -187,8 +194,8 @@ def test_loader_rejects_a_corrupted_folder(folder, tmp_path):
                        match=r"stitch_network\.pth.*'mlp\.0\.weight' has shape \(7, 5\)"):
         DittoEngine("cpu", {"weights": str(bad), **options})
 
-    # A cfg that disagrees with the LMDM file (eye conditions on: 1103 wide).
-    cfg = pickle.dumps(make_cfg(eyes=True), protocol=4)
+    # A cfg that disagrees with the LMDM file (no template, eye conditions off: 1095).
+    cfg = pickle.dumps(make_cfg(template=False), protocol=4)
     mismatch = variant(root, tmp_path / "cfg", {CFG_RELPATH: cfg})
     with pytest.raises(CheckpointError,
                        match=r"lmdm_v0\.4_hubert\.pth.*cond_projection\.weight"):

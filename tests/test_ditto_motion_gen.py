@@ -1,5 +1,7 @@
-"""Motion-vector layout, LMDM windowing (offline and streamed) and the stream's chunking
-independence, with a cheap deterministic stand-in for the LMDM sampler."""
+"""Motion-vector layout, LMDM windowing in upstream's offline and online schemes, the blink
+schedule, and the engine stream's plumbing (chunking independence, seeds, noise reuse),
+with cheap deterministic stand-ins for the LMDM sampler. The recorded upstream cases are
+checked in test_ditto_motion_vectors.py."""
 
 from __future__ import annotations
 
@@ -11,15 +13,36 @@ import pytest
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 torch = pytest.importorskip("torch")
 
-from avatard.engines.ditto.engine import SAMPLES_PER_FRAME, DittoAvatar, DittoStream  # noqa: E402
+from avatard.engines.ditto import random_checkpoint  # noqa: E402
+from avatard.engines.ditto.engine import (  # noqa: E402
+    HUBERT_LEAD,
+    SAMPLES_PER_FRAME,
+    DittoAvatar,
+    DittoStream,
+    _hubert_features,
+)
+from avatard.engines.ditto.generator import Blinks, FeatureMotion  # noqa: E402
 from avatard.engines.ditto.motion_gen import (  # noqa: E402
     MOTION_DIM,
-    WindowedMotion,
-    generate_offline,
+    MotionRecord,
+    MotionSequence,
+    MotionSettings,
+    OfflineMotion,
+    OnlineMotion,
     info_to_vector,
     smooth,
     vector_to_info,
 )
+from avatard.engines.ditto.pipeline import (  # noqa: E402
+    PipelineConfig,
+    StitchSource,
+    blink_schedule,
+    driving_keypoints,
+)
+
+OFFLINE = MotionSettings(overlap=10, smooth_kernel=3, fix_kp_cond=1, fix_kp_cond_dim=(0, 202))
+ONLINE = MotionSettings(overlap=70, online=True, smooth_kernel=3, fix_kp_cond=1,
+                        fix_kp_cond_dim=(0, 202))
 
 
 def fake_info(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -55,69 +78,210 @@ def test_smooth_only_touches_pose_dims() -> None:
 
 def linear_sampler(reference: np.ndarray, cond: np.ndarray) -> np.ndarray:
     """Deterministic stand-in for the LMDM: depends on the reference and the condition."""
-    base = np.asarray(reference, np.float32).reshape(1, 1, MOTION_DIM)
-    return base + cond[..., :1] * np.linspace(0, 1, MOTION_DIM, dtype=np.float32)
+    base = np.asarray(reference, np.float32).reshape(1, MOTION_DIM)
+    return base + cond[:, :1] * np.linspace(0, 1, MOTION_DIM, dtype=np.float32)
 
 
-def test_offline_windows_cover_clip_and_chain_references() -> None:
-    frames = 200  # windows at 0, 70, 140
-    cond = np.arange(frames, dtype=np.float32)[:, None].repeat(4, 1) / frames
-    calls = []
-
-    def sampler(reference, window_cond):
-        calls.append((reference.copy(), window_cond.copy()))
-        return linear_sampler(reference, window_cond)
-
-    source = np.zeros(MOTION_DIM, np.float32)
-    motion = generate_offline(sampler, source, cond)
-    assert motion.shape == (frames, MOTION_DIM)
-    assert len(calls) == 3
-    assert np.array_equal(calls[0][0], source[None])
-    # The second window starts at frame 70 and the last one is padded with its last row.
-    assert calls[1][1][0, 0, 0] == pytest.approx(cond[70, 0])
-    assert np.all(calls[2][1][0, 60:, 0] == cond[-1, 0])
-    # The second window is conditioned on the fused result's frame 69.
-    assert calls[1][0].shape == (1, MOTION_DIM)
-
-
-def test_fuse_cross_fades_overlap() -> None:
-    motion = WindowedMotion(np.zeros(MOTION_DIM, np.float32), smooth_kernel=1)
-    motion.add(np.zeros((1, 80, MOTION_DIM), np.float32))
-    motion.add(np.ones((1, 80, MOTION_DIM), np.float32))
-    values = motion.motion[0, :, 0]
+def test_offline_fuse_and_reference_reset() -> None:
+    template = np.full(MOTION_DIM, 5.0, np.float32)
+    seq = MotionSequence(MotionSettings(overlap=10, smooth_kernel=1, fix_kp_cond=1,
+                                        fix_kp_cond_dim=(0, 202)), template)
+    seq.add(np.zeros((80, MOTION_DIM), np.float32))
+    seq.add(np.ones((80, MOTION_DIM), np.float32))
+    values = seq.seq[0, :, 0]
     assert values.shape == (150,)
-    assert np.allclose(values[70:80], np.arange(10) / 10)
+    assert np.allclose(values[70:80], np.arange(10) / 10)  # new window weighted j/10
     assert np.all(values[:70] == 0) and np.all(values[80:] == 1)
-    assert motion.settled == 140
+    assert seq.settled == 140
+    # The next reference: pose dims from frame 139, expression reset to the template's.
+    assert np.all(seq.kp_cond[:202] == 1) and np.all(seq.kp_cond[202:] == 5)
+
+
+def test_online_fuses_the_window_frames_60_to_69() -> None:
+    seq = MotionSequence(MotionSettings(overlap=70, online=True, smooth_kernel=1),
+                         np.zeros(MOTION_DIM, np.float32))
+    seq.add(np.zeros((80, MOTION_DIM), np.float32))
+    window = np.zeros((80, MOTION_DIM), np.float32)
+    window[60:70], window[70:] = 1, 2
+    seq.add(window)
+    values = seq.seq[0, :, 0]
+    assert values.shape == (90,)
+    assert np.allclose(values[70:80], np.arange(10) / 10)
+    assert np.all(values[80:] == 2)
+    # fix_kp_cond 0: the reference is the whole frame before the next window (position 19).
+    assert np.array_equal(seq.kp_cond, seq.seq[0, 19])
+
+
+def _offline_whole(cond: np.ndarray) -> np.ndarray:
+    """The offline result computed as upstream does: every window, cut, smooth all."""
+    frames = len(cond)
+    seq = MotionSequence(OFFLINE, np.zeros(MOTION_DIM, np.float32))
+    start = 0
+    while start < frames:
+        rows = cond[start : start + 80]
+        rows = np.concatenate([rows, np.repeat(rows[-1:], 80 - len(rows), 0)])
+        seq.add(linear_sampler(seq.kp_cond, rows))
+        start += 70
+    return smooth(seq.seq[:, :frames].copy(), 0, frames)[0]
+
+
+@pytest.mark.parametrize("frames", [1, 50, 81, 150, 222])
+def test_offline_streamed_equals_whole_clip(frames: int) -> None:
+    cond = np.sin(np.arange(frames, dtype=np.float32) / 7)[:, None].repeat(4, 1)
+    motion = OfflineMotion(OFFLINE, np.zeros(MOTION_DIM, np.float32), linear_sampler)
+    out = []
+    while motion.next_start() + 80 <= frames:  # the windows a stream runs before the end
+        motion.add_window(cond[motion.next_start() : motion.next_start() + 80])
+        out.append(motion.take())
+    early = sum(len(o) for o in out)
+    while motion.next_start() < frames:
+        rows = cond[motion.next_start() : motion.next_start() + 80]
+        motion.add_window(np.concatenate([rows, np.repeat(rows[-1:], 80 - len(rows), 0)]))
+        out.append(motion.take(frames))
+    out.append(motion.take(frames))
+    streamed = np.concatenate(out)
+    assert streamed.shape == (frames, MOTION_DIM)
+    np.testing.assert_array_equal(streamed, _offline_whole(cond))
+    # One frame of look-ahead: a stream has every frame but the last of the settled ones.
+    assert early == (max(0, (frames - 10) // 70) * 70 - 1 if frames >= 80 else 0)
+
+
+@pytest.mark.parametrize("n", [0, 7, 10, 19, 20, 50, 101])
+def test_online_frame_count_and_timing(n: int) -> None:
+    record = MotionRecord()
+    motion = OnlineMotion(ONLINE, np.zeros(MOTION_DIM, np.float32), linear_sampler,
+                          np.zeros((70, 4), np.float32), lambda rows, first: rows, record)
+    feats = np.cos(np.arange(n, dtype=np.float32) / 5)[:, None].repeat(4, 1)
+    out = [motion.feed(feats[i : i + 5]) for i in range(0, n, 5)]
+    out.append(motion.end())
+    frames = np.concatenate(out)
+    expected = 0 if n < 10 else 10 * ((n - 10) // 10) + 20
+    assert len(frames) == expected
+    # Frame i leaves once 10 floor(i/10) + 20 real rows have arrived; the last 20 at the end.
+    for i, fed in enumerate(record.frame_fed[: max(expected - 20, 0)]):
+        assert fed == 10 * (i // 10) + 20
+    assert all(record.frame_after_end[max(expected - 20, 0) :])
+    if n:
+        assert motion.d0_source is not None
+
+
+def test_online_keeps_two_windows_only() -> None:
+    motion = OnlineMotion(ONLINE, np.zeros(MOTION_DIM, np.float32), linear_sampler,
+                          np.zeros((70, 4), np.float32), lambda rows, first: rows)
+    for _ in range(100):
+        motion.feed(np.ones((10, 4), np.float32))
+    assert motion.sequence.seq.shape[1] <= 160 and len(motion.buffer) <= 160
+    assert motion.output == 990
+
+
+def test_blink_schedule_follows_upstream() -> None:
+    draws = iter([60, 70, 80, 90, 100])
+    idx = blink_schedule(300, 15, 0, lambda lo, hi: next(draws))
+    # start 60, guard 70: blinks at 60, 60+15+80=155; 155+15+90=260 >= 300-70: stop.
+    assert list(np.flatnonzero(idx == 1)) == [61, 156]
+    assert np.array_equal(idx[60:75], np.arange(15)) and idx[75] == 0
+    assert not blink_schedule(300, 15, -1, None).any()  # type: ignore[arg-type]
+    fixed = blink_schedule(200, 15, [20, 30], None)  # type: ignore[arg-type]
+    # Gaps cycle 30, 20, 30 ... after the first start (20); the guard is the last (30).
+    assert list(np.flatnonzero(fixed == 1)) == [21, 66, 101, 146]
+    # A short clip never blinks: the first blink would end within the guard interval.
+    assert not blink_schedule(120, 15, 0, lambda lo, hi: 60).any()
+
+
+def test_offline_blinks_wait_until_the_clip_is_long_enough() -> None:
+    cfg = random_checkpoint.make_cfg()
+    pcfg = PipelineConfig.from_cfg(cfg, "offline")
+    blinks = Blinks(pcfg, lambda lo, hi: 60)  # start 60, guard 60, gaps of 60
+    assert blinks.ready(100, known_frames=100, total=None) == 60  # fate of 60.. unknown
+    assert blinks.ready(100, known_frames=121, total=None) == 100
+    rows = blinks.rows(0, 100)
+    assert rows is not None and np.array_equal(rows[60:75], np.arange(15))
+    # A clip of 120 frames ends within the guard: upstream drops the blink.
+    assert not blinks.rows(0, 120, total=120).any()  # type: ignore[union-attr]
+    online = Blinks(PipelineConfig.from_cfg(cfg, "online"), lambda lo, hi: 60)
+    assert online.ready(100, 0, None) == 100  # a 3000-frame schedule, drawn at the start
+
+
+def test_stitch_scales_deltas_and_applies_controls() -> None:
+    cfg = random_checkpoint.make_cfg()
+    pcfg = PipelineConfig.from_cfg(cfg, "offline")
+    assert pcfg.template is not None and pcfg.overall_ctrl == {"delta_pitch": 2.0}
+    rng = np.random.default_rng(4)
+    source = StitchSource.from_info(fake_info(rng))
+    d0 = info_to_vector(source.info)
+    same = driving_keypoints(pcfg, source, d0[None], d0, np.array([0]))
+    moved = d0.copy()
+    moved[1:67] += rng.standard_normal(66).astype(np.float32)
+    changed = driving_keypoints(pcfg, source, moved[None], d0, np.array([0]))
+    assert same.shape == changed.shape == (1, 21, 3)
+    assert not np.allclose(same, changed)
+    # No controls, no blink delta, no template: the avatar's own keypoints come back.
+    plain = PipelineConfig.from_cfg({}, "offline")
+    assert np.allclose(driving_keypoints(plain, source, d0[None], d0, None), source.x_s,
+                       atol=1e-5)
+
+
+def test_cfg_modes_and_overrides() -> None:
+    cfg = random_checkpoint.make_cfg()
+    offline = PipelineConfig.from_cfg(cfg, "offline")
+    online = PipelineConfig.from_cfg(cfg, "online", overrides={"sampling_timesteps": 8})
+    assert (offline.motion.overlap, offline.motion.online) == (10, False)
+    assert (online.motion.overlap, online.motion.online, online.sampling_timesteps) == (
+        70, True, 8)
+    assert online.overrides["sampling_timesteps"][1] == 8
+    assert not offline.unhonoured
+    cfg["default_kwargs"]["ctrl_info"] = {3: {"fade_alpha": 0.5}}
+    cfg["default_kwargs"]["overall_ctrl_info"] = {"delta_pitch": 2, "vad_alpha": 0.5}
+    pcfg = PipelineConfig.from_cfg(cfg, "offline")
+    assert pcfg.unhonoured == ("ctrl_info", "overall_ctrl_info.vad_alpha")
+    assert pcfg.overall_ctrl == {"delta_pitch": 2.0}
+
+
+# ----------------------------------------------------------------------- the stream
 
 
 class _FakeLMDM:
     seq_frames = 80
+    motion_feat_dim = MOTION_DIM
+    n_timestep = 1000
 
 
 class _FakeEngine:
     """Duck-typed engine: cheap, deterministic stand-ins for the heavy calls."""
 
     lmdm = _FakeLMDM()
-
-    def audio_features(self, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
-        padded = np.zeros(end * SAMPLES_PER_FRAME, np.float32)
-        padded[: min(len(pcm), len(padded))] = pcm[: len(padded)]
-        per_frame = padded.reshape(end, SAMPLES_PER_FRAME).mean(axis=1)
-        return per_frame[start:end, None].repeat(4, axis=1)
-
-    def conditions(self, feats: np.ndarray, avatar, start: int) -> np.ndarray:
-        return feats
-
+    cfg = None
+    condition_dim = 4 + 1024
     fps = 25
     max_batch = 16  # frames per render batch: the stream queues whole batches between windows
 
-    def sample_window(self, reference, cond, generator: torch.Generator, due=None) -> np.ndarray:
-        noise = torch.randn(1, 80, MOTION_DIM, generator=generator).numpy() * 1e-3
-        return linear_sampler(reference, cond) + noise
+    def __init__(self, mode: str = "offline"):
+        self.pcfg = PipelineConfig.from_cfg(None, mode, overrides={"sampling_timesteps": 3})
+        self.step_noises: list[np.ndarray] = []
 
-    def driving_keypoints(self, avatar, motion, first_motion) -> np.ndarray:
-        return (motion - first_motion)[:, :63].reshape(-1, 21, 3)
+    def pipeline(self, mode=None):
+        return self.pcfg
+
+    def preroll_features(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, 1024), np.float32)
+
+    def audio_features(self, pcm: np.ndarray, start: int, end: int, base: int = 0
+                       ) -> np.ndarray:
+        # Frame f's mean; `pcm` holds the clip from sample `base` on (the stream drops
+        # audio it no longer needs, never audio a chunk with its lead still reads).
+        assert base == 0 or base <= start * SAMPLES_PER_FRAME - HUBERT_LEAD
+        rows = []
+        for f in range(start, end):
+            segment = pcm[f * SAMPLES_PER_FRAME - base : (f + 1) * SAMPLES_PER_FRAME - base]
+            rows.append(segment.sum() / SAMPLES_PER_FRAME)
+        return np.array(rows, np.float32).reshape(-1, 1).repeat(1024, axis=1)
+
+    def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
+        self.step_noises.append(step_noise)
+        return linear_sampler(reference, cond) + x_init * 1e-3
+
+    def driving_keypoints(self, avatar, pcfg, motion, d0, blink_rows) -> np.ndarray:
+        return (motion - d0)[:, :63].reshape(-1, 21, 3)
 
     def submit_frames(self, avatar, x_d, deadlines=None, first_alone=False) -> list[Future]:
         futures = []
@@ -128,16 +292,20 @@ class _FakeEngine:
         return futures
 
 
-def _render_stream(pcm: np.ndarray, chunk: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(3)
-    avatar = DittoAvatar(
+def _avatar() -> DittoAvatar:
+    return DittoAvatar(
         image=np.zeros((8, 8, 3), np.uint8),
         crop_box=(0, 0, 8),
         feature_3d=torch.zeros(1),
-        source_info=fake_info(rng),
+        source_info=fake_info(np.random.default_rng(3)),
         x_s=np.zeros((1, 21, 3), np.float32),
     )
-    stream = DittoStream(_FakeEngine(), avatar, seed=7)  # type: ignore[arg-type]
+
+
+def _render_stream(pcm: np.ndarray, chunk: int, mode: str = "offline", seed: int = 7,
+                   engine: _FakeEngine | None = None) -> list[np.ndarray]:
+    engine = engine or _FakeEngine(mode)
+    stream = DittoStream(engine, _avatar(), seed=seed, mode=mode)  # type: ignore[arg-type]
     frames = []
     for i in range(0, len(pcm), chunk):
         frames += stream.push(pcm[i : i + chunk])
@@ -145,33 +313,98 @@ def _render_stream(pcm: np.ndarray, chunk: int) -> list[np.ndarray]:
     return frames
 
 
-def test_stream_frames_do_not_depend_on_chunking() -> None:
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_stream_frames_do_not_depend_on_chunking(mode: str) -> None:
     seconds = 7.3
     pcm = np.sin(np.arange(int(seconds * 16000)) / 37.0).astype(np.float32) * 0.3
-    whole = _render_stream(pcm, len(pcm))
-    chunked = _render_stream(pcm, 3217)
+    whole = _render_stream(pcm, len(pcm), mode)
+    chunked = _render_stream(pcm, 3217, mode)
     assert len(whole) == len(chunked) == round(seconds * 25)
     for a, b in zip(whole, chunked, strict=True):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_stream_seed_decides_the_frames_and_step_noise_is_reused(mode: str) -> None:
+    pcm = np.sin(np.arange(3 * 16000) / 11.0).astype(np.float32) * 0.3
+    engine = _FakeEngine(mode)
+    a = _render_stream(pcm, 4000, mode, seed=5, engine=engine)
+    # Upstream draws the per-step noise once and reuses it for every window.
+    assert len(engine.step_noises) > 1
+    assert all(n is engine.step_noises[0] for n in engine.step_noises)
+    assert engine.step_noises[0].shape == (2, 80, MOTION_DIM)
+    b = _render_stream(pcm, 640, mode, seed=5)  # a requeued job: same frames
+    c = _render_stream(pcm, 4000, mode, seed=6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
 def test_stream_emits_before_finish() -> None:
     pcm = np.zeros(16000 * 5, np.float32)  # 125 frames: one window is final early
-    rng = np.random.default_rng(0)
-    avatar = DittoAvatar(
-        np.zeros((8, 8, 3), np.uint8),
-        (0, 0, 8),
-        torch.zeros(1),
-        fake_info(rng),
-        np.zeros((1, 21, 3), np.float32),
-    )
-    stream = DittoStream(_FakeEngine(), avatar, seed=1)  # type: ignore[arg-type]
+    stream = DittoStream(_FakeEngine(), _avatar(), seed=1, mode="offline")  # type: ignore[arg-type]
     early = list(stream.push(pcm))
-    assert len(early) == 70  # frames before the first window's overlap
+    assert len(early) == 69  # settled frames but the last (the final smoothing's look-ahead)
     assert len(early) + len(list(stream.finish())) == 125
 
 
-def test_stream_without_audio_gives_no_frames() -> None:
-    assert _render_stream(np.zeros(0, np.float32), 640) == []
+def test_online_stream_first_frame_after_22_frames_of_audio() -> None:
+    stream = DittoStream(_FakeEngine("online"), _avatar(), seed=1, mode="online")  # type: ignore[arg-type]
+    assert list(stream.push(np.zeros(21 * SAMPLES_PER_FRAME, np.float32))) == []
+    assert len(list(stream.push(np.zeros(SAMPLES_PER_FRAME, np.float32)))) == 10
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_stream_without_audio_gives_no_frames(mode: str) -> None:
+    assert _render_stream(np.zeros(0, np.float32), 640, mode) == []
     # Less than half a frame of audio rounds to zero frames as well.
-    assert _render_stream(np.zeros(300, np.float32), 640) == []
+    assert _render_stream(np.zeros(300, np.float32), 640, mode) == []
+    assert len(_render_stream(np.zeros(5 * 640, np.float32), 640, mode)) == 5
+
+
+def test_feature_motion_without_cfg_pads_zero_controls() -> None:
+    pcfg = PipelineConfig.from_cfg(None, "offline")
+    seen = []
+    motion = FeatureMotion(pcfg, None, None, np.zeros(MOTION_DIM, np.float32),
+                           lambda r, c: seen.append(c.shape) or np.zeros((80, MOTION_DIM)),
+                           condition_dim=1059)
+    out = motion.finish(0)
+    assert len(out) == 0
+    motion.push(np.zeros((100, 1024), np.float32))
+    assert seen[0] == (80, 1059)
+
+
+class _FakeSession:
+    """onnxruntime's surface for `_hubert_features`: (1,6480) -> (1,20,1024) from the chunk."""
+
+    class _Input:
+        name = "audio"
+
+    def get_inputs(self):
+        return [self._Input()]
+
+    def run(self, outputs, feeds):
+        chunk = feeds["audio"].reshape(20, -1)[:, :324]
+        return [np.repeat(chunk.sum(axis=1, keepdims=True), 1024, axis=1)[None]]
+
+
+def test_hubert_features_from_the_recent_audio_only() -> None:
+    """A long stream keeps only recent audio: features from a tail of the clip equal the
+    features from the whole clip."""
+    pcm = np.sin(np.arange(30 * SAMPLES_PER_FRAME) / 9.0).astype(np.float32)
+    session = _FakeSession()
+    whole = _hubert_features(session, pcm, 10, 27)
+    base = 10 * SAMPLES_PER_FRAME - HUBERT_LEAD
+    tail = _hubert_features(session, pcm[base:], 10, 27, base)
+    np.testing.assert_array_equal(whole, tail)
+    assert whole.shape == (17, 1024) and np.abs(whole).max() > 0
+    with pytest.raises(ValueError, match="cannot give"):
+        _hubert_features(session, pcm[base + 1 :], 10, 27, base + 1)
+
+
+def test_long_stream_keeps_little_audio() -> None:
+    engine = _FakeEngine("online")
+    stream = DittoStream(engine, _avatar(), seed=1, mode="online")  # type: ignore[arg-type]
+    for _ in range(40):  # 40 s
+        list(stream.push(np.zeros(16000, np.float32)))
+    # Trimmed in steps of 16 encoder windows (6.5 s), never to less than a chunk needs.
+    assert len(stream.pcm) < 8 * 16000 and stream.samples == 40 * 16000

@@ -9,10 +9,13 @@ graphs, torch.compile) are resolved here, once the device is known.
 
 What runs: registration (face detection, landmarks, the landmark-based crop; see
 registration.py), source features once per avatar, HuBERT audio features, the condition
-handler (conditions.py), motion generation over 80-frame LMDM windows with overlap 10,
-motion clipping and stitching (relative driving motion, lip/eye expression mix, gaze fix,
-stitching network), keypoint transform, warp, decode and paste-back into the source image.
-Per-frame work goes through batchers (batcher.py) shared by every stream of the worker.
+handler (conditions.py) on the cfg's template ``ch_info``, motion generation in
+upstream's offline or online scheme (generator.py, motion_gen.py; the ``mode`` option or
+`open_stream(..., mode=)`), motion clipping and stitching (pipeline.py: relative driving
+motion scaled to the template, lips driven, scripted blinks, ``overall_ctrl_info``, gaze
+fix; then the stitching network), keypoint transform, warp, decode and paste-back into
+the source image. Per-frame work and LMDM windows go through batchers (batcher.py)
+shared by every stream of the worker.
 
 Random-weights mode has no aux models, HuBERT file or cfg: it registers with a centred
 square crop and feeds zero audio features and zero control dims, which is enough to
@@ -51,12 +54,15 @@ from ..images import decode_image
 from ..options import as_options
 from . import checkpoints, conditions, networks, random_checkpoint, synthetic
 from .batcher import Batcher, drain_futures
+from .generator import Blinks, FeatureMotion
 from .graphs import GraphedCall
-from .keypoints import bins_to_degrees, transform_keypoints
+from .keypoints import transform_keypoints
 from .lmdm import LMDM, ddim_time_pairs
-from .motion_gen import WindowedMotion, info_to_vector, vectors_to_info
+from .motion_gen import info_to_vector
 from .networks import module_state_template
-from .options import DittoOptions
+from .options import MODES, DittoOptions
+from .pipeline import PipelineConfig, StitchSource, job_randint
+from .pipeline import driving_keypoints as pipeline_driving_keypoints
 from .registration import CROP_SIZE as FACE_SIZE
 from .registration import PasteBack, Registrar, RegistrationError
 from .serving import rewrite_for_serving
@@ -68,11 +74,10 @@ AUDIO_DIM = 1024
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 CROP_SIZE = 256
 MAX_SIDE = 4096
-# Expression rows driven by the generated motion (lips and eyes); the rest stay the source's.
-_LIP_ROWS = (6, 12, 14, 17, 19, 20)
-_EYE_ROWS = (11, 13, 15, 16, 18)
 HUBERT_CHUNK = (3, 5, 2)  # frames of left context, produced, look-ahead
 LOOKAHEAD = HUBERT_CHUNK[2]
+HUBERT_WINDOW = sum(HUBERT_CHUNK) * SAMPLES_PER_FRAME + 80  # 6480 samples per chunk
+HUBERT_LEAD = HUBERT_WINDOW - (HUBERT_CHUNK[1] + HUBERT_CHUNK[2]) * SAMPLES_PER_FRAME  # 2000
 RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
 
 
@@ -87,6 +92,11 @@ class DittoAvatar:
     x_s: np.ndarray  # (1,21,3) source keypoints
     paster: PasteBack | None = None  # blends decoded faces into `image`, on the device
     cond_source: conditions.ConditionSource | None = None  # for the condition handler
+    stitch_source: StitchSource | None = None  # the avatar's side of the motion stitch
+
+    def __post_init__(self) -> None:
+        if self.stitch_source is None:
+            self.stitch_source = StitchSource.from_info(self.source_info)
 
 
 class DittoEngine(AvatarEngine):
@@ -108,7 +118,6 @@ class DittoEngine(AvatarEngine):
         self.seed = opts.seed
         self.render_dtype = networks.DTYPES[opts.dtype]
         cuda = device.startswith("cuda")
-        self.sampling_timesteps = opts.sampling_timesteps
         self.cache_size = opts.cache_size
         # Frames per warp + decode batch (across all of this worker's streams) and LMDM
         # windows per sampling batch; the wait bounds how long a lone item waits for company.
@@ -144,6 +153,7 @@ class DittoEngine(AvatarEngine):
                 raise checkpoints.CheckpointError(f"{checkpoints.CFG_RELPATH}: {exc}") from None
 
         self.models: dict[str, torch.nn.Module] = self._load_networks(lmdm_config, progress)
+        self._setup_pipelines(opts)
         self.serving_layers = opts.serving_layers
         self.compiled = cuda and opts.compile is not False
         self._prepare_render_networks(cudnn_benchmark=cuda and opts.cudnn_benchmark)
@@ -161,7 +171,10 @@ class DittoEngine(AvatarEngine):
         if not self.random_weights:
             self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
             flags = conditions.handler_flags(self.cfg)
-            eyes = flags["use_eye_open"] or flags["use_eye_ball"]
+            # With a template (ch_info) upstream conditions on the template's eyes and
+            # never reads the avatar's: registration then needs no mediapipe.
+            eyes = (flags["use_eye_open"] or flags["use_eye_ball"]) and all(
+                p.template is None for p in self.pipelines.values())
             self.registrar = Registrar.from_checkpoint(weights, self.cfg, device, eyes=eyes)
         self._load_s = time.perf_counter() - t0
         self._warmup_s = 0.0
@@ -178,6 +191,48 @@ class DittoEngine(AvatarEngine):
             self._memory_bytes = torch.cuda.max_memory_allocated(device) - mem0
         else:
             self._memory_bytes = max(rss_bytes() - mem0, 0)
+
+    def _setup_pipelines(self, opts: DittoOptions) -> None:
+        """Upstream's setup settings per mode: the cfg's default_kwargs (nothing in random
+        mode), the other mode's scheme where the cfg was written for one, and the options
+        that override them. Keys we do not reproduce are warned about once, here."""
+        overrides = {"sampling_timesteps": opts.sampling_timesteps}
+        self.pipelines = {
+            mode: PipelineConfig.from_cfg(self.cfg, mode, self.lmdm.seq_frames, overrides)
+            for mode in MODES
+        }
+        self.mode = opts.mode
+        for mode, pcfg in self.pipelines.items():
+            pairs = ddim_time_pairs(pcfg.sampling_timesteps, self.lmdm.n_timestep)
+            for t, t_next in pairs:
+                if t_next >= 0 and not all(
+                    torch.isfinite(v) for v in self.lmdm.step_coefficients(t, t_next)
+                ):
+                    raise ValueError(
+                        f"{pcfg.sampling_timesteps} DDIM steps ({mode} mode): upstream's "
+                        f"float32 step factors are NaN at ({t}, {t_next}) (5 steps is one "
+                        "such count); choose another sampling_timesteps"
+                    )
+        pcfg = self.pipelines[self.mode]
+        self.sampling_timesteps = pcfg.sampling_timesteps
+        self.unhonoured = pcfg.unhonoured
+        if self.unhonoured:
+            log.warning("ditto cfg: default_kwargs keys not reproduced (upstream would act on "
+                        "them): %s", ", ".join(self.unhonoured))
+        for line in pcfg.describe_overrides():
+            self._log(f"{self.mode} mode: option overrides the cfg: {line}")
+        self._preroll: np.ndarray | None = None
+
+    def pipeline(self, mode: str | None = None) -> PipelineConfig:
+        return self.pipelines[mode or self.mode]
+
+    def preroll_features(self, rows: int) -> np.ndarray:
+        """Online mode's silence pre-roll: the features of `rows` frames of zero audio
+        (upstream: `wav2feat` of rows x 640 zero samples), computed once."""
+        if self._preroll is None or len(self._preroll) != rows:
+            self._preroll = self.audio_features(
+                np.zeros(rows * SAMPLES_PER_FRAME, np.float32), 0, rows)
+        return self._preroll
 
     def _load_networks(self, lmdm_config: dict[str, Any],
                        progress: ProgressFn) -> dict[str, torch.nn.Module]:
@@ -245,15 +300,20 @@ class DittoEngine(AvatarEngine):
             )
             self._warm_up_render()
         if self.cuda_graphs:
+            # Both modes' step counts: a live session (online) on a worker whose default
+            # is offline must not pay a graph capture mid-stream.
             seq, dim = self.lmdm.seq_frames, self.lmdm.motion_feat_dim
-            window = (
-                np.zeros(dim, np.float32),
-                np.zeros((seq, self.condition_dim), np.float32),
-                np.zeros((seq, dim), np.float32),
-                np.zeros((self.noise_steps, seq, dim), np.float32),
-            )
-            for n in self.window_buckets:
-                self._sample_items([window] * n)
+            counts = {noise_steps(p.sampling_timesteps, self.lmdm.n_timestep)
+                      for p in self.pipelines.values()}
+            for count in sorted(counts):
+                window = (
+                    np.zeros(dim, np.float32),
+                    np.zeros((seq, self.condition_dim), np.float32),
+                    np.zeros((seq, dim), np.float32),
+                    np.zeros((count, seq, dim), np.float32),
+                )
+                for n in self.window_buckets:
+                    self._sample_items([window] * n)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
 
@@ -303,7 +363,19 @@ class DittoEngine(AvatarEngine):
                 "output is noise; for testing the loading path only"
             )
         notes.append(f"render dtype {str(self.render_dtype).removeprefix('torch.')}")
-        notes.append(f"{self.sampling_timesteps} DDIM steps")
+        for mode in MODES:
+            pcfg = self.pipelines[mode]
+            default = " (default)" if mode == self.mode else ""
+            notes.append(f"{mode}{default}: {pcfg.sampling_timesteps} DDIM steps, overlap "
+                         f"{pcfg.motion.overlap}")
+            if mode == self.mode and pcfg.overrides:
+                notes.append("options override the cfg: " + ", ".join(pcfg.describe_overrides()))
+        if self.cfg is not None:
+            pcfg = self.pipelines[self.mode]
+            notes.append("template ch_info" if pcfg.template is not None
+                         else "no ch_info: the avatar is its own template")
+        if self.unhonoured:
+            notes.append("cfg keys NOT reproduced: " + ", ".join(self.unhonoured))
         notes.append(f"batches of <= {self.max_batch} frames, <= {self.max_windows} windows")
         if self.serving_layers:
             notes.append("serving layers")
@@ -396,61 +468,58 @@ class DittoEngine(AvatarEngine):
         """Portraits this engine's cache holds (the worker reports it in heartbeats)."""
         return len(self._cache)
 
-    def open_stream(self, state: AvatarState, seed: int) -> DittoStream:
+    def open_stream(self, state: AvatarState, seed: int, mode: str | None = None
+                    ) -> DittoStream:
+        """A job's stream; `mode` "offline" or "online" (default: the `mode` option; live
+        sessions ask for "online")."""
         if not isinstance(state.payload, DittoAvatar):
             raise EngineInputError("avatar", "was not registered with the ditto engine")
-        return DittoStream(self, state.payload, int(seed))
+        if mode is not None and mode not in MODES:
+            raise EngineInputError("mode", f"must be one of {MODES}, got {mode!r}")
+        return DittoStream(self, state.payload, int(seed), mode or self.mode)
 
     # ------------------------------------------------------------------ per-frame maths
-    def audio_features(self, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
-        """(end-start, 1024) features of frames [start, end) of the clip `pcm` (16 kHz)."""
+    def audio_features(self, pcm: np.ndarray, start: int, end: int, base: int = 0
+                       ) -> np.ndarray:
+        """(end-start, 1024) features of frames [start, end) of a clip (16 kHz) of which
+        `pcm` holds the samples from index `base` on (0, or at least `HUBERT_LEAD` samples
+        before the first chunk read, so a long stream keeps only its recent audio)."""
         if self._hubert is None:
             # Random-weights mode has no HuBERT file: zero features (see report notes).
             return np.zeros((end - start, AUDIO_DIM), np.float32)
-        return _hubert_features(self._hubert, pcm, start, end)
-
-    def conditions(self, audio_features: np.ndarray, avatar: DittoAvatar, start: int
-                   ) -> np.ndarray:
-        """(N, condition_dim) LMDM conditions of clip frames start..start+N-1: audio
-        features + the condition handler's control dims (emotion, eyes, source keypoints,
-        as the cfg enables them). Random-weights mode has no cfg: zeros."""
-        if self.cfg is None or avatar.cond_source is None:
-            controls = np.zeros((len(audio_features), self.condition_dim - AUDIO_DIM), np.float32)
-            return np.concatenate([audio_features, controls], axis=1)
-        return conditions.build_condition(audio_features, self.cfg, avatar.cond_source, start)
+        return _hubert_features(self._hubert, pcm, start, end, base)
 
     @property
     def noise_steps(self) -> int:
-        """Noise draws per DDIM run after the initial one (every step but the last)."""
-        return len(ddim_time_pairs(self.sampling_timesteps, self.lmdm.n_timestep)) - 1
+        """Noise draws per DDIM run of the default mode after the initial one (every step
+        but the last)."""
+        return noise_steps(self.sampling_timesteps, self.lmdm.n_timestep)
 
     def sample_window(
         self,
         reference: np.ndarray,
         cond: np.ndarray,
-        generator: torch.Generator,
+        x_init: np.ndarray,
+        step_noise: np.ndarray,
         deadline_s: float | None = None,
     ) -> np.ndarray:
-        """One DDIM run of the LMDM: (1,265) reference, (1,80,1059) -> (1,80,265). The
-        noise is drawn here, from the stream's own generator and in upstream's order
-        (start, then one per step), so a window does not depend on which other streams'
-        windows share its batch."""
-        shape = (1, cond.shape[1], self.lmdm.motion_feat_dim)
-        x_init = torch.randn(shape, generator=generator)
-        noises = [torch.randn(shape, generator=generator) for _ in range(self.noise_steps)]
-        noise = torch.cat(noises).numpy() if noises else np.zeros((0,) + shape[1:], np.float32)
-        item = (reference.reshape(-1), cond[0], x_init[0].numpy(), noise)
+        """One DDIM run of the LMDM: (265,) reference, (80,C) condition, (80,265) initial
+        x and (S-1,80,265) per-step noise -> (80,265). The stream owns the randomness, so a
+        window does not depend on which other streams' windows share its batch."""
+        item = (np.asarray(reference, np.float32).reshape(-1), np.asarray(cond, np.float32),
+                np.asarray(x_init, np.float32), np.asarray(step_noise, np.float32))
         deadline = [deadline_s] if deadline_s is not None else None
         future = self._window_batcher.submit([item], deadline)[0]
-        return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))[None]
+        return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))
 
     def _ddim_eager(
         self, cond_frame: torch.Tensor, cond: torch.Tensor, x_init: torch.Tensor,
         noises: torch.Tensor,
     ) -> torch.Tensor:
-        return self.lmdm.ddim_sample(
-            cond_frame, cond, self.sampling_timesteps, x_init=x_init, noises=list(noises)
-        )
+        # The step count is in the noise's shape (one draw per step but the last), so
+        # each count is its own graph and modes with different counts can share a batcher.
+        steps = noises.shape[0] + 1
+        return self.lmdm.ddim_sample(cond_frame, cond, steps, x_init=x_init, noises=list(noises))
 
     def _sample_items(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
         """A batch of windows: (reference, cond, x_init, noises) each -> (80,265) each.
@@ -463,8 +532,22 @@ class DittoEngine(AvatarEngine):
         with torch.cuda.stream(self._lmdm_stream):
             return self._sample_on_current_stream(items)
 
-    @torch.inference_mode()
     def _sample_on_current_stream(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+        # Windows of streams in different modes may run different step counts: one DDIM
+        # run per count.
+        counts = sorted({item[3].shape[0] for item in items})
+        if len(counts) == 1:
+            return self._sample_group(items)
+        out: list[np.ndarray | None] = [None] * len(items)
+        for count in counts:
+            index = [i for i, item in enumerate(items) if item[3].shape[0] == count]
+            for i, window in zip(index, self._sample_group([items[i] for i in index]),
+                                 strict=True):
+                out[i] = window
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _sample_group(self, items: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
         dev = self.device
         ref = torch.from_numpy(np.stack([i[0] for i in items])).to(dev)
         cond = torch.from_numpy(np.stack([i[1] for i in items])).to(dev)
@@ -478,32 +561,18 @@ class DittoEngine(AvatarEngine):
         return list(networks.to_numpy(self._ddim(ref, cond, x_init, noises)[:n]))
 
     def driving_keypoints(
-        self, avatar: DittoAvatar, motion: np.ndarray, first_motion: np.ndarray
+        self, avatar: DittoAvatar, pcfg: PipelineConfig, motion: np.ndarray,
+        d0: np.ndarray | None, blink_rows: np.ndarray | None,
     ) -> np.ndarray:
-        """Motion stitch for an image source, for N frames at once: driving motion
-        (N,265) relative to the first generated frame, lips and eyes from the driving
-        expression, gaze correction, then the stitching network. Returns x_d (N,21,3)."""
-        motion = np.asarray(motion, np.float32).reshape(-1, self.lmdm.motion_feat_dim)
-        if self.cfg is not None:
-            # The cfg's per-dim motion limits apply where motion becomes keypoints (the
-            # windows keep the unclipped motion for their reference frame).
-            motion = conditions.clip_motion(motion, self.cfg)
-            first_motion = conditions.clip_motion(first_motion, self.cfg)
-        n = len(motion)
-        src = avatar.source_info
-        drv = vectors_to_info(motion)
-        d0 = vectors_to_info(np.asarray(first_motion, np.float32).reshape(1, -1))
-        info = {key: np.repeat(value, n, axis=0) for key, value in src.items()}
-        for key in ("exp", "pitch", "yaw", "roll", "t"):
-            info[key] = src[key] + (drv[key] - d0[key])
-        rows = np.zeros((21, 3), np.float32)
-        rows[list(_LIP_ROWS + _EYE_ROWS)] = 1
-        mix = rows.reshape(1, -1)
-        info["exp"] = info["exp"] * mix + src["exp"] * (1 - mix)
-        info["exp"] = _fix_gaze(info, src)
-        x_d = transform_keypoints(info)
-        x_s = np.repeat(avatar.x_s, n, axis=0)
-        return networks.stitch(self.models["stitch_network"], x_s, x_d)
+        """Motion stitch for an image source, N clipped frames at once (pipeline.py:
+        relative motion scaled to the template, lips driven, scripted blinks, overall
+        controls, gaze fix), then the stitching network. Returns x_d (N,21,3)."""
+        source = avatar.stitch_source
+        x_d = pipeline_driving_keypoints(pcfg, source, motion, d0, blink_rows)
+        if not pcfg.flag_stitching or not len(x_d):
+            return x_d
+        return networks.stitch(self.models["stitch_network"],
+                               np.repeat(source.x_s, len(x_d), axis=0), x_d)
 
     def submit_frames(
         self,
@@ -611,18 +680,9 @@ def _lmdm_config_from_cfg(cfg: Any) -> dict[str, Any]:
     return {k: int(section[k]) for k in keys if k in section}
 
 
-def _fix_gaze(info: dict[str, np.ndarray], src: dict[str, np.ndarray]) -> np.ndarray:
-    """Shift the eye-ball expression entries with the head's yaw/pitch change so the gaze
-    follows the head (upstream's ratios and coefficients), for N frames at once."""
-    exp = info["exp"].copy()
-    dx = (bins_to_degrees(info["yaw"]) - float(bins_to_degrees(src["yaw"])[0])) * 0.26
-    dy = (bins_to_degrees(info["pitch"]) - float(bins_to_degrees(src["pitch"])[0])) * 0.28
-    right = dx > 0
-    exp[:, 33] += dx * np.where(right, 0.0007, 0.001)
-    exp[:, 45] += dx * np.where(right, 0.001, 0.0007)
-    exp[:, 34] += dy * -0.001
-    exp[:, 46] += dy * -0.001
-    return exp
+def noise_steps(sampling_timesteps: int, n_timestep: int = 1000) -> int:
+    """Per-step noise draws of a DDIM run: every step but the last."""
+    return len(ddim_time_pairs(sampling_timesteps, n_timestep)) - 1
 
 
 def _powers_of_two(limit: int) -> list[int]:
@@ -648,21 +708,47 @@ def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class DittoStream(AvatarStream):
-    """One job. Audio -> conditions -> LMDM windows (80 frames, a new one every 70) ->
-    frames. A window runs once the audio it needs (its frames plus the encoder's
-    look-ahead) has arrived, and a frame is emitted once no later window can change its
-    motion, so the output does not depend on how the audio was chunked. The offline
-    pipeline's final whole-clip smoothing pass is not applied (it would make early frames
-    depend on later audio)."""
+    """One job. Audio -> HuBERT features -> motion (generator.py: upstream's offline or
+    online scheme) -> motion stitch -> frames.
 
-    def __init__(self, engine: DittoEngine, avatar: DittoAvatar, seed: int):
+    Features are computed as soon as the audio they need has arrived (a chunk of 5 frames
+    needs the encoder's 2 frames of look-ahead) and fed to the motion generator in steps
+    of one window's new frames, so windows run as audio arrives and frames render while
+    the next window samples. Values do not depend on how the audio was chunked.
+
+    Randomness is the job's own (seeded by `seed`, so a requeued job renders the same
+    frames): the per-step DDIM noise is drawn once and reused for every window, each
+    window draws its initial x (upstream's order), and blinks come from a python
+    generator of the job's."""
+
+    def __init__(self, engine: DittoEngine, avatar: DittoAvatar, seed: int, mode: str):
         self.engine = engine
         self.avatar = avatar
         self.seed = seed
-        self.motion = WindowedMotion(
-            info_to_vector(avatar.source_info), seq_frames=engine.lmdm.seq_frames, overlap=10
-        )
-        self.pcm = np.zeros(0, np.float32)
+        self.mode = mode
+        self.pcfg = pcfg = engine.pipeline(mode)
+        lmdm = engine.lmdm
+        self._generator = torch.Generator().manual_seed(seed % 2**64)
+        shape = (lmdm.seq_frames, lmdm.motion_feat_dim)
+        self._step_noise = torch.randn(
+            (noise_steps(pcfg.sampling_timesteps, lmdm.n_timestep), *shape),
+            generator=self._generator,
+        ).numpy()
+        self._window_shape = shape
+        self.blinks = Blinks(pcfg, job_randint(seed))
+        if pcfg.template is not None:
+            template, cond_source = pcfg.template.vector, pcfg.template.condition_source()
+        else:
+            template, cond_source = info_to_vector(avatar.source_info), avatar.cond_source
+        preroll = engine.preroll_features(pcfg.motion.overlap) if pcfg.motion.online else None
+        self.motion = FeatureMotion(pcfg, engine.cfg, cond_source, template, self._sample,
+                                    preroll, engine.condition_dim)
+        self.pcm = np.zeros(0, np.float32)  # the job's audio from sample `pcm_base` on
+        self.pcm_base = 0
+        self.samples = 0  # audio samples received
+        self.features = 0  # feature rows fed to the motion generator
+        self._motion: list[np.ndarray] = []  # clipped motion of frames not yet stitched
+        self.motion_frames = 0  # frames of final motion received
         self.emitted = 0  # frames submitted for rendering
         self.handed_out = 0  # frames given to the caller
         self._queued: deque = deque()  # futures of submitted frames not yet handed out
@@ -671,62 +757,79 @@ class DittoStream(AvatarStream):
         self.started = time.monotonic()
         self.fps = engine.fps
 
+    def _sample(self, reference: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        x_init = torch.randn(self._window_shape, generator=self._generator).numpy()
+        due = self.started + self.emitted / self.fps
+        return self.engine.sample_window(reference, cond, x_init, self._step_noise, due)
+
+    def _feature_limit(self, final: bool, total: int) -> int:
+        """Feature rows whose values the audio so far fixes: whole chunks of 5 frames
+        with the encoder's look-ahead behind them (all of them at the end)."""
+        if final:
+            return total
+        mid = HUBERT_CHUNK[1]
+        known = self.samples // SAMPLES_PER_FRAME - LOOKAHEAD
+        return max(known - known % mid, self.features)
+
     def _frames(self, final: bool) -> Iterator[np.ndarray]:
-        """Run every LMDM window the audio so far allows and hand out frames in order.
-
-        A window's settled frames are queued for rendering as soon as it is sampled, so
-        they render while the next window samples; frames already finished are handed out
-        between windows, and the stream's very first frame is waited for there, so it
-        leaves before the later windows of a long clip have sampled."""
-        frames_known = len(self.pcm) // SAMPLES_PER_FRAME
-        total = round(len(self.pcm) / SAMPLES_PER_FRAME) if final else frames_known
-        seq = self.motion.seq_frames
-
-        def window_ready(start: int) -> bool:
-            return start < total and (final or start + seq + LOOKAHEAD <= frames_known)
-
-        while True:
-            start = self.motion.next_start()
-            if not window_ready(start):
-                break
-            end = min(start + seq, total) if final else start + seq
-            # Audio up to the window's end plus the encoder's look-ahead: the same slice
-            # whatever the chunking, because a non-final window waits for all of it.
-            pcm = self.pcm[: (end + LOOKAHEAD) * SAMPLES_PER_FRAME]
-            feats = self.engine.audio_features(pcm, start, end)
-            cond = self.engine.conditions(feats, self.avatar, start)  # (end-start, 1059)
-            window_cond = self.motion.window_condition(cond, offset=start)
-            generator = torch.Generator().manual_seed(self.seed * 100003 + self.motion.windows)
-            due = self.started + start / self.fps
-            self.motion.add(
-                self.engine.sample_window(self.motion.reference, window_cond, generator, due)
-            )
-            # Never past the audio: the last window runs beyond the clip's end.
-            ready = min(self.motion.settled, total)
-            if window_ready(self.motion.next_start()):
-                # The next window samples right away: queue whole batches only and let the
-                # rest join its frames (a lone stream would pad a short batch to full size).
-                batch = self.engine.max_batch
-                ready = max(self.emitted, ready - (ready - self.emitted) % batch)
-            self._queue(ready)
+        """Feed the features the audio allows, one window's worth at a time, queue the
+        frames that became final and hand out finished ones in order; the stream's very
+        first frame is waited for, so it leaves before later windows sample."""
+        total = round(self.samples / SAMPLES_PER_FRAME) if final else None
+        limit = self._feature_limit(final, total or 0)
+        step = self.pcfg.motion.valid
+        while self.features < limit:
+            stop = min(self.features + step, limit)
+            rows = self.engine.audio_features(self.pcm, self.features, stop, self.pcm_base)
+            self.features = stop
+            self._drop_old_audio()
+            self._add_motion(self.motion.push(rows))
+            more = self.features < limit
+            self._queue(None, whole_batches=more)
             while self._queued and (self._queued[0].done() or self.handed_out == 0):
                 yield self._next_queued()
-        limit = min(total, self.motion.motion.shape[1]) if final else self.motion.settled
-        self._queue(limit)
+        if final:
+            self._add_motion(self.motion.finish(total))
+        self._queue(total, whole_batches=False)
         while self._queued:
             yield self._next_queued()
 
-    def _queue(self, limit: int) -> None:
-        """Submit frames [emitted, limit) for rendering; their futures wait in `_queued`."""
-        if self.emitted >= limit:
+    def _drop_old_audio(self) -> None:
+        """Keep only the audio that later feature chunks read (a live session runs for
+        hours): from `HUBERT_LEAD` samples before the chunk of the next feature row."""
+        first = self.features - self.features % HUBERT_CHUNK[1]
+        keep_from = first * SAMPLES_PER_FRAME - HUBERT_LEAD
+        if first and keep_from > self.pcm_base + 16 * HUBERT_WINDOW:  # not on every step
+            self.pcm = self.pcm[keep_from - self.pcm_base :]
+            self.pcm_base = keep_from
+
+    def _add_motion(self, frames: np.ndarray) -> None:
+        if len(frames):
+            self._motion.append(frames)
+            self.motion_frames += len(frames)
+
+    def _queue(self, total: int | None, whole_batches: bool) -> None:
+        """Stitch and submit the frames whose motion and blink row are known. With
+        `whole_batches`, more windows follow at once: queue only whole render batches
+        and let the rest join the next window's frames."""
+        known = self.samples // SAMPLES_PER_FRAME
+        ready = self.blinks.ready(self.motion_frames, known, total)
+        if whole_batches:
+            batch = self.engine.max_batch
+            ready = max(self.emitted, ready - (ready - self.emitted) % batch)
+        if ready <= self.emitted:
             return
-        motion = self.motion.motion[0]
-        x_d = self.engine.driving_keypoints(self.avatar, motion[self.emitted : limit], motion[0])
-        due = [self.started + k / self.fps for k in range(self.emitted, limit)]
+        motion = np.concatenate(self._motion) if len(self._motion) > 1 else self._motion[0]
+        count = ready - self.emitted
+        rows = self.blinks.rows(self.emitted, ready, total)
+        x_d = self.engine.driving_keypoints(self.avatar, self.pcfg, motion[:count],
+                                            self.motion.d0, rows)
+        self._motion = [motion[count:]] if count < len(motion) else []
+        due = [self.started + k / self.fps for k in range(self.emitted, ready)]
         self._queued.extend(
             self.engine.submit_frames(self.avatar, x_d, due, first_alone=self.emitted == 0)
         )
-        self.emitted = limit
+        self.emitted = ready
 
     def _next_queued(self) -> np.ndarray:
         frame = next(drain_futures([self._queued.popleft()], RESULT_TIMEOUT_S, "frame"))
@@ -740,6 +843,7 @@ class DittoStream(AvatarStream):
             raise EngineInputError("audio", "stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self.pcm = np.concatenate([self.pcm, pcm])
+        self.samples += len(pcm)
         return self._frames(final=False)
 
     def finish(self) -> Iterator[np.ndarray]:
@@ -795,22 +899,27 @@ def _open_hubert(aux_dir: Path, device: str):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def _hubert_features(session, pcm: np.ndarray, start: int, end: int) -> np.ndarray:
+def _hubert_features(session, pcm: np.ndarray, start: int, end: int, base: int = 0
+                     ) -> np.ndarray:
     """Frames [start, end) of the offline chunking of the streaming encoder: windows of
     6480 samples (3+5+2 frames of 40 ms plus 80 samples) every 5 frames from frame 0; of
     each window's 50 Hz outputs, the rows of the 5 produced frames are averaged in pairs
-    to 25 fps. Audio beyond `pcm` is zeros."""
+    to 25 fps. The clip starts with `HUBERT_LEAD` samples of silence; `pcm` holds its
+    audio from sample `base` on; audio beyond `pcm` is zeros."""
     left, mid, right = HUBERT_CHUNK
-    window = int(sum(HUBERT_CHUNK) * 0.04 * 16000) + 80  # 6480
-    lead = window - int((mid + right) * 0.04 * 16000)
-    padded = np.concatenate(
-        [np.zeros(lead, np.float32), pcm.astype(np.float32), np.zeros(window, np.float32)]
-    )
-    input_name = session.get_inputs()[0].name
+    window = HUBERT_WINDOW
+    lead = HUBERT_LEAD
     first = start - start % mid  # chunks are aligned to multiples of 5 frames
+    if base and base > first * SAMPLES_PER_FRAME - lead:
+        raise ValueError(f"audio from sample {base} cannot give frame {first}'s chunk")
+    # padded[0] is clip sample `origin` (the silence before the clip when base is 0).
+    origin = -lead if base == 0 else base
+    padded = np.concatenate([np.zeros(lead if base == 0 else 0, np.float32),
+                             pcm.astype(np.float32), np.zeros(window, np.float32)])
+    input_name = session.get_inputs()[0].name
     out = []
     for i in range(first, end, mid):
-        offset = int(i * 0.04 * 16000)
+        offset = i * SAMPLES_PER_FRAME - lead - origin
         chunk = padded[offset : offset + window]
         if len(chunk) < window:
             chunk = np.pad(chunk, (0, window - len(chunk)))

@@ -2,10 +2,10 @@
 
     python -m avatard.engines.ditto.gpu_check --vectors ../shared/ditto/vectors
 
-1. `verify` in float32 (TF32 off, tolerance 1e-4) and in bfloat16 (errors reported,
+1. `verify` in float32 (TF32 off, tolerance 1e-4), bfloat16 and float16 (errors reported,
    judged against --bf16-tolerance) on the device.
 2. On CUDA: per-network latency (warm-up, `torch.cuda.synchronize`, median of repeats)
-   in float32, TF32 and bfloat16, per call and per video frame, at several batch sizes
+   in float32, TF32, bfloat16 and float16, per call and per video frame, at several batch sizes
    for the per-frame networks, plus peak memory. On CPU the timing part is skipped.
 
 Prints a table and, with --json, writes all numbers to a file.
@@ -186,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = True
     if not args.skip_verify:
-        runs = [("float32", 1e-4), ("bfloat16", args.bf16_tolerance)]
+        # float16 is upstream's autocast dtype for warp and decoder: its errors beside bf16's.
+        runs = [("float32", 1e-4), ("bfloat16", args.bf16_tolerance),
+                ("float16", args.bf16_tolerance)]
         if not args.device.startswith("cuda") and not args.cpu_bf16:
             # CPU bf16 3D convolutions take many minutes per network.
-            print("verify bfloat16 skipped on CPU (pass --cpu-bf16 to force)", flush=True)
+            print("verify bfloat16 and float16 skipped on CPU (pass --cpu-bf16 to force)",
+                  flush=True)
             runs = runs[:1]
         for dtype, tolerance in runs:
             print(f"verify {dtype} (tolerance {tolerance:g})", flush=True)
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device.startswith("cuda"):
         batches = [int(b) for b in args.batches.split(",") if b]
-        for precision in ("float32", "tf32", "bfloat16"):
+        for precision in ("float32", "tf32", "bfloat16", "float16"):
             print(f"timing {precision}", flush=True)
             timer = _Timer(
                 args.vectors, manifests, args.device, precision, args.warmup, args.repeats

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from ..images import background_option, check_background_option
 from ..options import option
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("offline", "online")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,10 +28,20 @@ class DittoOptions:
     )
     seed: int = option(0, "Seed of the random weights (weights = \"random\" only).")
     dtype: str = option(
-        "float32", "Dtype of warp and decoder, the per-frame cost; the extractors, stitching "
-        "and LMDM stay float32.", choices=DTYPES,
+        "float32", "Dtype of warp and decoder, the per-frame cost (float16 is upstream's "
+        "autocast dtype); the extractors, stitching and LMDM stay float32.", choices=DTYPES,
     )
-    sampling_timesteps: int = option(50, "DDIM steps per 80-frame LMDM window.", ge=1, le=1000)
+    mode: str = option(
+        "offline", "Audio-to-motion scheme of speak and lipsync jobs: \"offline\" (upstream's "
+        "offline pipeline: a window every 70 frames, whole-clip smoothing; first frame after "
+        "~3.3 s of audio) or \"online\" (upstream's online pipeline: 70 frames of silence "
+        "first, a window every 10 frames; first frame after ~0.9 s of audio, 7x the LMDM "
+        "windows). Live sessions always run online.", choices=MODES,
+    )
+    sampling_timesteps: int | None = option(
+        None, "DDIM steps per 80-frame LMDM window (overrides the cfg's).", ge=1, le=1000,
+        default_doc="the cfg's sampling_timesteps for its mode, else 50 offline and 10 online",
+    )
     cache_size: int = option(8, "Registered avatars kept in memory.", ge=1, le=1024)
     max_batch: int | None = option(
         None, "Frames per warp + decode batch, across all of the worker's streams.",

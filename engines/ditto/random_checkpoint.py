@@ -1,6 +1,6 @@
 """Write a Ditto checkpoint folder in the official layout, filled with RANDOM weights.
 
-    python -m avatard.engines.ditto.random_checkpoint OUT [--seed N] [--eyes]
+    python -m avatard.engines.ditto.random_checkpoint OUT [--seed N] [--no-template]
 
 For testing the checkpoint path (``weights=<folder>``, ``--checkpoints DIR``) end to end
 where the official files are not available. The output is noise: never serve it.
@@ -16,8 +16,9 @@ Written (paths relative to OUT, as in `checkpoints.py`)::
 Not written: the aux models under ``ditto_pytorch/aux_models`` (det_10g.onnx,
 2d106det.onnx, landmark203.onnx, hubert_streaming_fix_kv.onnx, face_landmarker.task).
 Stand-ins for the four ONNX files come from the test helper ``tests/ditto_fake_aux.py``
-(it needs the ``onnx`` package); there is no stand-in for mediapipe's task file, so the
-default cfg switches the eye conditions off.
+(it needs the ``onnx`` package); there is no stand-in for mediapipe's task file and none
+is needed: the cfg's template ``ch_info`` supplies the eye conditions (with
+``--no-template`` they are off).
 
 The weights are those the engine's random-weights mode builds for the same seed
 (`networks.random_state`), so the networks match ``weights="random"`` with that seed,
@@ -56,20 +57,50 @@ _CLIP_LIMITS = {"scale": 0.5, "pitch": 20.0, "yaw": 20.0, "roll": 20.0, "t": 0.5
 
 
 def clip_limits() -> np.ndarray:
-    """(2, 265) float32: row 0 the per-dim minimum, row 1 the maximum."""
+    """(4, 265) float32 like the released cfg's ``v_min_max_for_clip``: rows 0 and 1 the
+    per-dim minimum and maximum (the only rows upstream reads), rows 2 and 3 a mean and
+    a spread."""
     half = np.concatenate([np.full(width, _CLIP_LIMITS[name], np.float32)
                            for name, width in MOTION_LAYOUT])
-    return np.stack([-half, half])
+    return np.stack([-half, half, np.zeros_like(half), half / 2])
 
 
-def make_cfg(eyes: bool = False) -> dict[str, Any]:
+def template_info(seed: int = 0) -> dict[str, np.ndarray]:
+    """A made-up canonical template frame in the motion extractor's format: a frontal
+    pose (bin logits peaked at 0 degrees), small translation and expression, scale 1.4."""
+    rng = np.random.default_rng(seed)
+    bins = -((np.arange(66, dtype=np.float32) - 32.5) ** 2) / 8  # peaked at 0 degrees
+    return {
+        "pitch": bins[None].copy(), "yaw": bins[None].copy(), "roll": bins[None].copy(),
+        "t": (0.01 * rng.standard_normal((1, 3))).astype(np.float32),
+        "exp": (0.01 * rng.standard_normal((1, 63))).astype(np.float32),
+        "scale": np.array([[1.4]], np.float32),
+        "kp": (0.3 * rng.standard_normal((1, 63))).astype(np.float32),
+    }
+
+
+def blink_array(frames: int = 15) -> np.ndarray:
+    """(frames, 63) float32: a scripted blink as expression offsets on the eye rows (11,
+    13, 15, 16, 18 of the 21 x 3 expression), closing the eyes (negative y) with a sin^2
+    profile; row 0, used between blinks, is small but not zero, as in the released cfg."""
+    phase = (np.arange(frames, dtype=np.float32) + 0.5) / frames
+    amplitude = -0.03 * np.sin(np.pi * phase) ** 2
+    arr = np.zeros((frames, 21, 3), np.float32)
+    arr[:, [11, 13, 15, 16, 18], 1] = amplitude[:, None]
+    return arr.reshape(frames, 63)
+
+
+def make_cfg(template: bool = True) -> dict[str, Any]:
     """The pipeline config as upstream's ``parse_cfg`` reads it (plain dicts, paths relative
-    to ``ditto_pytorch/``, upstream's data root), with the keys our loader, registration
-    and condition handler read.
+    to ``ditto_pytorch/``, upstream's data root), with the structure of the released cfg:
+    every ``default_kwargs`` key upstream's setup reads, the canonical template
+    ``ch_info`` (made up, see `template_info`), a scripted blink ``delta_eye_arr``
+    (15 x 63), 4 x 265 clip limits, ``fix_kp_cond``, ``overall_ctrl_info`` (delta_pitch 2).
 
-    `eyes` false (the default) switches off the eye-openness and eye-ball conditions,
-    which need mediapipe's face_landmarker.task: the condition is then audio 1024 + emo 8
-    + sc 63 = 1095 wide. With `eyes` all four blocks are on (1103, upstream's default)."""
+    With the template the four condition blocks are on (1024 + 8 + 2 + 6 + 63 = 1103, the
+    released width) and the eye conditions come from the template, so registration needs
+    no eye features. `template` false leaves ``ch_info`` out and switches the eye
+    conditions off (they would need mediapipe's face_landmarker.task): 1095 wide."""
     aux = {key: f"aux_models/{name}" for key, name in AUX_FILES.items()}
     models = {name: f"models/{filename}"
               for name, (filename, _, _) in checkpoints.CHECKPOINT_FILES.items()}
@@ -92,14 +123,15 @@ def make_cfg(eyes: bool = False) -> dict[str, Any]:
         "seq_frames": SEQ_FRAMES,
         "use_emo": True,
         "use_sc": True,
-        "use_eye_open": eyes,
-        "use_eye_ball": eyes,
+        "use_eye_open": template,
+        "use_eye_ball": template,
         "w2f_type": "hubert",
     }
     audio2motion_cfg["audio_feat_dim"] = conditions.AUDIO_DIM + conditions.control_width(
         {"audio2motion_cfg": audio2motion_cfg}
     )
     default_kwargs: dict[str, Any] = {
+        "online_mode": False,
         "max_size": 1920,
         "template_n_frames": -1,
         "crop_scale": 2.3,
@@ -110,13 +142,30 @@ def make_cfg(eyes: bool = False) -> dict[str, Any]:
         "emo": conditions.DEFAULT_EMOTION,
         "eye_f0_mode": False,
         "overlap_v2": 10,
+        "fix_kp_cond": 1,
+        "fix_kp_cond_dim": [0, 202],
         "sampling_timesteps": 50,
-        "online_mode": False,
-        "smo_k_d": 3,
         "v_min_max_for_clip": clip_limits(),
+        "smo_k_d": 3,
+        "N_d": -1,
+        "use_d_keys": None,
         "relative_d": True,
+        "drive_eye": None,
+        "delta_eye_arr": blink_array(),
+        "delta_eye_open_n": 0,
+        "fade_type": "d0",
+        "fade_out_keys": ["exp"],
         "flag_stitching": True,
+        "overall_ctrl_info": {"delta_pitch": 2},
     }
+    if template:
+        info = template_info()
+        default_kwargs["ch_info"] = {
+            "x_s_info_lst": [info],
+            "sc": info["kp"].reshape(63).copy(),  # 1-D: upstream stacks it per frame
+            "eye_open_lst": [np.array([[0.35, 0.35]], np.float32)],
+            "eye_ball_lst": [np.zeros((1, 6), np.float32)],
+        }
     cfg = {
         "base_cfg": base_cfg,
         "audio2motion_cfg": audio2motion_cfg,
@@ -143,12 +192,12 @@ def container(module: str, state: dict[str, torch.Tensor]) -> Any:
     return state if key is None else {key: state}
 
 
-def write_random_checkpoint(out: Path | str, seed: int = 0, eyes: bool = False,
+def write_random_checkpoint(out: Path | str, seed: int = 0, template: bool = True,
                             log=print) -> dict[str, Path]:
     """Write the folder (see the module docstring); returns the written paths by module
     name, plus 'cfg' and 'marker'. Existing files are overwritten."""
     out = Path(out)
-    cfg = make_cfg(eyes)
+    cfg = make_cfg(template)
     paths: dict[str, Path] = {}
     for name in synthetic.MODULES:
         state = networks.random_state(name, seed, lmdm_config(cfg) if name == "lmdm" else None)
@@ -166,7 +215,7 @@ def write_random_checkpoint(out: Path | str, seed: int = 0, eyes: bool = False,
     marker = out / MARKER_FILE
     marker.write_text(
         f"{BANNER}.\n\nWritten by `python -m avatard.engines.ditto.random_checkpoint` "
-        f"(seed {seed}, eye conditions {'on' if eyes else 'off'}).\n"
+        f"(seed {seed}, {'template ch_info' if template else 'no template, eye conditions off'}).\n"
     )
     paths["marker"] = marker
     return paths
@@ -181,21 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--eyes", action="store_true",
-        help="switch the eye-openness/eye-ball conditions on (needs mediapipe and a "
-        "face_landmarker.task, which this tool does not write)",
+        "--no-template", action="store_true",
+        help="leave the canonical template ch_info out; the eye conditions are then off "
+        "(they would need mediapipe and a face_landmarker.task, which this tool does not "
+        "write)",
     )
     args = parser.parse_args(argv)
     line = "!" * 88
     print(f"{line}\n!! {BANNER}.\n!! Do not serve it.\n{line}", file=sys.stderr)
-    write_random_checkpoint(args.out, args.seed, args.eyes)
+    write_random_checkpoint(args.out, args.seed, not args.no_template)
     aux_dir = args.out / checkpoints.AUX_RELDIR
     print(
         f"{line}\n!! {BANNER}.\n"
         f"!! The aux models were NOT written. Stand-ins for the ONNX files:\n"
         f"!!     python tests/ditto_fake_aux.py {aux_dir}   (needs the onnx package)\n"
-        f"!! face_landmarker.task has no stand-in: the cfg's eye conditions are "
-        f"{'ON (bring mediapipe and the task file)' if args.eyes else 'off'}.\n{line}",
+        f"!! face_landmarker.task has no stand-in and none is needed: "
+        f"{'the eye conditions are off' if args.no_template else 'the template has them'}"
+        f".\n{line}",
         file=sys.stderr,
     )
     return 0

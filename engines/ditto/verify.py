@@ -40,7 +40,9 @@ class CheckResult:
         err = f"{self.error:.3e}" if self.error is not None else "-"
         status = "ok" if self.passed else ("FAIL" if self.error is not None else "NOT CHECKED")
         note = f"  {self.note}" if self.note else ""
-        return f"{self.file:<26} {self.array:<14} rel_l2={err:<10} {status}{note}"
+        kind = "max_abs" if self.note == "exact" else "rel_l2"
+        note = "" if self.note == "exact" else note
+        return f"{self.file:<26} {self.array:<14} {kind}={err:<10} {status}{note}"
 
 
 def relative_l2(ours: np.ndarray, ref: np.ndarray) -> float:
