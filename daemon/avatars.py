@@ -137,6 +137,16 @@ class AvatarStore:
         if avatar is not None and avatar.pins:
             avatar.pins -= 1
 
+    def job_ended(self, spec: P.AnyJobSpec, succeeded: bool) -> None:
+        """A job that named a portrait ended: unpin it; a registration's portrait is kept
+        for good when a worker accepted it and forgotten when none could."""
+        avatar = getattr(spec, "avatar", None)
+        if avatar is None:
+            return
+        self.unpin(avatar.avatar_id)
+        if isinstance(spec, P.RegisterSpec):
+            (self.validated if succeeded else self.forget)(avatar.avatar_id)
+
     def validated(self, avatar_id: str) -> None:
         """A worker registered it."""
         avatar = self._avatars.get(avatar_id)

@@ -35,6 +35,7 @@ import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
+from avatard.ipc import segments
 from avatard.ipc.ring import WRITING, DescriptorError, SlotRing, StaleSlotError, ring_bytes
 from avatard.ipc.segments import process_start_ticks
 
@@ -386,3 +387,15 @@ class Sessions:
             self.end(identity)
             closed.append(identity)
         return closed
+
+
+def describe_shm(shm: dict[str, int]) -> str:
+    """One log line from `Sessions.shm_bytes()`: what the daemon's rings reserve in
+    /dev/shm, what is left, and what each local session running a job adds
+    (docs/config.md, Shared memory)."""
+    mib = 1 << 20
+    size, free = segments.shm_space()
+    return (f"rings reserve {shm['daemon_rings_bytes'] / mib:.1f} MiB of {segments.SHM_DIR} "
+            f"({free / mib:.1f} of {size / mib:.1f} MiB left); a local session running one "
+            f"job takes {shm['per_session_bytes'] / mib:.1f} MiB more (docs/config.md, "
+            "Shared memory)")

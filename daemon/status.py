@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from avatard.ipc import segments
 from avatard.ipc.procmem import rss_bytes
 
 from . import devices as dev
@@ -63,6 +64,21 @@ class StatusBoard:
         self.ready_sent = False
         self._last_status = ""
         self._last_watchdog = 0.0
+
+    def snapshot(self, now: float, state: str, endpoints: list[str], sessions: int,
+                 workers: list[tuple[WorkerSlot, list[str]]], queue: Any, running: int,
+                 counters: dict[str, int], recent_rtf: Iterable[float],
+                 avatars: dict[str, Any], session_shm: dict[str, int]) -> dict[str, Any]:
+        """The status body from the coordinator's figures: each worker slot with the ids
+        of the jobs placed on it, the queue (its length and `size`), the shared-memory use
+        of the daemon's rings and sessions (plus /dev/shm's size, free space and this
+        daemon's segment count, read here)."""
+        size, free = segments.shm_space()
+        shm = {"dir": str(segments.SHM_DIR), "size_bytes": size, "free_bytes": free,
+               "segments": len(segments.segments_of(os.getpid())), **session_shm}
+        return self.body(now, state, endpoints, sessions,
+                         [worker_status(w, jobs, now) for w, jobs in workers], len(queue),
+                         queue.size, running, counters, recent_rtf, avatars, shm)
 
     def body(self, now: float, state: str, endpoints: list[str], sessions: int,
              workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,

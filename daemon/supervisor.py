@@ -1,8 +1,8 @@
 """The supervisor process (`avatard serve`): a coordinator over five components.
 
 It owns the sockets, the signal flags and the process lock, and routes between components
-that never call each other; each returns what happened, and only `_route` turns one
-component's output into another's input (docs/daemon.md, "Architecture"):
+that never call each other: each returns what happened, and only the coordinator turns
+one component's output into another's input (docs/daemon.md, "Architecture"):
 
     clients <-> ClientPort --> Sessions (rings, delivery, expiry), AvatarStore (portraits)
                                     ^ frames, replies
@@ -39,14 +39,13 @@ from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, 
 from .requests import build_job, client_event, end_reply
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
-from .sessions import Session, Sessions
-from .status import StatusBoard, health, worker_status
+from .sessions import Session, Sessions, describe_shm
+from .status import StatusBoard, health
 from .worker import WorkerSpec, start_worker
 
 log = logging.getLogger("avatard.supervisor")
 
 TICK_S = 0.02
-MIB = 1 << 20
 
 
 class Supervisor:
@@ -101,12 +100,7 @@ class Supervisor:
 
         self.pool = WorkerPool(placed, t, self.cfg.restart, d.max_parallel_loads, launch,
                                now=time.monotonic())
-        shm = self.sessions.shm_bytes()
-        size, free = segments.shm_space()
-        log.info("rings reserve %.1f MiB of %s (%.1f of %.1f MiB left); a local session "
-                 "running one job takes %.1f MiB more (docs/config.md, Shared memory)",
-                 shm["daemon_rings_bytes"] / MIB, segments.SHM_DIR, free / MIB, size / MIB,
-                 shm["per_session_bytes"] / MIB)
+        log.info("%s", describe_shm(self.sessions.shm_bytes()))
         for sig in (signal.SIGTERM, signal.SIGINT):
             # The handler only records; the loop acts (nothing else is safe in a handler).
             signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
@@ -121,14 +115,10 @@ class Supervisor:
     def run(self) -> int:
         try:
             self.start()
-        except BaseException:
-            self._abort_start()
-            raise
-        try:
             while not self.exit_now:
                 self.tick()
         finally:
-            self.shutdown()
+            self.shutdown()  # also after a start that failed half-way
         return self.exit_code
 
     def tick(self) -> None:
@@ -179,40 +169,29 @@ class Supervisor:
                                           "the job ended"), now)
             self.exit_now = True
 
-    def _abort_start(self) -> None:
-        """Undo a start that failed half-way (a /dev/shm too small for the rings, a
-        socket in use): what was made is closed and unlinked, nothing else runs."""
-        for name in ("client_port", "sessions"):
-            part = getattr(self, name, None)
-            if part is not None:
-                (part.close_all if name == "sessions" else part.close)()
-        sock = getattr(self, "worker_sock", None)
-        if sock is not None:
-            sock.close(linger=0)
+    def shutdown(self) -> None:
+        """Stop workers, close sockets, unlink every segment; bounded in time. Also undoes
+        a start that failed half-way (a /dev/shm too small for the rings, a socket in use):
+        whatever was made is closed and unlinked."""
+        if hasattr(self, "pool"):
+            for worker_id in self.pool.live_ids():
+                self._send(worker_id.index, P.make(P.Shutdown, reason="daemon stopping"))
+            self.pool.reap_all(self.cfg.timeouts.kill_grace_s)
+            self._route(self.book.end_all(P.E_DRAINING, "daemon stopped before the job "
+                                          "ended"), time.monotonic())
+        if hasattr(self, "client_port"):
+            self.client_port.close()
+        if hasattr(self, "worker_sock"):
+            self.worker_sock.close(linger=0)
             unlink_endpoint(self.worker_endpoint)
+        if hasattr(self, "sessions"):
+            self.sessions.close_all()
+        self.avatars.close_all()
         segments.unlink_all_created()
-        self.ctx.destroy(linger=0)  # closes any socket a failed constructor left open
+        self.ctx.destroy(linger=0)  # also a socket a failed constructor left open
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def shutdown(self) -> None:
-        """Stop workers, close sockets, unlink every segment. Bounded in time."""
-        grace = self.cfg.timeouts.kill_grace_s
-        for worker_id in self.pool.live_ids():
-            self._send(worker_id.index, P.make(P.Shutdown, reason="daemon stopping"))
-        self.pool.reap_all(grace)
-        self._route(self.book.end_all(P.E_DRAINING, "daemon stopped before the job ended"),
-                    time.monotonic())
-        self.client_port.close()
-        self.worker_sock.close(linger=0)
-        unlink_endpoint(self.worker_endpoint)
-        self.sessions.close_all()
-        self.avatars.close_all()
-        segments.unlink_all_created()
-        self.ctx.term()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
         log.info("stopped")
 
     # ================================================================ routing
@@ -273,14 +252,7 @@ class Supervisor:
         if job.input_slot is not None:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
-        avatar = getattr(job.spec, "avatar", None)
-        if avatar is not None:
-            self.avatars.unpin(avatar.avatar_id)
-        if isinstance(job.spec, P.RegisterSpec):  # the store keeps only accepted portraits
-            if ended.code:
-                self.avatars.forget(job.spec.avatar.avatar_id)
-            else:
-                self.avatars.validated(job.spec.avatar.avatar_id)
+        self.avatars.job_ended(job.spec, succeeded=not ended.code)
         self.client_port.send(job.client, end_reply(ended, now))
 
     def _expire_sessions(self, now: float) -> None:
@@ -421,16 +393,11 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         """The `stats` body (also read by the metrics thread: plain reads only)."""
-        now = time.monotonic()
-        workers = [worker_status(w, [j.job_id for j in self.book.on_worker(w.index)], now)
+        workers = [(w, [j.job_id for j in self.book.on_worker(w.index)])
                    for w in self.pool.workers]
         counters = {**self.book.stats, "bad_messages": self.client_port.bad_messages,
                     "refused_clients": self.client_port.refused_clients}
-        size, free = segments.shm_space()
-        shm = {"dir": str(segments.SHM_DIR), "size_bytes": size, "free_bytes": free,
-               "segments": len(segments.segments_of(os.getpid())),
-               **self.sessions.shm_bytes()}
-        return self.board.body(now, self._health(), self.client_port.endpoints,
-                               len(self.sessions), workers, len(self.book.queue),
-                               self.book.queue.size, self.book.running_count(), counters,
-                               self.book.recent_rtf, self.avatars.stats(), shm)
+        return self.board.snapshot(
+            time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
+            workers, self.book.queue, self.book.running_count(), counters,
+            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes())
