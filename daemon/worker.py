@@ -112,16 +112,6 @@ class ShutdownRequested(Exception):
     pass
 
 
-class SlotTooSmall(Exception):
-    """An output does not fit a slot of its ring: a config limit, not an engine fault (a
-    rerun cannot fix it), so the job fails `too_large` naming the key to raise."""
-
-    def __init__(self, field: str, rule: str):
-        super().__init__(f"{field}: {rule}")
-        self.field = field
-        self.rule = rule
-
-
 @dataclass(frozen=True, slots=True)
 class JobResult:
     """What a job handler produced: frames, audio samples sent, media seconds."""
@@ -386,7 +376,7 @@ class Worker:
         except EngineInputError as exc:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_BAD_INPUT,
                       message=str(exc)[:4000], field=exc.field[:256], rule=exc.rule[:4000])
-        except SlotTooSmall as exc:
+        except DescriptorError as exc:  # an output larger than a slot: a config limit
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_TOO_LARGE,
                       message=str(exc)[:4000], field=exc.field, rule=exc.rule[:4000])
         except ShutdownRequested:
@@ -526,7 +516,7 @@ class Worker:
                     ref = self._write(frame_ring, frame, run)
                 except DescriptorError as exc:
                     # Ditto renders at the portrait's own size (up to 1920 px a side).
-                    raise SlotTooSmall("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
+                    raise DescriptorError("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
                                        f"at least {np.asarray(frame).nbytes} (H x W x 3 of the "
                                        "largest frame; docs/config.md)") from None
                 self.send(P.WFrame, job_id=job.job_id, index=index,

@@ -34,3 +34,16 @@ needs_motion = pytest.mark.skipif(
     not MOTION.is_dir() and os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
     reason=f"Ditto motion vectors not found at {MOTION} (set AVATARD_DITTO_SHARED)",
 )
+
+
+def resolved_futures(frames) -> list:
+    """A finished Future per frame (a copy each): what a frame submitter returns when a
+    test stands in for the renderer."""
+    from concurrent.futures import Future
+
+    futures = []
+    for frame in frames:
+        future: Future = Future()
+        future.set_result(frame.copy())
+        futures.append(future)
+    return futures

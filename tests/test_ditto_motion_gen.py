@@ -13,6 +13,8 @@ import pytest
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 torch = pytest.importorskip("torch")
 
+from ditto_shared import resolved_futures  # noqa: E402
+
 from avatard.engines.ditto import random_checkpoint  # noqa: E402
 from avatard.engines.ditto.engine import (  # noqa: E402
     HUBERT_LEAD,
@@ -284,12 +286,7 @@ class _FakeEngine:
         return (motion - d0)[:, :63].reshape(-1, 21, 3)
 
     def submit_frames(self, avatar, x_d, deadlines=None, first_alone=False) -> list[Future]:
-        futures = []
-        for frame in x_d:
-            future: Future = Future()
-            future.set_result(frame.copy())
-            futures.append(future)
-        return futures
+        return resolved_futures(x_d)
 
 
 def _avatar() -> DittoAvatar:

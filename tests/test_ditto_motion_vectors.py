@@ -15,7 +15,7 @@ from click.testing import CliRunner
 # The Ditto engine needs torch (the `ditto` extra); without it these tests skip.
 pytest.importorskip("torch")
 
-from ditto_shared import MOTION, needs_motion  # noqa: E402
+from ditto_shared import MOTION, needs_motion, resolved_futures  # noqa: E402
 
 from avatard.engines.ditto.cli import ditto  # noqa: E402
 from avatard.engines.ditto.verify_motion import (  # noqa: E402
@@ -163,14 +163,7 @@ class _VectorEngine:
                                np.repeat(avatar.stitch_source.x_s, len(x_d), 0), x_d)
 
     def submit_frames(self, avatar, x_d, deadlines=None, first_alone=False):
-        from concurrent.futures import Future
-
-        futures = []
-        for frame in x_d:
-            future: Future = Future()
-            future.set_result(frame.copy())
-            futures.append(future)
-        return futures
+        return resolved_futures(x_d)
 
 
 @pytest.mark.slow
