@@ -297,7 +297,9 @@ class Supervisor:
         if w is None:
             return
         now = time.monotonic()
-        self._route(self.pool.on_message(w, msg, now), now)
+        events = self.pool.on_message(w, msg, now)
+        if events:  # not per frame: _route also walks every worker and the status text
+            self._route(events, now)
         index = w.index
         if isinstance(msg, P.WHeartbeat):
             self.book.progress(index, msg.jobs, now)
