@@ -405,3 +405,25 @@ def test_long_stream_keeps_little_audio() -> None:
         list(stream.push(np.zeros(16000, np.float32)))
     # Trimmed in steps of 16 encoder windows (6.5 s), never to less than a chunk needs.
     assert len(stream.pcm) < 8 * 16000 and stream.samples == 40 * 16000
+
+
+@pytest.mark.parametrize("steps", [3, 4, 5, 6, 8, 10, 50])
+def test_ddim_step_factors_are_finite_float64_values(steps: int) -> None:
+    """Upstream's float32 factors are NaN at 5 steps (and at 3 on a CPU whose float32 sqrt
+    rounds correctly); ours follow the formula in float64 from the float32 schedule and
+    are finite, so every step count samples."""
+    from avatard.engines.ditto.lmdm import LMDM, ddim_time_pairs
+
+    lmdm = LMDM(audio_feat_dim=1103)
+    abar = lmdm.alphas_cumprod.numpy().astype(np.float64)
+    for t, t_next in ddim_time_pairs(steps, lmdm.n_timestep):
+        if t_next < 0:
+            continue
+        coef = lmdm.step_coefficients(t, t_next)
+        assert all(np.isfinite(v) for v in coef), (steps, t, t_next, coef)
+        a, an = abar[t], abar[t_next]
+        sigma = np.sqrt((1 - a / an) * (1 - an) / (1 - a))
+        c = np.sqrt(max(1 - an - sigma**2, 0.0))
+        np.testing.assert_allclose(coef, [np.sqrt(an), c, sigma], rtol=1e-6, atol=1e-9)
+        # Each row is a unit vector (a DDIM step keeps the variance): a check of the maths.
+        assert abs(sum(v * v for v in coef) - 1.0) < 1e-5

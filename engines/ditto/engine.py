@@ -202,17 +202,6 @@ class DittoEngine(AvatarEngine):
             for mode in MODES
         }
         self.mode = opts.mode
-        for mode, pcfg in self.pipelines.items():
-            pairs = ddim_time_pairs(pcfg.sampling_timesteps, self.lmdm.n_timestep)
-            for t, t_next in pairs:
-                if t_next >= 0 and not all(
-                    torch.isfinite(v) for v in self.lmdm.step_coefficients(t, t_next)
-                ):
-                    raise ValueError(
-                        f"{pcfg.sampling_timesteps} DDIM steps ({mode} mode): upstream's "
-                        f"float32 step factors are NaN at ({t}, {t_next}) (5 steps is one "
-                        "such count); choose another sampling_timesteps"
-                    )
         pcfg = self.pipelines[self.mode]
         self.sampling_timesteps = pcfg.sampling_timesteps
         self.unhonoured = pcfg.unhonoured

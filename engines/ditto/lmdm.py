@@ -23,11 +23,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class StepCoefficients(NamedTuple):
+    """The factors of one noisy DDIM step: x_next = x0 * alpha_next_sqrt + c * eps +
+    sigma * noise (float32 values held as Python floats)."""
+
+    alpha_next_sqrt: float
+    c: float
+    sigma: float
 
 
 class RotaryEmbedding(nn.Module):
@@ -300,6 +310,9 @@ class LMDM(nn.Module):
         betas = torch.tensor(cosine_betas(n_timestep), dtype=torch.float32)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        # A host copy for the step factors (buffers follow the module to the device).
+        self._abar = alphas_cumprod.numpy().copy()
+        self._step_cache: dict[tuple[int, int], StepCoefficients] = {}
         self.register_buffer(
             "sqrt_recipm1_alphas_cumprod", torch.sqrt(1.0 / alphas_cumprod - 1), persistent=False
         )
@@ -333,11 +346,14 @@ class LMDM(nn.Module):
         x_init: torch.Tensor | None = None,
         noises: Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        step_coef: Sequence[Sequence[float]] | None = None,
     ) -> torch.Tensor:
         """DDIM from pure noise to a motion window (B,N,265).
 
         `x_init` and `noises` (one per step except the last) make the run reproducible
-        against references; otherwise they are drawn from `generator`.
+        against references; otherwise they are drawn from `generator`. `step_coef`, one
+        (sqrt(abar_next), c, sigma) per noisy step, replaces `step_coefficients` (the
+        verifier feeds upstream's recorded factors to check the sampler by itself).
         """
         bs = cond_frame.shape[0]
         shape = (bs, cond.shape[1], self.motion_feat_dim)
@@ -356,19 +372,38 @@ class LMDM(nn.Module):
             if time_next < 0:
                 x = x_start
                 continue
-            alpha_next_sqrt, c, sigma = self.step_coefficients(time, time_next)
+            coef = (self.step_coefficients(time, time_next) if step_coef is None
+                    else StepCoefficients(*(float(v) for v in step_coef[i])))
             noise = draw() if noises is None else noises[i]
-            x = x_start * alpha_next_sqrt.to(dtype) + c.to(dtype) * pred_noise
-            x = x + sigma.to(dtype) * noise
+            x = x_start * coef.alpha_next_sqrt + coef.c * pred_noise
+            x = x + coef.sigma * noise
         return x
 
-    def step_coefficients(self, time: int, time_next: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sqrt(abar_next), c, sigma) of a noisy DDIM step, in float32 tensor arithmetic as
-        upstream computes them: at t = 999 `c` is float32 cancellation (0 at 4 and 6 steps,
-        NaN at 5, 2.44e-4 at 3), and the reference vectors hold exactly those values."""
-        alpha = self.alphas_cumprod[time]
-        alpha_next = self.alphas_cumprod[time_next]
-        sigma = self.ddim_eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
-        c = (1 - alpha_next - sigma**2).sqrt()
-        return alpha_next.sqrt(), c, sigma
+    def step_coefficients(self, time: int, time_next: int) -> StepCoefficients:
+        """(sqrt(abar_next), c, sigma) of a noisy DDIM step (t -> t_next), as Python floats
+        rounded to float32; abar is the float32 schedule (`alphas_cumprod`), the formula
+        upstream's (DDIM with eta = `ddim_eta`): sigma = eta sqrt((1 - abar/abar_next)
+        (1 - abar_next) / (1 - abar)), c = sqrt(1 - abar_next - sigma^2).
+
+        Evaluated in float64 with c's radicand clamped at 0, not in float32 as upstream
+        does: at t = 999 (abar = 2.4e-9) the radicand is about 1e-8, below float32's
+        rounding of its terms, so upstream's c there is rounding noise that differs by
+        platform. Its recorded references hold 2.44e-4 at 3 steps (a CPU whose float32
+        sqrt rounds sqrt(0.75265580) down), while a correctly rounded sqrt, as on the
+        CUDA device of our GPU machine and in numpy, gives a negative radicand and NaN for
+        every window; at 5 steps it is NaN everywhere. float64 gives the true value
+        (1.1e-4 at 3 steps) on every machine; the shared motion README measured that this
+        moves raw windows by at most 6.9e-6 and x_d by 5.8e-5 (relative L2) against
+        upstream's float32 factors. Computed on the host once per pair (no device sync in
+        the sampling loop, so the loop can be captured in a CUDA graph)."""
+        cached = self._step_cache.get((time, time_next))
+        if cached is not None:
+            return cached
+        alpha, alpha_next = float(self._abar[time]), float(self._abar[time_next])
+        sigma = self.ddim_eta * math.sqrt((1 - alpha / alpha_next) * (1 - alpha_next)
+                                          / (1 - alpha))
+        c = math.sqrt(max(1 - alpha_next - sigma * sigma, 0.0))
+        coef = StepCoefficients(*(float(np.float32(v)) for v in
+                                  (math.sqrt(alpha_next), c, sigma)))
+        self._step_cache[(time, time_next)] = coef
+        return coef
