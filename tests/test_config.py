@@ -337,7 +337,7 @@ def test_engine_option_typo_in_a_file_suggests_the_option(tmp_path):
         ({"engines.avatar": "ditto", "engines.options.ditto": {"weights": "random",
                                                                "dtype": "bfloat"}},
          "engines.options.ditto.dtype",
-         "must be one of float32, bfloat16, float16, got 'bfloat' (did you mean bfloat16?)"),
+         "must be one of auto, float32, bfloat16, float16, got 'bfloat' (did you mean bfloat16?)"),
         # a required option of a configured engine
         ({"engines.avatar": "ditto"}, "engines.options.ditto.weights", "is required"),
         ({"engines.asr": "faster-whisper"}, "engines.options.faster-whisper.model_dir",

@@ -91,3 +91,11 @@ def test_random_weights_render_one_frame(caplog: pytest.LogCaptureFixture) -> No
     with pytest.raises(EngineInputError, match="image"):
         engine.register(np.zeros((10, 10), np.uint8))
     engine.close()
+
+
+def test_auto_dtype_is_float16_on_cuda_and_float32_on_cpu() -> None:
+    from avatard.engines.ditto.engine import resolve_dtype
+
+    assert resolve_dtype("auto", cuda=True) == "float16"
+    assert resolve_dtype("auto", cuda=False) == "float32"
+    assert resolve_dtype("bfloat16", cuda=True) == "bfloat16"

@@ -171,7 +171,7 @@ CASES: dict[type, dict[str, Any]] = {
     DittoOptions: dict(
         prefix="engines.options.ditto", required={"weights": "random"},
         # The defaults the engine had before typed options; None: the device decides.
-        defaults={"seed": 0, "dtype": "float32", "mode": "offline", "sampling_timesteps": None,
+        defaults={"seed": 0, "dtype": "auto", "mode": "offline", "sampling_timesteps": None,
                   "cache_size": 8,
                   "max_batch": None, "max_windows": None, "batch_wait_ms": 2.0,
                   "cuda_graphs": None, "serving_layers": True, "channels_last": False,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..images import background_option, check_background_option
 from ..options import option
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODES = ("offline", "online")
 
 
@@ -28,8 +28,10 @@ class DittoOptions:
     )
     seed: int = option(0, "Seed of the random weights (weights = \"random\" only).")
     dtype: str = option(
-        "float32", "Dtype of warp and decoder, the per-frame cost (float16 is upstream's "
-        "autocast dtype); the extractors, stitching and LMDM stay float32.", choices=DTYPES,
+        "auto", "Dtype of warp and decoder, the per-frame cost; the extractors, stitching "
+        "and LMDM stay float32. \"auto\": float16 on CUDA (upstream's autocast dtype: on "
+        "the H200 as fast end to end as bfloat16 and ten times closer to float32 on the "
+        "reference vectors, see docs/ditto.md), float32 on the CPU.", choices=DTYPES,
     )
     mode: str = option(
         "offline", "Audio-to-motion scheme of speak and lipsync jobs: \"offline\" (upstream's "
