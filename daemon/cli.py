@@ -8,6 +8,10 @@ import sys
 
 import click
 
+# Longest audio file the CLI decodes (seconds): the config's ceiling of
+# daemon.max_media_s; the daemon refuses anything over its own limit at the first request.
+CLIENT_MAX_MEDIA_S = 86400.0
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="avatard")
@@ -205,7 +209,7 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
 
     try:
         check_writable(Path(output))  # before decoding a long file
-        pcm, rate = decode_audio(audio)
+        pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
         result = render_to_mp4(
             endpoint, engine_overrides(engine, sets), avatar, Path(output), "lipsync",
             lambda client, avatar_id: client.lipsync(pcm, rate, avatar=avatar_id, seed=seed),
@@ -231,7 +235,7 @@ def transcribe(audio: str, as_json: bool, endpoint: str | None, engine: str | No
     from avatard.ipc.client import ClientError
 
     try:
-        pcm, rate = decode_audio(audio)
+        pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
         with connect(endpoint, engine_overrides(engine, sets), sys.stderr) as client:
             result = client.transcribe(pcm, rate)
     except EngineInputError as exc:

@@ -151,6 +151,21 @@ class DaemonConfig:
     job_deadline_s: float = _key(
         600.0, "Longest a job may take from acceptance to its last frame.", gt=0
     )
+    max_media_s: float = _key(
+        600.0,
+        "Longest audio input of one lipsync or transcribe job, in seconds. Audio larger "
+        "than one payload streams in chunks; the daemon holds a job's whole input (float32: "
+        "4 bytes x sample rate x seconds, 115 MB for 30 min at 16 kHz) in memory until the "
+        "job ends, so it can resend it to another worker after a crash. A longer input also "
+        "needs `job_deadline_s` above RTF x length.",
+        gt=0, le=86400,
+    )
+    streamed_input_bytes: int = _key(
+        1 << 30,
+        "Memory the daemon may hold for streamed audio inputs of all jobs together; a chunk "
+        "beyond it fails its job with `no_space`.",
+        ge=1 << 20,
+    )
     drain_timeout_s: float = _key(
         30.0,
         "On stop, how long running jobs may finish before workers are terminated.",
@@ -191,6 +206,12 @@ class TimeoutsConfig:
         300.0,
         "A client session with no message and no job for this long is closed and its input "
         "ring unlinked (a client that died without saying bye); the client says hello again.",
+        gt=0,
+    )
+    input_gap_s: float = _key(
+        30.0,
+        "Longest wait for the next chunk of a streamed audio input (a job sent with "
+        "`more`); past it the job fails with `timeout`.",
         gt=0,
     )
     vanished_check_s: float = _key(
@@ -267,9 +288,9 @@ class RingsConfig:
     )
     input_slot_bytes: int = _key(
         1 * MIB,
-        "Bytes of one slot of a local session's input ring (a multiple of 4): larger inputs "
-        "travel inline through the socket into the daemon's inline ring (1 MiB: 16.4 s of "
-        "16 kHz audio).",
+        "Bytes of one slot of a local session's input ring (a multiple of 4): larger images "
+        "travel inline through the socket into the daemon's inline ring; longer audio "
+        "streams in chunks of this size (1 MiB: 16.4 s of 16 kHz audio).",
         ge=1024,
     )
     inline_slots: int = _key(
@@ -280,8 +301,9 @@ class RingsConfig:
     )
     inline_slot_bytes: int = _key(
         8 * MIB,
-        "Bytes of one inline input slot (a multiple of 4): the largest input any client may "
-        "send: an image file, or audio (8 MiB: 131 s at 16 kHz, 43 s at 48 kHz).",
+        "Bytes of one inline input slot (a multiple of 4): the largest image file any client "
+        "may send, and the largest chunk of audio an inline client sends at once (longer "
+        "audio streams in chunks; `daemon.max_media_s` limits its length).",
         ge=1024,
     )
 

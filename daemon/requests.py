@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from avatard.ipc import protocol as P
@@ -19,10 +20,19 @@ from avatard.ipc.segments import ShmFullError
 
 from .avatars import AvatarStore, AvatarTooLarge
 from .book import POLICIES, Ended
+from .inputs import StreamedInputs
 from .jobs import Job, new_job_id
 from .sessions import Session, Sessions
 
-Built = tuple[P.AnyJobSpec, P.SlotDesc | None]  # the spec, and the input slot it holds
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A request's typed spec, the input slot it holds (None: none) and, for a streamed
+    input (`more`), its first chunk (float32 PCM bytes, copied out of the client's slot)."""
+
+    spec: P.AnyJobSpec
+    input_desc: P.SlotDesc | None = None
+    first_chunk: bytes | None = None
 
 
 def _avatar(avatars: AvatarStore, avatar_id: str, req_id: int) -> P.AvatarRef | None:
@@ -38,14 +48,39 @@ def _avatar(avatars: AvatarStore, avatar_id: str, req_id: int) -> P.AvatarRef | 
     return ref
 
 
-def _check_pcm(msg: P.Lipsync | P.Transcribe) -> None:
+def _check_pcm(msg: P.Lipsync | P.Transcribe | P.JobAudio) -> None:
     if msg.audio.dtype != "float32" or len(msg.audio.shape) != 1:
         raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.shape", "must be 1-D float32 PCM",
                               msg.req_id)
 
 
+def take_chunk(msg: P.Lipsync | P.Transcribe | P.JobAudio, extra: list[Any],
+               session: Session, sessions: Sessions) -> bytes:
+    """A chunk of streamed audio as bytes of its own: checked like any audio payload,
+    copied out of its input slot and the slot given back at once (the client writes its
+    next chunk there). Raises `ProtocolError` naming `audio`."""
+    _check_pcm(msg)
+    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
+    try:
+        return sessions.read_input(desc).tobytes()
+    finally:
+        sessions.release_input(desc.key)
+
+
+def _audio_input(msg: P.Lipsync | P.Transcribe, extra: list[Any], session: Session,
+                 sessions: Sessions, inputs: StreamedInputs
+                 ) -> tuple[P.SlotDesc | None, bytes | None]:
+    """(input slot, None) for audio in one payload; (None, first chunk) for a streamed
+    input (`more`), whose announced length is checked against the limit at once."""
+    if not msg.more:
+        _check_pcm(msg)
+        return sessions.take_input(session, msg.audio, extra, "audio", msg.req_id), None
+    inputs.check_length(msg.total_samples, msg.sample_rate, msg.req_id)
+    return None, take_chunk(msg, extra, session, sessions)
+
+
 def _register(msg: P.RegisterAvatar, extra: list[Any], session: Session, sessions: Sessions,
-              avatars: AvatarStore) -> Built:
+              avatars: AvatarStore, inputs: StreamedInputs) -> Built:
     if msg.image.dtype != "uint8" or len(msg.image.shape) != 1:
         raise P.ProtocolError(P.E_BAD_MESSAGE, "image.shape",
                               "must be 1-D uint8 (the bytes of an image file)", msg.req_id)
@@ -58,31 +93,30 @@ def _register(msg: P.RegisterAvatar, extra: list[Any], session: Session, session
         raise P.ProtocolError(P.E_NO_SPACE, "image", str(exc), msg.req_id) from None
     finally:
         sessions.release_input(desc.key)  # the store keeps its own copy
-    return P.RegisterSpec(avatar=ref), None
+    return Built(P.RegisterSpec(avatar=ref))
 
 
 def _speak(msg: P.Speak, extra: list[Any], session: Session, sessions: Sessions,
-           avatars: AvatarStore) -> Built:
+           avatars: AvatarStore, inputs: StreamedInputs) -> Built:
     avatar = _avatar(avatars, msg.avatar_id, msg.req_id)
     if not msg.text.strip():
         raise P.ProtocolError(P.E_BAD_INPUT, "text", "must not be empty", msg.req_id)
-    return P.SpeakSpec(text=msg.text, voice=msg.voice, avatar=avatar,
-                       send_audio=msg.send_audio), None
+    return Built(P.SpeakSpec(text=msg.text, voice=msg.voice, avatar=avatar,
+                             send_audio=msg.send_audio))
 
 
 def _lipsync(msg: P.Lipsync, extra: list[Any], session: Session, sessions: Sessions,
-             avatars: AvatarStore) -> Built:
-    _check_pcm(msg)
+             avatars: AvatarStore, inputs: StreamedInputs) -> Built:
     avatar = _avatar(avatars, msg.avatar_id, msg.req_id)
-    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
-    return P.LipsyncSpec(audio=desc, sample_rate=msg.sample_rate, avatar=avatar), desc
+    desc, first = _audio_input(msg, extra, session, sessions, inputs)
+    return Built(P.LipsyncSpec(audio=desc, sample_rate=msg.sample_rate, avatar=avatar),
+                 desc, first)
 
 
 def _transcribe(msg: P.Transcribe, extra: list[Any], session: Session, sessions: Sessions,
-                avatars: AvatarStore) -> Built:
-    _check_pcm(msg)
-    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
-    return P.TranscribeSpec(audio=desc, sample_rate=msg.sample_rate), desc
+                avatars: AvatarStore, inputs: StreamedInputs) -> Built:
+    desc, first = _audio_input(msg, extra, session, sessions, inputs)
+    return Built(P.TranscribeSpec(audio=desc, sample_rate=msg.sample_rate), desc, first)
 
 
 BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {
@@ -94,16 +128,26 @@ BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {
 
 
 def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
-              avatars: AvatarStore, default_deadline_s: float, now: float) -> Job:
+              avatars: AvatarStore, inputs: StreamedInputs, default_deadline_s: float,
+              now: float) -> Job:
     """The job of a request: its typed spec (`build_spec`), a daemon-unique id, the seed
     (the request's, else a random one kept for reruns), the deadline (the request's
-    `deadline_s`, else `default_deadline_s`, from `now`, monotonic s) and the input slot it
-    holds. Raises `ProtocolError` like `build_spec`."""
-    spec, input_desc = build_spec(msg, extra, session, sessions, avatars)
-    return Job(job_id=new_job_id(), spec=spec, client=session.identity, req_id=msg.req_id,
-               seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
-               deadline=now + (getattr(msg, "deadline_s", 0.0) or default_deadline_s),
-               accepted_at=now, input_slot=input_desc.key if input_desc else None)
+    `deadline_s`, else `default_deadline_s`, from `now`, monotonic s), the input slot it
+    holds, and a streamed input's first chunk, opened in `inputs`. Raises `ProtocolError`
+    like `build_spec` and `StreamedInputs.open`."""
+    built = build_spec(msg, extra, session, sessions, avatars, inputs)
+    job = Job(job_id=new_job_id(), spec=built.spec, client=session.identity,
+              req_id=msg.req_id,
+              seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
+              deadline=now + (getattr(msg, "deadline_s", 0.0) or default_deadline_s),
+              accepted_at=now, input_slot=built.input_desc.key if built.input_desc else None)
+    if built.first_chunk is not None:
+        try:
+            inputs.open(job.job_id, msg.sample_rate, built.first_chunk, final=False)
+        except P.ProtocolError as exc:
+            exc.req_id = msg.req_id
+            raise
+    return job
 
 
 def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
@@ -117,15 +161,16 @@ def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
 
 
 def build_spec(msg: P.Msg, extra: list[Any], session: Session, sessions: Sessions,
-               avatars: AvatarStore) -> Built:
-    """The typed spec of a job request, and the input slot it holds (None: none; release
-    it with `sessions.release_input(desc.key)` when the job ends). Raises `ProtocolError`
-    (`unknown_type` for a message that is not a job request)."""
+               avatars: AvatarStore, inputs: StreamedInputs) -> Built:
+    """The typed spec of a job request, the input slot it holds (None: none; release it
+    with `sessions.release_input(desc.key)` when the job ends) and a streamed input's
+    first chunk. Raises `ProtocolError` (`unknown_type` for a message that is not a job
+    request)."""
     builder = BUILDERS.get(type(msg))
     if builder is None:
         raise P.ProtocolError(P.E_UNKNOWN_TYPE, "type", f"{type(msg).__name__} is not a job "
                               "request", getattr(msg, "req_id", 0))
-    return builder(msg, extra, session, sessions, avatars)
+    return builder(msg, extra, session, sessions, avatars, inputs)
 
 
 def end_reply(ended: Ended, now: float) -> P.Msg:

@@ -228,6 +228,19 @@ class Sessions:
                                   "retry shortly", req_id) from None
         return P.SlotDesc.from_ref(ref)
 
+    def drop_refused_input(self, identity: bytes, msg: Any) -> None:
+        """Free the slot of the client's own input ring that a refused request named (its
+        `audio` or `image` payload), if the slot still holds that request's write."""
+        session = self.sessions.get(identity)
+        ring = session.input_ring if session is not None else None
+        for name in ("audio", "image"):
+            payload = getattr(msg, name, None)
+            if ring is not None and isinstance(payload, P.SlotDesc) and payload.ring == ring.name:
+                try:
+                    ring.release(payload.slot, payload.seq)
+                except (StaleSlotError, DescriptorError):
+                    pass  # taken and given back already, or never written
+
     def read_input(self, desc: P.SlotDesc) -> np.ndarray:
         """A read-only view of an input slot taken by `take_input` (valid until released)."""
         ring = self._input_ring(desc.ring)

@@ -34,9 +34,10 @@ from . import devices as dev
 from .avatars import AvatarStore
 from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
-from .jobs import QueueFull
+from .inputs import StreamedInputs
+from .jobs import Job, JobState, QueueFull
 from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
-from .requests import build_job, client_event, end_reply
+from .requests import build_job, client_event, end_reply, take_chunk
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
@@ -61,6 +62,8 @@ class Supervisor:
         self.book = JobBook(config.daemon.queue_size, config.restart.max_job_attempts,
                             config.timeouts.stall_timeout_s)
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
+        self.inputs = StreamedInputs(config.daemon.max_media_s,
+                                     config.daemon.streamed_input_bytes)
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -217,10 +220,11 @@ class Supervisor:
         # the next worker starting) as its own STATUS= line.
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
 
-    def _send(self, index: int, msg: P.Msg) -> None:
+    def _send(self, index: int, msg: P.Msg, *parts: bytes) -> None:
         identity = self.pool.workers[index].id.identity()
         try:
-            self.worker_sock.send_multipart([identity, *P.Codec.encode(msg)])
+            self.worker_sock.send_multipart([identity, *P.Codec.encode(msg, *parts)],
+                                            copy=False)
         except zmq.ZMQError as exc:
             log.info("message to worker %d dropped: %s", index, exc)
 
@@ -241,6 +245,8 @@ class Supervisor:
                 spec=job.spec, resume_from=job.frames_delivered,
                 audio_resume_from=job.audio_delivered, frame_ring=frame_ring,
                 audio_ring=audio_ring))
+            for msg, chunk in self.inputs.messages(job.job_id):  # a streamed input so far
+                self._send(job.worker, msg, chunk)
         self._route([], now)  # the workers' new loads (READY -> BUSY)
 
     def _finish(self, ended: Ended, now: float) -> None:
@@ -252,6 +258,7 @@ class Supervisor:
         if job.input_slot is not None:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
+        self.inputs.close(job.job_id)
         self.avatars.job_ended(job.spec, succeeded=not ended.code)
         self.client_port.send(job.client, end_reply(ended, now))
 
@@ -323,6 +330,15 @@ class Supervisor:
     # ================================================================ clients
 
     def _on_client_msg(self, identity: bytes, msg: Any, extra: list[Any]) -> None:
+        try:
+            self._handle_client_msg(identity, msg, extra)
+        except P.ProtocolError:
+            # A refused request gives back the input slot it named: the client wrote it
+            # and only the daemon frees it (four refusals would fill the client's ring).
+            self.sessions.drop_refused_input(identity, msg)
+            raise
+
+    def _handle_client_msg(self, identity: bytes, msg: Any, extra: list[Any]) -> None:
         req_id = getattr(msg, "req_id", 0)
         now = time.monotonic()
         port = self.client_port
@@ -340,7 +356,9 @@ class Supervisor:
             port.send(identity, P.make(
                 P.Welcome, req_id=req_id, session=session.session_id,
                 server=f"avatard pid {os.getpid()}", input_ring=ring.name if ring else "",
-                input_slot_bytes=ring.slot_bytes if ring else 0))
+                input_slot_bytes=ring.slot_bytes if ring else 0,
+                max_payload_bytes=(ring or self.sessions.inline_input).slot_bytes,
+                max_media_s=self.cfg.daemon.max_media_s))
         elif isinstance(msg, P.Health):
             port.send(identity, P.make(P.HealthReply, req_id=req_id, status=self._health(),
                                        ready_workers=self.pool.ready_count(),
@@ -354,11 +372,10 @@ class Supervisor:
             self.sessions.end(identity)
             port.forget(identity)
         elif isinstance(msg, P.Cancel):
-            job = self.book.jobs.get(msg.job_id)
-            if job is None or job.client != identity:
-                raise P.ProtocolError(P.E_NOT_FOUND, "job_id",
-                                      f"no running job {msg.job_id!r} of this client", req_id)
+            job = self._client_job(identity, msg.job_id, req_id)
             self._route([self.book.cancel(job, P.E_CANCELLED, "cancelled by the client")], now)
+        elif isinstance(msg, P.JobAudio) and session is not None:
+            self._job_audio(session, msg, extra, now)
         else:
             if session is None:
                 raise P.ProtocolError(P.E_NO_SESSION, "type", "send hello before any job "
@@ -368,15 +385,43 @@ class Supervisor:
                                       "not accepting jobs", req_id)
             self._accept(session, msg, extra, now)
 
+    def _client_job(self, identity: bytes, job_id: str, req_id: int) -> Job:
+        job = self.book.jobs.get(job_id)
+        if job is None or job.client != identity:
+            raise P.ProtocolError(P.E_NOT_FOUND, "job_id",
+                                  f"no running job {job_id!r} of this client", req_id)
+        return job
+
+    def _job_audio(self, session: Session, msg: P.JobAudio, extra: list[Any],
+                   now: float) -> None:
+        """The next chunk of a streamed input: kept (for a resend after a requeue) and
+        passed on at once to the worker that runs the job. A chunk the job cannot take
+        ends the job; a job that takes no more input is the request's error."""
+        job = self._client_job(session.identity, msg.job_id, msg.req_id)
+        if not self.inputs.takes_more(job.job_id):
+            raise P.ProtocolError(P.E_BAD_MESSAGE, "job_id", f"job {job.job_id} takes no "
+                                  "more audio (it was not sent with `more`, or its final "
+                                  "chunk came)", msg.req_id)
+        try:
+            index = self.inputs.add(job.job_id, take_chunk(msg, extra, session,
+                                                           self.sessions), msg.final)
+        except P.ProtocolError as exc:
+            self._route([self.book.cancel(job, exc.code, f"{exc.field}: {exc.rule}")], now)
+            return
+        if job.worker is not None and job.state is JobState.RUNNING:
+            for out, chunk in self.inputs.messages(job.job_id, index):
+                self._send(job.worker, out, chunk)
+
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""
-        job = build_job(msg, extra, session, self.sessions, self.avatars,
+        job = build_job(msg, extra, session, self.sessions, self.avatars, self.inputs,
                         self.cfg.daemon.job_deadline_s, now)
         try:
             position = self.book.accept(job)
             if getattr(job.spec, "avatar", None) is not None:
                 self.avatars.pin(job.spec.avatar.avatar_id)  # type: ignore[union-attr]
         except QueueFull as exc:
+            self.inputs.close(job.job_id)
             if job.input_slot is not None:
                 self.sessions.release_input(job.input_slot)
             self.client_port.send(session.identity, P.make(

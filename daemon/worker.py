@@ -33,6 +33,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import queue
 import signal
 import sys
 import threading
@@ -78,6 +79,8 @@ class WorkerSpec:
     log_level: str = "info"
     jobs_per_worker: int = 1
     avatar_cache_size: int = 8  # avatars.worker_cache_size
+    max_media_s: float = 600.0  # daemon.max_media_s
+    input_gap_s: float = 30.0  # timeouts.input_gap_s
 
     @classmethod
     def from_config(cls, config: Config, index: int, attempt: int, device: str,
@@ -92,7 +95,9 @@ class WorkerSpec:
                    heartbeat_interval_s=config.timeouts.heartbeat_interval_s,
                    supervisor_pid=os.getpid(), log_level=config.daemon.log_level,
                    jobs_per_worker=config.daemon.jobs_per_worker,
-                   avatar_cache_size=config.avatars.worker_cache_size)
+                   avatar_cache_size=config.avatars.worker_cache_size,
+                   max_media_s=config.daemon.max_media_s,
+                   input_gap_s=config.timeouts.input_gap_s)
 
 
 def start_worker(spec: WorkerSpec) -> multiprocessing.process.BaseProcess:
@@ -110,6 +115,10 @@ class JobCancelled(Exception):
 
 class ShutdownRequested(Exception):
     pass
+
+
+class InputTimeout(Exception):
+    """A streamed input's next chunk did not come within `timeouts.input_gap_s`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +144,9 @@ class JobRun:
     inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
     outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
     thread: threading.Thread | None = None
+    # Streamed input (a spec whose audio is None): (index, bytes, final) per JobInput,
+    # put by the main thread, taken by the job thread.
+    streamed: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     @property
     def job_id(self) -> str:
@@ -305,11 +317,16 @@ class Worker:
             while True:
                 if not self.sock.poll(1000, zmq.POLLIN):
                     continue
-                msg, _ = P.CONTROL_CODEC.decode(self.sock.recv_multipart())
+                msg, extra = P.CONTROL_CODEC.decode(self.sock.recv_multipart())
                 if isinstance(msg, P.Shutdown):
                     return
                 if isinstance(msg, P.RunJob):
                     self._start(msg, frame_ring, audio_ring)
+                elif isinstance(msg, P.JobInput):
+                    with self._runs_lock:
+                        run = self.runs.get(msg.job_id)
+                    if run is not None and extra:
+                        run.streamed.put((msg.index, bytes(extra[0]), msg.final))
                 elif isinstance(msg, P.CancelJob):
                     with self._runs_lock:
                         run = self.runs.get(msg.job_id)
@@ -376,6 +393,9 @@ class Worker:
         except EngineInputError as exc:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_BAD_INPUT,
                       message=str(exc)[:4000], field=exc.field[:256], rule=exc.rule[:4000])
+        except InputTimeout as exc:
+            self.send(P.WJobFailed, job_id=job.job_id, code=P.E_TIMEOUT, message=str(exc),
+                      field="audio", rule=str(exc))
         except DescriptorError as exc:  # an output larger than a slot: a config limit
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_TOO_LARGE,
                       message=str(exc)[:4000], field=exc.field, rule=exc.rule[:4000])
@@ -406,6 +426,47 @@ class Worker:
         if ring is None:
             ring = run.inputs[desc.ring] = SlotRing.attach(desc.ring)
         return np.array(ring.read(desc.ref()))  # a private copy: the slot goes back later
+
+    def _input_pcm(self, run: JobRun, desc: P.SlotDesc | None, sample_rate: int
+                   ) -> np.ndarray:
+        """A job's whole audio input as 1-D float32: its input slot, or (desc None) the
+        chunks of a streamed input joined once the final one came. The supervisor sends
+        the chunks in order (after a requeue again from 0, to the new run). Raises
+        `InputTimeout` when a chunk is `input_gap_s` late, `EngineInputError` (field
+        `audio`) past `max_media_s`, `JobCancelled`/`ShutdownRequested` while waiting."""
+        from avatard.engines.base import EngineInputError
+
+        if desc is not None:
+            return self._input_array(run, desc).reshape(-1).astype(np.float32, copy=False)
+        chunks: list[bytes] = []
+        size = 0
+        limit_bytes = int(self.spec.max_media_s * sample_rate) * 4
+        final = False
+        run.waiting = True  # waiting for the client's input is not a stall
+        try:
+            while not final:
+                deadline = time.monotonic() + self.spec.input_gap_s
+                while True:
+                    self._check_control(run)
+                    try:
+                        index, data, final = run.streamed.get(timeout=0.25)
+                        break
+                    except queue.Empty:
+                        if time.monotonic() >= deadline:
+                            raise InputTimeout(
+                                f"chunk {len(chunks)} of the streamed audio did not come "
+                                f"within {self.spec.input_gap_s:g} s (timeouts.input_gap_s)"
+                            ) from None
+                if index != len(chunks):
+                    continue  # a resend of a chunk this run already has
+                chunks.append(data)
+                size += len(data)
+                if size > limit_bytes:
+                    raise EngineInputError("audio", f"is longer than {self.spec.max_media_s:g}"
+                                           " s (daemon.max_media_s)")
+        finally:
+            run.waiting = False
+        return np.frombuffer(b"".join(chunks), np.float32)
 
     # ------------------------------------------------------------ handlers, one per kind
 
@@ -449,7 +510,7 @@ class Worker:
     def _transcribe(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
         spec = job.spec
         assert isinstance(spec, P.TranscribeSpec)
-        pcm = self._input_array(run, spec.audio).reshape(-1).astype(np.float32, copy=False)
+        pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
         asr, lock = self._engine("asr")
         with lock:
             transcript = asr.transcribe(pcm, spec.sample_rate)
@@ -479,9 +540,10 @@ class Worker:
                 pcm = np.asarray(pcm, np.float32)
                 yield resample(pcm, tts.sample_rate, rate), pcm, tts.sample_rate
         else:
-            pcm = self._input_array(run, spec.audio).reshape(-1).astype(np.float32, copy=False)
+            pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
-            pcm, _ = validate_pcm(pcm, spec.sample_rate, field="audio")
+            pcm, _ = validate_pcm(pcm, spec.sample_rate, field="audio",
+                                  max_duration_s=self.spec.max_media_s)
             for chunk in lipsync_chunks(resample(pcm, spec.sample_rate, rate), rate):
                 yield chunk, None, 0
 

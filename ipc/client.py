@@ -160,6 +160,9 @@ class Client:
             raise
         self.session = welcome.session
         self.server = welcome.server
+        # Audio above this streams in chunks (0: a daemon that does not say; one payload).
+        self.max_payload_bytes = welcome.max_payload_bytes
+        self.max_media_s = welcome.max_media_s
         if welcome.input_ring and not self.inline:
             self._input_ring = SlotRing.attach(welcome.input_ring)
 
@@ -267,23 +270,66 @@ class Client:
 
     def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "", seed: int = 0,
                 deadline_s: float = 0.0) -> Iterator[Any]:
-        payload, extra = self._payload(np.asarray(pcm, dtype=np.float32))
-        msg = P.make(P.Lipsync, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
-                     avatar_id=avatar, seed=seed, deadline_s=deadline_s)
-        return self._job(msg, "Lipsync", *extra)
+        """Animate `avatar` (default: the engine's portrait) to float32 mono `pcm` at
+        `sample_rate` Hz: frame, audio and done events. Audio larger than one payload
+        streams in chunks (see `_audio_job`)."""
+        return self._audio_job(P.Lipsync, "Lipsync", pcm, sample_rate, avatar_id=avatar,
+                               seed=seed, deadline_s=deadline_s)
 
     def transcribe(self, pcm: np.ndarray, sample_rate: int, deadline_s: float = 0.0
                    ) -> TranscriptResult:
-        payload, extra = self._payload(np.asarray(pcm, dtype=np.float32))
-        msg = P.make(P.Transcribe, req_id=self._next_id(), audio=payload,
-                     sample_rate=sample_rate, deadline_s=deadline_s)
         result = None
-        for event in self._job(msg, "Transcribe", *extra):
+        for event in self._audio_job(P.Transcribe, "Transcribe", pcm, sample_rate,
+                                     deadline_s=deadline_s):
             if isinstance(event, TranscriptResult):
                 result = event
         if result is None:
             raise ClientError("transcribe finished without a transcript")
         return result
+
+    def _audio_job(self, cls: type[P.Msg], what: str, pcm: np.ndarray, sample_rate: int,
+                   **fields: Any) -> Iterator[Any]:
+        """An audio job: the audio in one payload when it fits `max_payload_bytes`, else
+        its first chunk with `more` and the rest as `job_audio` requests, each written
+        once the daemon has taken the one before from the input ring (it copies a chunk
+        out at once). Stops sending when the daemon ends the job meanwhile."""
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        step = self.max_payload_bytes // 4
+        if pcm.ndim != 1 or step == 0 or pcm.nbytes <= self.max_payload_bytes:
+            payload, extra = self._payload(pcm)
+            msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
+                         **fields)
+            return self._job(msg, what, *extra)
+        payload, extra = self._payload(pcm[:step])
+        msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
+                     more=True, total_samples=len(pcm), **fields)
+        job_id = self._accepted(msg, what, *extra)
+        chunk_ids: list[int] = []
+        for start in range(step, len(pcm), step):
+            if self._job_ended(job_id, chunk_ids):
+                break
+            payload, extra = self._payload(pcm[start:start + step])
+            chunk_ids.append(self._next_id())
+            self._send(P.make(P.JobAudio, req_id=chunk_ids[-1], job_id=job_id, audio=payload,
+                              final=start + step >= len(pcm)), *extra)
+        self._job_ended(job_id, chunk_ids)
+        return self._events(job_id)
+
+    def _job_ended(self, job_id: str, chunk_ids: list[int]) -> bool:
+        """Route what has arrived, without waiting. True when `job_id` has ended (its
+        events say how); raises `ClientError` when a chunk was refused while it runs."""
+        while wait_readable(self._sock, 0, spin_us=0):
+            frames = self._sock.recv_multipart(copy=False)
+            self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
+        refused = [r for r in (self._replies.pop(i, None) for i in chunk_ids) if r is not None]
+        if any(isinstance(m, (P.JobFailed, P.Done)) for m, _ in self._pending.get(job_id, ())):
+            return True
+        for msg, _ in refused:
+            if isinstance(msg, P.Error):
+                self.cancel(job_id)  # it would wait for the rest of its audio
+                raise ClientError(f"job {job_id}: audio chunk refused: {msg.code}: "
+                                  f"{msg.field}: {msg.rule}", code=msg.code, field=msg.field)
+        return False
 
     def cancel(self, job_id: str) -> None:
         self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=job_id))
@@ -295,6 +341,10 @@ class Client:
         return welcome
 
     def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> Iterator[Any]:
+        return self._events(self._accepted(msg, what, *extra))
+
+    def _accepted(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> str:
+        """Send a job request; its job id once `accepted` (raises what the reply says)."""
         self._send(msg, *extra)
         try:
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
@@ -307,7 +357,7 @@ class Client:
             self._send(msg, *extra)
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
         assert isinstance(accepted, P.Accepted)
-        return self._events(accepted.job_id)
+        return accepted.job_id
 
     def _events(self, job_id: str) -> Iterator[Any]:
         """Frames, audio and the final event of one job, in order. A slot is released

@@ -153,7 +153,10 @@ class Speak(Msg, tag="speak"):
 
 
 class Lipsync(Msg, tag="lipsync"):
-    """Audio as float32 mono PCM at `sample_rate`."""
+    """Audio as float32 mono PCM at `sample_rate`. With `more` the audio is the first
+    chunk of a streamed input: the rest follows in `job_audio` requests, the last one
+    `final` (audio longer than one payload, see `Welcome.max_payload_bytes`).
+    `total_samples` (0: unknown) lets the daemon refuse an input over its limit at once."""
 
     req_id: U64
     audio: Payload
@@ -161,13 +164,32 @@ class Lipsync(Msg, tag="lipsync"):
     avatar_id: Name = ""
     seed: Seed = 0
     deadline_s: PosFloat = 0.0
+    more: bool = False
+    total_samples: NonNegInt = 0
 
 
 class Transcribe(Msg, tag="transcribe"):
+    """As `Lipsync`'s audio (`more` and `total_samples` too)."""
+
     req_id: U64
     audio: Payload
     sample_rate: SampleRate
     deadline_s: PosFloat = 0.0
+    more: bool = False
+    total_samples: NonNegInt = 0
+
+
+class JobAudio(Msg, tag="job_audio"):
+    """The next chunk (float32 mono PCM, the job's `sample_rate`) of a job accepted with
+    `more`; `final` on the last. No reply when taken; a chunk the job cannot take (bad
+    payload, over `daemon.max_media_s`, the daemon's streamed-input memory full) ends the
+    job with `job_failed`; a job that is not this client's, or takes no more input, gets
+    an `error`."""
+
+    req_id: U64
+    job_id: Name
+    audio: Payload
+    final: bool = False
 
 
 class Cancel(Msg, tag="cancel"):
@@ -197,6 +219,10 @@ class Welcome(Msg, tag="welcome"):
     server: Name
     input_ring: Name = ""  # where a local client writes audio/images; "" for inline
     input_slot_bytes: NonNegInt = 0
+    # The largest payload one request may carry (an input slot, or an inline part);
+    # longer audio is streamed in chunks of at most this (Lipsync.more).
+    max_payload_bytes: NonNegInt = 0
+    max_media_s: PosFloat = 0.0  # longest audio input of one job (daemon.max_media_s)
 
 
 class Error(Msg, tag="error"):
@@ -432,7 +458,8 @@ class SpeakSpec(JobSpec, tag=JobKind.SPEAK.value):
 
 
 class LipsyncSpec(JobSpec, tag=JobKind.LIPSYNC.value):
-    audio: SlotDesc  # float32 mono PCM
+    # float32 mono PCM in an input slot; None: streamed, in JobInput messages
+    audio: SlotDesc | None
     sample_rate: SampleRate
     avatar: AvatarRef | None = None
     job_kind: ClassVar[JobKind] = JobKind.LIPSYNC
@@ -440,7 +467,7 @@ class LipsyncSpec(JobSpec, tag=JobKind.LIPSYNC.value):
 
 
 class TranscribeSpec(JobSpec, tag=JobKind.TRANSCRIBE.value):
-    audio: SlotDesc  # float32 mono PCM
+    audio: SlotDesc | None  # as LipsyncSpec.audio
     sample_rate: SampleRate
     job_kind: ClassVar[JobKind] = JobKind.TRANSCRIBE
 
@@ -474,17 +501,27 @@ class CancelJob(Msg, tag="cancel_job"):
     job_id: Name
 
 
+class JobInput(Msg, tag="job_input"):
+    """Supervisor -> worker: chunk `index` (0, 1, ...) of a job's streamed input, its
+    bytes in part 1 (float32 PCM); `final` on the last. After a requeue the supervisor
+    sends every chunk again, from 0, behind the new `run_job`."""
+
+    job_id: Name
+    index: NonNegInt
+    final: bool = False
+
+
 class Shutdown(Msg, tag="shutdown"):
     reason: ShortText = ""
 
 
-CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, Cancel,
-                   Release, Bye)
+CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, JobAudio,
+                   Cancel, Release, Bye)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed)
-SUPERVISOR_TO_WORKER = (RunJob, CancelJob, Shutdown)
+SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, Shutdown)
 
 
 class ProtocolError(Exception):
