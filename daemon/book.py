@@ -39,10 +39,19 @@ class KindPolicy:
     `announced`: the client gets `accepted` {job_id} at once and `done`/`job_failed` at the
     end; otherwise the job answers its request directly at the end (registration: the
     reply is `avatar_registered` or `error`). `uses_session_rings`: its frames and audio go
-    to rings of the client's own session (local clients)."""
+    to rings of the client's own session (local clients). `exactly_once`: every frame and
+    audio chunk reaches the client once, in order, also across a requeue; otherwise
+    (realtime) a frame is forwarded when it is newer than the last one, and the gaps are
+    frames the worker dropped because the client did not read. `deadline`: the job ends
+    `timeout` past its deadline (a live session runs until it is closed). `requeue`: a job
+    whose worker dies or faults runs again elsewhere; otherwise it ends `worker_error`
+    (moving a live session to another worker is not built yet)."""
 
     announced: bool = True
     uses_session_rings: bool = False
+    exactly_once: bool = True
+    deadline: bool = True
+    requeue: bool = True
 
 
 POLICIES: dict[P.JobKind, KindPolicy] = {
@@ -50,6 +59,8 @@ POLICIES: dict[P.JobKind, KindPolicy] = {
     P.JobKind.LIPSYNC: KindPolicy(uses_session_rings=True),
     P.JobKind.TRANSCRIBE: KindPolicy(),
     P.JobKind.REGISTER: KindPolicy(announced=False),
+    P.JobKind.LIVE: KindPolicy(uses_session_rings=True, exactly_once=False, deadline=False,
+                               requeue=False),
 }
 
 
@@ -94,7 +105,9 @@ class JobBook:
         # worker lets go of it (done/failed message, or the worker is lost).
         self.placed: dict[int, dict[str, Job]] = {}
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
-                      "frames_delivered": 0, "jobs_requeued": 0}
+                      "frames_delivered": 0, "jobs_requeued": 0,
+                      # Summed over live sessions at their end (the `done` figures).
+                      "live_frames_dropped": 0, "live_late_frames": 0}
         self.recent_rtf: deque[float] = deque(maxlen=50)
         self.recent_job_s: deque[float] = deque(maxlen=50)
         self.queue_closed = False  # draining: nothing new is queued or requeued
@@ -177,6 +190,8 @@ class JobBook:
         job = self._placed_job(index, msg.job_id)
         if job is None or job.finished:
             return None
+        if not POLICIES[job.kind].exactly_once:
+            return self._delivered_realtime(job, msg, now)
         if isinstance(msg, P.WAudio):
             if msg.index != job.audio_delivered:
                 return None
@@ -188,6 +203,25 @@ class JobBook:
             # (workers send in order); never forward out of order.
             return None
         job.frames_delivered += 1
+        self.stats["frames_delivered"] += 1
+        if not job.first_frame_at:
+            job.first_frame_at = now
+        return job
+
+    def _delivered_realtime(self, job: Job, msg: P.WFrame | P.WAudio, now: float
+                            ) -> Job | None:
+        """A live session's frame or audio chunk: forwarded when newer than the last one
+        (the indices the worker skipped are frames it dropped for a client that did not
+        read them; never forward one out of order)."""
+        if isinstance(msg, P.WAudio):
+            if msg.index < job.audio_delivered:
+                return None
+            job.audio_delivered = msg.index + 1
+            return job
+        job.progress, job.progress_at = max(job.progress, msg.index + 1), now
+        if msg.index < job.frames_delivered:
+            return None
+        job.frames_delivered = msg.index + 1
         self.stats["frames_delivered"] += 1
         if not job.first_frame_at:
             job.first_frame_at = now
@@ -214,6 +248,8 @@ class JobBook:
         if msg.media_s > 0:
             self.recent_rtf.append(wall / msg.media_s)
         self.recent_job_s.append(now - job.started_at)
+        self.stats["live_frames_dropped"] += msg.frames_dropped
+        self.stats["live_late_frames"] += msg.late_frames
         return self._end(job, JobState.DONE, Ended(job, result=msg))
 
     def failed(self, index: int, msg: P.WJobFailed) -> Ended | Requeued | None:
@@ -223,7 +259,7 @@ class JobBook:
         if job is None:
             return None
         if msg.code in RETRYABLE and job.attempts < self.max_job_attempts \
-                and not self.queue_closed:
+                and POLICIES[job.kind].requeue and not self.queue_closed:
             return self._requeue([job], msg.message)[0]
         return self._end(job, JobState.FAILED, Ended(job, msg.code, msg.message, msg.field,
                                                      msg.rule))
@@ -240,7 +276,11 @@ class JobBook:
                 continue  # cancelled or timed out, was waiting for an acknowledgement
             job.worker = None
             job.last_error = reason
-            if job.attempts >= self.max_job_attempts:
+            if not POLICIES[job.kind].requeue:
+                outcomes.append(self._end(job, JobState.FAILED, Ended(
+                    job, P.E_WORKER, f"the worker running this {job.kind.value} job was lost "
+                    f"({reason}); it is not moved to another worker: open a new one")))
+            elif job.attempts >= self.max_job_attempts:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(
                     job, P.E_WORKER, f"worker died {job.attempts} times running this job; "
                     f"last: {reason}")))
@@ -310,7 +350,8 @@ class JobBook:
     # ------------------------------------------------------------ the clock
 
     def tick(self, now: float) -> list[Ended | StopWorker]:
-        """Deadlines, stalled jobs and unacknowledged cancels."""
+        """Deadlines (a job whose kind has one; `Job.deadline` is inf otherwise), stalled
+        jobs and unacknowledged cancels."""
         outcomes: list[Ended | StopWorker] = []
         for job in list(self.jobs.values()):
             if now >= job.deadline:

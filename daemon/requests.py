@@ -10,6 +10,7 @@ slot's descriptor; every refusal is a `ProtocolError` naming the field and the r
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,11 +120,20 @@ def _transcribe(msg: P.Transcribe, extra: list[Any], session: Session, sessions:
     return Built(P.TranscribeSpec(audio=desc, sample_rate=msg.sample_rate), desc, first)
 
 
+def _live_open(msg: P.LiveOpen, extra: list[Any], session: Session, sessions: Sessions,
+               avatars: AvatarStore, inputs: StreamedInputs) -> Built:
+    # The voice is checked by the worker's TTS engine when the session starts (the
+    # supervisor does not know the engines' voices).
+    return Built(P.LiveSpec(avatar=_avatar(avatars, msg.avatar_id, msg.req_id),
+                            voice=msg.voice))
+
+
 BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {
     P.RegisterAvatar: _register,
     P.Speak: _speak,
     P.Lipsync: _lipsync,
     P.Transcribe: _transcribe,
+    P.LiveOpen: _live_open,
 }
 
 
@@ -133,14 +143,18 @@ def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
     """The job of a request: its typed spec (`build_spec`), a daemon-unique id, the seed
     (the request's, else a random one kept for reruns), the deadline (the request's
     `deadline_s`, else `default_deadline_s`, from `now`, monotonic s), the input slot it
-    holds, and a streamed input's first chunk, opened in `inputs`. Raises `ProtocolError`
-    like `build_spec` and `StreamedInputs.open`."""
+    holds, and a streamed input's first chunk, opened in `inputs`. A kind without a
+    deadline (a live session) gets `math.inf`. Raises `ProtocolError` like `build_spec` and
+    `StreamedInputs.open`."""
     built = build_spec(msg, extra, session, sessions, avatars, inputs)
+    deadline = math.inf
+    if POLICIES[built.spec.job_kind].deadline:
+        deadline = now + (getattr(msg, "deadline_s", 0.0) or default_deadline_s)
     job = Job(job_id=new_job_id(), spec=built.spec, client=session.identity,
               req_id=msg.req_id,
               seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
-              deadline=now + (getattr(msg, "deadline_s", 0.0) or default_deadline_s),
-              accepted_at=now, input_slot=built.input_desc.key if built.input_desc else None)
+              deadline=deadline, accepted_at=now,
+              input_slot=built.input_desc.key if built.input_desc else None)
     if built.first_chunk is not None:
         try:
             inputs.open(job.job_id, msg.sample_rate, built.first_chunk, final=False)
@@ -190,7 +204,8 @@ def end_reply(ended: Ended, now: float) -> P.Msg:
         return P.make(P.Done, job_id=job.job_id, frames=r.frames, audio_samples=r.audio_samples,
                       media_s=r.media_s, wall_s=now - job.accepted_at,
                       first_frame_s=(job.first_frame_at - job.accepted_at
-                                     if job.first_frame_at else 0.0), attempts=job.attempts)
+                                     if job.first_frame_at else 0.0), attempts=job.attempts,
+                      frames_dropped=r.frames_dropped, late_frames=r.late_frames)
     message = f"{ended.field}: {ended.rule}" if ended.field else ended.message
     return P.make(P.JobFailed, job_id=job.job_id, code=ended.code, message=message[:4096],
                   attempts=job.attempts)

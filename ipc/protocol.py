@@ -50,6 +50,8 @@ DType = Annotated[
     Meta(pattern=r"^(uint8|int8|uint16|int16|uint32|int32|int64|float16|float32|float64)$"),
 ]
 SampleRate = Annotated[int, Meta(ge=8000, le=192000)]
+# A live session's speech segment, named by the client (a TTS utterance, an LLM reply).
+SegmentId = Annotated[str, Meta(min_length=1, max_length=256)]
 
 # Error codes carried by `Error.code` and `JobFailed.code`.
 E_BAD_MESSAGE = "bad_message"  # malformed: missing/extra field, wrong type, limit broken
@@ -192,6 +194,65 @@ class JobAudio(Msg, tag="job_audio"):
     final: bool = False
 
 
+class LiveOpen(Msg, tag="live_open"):
+    """Open a live session: continuous frames at the engine's fps from now until
+    `live_close` (or `bye`, or the client vanishing), idle motion while no speech is
+    queued. Answered `accepted` {job_id}; then events (docs/protocol.md, Live sessions)."""
+
+    req_id: U64
+    avatar_id: Name = ""  # "" = the engine's default portrait
+    voice: Name = ""  # for `live_text`; "" = the TTS engine's first voice
+    seed: Seed = 0
+
+
+class LiveAudio(Msg, tag="live_audio"):
+    """Speech of segment `segment_id` of live session `job_id`: float32 mono PCM at
+    `sample_rate` (any chunk size; every chunk of a segment at the same rate). Appended
+    to the segment; segments play in the order they began. No reply when taken; refused
+    input gets an `error` naming the field and the session keeps running."""
+
+    req_id: U64
+    job_id: Name
+    segment_id: SegmentId
+    audio: Payload
+    sample_rate: SampleRate
+
+
+class LiveText(Msg, tag="live_text"):
+    """Text of segment `segment_id` as it is written (LLM tokens): the worker's TTS speaks
+    each sentence as soon as it is complete, the rest at `final` (or `live_end`)."""
+
+    req_id: U64
+    job_id: Name
+    segment_id: SegmentId
+    text: Text
+    final: bool = False
+
+
+class LiveEnd(Msg, tag="live_end"):
+    """No more input for segment `segment_id`: it plays out what it has, then
+    `playback_finished` {interrupted: false}."""
+
+    req_id: U64
+    job_id: Name
+    segment_id: SegmentId
+
+
+class LiveInterrupt(Msg, tag="live_interrupt"):
+    """Barge-in: drop every queued piece of speech of the session (audio, sentences not
+    yet spoken); the avatar goes back to idle and the session keeps running."""
+
+    req_id: U64
+    job_id: Name
+
+
+class LiveClose(Msg, tag="live_close"):
+    """End the live session: it stops at its next frame and sends `done`."""
+
+    req_id: U64
+    job_id: Name
+
+
 class Cancel(Msg, tag="cancel"):
     req_id: U64
     job_id: Name
@@ -289,6 +350,29 @@ class Done(Msg, tag="done"):
     wall_s: float = 0.0
     first_frame_s: float = 0.0
     attempts: NonNegInt = 1
+    # Live sessions only (0 for other jobs): frames not sent because the client's ring
+    # was full (it did not read them in time), and frames made later than one frame
+    # period after their due time on the session's clock.
+    frames_dropped: NonNegInt = 0
+    late_frames: NonNegInt = 0
+
+
+class PlaybackStarted(Msg, tag="playback_started"):
+    """Live sessions: the first frame carrying speech of `segment_id` is sent next."""
+
+    job_id: Name
+    segment_id: SegmentId
+
+
+class PlaybackFinished(Msg, tag="playback_finished"):
+    """Live sessions: segment `segment_id` stopped playing after `position_s` seconds of
+    its speech went out with frames; `interrupted` when `live_interrupt` or `live_close`
+    cut it short. Comes for every segment whose `playback_started` came."""
+
+    job_id: Name
+    segment_id: SegmentId
+    position_s: PosFloat
+    interrupted: bool = False
 
 
 class JobFailed(Msg, tag="job_failed"):
@@ -403,6 +487,20 @@ class WJobDone(Msg, tag="w_job_done"):
     frames: NonNegInt
     audio_samples: NonNegInt = 0
     media_s: float = 0.0
+    frames_dropped: NonNegInt = 0  # live sessions, as Done's
+    late_frames: NonNegInt = 0
+
+
+class WPlaybackStarted(Msg, tag="w_playback_started"):
+    job_id: Name
+    segment_id: SegmentId
+
+
+class WPlaybackFinished(Msg, tag="w_playback_finished"):
+    job_id: Name
+    segment_id: SegmentId
+    position_s: PosFloat
+    interrupted: bool = False
 
 
 class WJobFailed(Msg, tag="w_job_failed"):
@@ -429,6 +527,7 @@ class JobKind(StrEnum):
     LIPSYNC = "lipsync"
     TRANSCRIBE = "transcribe"
     REGISTER = "register"
+    LIVE = "live"
 
 
 class AvatarRef(Struct, frozen=True, forbid_unknown_fields=True):
@@ -477,7 +576,16 @@ class RegisterSpec(JobSpec, tag=JobKind.REGISTER.value):
     job_kind: ClassVar[JobKind] = JobKind.REGISTER
 
 
-AnyJobSpec = SpeakSpec | LipsyncSpec | TranscribeSpec | RegisterSpec
+class LiveSpec(JobSpec, tag=JobKind.LIVE.value):
+    """A live session: paced frames until closed, fed by `LiveInput` messages."""
+
+    avatar: AvatarRef | None = None
+    voice: Name = ""
+    job_kind: ClassVar[JobKind] = JobKind.LIVE
+    renders: ClassVar[bool] = True
+
+
+AnyJobSpec = SpeakSpec | LipsyncSpec | TranscribeSpec | RegisterSpec | LiveSpec
 
 
 class RunJob(Msg, tag="run_job"):
@@ -511,17 +619,39 @@ class JobInput(Msg, tag="job_input"):
     final: bool = False
 
 
+class LiveInputKind(StrEnum):
+    AUDIO = "audio"  # speech PCM in part 1 (float32 at `sample_rate`)
+    TEXT = "text"  # `text` to speak, `final` on the segment's last fragment
+    END = "end"  # no more input for `segment_id`
+    INTERRUPT = "interrupt"  # barge-in: drop all queued speech
+    CLOSE = "close"  # end the session
+
+
+class LiveInput(Msg, tag="live_input"):
+    """Supervisor -> worker: one checked input of a live session, in the order the client
+    sent it. The supervisor has refused bad input already (it answers the client)."""
+
+    job_id: Name
+    kind: LiveInputKind
+    segment_id: Name = ""  # "" for interrupt and close
+    sample_rate: NonNegInt = 0  # audio
+    text: Text = ""
+    final: bool = False
+
+
 class Shutdown(Msg, tag="shutdown"):
     reason: ShortText = ""
 
 
+LIVE_INPUTS = (LiveAudio, LiveText, LiveEnd, LiveInterrupt, LiveClose)
 CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, JobAudio,
-                   Cancel, Release, Bye)
+                   Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
-                  JobFailed, AvatarRegistered, HealthReply, StatsReply)
+                  JobFailed, AvatarRegistered, HealthReply, StatsReply, PlaybackStarted,
+                  PlaybackFinished)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
-                        WTranscript, WJobDone, WJobFailed)
-SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, Shutdown)
+                        WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished)
+SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)
 
 
 class ProtocolError(Exception):

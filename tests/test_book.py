@@ -437,3 +437,47 @@ def test_every_job_kind_has_a_policy():
     assert not POLICIES[P.JobKind.REGISTER].announced
     assert POLICIES[P.JobKind.SPEAK].uses_session_rings
     assert not POLICIES[P.JobKind.TRANSCRIBE].uses_session_rings
+
+
+# ------------------------------------------------------------------ live sessions
+
+
+def live_job(job_id: str) -> Job:
+    return make_job(job_id, deadline=float("inf"), spec=P.LiveSpec())
+
+
+def test_live_frames_are_forwarded_when_newer_and_gaps_are_drops():
+    book = make_book()
+    (job,) = accept(book, live_job("l"))
+    book.place({0: 1}, T0)
+    # The worker dropped frames 1 and 2 (the client's ring was full): 3 still goes out.
+    assert [book.delivered(0, frame("l", i), T0) is job for i in (0, 3, 4)] == [True] * 3
+    assert book.delivered(0, frame("l", 2), T0) is None  # never out of order
+    assert job.frames_delivered == 5 and book.stats["frames_delivered"] == 3
+    assert [book.delivered(0, audio("l", i), T0) is job for i in (0, 3)] == [True, True]
+    assert book.delivered(0, audio("l", 1), T0) is None
+
+
+def test_live_session_has_no_deadline_and_is_not_requeued():
+    assert not POLICIES[P.JobKind.LIVE].exactly_once
+    book = make_book(max_job_attempts=3)
+    a, b = accept(book, live_job("a"), live_job("b"))
+    book.place({0: 2}, T0)
+    # A day later: stalled (no progress reported here), but never past a deadline.
+    assert not [o for o in book.tick(T0 + 86400) if isinstance(o, Ended)]
+    ended = book.failed(0, failed_msg("a", P.E_WORKER))
+    assert isinstance(ended, Ended) and ended.code == P.E_WORKER  # retryable, yet ended
+    (lost,) = book.worker_lost(0, "exited with status 70 while busy")
+    assert isinstance(lost, Ended) and lost.job is b and lost.code == P.E_WORKER
+    assert "not moved to another worker" in lost.message and "status 70" in lost.message
+    assert not book.queue and not book.jobs
+
+
+def test_live_done_adds_its_drop_and_late_counts_to_the_stats():
+    book = make_book()
+    accept(book, live_job("l"))
+    book.place({0: 1}, T0)
+    msg = P.make(P.WJobDone, job_id="l", frames=100, frames_dropped=7, late_frames=2)
+    ended = book.done(0, msg, T0 + 4)
+    assert isinstance(ended, Ended) and ended.result is msg
+    assert (book.stats["live_frames_dropped"], book.stats["live_late_frames"]) == (7, 2)

@@ -37,6 +37,12 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "cancel": {"job_id": "j1"},
     "release": {"ring": "r", "slot": 0, "seq": 0},
     "bye": {},
+    "live_open": {"avatar_id": "", "voice": "", "seed": 0},
+    "live_audio": {"job_id": "j1", "segment_id": "s1", "audio": SHM, "sample_rate": 16000},
+    "live_text": {"job_id": "j1", "segment_id": "s1", "text": "Hello. ", "final": False},
+    "live_end": {"job_id": "j1", "segment_id": "s1"},
+    "live_interrupt": {"job_id": "j1"},
+    "live_close": {"job_id": "j1"},
 }
 EXAMPLES = settings(max_examples=400, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

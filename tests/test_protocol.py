@@ -81,6 +81,47 @@ def test_oversize_parts_are_refused_before_decoding():
     assert err.value.code == P.E_TOO_LARGE and err.value.field == "message"
 
 
+LIVE_MALFORMED = [
+    ({"type": "live_audio", "v": 1, "req_id": 20, "job_id": "j", "segment_id": "",
+      "sample_rate": 16000, "audio": {"at": "inline", "part": 1, "shape": [4],
+                                      "dtype": "float32"}},
+     "segment_id", "length >= 1"),
+    ({"type": "live_text", "v": 1, "req_id": 21, "job_id": "j", "segment_id": "s"},
+     "text", "missing required field"),
+    ({"type": "live_end", "v": 1, "req_id": 22, "job_id": "j"}, "segment_id",
+     "missing required field"),
+    ({"type": "live_open", "v": 1, "req_id": 23, "seed": -1}, "seed", ">= 0"),
+    ({"type": "live_interrupt", "v": 1, "req_id": 24, "job_id": 5}, "job_id",
+     "Expected `str`"),
+]
+
+
+@pytest.mark.parametrize(("obj", "field", "words"), LIVE_MALFORMED)
+def test_live_requests_name_the_bad_field(obj, field, words):
+    with pytest.raises(P.ProtocolError) as err:
+        P.CLIENT_CODEC.decode([_raw(obj)])
+    assert (err.value.code, err.value.field) == (P.E_BAD_MESSAGE, field)
+    assert words in err.value.rule and err.value.req_id == obj["req_id"]
+
+
+def test_live_events_and_worker_messages_round_trip():
+    for codec, msg, parts in [
+        (P.SERVER_CODEC, P.make(P.PlaybackStarted, job_id="j", segment_id="s"), ()),
+        (P.SERVER_CODEC, P.make(P.PlaybackFinished, job_id="j", segment_id="s",
+                                position_s=1.25, interrupted=True), ()),
+        (P.SERVER_CODEC, P.make(P.Done, job_id="j", frames=9, frames_dropped=2,
+                                late_frames=1), ()),
+        (P.WORKER_CODEC, P.make(P.WPlaybackFinished, job_id="j", segment_id="s",
+                                position_s=0.5), ()),
+        (P.CONTROL_CODEC, P.make(P.LiveInput, job_id="j", kind=P.LiveInputKind.AUDIO,
+                                 segment_id="s", sample_rate=16000), (b"\0" * 8,)),
+        (P.CONTROL_CODEC, P.make(P.RunJob, job_id="j", seed=1, attempt=1,
+                                 spec=P.LiveSpec(voice="v")), ()),
+    ]:
+        decoded, extra = codec.decode(P.Codec.encode(msg, *parts))
+        assert decoded == msg and extra == list(parts)
+
+
 def test_messages_of_another_direction_are_unknown_here():
     worker_msg = P.Codec.encode(P.make(P.WHeartbeat, rss_bytes=1))
     with pytest.raises(P.ProtocolError) as err:
@@ -102,6 +143,13 @@ def test_round_trip_of_every_client_request():
         P.make(P.Cancel, req_id=8, job_id="j1"),
         P.make(P.Release, req_id=9, ring=slot.ring, slot=1, seq=2),
         P.make(P.Bye, req_id=10),
+        P.make(P.LiveOpen, req_id=11, avatar_id="a", voice="v", seed=4),
+        P.make(P.LiveAudio, req_id=12, job_id="j1", segment_id="s1", audio=slot,
+               sample_rate=48000),
+        P.make(P.LiveText, req_id=13, job_id="j1", segment_id="s2", text="Hi. ", final=True),
+        P.make(P.LiveEnd, req_id=14, job_id="j1", segment_id="s1"),
+        P.make(P.LiveInterrupt, req_id=15, job_id="j1"),
+        P.make(P.LiveClose, req_id=16, job_id="j1"),
     ]
     for msg in messages:
         decoded, extra = P.CLIENT_CODEC.decode(P.Codec.encode(msg, b"payload"))
