@@ -186,23 +186,15 @@ _SINC_BLOCK = 16384
 _MAX_PHASE_TABLE = 4096
 
 
-def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
-    """Windowed-sinc band-limited interpolation, evaluated directly at each output time.
-
-    Output sample n sits at input time t = n * down / up. Its value is the sum over nearby
-    input samples k of x[k] * h(t - k), where h is a Kaiser-windowed sinc low-pass at the
-    lower of the two Nyquist frequencies. Computed in blocks to bound memory.
-    """
+def _sinc_filter(up: int, down: int):
+    """The filter of `_resample_sinc` for one rate pair: (half_width, offsets, weights),
+    where output sample n reads input samples (n * down // up) + offsets and `weights`
+    maps the phases (n * down % up) of output samples to their taps' weights."""
     # Cutoff as a fraction of the input Nyquist; when downsampling the kernel widens by the
     # same factor so its number of zero crossings (and so its rejection) stays the same.
     cutoff = min(1.0, up / down)
     half_width = int(math.ceil(_SINC_HALF_ZEROS / cutoff))
     offsets = np.arange(-half_width + 1, half_width + 1)
-    out_len = -(-samples.size * up // down)
-    output = np.empty(out_len, np.float32)
-    padded = np.concatenate(
-        [np.zeros(half_width), samples.astype(np.float64), np.zeros(half_width + 1)]
-    )
 
     def kernel(frac: np.ndarray) -> np.ndarray:
         distance = frac[:, None] - offsets[None, :]  # t - k for every tap
@@ -213,14 +205,93 @@ def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
     # The fractional position only takes `up` distinct values, so for ordinary rate pairs
     # (44100 -> 16000 has up = 160) one table of kernels serves every output sample.
     table = kernel(np.arange(up) / up) if up <= _MAX_PHASE_TABLE else None
+
+    def weights(phase: np.ndarray) -> np.ndarray:
+        return table[phase] if table is not None else kernel(phase / up)
+
+    return half_width, offsets, weights
+
+
+def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
+    """Windowed-sinc band-limited interpolation, evaluated directly at each output time.
+
+    Output sample n sits at input time t = n * down / up. Its value is the sum over nearby
+    input samples k of x[k] * h(t - k), where h is a Kaiser-windowed sinc low-pass at the
+    lower of the two Nyquist frequencies. Computed in blocks to bound memory.
+    """
+    half_width, offsets, weights = _sinc_filter(up, down)
+    out_len = -(-samples.size * up // down)
+    output = np.empty(out_len, np.float32)
+    padded = np.concatenate(
+        [np.zeros(half_width), samples.astype(np.float64), np.zeros(half_width + 1)]
+    )
     for start in range(0, out_len, _SINC_BLOCK):
         index = np.arange(start, min(start + _SINC_BLOCK, out_len), dtype=np.int64)
         base = (index * down) // up
-        phase = (index * down) % up
-        weights = table[phase] if table is not None else kernel(phase / up)
         taps = base[:, None] + offsets[None, :] + half_width  # indices into `padded`
-        output[start : start + index.size] = np.einsum("ij,ij->i", padded[taps], weights)
+        output[start : start + index.size] = np.einsum("ij,ij->i", padded[taps],
+                                                       weights((index * down) % up))
     return output
+
+
+class StreamingResampler:
+    """`resample` for audio that arrives in chunks (a live session's speech): the outputs
+    of `push` for each chunk and then `flush` joined are `resample` of the chunks joined,
+    so chunk edges add no clicks. Each push returns the output samples whose filter taps
+    have all arrived; the rest (about 32 input samples at the lower Nyquist: 2 ms at
+    16 kHz) waits for the next chunk or `flush`. Input and output are 1-D float32."""
+
+    def __init__(self, from_rate: int, to_rate: int):
+        if from_rate <= 0 or to_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
+        divisor = math.gcd(int(from_rate), int(to_rate))
+        self.up, self.down = int(to_rate) // divisor, int(from_rate) // divisor
+        self.passthrough = from_rate == to_rate
+        self._half_width, self._offsets, self._weights = _sinc_filter(self.up, self.down)
+        # Input from absolute index `_start` on; indices below 0 are the zeros that
+        # `_resample_sinc` pads with, so the first outputs match it too.
+        self._buffer = np.zeros(self._half_width, np.float64)
+        self._start = -self._half_width
+        self._received = 0
+        self._next_out = 0
+        self._flushed = False
+
+    def push(self, pcm: np.ndarray) -> np.ndarray:
+        """Take the next chunk; returns the output samples now computable (maybe none)."""
+        if self._flushed:
+            raise RuntimeError("push() after flush() on a StreamingResampler")
+        samples = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        self._received += samples.size
+        if self.passthrough:
+            return samples.copy()
+        self._buffer = np.concatenate([self._buffer, samples.astype(np.float64)])
+        # Output n needs input up to (n * down // up) + half_width: all of it arrived.
+        last_input = self._received - 1 - self._half_width
+        return self._compute(-(-(last_input + 1) * self.up // self.down))
+
+    def flush(self) -> np.ndarray:
+        """No more input: the remaining output samples (input past the end reads as 0)."""
+        self._flushed = True
+        if self.passthrough:
+            return np.zeros(0, np.float32)
+        self._buffer = np.concatenate([self._buffer, np.zeros(self._half_width + 1)])
+        return self._compute(-(-self._received * self.up // self.down))
+
+    def _compute(self, end: int) -> np.ndarray:
+        if end <= self._next_out:
+            return np.zeros(0, np.float32)
+        index = np.arange(self._next_out, end, dtype=np.int64)
+        base = (index * self.down) // self.up
+        taps = base[:, None] + self._offsets[None, :] - self._start
+        output = np.einsum("ij,ij->i", self._buffer[taps],
+                           self._weights((index * self.down) % self.up)).astype(np.float32)
+        self._next_out = end
+        # Keep only the input that later outputs can still reach.
+        keep_from = (end * self.down) // self.up + int(self._offsets[0])
+        if keep_from > self._start:
+            self._buffer = self._buffer[keep_from - self._start:]
+            self._start = keep_from
+        return output
 
 
 # ---------------------------------------------------------------------------- text
@@ -317,6 +388,31 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> l
             else:
                 pieces.append(piece)
     return pieces
+
+
+def complete_sentences(text: str) -> tuple[str, str]:
+    """Streamed text (an LLM's tokens so far) -> (its complete sentences, the rest still
+    being written). A sentence is complete once the whitespace after its end arrived and
+    no later text can change that: a period after an abbreviation ("etc.", "p.m.") waits
+    for the next word, whose capital letter decides. The complete part goes to the TTS,
+    which splits it into sentences itself; at the end of the text everything is spoken."""
+    cut = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        candidate, following = text[cut:end], text[end:]
+        if match.group().startswith("."):
+            if not following.strip() and _waits_for_next_word(candidate):
+                break  # "... etc. " then nothing yet: the next word decides
+            if not _period_ends_sentence(candidate, following):
+                continue
+        cut = end
+    return text[:cut], text[cut:]
+
+
+def _waits_for_next_word(candidate: str) -> bool:
+    words = candidate.rstrip("\"'\u201d\u2019)]").rstrip(".").split()
+    last = words[-1].lower().lstrip("\"'(\u201c\u2018[") if words else ""
+    return last in _ABBREVIATIONS or "." in last
 
 
 def _period_ends_sentence(candidate: str, rest: str) -> bool:
