@@ -278,8 +278,8 @@ class JobBook:
             job.last_error = reason
             if not POLICIES[job.kind].requeue:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(
-                    job, P.E_WORKER, f"the worker running this {job.kind.value} job was lost "
-                    f"({reason}); it is not moved to another worker: open a new one")))
+                    job, P.E_WORKER, f"the worker running this job was lost ({reason}); a "
+                    f"{job.kind.value} job is not moved to another worker: open a new one")))
             elif job.attempts >= self.max_job_attempts:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(
                     job, P.E_WORKER, f"worker died {job.attempts} times running this job; "

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from avatard.ipc import protocol as P
 from avatard.ipc.segments import ShmFullError
 
@@ -24,6 +26,10 @@ from .book import POLICIES, Ended
 from .inputs import StreamedInputs
 from .jobs import Job, new_job_id
 from .sessions import Session, Sessions
+
+# As engines/audio.MAX_FLOAT_PEAK (the supervisor imports no engine module): above it the
+# samples are integer PCM sent as float, never speech in [-1, 1].
+MAX_FLOAT_PEAK = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,38 @@ def take_chunk(msg: P.Lipsync | P.Transcribe | P.JobAudio, extra: list[Any],
         return sessions.read_input(desc).tobytes()
     finally:
         sessions.release_input(desc.key)
+
+
+def live_audio_bytes(msg: P.LiveAudio, extra: list[Any], session: Session,
+                     sessions: Sessions) -> bytes:
+    """The speech of a `live_audio` request as bytes of its own (float32 mono PCM), copied
+    out of its input slot, which goes back at once. Raises `ProtocolError`:
+    bad_message/audio.dtype (not float32), bad_message/audio.shape (not 1-D), bad_input/audio
+    (no samples; NaN or infinite samples; a peak over 2, integer PCM sent as float), and
+    what `Sessions.take_input` raises (too_large/audio over the payload limit...)."""
+    if msg.audio.dtype != "float32":
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.dtype", "must be float32 (mono PCM in "
+                              f"[-1, 1]), got {msg.audio.dtype}", msg.req_id)
+    if len(msg.audio.shape) != 1:
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.shape", "must be 1-D (mono), got "
+                              f"{msg.audio.shape}", msg.req_id)
+    if msg.audio.shape[0] == 0:
+        raise P.ProtocolError(P.E_BAD_INPUT, "audio", "is empty (0 samples)", msg.req_id)
+    desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
+    try:
+        pcm = np.array(sessions.read_input(desc))
+    finally:
+        sessions.release_input(desc.key)
+    # Checked here, at the boundary, so a bad chunk is the request's error and never
+    # reaches the session's engine (where it would end the session).
+    if not np.isfinite(pcm).all():
+        raise P.ProtocolError(P.E_BAD_INPUT, "audio", "contains NaN or infinite samples",
+                              msg.req_id)
+    peak = float(np.abs(pcm).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise P.ProtocolError(P.E_BAD_INPUT, "audio", f"samples must lie in [-1, 1], peak is "
+                              f"{peak:.3g} (integer PCM as float?)", msg.req_id)
+    return pcm.tobytes()
 
 
 def _audio_input(msg: P.Lipsync | P.Transcribe, extra: list[Any], session: Session,
@@ -172,6 +210,15 @@ def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
                       data=msg.data)
     return P.make(P.AudioChunk, job_id=job.job_id, index=msg.index, pts_us=msg.pts_us,
                   sample_rate=msg.sample_rate, data=msg.data)
+
+
+def playback_event(job: Job, msg: P.WPlaybackStarted | P.WPlaybackFinished
+                   ) -> P.PlaybackStarted | P.PlaybackFinished:
+    """The client's `playback_started` / `playback_finished` event of a live session."""
+    if isinstance(msg, P.WPlaybackStarted):
+        return P.make(P.PlaybackStarted, job_id=job.job_id, segment_id=msg.segment_id)
+    return P.make(P.PlaybackFinished, job_id=job.job_id, segment_id=msg.segment_id,
+                  position_s=msg.position_s, interrupted=msg.interrupted)
 
 
 def build_spec(msg: P.Msg, extra: list[Any], session: Session, sessions: Sessions,

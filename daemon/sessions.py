@@ -44,6 +44,9 @@ from .config import RingsConfig
 log = logging.getLogger("avatard.supervisor")
 
 SlotKey = tuple[str, int, int]  # (ring, slot, seq)
+# A live session's audio ring holds one chunk per frame (the audio that frame was made
+# from), as many as its frame ring holds frames: one frame's audio at up to 192 kHz.
+LIVE_AUDIO_SLOT_BYTES = 32 * 1024
 
 
 class Port(Protocol):
@@ -61,8 +64,11 @@ class Session:
     session_id: str
     inline: bool
     input_ring: SlotRing | None = None
-    # Frame and audio rings of this session, one pair per (worker, lane) that ran its jobs.
+    # Frame and audio rings of this session, one pair per (worker, lane) that ran its jobs;
+    # live sessions' pairs apart (their audio ring has a small slot per frame).
     outputs: dict[tuple[int, int], tuple[SlotRing, SlotRing]] = field(default_factory=dict)
+    live_outputs: dict[tuple[int, int], tuple[SlotRing, SlotRing]] = field(
+        default_factory=dict)
     held: dict[SlotKey, float] = field(default_factory=dict)  # slot -> when handed over
     last_seen: float = 0.0
     # A local client's process (pid and its start time, so a reused pid is not taken for
@@ -98,12 +104,16 @@ class Sessions:
             for ring in pair:
                 self.output_rings[ring.name] = ring
 
-    def _ring_pair(self, prefix: str) -> tuple[SlotRing, SlotRing]:
-        """A frame ring and an audio ring, both or neither (`ShmFullError`)."""
+    def _ring_pair(self, prefix: str, live: bool = False) -> tuple[SlotRing, SlotRing]:
+        """A frame ring and an audio ring, both or neither (`ShmFullError`). A live
+        session's audio ring has a slot of `LIVE_AUDIO_SLOT_BYTES` per frame slot: one
+        chunk goes out with every frame, and a smaller ring would drop frames first."""
         r = self.rings_cfg
         frames = SlotRing.create(f"{prefix}.frames", r.frame_slots, r.frame_slot_bytes)
         try:
-            audio = SlotRing.create(f"{prefix}.audio", r.audio_slots, r.audio_slot_bytes)
+            audio = (SlotRing.create(f"{prefix}.audio", r.frame_slots, LIVE_AUDIO_SLOT_BYTES)
+                     if live else
+                     SlotRing.create(f"{prefix}.audio", r.audio_slots, r.audio_slot_bytes))
         except BaseException:
             frames.close()
             raise
@@ -120,7 +130,9 @@ class Sessions:
         # is one step under the GIL), never over a dict the loop may be changing.
         sessions = sum(
             (s.input_ring.segment.size if s.input_ring is not None else 0)
-            + sum(ring.segment.size for pair in list(s.outputs.values()) for ring in pair)
+            + sum(ring.segment.size for pair in [*list(s.outputs.values()),
+                                                 *list(s.live_outputs.values())]
+                  for ring in pair)
             for s in list(self.sessions.values()))
         return {"daemon_rings_bytes": own, "session_rings_bytes": sessions,
                 "per_session_bytes": (ring_bytes(r.input_slots, r.input_slot_bytes)
@@ -167,7 +179,7 @@ class Sessions:
             session.input_ring.close()
         # A worker may still write into these until it acknowledges the cancel: it keeps
         # its own mapping, and its late descriptors name a ring no longer known here.
-        for pair in session.outputs.values():
+        for pair in [*session.outputs.values(), *session.live_outputs.values()]:
             for ring in pair:
                 self.output_rings.pop(ring.name, None)
                 ring.close()
@@ -260,36 +272,40 @@ class Sessions:
     # ------------------------------------------------------------ output rings
 
     def output_names(self, identity: bytes, worker: int, lane: int,
-                     busy: Collection[tuple[int, int]] | None = None) -> tuple[str, str]:
+                     busy: Collection[tuple[int, int]] | None = None, live: bool = False
+                     ) -> tuple[str, str]:
         """The (frame, audio) rings a job of this client writes on `worker` in `lane`:
         rings of the session's own for a local client (created on first use), ("", "") for
         the worker's own rings (remote clients: the daemon sends the bytes and releases).
         `busy`: the (worker, lane) places this client's other jobs still hold (running, or
         cancelled and not yet acknowledged); the session's pairs elsewhere that hold no
-        slot go before a new pair is made (None: keep every pair). Raises `ShmFullError`
-        when /dev/shm cannot hold a new pair."""
+        slot go before a new pair is made (None: keep every pair). `live`: the pair of a
+        live session (see `_ring_pair`). Raises `ShmFullError` when /dev/shm cannot hold a
+        new pair."""
         session = self.sessions.get(identity)
         if session is None or session.inline:
             return "", ""
-        pair = session.outputs.get((worker, lane))
+        pairs = session.live_outputs if live else session.outputs
+        pair = pairs.get((worker, lane))
         if pair is None:
             if busy is not None:
                 self._drop_idle_pairs(session, busy)
-            pair = self._ring_pair("s")
-            session.outputs[(worker, lane)] = pair
+            pair = self._ring_pair("s", live)
+            pairs[(worker, lane)] = pair
             for ring in pair:
                 self.output_rings[ring.name] = ring
         return pair[0].name, pair[1].name
 
     def _drop_idle_pairs(self, session: Session, busy: Collection[tuple[int, int]]) -> None:
         held_rings = {key[0] for key in session.held}
-        for place, pair in list(session.outputs.items()):
-            if place in busy or any(ring.name in held_rings for ring in pair):
-                continue
-            del session.outputs[place]
-            for ring in pair:
-                self.output_rings.pop(ring.name, None)
-                ring.close()
+        for pairs in (session.outputs, session.live_outputs):
+            for place, pair in list(pairs.items()):
+                if place in busy or any(ring.name in held_rings for ring in pair):
+                    continue
+                del pairs[place]
+                for ring in pair:
+                    self.output_rings.pop(ring.name, None)
+                    ring.close()
 
     def release_output(self, ring_name: str, slot: int, seq: int) -> bool:
         """Free a slot of a ring workers write; False for an unknown ring or a stale pair."""
@@ -306,7 +322,8 @@ class Sessions:
         """Worker `index`'s process is gone: the slots it was writing are half-written and
         go back to FREE (READY ones still belong to their readers)."""
         rings = list(self.worker_rings[index]) if index < len(self.worker_rings) else []
-        rings += [r for s in self.sessions.values() for (i, _), pair in s.outputs.items()
+        rings += [r for s in self.sessions.values()
+                  for (i, _), pair in [*s.outputs.items(), *s.live_outputs.items()]
                   if i == index for r in pair]
         for ring in rings:
             ring.reclaim([s for s in range(ring.slot_count) if ring.state(s) == WRITING])

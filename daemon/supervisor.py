@@ -36,8 +36,16 @@ from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .inputs import StreamedInputs
 from .jobs import Job, JobState, QueueFull
+from .live_inputs import LiveInputs
 from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
-from .requests import build_job, client_event, end_reply, take_chunk
+from .requests import (
+    build_job,
+    client_event,
+    end_reply,
+    live_audio_bytes,
+    playback_event,
+    take_chunk,
+)
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
@@ -64,6 +72,7 @@ class Supervisor:
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.inputs = StreamedInputs(config.daemon.max_media_s,
                                      config.daemon.streamed_input_bytes)
+        self.live = LiveInputs()
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -236,7 +245,8 @@ class Supervisor:
                 others = self.book.places_of(job.client) - {(job.worker, job.lane)}
                 try:
                     frame_ring, audio_ring = self.sessions.output_names(
-                        job.client, job.worker, job.lane, others)
+                        job.client, job.worker, job.lane, others,
+                        live=job.kind is P.JobKind.LIVE)
                 except segments.ShmFullError as exc:
                     self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
                     continue
@@ -247,6 +257,8 @@ class Supervisor:
                 audio_ring=audio_ring))
             for msg, chunk in self.inputs.messages(job.job_id):  # a streamed input so far
                 self._send(job.worker, msg, chunk)
+            for live_msg, data in self.live.held(job.job_id):  # live input while queued
+                self._send(job.worker, live_msg, *([data] if data else []))
         self._route([], now)  # the workers' new loads (READY -> BUSY)
 
     def _finish(self, ended: Ended, now: float) -> None:
@@ -259,6 +271,7 @@ class Supervisor:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
         self.inputs.close(job.job_id)
+        self.live.forget(job.job_id)
         self.avatars.job_ended(job.spec, succeeded=not ended.code)
         self.client_port.send(job.client, end_reply(ended, now))
 
@@ -322,6 +335,10 @@ class Supervisor:
                 self.client_port.send(job.client, P.make(
                     P.TranscriptMsg, job_id=job.job_id, language=msg.language,
                     duration_s=msg.duration_s, segments=msg.segments))
+        elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
+            job = self.book.live(index, msg.job_id)
+            if job is not None:
+                self.client_port.send(job.client, playback_event(job, msg))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)
         elif isinstance(msg, P.WJobFailed):
@@ -376,6 +393,8 @@ class Supervisor:
             self._route([self.book.cancel(job, P.E_CANCELLED, "cancelled by the client")], now)
         elif isinstance(msg, P.JobAudio) and session is not None:
             self._job_audio(session, msg, extra, now)
+        elif isinstance(msg, P.LIVE_INPUTS) and session is not None:
+            self._live_input(session, msg, extra)
         else:
             if session is None:
                 raise P.ProtocolError(P.E_NO_SESSION, "type", "send hello before any job "
@@ -412,12 +431,30 @@ class Supervisor:
             for out, chunk in self.inputs.messages(job.job_id, index):
                 self._send(job.worker, out, chunk)
 
+    def _live_input(self, session: Session, msg: Any, extra: list[Any]) -> None:
+        """Input of a running live session: checked (a refusal is the request's error; the
+        session runs on), then passed on at once to its worker, or held until the session
+        is placed. No reply when taken."""
+        job = self._client_job(session.identity, msg.job_id, msg.req_id)
+        self.live.check_open(job.job_id, msg.req_id)
+        data = (live_audio_bytes(msg, extra, session, self.sessions)
+                if isinstance(msg, P.LiveAudio) else b"")
+        out = self.live.take(job.job_id, msg)
+        if out is None:
+            return
+        if job.worker is not None and job.state is JobState.RUNNING:
+            self._send(job.worker, out, *([data] if data else []))
+        else:
+            self.live.hold(job.job_id, out, data, msg.req_id)
+
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""
         job = build_job(msg, extra, session, self.sessions, self.avatars, self.inputs,
                         self.cfg.daemon.job_deadline_s, now)
         try:
             position = self.book.accept(job)
+            if job.kind is P.JobKind.LIVE:
+                self.live.open(job.job_id)
             if getattr(job.spec, "avatar", None) is not None:
                 self.avatars.pin(job.spec.avatar.avatar_id)  # type: ignore[union-attr]
         except QueueFull as exc:
