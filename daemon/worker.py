@@ -20,6 +20,10 @@ per job thread, all named by the worker's identity (`WorkerId`: `w<index>.<attem
 engine whose `thread_safe` is False are serialised by a lock per engine; writes into a ring
 shared by several jobs by a lock per ring (`SlotRing.writing(lock=...)`).
 
+A live session (`LiveSpec`) is a job like the others whose handler never ends by itself:
+its thread runs the session's pacing clock and takes the session's input between ticks
+(daemon/live_worker.py); it writes with timeout 0 and drops what its client does not read.
+
 Frames and audio go into rings the supervisor owns; the worker writes each frame into a
 slot once and sends a descriptor. Frames below `resume_from` were delivered by an earlier
 attempt of the same job: they are recomputed (engines are seeded, so the rest matches) but
@@ -123,11 +127,14 @@ class InputTimeout(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """What a job handler produced: frames, audio samples sent, media seconds."""
+    """What a job handler produced: frames, audio samples sent, media seconds; for a live
+    session also the frames it dropped (the client's ring was full) and made late."""
 
     frames: int = 0
     audio_samples: int = 0
     media_s: float = 0.0
+    frames_dropped: int = 0
+    late_frames: int = 0
 
 
 @dataclass(eq=False)
@@ -147,6 +154,9 @@ class JobRun:
     # Streamed input (a spec whose audio is None): (index, bytes, final) per JobInput,
     # put by the main thread, taken by the job thread.
     streamed: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    # A live session's input: (LiveInput, bytes) put by the main thread, and the audio of
+    # its TTS thread (daemon/live_worker.py); taken by the job thread between ticks.
+    live_inputs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     @property
     def job_id(self) -> str:
@@ -197,6 +207,7 @@ class Worker:
             P.LipsyncSpec: self._render,
             P.TranscribeSpec: self._transcribe,
             P.RegisterSpec: self._register,
+            P.LiveSpec: self._live,
         }
 
     # ------------------------------------------------------------ messaging
@@ -327,6 +338,11 @@ class Worker:
                         run = self.runs.get(msg.job_id)
                     if run is not None and extra:
                         run.streamed.put((msg.index, bytes(extra[0]), msg.final))
+                elif isinstance(msg, P.LiveInput):
+                    with self._runs_lock:
+                        run = self.runs.get(msg.job_id)
+                    if run is not None:  # else the session ended meanwhile: nothing to do
+                        run.live_inputs.put((msg, bytes(extra[0]) if extra else b""))
                 elif isinstance(msg, P.CancelJob):
                     with self._runs_lock:
                         run = self.runs.get(msg.job_id)
@@ -387,7 +403,8 @@ class Worker:
                 frame_ring, audio_ring = run.outputs[job.frame_ring], run.outputs[job.audio_ring]
             result = self.handlers[type(job.spec)](job, run, frame_ring, audio_ring)
             self.send(P.WJobDone, job_id=job.job_id, frames=result.frames,
-                      audio_samples=result.audio_samples, media_s=result.media_s)
+                      audio_samples=result.audio_samples, media_s=result.media_s,
+                      frames_dropped=result.frames_dropped, late_frames=result.late_frames)
         except JobCancelled:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_CANCELLED, message="cancelled")
         except EngineInputError as exc:
@@ -522,6 +539,12 @@ class Worker:
         self.send(P.WTranscript, job_id=job.job_id, language=transcript.language,
                   duration_s=transcript.duration_s, segments=segments)
         return JobResult(media_s=transcript.duration_s)
+
+    def _live(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing, audio_ring: SlotRing
+              ) -> JobResult:
+        from .live_worker import run_live
+
+        return run_live(self, job, run, frame_ring, audio_ring)
 
     def _audio_chunks(self, spec: P.SpeakSpec | P.LipsyncSpec, run: JobRun, rate: int):
         """(pcm at the avatar's rate, original pcm or None, original rate) per chunk."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,10 +95,47 @@ class DoneEvent:
     first_frame_s: float
     attempts: int
     audio_samples: int = 0
+    frames_dropped: int = 0  # live sessions: frames the client did not read in time
+    late_frames: int = 0  # live sessions: frames made late on the session's clock
 
     @property
     def rtf(self) -> float:
         return self.wall_s / self.media_s if self.media_s > 0 else float("nan")
+
+
+@dataclass
+class PlaybackStartedEvent:
+    """Live sessions: the next frame is the first carrying speech of `segment_id`."""
+
+    job_id: str
+    segment_id: str
+
+
+@dataclass
+class PlaybackFinishedEvent:
+    """Live sessions: `segment_id` stopped after `position_s` seconds of its speech went
+    out with frames; `interrupted` when a barge-in or the session's close cut it short."""
+
+    job_id: str
+    segment_id: str
+    position_s: float
+    interrupted: bool
+
+
+@dataclass
+class InputRefusedEvent:
+    """Live sessions: the daemon refused one input (`req_id`, a `what` request); the
+    session runs on. `code`, `field` and `rule` as in an `error` reply."""
+
+    job_id: str
+    req_id: int
+    what: str
+    code: str
+    field: str
+    rule: str
+
+
+LIVE_REQUESTS_KEPT = 4096  # live input requests remembered, to route their errors
 
 
 @dataclass
@@ -152,6 +189,10 @@ class Client:
         self._input_ring: SlotRing | None = None
         self._pending: dict[str, deque[tuple[P.Msg, list[Any]]]] = {}
         self._replies: dict[int, tuple[P.Msg, list[Any]]] = {}
+        # Live input requests get no reply when taken: req_id -> (job id, request type) of
+        # the latest ones, so a refusal reaches its session's events (errors come back
+        # within a tick of the daemon, long before this many more inputs are sent).
+        self._live_requests: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._name = name
         try:
             welcome = self._hello(name)
@@ -208,6 +249,8 @@ class Client:
         """Keep a message for whoever waits for it: a request id or a job id."""
         job_id = getattr(msg, "job_id", None)
         req_id = getattr(msg, "req_id", None)
+        if isinstance(msg, P.Error) and req_id in self._live_requests:
+            job_id = self._live_requests[req_id][0]  # a refused live input: its session's
         if job_id is not None and not isinstance(msg, P.Accepted):
             self._pending.setdefault(job_id, deque()).append((msg, extra))
         elif req_id is not None:
@@ -331,6 +374,26 @@ class Client:
                                   f"{msg.field}: {msg.rule}", code=msg.code, field=msg.field)
         return False
 
+    def live(self, avatar: str = "", voice: str = "", seed: int = 0) -> LiveSession:
+        """Open a live session on `avatar` (default: the engine's portrait): frames at the
+        engine's fps from now until `LiveSession.close()`, speech fed with `send_audio` /
+        `send_text`. Raises what `accepted` would not come for (`ClientError` naming the
+        field, `BusyError`)."""
+        msg = P.make(P.LiveOpen, req_id=self._next_id(), avatar_id=avatar, voice=voice,
+                     seed=seed)
+        self._send(msg)
+        accepted, _ = self._await_reply(msg.req_id, "LiveOpen")
+        assert isinstance(accepted, P.Accepted)
+        return LiveSession(self, accepted)
+
+    def _send_live(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> int:
+        req_id: int = msg.req_id  # type: ignore[attr-defined]
+        self._live_requests[req_id] = (msg.job_id, what)  # type: ignore[attr-defined]
+        while len(self._live_requests) > LIVE_REQUESTS_KEPT:
+            self._live_requests.popitem(last=False)
+        self._send(msg, *extra)
+        return req_id
+
     def cancel(self, job_id: str) -> None:
         self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=job_id))
 
@@ -381,12 +444,22 @@ class Client:
                         yield FrameEvent(job_id, msg.index, msg.pts_us, array)
                     else:
                         yield AudioEvent(job_id, msg.index, msg.pts_us, msg.sample_rate, array)
+                elif isinstance(msg, P.PlaybackStarted):
+                    yield PlaybackStartedEvent(job_id, msg.segment_id)
+                elif isinstance(msg, P.PlaybackFinished):
+                    yield PlaybackFinishedEvent(job_id, msg.segment_id, msg.position_s,
+                                                msg.interrupted)
+                elif isinstance(msg, P.Error) and msg.req_id in self._live_requests:
+                    _, what = self._live_requests.pop(msg.req_id)
+                    yield InputRefusedEvent(job_id, msg.req_id, what, msg.code, msg.field,
+                                            msg.rule)
                 elif isinstance(msg, P.TranscriptMsg):
                     yield TranscriptResult(job_id, msg.language, msg.duration_s,
                                            list(msg.segments))
                 elif isinstance(msg, P.Done):
                     yield DoneEvent(job_id, msg.frames, msg.media_s, msg.wall_s,
-                                    msg.first_frame_s, msg.attempts, msg.audio_samples)
+                                    msg.first_frame_s, msg.attempts, msg.audio_samples,
+                                    msg.frames_dropped, msg.late_frames)
                     return
                 elif isinstance(msg, P.JobFailed):
                     raise JobFailedError(f"job {job_id} failed after {msg.attempts} attempt(s):"
@@ -436,3 +509,70 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LiveSession:
+    """A live session of a `Client` (`Client.live()`): send speech at any time, read the
+    endless stream of events by iterating (frames, audio, playback events, refused
+    inputs, and `DoneEvent` once closed).
+
+        session = client.live(seed=1)
+        session.send_audio(pcm, 16000, segment_id="hello")   # float32 mono
+        session.end_segment("hello")
+        for event in session:                  # FrameEvent k, AudioEvent k, ... forever
+            ...                                # until close() -> DoneEvent
+
+    Frame k and audio chunk k (the audio frame k was made from: speech, or silence while
+    idle) come at the engine's fps; indices skip frames this client did not read in
+    time (dropped, counted in `DoneEvent.frames_dropped`). The sends return at once (no
+    reply when taken); a refused input arrives as an `InputRefusedEvent` among the
+    events. Like the `Client`, a session is used from one thread: interleave sends with
+    reading events (an idle reader loses frames, never stalls the daemon)."""
+
+    def __init__(self, client: Client, accepted: P.Accepted):
+        self.client = client
+        self.job_id = accepted.job_id
+        self._events = client._events(self.job_id)
+
+    def send_audio(self, pcm: np.ndarray, sample_rate: int, segment_id: str) -> int:
+        """Append speech to segment `segment_id`: 1-D float32 PCM in [-1, 1] at
+        `sample_rate` Hz (8000..192000; every chunk of a segment at one rate), any length
+        up to one payload (`Client.max_payload_bytes`). Sent as given: another dtype is
+        refused by the daemon. Returns the request id (an `InputRefusedEvent` names it)."""
+        payload, extra = self.client._payload(np.ascontiguousarray(pcm))
+        return self.client._send_live(P.make(
+            P.LiveAudio, req_id=self.client._next_id(), job_id=self.job_id,
+            segment_id=segment_id, audio=payload, sample_rate=sample_rate), "LiveAudio", *extra)
+
+    def send_text(self, text: str, segment_id: str, final: bool = False) -> int:
+        """Append text to segment `segment_id` (an LLM's tokens as they come): each
+        complete sentence is spoken as soon as it is complete; `final` speaks the rest
+        and ends the segment."""
+        return self.client._send_live(P.make(
+            P.LiveText, req_id=self.client._next_id(), job_id=self.job_id,
+            segment_id=segment_id, text=text, final=final), "LiveText")
+
+    def end_segment(self, segment_id: str) -> int:
+        """No more input for `segment_id`: it plays out, then `playback_finished`."""
+        return self.client._send_live(P.make(
+            P.LiveEnd, req_id=self.client._next_id(), job_id=self.job_id,
+            segment_id=segment_id), "LiveEnd")
+
+    def interrupt(self) -> int:
+        """Barge-in: every queued piece of speech is dropped, the avatar goes idle."""
+        return self.client._send_live(P.make(
+            P.LiveInterrupt, req_id=self.client._next_id(), job_id=self.job_id),
+            "LiveInterrupt")
+
+    def close(self) -> int:
+        """End the session: events go on until its `DoneEvent`."""
+        return self.client._send_live(P.make(
+            P.LiveClose, req_id=self.client._next_id(), job_id=self.job_id), "LiveClose")
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._events
+
+    def __next__(self) -> Any:
+        """The next event, waiting at most the client's `timeout_s` (frames come at the
+        engine's fps, so a wait that long means the daemon is gone or stuck)."""
+        return next(self._events)

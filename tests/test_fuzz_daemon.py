@@ -31,6 +31,10 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "transcribe": {"audio": {"at": "inline", "part": 1, "shape": [4], "dtype": "float32"},
                    "sample_rate": 16000},
     "cancel": {"job_id": "j1"},
+    "live_open": {"seed": 2},
+    "live_audio": {"job_id": "j1", "segment_id": "s", "sample_rate": 16000,
+                   "audio": {"at": "inline", "part": 1, "shape": [4], "dtype": "float32"}},
+    "live_interrupt": {"job_id": "j1"},
     "release": {"ring": "avatard-1-1-0000000000000000-w0.frames", "slot": 0, "seq": 0},
     "w_hello": {"worker": 0, "pid": 1, "device": "cpu", "attempt": 1},
 }

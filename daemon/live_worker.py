@@ -1,0 +1,329 @@
+"""A live session inside a worker: the pacing clock, the avatar stream, the session's TTS.
+
+Runs on the job thread the worker starts for every job (`Worker._live` calls `run_live`),
+and on one more thread, started on the first text, for the session's TTS. It owns:
+
+- a **pacing clock**: tick k is due `k / fps` seconds after the session started
+  (`time.monotonic()`). Between ticks the thread applies the session's input as it comes
+  (the worker's main thread queues each `LiveInput`), so a barge-in takes effect at the
+  next tick. A tick made more than one frame period after it was due counts as late; a
+  session more than `MAX_LAG_S` behind its clock is re-anchored to now (logged, its late
+  frames counted), instead of sending a burst to catch up.
+- a `Playout` (daemon/live_playout.py): every tick takes one frame's worth of queued speech
+  (or silence), pushes it into the engine's `AvatarStream`, and every frame the stream
+  returns goes out with the audio it was made from, as frame k and audio chunk k.
+- realtime writes: frame and audio go into the session's rings with timeout 0. A full ring
+  (the client is not reading) drops both and counts the frame as dropped; the worker never
+  waits for a client, so other sessions and jobs of the worker are unaffected.
+
+The session ends at `close` (its `done` carries frames sent, dropped and late), or when
+the supervisor cancels it (the client said bye or vanished), or on an engine fault (the
+job fails; live sessions are not moved to another worker yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from avatard.ipc import protocol as P
+from avatard.ipc.ring import DescriptorError, RingFullError, SlotRef, SlotRing
+
+from .live_playout import Event, Finished, Playout, Started, Tick
+
+if TYPE_CHECKING:
+    from .worker import JobResult, JobRun, Worker
+
+log = logging.getLogger("avatard.worker")
+
+MAX_LAG_S = 1.0  # behind its clock by more than this, a session is re-anchored to now
+CONTROL_CHECK_S = 0.1  # longest wait for input before cancel/shutdown are checked again
+TTS_JOIN_S = 2.0  # how long the end of a session waits for its TTS thread to stop
+
+
+@dataclass(frozen=True, slots=True)
+class TtsAudio:
+    """The session's TTS thread -> its job thread: speech for text of a segment."""
+
+    generation: int
+    segment_id: str
+    pcm: np.ndarray  # 1-D float32 at the avatar engine's audio_rate
+
+
+@dataclass(frozen=True, slots=True)
+class TtsDone:
+    """The TTS thread finished one piece of text (spoken, or refused by the engine)."""
+
+    generation: int
+    segment_id: str
+
+
+def run_live(worker: Worker, job: P.RunJob, run: JobRun, frame_ring: SlotRing,
+             audio_ring: SlotRing) -> JobResult:
+    """Run live session `job` until it is closed: returns its result (frames sent, audio
+    samples sent, seconds of media, frames dropped, late frames). Raises what
+    `Worker._check_control` raises when it is cancelled or the worker shuts down,
+    `EngineInputError` (field `voice`) for a voice the TTS engine does not have, and any
+    engine fault."""
+    session = LiveSession(worker, job, run, frame_ring, audio_ring)
+    try:
+        return session.run()
+    finally:
+        session.stop_tts()
+
+
+class LiveSession:
+    def __init__(self, worker: Worker, job: P.RunJob, run: JobRun, frame_ring: SlotRing,
+                 audio_ring: SlotRing):
+        from avatard.engines.base import EngineInputError
+
+        spec = job.spec
+        assert isinstance(spec, P.LiveSpec)
+        self.worker, self.job, self.job_run = worker, job, run
+        self.frame_ring, self.audio_ring = frame_ring, audio_ring
+        self.voice = spec.voice
+        if self.voice and "tts" in worker.engines:
+            tts, tts_lock = worker._engine("tts")
+            with tts_lock:
+                voices = tts.voices()
+            if self.voice not in voices:
+                raise EngineInputError("voice", f"unknown voice {self.voice!r} (this "
+                                       f"daemon's voices: {', '.join(voices)})")
+        avatar, self.avatar_lock = worker._engine("avatar")
+        state = worker._avatar_state(spec.avatar)
+        with self.avatar_lock:
+            self.stream = avatar.open_stream(state, job.seed)
+        self.fps, self.rate = int(avatar.fps), int(avatar.audio_rate)
+        self.playout = Playout(self.rate, self.fps)
+        self.frames_sent = self.frames_dropped = self.late_frames = self.audio_samples = 0
+        self.ticks = 0
+        self._tts_requests: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
+        self._tts_stop = threading.Event()
+        self._tts_thread: threading.Thread | None = None
+        self._extra_frames_logged = False
+
+    # ------------------------------------------------------------ the clock
+
+    def run(self) -> JobResult:
+        from .worker import JobResult
+
+        period_s = 1.0 / self.fps
+        started = time.monotonic()
+        while True:
+            due = started + self.ticks * period_s
+            if self._apply_inputs_until(due):
+                break  # live_close
+            lag_s = time.monotonic() - due
+            if lag_s > period_s:
+                self.late_frames += 1
+            if lag_s > MAX_LAG_S:
+                # Catching up would send a second of frames at once; the client would
+                # rather see the clock move on. The late frames say it happened.
+                log.warning("live session %s is %.2f s behind its clock at frame %d "
+                            "(%d late so far): re-anchored", self.job.job_id, lag_s,
+                            self.ticks, self.late_frames)
+                started = time.monotonic() - self.ticks * period_s
+            self._tick(self.ticks)
+            self.ticks += 1
+            self.job_run.progress = self.ticks
+        # Segments still playing end here, cut short (playback_finished must always come).
+        self._send_events(self.playout.close())
+        return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
+                         media_s=self.ticks / self.fps, frames_dropped=self.frames_dropped,
+                         late_frames=self.late_frames)
+
+    def _apply_inputs_until(self, due: float) -> bool:
+        """Apply the session's input as it comes until tick time `due` (monotonic s), and
+        everything already queued when it is past. True when `close` came."""
+        while True:
+            self.worker._check_control(self.job_run)  # raises on cancel or shutdown
+            remaining_s = due - time.monotonic()
+            try:
+                if remaining_s > 0:
+                    item = self.job_run.live_inputs.get(timeout=min(remaining_s, CONTROL_CHECK_S))
+                else:
+                    item = self.job_run.live_inputs.get(block=False)
+            except queue.Empty:
+                if remaining_s <= 0:
+                    return False
+                continue
+            if self._apply(item):
+                return True
+
+    # ------------------------------------------------------------ input
+
+    def _apply(self, item: Any) -> bool:
+        """One input: from the supervisor (a `LiveInput` and its bytes) or from the TTS
+        thread. True for `close`."""
+        playout = self.playout
+        if isinstance(item, TtsAudio):
+            playout.tts_audio(item.generation, item.segment_id, item.pcm)
+            return False
+        if isinstance(item, TtsDone):
+            playout.tts_done(item.generation, item.segment_id)
+            return False
+        msg, data = item
+        kind = msg.kind
+        if kind is P.LiveInputKind.AUDIO:
+            playout.audio(msg.segment_id, np.frombuffer(data, np.float32), msg.sample_rate)
+        elif kind is P.LiveInputKind.TEXT:
+            playout.text(msg.segment_id, msg.text, msg.final)
+        elif kind is P.LiveInputKind.END:
+            playout.end(msg.segment_id)
+        elif kind is P.LiveInputKind.INTERRUPT:
+            self._interrupt()
+        elif kind is P.LiveInputKind.CLOSE:
+            return True
+        self._hand_to_tts(playout.take_sentences())
+        return False
+
+    def _interrupt(self) -> None:
+        """Barge-in: the playout drops all queued speech (sentences waiting for the TTS
+        too: a new generation) and answers with the segments cut short; then the stream
+        is told, if it can be (engines with `interrupt()`)."""
+        self._send_events(self.playout.interrupt())
+        interrupt = getattr(self.stream, "interrupt", None)
+        if callable(interrupt):
+            with self.avatar_lock:
+                frames = interrupt()
+            if frames:  # frames the stream had ready for audio it was given
+                self._emit(frames)
+
+    # ------------------------------------------------------------ ticks and frames
+
+    def _tick(self, index: int) -> None:
+        tick = self.playout.take(index)
+        with self.avatar_lock:
+            frames = self.stream.push(tick.pcm)
+        self._emit(frames)
+
+    def _emit(self, frames: Any) -> None:
+        """Each frame the stream returned goes out with the oldest tick in flight: its
+        events before and after it, the frame and the tick's audio (or both dropped)."""
+        for frame in frames:
+            try:
+                tick, before, after = self.playout.emitted()
+            except IndexError:
+                if not self._extra_frames_logged:
+                    self._extra_frames_logged = True
+                    log.warning("live session %s: the avatar stream returned more frames "
+                                "than the audio it was given makes; the extra are dropped",
+                                self.job.job_id)
+                return
+            self._send_events(before)
+            self._send_frame(np.asarray(frame), tick)
+            self._send_events(after)
+
+    def _send_frame(self, frame: np.ndarray, tick: Tick) -> None:
+        refs = self._write(frame, tick.pcm)
+        if refs is None:
+            self.frames_dropped += 1
+            return
+        frame_ref, audio_ref = refs
+        job_id = self.job.job_id
+        self.worker.send(P.WFrame, job_id=job_id, index=tick.index,
+                         pts_us=tick.index * 1_000_000 // self.fps,
+                         data=P.SlotDesc.from_ref(frame_ref))
+        self.worker.send(P.WAudio, job_id=job_id, index=tick.index,
+                         pts_us=self.playout.tick_start_sample(tick.index) * 1_000_000
+                         // self.rate, sample_rate=self.rate,
+                         data=P.SlotDesc.from_ref(audio_ref))
+        self.frames_sent += 1
+        self.audio_samples += tick.pcm.size
+
+    def _write(self, frame: np.ndarray, pcm: np.ndarray) -> tuple[SlotRef, SlotRef] | None:
+        """Frame and audio into their rings at once, or neither: None when either ring is
+        full (timeout 0: a live session never waits for its client)."""
+        frame = np.ascontiguousarray(frame)
+        worker = self.worker
+        try:
+            with self.frame_ring.writing(frame.shape, frame.dtype.name, timeout_s=0.0,
+                                         lock=worker._ring_lock(self.frame_ring.name)) as f:
+                np.copyto(f.view, frame, casting="no")
+                # Inside the frame's block: a full audio ring gives the frame slot back.
+                with self.audio_ring.writing(pcm.shape, "float32", timeout_s=0.0,
+                                             lock=worker._ring_lock(self.audio_ring.name)) as a:
+                    np.copyto(a.view, pcm, casting="no")
+        except RingFullError:
+            return None
+        except DescriptorError as exc:
+            raise DescriptorError("frame", f"{exc.rule}: raise rings.frame_slot_bytes to at "
+                                  f"least {frame.nbytes} (H x W x 3 of the largest frame; "
+                                  "docs/config.md)") from None
+        assert f.ref is not None and a.ref is not None
+        return f.ref, a.ref
+
+    def _send_events(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Started):
+                self.worker.send(P.WPlaybackStarted, job_id=self.job.job_id,
+                                 segment_id=event.segment_id)
+            elif isinstance(event, Finished):
+                self.worker.send(P.WPlaybackFinished, job_id=self.job.job_id,
+                                 segment_id=event.segment_id, position_s=event.position_s,
+                                 interrupted=event.interrupted)
+
+    # ------------------------------------------------------------ the session's TTS
+
+    def _hand_to_tts(self, pieces: list[tuple[int, str, str]]) -> None:
+        if not pieces:
+            return
+        if self._tts_thread is None:
+            self._tts_thread = threading.Thread(target=self._tts_loop, daemon=True,
+                                                name=f"tts-{self.job.job_id}")
+            self._tts_thread.start()
+        for piece in pieces:
+            self._tts_requests.put(piece)
+
+    def _tts_loop(self) -> None:
+        """The TTS thread: speaks each piece of text in order, one sentence at a time (so
+        the first audio of a reply does not wait for its last sentence), and hands the
+        audio to the job thread through its input queue. Sends nothing itself (sockets
+        belong to one thread). Work of an older generation (before a barge-in) is skipped
+        between sentences."""
+        from avatard.engines.audio import resample
+        from avatard.engines.base import EngineInputError
+
+        tts, lock = self.worker._engine("tts")
+        while not self._tts_stop.is_set():
+            try:
+                generation, segment_id, text = self._tts_requests.get(timeout=CONTROL_CHECK_S)
+            except queue.Empty:
+                continue
+            try:
+                if generation != self.playout.generation:
+                    continue  # a barge-in came since it was asked
+                with lock:
+                    sentences = iter(tts.stream(text, self.voice or None))
+                while generation == self.playout.generation and not self._tts_stop.is_set():
+                    with lock:  # each sentence is synthesized inside next()
+                        pcm = next(sentences, None)
+                    if pcm is None:
+                        break
+                    pcm = resample(np.asarray(pcm, np.float32), tts.sample_rate, self.rate)
+                    self.job_run.live_inputs.put(TtsAudio(generation, segment_id, pcm))
+            except EngineInputError as exc:
+                # Text the voice cannot say: silence for it, and the session goes on.
+                log.warning("live session %s: segment %r: TTS refused %r: %s",
+                            self.job.job_id, segment_id, text[:80], exc)
+            except Exception:
+                log.exception("live session %s: segment %r: TTS failed", self.job.job_id,
+                              segment_id)
+            finally:
+                self.job_run.live_inputs.put(TtsDone(generation, segment_id))
+
+    def stop_tts(self) -> None:
+        """Stop the TTS thread, waiting at most `TTS_JOIN_S` (a sentence being synthesized
+        finishes first; a thread still inside the engine then is left behind, logged)."""
+        self._tts_stop.set()
+        if self._tts_thread is not None:
+            self._tts_thread.join(timeout=TTS_JOIN_S)
+            if self._tts_thread.is_alive():
+                log.warning("live session %s: its TTS thread is still synthesizing after "
+                            "%.0f s; left behind", self.job.job_id, TTS_JOIN_S)

@@ -1,0 +1,364 @@
+"""Live sessions through a real daemon (fake engines unless said): paced frames that never
+stop, speech in segments, barge-in, streamed text, slow and vanished clients, bad input.
+
+No timing assertions: counts, order and contents only. The sessions run on the worker's
+clock, so every wait below is for a number of frames (bounded by the client's timeout)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from daemon_harness import run_daemon
+
+from avatard.engines.audio import resample
+from avatard.engines.fake import FakeTTSEngine, expected_frame
+from avatard.ipc import protocol as P
+from avatard.ipc.client import (
+    AudioEvent,
+    DoneEvent,
+    FrameEvent,
+    InputRefusedEvent,
+    JobFailedError,
+    LiveSession,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+)
+
+SIZE = 32
+FAKE = {"width": SIZE, "height": SIZE}
+RATE, FPS, TICK = 16000, 25, 640  # the fake avatar engine's audio rate and fps
+# Small frame slots, many of them: a reading client on a busy machine never loses a frame
+# (64 frames of slack), and a session's rings stay small in /dev/shm.
+RINGS = {"rings": {"frame_slots": 64, "frame_slot_bytes": 4096, "audio_slots": 64,
+                   "audio_slot_bytes": 32768}}
+
+
+class Recorder:
+    """Reads a live session's events, copying what it keeps (slots go back as it reads)."""
+
+    def __init__(self, session: LiveSession, seed: int | None = None):
+        self.session = session
+        self.seed = seed
+        self.events: list = []  # frames as their index, audio as (index, pcm copy), others
+        self.frames: list[int] = []
+        self.audio: dict[int, np.ndarray] = {}
+        self.done: DoneEvent | None = None
+
+    def next(self):
+        event = next(self.session)
+        if isinstance(event, FrameEvent):
+            if self.seed is not None:
+                np.testing.assert_array_equal(
+                    event.array, expected_frame(self.seed, event.index, SIZE, SIZE),
+                    err_msg=f"frame {event.index}")
+            self.frames.append(event.index)
+            self.events.append(("frame", event.index))
+        elif isinstance(event, AudioEvent):
+            assert event.sample_rate == RATE
+            self.audio[event.index] = np.array(event.pcm)
+            self.events.append(("audio", event.index))
+        else:
+            self.events.append(event)
+            if isinstance(event, DoneEvent):
+                self.done = event
+        return event
+
+    def frames_more(self, count: int) -> None:
+        target = len(self.frames) + count
+        while len(self.frames) < target:
+            self.next()
+
+    def until(self, predicate) -> object:
+        while True:
+            event = self.next()
+            if predicate(event):
+                return event
+
+    def close(self) -> DoneEvent:
+        self.session.close()
+        self.until(lambda e: isinstance(e, DoneEvent))
+        assert self.done is not None
+        return self.done
+
+    def of(self, cls) -> list:
+        return [e for e in self.events if isinstance(e, cls)]
+
+    def pcm(self) -> np.ndarray:
+        """The session's audio as played: every chunk in frame order."""
+        return np.concatenate([self.audio[i] for i in sorted(self.audio)])
+
+    def position(self, event) -> int:
+        """Events before `event` that are frames: the frame index it precedes."""
+        return sum(1 for e in self.events[:self.events.index(event)]
+                   if isinstance(e, tuple) and e[0] == "frame")
+
+
+def segment_is(cls, segment_id):
+    return lambda e: isinstance(e, cls) and e.segment_id == segment_id
+
+
+def send_in_chunks(session: LiveSession, pcm: np.ndarray, rate: int, segment_id: str,
+                   chunk_s: float = 0.1) -> None:
+    step = int(rate * chunk_s)
+    for start in range(0, pcm.size, step):
+        session.send_audio(pcm[start:start + step], rate, segment_id)
+
+
+def assert_continuous(rec: Recorder) -> None:
+    assert rec.frames == list(range(len(rec.frames))), "every frame, in order, none lost"
+    assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
+    assert all(rec.audio[i].size == TICK for i in rec.frames)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["shm", "inline"])
+def test_two_segments_and_a_pause_frames_never_stop(tmp_path, inline):
+    first = np.full(RATE // 2, 0.25, np.float32)  # 0.5 s at 16 kHz, 100 ms chunks
+    second = (np.sin(np.arange(int(48000 * 0.3)) / 9.0) * 0.5).astype(np.float32)  # 48 kHz
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client(inline=inline) as c:
+        rec = Recorder(c.live(seed=5), seed=5)
+        rec.frames_more(5)  # idle: frames come before any speech
+        send_in_chunks(rec.session, first, RATE, "a")
+        rec.session.end_segment("a")
+        finished_a = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        pause_from = len(rec.frames)
+        rec.frames_more(12)  # the pause
+        send_in_chunks(rec.session, second, 48000, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        rec.frames_more(3)
+        done = rec.close()
+
+    assert_continuous(rec)
+    assert done.frames == len(rec.frames) and done.frames_dropped == 0
+    assert done.audio_samples == done.frames * TICK
+    started_a, started_b = rec.of(PlaybackStartedEvent)
+    assert [started_a.segment_id, started_b.segment_id] == ["a", "b"]
+    order = [rec.events.index(e) for e in (started_a, finished_a, started_b, finished_b)]
+    assert order == sorted(order)
+    assert (finished_a.position_s, finished_a.interrupted) == (0.5, False)
+    assert (finished_b.position_s, finished_b.interrupted) == (0.3, False)
+
+    pcm = rec.pcm()
+    a_at = rec.position(started_a) * TICK  # "a" starts in the frame after its event
+    assert rec.audio[rec.position(started_a)].any() and not pcm[:a_at].any()
+    # "a" plays exactly as sent, then silence through the pause until "b".
+    a_end = a_at + first.size
+    np.testing.assert_array_equal(pcm[a_at:a_end], first)
+    b_at = rec.position(started_b) * TICK
+    assert rec.position(started_b) >= pause_from + 12 and not pcm[a_end:b_at].any()
+    expected_b = resample(second, 48000, RATE)
+    np.testing.assert_array_equal(pcm[b_at:b_at + expected_b.size], expected_b)
+    assert not pcm[b_at + expected_b.size:].any()
+
+
+def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path):
+    speech = np.full(RATE * 2, 0.5, np.float32)  # 2 s, more than is read before the barge-in
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=6), seed=6)
+        rec.session.send_audio(speech, RATE, "a")
+        rec.session.end_segment("a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        rec.frames_more(10)
+        heard_s = sum(rec.audio[i].astype(bool).sum() for i in rec.audio) / RATE
+        rec.session.interrupt()
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        after = len(rec.frames)
+        rec.frames_more(15)  # frames go on, silent
+        late = rec.session.send_audio(speech[:TICK], RATE, "a")  # "a" was interrupted
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        rec.session.send_audio(speech[:RATE // 5], RATE, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        done = rec.close()
+
+    assert_continuous(rec)
+    assert finished.interrupted
+    # At least what the client heard before it barged in, less than the whole segment.
+    assert heard_s <= finished.position_s < 2.0
+    assert round(finished.position_s * RATE) == sum(rec.audio[i].astype(bool).sum()
+                                                    for i in rec.audio if i < after)
+    assert not any(rec.audio[i].any() for i in range(after, after + 15))
+    assert (refused.req_id, refused.code, refused.field) == (late, P.E_BAD_INPUT,
+                                                             "segment_id")
+    assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
+    assert done.frames == len(rec.frames)
+
+
+def test_streamed_text_is_spoken_by_the_session_tts(tmp_path):
+    tts = FakeTTSEngine()
+    spoken = [tts.synthesize(text)[0] for text in ("Hello there.", "How are you")]
+    expected = np.concatenate(spoken)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=7), seed=7)
+        for fragment in ("Hel", "lo there", ".", " How are", " you"):
+            rec.session.send_text(fragment, "t")
+        rec.session.send_text("", "t", final=True)
+        started = rec.until(segment_is(PlaybackStartedEvent, "t"))
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "t"))
+        done = rec.close()
+
+    assert_continuous(rec)
+    assert (finished.position_s, finished.interrupted) == (expected.size / RATE, False)
+    start, end = rec.position(started), rec.position(finished)
+    played = np.concatenate([rec.audio[i] for i in range(start, end)])
+    # Exactly the TTS's audio, in order (a sentence synthesized late would only add
+    # silence between them, so the comparison leaves silence out).
+    np.testing.assert_array_equal(played[played != 0], expected[expected != 0])
+    assert done.frames == len(rec.frames)
+
+
+def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(tmp_path):
+    rings = {"rings": {"frame_slots": 16, "frame_slot_bytes": 4096}}
+    with run_daemon(tmp_path, fake=FAKE, sections=rings,
+                    daemon={"jobs_per_worker": 2}) as d, d.client() as a, d.client() as b:
+        slow, steady = Recorder(a.live(seed=1), seed=1), Recorder(b.live(seed=2), seed=2)
+        # Both sessions run on the one worker, on clocks started together: while the steady
+        # client reads 80 frames, the slow one reads none and its 16 slots fill up. Then
+        # it reads its 16 and a few new ones (briefly enough for the steady client's
+        # 16 slots of slack), which come after a gap.
+        steady.frames_more(80)
+        assert len(d.status()["workers"][0]["current_jobs"]) == 2
+        slow.frames_more(20)
+        steady.frames_more(10)
+        slow_done, steady_done = slow.close(), steady.close()
+
+    assert_continuous(steady)
+    assert steady_done.frames_dropped == 0 and steady_done.frames == len(steady.frames)
+    assert slow_done.frames_dropped > 0 and slow_done.frames == len(slow.frames)
+    assert slow.frames == sorted(slow.frames) and sorted(slow.audio) == slow.frames
+    missing = slow.frames[-1] + 1 - len(slow.frames)
+    assert 0 < missing <= slow_done.frames_dropped  # the gaps are the dropped frames
+    # Every tick made a frame (the fake engine has no look-ahead): sent or dropped.
+    assert slow_done.frames + slow_done.frames_dropped == round(slow_done.media_s * FPS)
+
+
+def test_a_worker_lost_mid_session_ends_it_with_the_reason(tmp_path):
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=3), seed=3)
+        rec.frames_more(5)
+        status = d.status()
+        victim = next(w for w in status["workers"] if w["current_jobs"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        with pytest.raises(JobFailedError) as err:
+            while True:
+                rec.next()
+        assert err.value.code == P.E_WORKER
+        assert "not moved to another worker" in str(err.value)
+        assert "killed by signal 9" in str(err.value)
+        d.wait_for(lambda s: s["workers"][0]["restarts"] >= 1
+                   and s["daemon"]["ready_workers"] == 1, 30, "the replacement worker")
+        again = Recorder(c.live(seed=4), seed=4)
+        again.frames_more(3)
+        assert again.close().frames == len(again.frames)
+
+
+def _live_then_die(endpoint, ready_q):
+    from avatard.ipc.client import Client
+
+    client = Client(endpoint, timeout_s=10)
+    session = client.live(seed=3)
+    for _ in range(5):
+        next(session)
+    ready_q.put(session.job_id)
+    time.sleep(600)
+
+
+def test_a_vanished_client_ends_its_live_session(tmp_path):
+    from conftest import spawn_context
+
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d:
+        ctx = spawn_context()
+        ready_q = ctx.Queue()
+        proc = ctx.Process(target=_live_then_die, args=(d.endpoint, ready_q))
+        proc.start()
+        job_id = ready_q.get(timeout=30)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=10)
+        status = d.wait_for(lambda s: s["queue"]["running"] == 0, 20,
+                            "the vanished client's live session to end")
+        assert status["jobs"]["jobs_cancelled"] == 1
+        assert f"job {job_id} failed: cancelled: the client process exited" in d.log_text()
+        with d.client() as c:  # the worker serves the next session
+            rec = Recorder(c.live(seed=4), seed=4)
+            rec.frames_more(3)
+            assert rec.close().frames == len(rec.frames)
+
+
+def test_bad_input_is_refused_with_the_field_and_the_session_keeps_running(tmp_path):
+    tone = np.full(TICK * 5, 0.25, np.float32)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=8), seed=8)
+        s = rec.session
+        rec.frames_more(2)
+        sent = {
+            s.send_audio(tone.astype(np.float64), RATE, "x"): (P.E_BAD_MESSAGE, "audio.dtype"),
+            s.send_audio(tone.reshape(-1, 2), RATE, "x"): (P.E_BAD_MESSAGE, "audio.shape"),
+            s.send_audio(np.zeros(0, np.float32), RATE, "x"): (P.E_BAD_INPUT, "audio"),
+            s.send_audio(np.full(TICK, np.nan, np.float32), RATE, "x"): (P.E_BAD_INPUT,
+                                                                        "audio"),
+            s.send_audio(np.full(TICK, 3000.0, np.float32), RATE, "x"): (P.E_BAD_INPUT,
+                                                                        "audio"),
+            # 10 MB: over the largest payload (rings.inline_slot_bytes, 8 MiB).
+            s.send_audio(np.zeros(2_621_440, np.float32), RATE, "x"): (P.E_TOO_LARGE, "audio"),
+        }
+        s.send_audio(tone, RATE, "a")  # good input among the bad
+        sent[s.send_audio(tone, 22050, "a")] = (P.E_BAD_INPUT, "sample_rate")
+        sent[s.send_text("Hi. ", "a")] = (P.E_BAD_INPUT, "segment_id")
+        s.end_segment("a")
+        sent[s.send_audio(tone, RATE, "a")] = (P.E_BAD_INPUT, "segment_id")  # "a" ended
+        refused = {}
+        while len(refused) < len(sent):
+            event = rec.next()
+            if isinstance(event, InputRefusedEvent):
+                refused[event.req_id] = (event.code, event.field)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        rec.frames_more(3)
+        done = rec.close()
+        # After its end the session is unknown; a request naming it, or no session at
+        # all, is refused the same way.
+        with pytest.raises(JobFailedError) as err:  # the worker's TTS has no such voice
+            next(c.live(voice="no-such-voice"))
+        assert err.value.code == P.E_BAD_INPUT and "voice: unknown voice" in str(err.value)
+        for job_id in (rec.session.job_id, "j0-nosuchjob"):
+            ghost = LiveSession(c, P.make(P.Accepted, req_id=0, job_id=job_id))
+            req = ghost.send_audio(tone, RATE, "z")
+            event = next(ghost)
+            assert (event.req_id, event.code, event.field) == (req, P.E_NOT_FOUND, "job_id")
+            ghost._events.close()
+
+    assert refused == {req: sent[req] for req in sent}
+    assert (finished.position_s, finished.interrupted) == (tone.size / RATE, False)
+    assert_continuous(rec)
+    assert done.frames == len(rec.frames) and done.frames_dropped == 0
+
+
+@pytest.mark.slow
+def test_embedded_engine_live_session_speaks_and_idles(tmp_path):
+    from avatard.engines.embedded.avatar import speech_like_signal
+
+    speech = speech_like_signal(1.0, seed=2)
+    engines = {"avatar": "embedded", "tts": "fake", "asr": "fake"}
+    with run_daemon(tmp_path, engines=engines, ready_timeout_s=120,
+                    sections={"rings": {"frame_slots": 16}}) as d, \
+            d.client(timeout_s=60) as c:
+        rec = Recorder(c.live(seed=9))
+        rec.frames_more(3)
+        send_in_chunks(rec.session, speech, RATE, "s")
+        rec.session.end_segment("s")
+        started = rec.until(segment_is(PlaybackStartedEvent, "s"))
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "s"))
+        rec.frames_more(5)
+        done = rec.close()
+
+    assert rec.frames == sorted(rec.frames) and sorted(rec.audio) == rec.frames
+    assert done.frames == len(rec.frames)
+    assert (finished.position_s, finished.interrupted) == (1.0, False)
+    # The audio chunk of each frame is the audio that frame was made from, whatever the
+    # engine's look-ahead: the speech starts in the frame after playback_started.
+    start = rec.position(started)
+    played = np.concatenate([rec.audio[i] for i in rec.frames if i >= rec.frames[start]])
+    np.testing.assert_array_equal(played[:speech.size], speech)
