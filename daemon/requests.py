@@ -56,10 +56,12 @@ def _check_pcm(msg: P.Lipsync | P.Transcribe | P.JobAudio) -> None:
 
 def take_chunk(msg: P.Lipsync | P.Transcribe | P.JobAudio, extra: list[Any],
                session: Session, sessions: Sessions) -> bytes:
-    """A chunk of streamed audio as bytes of its own: checked like any audio payload,
-    copied out of its input slot and the slot given back at once (the client writes its
-    next chunk there). Raises `ProtocolError` naming `audio`."""
+    """A chunk of streamed audio as bytes of its own: checked like any audio payload; a
+    local client's is copied out of its input slot and the slot given back at once (the
+    client writes its next chunk there). Raises `ProtocolError` naming `audio`."""
     _check_pcm(msg)
+    if isinstance(msg.audio, P.Inline):  # its own bytes already: no slot needed
+        return bytes(sessions.inline_part(msg.audio, extra, "audio", msg.req_id))
     desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
     try:
         return sessions.read_input(desc).tobytes()
