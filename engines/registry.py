@@ -89,14 +89,18 @@ def parse_engine_options(kind: str, name: str, table: Mapping[str, Any] | None,
     ``[engines.options.<name>]`` shared by the engines of that name of `kinds` (None: of
     every kind that has one). Keys that only those other engines declare are left out;
     a key none of them declares raises EngineOptionError naming the options of each; so
-    does a bad value or a missing required option of this engine. Raises KeyError for an
-    unknown kind or name."""
+    does a bad value; a missing required option of this engine raises RequiredOptionError
+    naming the option, this engine and its config table. Raises KeyError for an unknown
+    kind or name."""
     cls = engine_options_class(kind, name)
     sharing = [k for k in engine_kinds(name) if k == kind or kinds is None or k in kinds]
     declared = _check_shared_keys(name, table, sharing)
     own = {spec.name for spec in option_specs(cls)}
-    return parse_options(cls, table, options_key_prefix(name),
-                         ignore=frozenset(declared - own))
+    prefix = options_key_prefix(name)
+    return parse_options(cls, table, prefix, ignore=frozenset(declared - own),
+                         engine=f"{kind} engine {name}",
+                         places=lambda option: (f"in the config file under [{prefix}] "
+                                                f"({option} = ...)",))
 
 
 def check_engine_options(name: str, table: Mapping[str, Any] | None,

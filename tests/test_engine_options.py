@@ -23,6 +23,7 @@ from avatard.engines.fake_options import FakeOptions
 from avatard.engines.options import (
     EngineOptionError,
     OptionConflict,
+    RequiredOptionError,
     option,
     option_specs,
     parse_options,
@@ -331,6 +332,20 @@ def test_a_key_of_an_engine_not_sharing_the_table_is_refused():
         parse_engine_options("avatar", "embedded", {"length_scale": 1.5}, kinds=["avatar"])
     assert caught.value.key == "engines.options.embedded.length_scale"
     assert "only the tts engine embedded declares it" in caught.value.reason
+
+
+def test_a_missing_required_option_names_the_engine_and_its_table():
+    with pytest.raises(RequiredOptionError) as caught:
+        load_engine("tts", "coqui", "cpu", {"seed": 1})
+    error = caught.value
+    assert (error.key, error.name, error.engine) == (
+        "engines.options.coqui.model_dir", "model_dir", "tts engine coqui")
+    assert error.reason.startswith("is required by the tts engine coqui (the path of an "
+                                   "existing folder): The model directory")
+    assert error.reason.endswith(
+        "Set it in the config file under [engines.options.coqui] (model_dir = ...).")
+    more = error.with_places("on the command line", "with a flag")
+    assert more.reason.endswith("(model_dir = ...), on the command line, or with a flag.")
 
 
 def test_check_of_a_table_for_unconfigured_engines_leaves_required_options_aside():
