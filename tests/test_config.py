@@ -466,6 +466,15 @@ def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how
     assert "got 3" in line and "did you mean frame_ms?" in line
 
 
+def test_serve_says_which_engine_an_option_of_another_engine_belongs_to(tmp_path):
+    line = _serve_refused(tmp_path, "--engine", "embedded",
+                          "--set", "engines.options.embedded.max_batch=4")
+    assert line.startswith("avatard serve: bad config: engines.options.embedded.max_batch: "
+                           "unknown option (max_batch belongs to the avatar engine ditto: "
+                           'select it with engines.avatar = "ditto" and set its options under '
+                           "[engines.options.ditto]), got 4")
+
+
 @pytest.mark.parametrize(
     ("args", "key", "engine", "places"),
     [
