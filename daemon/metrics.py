@@ -51,6 +51,13 @@ class _Collector:
         for key in ("jobs_done", "jobs_failed", "jobs_cancelled", "jobs_requeued"):
             jobs.add_metric([key.removeprefix("jobs_")], status["jobs"][key])
         yield jobs
+        # Registrations apart: a portrait refused for bad input is not a failed render job.
+        registrations = CounterMetricFamily("avatard_avatar_registrations",
+                                            "Portrait registrations by outcome",
+                                            labels=["outcome"])
+        for outcome, count in status["registrations"].items():
+            registrations.add_metric([outcome], count)
+        yield registrations
         yield CounterMetricFamily("avatard_frames_delivered", "Frames delivered to clients",
                                   value=status["jobs"]["frames_delivered"])
         yield from _cache_metrics(status)

@@ -68,24 +68,28 @@ class StatusBoard:
     def snapshot(self, now: float, state: str, endpoints: list[str], sessions: int,
                  workers: list[tuple[WorkerSlot, list[str]]], queue: Any, running: int,
                  counters: dict[str, int], recent_rtf: Iterable[float],
-                 avatars: dict[str, Any], session_shm: dict[str, int]) -> dict[str, Any]:
+                 avatars: dict[str, Any], session_shm: dict[str, int],
+                 registrations: dict[str, int]) -> dict[str, Any]:
         """The status body from the coordinator's figures: each worker slot with the ids
         of the jobs placed on it, the queue (its length and `size`), the shared-memory use
         of the daemon's rings and sessions (plus /dev/shm's size, free space and this
-        daemon's segment count, read here)."""
+        daemon's segment count, read here), the job and registration counters."""
         size, free = segments.shm_space()
         shm = {"dir": str(segments.SHM_DIR), "size_bytes": size, "free_bytes": free,
                "segments": len(segments.segments_of(os.getpid())), **session_shm}
         return self.body(now, state, endpoints, sessions,
                          [worker_status(w, jobs, now) for w, jobs in workers], len(queue),
-                         queue.size, running, counters, recent_rtf, avatars, shm)
+                         queue.size, running, counters, recent_rtf, avatars, shm,
+                         registrations)
 
     def body(self, now: float, state: str, endpoints: list[str], sessions: int,
              workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,
              running: int, counters: dict[str, int], recent_rtf: Iterable[float],
-             avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-        """The `stats_reply` body (docs/protocol.md, `avatard status --json`)."""
+             avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None,
+             registrations: dict[str, int] | None = None) -> dict[str, Any]:
+        """The `stats_reply` body (docs/protocol.md, `avatard status --json`). `counters`:
+        the job counters (speak, lipsync, transcribe) and the client port's; `registrations`:
+        portrait registrations by outcome (registered, refused, failed, requeued)."""
         workers = list(workers)
         rtf = list(recent_rtf)
         return {
@@ -96,6 +100,7 @@ class StatusBoard:
             "workers": workers,
             "queue": {"depth": queue_depth, "size": queue_size, "running": running},
             "jobs": dict(counters),
+            "registrations": dict(registrations or {}),
             "rtf_recent_median": statistics.median(rtf) if rtf else None,
             "avatars": dict(avatars or {}),  # the supervisor's portrait store
             "shm": dict(shm or {}),  # /dev/shm and what the daemon's segments take

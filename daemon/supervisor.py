@@ -402,4 +402,5 @@ class Supervisor:
         return self.board.snapshot(
             time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
             workers, self.book.queue, self.book.running_count(), counters,
-            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes())
+            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes(),
+            self.book.registrations)
