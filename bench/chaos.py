@@ -559,6 +559,7 @@ class Chaos:
                                   "bound_growth_mb": RSS_GROWTH_BOUND_MB} if rss else {},
             "worker_restarts": sum(w["restarts"] for w in final_status["workers"]),
             "daemon_jobs": final_status["jobs"],
+            "daemon_registrations": final_status["registrations"],
             "load_thread_errors": self.errors,
         }
         report["rss_flat"] = bool(rss) and rss[-1] - rss[0] <= RSS_GROWTH_BOUND_MB

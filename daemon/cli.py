@@ -130,11 +130,12 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
         click.echo(f"{w['id']:>3} {w['state']:9} {w['pid']:>7} {w['device']:8} "
                    f"{w['device_memory_bytes'] >> 20:>8} {w['rss_bytes'] >> 20:>8} "
                    f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  {jobs or w['reason']}")
-    q, j = body["queue"], body["jobs"]
+    q, j, r = body["queue"], body["jobs"], body["registrations"]
     rtf = body["rtf_recent_median"]
     click.echo(f"queue {q['depth']}/{q['size']}, running {q['running']}; jobs done "
                f"{j['jobs_done']}, failed {j['jobs_failed']}, cancelled {j['jobs_cancelled']}, "
-               f"requeued {j['jobs_requeued']}; recent RTF "
+               f"requeued {j['jobs_requeued']}; portraits registered {r['registered']}, "
+               f"refused {r['refused']}, failed {r['failed']}; recent RTF "
                f"{'-' if rtf is None else f'{rtf:.3f}'}")
 
 

@@ -116,12 +116,12 @@ class Sessions:
         r = self.rings_cfg
         own = self.inline_input.segment.size + sum(
             ring.segment.size for pair in self.worker_rings for ring in pair)
-        # The metrics thread calls this too: iterate over snapshots (list() of a dict view
-        # is one step under the GIL), never over a dict the loop may be changing.
+        # Called on the supervisor's loop only (the metrics thread gets a finished status
+        # body through StatusHandoff), so the dicts cannot change while they are summed.
         sessions = sum(
             (s.input_ring.segment.size if s.input_ring is not None else 0)
-            + sum(ring.segment.size for pair in list(s.outputs.values()) for ring in pair)
-            for s in list(self.sessions.values()))
+            + sum(ring.segment.size for pair in s.outputs.values() for ring in pair)
+            for s in self.sessions.values())
         return {"daemon_rings_bytes": own, "session_rings_bytes": sessions,
                 "per_session_bytes": (ring_bytes(r.input_slots, r.input_slot_bytes)
                                       + ring_bytes(r.frame_slots, r.frame_slot_bytes)

@@ -41,7 +41,7 @@ from .requests import build_job, client_event, end_reply, take_chunk
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
-from .status import StatusBoard, health
+from .status import StatusBoard, StatusHandoff, health
 from .worker import WorkerSpec, start_worker
 
 log = logging.getLogger("avatard.supervisor")
@@ -64,6 +64,8 @@ class Supervisor:
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.inputs = StreamedInputs(config.daemon.max_media_s,
                                      config.daemon.streamed_input_bytes)
+        # Status bodies for the metrics thread, built on this loop's thread (see tick).
+        self.status_handoff = StatusHandoff()
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -110,7 +112,7 @@ class Supervisor:
         if d.metrics_port:
             from .metrics import start_metrics_server
 
-            start_metrics_server(self, d.metrics_host, d.metrics_port)
+            start_metrics_server(self.status_handoff, d.metrics_host, d.metrics_port)
         log.info("serving on %s; %d workers on %s", ", ".join(self.client_port.endpoints),
                  len(placed), ", ".join(sorted({device.name for device in placed})))
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
@@ -142,6 +144,10 @@ class Supervisor:
         if self.draining:
             self._check_drain(now)
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
+        if self.status_handoff.wanted:
+            # Built here, between steps, never on the metrics thread: the book, the pool and
+            # the sessions change on this thread only, so the body is of one moment.
+            self.status_handoff.publish(self.status())
         self.board.watchdog(now)
 
     def _handle_signals(self) -> None:
@@ -439,7 +445,8 @@ class Supervisor:
                       self.pool.all_failed())
 
     def status(self) -> dict[str, Any]:
-        """The `stats` body (also read by the metrics thread: plain reads only)."""
+        """The `stats` body. Call on the loop's thread only (the metrics thread gets it
+        through `status_handoff`)."""
         workers = [(w, [j.job_id for j in self.book.on_worker(w.index)])
                    for w in self.pool.workers]
         counters = {**self.book.stats, "bad_messages": self.client_port.bad_messages,
@@ -447,4 +454,5 @@ class Supervisor:
         return self.board.snapshot(
             time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
             workers, self.book.queue, self.book.running_count(), counters,
-            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes())
+            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes(),
+            self.book.registrations)

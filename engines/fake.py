@@ -31,6 +31,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, NoReturn
 
@@ -63,10 +64,12 @@ __all__ = [
     "FakeAvatarEngine",
     "FakeOptions",
     "FakeTTSEngine",
+    "InjectedFault",
     "expected_frame",
     "frame_count",
     "frame_index_of",
     "frame_seed_of",
+    "injected_faults",
     "parse_fake_options",
 ]
 
@@ -128,25 +131,57 @@ def frame_count(sample_count: int, audio_rate: int, fps: int) -> int:
 # ---------------------------------------------------------------------------- faults
 
 
-def _crash(options: FakeOptions, context: WorkerContext, where: str) -> NoReturn:
-    """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
-    # One line on stderr so an operator reading the journal knows the crash was asked for.
-    message = (
-        f"avatard fake engine: injected crash {where} (worker {context.worker_index}, "
-        f"attempt {context.attempt}, exit status {options.crash_exit_code})\n"
-    )
+# The line an injected crash or hang writes on stderr, when it happens: an operator reading
+# the journal knows the fault was asked for, and `avatard bench recovery` times recovery
+# from the moment it struck (`injected_faults`). `at` is time.monotonic(): CLOCK_MONOTONIC,
+# one clock for every process of a Linux host, so another process can compare it.
+FAULT_LINE = ("avatard fake engine: injected {kind} {where} (worker {worker}, attempt "
+              "{attempt}, at monotonic {at:.6f} s{more})\n")
+_FAULT_LINE_RE = re.compile(r"avatard fake engine: injected (?P<kind>crash|hang) .*?\(worker "
+                            r"(?P<worker>\d+), attempt (?P<attempt>\d+), at monotonic "
+                            r"(?P<at>[0-9.]+) s")
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """A crash or hang a fake engine announced: which, in which worker process, and when
+    (`at`: time.monotonic() seconds, comparable across the host's processes)."""
+
+    kind: str  # "crash" | "hang"
+    worker: int
+    attempt: int
+    at: float
+
+
+def injected_faults(log_text: str) -> list[InjectedFault]:
+    """The crashes and hangs announced in a daemon's log (its workers' stderr), in order."""
+    return [InjectedFault(m["kind"], int(m["worker"]), int(m["attempt"]), float(m["at"]))
+            for m in _FAULT_LINE_RE.finditer(log_text)]
+
+
+def _announce(kind: str, context: WorkerContext, where: str, more: str = "") -> None:
+    """Write the FAULT_LINE of a fault striking now, straight to fd 2 (nothing buffered is
+    left behind by the exit or the hang that follows)."""
+    message = FAULT_LINE.format(kind=kind, where=where, worker=context.worker_index,
+                                attempt=context.attempt, at=time.monotonic(), more=more)
     try:
         sys.stderr.flush()
         os.write(2, message.encode())
     except OSError:
         pass
+
+
+def _crash(options: FakeOptions, context: WorkerContext, where: str) -> NoReturn:
+    """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
+    _announce("crash", context, where, f", exit status {options.crash_exit_code}")
     time.sleep(options.crash_delay_s)
     os._exit(options.crash_exit_code)
 
 
-def _hang() -> NoReturn:
+def _hang(context: WorkerContext, where: str) -> NoReturn:
     """Block forever like a deadlocked driver call. Signal handlers are left alone, so
     SIGTERM and SIGKILL end the process as they would any other."""
+    _announce("hang", context, where)
     while True:
         time.sleep(1.0)
 
@@ -207,7 +242,7 @@ class _FakeLoad:
         if options.load_fault(options.load_crash, options.load_crash_workers, context):
             _crash(options, context, f"while loading the {self.kind} engine")
         if options.load_fault(options.load_hang, options.load_hang_workers, context):
-            _hang()
+            _hang(context, f"while loading the {self.kind} engine")
 
     def warm_up(self, call: Any) -> None:
         """Time the warm-up: the remaining share of load_s plus one real call."""
@@ -383,7 +418,7 @@ class FakeAvatarEngine(AvatarEngine):
             if index == options.crash_at_frame:
                 _crash(options, self.context, f"at frame {index}")
             if index == options.hang_at_frame:
-                _hang()
+                _hang(self.context, f"at frame {index}")
         _spend(options.frame_ms / 1000.0, options.frame_busy)
         return expected_frame(seed, index, self.frame_height, self.frame_width)
 
