@@ -254,6 +254,9 @@ def test_tts_is_deterministic_and_streams_per_sentence():
     tts = load_engine("tts", "fake")
     assert isinstance(tts, FakeTTSEngine)
     assert tts.voices() == FAKE_VOICES
+    # Tones read any text: the fake voices declare no language (their text is not checked).
+    assert [(v.name, v.languages, v.sample_rate) for v in tts.voice_list()] == [
+        (name, (), 16000) for name in FAKE_VOICES]
     chunks = list(tts.stream("Hello there. How are you? Fine!"))
     assert len(chunks) == 3
     assert all(chunk.dtype == np.float32 and chunk.ndim == 1 for chunk in chunks)
