@@ -49,7 +49,10 @@ SCALARS = st.one_of(st.none(), st.booleans(), INTS, st.floats(), st.text(max_siz
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=8), inner, max_size=6)),
     max_leaves=40)
-KEY = st.text(alphabet=st.characters(exclude_characters="`"), min_size=1, max_size=12)
+# codec="utf-8": no lone surrogates, which no msgpack encoder can send (the test would
+# fail in the encoder, not in the decoder under test).
+KEY = st.text(alphabet=st.characters(exclude_characters="`", codec="utf-8"), min_size=1,
+              max_size=12)
 
 
 def check_outcome(parts: list[bytes], sent: dict[str, Any] | None = None) -> P.Msg | None:
