@@ -35,7 +35,15 @@ from .avatars import AvatarStore
 from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .jobs import QueueFull
-from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
+from .pool import (
+    PoolEvent,
+    ProcessHandle,
+    WorkerExited,
+    WorkerId,
+    WorkerLost,
+    WorkerPool,
+    WorkerReady,
+)
 from .requests import build_job, client_event, end_reply
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
@@ -61,6 +69,9 @@ class Supervisor:
         self.book = JobBook(config.daemon.queue_size, config.restart.max_job_attempts,
                             config.timeouts.stall_timeout_s)
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
+        # What the engines offer clients, from the READY report of the last worker that
+        # became ready (every worker runs the same engines and config); None before any.
+        self.capabilities: P.Capabilities | None = None
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -208,9 +219,11 @@ class Supervisor:
                 self._route([self.pool.stop(item.index, "runtime", item.reason, now)], now)
             elif isinstance(item, Ended):
                 self._finish(item, now)
+            elif isinstance(item, WorkerReady):
+                self.capabilities = item.capabilities
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
-            # WorkerReady and WorkerGaveUp change only what status shows.
+            # WorkerGaveUp changes only what status shows.
         for index in range(len(self.pool)):
             self.pool.set_load(index, self.book.load(index), now)
         # At once, not at the end of the tick: systemd sees each step (READY=1, then
@@ -347,6 +360,12 @@ class Supervisor:
                                        workers=len(self.pool)))
         elif isinstance(msg, P.Stats):
             port.send(identity, P.make(P.StatsReply, req_id=req_id, body=self.status()))
+        elif isinstance(msg, P.Voices):
+            # From the READY report, never a job: a client may ask while every worker is busy.
+            offer = self.capabilities or P.Capabilities()
+            port.send(identity, P.make(
+                P.VoicesReply, req_id=req_id, status=self._health(), engine=offer.tts_engine,
+                voices=offer.voices, voices_by_language=offer.voices_by_language))
         elif isinstance(msg, P.Release):
             self.sessions.client_release(identity, msg)
         elif isinstance(msg, P.Bye):

@@ -43,6 +43,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -282,6 +283,7 @@ class Worker:
                      f"engines not thread-safe, called by one job at a time: "
                      f"{', '.join(serialised)}" if serialised else
                      "every engine is thread-safe")
+        capabilities = self._capabilities()
         reports = [e.report() for e in self.engines.values()]
         memory = max(0, rss_bytes() - rss_before)
         if device.startswith("cuda"):
@@ -292,7 +294,29 @@ class Worker:
                                         warmup_s=float(r.warmup_s), notes=r.notes[:4000])
                            for r in reports],
                   memory_bytes=memory, load_s=time.monotonic() - started,
-                  warmup_s=sum(r.warmup_s for r in reports), capacity=spec.jobs_per_worker)
+                  warmup_s=sum(r.warmup_s for r in reports), capacity=spec.jobs_per_worker,
+                  capabilities=capabilities)
+
+    def _capabilities(self) -> P.Capabilities:
+        """What the loaded engines offer clients (the READY report). Raises ValueError, a
+        load failure naming the limit, when the TTS engine describes more voices or longer
+        names than the protocol carries: the supervisor would drop the READY otherwise."""
+        tts = self.engines.get("tts")
+        if tts is None:
+            return P.Capabilities()
+        voices = [P.VoiceInfo(name=v.name, languages=list(v.languages),
+                              sample_rate=v.sample_rate, default=index == 0)
+                  for index, v in enumerate(tts.voice_list())]
+        capabilities = P.Capabilities(tts_engine=tts.name, voices=voices,
+                                      voices_by_language=tts.voices_by_language())
+        try:
+            # Structs are not checked when built; the round trip checks every limit.
+            return msgspec.msgpack.decode(msgspec.msgpack.encode(capabilities),
+                                          type=P.Capabilities)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"TTS engine {tts.name}: its voices do not fit the READY report "
+                             f"({exc}; at most {P.MAX_VOICES} voices, names of 256 "
+                             "characters)") from None
 
     # ------------------------------------------------------------ jobs
 

@@ -252,6 +252,18 @@ class Client:
         reply = self._call(P.make(P.Stats, req_id=self._next_id()), "Stats")
         return reply.body  # type: ignore[attr-defined]
 
+    def voices(self) -> P.VoicesReply:
+        """The TTS engine's voices (`.voices`: `VoiceInfo` name, languages, sample_rate in
+        Hz, default), its routing by language (`.voices_by_language`: language code ->
+        voice name) and the daemon's health word (`.status`). The lists are empty until a
+        worker has loaded its engines (`.engine` ""; `.status` "starting": ask again;
+        "failed": none could). Answered from the workers' READY reports, so it does not
+        queue behind jobs. Raises `ClientError`
+        (`DaemonUnavailable` after `timeout_s` without an answer)."""
+        reply = self._call(P.make(P.Voices, req_id=self._next_id()), "Voices")
+        assert isinstance(reply, P.VoicesReply)
+        return reply
+
     def register_avatar(self, image: bytes) -> str:
         """Register a portrait (encoded image bytes); returns its avatar id."""
         payload, extra = self._payload(np.frombuffer(image, dtype=np.uint8))

@@ -135,6 +135,13 @@ class Stats(Msg, tag="stats"):
     req_id: U64
 
 
+class Voices(Msg, tag="voices"):
+    """Which voices `speak` takes: answered with `VoicesReply` from the workers' READY
+    reports, without running a job (no `hello` needed)."""
+
+    req_id: U64
+
+
 class RegisterAvatar(Msg, tag="register_avatar"):
     """An encoded image file (PNG/JPEG...) as uint8 bytes."""
 
@@ -186,6 +193,34 @@ class Release(Msg, tag="release"):
 
 class Bye(Msg, tag="bye"):
     req_id: U64
+
+
+# ---------------------------------------------------------------- engine descriptions
+#
+# Built by a worker from its engines at READY (`Capabilities`) and passed on to clients
+# unchanged (`VoicesReply.voices`), so both ends read one definition.
+
+MAX_VOICES = 1024  # a multi-speaker model lists a few hundred speakers at most
+MAX_VOICE_LANGUAGES = 256
+LanguageCode = Annotated[str, Meta(max_length=64)]
+
+
+class VoiceInfo(Struct, frozen=True, forbid_unknown_fields=True):
+    """One voice of the TTS engine: `name` is what `speak.voice` takes; `languages` the
+    language codes it speaks as the voice declares them ("en_US", "ru", "fr-fr"), against
+    whose scripts its text is checked ([]: it declares none; its text is not checked);
+    `sample_rate` the Hz of its `audio` events; `default` true for the voice a request
+    without `voice` gets (exactly one voice)."""
+
+    name: Name
+    languages: Annotated[list[LanguageCode], Meta(max_length=MAX_VOICE_LANGUAGES)]
+    sample_rate: SampleRate
+    default: bool = False
+
+
+VoiceList = Annotated[list[VoiceInfo], Meta(max_length=MAX_VOICES)]
+# Language code -> voice name: where text the default voice cannot read goes.
+VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
 
 
 # ---------------------------------------------------------------- supervisor -> client
@@ -289,6 +324,20 @@ class StatsReply(Msg, tag="stats_reply"):
     body: dict[str, Any]
 
 
+class VoicesReply(Msg, tag="voices_reply"):
+    """`status`: the health word (`HealthReply.status`). `engine`: the TTS engine's name
+    ("" before any worker was ready). `voices` and
+    `voices_by_language` come from the report of the last worker that became ready (every
+    worker runs the same engines); both are empty until one has, which `status` then
+    explains (`starting`: ask again; `failed`: no worker could load its engines)."""
+
+    req_id: U64
+    status: Name
+    engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
+
+
 # ---------------------------------------------------------------- worker <-> supervisor
 #
 # Internal: both ends ship in one package and start together, so these carry no
@@ -318,12 +367,24 @@ class WLoading(Msg, tag="w_loading"):
 MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
 
 
+class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker's engines offer clients, reported once at READY, so the supervisor
+    answers `voices` without running a job. `tts_engine`: the TTS engine's name ("": the
+    worker runs none, and `voices` is empty); `voices` in the engine's order, the default
+    first; `voices_by_language`: the engine's routing (language -> voice name)."""
+
+    tts_engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
+
+
 class WReady(Msg, tag="w_ready"):
     engines: list[EngineInfo]
     memory_bytes: NonNegInt
     load_s: float
     warmup_s: float
     capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)]  # jobs it runs at once
+    capabilities: Capabilities
 
 
 class WLoadFailed(Msg, tag="w_load_failed"):
@@ -478,10 +539,10 @@ class Shutdown(Msg, tag="shutdown"):
     reason: ShortText = ""
 
 
-CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, Cancel,
-                   Release, Bye)
+CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync, Transcribe,
+                   Cancel, Release, Bye)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
-                  JobFailed, AvatarRegistered, HealthReply, StatsReply)
+                  JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, Shutdown)

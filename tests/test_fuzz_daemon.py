@@ -24,6 +24,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "hello": {"client": "fuzz", "inline": False},
     "health": {},
     "stats": {},
+    "voices": {},
     "register_avatar": {"image": {"at": "inline", "part": 1, "shape": [8], "dtype": "uint8"}},
     "speak": {"text": "hi", "seed": 1},
     "lipsync": {"audio": {"at": "shm", "ring": "r", "slot": 0, "seq": 1, "shape": [4],

@@ -28,6 +28,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "hello": {"client": "fuzz", "inline": False},
     "health": {},
     "stats": {},
+    "voices": {},
     "register_avatar": {"image": {**INLINE, "dtype": "uint8"}},
     "speak": {"text": "hi", "voice": "", "avatar_id": "", "seed": 1, "deadline_s": 1.0,
               "send_audio": True},
