@@ -265,7 +265,7 @@ class Supervisor:
         if job.input_slot is not None:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
-        self.avatars.job_ended(job.spec, succeeded=not ended.code)
+        self.avatars.job_ended(job.spec, ended.result)
         self.client_port.send(job.client, end_reply(ended, now))
 
     def _expire_sessions(self, now: float) -> None:

@@ -49,7 +49,7 @@ import zmq
 
 from avatard.ipc import protocol as P
 from avatard.ipc.procmem import rss_bytes
-from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing
+from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing, check_layout
 from avatard.ipc.segments import Segment
 
 from .config import Config
@@ -96,6 +96,26 @@ class WorkerSpec:
                    avatar_cache_size=config.avatars.worker_cache_size)
 
 
+def check_frame_fits(shape: tuple[int, ...], slot_bytes: int, field: str) -> None:
+    """Raise `DescriptorError(field, rule)` when uint8 frames of `shape` ([height, width,
+    3]) do not fit a frame slot of `slot_bytes` (a frame ring's `slot_bytes`): the rule
+    names the frame size, the bytes a frame needs and `rings.frame_slot_bytes`, the key
+    to raise. The ring's own check (`check_layout`) decides, so a portrait refused at
+    registration is exactly one whose frames the ring would refuse mid-job."""
+    try:
+        check_layout(tuple(int(d) for d in shape), "uint8", slot_bytes)
+    except DescriptorError:
+        height, width = (list(shape) + [0, 0])[:2]
+        nbytes = 1
+        for dim in shape:
+            nbytes *= int(dim)
+        # Ditto renders at the portrait's own size (up to 1920 px a side).
+        raise DescriptorError(field, f"frames of {width} x {height} px need {nbytes} bytes; "
+                              f"a frame slot holds {slot_bytes}: raise rings.frame_slot_bytes "
+                              f"to at least {nbytes} (H x W x 3 of the largest frame; "
+                              "docs/config.md)") from None
+
+
 def start_worker(spec: WorkerSpec) -> multiprocessing.process.BaseProcess:
     """Start a worker process with the `spawn` method (never fork: CUDA state does not
     survive a fork) and return its handle."""
@@ -115,11 +135,13 @@ class ShutdownRequested(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """What a job handler produced: frames, audio samples sent, media seconds."""
+    """What a job handler produced: frames, audio samples sent, media seconds; for a
+    registration, the frame size of its portrait."""
 
     frames: int = 0
     audio_samples: int = 0
     media_s: float = 0.0
+    frame: P.FrameSize | None = None
 
 
 @dataclass(eq=False)
@@ -394,7 +416,8 @@ class Worker:
                 frame_ring, audio_ring = run.outputs[job.frame_ring], run.outputs[job.audio_ring]
             result = self.handlers[type(job.spec)](job, run, frame_ring, audio_ring)
             self.send(P.WJobDone, job_id=job.job_id, frames=result.frames,
-                      audio_samples=result.audio_samples, media_s=result.media_s)
+                      audio_samples=result.audio_samples, media_s=result.media_s,
+                      frame=result.frame)
         except JobCancelled:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_CANCELLED, message="cancelled")
         except EngineInputError as exc:
@@ -465,10 +488,21 @@ class Worker:
                 self.avatar_evictions += 1
         return state
 
-    def _register(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
-        assert isinstance(job.spec, P.RegisterSpec)
-        self._avatar_state(job.spec.avatar)
-        return JobResult()
+    def _register(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing, *_rings: SlotRing
+                  ) -> JobResult:
+        """Register the portrait and report the size of its frames. A portrait whose frames
+        do not fit a frame slot is refused here (`too_large`/`image`), not by the first
+        job that renders it; every frame ring has the slot size of the worker's own."""
+        spec = job.spec
+        assert isinstance(spec, P.RegisterSpec)
+        state = self._avatar_state(spec.avatar)
+        try:
+            check_frame_fits((state.height, state.width, 3), frame_ring.slot_bytes, "image")
+        except DescriptorError:
+            with self._avatars_lock:  # no job may name it: keep no state for it
+                self.avatars.pop(spec.avatar.avatar_id, None)
+            raise
+        return JobResult(frame=P.FrameSize(width=state.width, height=state.height))
 
     def _transcribe(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
         spec = job.spec
@@ -538,11 +572,11 @@ class Worker:
                     continue  # delivered by an earlier attempt
                 try:
                     ref = self._write(frame_ring, frame, run)
-                except DescriptorError as exc:
-                    # Ditto renders at the portrait's own size (up to 1920 px a side).
-                    raise DescriptorError("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
-                                       f"at least {np.asarray(frame).nbytes} (H x W x 3 of the "
-                                       "largest frame; docs/config.md)") from None
+                except DescriptorError:
+                    # Too large for a slot: said as at registration (the default portrait
+                    # is never registered by a client, so its frames are checked here).
+                    check_frame_fits(np.shape(frame), frame_ring.slot_bytes, "frame")
+                    raise
                 self.send(P.WFrame, job_id=job.job_id, index=index,
                           pts_us=index * 1_000_000 // fps, data=P.SlotDesc.from_ref(ref))
                 self._check_control(run)

@@ -197,7 +197,10 @@ class ASREngine(Engine):
 @dataclass
 class AvatarState:
     """Once-per-avatar state. `avatar_id` is the content hash of the source image;
-    `payload` is engine-specific (landmarks, cached features, tensors...)."""
+    `width` x `height` the pixels of every frame rendered for it (the engine's fixed size,
+    or the portrait's own for engines that paste back into it, such as Ditto): the daemon
+    announces it to clients and refuses a portrait whose frames do not fit its frame
+    slots; `payload` is engine-specific (landmarks, cached features, tensors...)."""
 
     avatar_id: str
     width: int

@@ -433,11 +433,19 @@ class WTranscript(Msg, tag="w_transcript"):
     segments: list[SegmentMsg]
 
 
+class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
+    """Pixels of the frames a portrait renders at: frames are uint8 [height, width, 3]."""
+
+    width: Dim
+    height: Dim
+
+
 class WJobDone(Msg, tag="w_job_done"):
     job_id: Name
     frames: NonNegInt
     audio_samples: NonNegInt = 0
     media_s: float = 0.0
+    frame: FrameSize | None = None  # a registration's: the frame size of its portrait
 
 
 class WJobFailed(Msg, tag="w_job_failed"):

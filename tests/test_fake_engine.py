@@ -239,6 +239,30 @@ def test_register_refuses_bad_images(image):
     assert caught.value.field == "image"
 
 
+def test_portrait_size_renders_a_registered_portrait_at_its_own_size():
+    import io
+
+    from PIL import Image
+
+    engine = make_avatar(portrait_size=True, width=32, height=32)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 24)).save(png, format="PNG")
+    state = engine.register(png.getvalue())
+    assert (state.width, state.height) == (40, 24)
+    frames = engine.open_stream(state, 5).push(np.zeros(16000 // 25 * 2, np.float32))
+    assert len(frames) == 2
+    for index, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame, expected_frame(5, index, 24, 40))
+    assert engine.register(np.zeros((10, 12, 3), np.uint8)).width == 12  # an array's shape
+    default = engine.register(engine.default_portrait())
+    assert (default.width, default.height) == (32, 32)  # the option's size
+    with pytest.raises(EngineInputError) as caught:
+        engine.register(b"not an image")
+    assert caught.value.field == "image" and "Pillow" in caught.value.rule
+    without = make_avatar(width=32, height=32).register(png.getvalue())
+    assert (without.width, without.height) == (32, 32)  # the option off: a fixed size
+
+
 def test_open_stream_needs_a_registered_avatar():
     engine = make_avatar()
     state = make_avatar().register(b"elsewhere")
