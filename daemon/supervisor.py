@@ -44,7 +44,7 @@ from .pool import (
     WorkerPool,
     WorkerReady,
 )
-from .requests import build_job, client_event, end_reply
+from .requests import accepted_reply, build_job, client_event, end_reply
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
@@ -403,8 +403,8 @@ class Supervisor:
                 queue_depth=exc.depth, reason=f"queue_size={self.book.queue.size} reached"))
             return
         if POLICIES[job.kind].announced:
-            self.client_port.send(session.identity, P.make(
-                P.Accepted, req_id=msg.req_id, job_id=job.job_id, queue_position=position))
+            self.client_port.send(session.identity, accepted_reply(
+                job, position, self.capabilities, self.avatars))
 
     # ================================================================ status
 

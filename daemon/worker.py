@@ -320,25 +320,44 @@ class Worker:
                   capabilities=capabilities)
 
     def _capabilities(self) -> P.Capabilities:
-        """What the loaded engines offer clients (the READY report). Raises ValueError, a
-        load failure naming the limit, when the TTS engine describes more voices or longer
+        """What the loaded engines offer clients (the READY report). Registers the avatar
+        engine's default portrait, the one way to learn its frame size (the state stays in
+        the avatar cache for the first job without an avatar). Raises ValueError, a load
+        failure naming the limit, when the TTS engine describes more voices or longer
         names than the protocol carries: the supervisor would drop the READY otherwise."""
+        from avatard.engines.base import EngineInputError
+
+        fps, default_frame = 0, None
+        avatar = self.engines.get("avatar")
+        if avatar is not None:
+            fps = int(avatar.fps)
+            self.send(P.WLoading, stage=f"avatar {self.spec.engines['avatar']}: default "
+                      "portrait", progress=1.0)
+            try:
+                state = self._avatar_state(None)
+            except EngineInputError as exc:  # none, or one it refuses: jobs must name one
+                log.info("no default portrait (%s): jobs must name an avatar", exc)
+            else:
+                default_frame = P.FrameSize(width=state.width, height=state.height)
         tts = self.engines.get("tts")
         if tts is None:
-            return P.Capabilities()
+            return P.Capabilities(fps=fps, default_frame=default_frame)
         voices = [P.VoiceInfo(name=v.name, languages=list(v.languages),
                               sample_rate=v.sample_rate, default=index == 0)
                   for index, v in enumerate(tts.voice_list())]
-        capabilities = P.Capabilities(tts_engine=tts.name, voices=voices,
+        capabilities = P.Capabilities(fps=fps, default_frame=default_frame,
+                                      audio_rate=int(tts.sample_rate), tts_engine=tts.name,
+                                      voices=voices,
                                       voices_by_language=tts.voices_by_language())
         try:
             # Structs are not checked when built; the round trip checks every limit.
             return msgspec.msgpack.decode(msgspec.msgpack.encode(capabilities),
                                           type=P.Capabilities)
         except msgspec.ValidationError as exc:
-            raise ValueError(f"TTS engine {tts.name}: its voices do not fit the READY report "
-                             f"({exc}; at most {P.MAX_VOICES} voices, names of 256 "
-                             "characters)") from None
+            raise ValueError(f"engines {', '.join(self.spec.engines.values())}: what they "
+                             f"report does not fit the READY message ({exc}; at most "
+                             f"{P.MAX_VOICES} voices, names of 256 characters, fps <= "
+                             "1000)") from None
 
     # ------------------------------------------------------------ jobs
 

@@ -101,6 +101,45 @@ class DoneEvent:
         return self.wall_s / self.media_s if self.media_s > 0 else float("nan")
 
 
+class JobHandle(Iterator[Any]):
+    """A job the daemon accepted, and the iterator of its events (`FrameEvent`,
+    `AudioEvent`, `TranscriptResult`, then `DoneEvent`; `JobFailedError` raised at its
+    end). What `accepted` announced:
+
+    - `job_id`; `queue_position`: jobs ahead of it when it was accepted;
+    - `fps`: frames per second; `width`, `height`: pixels of every frame, which arrives as
+      a uint8 (height, width, 3) array; all 0 for a job without frames (transcribe);
+      width and height also 0 when the portrait's registration had not ended;
+    - `audio_rate`: Hz of its `AudioEvent`s (0 when it sends none: lipsync, or speak with
+      send_audio False).
+
+    Every figure is 0 when the daemon accepted the job before any worker had loaded its
+    engines. Iterating releases each shared-memory slot when the next event is asked for;
+    `close()` releases the one held and stops reading the job (it keeps running: `cancel`
+    stops it)."""
+
+    def __init__(self, accepted: P.Accepted, events: Iterator[Any]):
+        self.job_id: str = accepted.job_id
+        self.queue_position: int = accepted.queue_position
+        self.fps: int = accepted.fps
+        self.width: int = accepted.width
+        self.height: int = accepted.height
+        self.audio_rate: int = accepted.audio_rate
+        self._events = events
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int] | None:
+        """(height, width, 3) of its frames; None when not announced (see the class)."""
+        return (self.height, self.width, 3) if self.width and self.height else None
+
+    def __next__(self) -> Any:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Release the slot held by the last event and stop reading the job's events."""
+        self._events.close()  # type: ignore[attr-defined]
+
+
 @dataclass
 class TranscriptResult:
     job_id: str
@@ -272,13 +311,22 @@ class Client:
         return reply.avatar_id  # type: ignore[attr-defined]
 
     def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
-              deadline_s: float = 0.0, send_audio: bool = True) -> Iterator[Any]:
+              deadline_s: float = 0.0, send_audio: bool = True) -> JobHandle:
+        """Speak `text` (at most 100000 characters; the TTS engine's own limit is smaller)
+        with `voice` ("" = the default; `voices()` lists them) and portrait `avatar` ("" =
+        the engine's default). Returns once the daemon accepted the job: a `JobHandle`
+        with the announced media format, iterating the job's events. Raises `ClientError`
+        naming the refused field (`BusyError` for a full queue)."""
         msg = P.make(P.Speak, req_id=self._next_id(), text=text, voice=voice, avatar_id=avatar,
                      seed=seed, deadline_s=deadline_s, send_audio=send_audio)
         return self._job(msg, "Speak")
 
     def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "", seed: int = 0,
-                deadline_s: float = 0.0) -> Iterator[Any]:
+                deadline_s: float = 0.0) -> JobHandle:
+        """Animate portrait `avatar` ("" = the engine's default) to mono PCM `pcm`
+        (float32, shape (n,)) at `sample_rate` Hz (8000..192000). Returns a `JobHandle`
+        once the daemon accepted the job (no audio events: `audio_rate` 0). Raises
+        `ClientError` naming the refused field (`BusyError` for a full queue)."""
         payload, extra = self._payload(np.asarray(pcm, dtype=np.float32))
         msg = P.make(P.Lipsync, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
                      avatar_id=avatar, seed=seed, deadline_s=deadline_s)
@@ -306,7 +354,7 @@ class Client:
         assert isinstance(welcome, P.Welcome)
         return welcome
 
-    def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> Iterator[Any]:
+    def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> JobHandle:
         self._send(msg, *extra)
         try:
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
@@ -319,7 +367,7 @@ class Client:
             self._send(msg, *extra)
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
         assert isinstance(accepted, P.Accepted)
-        return self._events(accepted.job_id)
+        return JobHandle(accepted, self._events(accepted.job_id))
 
     def _events(self, job_id: str) -> Iterator[Any]:
         """Frames, audio and the final event of one job, in order. A slot is released

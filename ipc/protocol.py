@@ -27,7 +27,9 @@ from msgspec import Meta, Struct
 if TYPE_CHECKING:
     from .ring import SlotRef
 
-PROTOCOL_VERSION = 1
+# 2: `accepted` announces the job's media format (fps, width, height, audio_rate); a
+# version 1 client refuses those unknown fields, so it is told `bad_version` up front.
+PROTOCOL_VERSION = 2
 MAX_CONTROL_BYTES = 1 << 20  # part 0 of any message
 MAX_INLINE_BYTES = 256 << 20  # any further part
 MAX_TEXT_CHARS = 100_000  # protocol-level cap; engines apply their own, smaller ones
@@ -219,6 +221,15 @@ class VoiceInfo(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 VoiceList = Annotated[list[VoiceInfo], Meta(max_length=MAX_VOICES)]
+Fps = Annotated[int, Meta(ge=0, le=1000)]  # frames per second; 0: none, or not known
+AudioRate = Annotated[int, Meta(ge=0, le=192000)]  # Hz; 0: no audio, or not known
+
+
+class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
+    """Pixels of the frames a portrait renders at: frames are uint8 [height, width, 3]."""
+
+    width: Dim
+    height: Dim
 # Language code -> voice name: where text the default voice cannot read goes.
 VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
 
@@ -242,9 +253,19 @@ class Error(Msg, tag="error"):
 
 
 class Accepted(Msg, tag="accepted"):
+    """A job request was queued. The media it will produce: `fps` frames per second and
+    frames of `width` x `height` pixels (0 for a job without frames, transcribe; 0 x 0 also
+    when the portrait's frame size is not known yet), and `audio_rate`, the Hz of its
+    `audio` events (0 when it sends none: lipsync, transcribe, speak with send_audio
+    false). All 0 when no worker had loaded its engines yet when the job was accepted."""
+
     req_id: U64
     job_id: Name
-    queue_position: NonNegInt = 0
+    queue_position: NonNegInt
+    fps: Fps
+    width: Dim
+    height: Dim
+    audio_rate: AudioRate
 
 
 class Busy(Msg, tag="busy"):
@@ -369,10 +390,17 @@ MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
 
 class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
     """What a worker's engines offer clients, reported once at READY, so the supervisor
-    answers `voices` without running a job. `tts_engine`: the TTS engine's name ("": the
-    worker runs none, and `voices` is empty); `voices` in the engine's order, the default
-    first; `voices_by_language`: the engine's routing (language -> voice name)."""
+    answers `voices` and fills `accepted` without running a job. `fps`: the avatar
+    engine's frame rate (0: no avatar engine); `default_frame`: the frame size of its
+    default portrait (None: it has none); `audio_rate`: the Hz of the TTS engine's PCM,
+    which `speak` jobs send as `audio` events (0: no TTS engine). `tts_engine`: the TTS
+    engine's name ("": the worker runs none, and `voices` is empty); `voices` in the
+    engine's order, the default first; `voices_by_language`: the engine's routing
+    (language -> voice name)."""
 
+    fps: Fps = 0
+    default_frame: FrameSize | None = None
+    audio_rate: AudioRate = 0
     tts_engine: Name = ""
     voices: VoiceList = msgspec.field(default_factory=list)
     voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
@@ -431,13 +459,6 @@ class WTranscript(Msg, tag="w_transcript"):
     language: Name
     duration_s: float
     segments: list[SegmentMsg]
-
-
-class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
-    """Pixels of the frames a portrait renders at: frames are uint8 [height, width, 3]."""
-
-    width: Dim
-    height: Dim
 
 
 class WJobDone(Msg, tag="w_job_done"):
