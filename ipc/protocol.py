@@ -221,6 +221,8 @@ class VoiceInfo(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 VoiceList = Annotated[list[VoiceInfo], Meta(max_length=MAX_VOICES)]
+# Language code -> voice name: where text the default voice cannot read goes.
+VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
 Fps = Annotated[int, Meta(ge=0, le=1000)]  # frames per second; 0: none, or not known
 AudioRate = Annotated[int, Meta(ge=0, le=192000)]  # Hz; 0: no audio, or not known
 
@@ -230,8 +232,6 @@ class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
 
     width: Dim
     height: Dim
-# Language code -> voice name: where text the default voice cannot read goes.
-VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
 
 
 # ---------------------------------------------------------------- supervisor -> client
@@ -347,10 +347,10 @@ class StatsReply(Msg, tag="stats_reply"):
 
 class VoicesReply(Msg, tag="voices_reply"):
     """`status`: the health word (`HealthReply.status`). `engine`: the TTS engine's name
-    ("" before any worker was ready). `voices` and
-    `voices_by_language` come from the report of the last worker that became ready (every
-    worker runs the same engines); both are empty until one has, which `status` then
-    explains (`starting`: ask again; `failed`: no worker could load its engines)."""
+    ("" before any worker was ready). `voices` and `voices_by_language` come from the
+    report of the last worker that became ready (every worker runs the same engines); both
+    are empty until one has, which `status` then explains (`starting`: ask again;
+    `failed`: no worker could load its engines)."""
 
     req_id: U64
     status: Name
