@@ -265,8 +265,8 @@ class RingsConfig:
         "Bytes of one frame slot: the largest frame (H x W x 3) a worker may send. The "
         "default fits 512 x 512 (the embedded engine, the fake one, Ditto with the default "
         "portrait); Ditto renders at a registered portrait's own size, up to 1920 px a "
-        "side, so raise it for those (1920 x 1080: 6220800) and /dev/shm with it; a larger "
-        "frame fails its job `too_large` naming this key.",
+        "side, so raise it for those (1920 x 1080: 6220800) and /dev/shm with it; a portrait "
+        "whose frames are larger is refused at registration, `too_large` naming this key.",
         ge=1024,
     )
     audio_slots: int = _key(

@@ -152,6 +152,28 @@ def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
     return job
 
 
+def accepted_reply(job: Job, queue_position: int, capabilities: P.Capabilities | None,
+                   avatars: AvatarStore) -> P.Accepted:
+    """The `accepted` of an announced job: its id, place in the queue and the media it
+    will produce, from the workers' READY report (`capabilities`; None before any worker
+    was ready: every figure 0) and the frame size the portrait's registration reported
+    (0 x 0 while its registration runs)."""
+    spec = job.spec
+    offer = capabilities or P.Capabilities()
+    fps = width = height = audio_rate = 0
+    if isinstance(spec, (P.SpeakSpec, P.LipsyncSpec)):
+        fps = offer.fps
+        frame = (avatars.frame_size(spec.avatar.avatar_id) if spec.avatar is not None
+                 else offer.default_frame)
+        if frame is not None:
+            width, height = frame.width, frame.height
+        if isinstance(spec, P.SpeakSpec) and spec.send_audio:
+            audio_rate = offer.audio_rate  # the TTS's own rate: audio events are not resampled
+    return P.make(P.Accepted, req_id=job.req_id, job_id=job.job_id,
+                  queue_position=queue_position, fps=fps, width=width, height=height,
+                  audio_rate=audio_rate)
+
+
 def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
     """The client's `frame` / `audio` event for a frame or audio chunk a worker wrote
     (same index, pts and slot)."""

@@ -36,8 +36,16 @@ from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .inputs import StreamedInputs
 from .jobs import Job, JobState, QueueFull
-from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
-from .requests import build_job, client_event, end_reply, take_chunk
+from .pool import (
+    PoolEvent,
+    ProcessHandle,
+    WorkerExited,
+    WorkerId,
+    WorkerLost,
+    WorkerPool,
+    WorkerReady,
+)
+from .requests import accepted_reply, build_job, client_event, end_reply, take_chunk
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
@@ -66,6 +74,9 @@ class Supervisor:
                                      config.daemon.streamed_input_bytes)
         # Status bodies for the metrics thread, built on this loop's thread (see tick).
         self.status_handoff = StatusHandoff()
+        # What the engines offer clients, from the READY report of the last worker that
+        # became ready (every worker runs the same engines and config); None before any.
+        self.capabilities: P.Capabilities | None = None
         self.draining = False
         self.drain_deadline = 0.0
         self.exit_now = False
@@ -217,9 +228,11 @@ class Supervisor:
                 self._route([self.pool.stop(item.index, "runtime", item.reason, now)], now)
             elif isinstance(item, Ended):
                 self._finish(item, now)
+            elif isinstance(item, WorkerReady):
+                self.capabilities = item.capabilities
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
-            # WorkerReady and WorkerGaveUp change only what status shows.
+            # WorkerGaveUp changes only what status shows.
         for index in range(len(self.pool)):
             self.pool.set_load(index, self.book.load(index), now)
         # At once, not at the end of the tick: systemd sees each step (READY=1, then
@@ -265,7 +278,7 @@ class Supervisor:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
         self.inputs.close(job.job_id)
-        self.avatars.job_ended(job.spec, succeeded=not ended.code)
+        self.avatars.job_ended(job.spec, ended.result)
         self.client_port.send(job.client, end_reply(ended, now))
 
     def _expire_sessions(self, now: float) -> None:
@@ -371,6 +384,12 @@ class Supervisor:
                                        workers=len(self.pool)))
         elif isinstance(msg, P.Stats):
             port.send(identity, P.make(P.StatsReply, req_id=req_id, body=self.status()))
+        elif isinstance(msg, P.Voices):
+            # From the READY report, never a job: a client may ask while every worker is busy.
+            offer = self.capabilities or P.Capabilities()
+            port.send(identity, P.make(
+                P.VoicesReply, req_id=req_id, status=self._health(), engine=offer.tts_engine,
+                voices=offer.voices, voices_by_language=offer.voices_by_language))
         elif isinstance(msg, P.Release):
             self.sessions.client_release(identity, msg)
         elif isinstance(msg, P.Bye):
@@ -435,8 +454,8 @@ class Supervisor:
                 queue_depth=exc.depth, reason=f"queue_size={self.book.queue.size} reached"))
             return
         if POLICIES[job.kind].announced:
-            self.client_port.send(session.identity, P.make(
-                P.Accepted, req_id=msg.req_id, job_id=job.job_id, queue_position=position))
+            self.client_port.send(session.identity, accepted_reply(
+                job, position, self.capabilities, self.avatars))
 
     # ================================================================ status
 

@@ -27,7 +27,9 @@ from msgspec import Meta, Struct
 if TYPE_CHECKING:
     from .ring import SlotRef
 
-PROTOCOL_VERSION = 1
+# 2: `accepted` announces the job's media format (fps, width, height, audio_rate); a
+# version 1 client refuses those unknown fields, so it is told `bad_version` up front.
+PROTOCOL_VERSION = 2
 MAX_CONTROL_BYTES = 1 << 20  # part 0 of any message
 MAX_INLINE_BYTES = 256 << 20  # any further part
 MAX_TEXT_CHARS = 100_000  # protocol-level cap; engines apply their own, smaller ones
@@ -135,6 +137,13 @@ class Stats(Msg, tag="stats"):
     req_id: U64
 
 
+class Voices(Msg, tag="voices"):
+    """Which voices `speak` takes: answered with `VoicesReply` from the workers' READY
+    reports, without running a job (no `hello` needed)."""
+
+    req_id: U64
+
+
 class RegisterAvatar(Msg, tag="register_avatar"):
     """An encoded image file (PNG/JPEG...) as uint8 bytes."""
 
@@ -210,6 +219,43 @@ class Bye(Msg, tag="bye"):
     req_id: U64
 
 
+# ---------------------------------------------------------------- engine descriptions
+#
+# Built by a worker from its engines at READY (`Capabilities`) and passed on to clients
+# unchanged (`VoicesReply.voices`), so both ends read one definition.
+
+MAX_VOICES = 1024  # a multi-speaker model lists a few hundred speakers at most
+MAX_VOICE_LANGUAGES = 256
+LanguageCode = Annotated[str, Meta(max_length=64)]
+
+
+class VoiceInfo(Struct, frozen=True, forbid_unknown_fields=True):
+    """One voice of the TTS engine: `name` is what `speak.voice` takes; `languages` the
+    language codes it speaks as the voice declares them ("en_US", "ru", "fr-fr"), against
+    whose scripts its text is checked ([]: it declares none; its text is not checked);
+    `sample_rate` the Hz of its `audio` events; `default` true for the voice a request
+    without `voice` gets (exactly one voice)."""
+
+    name: Name
+    languages: Annotated[list[LanguageCode], Meta(max_length=MAX_VOICE_LANGUAGES)]
+    sample_rate: SampleRate
+    default: bool = False
+
+
+VoiceList = Annotated[list[VoiceInfo], Meta(max_length=MAX_VOICES)]
+# Language code -> voice name: where text the default voice cannot read goes.
+VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
+Fps = Annotated[int, Meta(ge=0, le=1000)]  # frames per second; 0: none, or not known
+AudioRate = Annotated[int, Meta(ge=0, le=192000)]  # Hz; 0: no audio, or not known
+
+
+class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
+    """Pixels of the frames a portrait renders at: frames are uint8 [height, width, 3]."""
+
+    width: Dim
+    height: Dim
+
+
 # ---------------------------------------------------------------- supervisor -> client
 
 
@@ -233,9 +279,19 @@ class Error(Msg, tag="error"):
 
 
 class Accepted(Msg, tag="accepted"):
+    """A job request was queued. The media it will produce: `fps` frames per second and
+    frames of `width` x `height` pixels (0 for a job without frames, transcribe; 0 x 0 also
+    when the portrait's frame size is not known yet), and `audio_rate`, the Hz of its
+    `audio` events (0 when it sends none: lipsync, transcribe, speak with send_audio
+    false). All 0 when no worker had loaded its engines yet when the job was accepted."""
+
     req_id: U64
     job_id: Name
-    queue_position: NonNegInt = 0
+    queue_position: NonNegInt
+    fps: Fps
+    width: Dim
+    height: Dim
+    audio_rate: AudioRate
 
 
 class Busy(Msg, tag="busy"):
@@ -315,6 +371,20 @@ class StatsReply(Msg, tag="stats_reply"):
     body: dict[str, Any]
 
 
+class VoicesReply(Msg, tag="voices_reply"):
+    """`status`: the health word (`HealthReply.status`). `engine`: the TTS engine's name
+    ("" before any worker was ready). `voices` and `voices_by_language` come from the
+    report of the last worker that became ready (every worker runs the same engines); both
+    are empty until one has, which `status` then explains (`starting`: ask again;
+    `failed`: no worker could load its engines)."""
+
+    req_id: U64
+    status: Name
+    engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
+
+
 # ---------------------------------------------------------------- worker <-> supervisor
 #
 # Internal: both ends ship in one package and start together, so these carry no
@@ -344,12 +414,31 @@ class WLoading(Msg, tag="w_loading"):
 MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
 
 
+class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker's engines offer clients, reported once at READY, so the supervisor
+    answers `voices` and fills `accepted` without running a job. `fps`: the avatar
+    engine's frame rate (0: no avatar engine); `default_frame`: the frame size of its
+    default portrait (None: it has none); `audio_rate`: the Hz of the TTS engine's PCM,
+    which `speak` jobs send as `audio` events (0: no TTS engine). `tts_engine`: the TTS
+    engine's name ("": the worker runs none, and `voices` is empty); `voices` in the
+    engine's order, the default first; `voices_by_language`: the engine's routing
+    (language -> voice name)."""
+
+    fps: Fps = 0
+    default_frame: FrameSize | None = None
+    audio_rate: AudioRate = 0
+    tts_engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
+
+
 class WReady(Msg, tag="w_ready"):
     engines: list[EngineInfo]
     memory_bytes: NonNegInt
     load_s: float
     warmup_s: float
     capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)]  # jobs it runs at once
+    capabilities: Capabilities
 
 
 class WLoadFailed(Msg, tag="w_load_failed"):
@@ -403,6 +492,7 @@ class WJobDone(Msg, tag="w_job_done"):
     frames: NonNegInt
     audio_samples: NonNegInt = 0
     media_s: float = 0.0
+    frame: FrameSize | None = None  # a registration's: the frame size of its portrait
 
 
 class WJobFailed(Msg, tag="w_job_failed"):
@@ -515,10 +605,10 @@ class Shutdown(Msg, tag="shutdown"):
     reason: ShortText = ""
 
 
-CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, JobAudio,
-                   Cancel, Release, Bye)
+CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync, Transcribe,
+                   JobAudio, Cancel, Release, Bye)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
-                  JobFailed, AvatarRegistered, HealthReply, StatsReply)
+                  JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, Shutdown)

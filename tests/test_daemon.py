@@ -23,6 +23,8 @@ from avatard.ipc.client import (
     JobFailedError,
 )
 
+V = P.PROTOCOL_VERSION  # the version every well-formed message carries
+
 SIZE = 32  # fake frames are SIZE x SIZE: every pixel is checked
 FAKE = {"width": SIZE, "height": SIZE}
 SPEECH = "One two three. Four five six. Seven eight nine. Ten eleven twelve."
@@ -221,10 +223,10 @@ def test_malformed_client_messages_get_errors_while_jobs_continue(tmp_path):
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(d.endpoint)
         enc = msgspec.msgpack.Encoder()
-        bad = [b"\xc1", enc.encode({"type": "nope", "v": 1, "req_id": 1}),
+        bad = [b"\xc1", enc.encode({"type": "nope", "v": V, "req_id": 1}),
                enc.encode({"type": "speak", "v": 7, "req_id": 2, "text": "x"}),
-               enc.encode({"type": "speak", "v": 1, "req_id": 3}),
-               enc.encode({"type": "lipsync", "v": 1, "req_id": 4, "sample_rate": 16000,
+               enc.encode({"type": "speak", "v": V, "req_id": 3}),
+               enc.encode({"type": "lipsync", "v": V, "req_id": 4, "sample_rate": 16000,
                            "audio": {"at": "inline", "part": 1, "shape": [10],
                                      "dtype": "float32"}})]
         for message in bad:
