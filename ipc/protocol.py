@@ -259,7 +259,14 @@ class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
 # ---------------------------------------------------------------- supervisor -> client
 
 
-class Welcome(Msg, tag="welcome"):
+class Reply(Msg, forbid_unknown_fields=False):
+    """Base of what the daemon sends clients (replies and job events). From version 2 a
+    client ignores fields it does not know in these, so the daemon can add fields to
+    them without a version bump (requests stay strict: the daemon refuses unknown
+    fields)."""
+
+
+class Welcome(Reply, tag="welcome"):
     req_id: U64
     session: Name
     server: Name
@@ -271,14 +278,14 @@ class Welcome(Msg, tag="welcome"):
     max_media_s: PosFloat = 0.0  # longest audio input of one job (daemon.max_media_s)
 
 
-class Error(Msg, tag="error"):
+class Error(Reply, tag="error"):
     req_id: U64  # 0 when the request id itself could not be read
     code: Name
     field: Name = ""
     rule: ShortText = ""
 
 
-class Accepted(Msg, tag="accepted"):
+class Accepted(Reply, tag="accepted"):
     """A job request was queued. The media it will produce: `fps` frames per second and
     frames of `width` x `height` pixels (0 for a job without frames, transcribe; 0 x 0 also
     when the portrait's frame size is not known yet), and `audio_rate`, the Hz of its
@@ -294,21 +301,21 @@ class Accepted(Msg, tag="accepted"):
     audio_rate: AudioRate
 
 
-class Busy(Msg, tag="busy"):
+class Busy(Reply, tag="busy"):
     req_id: U64
     retry_after_s: PosFloat
     queue_depth: NonNegInt
     reason: ShortText = ""
 
 
-class Frame(Msg, tag="frame"):
+class Frame(Reply, tag="frame"):
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
     data: Payload
 
 
-class AudioChunk(Msg, tag="audio"):
+class AudioChunk(Reply, tag="audio"):
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
@@ -330,14 +337,14 @@ class SegmentMsg(Struct, frozen=True, forbid_unknown_fields=True):
     words: list[WordMsg] = []
 
 
-class TranscriptMsg(Msg, tag="transcript"):
+class TranscriptMsg(Reply, tag="transcript"):
     job_id: Name
     language: Name
     duration_s: float
     segments: list[SegmentMsg]
 
 
-class Done(Msg, tag="done"):
+class Done(Reply, tag="done"):
     job_id: Name
     frames: NonNegInt
     audio_samples: NonNegInt = 0
@@ -347,31 +354,31 @@ class Done(Msg, tag="done"):
     attempts: NonNegInt = 1
 
 
-class JobFailed(Msg, tag="job_failed"):
+class JobFailed(Reply, tag="job_failed"):
     job_id: Name
     code: Name
     message: ShortText
     attempts: NonNegInt = 1
 
 
-class AvatarRegistered(Msg, tag="avatar_registered"):
+class AvatarRegistered(Reply, tag="avatar_registered"):
     req_id: U64
     avatar_id: Name
 
 
-class HealthReply(Msg, tag="health_reply"):
+class HealthReply(Reply, tag="health_reply"):
     req_id: U64
     status: Name  # "starting" | "ready" | "degraded" | "draining"
     ready_workers: NonNegInt
     workers: NonNegInt
 
 
-class StatsReply(Msg, tag="stats_reply"):
+class StatsReply(Reply, tag="stats_reply"):
     req_id: U64
     body: dict[str, Any]
 
 
-class VoicesReply(Msg, tag="voices_reply"):
+class VoicesReply(Reply, tag="voices_reply"):
     """`status`: the health word (`HealthReply.status`). `engine`: the TTS engine's name
     ("" before any worker was ready). `voices` and `voices_by_language` come from the
     report of the last worker that became ready (every worker runs the same engines); both

@@ -204,3 +204,23 @@ def test_every_malformed_message_gets_an_error_reply_and_serving_goes_on(server)
     assert server.port.bad_messages == len(cases)
     assert server.served == len(cases)
     sock.close()
+
+
+def test_clients_ignore_unknown_fields_in_replies_but_requests_stay_strict():
+    """From v2 the daemon may add fields to replies and events without a version bump:
+    clients skip what they do not know. Requests with an unknown field are refused."""
+    import msgspec
+
+    reply = msgspec.msgpack.encode({
+        "type": "accepted", "v": P.PROTOCOL_VERSION, "req_id": 1, "job_id": "j1",
+        "queue_position": 0, "fps": 25, "width": 8, "height": 8, "audio_rate": 0,
+        "added_later": [1, 2]})
+    msg, _ = P.SERVER_CODEC.decode([reply])
+    assert isinstance(msg, P.Accepted) and msg.job_id == "j1"
+    request = msgspec.msgpack.encode({"type": "health", "v": P.PROTOCOL_VERSION,
+                                      "req_id": 2, "added_later": 1})
+    with pytest.raises(P.ProtocolError) as err:
+        P.CLIENT_CODEC.decode([request])
+    assert err.value.field == "added_later"
+    for cls in P.SERVER_REPLIES:
+        assert issubclass(cls, P.Reply), cls
