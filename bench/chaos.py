@@ -119,12 +119,6 @@ class JobRecord:
     stamps: list[float] = field(default_factory=list)  # monotonic time of each event
 
 
-def _job_id_of(events: Any) -> str:
-    # `Client.speak` returns the generator of `Client._events(job_id)` without exposing the
-    # job id until the first event; the generator's arguments hold it already.
-    return str(events.gi_frame.f_locals.get("job_id", "?")) if events.gi_frame else "?"
-
-
 def consume(events: Any, record: JobRecord, pause_s: float = 0.0,
             hold: tuple[float, threading.Event] | None = None) -> None:
     """Run one job's events into `record`, checking every frame. `pause_s`: sleep after
@@ -172,7 +166,7 @@ def _doomed_client(endpoint: str, seed: int, text: str, conn: Any) -> None:
     """Runs in a spawned process: stream a job slowly and report progress until killed."""
     with Client(endpoint, timeout_s=30.0, name="chaos-doomed") as client:
         events = client.speak(text, seed=seed)
-        conn.send(("job", _job_id_of(events)))
+        conn.send(("job", events.job_id))
         for event in events:
             if isinstance(event, FrameEvent):
                 conn.send(("frame", event.index))
@@ -229,7 +223,7 @@ class Chaos:
                 self.refused["busy"] += 1
             time.sleep(min(exc.retry_after_s, 0.5))
             return None
-        record = JobRecord(_job_id_of(events), seed, name)
+        record = JobRecord(events.job_id, seed, name)
         record.stamps.append(time.monotonic())
         self._record(record)
         return record, events
@@ -559,6 +553,7 @@ class Chaos:
                                   "bound_growth_mb": RSS_GROWTH_BOUND_MB} if rss else {},
             "worker_restarts": sum(w["restarts"] for w in final_status["workers"]),
             "daemon_jobs": final_status["jobs"],
+            "daemon_registrations": final_status["registrations"],
             "load_thread_errors": self.errors,
         }
         report["rss_flat"] = bool(rss) and rss[-1] - rss[0] <= RSS_GROWTH_BOUND_MB

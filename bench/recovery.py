@@ -5,13 +5,19 @@ For faults during a job, long jobs stream while the fault hits the worker runnin
 `jobs_per_worker` N (`daemon.jobs_per_worker`), 2N - 1 jobs run at once on the two workers,
 N on the worker the fault hits and N - 1 on the other, so the other keeps one place free
 for a moved job as it does with one job per worker. The victim of a signal is the worker
-with the most jobs in the daemon's status (`current_jobs`, every job id of a worker). We
-report the longest gap between two frames a client received (what a viewer would see),
-whether every frame of every job arrived exactly once, jobs and frames lost, and how long
-until the replacement worker served (READY, or BUSY with moved jobs). For faults while
-loading we report how long until the worker was READY after its retry. After each
-daemon's SIGTERM we count the segments it left in /dev/shm. The timeouts in force are
-printed with the figures: recovery time is mostly them.
+with the most jobs in the daemon's status (`current_jobs`, every job id of a worker); the
+victim of an engine fault (hang or crash at a frame) is the worker the fake engine aims it
+at (`fault_workers`). We report how long each client waited for its first frame and the
+longest gap between two frames it received (what a viewer would see: an engine fault
+strikes before the client has a frame, since the fake engine hands over a sentence's frames
+together, so it shows in the first), whether every frame of every job arrived exactly
+once, jobs and frames lost, and how long from the fault until the replacement worker
+served (READY, or BUSY with moved jobs). The fault's moment is when the signal went out,
+or for an engine fault the moment the fake engine announced on stderr as it struck
+(`injected_faults`, stamped with the host's monotonic clock). For faults while loading we
+report how long until the worker was READY after its retry. After each daemon's SIGTERM we
+count the segments it left in /dev/shm. The timeouts in force are printed with the
+figures: recovery time is mostly them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from avatard.daemon import PrivateDaemon
+from avatard.engines.fake import injected_faults
 from avatard.ipc import segments
 from avatard.ipc.client import ClientError, DoneEvent, FrameEvent
 
@@ -100,26 +107,38 @@ class _Stream:
     def frames_lost(self) -> int:
         return max(0, self.done.frames - len(set(self.indices))) if self.done else 0
 
+    def first_frame_s(self) -> float | None:
+        """Seconds from the request to the first frame (None: no frame came)."""
+        return self.stamps[0] - self.requested if self.stamps and self.requested else None
+
 
 class _JobsUnderFault:
     """Runs the streams, one thread and one client each; the first stream to reach
-    FAULT_AT_FRAME sends `action` to the worker with the most jobs."""
+    FAULT_AT_FRAME sends `action` to the worker with the most jobs. With `engine_victim`
+    (the worker an engine fault is aimed at) no signal goes out: that worker is watched
+    from the start until its replacement serves."""
 
-    def __init__(self, d: PrivateDaemon, jobs: int, action: str | None):
+    def __init__(self, d: PrivateDaemon, jobs: int, action: str | None,
+                 engine_victim: int | None = None):
         self.d = d
         self.action = action
+        self.engine_victim = engine_victim
         self.streams = [_Stream(seed=7 + k) for k in range(jobs)]
         # Every job is accepted before any is read, so all are running when the fault hits.
         self.accepted = threading.Barrier(jobs)
         self.lock = threading.Lock()
-        self.victim: dict[str, Any] = {}  # its status entry when the signal went out
-        self.fault_at = 0.0
+        # Its status entry when the signal went out (an engine fault: before the jobs).
+        self.victim: dict[str, Any] = {}
+        self.fault_at = 0.0  # monotonic; for an engine fault, set from the log afterwards
         self.replaced_at = 0.0  # when the victim's replacement began to serve
         self.watcher: threading.Thread | None = None
 
     def run(self) -> float:
         """Run every stream to its end; the seconds from the first request to the last
         stream's end. Raises TimeoutError when a stream is not over within JOB_WAIT_S."""
+        if self.engine_victim is not None:
+            self.victim = self.d.status()["workers"][self.engine_victim]
+            self._start_watcher()
         threads = [threading.Thread(target=self._stream, args=(s,), daemon=True,
                                     name=f"recovery-job-{k}")
                    for k, s in enumerate(self.streams)]
@@ -166,9 +185,12 @@ class _JobsUnderFault:
             self.victim = max(busy, key=lambda w: len(w["current_jobs"]))
             self.fault_at = time.monotonic()
             os.kill(self.victim["pid"], getattr(signal, self.action))
-            self.watcher = threading.Thread(target=self._watch_replacement, daemon=True,
-                                            name="recovery-watch")
-            self.watcher.start()
+            self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        self.watcher = threading.Thread(target=self._watch_replacement, daemon=True,
+                                        name="recovery-watch")
+        self.watcher.start()
 
     def _watch_replacement(self) -> None:
         """Poll the victim's slot until its replacement serves: READY, or already BUSY with
@@ -195,47 +217,67 @@ def fault_during_job(name: str, fake: dict[str, Any], action: str | None,
 
     `action`: a signal name ("SIGKILL", "SIGSTOP") sent to the worker with the most jobs
     when the first job reaches frame FAULT_AT_FRAME, or None for no signal (the baseline
-    when `fake` is empty too, else the fake engine's own faults, e.g. ``hang_at_frame``).
-    Returns the row of the report (times in seconds). Raises TimeoutError when the daemon
-    does not get ready, a job does not end, or no replacement serves in time.
+    when `fake` is empty too, else the fake engine's own faults, e.g. ``hang_at_frame``,
+    which must name their worker with ``fault_workers``). Returns the row of the report
+    (times in seconds; `fault_kind` "none", "signal" or "engine"). Raises ValueError for an
+    engine fault without ``fault_workers``; TimeoutError when the daemon does not get ready,
+    a job does not end, or no replacement serves in time.
     """
+    fault_kind = "signal" if action else ("engine" if fake else "none")
+    engine_victim = None
+    if fault_kind == "engine":
+        if not fake.get("fault_workers"):
+            raise ValueError(f"{name}: an engine fault must name its worker with "
+                             "fault_workers, so the bench knows whose replacement to time")
+        engine_victim = fake["fault_workers"][0]
     jobs = 2 * jobs_per_worker - 1
     with tempfile.TemporaryDirectory(prefix="avatard-bench-") as tmp:
         d = PrivateDaemon(Path(tmp), _sections(2, {"frame_ms": 10, **fake}, jobs_per_worker))
         try:
             d.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 120, "two ready workers")
-            run = _JobsUnderFault(d, jobs, action)
+            run = _JobsUnderFault(d, jobs, action, engine_victim)
             job_s = run.run()
-            baseline = action is None and not fake
             replaced_s = None
             if run.victim:
                 if not run.replaced_at:
                     raise TimeoutError(f"no replacement of worker {run.victim['id']} served "
-                                       f"within {JOB_WAIT_S:g} s of the {action}:\n"
+                                       f"within {JOB_WAIT_S:g} s of the {action or name}:\n"
                                        f"{d.log_text()[-3000:]}")
-                replaced_s = run.replaced_at - run.fault_at
-            elif not baseline:  # faults injected by the engine: a restart must follow
-                status = d.wait_for(lambda s: any(w["restarts"] for w in s["workers"]), 30,
-                                    "a restart")
-                victim_id = next(w["id"] for w in status["workers"] if w["restarts"])
-                d.wait_for(lambda s: s["workers"][victim_id]["state"] in ("ready", "busy"),
-                           60, "the replacement serving")
+                if engine_victim is not None:
+                    # The engine stamped the moment it struck (the host's monotonic clock,
+                    # which this process reads too); its first fault in the victim's process.
+                    struck = [f.at for f in injected_faults(d.log_text())
+                              if (f.worker, f.attempt) == (engine_victim,
+                                                           run.victim["attempt"])]
+                    run.fault_at = min(struck, default=0.0)
+                if run.fault_at:
+                    replaced_s = run.replaced_at - run.fault_at
         finally:
             leaked = _stop(d)
     streams = run.streams
     gaps = [b - a for s in streams for a, b in zip(s.stamps, s.stamps[1:], strict=False)]
+    first_frames = [t for s in streams if (t := s.first_frame_s()) is not None]
     attempts = [s.done.attempts for s in streams if s.done]
+    if fault_kind == "engine":
+        # No status entry at the fault: the jobs it hit are the ones that had to move.
+        victim_jobs: int | None = sum(s.done is not None and s.done.attempts > 1
+                                      for s in streams)
+    else:
+        victim_jobs = len(run.victim["current_jobs"]) if run.victim else None
     return {
         "fault": name,
+        "fault_kind": fault_kind,
         "jobs": jobs,
-        "victim_jobs": len(run.victim["current_jobs"]) if run.victim else None,
+        "victim_jobs": victim_jobs,
         "frames": sum(len(s.indices) for s in streams),
         "exactly_once_in_order": all(s.in_order() for s in streams),
         "attempts": max(attempts) if attempts else None,
         "job_s": round(job_s, 3),
-        "max_frame_gap_s": round(max(gaps), 3) if gaps and not baseline else None,
-        "median_frame_gap_s": round(median(gaps), 4) if gaps and not baseline else None,
-        "replacement_ready_after_fault_s": round(replaced_s, 3) if replaced_s else None,
+        "max_first_frame_s": round(max(first_frames), 3) if first_frames else None,
+        "max_frame_gap_s": round(max(gaps), 3) if gaps else None,
+        "median_frame_gap_s": round(median(gaps), 4) if gaps else None,
+        "replacement_ready_after_fault_s": (round(replaced_s, 3) if replaced_s is not None
+                                            else None),
         "jobs_lost": sum(s.done is None for s in streams),
         "frames_lost": sum(s.frames_lost() for s in streams),
         "errors": [s.error for s in streams if s.error],
@@ -312,17 +354,16 @@ def format_recovery(report: dict[str, Any]) -> str:
         base = report["during_job"][0]["job_s"]
         setup = "2 workers" if n == 1 else f"2 workers x {n} jobs, {2 * n - 1} jobs"
         lines += ["", f"| fault during a job ({setup}) | job wall (s) | added by the fault (s) | "
-                  "longest frame gap (s) | frames exactly once | attempts | replacement READY "
-                  "after (s) | jobs lost | frames lost |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+                  "first frame after (s) | longest frame gap (s) | frames exactly once | "
+                  "attempts | replacement READY after the fault (s) | jobs lost | "
+                  "frames lost |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for f in report["during_job"]:
-            ready = f["replacement_ready_after_fault_s"]
-            gap = f["max_frame_gap_s"]
             lines.append(f"| {f['fault']} | {f['job_s']:.2f} | {f['job_s'] - base:+.2f} | "
-                         f"{'-' if gap is None else gap} | "
+                         f"{_figure(f['max_first_frame_s'], 'no frame came')} | "
+                         f"{_figure(f['max_frame_gap_s'], 'under two frames')} | "
                          f"{'yes' if f['exactly_once_in_order'] else 'NO'} | {f['attempts']} | "
-                         f"{'-' if ready is None else ready} | {f['jobs_lost']} | "
-                         f"{f['frames_lost']} |")
+                         f"{_replacement(f)} | {f['jobs_lost']} | {f['frames_lost']} |")
     if "while_loading" in report:
         lines += ["", "| fault while loading (1 worker) | READY after start (s) | restarts |",
                   "|---|---:|---:|"]
@@ -336,3 +377,18 @@ def format_recovery(report: dict[str, Any]) -> str:
     if errors:
         lines.append("client errors: " + "; ".join(errors[:5]))
     return "\n".join(lines)
+
+
+def _figure(value: float | None, missing: str) -> str:
+    """A measured figure, or in words why there is none (never a bare "-")."""
+    return missing if value is None else f"{value}"
+
+
+def _replacement(row: dict[str, Any]) -> str:
+    """The replacement column: the time, or why there is none."""
+    ready = row["replacement_ready_after_fault_s"]
+    if ready is not None:
+        return f"{ready}"
+    if row.get("fault_kind", "signal") == "none":
+        return "no fault"
+    return "not timed (the fault's moment is unknown)"

@@ -43,6 +43,7 @@ class Avatar:
     segment: segments.Segment
     validated: bool = False
     pins: int = 0  # live jobs naming it
+    frame: P.FrameSize | None = None  # its frames' size, as the registering worker said
 
 
 class AvatarStore:
@@ -137,21 +138,34 @@ class AvatarStore:
         if avatar is not None and avatar.pins:
             avatar.pins -= 1
 
-    def job_ended(self, spec: P.AnyJobSpec, succeeded: bool) -> None:
-        """A job that named a portrait ended: unpin it; a registration's portrait is kept
-        for good when a worker accepted it and forgotten when none could."""
+    def job_ended(self, spec: P.AnyJobSpec, result: P.WJobDone | None) -> None:
+        """A job that named a portrait ended (`result`: the worker's report when it
+        succeeded, else None): unpin it; a registration's portrait is kept for good, with
+        the frame size the worker reported, when a worker accepted it, and forgotten when
+        none could."""
         avatar = getattr(spec, "avatar", None)
         if avatar is None:
             return
         self.unpin(avatar.avatar_id)
-        if isinstance(spec, P.RegisterSpec):
-            (self.validated if succeeded else self.forget)(avatar.avatar_id)
+        if not isinstance(spec, P.RegisterSpec):
+            return
+        if result is not None and result.frame is not None:
+            self.validated(avatar.avatar_id, result.frame)
+        else:
+            self.forget(avatar.avatar_id)
 
-    def validated(self, avatar_id: str) -> None:
-        """A worker registered it."""
+    def validated(self, avatar_id: str, frame: P.FrameSize) -> None:
+        """A worker registered it; its frames are `frame` (width x height pixels)."""
         avatar = self._avatars.get(avatar_id)
         if avatar is not None:
             avatar.validated = True
+            avatar.frame = frame
+
+    def frame_size(self, avatar_id: str) -> P.FrameSize | None:
+        """The size of the frames rendered for a stored portrait; None when unknown (not
+        stored, or its registration has not ended yet). Not a use: the order is kept."""
+        avatar = self._avatars.get(avatar_id)
+        return avatar.frame if avatar is not None else None
 
     def forget(self, avatar_id: str) -> None:
         """Drop an avatar no worker accepted (a failed registration); validated ones stay,

@@ -39,16 +39,19 @@ class KindPolicy:
     `announced`: the client gets `accepted` {job_id} at once and `done`/`job_failed` at the
     end; otherwise the job answers its request directly at the end (registration: the
     reply is `avatar_registered` or `error`). `uses_session_rings`: its frames and audio go
-    to rings of the client's own session (local clients). `exactly_once`: every frame and
-    audio chunk reaches the client once, in order, also across a requeue; otherwise
-    (realtime) a frame is forwarded when it is newer than the last one, and the gaps are
-    frames the worker dropped because the client did not read. `deadline`: the job ends
-    `timeout` past its deadline (a live session runs until it is closed). `requeue`: a job
-    whose worker dies or faults runs again elsewhere; otherwise it ends `worker_error`
-    (moving a live session to another worker is not built yet)."""
+    to rings of the client's own session (local clients). `registration`: its ends are
+    counted in `JobBook.registrations`, not in the job counters: a portrait refused for bad
+    input (no face, too small) is the client's error, not a render job that failed.
+    `exactly_once`: every frame and audio chunk reaches the client once, in order, also
+    across a requeue; otherwise (realtime) a frame is forwarded when it is newer than the
+    last one, and the gaps are frames the worker dropped because the client did not read.
+    `deadline`: the job ends `timeout` past its deadline (a live session runs until it is
+    closed). `requeue`: a job whose worker dies or faults runs again elsewhere; otherwise
+    it ends `worker_error` (moving a live session to another worker is not built yet)."""
 
     announced: bool = True
     uses_session_rings: bool = False
+    registration: bool = False
     exactly_once: bool = True
     deadline: bool = True
     requeue: bool = True
@@ -58,7 +61,7 @@ POLICIES: dict[P.JobKind, KindPolicy] = {
     P.JobKind.SPEAK: KindPolicy(uses_session_rings=True),
     P.JobKind.LIPSYNC: KindPolicy(uses_session_rings=True),
     P.JobKind.TRANSCRIBE: KindPolicy(),
-    P.JobKind.REGISTER: KindPolicy(announced=False),
+    P.JobKind.REGISTER: KindPolicy(announced=False, registration=True),
     P.JobKind.LIVE: KindPolicy(uses_session_rings=True, exactly_once=False, deadline=False,
                                requeue=False),
 }
@@ -104,10 +107,14 @@ class JobBook:
         # Jobs placed on each worker, in dispatch order; an ended job stays until the
         # worker lets go of it (done/failed message, or the worker is lost).
         self.placed: dict[int, dict[str, Job]] = {}
+        # Ends of speak, lipsync and transcribe jobs; registrations have their own counts:
+        # registered; refused (the engine refused the portrait: bad_input); failed (any
+        # other end: worker lost too often, deadline, drain, client gone); requeued.
         self.stats = {"jobs_done": 0, "jobs_failed": 0, "jobs_cancelled": 0,
                       "frames_delivered": 0, "jobs_requeued": 0,
                       # Summed over live sessions at their end (the `done` figures).
                       "live_frames_dropped": 0, "live_late_frames": 0}
+        self.registrations = {"registered": 0, "refused": 0, "failed": 0, "requeued": 0}
         self.recent_rtf: deque[float] = deque(maxlen=50)
         self.recent_job_s: deque[float] = deque(maxlen=50)
         self.queue_closed = False  # draining: nothing new is queued or requeued
@@ -296,7 +303,10 @@ class JobBook:
             job.state = JobState.QUEUED
             job.worker = None
             job.last_error = reason
-            self.stats["jobs_requeued"] += 1
+            if POLICIES[job.kind].registration:
+                self.registrations["requeued"] += 1
+            else:
+                self.stats["jobs_requeued"] += 1
             self.queue.push_front(job)
             log.info("job %s requeued after %d frames delivered (%s)", job.job_id,
                      job.frames_delivered, reason)
@@ -332,7 +342,12 @@ class JobBook:
     def _end(self, job: Job, state: JobState, ended: Ended) -> Ended:
         job.state = state
         self.jobs.pop(job.job_id, None)
-        if state is JobState.DONE:
+        if POLICIES[job.kind].registration:
+            if state is JobState.DONE:
+                self.registrations["registered"] += 1
+            else:
+                self.registrations["refused" if ended.code == P.E_BAD_INPUT else "failed"] += 1
+        elif state is JobState.DONE:
             self.stats["jobs_done"] += 1
         else:
             self.stats["jobs_cancelled" if ended.code == P.E_CANCELLED else "jobs_failed"] += 1

@@ -130,11 +130,12 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
         click.echo(f"{w['id']:>3} {w['state']:9} {w['pid']:>7} {w['device']:8} "
                    f"{w['device_memory_bytes'] >> 20:>8} {w['rss_bytes'] >> 20:>8} "
                    f"{w['uptime_s']:>7.0f} {w['restarts']:>8}  {jobs or w['reason']}")
-    q, j = body["queue"], body["jobs"]
+    q, j, r = body["queue"], body["jobs"], body["registrations"]
     rtf = body["rtf_recent_median"]
     click.echo(f"queue {q['depth']}/{q['size']}, running {q['running']}; jobs done "
                f"{j['jobs_done']}, failed {j['jobs_failed']}, cancelled {j['jobs_cancelled']}, "
-               f"requeued {j['jobs_requeued']}; recent RTF "
+               f"requeued {j['jobs_requeued']}; portraits registered {r['registered']}, "
+               f"refused {r['refused']}, failed {r['failed']}; recent RTF "
                f"{'-' if rtf is None else f'{rtf:.3f}'}")
 
 
@@ -251,6 +252,52 @@ def transcribe(audio: str, as_json: bool, endpoint: str | None, engine: str | No
         sys.stdout.write("\n")
     else:
         click.echo(result.text)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the daemon's voices reply as JSON (docs/protocol.md, `voices`).")
+@click.option("--timeout", "timeout_s", default=30.0, show_default=True,
+              help="Seconds to wait for the daemon's answer.")
+@_client_options
+def voices(as_json: bool, timeout_s: float, endpoint: str | None, engine: str | None,
+           sets: tuple[str, ...]) -> None:
+    """List the TTS voices `render --voice` takes: each voice's languages, sample rate and
+    which one is the default, and where text the default voice cannot read is routed."""
+    from avatard.daemon.render import connect, engine_overrides
+    from avatard.ipc.client import ClientError
+
+    try:
+        with connect(endpoint, engine_overrides(engine, sets), sys.stderr,
+                     timeout_s=timeout_s) as client:
+            reply = client.voices()
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(exc)
+    if not reply.engine:
+        # Empty lists: say why, with what to do, rather than print an empty table.
+        why = ("no worker could load its engines (`avatard status` shows why)"
+               if reply.status == "failed" else "no worker has loaded its engines yet; ask "
+               "again once `avatard status` shows a ready worker")
+        _fail(ClientError(f"no voices: {why} (daemon {reply.status})"))
+    if as_json:
+        import msgspec
+
+        body = {"status": reply.status, "engine": reply.engine,
+                "voices": msgspec.to_builtins(reply.voices),
+                "voices_by_language": reply.voices_by_language}
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    width = max([len("voice"), *(len(v.name) for v in reply.voices)])
+    click.echo(f"TTS engine {reply.engine} (daemon {reply.status}):")
+    click.echo(f"{'voice':{width}}  default  {'rate Hz':>7}  languages")
+    for v in reply.voices:
+        click.echo(f"{v.name:{width}}  {'yes' if v.default else '':7}  {v.sample_rate:>7}  "
+                   f"{', '.join(v.languages) or '- (text not checked)'}")
+    if reply.voices_by_language:
+        routes = ", ".join(f"{language} -> {name}"
+                           for language, name in reply.voices_by_language.items())
+        click.echo(f"text the default voice cannot read, when no voice is asked for: {routes}")
 
 
 def _attach_groups() -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avatard.engines.options import EngineOptionError
+from avatard.engines.options import EngineOptionError, RequiredOptionError
 from avatard.engines.registry import ENGINES, check_engine_options
 from avatard.ipc.paths import default_runtime_dir, socket_endpoint
 
@@ -265,8 +265,8 @@ class RingsConfig:
         "Bytes of one frame slot: the largest frame (H x W x 3) a worker may send. The "
         "default fits 512 x 512 (the embedded engine, the fake one, Ditto with the default "
         "portrait); Ditto renders at a registered portrait's own size, up to 1920 px a "
-        "side, so raise it for those (1920 x 1080: 6220800) and /dev/shm with it; a larger "
-        "frame fails its job `too_large` naming this key.",
+        "side, so raise it for those (1920 x 1080: 6220800) and /dev/shm with it; a portrait "
+        "whose frames are larger is refused at registration, `too_large` naming this key.",
         ge=1024,
     )
     audio_slots: int = _key(
@@ -596,6 +596,14 @@ def _check_section_rules(section: str, values: Any) -> None:
         _check_engine_options(values)
 
 
+# Engine options that `avatard serve` also sets with a flag of its own (daemon/cli.py), so
+# a missing one can be named by the flag an operator is most likely to use.
+OPTION_FLAGS: dict[str, tuple[str, ...]] = {
+    "engines.options.ditto.weights": ("with avatard serve --checkpoints DIR (or --weights "
+                                      "random)",),
+}
+
+
 def _check_engine_options(engines: EnginesConfig) -> None:
     """Check every options table against the options classes of the engines of its name
     (torch-free: only the classes' own modules are imported), and the required options of
@@ -605,6 +613,11 @@ def _check_engine_options(engines: EnginesConfig) -> None:
         kinds = [kind for kind, chosen in configured.items() if chosen == name]
         try:
             check_engine_options(name, engines.options.get(name, {}), kinds)
+        except RequiredOptionError as exc:
+            # The registry names the config table; the command line is this package's.
+            places = [f"on the command line with --set {exc.key}=VALUE",
+                      *OPTION_FLAGS.get(exc.key, ())]
+            raise ConfigError(exc.key, exc.with_places(*places).reason) from None
         except EngineOptionError as exc:
             raise ConfigError(exc.key, exc.reason) from None
 

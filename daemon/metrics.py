@@ -1,8 +1,11 @@
 """Prometheus metrics for `avatard serve` (off unless daemon.metrics_port is set).
 
-A custom collector reads the supervisor's status snapshot at scrape time, so the numbers
-are never older than the scrape and nothing runs between scrapes. The HTTP server runs in
-prometheus_client's own thread; `status()` only reads plain attributes.
+A custom collector asks the supervisor's loop for a status snapshot at scrape time
+(`StatusHandoff`): the loop builds it on its own thread at its next tick, so the numbers
+are of one moment, never older than the scrape, and nothing runs between scrapes. The
+HTTP server runs in prometheus_client's own threads, which never read the job book, the
+pool or the sessions themselves: the loop changes them as it goes. A scrape the loop does
+not answer within SNAPSHOT_WAIT_S fails (HTTP 500, so Prometheus marks the target down).
 """
 
 from __future__ import annotations
@@ -10,20 +13,27 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .status import StatusHandoff
+
 log = logging.getLogger("avatard.metrics")
+
+# How long a scrape waits for the loop's snapshot, in seconds: the loop answers within a
+# tick (TICK_S plus the tick's work); well below Prometheus' default scrape_timeout (10 s).
+SNAPSHOT_WAIT_S = 5.0
 
 WORKER_STATES = ("waiting", "starting", "loading", "ready", "busy", "stopping", "backoff",
                  "failed")
 
 
 class _Collector:
-    def __init__(self, supervisor: Any):
-        self.supervisor = supervisor
+    def __init__(self, handoff: StatusHandoff, wait_s: float = SNAPSHOT_WAIT_S):
+        self.handoff = handoff
+        self.wait_s = wait_s
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        status = self.supervisor.status()
+        status = self.handoff.take(self.wait_s)
         states = GaugeMetricFamily("avatard_workers", "Workers by state", labels=["state"])
         counts = {s: 0 for s in WORKER_STATES}
         for w in status["workers"]:
@@ -51,6 +61,13 @@ class _Collector:
         for key in ("jobs_done", "jobs_failed", "jobs_cancelled", "jobs_requeued"):
             jobs.add_metric([key.removeprefix("jobs_")], status["jobs"][key])
         yield jobs
+        # Registrations apart: a portrait refused for bad input is not a failed render job.
+        registrations = CounterMetricFamily("avatard_avatar_registrations",
+                                            "Portrait registrations by outcome",
+                                            labels=["outcome"])
+        for outcome, count in status["registrations"].items():
+            registrations.add_metric([outcome], count)
+        yield registrations
         yield CounterMetricFamily("avatard_frames_delivered", "Frames delivered to clients",
                                   value=status["jobs"]["frames_delivered"])
         yield from _cache_metrics(status)
@@ -93,7 +110,10 @@ def _cache_metrics(status: dict[str, Any]):
     yield rings
 
 
-def start_metrics_server(supervisor: Any, host: str, port: int) -> None:
+def start_metrics_server(handoff: StatusHandoff, host: str, port: int) -> None:
+    """Serve /metrics on `host`:`port` from snapshots the supervisor loop hands over
+    through `handoff`. Raises RuntimeError when prometheus_client is not installed, and
+    OSError when the port cannot be bound."""
     try:
         from prometheus_client import start_http_server
         from prometheus_client.core import CollectorRegistry
@@ -101,6 +121,6 @@ def start_metrics_server(supervisor: Any, host: str, port: int) -> None:
         raise RuntimeError("daemon.metrics_port is set but prometheus_client is not "
                            "installed: pip install 'avatard[metrics]'") from exc
     registry = CollectorRegistry()
-    registry.register(_Collector(supervisor))
+    registry.register(_Collector(handoff))
     start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, port)

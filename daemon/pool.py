@@ -4,7 +4,8 @@ Pure policy over process handles; no sockets, no shared memory, no jobs. The coo
 (daemon/supervisor.py) feeds it the worker messages that concern a worker's life (hello,
 loading, ready, load failure, heartbeat) and the clock, and acts on what it returns:
 
-- `WorkerReady(index)`: a worker finished loading and takes jobs;
+- `WorkerReady(index, capabilities)`: a worker finished loading and takes jobs; what its
+  engines offer clients (voices...) comes with it;
 - `WorkerLost(index, reason)`: a worker is being stopped or died; every job it held must
   be requeued or failed (the job book decides);
 - `WorkerExited(index)`: its process is gone; slots it was writing can be reclaimed;
@@ -107,6 +108,7 @@ class ProcessHandle(Protocol):
 @dataclass(frozen=True, slots=True)
 class WorkerReady:
     index: int
+    capabilities: P.Capabilities  # from its READY report
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +323,7 @@ class WorkerPool:
                 self.last_load_bytes[w.device.name] = msg.memory_bytes
                 w.load_failures = 0
                 w.to(WState.READY, now, f"loaded in {msg.load_s:.2f} s")
-                return [WorkerReady(w.index)]
+                return [WorkerReady(w.index, msg.capabilities)]
         elif isinstance(msg, P.WLoadFailed):
             w.reason = f"load failed: {msg.reason}" + (" (out of memory)" if
                                                         msg.out_of_memory else "")

@@ -26,12 +26,14 @@ from avatard.ipc.client import (
     DaemonUnavailable,
     DoneEvent,
     FrameEvent,
+    JobHandle,
     default_endpoint,
 )
 from avatard.ipc.sockets import ipc_path
 
 from .private_daemon import PrivateDaemon, PrivateDaemonError
 
+DEFAULT_FPS = 25  # of every engine we ship; used only when a job announced no fps
 PRIVATE_START_TIMEOUT_S = 300.0  # model loads on a slow CPU; the daemon enforces its own
 PRIVATE_STOP_TIMEOUT_S = 60.0
 
@@ -166,7 +168,7 @@ def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress
 
 
 def render_to_mp4(endpoint: str | None, overrides: list[str], avatar_path: str | None,
-                  out: Path, label: str, start_job: Callable[[Client, str], Iterator[Any]],
+                  out: Path, label: str, start_job: Callable[[Client, str], JobHandle],
                   audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
     """The shared body of `avatard render` and `lipsync`: check the output path first,
     register the portrait if one is given, run the job and mux it."""
@@ -176,8 +178,14 @@ def render_to_mp4(endpoint: str | None, overrides: list[str], avatar_path: str |
     image = read_file(avatar_path, "avatar") if avatar_path else None
     with connect(endpoint, overrides, sys.stderr) as client:
         avatar_id = client.register_avatar(image) if image else ""
-        events = start_job(client, avatar_id)
-        return write_job_mp4(events, out, 25, Progress(sys.stderr, label), audio=audio)
+        job = start_job(client, avatar_id)
+        fps = job.fps
+        if not fps:
+            sys.stderr.write(f"job {job.job_id} was accepted before any worker had loaded its "
+                             f"engines, so its frame rate was not announced: writing the mp4 "
+                             f"at {DEFAULT_FPS} fps\n")
+            fps = DEFAULT_FPS
+        return write_job_mp4(job, out, fps, Progress(sys.stderr, label), audio=audio)
 
 
 def engine_overrides(avatar_engine: str | None, extra: tuple[str, ...]) -> list[str]:

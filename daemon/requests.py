@@ -63,10 +63,12 @@ def _check_pcm(msg: P.Lipsync | P.Transcribe | P.JobAudio) -> None:
 
 def take_chunk(msg: P.Lipsync | P.Transcribe | P.JobAudio, extra: list[Any],
                session: Session, sessions: Sessions) -> bytes:
-    """A chunk of streamed audio as bytes of its own: checked like any audio payload,
-    copied out of its input slot and the slot given back at once (the client writes its
-    next chunk there). Raises `ProtocolError` naming `audio`."""
+    """A chunk of streamed audio as bytes of its own: checked like any audio payload; a
+    local client's is copied out of its input slot and the slot given back at once (the
+    client writes its next chunk there). Raises `ProtocolError` naming `audio`."""
     _check_pcm(msg)
+    if isinstance(msg.audio, P.Inline):  # its own bytes already: no slot needed
+        return bytes(sessions.inline_part(msg.audio, extra, "audio", msg.req_id))
     desc = sessions.take_input(session, msg.audio, extra, "audio", msg.req_id)
     try:
         return sessions.read_input(desc).tobytes()
@@ -200,6 +202,28 @@ def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
             exc.req_id = msg.req_id
             raise
     return job
+
+
+def accepted_reply(job: Job, queue_position: int, capabilities: P.Capabilities | None,
+                   avatars: AvatarStore) -> P.Accepted:
+    """The `accepted` of an announced job: its id, place in the queue and the media it
+    will produce, from the workers' READY report (`capabilities`; None before any worker
+    was ready: every figure 0) and the frame size the portrait's registration reported
+    (0 x 0 while its registration runs)."""
+    spec = job.spec
+    offer = capabilities or P.Capabilities()
+    fps = width = height = audio_rate = 0
+    if isinstance(spec, (P.SpeakSpec, P.LipsyncSpec)):
+        fps = offer.fps
+        frame = (avatars.frame_size(spec.avatar.avatar_id) if spec.avatar is not None
+                 else offer.default_frame)
+        if frame is not None:
+            width, height = frame.width, frame.height
+        if isinstance(spec, P.SpeakSpec) and spec.send_audio:
+            audio_rate = offer.audio_rate  # the TTS's own rate: audio events are not resampled
+    return P.make(P.Accepted, req_id=job.req_id, job_id=job.job_id,
+                  queue_position=queue_position, fps=fps, width=width, height=height,
+                  audio_rate=audio_rate)
 
 
 def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:

@@ -126,14 +126,13 @@ class Sessions:
         r = self.rings_cfg
         own = self.inline_input.segment.size + sum(
             ring.segment.size for pair in self.worker_rings for ring in pair)
-        # The metrics thread calls this too: iterate over snapshots (list() of a dict view
-        # is one step under the GIL), never over a dict the loop may be changing.
+        # Called on the supervisor's loop only (the metrics thread gets a finished status
+        # body through StatusHandoff), so the dicts cannot change while they are summed.
         sessions = sum(
             (s.input_ring.segment.size if s.input_ring is not None else 0)
-            + sum(ring.segment.size for pair in [*list(s.outputs.values()),
-                                                 *list(s.live_outputs.values())]
+            + sum(ring.segment.size for pair in [*s.outputs.values(), *s.live_outputs.values()]
                   for ring in pair)
-            for s in list(self.sessions.values()))
+            for s in self.sessions.values())
         return {"daemon_rings_bytes": own, "session_rings_bytes": sessions,
                 "per_session_bytes": (ring_bytes(r.input_slots, r.input_slot_bytes)
                                       + ring_bytes(r.frame_slots, r.frame_slot_bytes)
@@ -220,18 +219,7 @@ class Sessions:
                                       P.E_BAD_MESSAGE, f"{field_name}.{field_part}", str(exc),
                                       req_id) from None
             return payload
-        if payload.part > len(extra):
-            raise P.ProtocolError(P.E_BAD_MESSAGE, f"{field_name}.part",
-                                  f"message has {len(extra)} extra parts", req_id)
-        raw = extra[payload.part - 1]
-        if P.payload_nbytes(payload) != len(raw):
-            raise P.ProtocolError(P.E_BAD_MESSAGE, f"{field_name}.shape",
-                                  f"{payload.shape} x {payload.dtype} is "
-                                  f"{P.payload_nbytes(payload)} bytes; part holds {len(raw)}",
-                                  req_id)
-        if len(raw) > self.inline_input.slot_bytes:
-            raise P.ProtocolError(P.E_TOO_LARGE, field_name, f"{len(raw)} bytes; max "
-                                  f"{self.inline_input.slot_bytes}", req_id)
+        raw = self.inline_part(payload, extra, field_name, req_id)
         array = np.frombuffer(raw, dtype=payload.dtype).reshape(payload.shape)
         try:
             ref = self.inline_input.write(array, timeout_s=0.0)
@@ -252,6 +240,26 @@ class Sessions:
                     ring.release(payload.slot, payload.seq)
                 except (StaleSlotError, DescriptorError):
                     pass  # taken and given back already, or never written
+
+    def inline_part(self, payload: P.Inline, extra: list[Any], field_name: str,
+                    req_id: int) -> Any:
+        """The message part an inline payload names, checked: the part exists, holds
+        exactly shape x dtype bytes, and is at most `rings.inline_slot_bytes`. Raises
+        `ProtocolError` naming `field_name`."""
+        if payload.part > len(extra):
+            raise P.ProtocolError(P.E_BAD_MESSAGE, f"{field_name}.part",
+                                  f"message has {len(extra)} extra parts", req_id)
+        raw = extra[payload.part - 1]
+        if P.payload_nbytes(payload) != len(raw):
+            raise P.ProtocolError(P.E_BAD_MESSAGE, f"{field_name}.shape",
+                                  f"{payload.shape} x {payload.dtype} is "
+                                  f"{P.payload_nbytes(payload)} bytes; part holds {len(raw)}",
+                                  req_id)
+        if len(raw) > self.inline_input.slot_bytes:
+            raise P.ProtocolError(P.E_TOO_LARGE, field_name, f"{len(raw)} bytes; max "
+                                  f"{self.inline_input.slot_bytes} (rings.inline_slot_bytes)",
+                                  req_id)
+        return raw
 
     def read_input(self, desc: P.SlotDesc) -> np.ndarray:
         """A read-only view of an input slot taken by `take_input` (valid until released)."""

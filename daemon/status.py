@@ -4,6 +4,10 @@ Builds the `stats`/`avatard status` body and the Prometheus snapshot from plain 
 the coordinator passes in (worker slots, the job book's counters, session count), decides
 the health word, and sends systemd READY=1 once, STATUS= lines when the summary changes and
 WATCHDOG=1 pings while the loop runs. It reads nothing of the other components itself.
+
+`StatusHandoff` carries a body from the supervisor's loop to another thread (the metrics
+server's): only the loop's thread reads the job book, the pool and the sessions, which it
+changes as it goes, so another thread asks for a body and waits for the loop to build one.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,24 +73,28 @@ class StatusBoard:
     def snapshot(self, now: float, state: str, endpoints: list[str], sessions: int,
                  workers: list[tuple[WorkerSlot, list[str]]], queue: Any, running: int,
                  counters: dict[str, int], recent_rtf: Iterable[float],
-                 avatars: dict[str, Any], session_shm: dict[str, int]) -> dict[str, Any]:
+                 avatars: dict[str, Any], session_shm: dict[str, int],
+                 registrations: dict[str, int]) -> dict[str, Any]:
         """The status body from the coordinator's figures: each worker slot with the ids
         of the jobs placed on it, the queue (its length and `size`), the shared-memory use
         of the daemon's rings and sessions (plus /dev/shm's size, free space and this
-        daemon's segment count, read here)."""
+        daemon's segment count, read here), the job and registration counters."""
         size, free = segments.shm_space()
         shm = {"dir": str(segments.SHM_DIR), "size_bytes": size, "free_bytes": free,
                "segments": len(segments.segments_of(os.getpid())), **session_shm}
         return self.body(now, state, endpoints, sessions,
                          [worker_status(w, jobs, now) for w, jobs in workers], len(queue),
-                         queue.size, running, counters, recent_rtf, avatars, shm)
+                         queue.size, running, counters, recent_rtf, avatars, shm,
+                         registrations)
 
     def body(self, now: float, state: str, endpoints: list[str], sessions: int,
              workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,
              running: int, counters: dict[str, int], recent_rtf: Iterable[float],
-             avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-        """The `stats_reply` body (docs/protocol.md, `avatard status --json`)."""
+             avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None,
+             registrations: dict[str, int] | None = None) -> dict[str, Any]:
+        """The `stats_reply` body (docs/protocol.md, `avatard status --json`). `counters`:
+        the job counters (speak, lipsync, transcribe) and the client port's; `registrations`:
+        portrait registrations by outcome (registered, refused, failed, requeued)."""
         workers = list(workers)
         rtf = list(recent_rtf)
         return {
@@ -96,6 +105,7 @@ class StatusBoard:
             "workers": workers,
             "queue": {"depth": queue_depth, "size": queue_size, "running": running},
             "jobs": dict(counters),
+            "registrations": dict(registrations or {}),
             "rtf_recent_median": statistics.median(rtf) if rtf else None,
             "avatars": dict(avatars or {}),  # the supervisor's portrait store
             "shm": dict(shm or {}),  # /dev/shm and what the daemon's segments take
@@ -125,3 +135,48 @@ class StatusBoard:
         if interval and now - self._last_watchdog >= interval:
             self._last_watchdog = now
             self.notifier.watchdog()
+
+
+class StatusHandoff:
+    """Status bodies built on the supervisor's loop, handed to readers on other threads.
+
+    A reader calls `take(timeout_s)`: it raises the request flag and waits. The loop checks
+    `wanted` once per tick and, when set, builds the body on its own thread (between two
+    steps of a tick, so every figure is of the same moment) and hands it over with
+    `publish`. The body is a fresh dict the loop never changes afterwards; every reader
+    waiting then gets the same one. Nothing is built while nobody asks.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._body: dict[str, Any] | None = None
+        self._generation = 0  # bodies published so far
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a reader waits for a body (read by the loop each tick without the lock:
+        a request raised just after the read is seen at the next tick)."""
+        return self._wanted
+
+    def publish(self, body: dict[str, Any]) -> None:
+        """Hand `body` to every waiting reader (the loop's thread only)."""
+        with self._cond:
+            self._body = body
+            self._generation += 1
+            self._wanted = False
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float) -> dict[str, Any]:
+        """A body the loop built after this call (or during the tick it was made in).
+        `timeout_s`: how long to wait for the loop, in seconds. Raises TimeoutError when
+        it published none in that time (the loop is stuck, or the daemon is stopping)."""
+        with self._cond:
+            asked_at = self._generation
+            self._wanted = True
+            if not self._cond.wait_for(lambda: self._generation > asked_at, timeout_s):
+                raise TimeoutError(f"the supervisor loop built no status snapshot within "
+                                   f"{timeout_s:g} s (it answers at its next tick; is it "
+                                   "stuck, or is the daemon stopping?)")
+            assert self._body is not None
+            return self._body

@@ -37,8 +37,17 @@ from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .inputs import StreamedInputs
 from .jobs import Job, JobState, QueueFull
 from .live_inputs import LiveInputs
-from .pool import PoolEvent, ProcessHandle, WorkerExited, WorkerId, WorkerLost, WorkerPool
+from .pool import (
+    PoolEvent,
+    ProcessHandle,
+    WorkerExited,
+    WorkerId,
+    WorkerLost,
+    WorkerPool,
+    WorkerReady,
+)
 from .requests import (
+    accepted_reply,
     build_job,
     client_event,
     end_reply,
@@ -49,7 +58,7 @@ from .requests import (
 from .runtime import hold_runtime_lock
 from .sdnotify import Notifier
 from .sessions import Session, Sessions, describe_shm
-from .status import StatusBoard, health
+from .status import StatusBoard, StatusHandoff, health
 from .worker import WorkerSpec, start_worker
 
 log = logging.getLogger("avatard.supervisor")
@@ -72,6 +81,11 @@ class Supervisor:
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.inputs = StreamedInputs(config.daemon.max_media_s,
                                      config.daemon.streamed_input_bytes)
+        # Status bodies for the metrics thread, built on this loop's thread (see tick).
+        self.status_handoff = StatusHandoff()
+        # What the engines offer clients, from the READY report of the last worker that
+        # became ready (every worker runs the same engines and config); None before any.
+        self.capabilities: P.Capabilities | None = None
         self.live = LiveInputs()
         self.draining = False
         self.drain_deadline = 0.0
@@ -119,7 +133,7 @@ class Supervisor:
         if d.metrics_port:
             from .metrics import start_metrics_server
 
-            start_metrics_server(self, d.metrics_host, d.metrics_port)
+            start_metrics_server(self.status_handoff, d.metrics_host, d.metrics_port)
         log.info("serving on %s; %d workers on %s", ", ".join(self.client_port.endpoints),
                  len(placed), ", ".join(sorted({device.name for device in placed})))
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
@@ -151,6 +165,10 @@ class Supervisor:
         if self.draining:
             self._check_drain(now)
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
+        if self.status_handoff.wanted:
+            # Built here, between steps, never on the metrics thread: the book, the pool and
+            # the sessions change on this thread only, so the body is of one moment.
+            self.status_handoff.publish(self.status())
         self.board.watchdog(now)
 
     def _handle_signals(self) -> None:
@@ -220,9 +238,11 @@ class Supervisor:
                 self._route([self.pool.stop(item.index, "runtime", item.reason, now)], now)
             elif isinstance(item, Ended):
                 self._finish(item, now)
+            elif isinstance(item, WorkerReady):
+                self.capabilities = item.capabilities
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
-            # WorkerReady and WorkerGaveUp change only what status shows.
+            # WorkerGaveUp changes only what status shows.
         for index in range(len(self.pool)):
             self.pool.set_load(index, self.book.load(index), now)
         # At once, not at the end of the tick: systemd sees each step (READY=1, then
@@ -272,7 +292,7 @@ class Supervisor:
             job.input_slot = None
         self.inputs.close(job.job_id)
         self.live.forget(job.job_id)
-        self.avatars.job_ended(job.spec, succeeded=not ended.code)
+        self.avatars.job_ended(job.spec, ended.result)
         self.client_port.send(job.client, end_reply(ended, now))
 
     def _expire_sessions(self, now: float) -> None:
@@ -382,6 +402,12 @@ class Supervisor:
                                        workers=len(self.pool)))
         elif isinstance(msg, P.Stats):
             port.send(identity, P.make(P.StatsReply, req_id=req_id, body=self.status()))
+        elif isinstance(msg, P.Voices):
+            # From the READY report, never a job: a client may ask while every worker is busy.
+            offer = self.capabilities or P.Capabilities()
+            port.send(identity, P.make(
+                P.VoicesReply, req_id=req_id, status=self._health(), engine=offer.tts_engine,
+                voices=offer.voices, voices_by_language=offer.voices_by_language))
         elif isinstance(msg, P.Release):
             self.sessions.client_release(identity, msg)
         elif isinstance(msg, P.Bye):
@@ -466,8 +492,8 @@ class Supervisor:
                 queue_depth=exc.depth, reason=f"queue_size={self.book.queue.size} reached"))
             return
         if POLICIES[job.kind].announced:
-            self.client_port.send(session.identity, P.make(
-                P.Accepted, req_id=msg.req_id, job_id=job.job_id, queue_position=position))
+            self.client_port.send(session.identity, accepted_reply(
+                job, position, self.capabilities, self.avatars))
 
     # ================================================================ status
 
@@ -476,7 +502,8 @@ class Supervisor:
                       self.pool.all_failed())
 
     def status(self) -> dict[str, Any]:
-        """The `stats` body (also read by the metrics thread: plain reads only)."""
+        """The `stats` body. Call on the loop's thread only (the metrics thread gets it
+        through `status_handoff`)."""
         workers = [(w, [j.job_id for j in self.book.on_worker(w.index)])
                    for w in self.pool.workers]
         counters = {**self.book.stats, "bad_messages": self.client_port.bad_messages,
@@ -484,4 +511,5 @@ class Supervisor:
         return self.board.snapshot(
             time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
             workers, self.book.queue, self.book.running_count(), counters,
-            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes())
+            self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes(),
+            self.book.registrations)

@@ -48,12 +48,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
 from avatard.ipc import protocol as P
 from avatard.ipc.procmem import rss_bytes
-from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing
+from avatard.ipc.ring import DescriptorError, SlotRef, SlotRing, check_layout
 from avatard.ipc.segments import Segment
 
 from .config import Config
@@ -104,6 +105,26 @@ class WorkerSpec:
                    input_gap_s=config.timeouts.input_gap_s)
 
 
+def check_frame_fits(shape: tuple[int, ...], slot_bytes: int, field: str) -> None:
+    """Raise `DescriptorError(field, rule)` when uint8 frames of `shape` ([height, width,
+    3]) do not fit a frame slot of `slot_bytes` (a frame ring's `slot_bytes`): the rule
+    names the frame size, the bytes a frame needs and `rings.frame_slot_bytes`, the key
+    to raise. The ring's own check (`check_layout`) decides, so a portrait refused at
+    registration is exactly one whose frames the ring would refuse mid-job."""
+    try:
+        check_layout(tuple(int(d) for d in shape), "uint8", slot_bytes)
+    except DescriptorError:
+        height, width = (list(shape) + [0, 0])[:2]
+        nbytes = 1
+        for dim in shape:
+            nbytes *= int(dim)
+        # Ditto renders at the portrait's own size (up to 1920 px a side).
+        raise DescriptorError(field, f"frames of {width} x {height} px need {nbytes} bytes; "
+                              f"a frame slot holds {slot_bytes}: raise rings.frame_slot_bytes "
+                              f"to at least {nbytes} (H x W x 3 of the largest frame; "
+                              "docs/config.md)") from None
+
+
 def start_worker(spec: WorkerSpec) -> multiprocessing.process.BaseProcess:
     """Start a worker process with the `spawn` method (never fork: CUDA state does not
     survive a fork) and return its handle."""
@@ -127,12 +148,14 @@ class InputTimeout(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """What a job handler produced: frames, audio samples sent, media seconds; for a live
-    session also the frames it dropped (the client's ring was full) and made late."""
+    """What a job handler produced: frames, audio samples sent, media seconds; for a
+    registration, the frame size of its portrait; for a live session, the frames it
+    dropped (the client's ring was full) and made late."""
 
     frames: int = 0
     audio_samples: int = 0
     media_s: float = 0.0
+    frame: P.FrameSize | None = None
     frames_dropped: int = 0
     late_frames: int = 0
 
@@ -305,6 +328,7 @@ class Worker:
                      f"engines not thread-safe, called by one job at a time: "
                      f"{', '.join(serialised)}" if serialised else
                      "every engine is thread-safe")
+        capabilities = self._capabilities()
         reports = [e.report() for e in self.engines.values()]
         memory = max(0, rss_bytes() - rss_before)
         if device.startswith("cuda"):
@@ -315,7 +339,48 @@ class Worker:
                                         warmup_s=float(r.warmup_s), notes=r.notes[:4000])
                            for r in reports],
                   memory_bytes=memory, load_s=time.monotonic() - started,
-                  warmup_s=sum(r.warmup_s for r in reports), capacity=spec.jobs_per_worker)
+                  warmup_s=sum(r.warmup_s for r in reports), capacity=spec.jobs_per_worker,
+                  capabilities=capabilities)
+
+    def _capabilities(self) -> P.Capabilities:
+        """What the loaded engines offer clients (the READY report). Registers the avatar
+        engine's default portrait, the one way to learn its frame size (the state stays in
+        the avatar cache for the first job without an avatar). Raises ValueError, a load
+        failure naming the limit, when the TTS engine describes more voices or longer
+        names than the protocol carries: the supervisor would drop the READY otherwise."""
+        from avatard.engines.base import EngineInputError
+
+        fps, default_frame = 0, None
+        avatar = self.engines.get("avatar")
+        if avatar is not None:
+            fps = int(avatar.fps)
+            self.send(P.WLoading, stage=f"avatar {self.spec.engines['avatar']}: default "
+                      "portrait", progress=1.0)
+            try:
+                state = self._avatar_state(None)
+            except EngineInputError as exc:  # none, or one it refuses: jobs must name one
+                log.info("no default portrait (%s): jobs must name an avatar", exc)
+            else:
+                default_frame = P.FrameSize(width=state.width, height=state.height)
+        tts = self.engines.get("tts")
+        if tts is None:
+            return P.Capabilities(fps=fps, default_frame=default_frame)
+        voices = [P.VoiceInfo(name=v.name, languages=list(v.languages),
+                              sample_rate=v.sample_rate, default=index == 0)
+                  for index, v in enumerate(tts.voice_list())]
+        capabilities = P.Capabilities(fps=fps, default_frame=default_frame,
+                                      audio_rate=int(tts.sample_rate), tts_engine=tts.name,
+                                      voices=voices,
+                                      voices_by_language=tts.voices_by_language())
+        try:
+            # Structs are not checked when built; the round trip checks every limit.
+            return msgspec.msgpack.decode(msgspec.msgpack.encode(capabilities),
+                                          type=P.Capabilities)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"engines {', '.join(self.spec.engines.values())}: what they "
+                             f"report does not fit the READY message ({exc}; at most "
+                             f"{P.MAX_VOICES} voices, names of 256 characters, fps <= "
+                             "1000)") from None
 
     # ------------------------------------------------------------ jobs
 
@@ -404,7 +469,8 @@ class Worker:
             result = self.handlers[type(job.spec)](job, run, frame_ring, audio_ring)
             self.send(P.WJobDone, job_id=job.job_id, frames=result.frames,
                       audio_samples=result.audio_samples, media_s=result.media_s,
-                      frames_dropped=result.frames_dropped, late_frames=result.late_frames)
+                      frame=result.frame, frames_dropped=result.frames_dropped,
+                      late_frames=result.late_frames)
         except JobCancelled:
             self.send(P.WJobFailed, job_id=job.job_id, code=P.E_CANCELLED, message="cancelled")
         except EngineInputError as exc:
@@ -519,10 +585,21 @@ class Worker:
                 self.avatar_evictions += 1
         return state
 
-    def _register(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
-        assert isinstance(job.spec, P.RegisterSpec)
-        self._avatar_state(job.spec.avatar)
-        return JobResult()
+    def _register(self, job: P.RunJob, run: JobRun, frame_ring: SlotRing, *_rings: SlotRing
+                  ) -> JobResult:
+        """Register the portrait and report the size of its frames. A portrait whose frames
+        do not fit a frame slot is refused here (`too_large`/`image`), not by the first
+        job that renders it; every frame ring has the slot size of the worker's own."""
+        spec = job.spec
+        assert isinstance(spec, P.RegisterSpec)
+        state = self._avatar_state(spec.avatar)
+        try:
+            check_frame_fits((state.height, state.width, 3), frame_ring.slot_bytes, "image")
+        except DescriptorError:
+            with self._avatars_lock:  # no job may name it: keep no state for it
+                self.avatars.pop(spec.avatar.avatar_id, None)
+            raise
+        return JobResult(frame=P.FrameSize(width=state.width, height=state.height))
 
     def _transcribe(self, job: P.RunJob, run: JobRun, *_rings: SlotRing) -> JobResult:
         spec = job.spec
@@ -599,11 +676,11 @@ class Worker:
                     continue  # delivered by an earlier attempt
                 try:
                     ref = self._write(frame_ring, frame, run)
-                except DescriptorError as exc:
-                    # Ditto renders at the portrait's own size (up to 1920 px a side).
-                    raise DescriptorError("frame", f"{exc.rule}: raise rings.frame_slot_bytes to "
-                                       f"at least {np.asarray(frame).nbytes} (H x W x 3 of the "
-                                       "largest frame; docs/config.md)") from None
+                except DescriptorError:
+                    # Too large for a slot: said as at registration (the default portrait
+                    # is never registered by a client, so its frames are checked here).
+                    check_frame_fits(np.shape(frame), frame_ring.slot_bytes, "frame")
+                    raise
                 self.send(P.WFrame, job_id=job.job_id, index=index,
                           pts_us=index * 1_000_000 // fps, data=P.SlotDesc.from_ref(ref))
                 self._check_control(run)

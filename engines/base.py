@@ -102,6 +102,18 @@ class Engine(abc.ABC):
 # ---------------------------------------------------------------------------- TTS
 
 
+@dataclass(frozen=True)
+class Voice:
+    """One voice of a TTS engine, as `TTSEngine.voice_list()` describes it."""
+
+    name: str  # what the `voice` argument of `stream` accepts
+    # Language codes the voice speaks, as it declares them ("en_US", "ru", "fr-fr"); its
+    # text is checked against their scripts (engines/speech_text.py). (): it declares none,
+    # and its text is not checked.
+    languages: tuple[str, ...]
+    sample_rate: int  # Hz of the float32 PCM `stream` yields for this voice
+
+
 class TTSEngine(Engine):
     kind: ClassVar[str] = "tts"
     sample_rate: int
@@ -109,6 +121,24 @@ class TTSEngine(Engine):
     @abc.abstractmethod
     def voices(self) -> list[str]:
         """Names accepted by the `voice` argument (the first is the default)."""
+
+    def voice_languages(self, voice: str) -> tuple[str, ...]:
+        """Language codes `voice` (one of `voices()`) speaks; () when it declares none.
+        Engines that check text against a voice's languages override this."""
+        return ()
+
+    def voice_list(self) -> list[Voice]:
+        """Every voice of `voices()`, in the same order (the first is the default), with
+        its languages and the sample rate of its PCM (`sample_rate`: engines resample
+        every voice to one rate)."""
+        return [Voice(name, self.voice_languages(name), int(self.sample_rate))
+                for name in self.voices()]
+
+    def voices_by_language(self) -> dict[str, str]:
+        """Routing of text the default voice cannot read, when a request names no voice:
+        language code -> voice name (the first whose language reads the text speaks it).
+        {} when the engine routes nothing to other voices."""
+        return {}
 
     @abc.abstractmethod
     def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
@@ -167,7 +197,10 @@ class ASREngine(Engine):
 @dataclass
 class AvatarState:
     """Once-per-avatar state. `avatar_id` is the content hash of the source image;
-    `payload` is engine-specific (landmarks, cached features, tensors...)."""
+    `width` x `height` the pixels of every frame rendered for it (the engine's fixed size,
+    or the portrait's own for engines that paste back into it, such as Ditto): the daemon
+    announces it to clients and refuses a portrait whose frames do not fit its frame
+    slots; `payload` is engine-specific (landmarks, cached features, tensors...)."""
 
     avatar_id: str
     width: int

@@ -181,6 +181,17 @@ class CoquiTTSEngine(TTSEngine):
     def voices(self) -> list[str]:
         return list(self._voices)
 
+    def voice_languages(self, voice: str) -> tuple[str, ...]:
+        """Every speaker speaks the model's languages (the configured one first: text goes
+        to the first that reads it), else the phonemizer language its config declares;
+        raises KeyError for a name not in `voices()`."""
+        if voice not in self._voices:
+            raise KeyError(voice)
+        if self.languages:
+            return (str(self.language),
+                    *(name for name in self.languages if name != self.language))
+        return tuple(self._text_languages)
+
     def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
         speech = SpeechText.parse(text, self.max_text_chars)
         if voice is None:

@@ -31,6 +31,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, NoReturn
 
@@ -63,10 +64,12 @@ __all__ = [
     "FakeAvatarEngine",
     "FakeOptions",
     "FakeTTSEngine",
+    "InjectedFault",
     "expected_frame",
     "frame_count",
     "frame_index_of",
     "frame_seed_of",
+    "injected_faults",
     "parse_fake_options",
 ]
 
@@ -125,28 +128,79 @@ def frame_count(sample_count: int, audio_rate: int, fps: int) -> int:
     return round(Fraction(sample_count * fps, audio_rate))
 
 
+def _image_file_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image, from its header (no pixel is decoded). Raises
+    EngineInputError("image", ...) for bytes Pillow cannot read, or a size below the
+    smallest frame a header fits in (4 x 1)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            width, height = picture.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise EngineInputError("image", f"is not an image file Pillow reads ({exc})") from None
+    if width < 4 or height < 1:
+        raise EngineInputError("image", f"is {width} x {height} px; the fake engine's frames "
+                               "need at least 4 x 1")
+    return width, height
+
+
 # ---------------------------------------------------------------------------- faults
 
 
-def _crash(options: FakeOptions, context: WorkerContext, where: str) -> NoReturn:
-    """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
-    # One line on stderr so an operator reading the journal knows the crash was asked for.
-    message = (
-        f"avatard fake engine: injected crash {where} (worker {context.worker_index}, "
-        f"attempt {context.attempt}, exit status {options.crash_exit_code})\n"
-    )
+# The line an injected crash or hang writes on stderr, when it happens: an operator reading
+# the journal knows the fault was asked for, and `avatard bench recovery` times recovery
+# from the moment it struck (`injected_faults`). `at` is time.monotonic(): CLOCK_MONOTONIC,
+# one clock for every process of a Linux host, so another process can compare it.
+FAULT_LINE = ("avatard fake engine: injected {kind} {where} (worker {worker}, attempt "
+              "{attempt}, at monotonic {at:.6f} s{more})\n")
+_FAULT_LINE_RE = re.compile(r"avatard fake engine: injected (?P<kind>crash|hang) .*?\(worker "
+                            r"(?P<worker>\d+), attempt (?P<attempt>\d+), at monotonic "
+                            r"(?P<at>[0-9.]+) s")
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """A crash or hang a fake engine announced: which, in which worker process, and when
+    (`at`: time.monotonic() seconds, comparable across the host's processes)."""
+
+    kind: str  # "crash" | "hang"
+    worker: int
+    attempt: int
+    at: float
+
+
+def injected_faults(log_text: str) -> list[InjectedFault]:
+    """The crashes and hangs announced in a daemon's log (its workers' stderr), in order."""
+    return [InjectedFault(m["kind"], int(m["worker"]), int(m["attempt"]), float(m["at"]))
+            for m in _FAULT_LINE_RE.finditer(log_text)]
+
+
+def _announce(kind: str, context: WorkerContext, where: str, more: str = "") -> None:
+    """Write the FAULT_LINE of a fault striking now, straight to fd 2 (nothing buffered is
+    left behind by the exit or the hang that follows)."""
+    message = FAULT_LINE.format(kind=kind, where=where, worker=context.worker_index,
+                                attempt=context.attempt, at=time.monotonic(), more=more)
     try:
         sys.stderr.flush()
         os.write(2, message.encode())
     except OSError:
         pass
+
+
+def _crash(options: FakeOptions, context: WorkerContext, where: str) -> NoReturn:
+    """Die like a segfaulting native library would: no exception, no cleanup, no atexit."""
+    _announce("crash", context, where, f", exit status {options.crash_exit_code}")
     time.sleep(options.crash_delay_s)
     os._exit(options.crash_exit_code)
 
 
-def _hang() -> NoReturn:
+def _hang(context: WorkerContext, where: str) -> NoReturn:
     """Block forever like a deadlocked driver call. Signal handlers are left alone, so
     SIGTERM and SIGKILL end the process as they would any other."""
+    _announce("hang", context, where)
     while True:
         time.sleep(1.0)
 
@@ -207,7 +261,7 @@ class _FakeLoad:
         if options.load_fault(options.load_crash, options.load_crash_workers, context):
             _crash(options, context, f"while loading the {self.kind} engine")
         if options.load_fault(options.load_hang, options.load_hang_workers, context):
-            _hang()
+            _hang(context, f"while loading the {self.kind} engine")
 
     def warm_up(self, call: Any) -> None:
         """Time the warm-up: the remaining share of load_s plus one real call."""
@@ -237,8 +291,9 @@ class _FakeLoad:
 class FakeAvatarStream(AvatarStream):
     """Frames of one job: frame k exists once the audio up to its end has arrived."""
 
-    def __init__(self, engine: FakeAvatarEngine, seed: int):
+    def __init__(self, engine: FakeAvatarEngine, state: AvatarState, seed: int):
         self._engine = engine
+        self._size = (state.height, state.width)  # the frames', from registration
         self._seed = seed
         self._sample_count = 0
         self._next_index = 0
@@ -271,7 +326,8 @@ class FakeAvatarStream(AvatarStream):
     def _render_until(self, end_index: int) -> list[np.ndarray]:
         frames = []
         while self._next_index < end_index:
-            frames.append(self._engine._render_frame(self._seed, self._next_index))
+            frames.append(self._engine._render_frame(self._seed, self._next_index,
+                                                     *self._size))
             self._next_index += 1
         return frames
 
@@ -319,11 +375,14 @@ class FakeAvatarEngine(AvatarEngine):
         return np.full((self.frame_height, self.frame_width, 3), 128, np.uint8)
 
     def register(self, image: bytes | np.ndarray) -> AvatarState:
+        height, width = self.frame_height, self.frame_width
         if isinstance(image, bytes | bytearray | memoryview):
             data = bytes(image)
             if not data:
                 raise EngineInputError("image", "must not be empty")
             avatar_id = hashlib.sha256(data).hexdigest()
+            if self.options.portrait_size:
+                width, height = _image_file_size(data)
         elif isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise EngineInputError(
@@ -333,10 +392,14 @@ class FakeAvatarEngine(AvatarEngine):
                 raise EngineInputError("image", "must not be empty")
             # The shape is hashed too, so two arrays with the same bytes but different
             # shapes are different avatars.
-            height, width = image.shape[:2]
-            digest = hashlib.sha256(f"{height}x{width}x3:".encode())
+            digest = hashlib.sha256(f"{image.shape[0]}x{image.shape[1]}x3:".encode())
             digest.update(np.ascontiguousarray(image).tobytes())
             avatar_id = digest.hexdigest()
+            if self.options.portrait_size:
+                height, width = image.shape[:2]
+                if width < 4:
+                    raise EngineInputError("image", f"is {width} px wide; the fake engine's "
+                                           "frames need at least 4")
         else:
             raise EngineInputError(
                 "image", f"must be bytes or an array, got {type(image).__name__}"
@@ -352,7 +415,7 @@ class FakeAvatarEngine(AvatarEngine):
             if self.options.avatar_state_kb:
                 payload = np.ones(self.options.avatar_state_kb * 1024, np.uint8)  # touched
             state = AvatarState(
-                avatar_id=avatar_id, width=self.frame_width, height=self.frame_height,
+                avatar_id=avatar_id, width=width, height=height,
                 payload=payload, extras={"engine": self._token},
             )
             self._avatars[avatar_id] = state
@@ -373,9 +436,9 @@ class FakeAvatarEngine(AvatarEngine):
                                    "not registered with this engine")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise EngineInputError("seed", f"must be an int, got {type(seed).__name__}")
-        return FakeAvatarStream(self, int(seed))
+        return FakeAvatarStream(self, state, int(seed))
 
-    def _render_frame(self, seed: int, index: int) -> np.ndarray:
+    def _render_frame(self, seed: int, index: int, height: int, width: int) -> np.ndarray:
         options = self.options
         if options.faults_apply(self.context):
             if index == options.error_at_frame:
@@ -383,9 +446,9 @@ class FakeAvatarEngine(AvatarEngine):
             if index == options.crash_at_frame:
                 _crash(options, self.context, f"at frame {index}")
             if index == options.hang_at_frame:
-                _hang()
+                _hang(self.context, f"at frame {index}")
         _spend(options.frame_ms / 1000.0, options.frame_busy)
-        return expected_frame(seed, index, self.frame_height, self.frame_width)
+        return expected_frame(seed, index, height, width)
 
 
 # ---------------------------------------------------------------------------- TTS

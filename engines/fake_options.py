@@ -48,6 +48,11 @@ class FakeOptions:
     )
     width: int = option(64, "Frame width in pixels.", ge=8, le=4096, multiple_of=2)
     height: int = option(64, "Frame height in pixels.", ge=8, le=4096, multiple_of=2)
+    portrait_size: bool = option(
+        False, "Render a registered portrait at its own size, as Ditto does (an image file's "
+        "width x height, read from its header; an array's shape), instead of width x height; "
+        "the default portrait stays width x height.",
+    )
     fps: int = option(25, "Frames per second of the avatar engine.", ge=1)
     cache_size: int = option(
         64, "Registered avatars kept (least recently used goes first).", ge=1, le=65536

@@ -24,7 +24,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ __all__ = [
     "EngineOptionError",
     "OptionConflict",
     "OptionSpec",
+    "RequiredOptionError",
     "as_options",
     "check_options",
     "option",
@@ -64,6 +65,35 @@ class EngineOptionError(EngineInputError):
         self.value = value
         self.allowed = allowed
         self.reason = reason
+
+
+class RequiredOptionError(EngineOptionError):
+    """A required option missing from its table.
+
+    `name`: the option; `engine`: what requires it ("tts engine coqui"; "" when the caller
+    did not say); `places`: where it can be set, each a phrase that follows "Set it"
+    ("in the config file under [engines.options.coqui] (model_dir = ...)"). The reason
+    names all three, so an operator knows what to add and where.
+    """
+
+    def __init__(self, key: str, name: str, allowed: str, doc: str, engine: str = "",
+                 places: Sequence[str] = ()):
+        self.name = name
+        self.engine = engine
+        self.doc = doc
+        self.places = tuple(places)
+        by = f" by the {engine}" if engine else ""
+        reason = f"is required{by} ({allowed}): {doc}"
+        if self.places:
+            sentence_end = "" if reason.endswith(".") else "."
+            reason += f"{sentence_end} Set it {_either(self.places)}."
+        super().__init__(key, None, allowed, reason)
+
+    def with_places(self, *places: str) -> RequiredOptionError:
+        """The same error with more places to set the option (e.g. command-line flags that
+        only the daemon's CLI knows)."""
+        return RequiredOptionError(self.key, self.name, self.allowed, self.doc, self.engine,
+                                   (*self.places, *places))
 
 
 class OptionConflict(ValueError):
@@ -341,20 +371,23 @@ def check_options(cls: type, table: Mapping[str, Any] | None, key_prefix: str, *
 
 
 def parse_options(cls: type[T], table: Mapping[str, Any] | None, key_prefix: str, *,
-                  ignore: frozenset[str] = frozenset()) -> T:
+                  ignore: frozenset[str] = frozenset(), engine: str = "",
+                  places: Callable[[str], Sequence[str]] | None = None) -> T:
     """The options object of class `cls` built from TOML table `table` (None: no table).
 
     Every key must be an option of `cls` (keys in `ignore` are skipped), every value of
     the option's type and within its range, every required option present, and the class's
     own cross-option rules (`__post_init__`, raising OptionConflict) must hold. Otherwise
-    raises EngineOptionError whose key is ``f"{key_prefix}.{name}"``.
+    raises EngineOptionError whose key is ``f"{key_prefix}.{name}"``; for a missing
+    required option a RequiredOptionError naming `engine` ("tts engine coqui") and the
+    places `places(option_name)` says it can be set.
     """
     values = check_options(cls, table, key_prefix, ignore=ignore)
     for spec in option_specs(cls):
         if spec.required and spec.name not in values:
-            raise EngineOptionError(
-                f"{key_prefix}.{spec.name}", None, spec.allowed(),
-                f"is required ({spec.allowed()}): {spec.doc}",
+            raise RequiredOptionError(
+                f"{key_prefix}.{spec.name}", spec.name, spec.allowed(), spec.doc, engine,
+                places(spec.name) if places is not None else (),
             )
     try:
         return cls(**values)
@@ -395,6 +428,13 @@ def unknown_option_error(key_prefix: str, name: str, value: Any,
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _either(phrases: Sequence[str]) -> str:
+    """"a", "a or b", "a, b, or c"."""
+    if len(phrases) <= 2:
+        return " or ".join(phrases)
+    return f"{', '.join(phrases[:-1])}, or {phrases[-1]}"
 
 
 def _number(bound: float) -> str:

@@ -8,11 +8,13 @@ module that imports no engine runtime (no torch, onnxruntime or OpenCV).
 One `[engines.options.<name>]` table serves every engine of that name: `embedded` and
 `fake` exist for avatar, TTS and ASR at once. A key is accepted when at least one of those
 engines declares it, each engine receives only the keys it declares, and an unknown key is
-refused with the option names of all of them.
+refused with the option names of all of them, saying which other engine it belongs to
+when one declares it (a Ditto option given to the embedded avatar), or a did-you-mean.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -89,14 +91,18 @@ def parse_engine_options(kind: str, name: str, table: Mapping[str, Any] | None,
     ``[engines.options.<name>]`` shared by the engines of that name of `kinds` (None: of
     every kind that has one). Keys that only those other engines declare are left out;
     a key none of them declares raises EngineOptionError naming the options of each; so
-    does a bad value or a missing required option of this engine. Raises KeyError for an
-    unknown kind or name."""
+    does a bad value; a missing required option of this engine raises RequiredOptionError
+    naming the option, this engine and its config table. Raises KeyError for an unknown
+    kind or name."""
     cls = engine_options_class(kind, name)
     sharing = [k for k in engine_kinds(name) if k == kind or kinds is None or k in kinds]
     declared = _check_shared_keys(name, table, sharing)
     own = {spec.name for spec in option_specs(cls)}
-    return parse_options(cls, table, options_key_prefix(name),
-                         ignore=frozenset(declared - own))
+    prefix = options_key_prefix(name)
+    return parse_options(cls, table, prefix, ignore=frozenset(declared - own),
+                         engine=f"{kind} engine {name}",
+                         places=lambda option: (f"in the config file under [{prefix}] "
+                                                f"({option} = ...)",))
 
 
 def check_engine_options(name: str, table: Mapping[str, Any] | None,
@@ -170,9 +176,59 @@ def _check_shared_keys(name: str, table: Mapping[str, Any] | None,
                     [spec.name for spec in option_specs(cls)]
                     for cls, class_kinds in kinds_of_class.items()
                 }
+                own_names = sorted({option for names in known.values() for option in names})
+                hint = (_unconfigured_owner(name, str(key), kinds)
+                        or _other_engines_hint(name, str(key), kinds, own_names))
                 raise unknown_option_error(options_key_prefix(name), str(key), value, known,
-                                           _unconfigured_owner(name, str(key), kinds))
+                                           hint)
     return every
+
+
+def _other_engines_hint(name: str, key: str, kinds: Collection[str],
+                        own_names: list[str]) -> str:
+    """A hint for `key`, unknown to the engines `name`: the engines of other names that
+    declare it ("belongs to the avatar engine ditto: select it with ..."); else a close
+    option of `name` ("did you mean ..."); else a close option of another engine; "" when
+    none is close. Engines of the kinds in `kinds` come first: a Ditto option given to the
+    embedded avatar is far likelier than one meant for an ASR engine."""
+    owners = _owners(name, kinds)
+    exact = [(kind, other) for kind, other, names in owners if key in names]
+    if exact:
+        return f"{key} belongs to {_engine_list(exact)}: {_how_to_select(exact)}"
+    close = difflib.get_close_matches(key, own_names, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    for kind, other, names in owners:
+        close = difflib.get_close_matches(key, names, n=1)
+        if close:
+            return (f"did you mean {close[0]}? it belongs to the {kind} engine {other}: "
+                    f"{_how_to_select([(kind, other)])}")
+    return ""
+
+
+def _owners(name: str, kinds: Collection[str]) -> list[tuple[str, str, list[str]]]:
+    """(kind, engine, option names) of every engine not called `name`, those of `kinds`
+    first, then in registry order."""
+    owners = [(kind, other, [spec.name for spec in option_specs(engine_options_class(kind,
+                                                                                   other))])
+              for kind, table in ENGINES.items() for other in table if other != name]
+    return sorted(owners, key=lambda owner: owner[0] not in kinds)  # stable: registry order
+
+
+def _engine_list(engines: list[tuple[str, str]]) -> str:
+    """"the avatar engine ditto", "the tts engine coqui and the asr engine embedded"."""
+    named = [f"the {kind} engine {other}" for kind, other in engines]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+
+
+def _how_to_select(engines: list[tuple[str, str]]) -> str:
+    """How an operator chooses one of `engines` and where its options go."""
+    if len(engines) == 1:
+        kind, other = engines[0]
+        return (f'select it with engines.{kind} = "{other}" and set its options under '
+                f"[{options_key_prefix(other)}]")
+    return ('select one with engines.<kind> = "<engine>" and set its options under '
+            "[engines.options.<engine>]")
 
 
 def _unconfigured_owner(name: str, key: str, kinds: Collection[str]) -> str:

@@ -103,6 +103,45 @@ class DoneEvent:
         return self.wall_s / self.media_s if self.media_s > 0 else float("nan")
 
 
+class JobHandle(Iterator[Any]):
+    """A job the daemon accepted, and the iterator of its events (`FrameEvent`,
+    `AudioEvent`, `TranscriptResult`, then `DoneEvent`; `JobFailedError` raised at its
+    end). What `accepted` announced:
+
+    - `job_id`; `queue_position`: jobs ahead of it when it was accepted;
+    - `fps`: frames per second; `width`, `height`: pixels of every frame, which arrives as
+      a uint8 (height, width, 3) array; all 0 for a job without frames (transcribe);
+      width and height also 0 when the portrait's registration had not ended;
+    - `audio_rate`: Hz of its `AudioEvent`s (0 when it sends none: lipsync, or speak with
+      send_audio False).
+
+    Every figure is 0 when the daemon accepted the job before any worker had loaded its
+    engines. Iterating releases each shared-memory slot when the next event is asked for;
+    `close()` releases the one held and stops reading the job (it keeps running: `cancel`
+    stops it)."""
+
+    def __init__(self, accepted: P.Accepted, events: Iterator[Any]):
+        self.job_id: str = accepted.job_id
+        self.queue_position: int = accepted.queue_position
+        self.fps: int = accepted.fps
+        self.width: int = accepted.width
+        self.height: int = accepted.height
+        self.audio_rate: int = accepted.audio_rate
+        self._events = events
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int] | None:
+        """(height, width, 3) of its frames; None when not announced (see the class)."""
+        return (self.height, self.width, 3) if self.width and self.height else None
+
+    def __next__(self) -> Any:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Release the slot held by the last event and stop reading the job's events."""
+        self._events.close()  # type: ignore[attr-defined]
+
+
 @dataclass
 class PlaybackStartedEvent:
     """Live sessions: the next frame is the first carrying speech of `segment_id`."""
@@ -298,6 +337,18 @@ class Client:
         reply = self._call(P.make(P.Stats, req_id=self._next_id()), "Stats")
         return reply.body  # type: ignore[attr-defined]
 
+    def voices(self) -> P.VoicesReply:
+        """The TTS engine's voices (`.voices`: `VoiceInfo` name, languages, sample_rate in
+        Hz, default), its routing by language (`.voices_by_language`: language code ->
+        voice name) and the daemon's health word (`.status`). The lists are empty until a
+        worker has loaded its engines (`.engine` ""; `.status` "starting": ask again;
+        "failed": none could). Answered from the workers' READY reports, so it does not
+        queue behind jobs. Raises `ClientError`
+        (`DaemonUnavailable` after `timeout_s` without an answer)."""
+        reply = self._call(P.make(P.Voices, req_id=self._next_id()), "Voices")
+        assert isinstance(reply, P.VoicesReply)
+        return reply
+
     def register_avatar(self, image: bytes) -> str:
         """Register a portrait (encoded image bytes); returns its avatar id."""
         payload, extra = self._payload(np.frombuffer(image, dtype=np.uint8))
@@ -306,16 +357,23 @@ class Client:
         return reply.avatar_id  # type: ignore[attr-defined]
 
     def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
-              deadline_s: float = 0.0, send_audio: bool = True) -> Iterator[Any]:
+              deadline_s: float = 0.0, send_audio: bool = True) -> JobHandle:
+        """Speak `text` (at most 100000 characters; the TTS engine's own limit is smaller)
+        with `voice` ("" = the default; `voices()` lists them) and portrait `avatar` ("" =
+        the engine's default). Returns once the daemon accepted the job: a `JobHandle`
+        with the announced media format, iterating the job's events. Raises `ClientError`
+        naming the refused field (`BusyError` for a full queue)."""
         msg = P.make(P.Speak, req_id=self._next_id(), text=text, voice=voice, avatar_id=avatar,
                      seed=seed, deadline_s=deadline_s, send_audio=send_audio)
         return self._job(msg, "Speak")
 
     def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "", seed: int = 0,
-                deadline_s: float = 0.0) -> Iterator[Any]:
-        """Animate `avatar` (default: the engine's portrait) to float32 mono `pcm` at
-        `sample_rate` Hz: frame, audio and done events. Audio larger than one payload
-        streams in chunks (see `_audio_job`)."""
+                deadline_s: float = 0.0) -> JobHandle:
+        """Animate portrait `avatar` ("" = the engine's default) to mono PCM `pcm`
+        (float32, shape (n,)) at `sample_rate` Hz (8000..192000). Returns a `JobHandle`
+        once the daemon accepted the job (no audio events: `audio_rate` 0). Audio larger
+        than one payload streams in chunks (`_audio_job`). Raises `ClientError` naming
+        the refused field (`BusyError` for a full queue)."""
         return self._audio_job(P.Lipsync, "Lipsync", pcm, sample_rate, avatar_id=avatar,
                                seed=seed, deadline_s=deadline_s)
 
@@ -331,7 +389,7 @@ class Client:
         return result
 
     def _audio_job(self, cls: type[P.Msg], what: str, pcm: np.ndarray, sample_rate: int,
-                   **fields: Any) -> Iterator[Any]:
+                   **fields: Any) -> JobHandle:
         """An audio job: the audio in one payload when it fits `max_payload_bytes`, else
         its first chunk with `more` and the rest as `job_audio` requests, each written
         once the daemon has taken the one before from the input ring (it copies a chunk
@@ -346,7 +404,8 @@ class Client:
         payload, extra = self._payload(pcm[:step])
         msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
                      more=True, total_samples=len(pcm), **fields)
-        job_id = self._accepted(msg, what, *extra)
+        accepted = self._accepted(msg, what, *extra)
+        job_id = accepted.job_id
         chunk_ids: list[int] = []
         for start in range(step, len(pcm), step):
             if self._job_ended(job_id, chunk_ids):
@@ -356,7 +415,7 @@ class Client:
             self._send(P.make(P.JobAudio, req_id=chunk_ids[-1], job_id=job_id, audio=payload,
                               final=start + step >= len(pcm)), *extra)
         self._job_ended(job_id, chunk_ids)
-        return self._events(job_id)
+        return JobHandle(accepted, self._events(job_id))
 
     def _job_ended(self, job_id: str, chunk_ids: list[int]) -> bool:
         """Route what has arrived, without waiting. True when `job_id` has ended (its
@@ -403,11 +462,12 @@ class Client:
         assert isinstance(welcome, P.Welcome)
         return welcome
 
-    def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> Iterator[Any]:
-        return self._events(self._accepted(msg, what, *extra))
+    def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> JobHandle:
+        accepted = self._accepted(msg, what, *extra)
+        return JobHandle(accepted, self._events(accepted.job_id))
 
-    def _accepted(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> str:
-        """Send a job request; its job id once `accepted` (raises what the reply says)."""
+    def _accepted(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Accepted:
+        """Send a job request; its `accepted` reply (raises what a refusal says)."""
         self._send(msg, *extra)
         try:
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
@@ -420,7 +480,7 @@ class Client:
             self._send(msg, *extra)
             accepted, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
         assert isinstance(accepted, P.Accepted)
-        return accepted.job_id
+        return accepted
 
     def _events(self, job_id: str) -> Iterator[Any]:
         """Frames, audio and the final event of one job, in order. A slot is released

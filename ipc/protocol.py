@@ -27,7 +27,9 @@ from msgspec import Meta, Struct
 if TYPE_CHECKING:
     from .ring import SlotRef
 
-PROTOCOL_VERSION = 1
+# 2: `accepted` announces the job's media format (fps, width, height, audio_rate); a
+# version 1 client refuses those unknown fields, so it is told `bad_version` up front.
+PROTOCOL_VERSION = 2
 MAX_CONTROL_BYTES = 1 << 20  # part 0 of any message
 MAX_INLINE_BYTES = 256 << 20  # any further part
 MAX_TEXT_CHARS = 100_000  # protocol-level cap; engines apply their own, smaller ones
@@ -134,6 +136,13 @@ class Health(Msg, tag="health"):
 
 
 class Stats(Msg, tag="stats"):
+    req_id: U64
+
+
+class Voices(Msg, tag="voices"):
+    """Which voices `speak` takes: answered with `VoicesReply` from the workers' READY
+    reports, without running a job (no `hello` needed)."""
+
     req_id: U64
 
 
@@ -271,10 +280,54 @@ class Bye(Msg, tag="bye"):
     req_id: U64
 
 
+# ---------------------------------------------------------------- engine descriptions
+#
+# Built by a worker from its engines at READY (`Capabilities`) and passed on to clients
+# unchanged (`VoicesReply.voices`), so both ends read one definition.
+
+MAX_VOICES = 1024  # a multi-speaker model lists a few hundred speakers at most
+MAX_VOICE_LANGUAGES = 256
+LanguageCode = Annotated[str, Meta(max_length=64)]
+
+
+class VoiceInfo(Struct, frozen=True, forbid_unknown_fields=True):
+    """One voice of the TTS engine: `name` is what `speak.voice` takes; `languages` the
+    language codes it speaks as the voice declares them ("en_US", "ru", "fr-fr"), against
+    whose scripts its text is checked ([]: it declares none; its text is not checked);
+    `sample_rate` the Hz of its `audio` events; `default` true for the voice a request
+    without `voice` gets (exactly one voice)."""
+
+    name: Name
+    languages: Annotated[list[LanguageCode], Meta(max_length=MAX_VOICE_LANGUAGES)]
+    sample_rate: SampleRate
+    default: bool = False
+
+
+VoiceList = Annotated[list[VoiceInfo], Meta(max_length=MAX_VOICES)]
+# Language code -> voice name: where text the default voice cannot read goes.
+VoiceRouting = Annotated[dict[LanguageCode, Name], Meta(max_length=MAX_VOICE_LANGUAGES)]
+Fps = Annotated[int, Meta(ge=0, le=1000)]  # frames per second; 0: none, or not known
+AudioRate = Annotated[int, Meta(ge=0, le=192000)]  # Hz; 0: no audio, or not known
+
+
+class FrameSize(Struct, frozen=True, forbid_unknown_fields=True):
+    """Pixels of the frames a portrait renders at: frames are uint8 [height, width, 3]."""
+
+    width: Dim
+    height: Dim
+
+
 # ---------------------------------------------------------------- supervisor -> client
 
 
-class Welcome(Msg, tag="welcome"):
+class Reply(Msg, forbid_unknown_fields=False):
+    """Base of what the daemon sends clients (replies and job events). From version 2 a
+    client ignores fields it does not know in these, so the daemon can add fields to
+    them without a version bump (requests stay strict: the daemon refuses unknown
+    fields)."""
+
+
+class Welcome(Reply, tag="welcome"):
     req_id: U64
     session: Name
     server: Name
@@ -286,34 +339,44 @@ class Welcome(Msg, tag="welcome"):
     max_media_s: PosFloat = 0.0  # longest audio input of one job (daemon.max_media_s)
 
 
-class Error(Msg, tag="error"):
+class Error(Reply, tag="error"):
     req_id: U64  # 0 when the request id itself could not be read
     code: Name
     field: Name = ""
     rule: ShortText = ""
 
 
-class Accepted(Msg, tag="accepted"):
+class Accepted(Reply, tag="accepted"):
+    """A job request was queued. The media it will produce: `fps` frames per second and
+    frames of `width` x `height` pixels (0 for a job without frames, transcribe; 0 x 0 also
+    when the portrait's frame size is not known yet), and `audio_rate`, the Hz of its
+    `audio` events (0 when it sends none: lipsync, transcribe, speak with send_audio
+    false). All 0 when no worker had loaded its engines yet when the job was accepted."""
+
     req_id: U64
     job_id: Name
-    queue_position: NonNegInt = 0
+    queue_position: NonNegInt
+    fps: Fps
+    width: Dim
+    height: Dim
+    audio_rate: AudioRate
 
 
-class Busy(Msg, tag="busy"):
+class Busy(Reply, tag="busy"):
     req_id: U64
     retry_after_s: PosFloat
     queue_depth: NonNegInt
     reason: ShortText = ""
 
 
-class Frame(Msg, tag="frame"):
+class Frame(Reply, tag="frame"):
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
     data: Payload
 
 
-class AudioChunk(Msg, tag="audio"):
+class AudioChunk(Reply, tag="audio"):
     job_id: Name
     index: NonNegInt
     pts_us: NonNegInt
@@ -335,14 +398,14 @@ class SegmentMsg(Struct, frozen=True, forbid_unknown_fields=True):
     words: list[WordMsg] = []
 
 
-class TranscriptMsg(Msg, tag="transcript"):
+class TranscriptMsg(Reply, tag="transcript"):
     job_id: Name
     language: Name
     duration_s: float
     segments: list[SegmentMsg]
 
 
-class Done(Msg, tag="done"):
+class Done(Reply, tag="done"):
     job_id: Name
     frames: NonNegInt
     audio_samples: NonNegInt = 0
@@ -357,14 +420,14 @@ class Done(Msg, tag="done"):
     late_frames: NonNegInt = 0
 
 
-class PlaybackStarted(Msg, tag="playback_started"):
+class PlaybackStarted(Reply, tag="playback_started"):
     """Live sessions: the first frame carrying speech of `segment_id` is sent next."""
 
     job_id: Name
     segment_id: SegmentId
 
 
-class PlaybackFinished(Msg, tag="playback_finished"):
+class PlaybackFinished(Reply, tag="playback_finished"):
     """Live sessions: segment `segment_id` stopped playing after `position_s` seconds of
     its speech went out with frames; `interrupted` when `live_interrupt` or `live_close`
     cut it short. Comes for every segment whose `playback_started` came."""
@@ -375,28 +438,42 @@ class PlaybackFinished(Msg, tag="playback_finished"):
     interrupted: bool = False
 
 
-class JobFailed(Msg, tag="job_failed"):
+class JobFailed(Reply, tag="job_failed"):
     job_id: Name
     code: Name
     message: ShortText
     attempts: NonNegInt = 1
 
 
-class AvatarRegistered(Msg, tag="avatar_registered"):
+class AvatarRegistered(Reply, tag="avatar_registered"):
     req_id: U64
     avatar_id: Name
 
 
-class HealthReply(Msg, tag="health_reply"):
+class HealthReply(Reply, tag="health_reply"):
     req_id: U64
     status: Name  # "starting" | "ready" | "degraded" | "draining"
     ready_workers: NonNegInt
     workers: NonNegInt
 
 
-class StatsReply(Msg, tag="stats_reply"):
+class StatsReply(Reply, tag="stats_reply"):
     req_id: U64
     body: dict[str, Any]
+
+
+class VoicesReply(Reply, tag="voices_reply"):
+    """`status`: the health word (`HealthReply.status`). `engine`: the TTS engine's name
+    ("" before any worker was ready). `voices` and `voices_by_language` come from the
+    report of the last worker that became ready (every worker runs the same engines); both
+    are empty until one has, which `status` then explains (`starting`: ask again;
+    `failed`: no worker could load its engines)."""
+
+    req_id: U64
+    status: Name
+    engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- worker <-> supervisor
@@ -428,12 +505,31 @@ class WLoading(Msg, tag="w_loading"):
 MAX_JOBS_PER_WORKER = 64  # the upper bound of daemon.jobs_per_worker
 
 
+class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker's engines offer clients, reported once at READY, so the supervisor
+    answers `voices` and fills `accepted` without running a job. `fps`: the avatar
+    engine's frame rate (0: no avatar engine); `default_frame`: the frame size of its
+    default portrait (None: it has none); `audio_rate`: the Hz of the TTS engine's PCM,
+    which `speak` jobs send as `audio` events (0: no TTS engine). `tts_engine`: the TTS
+    engine's name ("": the worker runs none, and `voices` is empty); `voices` in the
+    engine's order, the default first; `voices_by_language`: the engine's routing
+    (language -> voice name)."""
+
+    fps: Fps = 0
+    default_frame: FrameSize | None = None
+    audio_rate: AudioRate = 0
+    tts_engine: Name = ""
+    voices: VoiceList = msgspec.field(default_factory=list)
+    voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)
+
+
 class WReady(Msg, tag="w_ready"):
     engines: list[EngineInfo]
     memory_bytes: NonNegInt
     load_s: float
     warmup_s: float
     capacity: Annotated[int, Meta(ge=1, le=MAX_JOBS_PER_WORKER)]  # jobs it runs at once
+    capabilities: Capabilities
 
 
 class WLoadFailed(Msg, tag="w_load_failed"):
@@ -487,6 +583,7 @@ class WJobDone(Msg, tag="w_job_done"):
     frames: NonNegInt
     audio_samples: NonNegInt = 0
     media_s: float = 0.0
+    frame: FrameSize | None = None  # a registration's: the frame size of its portrait
     frames_dropped: NonNegInt = 0  # live sessions, as Done's
     late_frames: NonNegInt = 0
 
@@ -644,11 +741,11 @@ class Shutdown(Msg, tag="shutdown"):
 
 
 LIVE_INPUTS = (LiveAudio, LiveText, LiveEnd, LiveInterrupt, LiveClose)
-CLIENT_REQUESTS = (Hello, Health, Stats, RegisterAvatar, Speak, Lipsync, Transcribe, JobAudio,
-                   Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
+CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync, Transcribe,
+                   JobAudio, Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
-                  JobFailed, AvatarRegistered, HealthReply, StatsReply, PlaybackStarted,
-                  PlaybackFinished)
+                  JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply,
+                  PlaybackStarted, PlaybackFinished)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)

@@ -17,9 +17,11 @@ from avatard.daemon.avatars import AvatarStore, AvatarTooLarge
 from avatard.daemon.pool import WorkerSlot, WState
 from avatard.daemon.sdnotify import Notifier
 from avatard.daemon.status import StatusBoard, health, worker_status
+from avatard.ipc import protocol as P
 from avatard.ipc import segments
 
 T0 = 1000.0
+FRAME = P.FrameSize(width=640, height=480)
 CPU = dev.DeviceInfo("cpu", -1, 64 << 30, 32 << 30, "cpu")
 
 
@@ -62,8 +64,8 @@ def test_same_bytes_same_id(store):
 def test_forget_drops_only_unvalidated_avatars(store):
     pending = store.store(b"pending portrait")
     kept = store.store(b"registered portrait")
-    store.validated(kept.avatar_id)
-    store.validated("unknown")  # harmless
+    store.validated(kept.avatar_id, FRAME)
+    store.validated("unknown", FRAME)  # harmless
     store.forget(pending.avatar_id)
     assert pending.avatar_id not in store and not shm_exists(pending.segment)
     store.forget(kept.avatar_id)
@@ -73,10 +75,23 @@ def test_forget_drops_only_unvalidated_avatars(store):
     assert store.store(b"pending portrait") == store.ref(pending.avatar_id)  # back, anew
 
 
+def test_a_registration_keeps_the_frame_size_its_worker_reported(store):
+    kept, failed = store.store(b"fits"), store.store(b"too large for a slot")
+    assert store.frame_size(kept.avatar_id) is None  # registration still running
+    store.job_ended(P.RegisterSpec(avatar=kept),
+                    P.make(P.WJobDone, job_id="j1", frames=0, frame=FRAME))
+    store.job_ended(P.RegisterSpec(avatar=failed), None)  # the worker refused it
+    assert store.frame_size(kept.avatar_id) == FRAME
+    assert failed.avatar_id not in store and store.frame_size(failed.avatar_id) is None
+    # A job naming it ends: nothing about the portrait changes.
+    store.job_ended(P.SpeakSpec(text="hi", avatar=kept), None)
+    assert store.frame_size(kept.avatar_id) == FRAME and kept.avatar_id in store
+
+
 def test_eviction_beyond_max_avatars_takes_the_least_recently_used(store):
     # The store fixture keeps 3. Use (a registration or a job naming it) refreshes one.
     a, b, c = (store.store(x) for x in (b"a", b"b", b"c"))
-    store.validated(a.avatar_id)
+    store.validated(a.avatar_id, FRAME)
     assert store.ref(a.avatar_id) == a  # a job named a: now the most recently used
     d = store.store(b"d")
     assert len(store) == 3
@@ -94,7 +109,7 @@ def test_validated_avatars_are_evicted_but_pinned_ones_never():
     try:
         refs = [store.store(x) for x in (b"x", b"y")]
         for ref in refs:
-            store.validated(ref.avatar_id)
+            store.validated(ref.avatar_id, FRAME)
         store.pin(refs[0].avatar_id)  # a live job names x
         z = store.store(b"z")
         assert len(store) == 2 and refs[0].avatar_id in store and z.avatar_id in store

@@ -228,6 +228,24 @@ def test_bad_input_ends_at_once_with_field_and_rule():
     assert book.failed(0, failed_msg("a", P.E_WORKER)) is None  # no longer placed
 
 
+def test_registrations_are_counted_apart_from_jobs():
+    book = make_book(max_job_attempts=2)
+    spec = P.RegisterSpec(avatar=P.AvatarRef(avatar_id="a" * 32, segment="seg", nbytes=3))
+    refused, lost, registered = (make_job(job_id, spec=spec)
+                                 for job_id in ("r", "l", "ok"))
+    accept(book, refused, lost, registered)
+    book.place({0: 3}, T0)
+    book.failed(0, failed_msg("r", P.E_BAD_INPUT, "no face found", field="image",
+                              rule="no face found"))
+    book.done(0, done_msg("ok", media_s=0.0), T0 + 1)
+    book.worker_lost(0, "worker 0 exited")  # "l": requeued once
+    book.place({1: 1}, T0 + 2)
+    book.worker_lost(1, "worker 1 exited")  # "l": attempts used up
+    assert book.registrations == {"registered": 1, "refused": 1, "failed": 1, "requeued": 1}
+    assert (book.stats["jobs_done"], book.stats["jobs_failed"],
+            book.stats["jobs_requeued"]) == (0, 0, 0)
+
+
 def test_done_ends_the_job_with_the_result():
     book = make_book()
     (a,) = accept(book, make_job("a"))

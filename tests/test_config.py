@@ -427,20 +427,17 @@ def test_config_with_every_engine_loads_without_torch(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("how", ["flag", "file"])
-def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how):
+def _serve_refused(tmp_path: Path, *args: str) -> str:
+    """Run `avatard serve ARGS` with a private runtime dir; assert it exits 78 before the
+    supervisor started (no runtime dir, no segment) and return its one stderr line."""
     from daemon_harness import AVATARD
 
     from avatard.ipc.segments import segments_of
 
     runtime = tmp_path / "run"
-    args = [AVATARD, "serve", "--engine", "fake", "--set", f"daemon.runtime_dir={runtime}"]
-    if how == "flag":
-        args += ["--set", "engines.options.fake.frame_mss=3"]
-    else:
-        config = write_toml(tmp_path, "[engines.options.fake]\nframe_mss = 3\n")
-        args += ["--config", str(config)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [AVATARD, "serve", "--set", f"daemon.runtime_dir={runtime}", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -450,11 +447,52 @@ def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how
     assert process.returncode == config_module.EXIT_CONFIG_ERROR == 78, stderr
     # One line and nothing else: no supervisor or worker ever logged.
     [line] = stderr.strip().splitlines()
-    assert line.startswith("avatard serve: bad config: engines.options.fake.frame_mss: ")
-    assert "got 3" in line and "did you mean frame_ms?" in line
     # Refused before the supervisor started: no runtime dir, socket or shared memory.
     assert not runtime.exists()
     assert segments_of(process.pid) == []
+    return line
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_serve_exits_78_on_an_engine_option_typo_before_any_worker(tmp_path, how):
+    args = ["--engine", "fake"]
+    if how == "flag":
+        args += ["--set", "engines.options.fake.frame_mss=3"]
+    else:
+        config = write_toml(tmp_path, "[engines.options.fake]\nframe_mss = 3\n")
+        args += ["--config", str(config)]
+    line = _serve_refused(tmp_path, *args)
+    assert line.startswith("avatard serve: bad config: engines.options.fake.frame_mss: ")
+    assert "got 3" in line and "did you mean frame_ms?" in line
+
+
+def test_serve_says_which_engine_an_option_of_another_engine_belongs_to(tmp_path):
+    line = _serve_refused(tmp_path, "--engine", "embedded",
+                          "--set", "engines.options.embedded.max_batch=4")
+    assert line.startswith("avatard serve: bad config: engines.options.embedded.max_batch: "
+                           "unknown option (max_batch belongs to the avatar engine ditto: "
+                           'select it with engines.avatar = "ditto" and set its options under '
+                           "[engines.options.ditto]), got 4")
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "engine", "places"),
+    [
+        (["--engine", "ditto"], "engines.options.ditto.weights", "avatar engine ditto",
+         ["in the config file under [engines.options.ditto] (weights = ...)",
+          "--set engines.options.ditto.weights=VALUE", "avatard serve --checkpoints DIR"]),
+        (["--engine", "fake", "--set", "engines.tts=coqui"], "engines.options.coqui.model_dir",
+         "tts engine coqui",
+         ["in the config file under [engines.options.coqui] (model_dir = ...)",
+          "--set engines.options.coqui.model_dir=VALUE"]),
+    ],
+)
+def test_serve_names_where_a_missing_required_option_is_set(tmp_path, args, key, engine,
+                                                            places):
+    line = _serve_refused(tmp_path, *args)
+    assert line.startswith(f"avatard serve: bad config: {key}: is required by the {engine} ")
+    for place in places:
+        assert place in line, line
 
 
 @pytest.mark.parametrize(

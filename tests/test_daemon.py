@@ -23,6 +23,8 @@ from avatard.ipc.client import (
     JobFailedError,
 )
 
+V = P.PROTOCOL_VERSION  # the version every well-formed message carries
+
 SIZE = 32  # fake frames are SIZE x SIZE: every pixel is checked
 FAKE = {"width": SIZE, "height": SIZE}
 SPEECH = "One two three. Four five six. Seven eight nine. Ten eleven twelve."
@@ -221,10 +223,10 @@ def test_malformed_client_messages_get_errors_while_jobs_continue(tmp_path):
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(d.endpoint)
         enc = msgspec.msgpack.Encoder()
-        bad = [b"\xc1", enc.encode({"type": "nope", "v": 1, "req_id": 1}),
+        bad = [b"\xc1", enc.encode({"type": "nope", "v": V, "req_id": 1}),
                enc.encode({"type": "speak", "v": 7, "req_id": 2, "text": "x"}),
-               enc.encode({"type": "speak", "v": 1, "req_id": 3}),
-               enc.encode({"type": "lipsync", "v": 1, "req_id": 4, "sample_rate": 16000,
+               enc.encode({"type": "speak", "v": V, "req_id": 3}),
+               enc.encode({"type": "lipsync", "v": V, "req_id": 4, "sample_rate": 16000,
                            "audio": {"at": "inline", "part": 1, "shape": [10],
                                      "dtype": "float32"}})]
         for message in bad:
@@ -376,6 +378,43 @@ def test_prometheus_endpoint_serves_worker_and_job_metrics(tmp_path):
         assert 'avatard_workers{state="ready"} 1.0' in text
         assert 'avatard_jobs_total{outcome="done"} 1.0' in text
         assert "avatard_frames_delivered_total" in text
+
+
+def test_registrations_are_counted_apart_from_jobs(tmp_path):
+    import socket
+    import subprocess
+    import urllib.request
+
+    from daemon_harness import AVATARD
+
+    pytest.importorskip("prometheus_client")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with run_daemon(tmp_path, fake=FAKE, daemon={"metrics_port": port}) as d, d.client() as c:
+        # The fake engine refuses an empty image as bad input, as a real one refuses a
+        # picture without a face: the client's error, not a failed render job.
+        with pytest.raises(ClientError, match="bad_input"):
+            c.register_avatar(b"")
+        avatar = c.register_avatar(b"a portrait")
+        *_, done = collect(c.speak("Hello.", avatar=avatar, seed=1))
+        assert done is not None
+        status = d.status()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        printed = subprocess.run([AVATARD, "status", "--endpoint", d.endpoint],
+                                 capture_output=True, text=True, timeout=60)
+    jobs = status["jobs"]
+    assert (jobs["jobs_done"], jobs["jobs_failed"], jobs["jobs_cancelled"]) == (1, 0, 0)
+    assert status["registrations"] == {"registered": 1, "refused": 1, "failed": 0,
+                                       "requeued": 0}
+    metrics = text.decode()
+    assert 'avatard_jobs_total{outcome="failed"} 0.0' in metrics
+    assert 'avatard_jobs_total{outcome="done"} 1.0' in metrics
+    assert 'avatard_avatar_registrations_total{outcome="registered"} 1.0' in metrics
+    assert 'avatard_avatar_registrations_total{outcome="refused"} 1.0' in metrics
+    assert printed.returncode == 0, printed.stderr
+    assert "jobs done 1, failed 0," in printed.stdout
+    assert "portraits registered 1, refused 1, failed 0" in printed.stdout
 
 
 def _hello_then_die(endpoint, ready_q):

@@ -23,6 +23,7 @@ from avatard.engines.fake_options import FakeOptions
 from avatard.engines.options import (
     EngineOptionError,
     OptionConflict,
+    RequiredOptionError,
     option,
     option_specs,
     parse_options,
@@ -325,12 +326,52 @@ def test_an_unknown_key_of_a_shared_table_names_the_options_of_every_engine():
         assert listed in error.reason
 
 
+@pytest.mark.parametrize(
+    ("name", "key", "hint"),
+    [
+        # a Ditto option given to the embedded avatar (not "did you mean max_text_chars?")
+        ("embedded", "max_batch", 'max_batch belongs to the avatar engine ditto: select it '
+         'with engines.avatar = "ditto" and set its options under [engines.options.ditto]'),
+        # a Coqui option given to Piper
+        ("embedded", "speaker", "speaker belongs to the tts engine coqui: select it with "
+         'engines.tts = "coqui"'),
+        # several owners: each is named
+        ("ditto", "language", "language belongs to the tts engine coqui, the asr engine "
+         'embedded and the asr engine faster-whisper: select one with engines.<kind> = '),
+        # a misspelt option of another engine
+        ("fake", "max_bach", "did you mean max_batch? it belongs to the avatar engine ditto"),
+        # a misspelt option of this engine still gets its own did-you-mean
+        ("ditto", "max_bacth", "(did you mean max_batch?), got"),
+    ],
+)
+def test_an_option_of_another_engine_says_whose_it_is(name, key, hint):
+    with pytest.raises(EngineOptionError) as caught:
+        check_engine_options(name, {key: 1}, [kind for kind in ("avatar", "tts", "asr")
+                                              if name in ENGINES[kind]])
+    assert caught.value.key == f"engines.options.{name}.{key}"
+    assert hint in caught.value.reason
+
+
 def test_a_key_of_an_engine_not_sharing_the_table_is_refused():
     # Only the avatar engine of the name is configured: Piper's option has no taker.
     with pytest.raises(EngineOptionError) as caught:
         parse_engine_options("avatar", "embedded", {"length_scale": 1.5}, kinds=["avatar"])
     assert caught.value.key == "engines.options.embedded.length_scale"
     assert "only the tts engine embedded declares it" in caught.value.reason
+
+
+def test_a_missing_required_option_names_the_engine_and_its_table():
+    with pytest.raises(RequiredOptionError) as caught:
+        load_engine("tts", "coqui", "cpu", {"seed": 1})
+    error = caught.value
+    assert (error.key, error.name, error.engine) == (
+        "engines.options.coqui.model_dir", "model_dir", "tts engine coqui")
+    assert error.reason.startswith("is required by the tts engine coqui (the path of an "
+                                   "existing folder): The model directory")
+    assert error.reason.endswith(
+        "Set it in the config file under [engines.options.coqui] (model_dir = ...).")
+    more = error.with_places("on the command line", "with a flag")
+    assert more.reason.endswith("(model_dir = ...), on the command line, or with a flag.")
 
 
 def test_check_of_a_table_for_unconfigured_engines_leaves_required_options_aside():

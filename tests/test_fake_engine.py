@@ -239,6 +239,30 @@ def test_register_refuses_bad_images(image):
     assert caught.value.field == "image"
 
 
+def test_portrait_size_renders_a_registered_portrait_at_its_own_size():
+    import io
+
+    from PIL import Image
+
+    engine = make_avatar(portrait_size=True, width=32, height=32)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 24)).save(png, format="PNG")
+    state = engine.register(png.getvalue())
+    assert (state.width, state.height) == (40, 24)
+    frames = engine.open_stream(state, 5).push(np.zeros(16000 // 25 * 2, np.float32))
+    assert len(frames) == 2
+    for index, frame in enumerate(frames):
+        np.testing.assert_array_equal(frame, expected_frame(5, index, 24, 40))
+    assert engine.register(np.zeros((10, 12, 3), np.uint8)).width == 12  # an array's shape
+    default = engine.register(engine.default_portrait())
+    assert (default.width, default.height) == (32, 32)  # the option's size
+    with pytest.raises(EngineInputError) as caught:
+        engine.register(b"not an image")
+    assert caught.value.field == "image" and "Pillow" in caught.value.rule
+    without = make_avatar(width=32, height=32).register(png.getvalue())
+    assert (without.width, without.height) == (32, 32)  # the option off: a fixed size
+
+
 def test_open_stream_needs_a_registered_avatar():
     engine = make_avatar()
     state = make_avatar().register(b"elsewhere")
@@ -254,6 +278,9 @@ def test_tts_is_deterministic_and_streams_per_sentence():
     tts = load_engine("tts", "fake")
     assert isinstance(tts, FakeTTSEngine)
     assert tts.voices() == FAKE_VOICES
+    # Tones read any text: the fake voices declare no language (their text is not checked).
+    assert [(v.name, v.languages, v.sample_rate) for v in tts.voice_list()] == [
+        (name, (), 16000) for name in FAKE_VOICES]
     chunks = list(tts.stream("Hello there. How are you? Fine!"))
     assert len(chunks) == 3
     assert all(chunk.dtype == np.float32 and chunk.ndim == 1 for chunk in chunks)

@@ -23,6 +23,8 @@ import pytest
 
 from avatard.ipc import protocol as P
 
+V = P.PROTOCOL_VERSION  # the version every well-formed message carries
+
 IGNORE_RECURSION = os.environ.get("AVATARD_FUZZ_IGNORE_RECURSION") == "1"
 
 
@@ -53,12 +55,12 @@ def one_input(data: bytes) -> None:
 ENC = msgspec.msgpack.Encoder()
 CORPUS = [
     b"",
-    b"\x00" + ENC.encode({"type": "health", "v": 1, "req_id": 1}),
-    b"\x00" + ENC.encode({"type": "speak", "v": 1, "req_id": 2, "text": "hi"}),
-    b"\x01\x80" + ENC.encode({"type": "register_avatar", "v": 1, "req_id": 3,
+    b"\x00" + ENC.encode({"type": "health", "v": V, "req_id": 1}),
+    b"\x00" + ENC.encode({"type": "speak", "v": V, "req_id": 2, "text": "hi"}),
+    b"\x01\x80" + ENC.encode({"type": "register_avatar", "v": V, "req_id": 3,
                               "image": {"at": "inline", "part": 1, "shape": [3],
                                         "dtype": "uint8"}}) + b"abc",
-    b"\x00\x84\xa4type\xa5speak\xa1v\x01\xa6req_id\x10\xa4text\xa2\xff\xfe",
+    b"\x00\x84\xa4type\xa5speak\xa1v" + bytes([V]) + b"\xa6req_id\x10\xa4text\xa2\xff\xfe",
     b"\x08" + bytes(range(64)),
     b"\x00" + ENC.encode([1, 2, {"type": "health"}]),
 ]

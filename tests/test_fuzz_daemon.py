@@ -18,12 +18,15 @@ from avatard.engines.fake import expected_frame
 from avatard.ipc import protocol as P
 from avatard.ipc.client import DaemonUnavailable, FrameEvent
 
+V = P.PROTOCOL_VERSION  # the version every well-formed message carries
+
 ENC = msgspec.msgpack.Encoder()
 SIZE = 16
 TEMPLATES: dict[str, dict[str, Any]] = {
     "hello": {"client": "fuzz", "inline": False},
     "health": {},
     "stats": {},
+    "voices": {},
     "register_avatar": {"image": {"at": "inline", "part": 1, "shape": [8], "dtype": "uint8"}},
     "speak": {"text": "hi", "seed": 1},
     "lipsync": {"audio": {"at": "shm", "ring": "r", "slot": 0, "seq": 1, "shape": [4],
@@ -72,11 +75,11 @@ def hostile_message(rng: random.Random) -> list[bytes]:
     if roll < 0.23:
         return [b"\x81\xa4type" + b"\xc1" * 64]  # 0xc1 is never valid msgpack
     if roll < 0.25:
-        return [b"\x84\xa4type\xa5speak\xa1v\x01\xa6req_id\x10\xa4text\xa2\xff\xfe"]
+        return [b"\x84\xa4type\xa5speak\xa1v" + bytes([V]) + b"\xa6req_id\x10\xa4text\xa2\xff\xfe"]
     if roll < 0.27:
         return [b"\x80" + b"\x00" * P.MAX_CONTROL_BYTES]  # over the control-part limit
     kind = rng.choice(sorted(TEMPLATES))
-    msg: dict[str, Any] = {"type": kind, "v": 1, "req_id": rng.randrange(2**40),
+    msg: dict[str, Any] = {"type": kind, "v": V, "req_id": rng.randrange(2**40),
                            **TEMPLATES[kind]}
     for _ in range(rng.randrange(4)):
         op = rng.randrange(3)
@@ -126,7 +129,7 @@ def test_daemon_keeps_serving_after_hostile_messages(tmp_path: Path) -> None:
             # A mutated hello may have opened a session and a mutated speak started a job
             # on these raw sockets, which never release frames: say bye for them.
             for sock in socks:
-                sock.send(ENC.encode({"type": "bye", "v": 1, "req_id": 1}))
+                sock.send(ENC.encode({"type": "bye", "v": V, "req_id": 1}))
             replies = []
             for sock in socks:
                 replies += _drain(sock, time.monotonic() + 2.0)
@@ -152,7 +155,8 @@ def test_deeply_nested_message_does_not_stop_the_daemon(tmp_path: Path) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(d.endpoint)
         try:
-            sock.send(b"\x83\xa4type" + b"\x91" * 2000 + b"\xc0\xa1v\x01\xa6req_id\x01")
+            sock.send(b"\x83\xa4type" + b"\x91" * 2000 + b"\xc0\xa1v" + bytes([V])
+                      + b"\xa6req_id\x01")
             reply = _drain(sock, time.monotonic() + 3.0)
         finally:
             sock.close(linger=0)

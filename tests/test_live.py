@@ -324,7 +324,9 @@ def test_bad_input_is_refused_with_the_field_and_the_session_keeps_running(tmp_p
             next(c.live(voice="no-such-voice"))
         assert err.value.code == P.E_BAD_INPUT and "voice: unknown voice" in str(err.value)
         for job_id in (rec.session.job_id, "j0-nosuchjob"):
-            ghost = LiveSession(c, P.make(P.Accepted, req_id=0, job_id=job_id))
+            ghost = LiveSession(c, P.make(P.Accepted, req_id=0, job_id=job_id,
+                                          queue_position=0, fps=0, width=0, height=0,
+                                          audio_rate=0))
             req = ghost.send_audio(tone, RATE, "z")
             event = next(ghost)
             assert (event.req_id, event.code, event.field) == (req, P.E_NOT_FOUND, "job_id")

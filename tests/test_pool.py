@@ -98,7 +98,7 @@ def ready(pool: WorkerPool, index: int, now: float, memory_bytes: int = 512 * MI
                           memory_bytes=memory_bytes, warmup_s=0.1)
     return pool.on_message(pool.workers[index], P.make(
         P.WReady, engines=[engine], memory_bytes=memory_bytes, load_s=2.0, warmup_s=0.1,
-        capacity=capacity), now)
+        capacity=capacity, capabilities=P.Capabilities()), now)
 
 
 def heartbeat(pool: WorkerPool, index: int, now: float, rss: int = 0):
@@ -111,7 +111,7 @@ def bring_up(pool: WorkerPool, index: int, now: float, **ready_kw) -> None:
         pool.start_due(now)
     assert pool.workers[index].state is WState.STARTING
     hello(pool, index, now)
-    assert ready(pool, index, now, **ready_kw) == [WorkerReady(index)]
+    assert ready(pool, index, now, **ready_kw) == [WorkerReady(index, P.Capabilities())]
 
 
 def crash(pool: WorkerPool, launch: FakeLaunch, index: int, now: float,
@@ -139,7 +139,7 @@ def test_staggered_start_one_load_at_a_time():
     pool.start_due(T0 + 2)  # loading still counts against max_parallel_loads
     assert len(launch.launched) == 1
 
-    assert ready(pool, 0, T0 + 3) == [WorkerReady(0)]
+    assert ready(pool, 0, T0 + 3) == [WorkerReady(0, P.Capabilities())]
     assert pool.workers[0].state is WState.READY
     pool.start_due(T0 + 3)
     assert launch.ids() == [WorkerId(0, 1), WorkerId(1, 1)]
@@ -604,7 +604,7 @@ def test_ready_reports_engines_and_capacity():
     hello(pool, 0, T0 + 0.5)
     assert pool.workers[0].stage == "hello"
     bring_up_msg = ready(pool, 0, T0 + 1, memory_bytes=3 * MIB, capacity=4)
-    assert bring_up_msg == [WorkerReady(0)]
+    assert bring_up_msg == [WorkerReady(0, P.Capabilities())]
     w = pool.workers[0]
     assert (w.capacity, w.memory_bytes, w.load_s) == (4, 3 * MIB, 2.0)
     assert w.engines == [{"name": "fake", "kind": "avatar", "device": "cuda:0",

@@ -16,31 +16,33 @@ from hypothesis import strategies as st
 from avatard.ipc import protocol as P
 from avatard.ipc.sockets import ClientPort
 
+V = P.PROTOCOL_VERSION  # the version every well-formed message carries
+
 ENC = msgspec.msgpack.Encoder()
 
 # (message, expected code, expected field, words expected in the rule)
 MALFORMED = [
-    ({"type": "teleport", "v": 1, "req_id": 4}, P.E_UNKNOWN_TYPE, "type", "must be one of"),
-    ({"type": "health", "v": 99, "req_id": 5}, P.E_BAD_VERSION, "v", "must be 1, got 99"),
+    ({"type": "teleport", "v": V, "req_id": 4}, P.E_UNKNOWN_TYPE, "type", "must be one of"),
+    ({"type": "health", "v": 99, "req_id": 5}, P.E_BAD_VERSION, "v", f"must be {V}, got 99"),
     ({"type": "health", "req_id": 6}, P.E_BAD_VERSION, "v", "got None"),
-    ({"type": "speak", "v": 1, "req_id": 7}, P.E_BAD_MESSAGE, "text", "missing required field"),
-    ({"type": "speak", "v": 1, "req_id": 8, "text": 5}, P.E_BAD_MESSAGE, "text", "Expected `str`"),
-    ({"type": "speak", "v": 1, "req_id": 9, "text": "x" * (P.MAX_TEXT_CHARS + 1)},
+    ({"type": "speak", "v": V, "req_id": 7}, P.E_BAD_MESSAGE, "text", "missing required field"),
+    ({"type": "speak", "v": V, "req_id": 8, "text": 5}, P.E_BAD_MESSAGE, "text", "Expected `str`"),
+    ({"type": "speak", "v": V, "req_id": 9, "text": "x" * (P.MAX_TEXT_CHARS + 1)},
      P.E_BAD_MESSAGE, "text", "length <= 100000"),
-    ({"type": "speak", "v": 1, "req_id": 10, "text": "hi", "extra": 1}, P.E_BAD_MESSAGE,
+    ({"type": "speak", "v": V, "req_id": 10, "text": "hi", "extra": 1}, P.E_BAD_MESSAGE,
      "extra", "unknown field"),
-    ({"type": "speak", "v": 1, "req_id": 11, "text": "hi", "seed": -3}, P.E_BAD_MESSAGE,
+    ({"type": "speak", "v": V, "req_id": 11, "text": "hi", "seed": -3}, P.E_BAD_MESSAGE,
      "seed", ">= 0"),
-    ({"type": "lipsync", "v": 1, "req_id": 12, "sample_rate": 16000,
+    ({"type": "lipsync", "v": V, "req_id": 12, "sample_rate": 16000,
       "audio": {"at": "shm", "ring": "r", "slot": 0, "seq": 1, "shape": [10], "dtype": "object"}},
      P.E_BAD_MESSAGE, "audio.dtype", "matching regex"),
-    ({"type": "lipsync", "v": 1, "req_id": 13, "sample_rate": 16000,
+    ({"type": "lipsync", "v": V, "req_id": 13, "sample_rate": 16000,
       "audio": {"at": "shm", "ring": "r", "slot": 0, "seq": 1, "shape": [1, 2, 3, 4, 5],
                 "dtype": "float32"}}, P.E_BAD_MESSAGE, "audio.shape", "length <= 4"),
-    ({"type": "lipsync", "v": 1, "req_id": 14, "sample_rate": 16000,
+    ({"type": "lipsync", "v": V, "req_id": 14, "sample_rate": 16000,
       "audio": {"at": "shm", "ring": "r", "slot": -1, "seq": 1, "shape": [4],
                 "dtype": "float32"}}, P.E_BAD_MESSAGE, "audio.slot", ">= 0"),
-    ({"type": "lipsync", "v": 1, "req_id": 15, "sample_rate": 1,
+    ({"type": "lipsync", "v": V, "req_id": 15, "sample_rate": 1,
       "audio": {"at": "inline", "part": 1, "shape": [4], "dtype": "float32"}},
      P.E_BAD_MESSAGE, "sample_rate", ">= 8000"),
 ]
@@ -51,7 +53,7 @@ def _raw(obj) -> bytes:
 
 
 # A speak message whose text is not UTF-8 (msgpack str with bytes ff fe).
-BAD_UTF8 = b"\x84\xa4type\xa5speak\xa1v\x01\xa6req_id\x10\xa4text\xa2\xff\xfe"
+BAD_UTF8 = b"\x84\xa4type\xa5speak\xa1v" + bytes([V]) + b"\xa6req_id\x10\xa4text\xa2\xff\xfe"
 
 
 @pytest.mark.parametrize(("obj", "code", "field", "words"), MALFORMED)
@@ -77,21 +79,21 @@ def test_oversize_parts_are_refused_before_decoding():
         P.CLIENT_CODEC.decode([big])
     assert err.value.code == P.E_TOO_LARGE and "max 1048576" in err.value.rule
     with pytest.raises(P.ProtocolError) as err:
-        P.CLIENT_CODEC.decode([_raw({"type": "health", "v": 1, "req_id": 1})] * 9)
+        P.CLIENT_CODEC.decode([_raw({"type": "health", "v": V, "req_id": 1})] * 9)
     assert err.value.code == P.E_TOO_LARGE and err.value.field == "message"
 
 
 LIVE_MALFORMED = [
-    ({"type": "live_audio", "v": 1, "req_id": 20, "job_id": "j", "segment_id": "",
+    ({"type": "live_audio", "v": V, "req_id": 20, "job_id": "j", "segment_id": "",
       "sample_rate": 16000, "audio": {"at": "inline", "part": 1, "shape": [4],
                                       "dtype": "float32"}},
      "segment_id", "length >= 1"),
-    ({"type": "live_text", "v": 1, "req_id": 21, "job_id": "j", "segment_id": "s"},
+    ({"type": "live_text", "v": V, "req_id": 21, "job_id": "j", "segment_id": "s"},
      "text", "missing required field"),
-    ({"type": "live_end", "v": 1, "req_id": 22, "job_id": "j"}, "segment_id",
+    ({"type": "live_end", "v": V, "req_id": 22, "job_id": "j"}, "segment_id",
      "missing required field"),
-    ({"type": "live_open", "v": 1, "req_id": 23, "seed": -1}, "seed", ">= 0"),
-    ({"type": "live_interrupt", "v": 1, "req_id": 24, "job_id": 5}, "job_id",
+    ({"type": "live_open", "v": V, "req_id": 23, "seed": -1}, "seed", ">= 0"),
+    ({"type": "live_interrupt", "v": V, "req_id": 24, "job_id": 5}, "job_id",
      "Expected `str`"),
 ]
 
@@ -250,3 +252,23 @@ def test_every_malformed_message_gets_an_error_reply_and_serving_goes_on(server)
     assert server.port.bad_messages == len(cases)
     assert server.served == len(cases)
     sock.close()
+
+
+def test_clients_ignore_unknown_fields_in_replies_but_requests_stay_strict():
+    """From v2 the daemon may add fields to replies and events without a version bump:
+    clients skip what they do not know. Requests with an unknown field are refused."""
+    import msgspec
+
+    reply = msgspec.msgpack.encode({
+        "type": "accepted", "v": P.PROTOCOL_VERSION, "req_id": 1, "job_id": "j1",
+        "queue_position": 0, "fps": 25, "width": 8, "height": 8, "audio_rate": 0,
+        "added_later": [1, 2]})
+    msg, _ = P.SERVER_CODEC.decode([reply])
+    assert isinstance(msg, P.Accepted) and msg.job_id == "j1"
+    request = msgspec.msgpack.encode({"type": "health", "v": P.PROTOCOL_VERSION,
+                                      "req_id": 2, "added_later": 1})
+    with pytest.raises(P.ProtocolError) as err:
+        P.CLIENT_CODEC.decode([request])
+    assert err.value.field == "added_later"
+    for cls in P.SERVER_REPLIES:
+        assert issubclass(cls, P.Reply), cls

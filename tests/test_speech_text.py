@@ -197,6 +197,10 @@ def test_piper_refuses_chinese_with_the_default_voice(routed_tts):
 
 def test_piper_routes_text_to_the_voice_of_its_language(routed_tts):
     assert routed_tts.voices() == ["en_US-joe-medium", "ru_RU-test-medium"]
+    # What a client is told (the daemon's `voices` reply): languages and the routing.
+    assert [(v.name, v.languages, v.sample_rate) for v in routed_tts.voice_list()] == [
+        ("en_US-joe-medium", ("en_US",), 22050), ("ru_RU-test-medium", ("ru_RU",), 22050)]
+    assert routed_tts.voices_by_language() == {"ru": "ru_RU-test-medium"}
     pcm, _ = routed_tts.synthesize("Привет, как у тебя дела сегодня?")
     assert pcm.size > 0
     # A voice named in the request is honoured, and checked.

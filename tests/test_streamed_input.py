@@ -89,7 +89,7 @@ def test_a_missing_final_chunk_times_out_and_frees_the_worker(tmp_path):
         first = _speech(0.5)
         msg = P.make(P.Lipsync, req_id=c._next_id(), audio=P.Inline(
             part=1, shape=[first.size], dtype="float32"), sample_rate=RATE, more=True)
-        job_id = c._accepted(msg, "Lipsync", memoryview(first).cast("B"))
+        job_id = c._accepted(msg, "Lipsync", memoryview(first).cast("B")).job_id
         with pytest.raises(JobFailedError) as err:
             list(c._events(job_id))
         assert err.value.code == P.E_TIMEOUT and "input_gap_s" in str(err.value)

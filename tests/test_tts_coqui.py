@@ -124,6 +124,9 @@ def tts(model_dir: Path) -> TTSEngine:
 def test_loads_speakers_and_rate(tts: TTSEngine):
     assert tts.voices() == SPEAKERS
     assert tts.sample_rate == 16000
+    # Speakers are the voices; the model routes between its languages, not voices.
+    assert [(v.name, v.sample_rate) for v in tts.voice_list()] == [(s, 16000) for s in SPEAKERS]
+    assert tts.voices_by_language() == {}
 
 
 def test_streams_one_chunk_per_sentence(tts: TTSEngine):

@@ -79,6 +79,14 @@ def test_voices_and_unknown_voice(tts: TTSEngine):
     assert error.value.field == "voice" and "en_US-joe-medium" in error.value.rule
 
 
+def test_voice_list_names_each_voice_with_its_language_and_rate(tts: TTSEngine):
+    from avatard.engines.base import Voice
+
+    # The language the voice's .onnx.json declares: the one its text is checked against.
+    assert tts.voice_list() == [Voice("en_US-joe-medium", ("en_US",), 22050)]
+    assert tts.voices_by_language() == {}
+
+
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x01"])
 def test_empty_text_is_refused(tts: TTSEngine, text: str):
     with pytest.raises(EngineInputError) as error:

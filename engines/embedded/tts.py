@@ -166,6 +166,15 @@ class PiperTTSEngine(TTSEngine):
     def voices(self) -> list[str]:
         return list(self._voices)
 
+    def voice_languages(self, voice: str) -> tuple[str, ...]:
+        """The language its .onnx.json declares (or the `voices_by_language` key it was
+        loaded for); raises KeyError for a name not in `voices()`."""
+        return self._voices[voice].languages
+
+    def voices_by_language(self) -> dict[str, str]:
+        """The `voices_by_language` option: language -> the name its voice is listed by."""
+        return dict(self._voices_by_language)
+
     def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
         # Validation runs now, not at the first next(), so a bad request fails at the call.
         speech = SpeechText.parse(text, self.max_text_chars)
