@@ -209,11 +209,12 @@ def accepted_reply(job: Job, queue_position: int, capabilities: P.Capabilities |
     """The `accepted` of an announced job: its id, place in the queue and the media it
     will produce, from the workers' READY report (`capabilities`; None before any worker
     was ready: every figure 0) and the frame size the portrait's registration reported
-    (0 x 0 while its registration runs)."""
+    (0 x 0 while its registration runs). A live session's audio events carry the audio
+    its frames were made from, at the avatar engine's rate."""
     spec = job.spec
     offer = capabilities or P.Capabilities()
     fps = width = height = audio_rate = 0
-    if isinstance(spec, (P.SpeakSpec, P.LipsyncSpec)):
+    if isinstance(spec, (P.SpeakSpec, P.LipsyncSpec, P.LiveSpec)):
         fps = offer.fps
         frame = (avatars.frame_size(spec.avatar.avatar_id) if spec.avatar is not None
                  else offer.default_frame)
@@ -221,6 +222,8 @@ def accepted_reply(job: Job, queue_position: int, capabilities: P.Capabilities |
             width, height = frame.width, frame.height
         if isinstance(spec, P.SpeakSpec) and spec.send_audio:
             audio_rate = offer.audio_rate  # the TTS's own rate: audio events are not resampled
+        elif isinstance(spec, P.LiveSpec):
+            audio_rate = offer.live_audio_rate
     return P.make(P.Accepted, req_id=job.req_id, job_id=job.job_id,
                   queue_position=queue_position, fps=fps, width=width, height=height,
                   audio_rate=audio_rate)

@@ -350,10 +350,10 @@ class Worker:
         names than the protocol carries: the supervisor would drop the READY otherwise."""
         from avatard.engines.base import EngineInputError
 
-        fps, default_frame = 0, None
+        fps, default_frame, live_rate = 0, None, 0
         avatar = self.engines.get("avatar")
         if avatar is not None:
-            fps = int(avatar.fps)
+            fps, live_rate = int(avatar.fps), int(avatar.audio_rate)
             self.send(P.WLoading, stage=f"avatar {self.spec.engines['avatar']}: default "
                       "portrait", progress=1.0)
             try:
@@ -364,12 +364,14 @@ class Worker:
                 default_frame = P.FrameSize(width=state.width, height=state.height)
         tts = self.engines.get("tts")
         if tts is None:
-            return P.Capabilities(fps=fps, default_frame=default_frame)
+            return P.Capabilities(fps=fps, default_frame=default_frame,
+                                  live_audio_rate=live_rate)
         voices = [P.VoiceInfo(name=v.name, languages=list(v.languages),
                               sample_rate=v.sample_rate, default=index == 0)
                   for index, v in enumerate(tts.voice_list())]
         capabilities = P.Capabilities(fps=fps, default_frame=default_frame,
-                                      audio_rate=int(tts.sample_rate), tts_engine=tts.name,
+                                      audio_rate=int(tts.sample_rate),
+                                      live_audio_rate=live_rate, tts_engine=tts.name,
                                       voices=voices,
                                       voices_by_language=tts.voices_by_language())
         try:

@@ -591,7 +591,15 @@ class LiveSession:
 
     def __init__(self, client: Client, accepted: P.Accepted):
         self.client = client
-        self.job_id = accepted.job_id
+        # What `accepted` announced, as for a `JobHandle`: frames per second, the frames'
+        # width x height, and the Hz of its AudioEvents (the avatar engine's rate; 0s when
+        # no worker had loaded its engines yet).
+        self.job_id: str = accepted.job_id
+        self.queue_position: int = accepted.queue_position
+        self.fps: int = accepted.fps
+        self.width: int = accepted.width
+        self.height: int = accepted.height
+        self.audio_rate: int = accepted.audio_rate
         self._events = client._events(self.job_id)
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, segment_id: str) -> int:

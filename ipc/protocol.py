@@ -510,7 +510,9 @@ class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
     answers `voices` and fills `accepted` without running a job. `fps`: the avatar
     engine's frame rate (0: no avatar engine); `default_frame`: the frame size of its
     default portrait (None: it has none); `audio_rate`: the Hz of the TTS engine's PCM,
-    which `speak` jobs send as `audio` events (0: no TTS engine). `tts_engine`: the TTS
+    which `speak` jobs send as `audio` events (0: no TTS engine); `live_audio_rate`: the Hz
+    the avatar engine renders from, which live sessions send as `audio` events (0: no
+    avatar engine). `tts_engine`: the TTS
     engine's name ("": the worker runs none, and `voices` is empty); `voices` in the
     engine's order, the default first; `voices_by_language`: the engine's routing
     (language -> voice name)."""
@@ -518,6 +520,7 @@ class Capabilities(Struct, frozen=True, forbid_unknown_fields=True):
     fps: Fps = 0
     default_frame: FrameSize | None = None
     audio_rate: AudioRate = 0
+    live_audio_rate: AudioRate = 0
     tts_engine: Name = ""
     voices: VoiceList = msgspec.field(default_factory=list)
     voices_by_language: VoiceRouting = msgspec.field(default_factory=dict)

@@ -120,6 +120,9 @@ def test_two_segments_and_a_pause_frames_never_stop(tmp_path, inline):
     second = (np.sin(np.arange(int(48000 * 0.3)) / 9.0) * 0.5).astype(np.float32)  # 48 kHz
     with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client(inline=inline) as c:
         rec = Recorder(c.live(seed=5), seed=5)
+        session = rec.session
+        assert (session.fps, session.width, session.height, session.audio_rate) == (
+            FPS, SIZE, SIZE, RATE)
         rec.frames_more(5)  # idle: frames come before any speech
         send_in_chunks(rec.session, first, RATE, "a")
         rec.session.end_segment("a")
@@ -348,6 +351,7 @@ def test_embedded_engine_live_session_speaks_and_idles(tmp_path):
                     sections={"rings": {"frame_slots": 16}}) as d, \
             d.client(timeout_s=60) as c:
         rec = Recorder(c.live(seed=9))
+        assert (rec.session.fps, rec.session.audio_rate) == (FPS, RATE)
         rec.frames_more(3)
         send_in_chunks(rec.session, speech, RATE, "s")
         rec.session.end_segment("s")
