@@ -70,6 +70,14 @@ class _Collector:
         yield registrations
         yield CounterMetricFamily("avatard_frames_delivered", "Frames delivered to clients",
                                   value=status["jobs"]["frames_delivered"])
+        # Live sessions: frames their clients did not read in time, and frames made later
+        # than one frame period on a session's clock (counted when each session ends).
+        yield CounterMetricFamily("avatard_live_frames_dropped",
+                                  "Live-session frames dropped for clients that did not read",
+                                  value=status["jobs"]["live_frames_dropped"])
+        yield CounterMetricFamily("avatard_live_late_frames",
+                                  "Live-session frames made late on the session's clock",
+                                  value=status["jobs"]["live_late_frames"])
         yield from _cache_metrics(status)
         if status["rtf_recent_median"] is not None:
             yield GaugeMetricFamily("avatard_rtf_recent_median",

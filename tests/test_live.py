@@ -215,9 +215,17 @@ def test_streamed_text_is_spoken_by_the_session_tts(tmp_path):
 
 
 def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(tmp_path):
+    import socket
+    import urllib.request
+
+    pytest.importorskip("prometheus_client")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     rings = {"rings": {"frame_slots": 16, "frame_slot_bytes": 4096}}
     with run_daemon(tmp_path, fake=FAKE, sections=rings,
-                    daemon={"jobs_per_worker": 2}) as d, d.client() as a, d.client() as b:
+                    daemon={"jobs_per_worker": 2, "metrics_port": port}) as d, \
+            d.client() as a, d.client() as b:
         slow, steady = Recorder(a.live(seed=1), seed=1), Recorder(b.live(seed=2), seed=2)
         # Both sessions run on the one worker, on clocks started together: while the steady
         # client reads 80 frames, the slow one reads none and its 16 slots fill up. Then
@@ -228,6 +236,9 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
         slow.frames_more(20)
         steady.frames_more(10)
         slow_done, steady_done = slow.close(), steady.close()
+        status = d.status()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
 
     assert_continuous(steady)
     assert steady_done.frames_dropped == 0 and steady_done.frames == len(steady.frames)
@@ -237,6 +248,9 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
     assert 0 < missing <= slow_done.frames_dropped  # the gaps are the dropped frames
     # Every tick made a frame (the fake engine has no look-ahead): sent or dropped.
     assert slow_done.frames + slow_done.frames_dropped == round(slow_done.media_s * FPS)
+    # The daemon's figures sum the sessions' own.
+    assert status["jobs"]["live_frames_dropped"] == slow_done.frames_dropped
+    assert f"avatard_live_frames_dropped_total {slow_done.frames_dropped:.1f}" in metrics
 
 
 def test_a_worker_lost_mid_session_ends_it_with_the_reason(tmp_path):
