@@ -153,17 +153,21 @@ class LiveInputs:
 
     # ------------------------------------------------------------ before placement
 
-    def hold(self, job_id: str, msg: P.LiveInput, data: bytes, req_id: int) -> None:
-        """Keep input of a session that waits for a worker; `held` gives it back when the
-        session is placed. Raises `ProtocolError` busy/job_id past `max_held` inputs or
-        `max_held_bytes` of audio."""
+    def check_room(self, job_id: str, nbytes: int, req_id: int) -> None:
+        """Before `hold`: raises `ProtocolError` busy/job_id when one more input of
+        `nbytes` would pass `max_held` inputs or `max_held_bytes` held for the session."""
         session = self.sessions[job_id]
         if (len(session.held) >= self.max_held
-                or session.held_bytes + len(data) > self.max_held_bytes):
+                or session.held_bytes + nbytes > self.max_held_bytes):
             raise P.ProtocolError(P.E_BUSY, "job_id", f"live session {job_id} waits for a "
                                   f"worker and holds {len(session.held)} inputs "
                                   f"({session.held_bytes} bytes) already; send more once its "
                                   "first frame came", req_id)
+
+    def hold(self, job_id: str, msg: P.LiveInput, data: bytes) -> None:
+        """Keep input of a session that waits for a worker (after `check_room`); `held`
+        gives it back when the session is placed."""
+        session = self.sessions[job_id]
         session.held.append((msg, data))
         session.held_bytes += len(data)
 

@@ -465,13 +465,17 @@ class Supervisor:
         self.live.check_open(job.job_id, msg.req_id)
         data = (live_audio_bytes(msg, extra, session, self.sessions)
                 if isinstance(msg, P.LiveAudio) else b"")
+        running = job.worker is not None and job.state is JobState.RUNNING
+        if not running:
+            self.live.check_room(job.job_id, len(data), msg.req_id)
+        # Every refusal is raised by now: a refused input changes nothing.
         out = self.live.take(job.job_id, msg)
         if out is None:
             return
-        if job.worker is not None and job.state is JobState.RUNNING:
+        if running:
             self._send(job.worker, out, *([data] if data else []))
         else:
-            self.live.hold(job.job_id, out, data, msg.req_id)
+            self.live.hold(job.job_id, out, data)
 
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""

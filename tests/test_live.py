@@ -191,6 +191,25 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path):
     assert done.frames == len(rec.frames)
 
 
+def test_input_sent_while_the_session_waits_for_a_worker_plays_once_it_starts(tmp_path):
+    speech = np.full(TICK * 4, 0.25, np.float32)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        first = Recorder(c.live(seed=1), seed=1)  # the one worker's one place
+        first.frames_more(2)
+        waiting = Recorder(c.live(seed=2), seed=2)
+        assert waiting.session.queue_position == 0  # first in line, behind the running one
+        waiting.session.send_audio(speech, RATE, "held")
+        waiting.session.end_segment("held")
+        first.frames_more(2)
+        first.close()
+        finished = waiting.until(segment_is(PlaybackFinishedEvent, "held"))
+        done = waiting.close()
+
+    assert_continuous(waiting)
+    assert (finished.position_s, finished.interrupted) == (speech.size / RATE, False)
+    assert done.frames == len(waiting.frames)
+
+
 def test_streamed_text_is_spoken_by_the_session_tts(tmp_path):
     tts = FakeTTSEngine()
     spoken = [tts.synthesize(text)[0] for text in ("Hello there.", "How are you")]

@@ -88,12 +88,15 @@ def test_input_held_before_placement_is_bounded_and_given_back_in_order():
     live = LiveInputs(max_held=2, max_held_bytes=100)
     live.open("j")
     first, second = live.take("j", audio("a")), live.take("j", end("a"))
-    live.hold("j", first, b"\0" * 64, 1)
+    live.check_room("j", 64, 1)
+    live.hold("j", first, b"\0" * 64)
     with pytest.raises(P.ProtocolError) as err:
-        live.hold("j", second, b"\0" * 64, 2)  # 128 bytes > 100
-    assert (err.value.code, err.value.field) == (P.E_BUSY, "job_id")
-    live.hold("j", second, b"", 3)
+        live.check_room("j", 64, 2)  # 128 bytes > 100
+    assert (err.value.code, err.value.field, err.value.req_id) == (P.E_BUSY, "job_id", 2)
+    live.check_room("j", 0, 3)
+    live.hold("j", second, b"")
     with pytest.raises(P.ProtocolError):
-        live.hold("j", second, b"", 4)  # 3 inputs > 2
+        live.check_room("j", 0, 4)  # a third input > 2
     assert live.held("j") == [(first, b"\0" * 64), (second, b"")]
     assert live.held("j") == []
+    live.check_room("j", 100, 5)  # room again once given back
