@@ -474,3 +474,15 @@ def test_a_worker_that_fails_to_load_exits_cleanly_with_its_status(tmp_path):
         reason = status["workers"][0]["reason"]
         assert "load failed: RuntimeError" in reason and "exited with status 2" in reason
     assert "Traceback" not in d.log_text().split("injected load error")[-1]
+
+
+def test_a_slow_engine_is_not_taken_for_a_slow_client(tmp_path):
+    """The Client gives a frame's slot back when asked for the next event, before it
+    waits: frames that take longer than client_call_s to render do not end the job."""
+    pcm = np.zeros(16000 // 5, np.float32)  # 5 frames
+    with run_daemon(tmp_path, fake={**FAKE, "frame_ms": 1500},
+                    timeouts={"client_call_s": 1.0, "stall_timeout_s": 20}) as d, \
+            d.client() as c:
+        frames, _, done = collect(c.lipsync(pcm, 16000, seed=2))
+        assert done is not None and len(frames) == 5
+        assert_frames_exact(frames, 2)
