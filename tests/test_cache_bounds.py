@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -42,6 +43,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, str]:
+    """The metrics endpoint's samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    return dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                if line and not line.startswith("#"))
 
 
 def _figures(status: dict) -> dict:
@@ -89,13 +98,19 @@ def test_200_portraits_keep_segments_and_worker_rss_flat(tmp_path):
             assert again == ids[0]
             events = list(client.speak("Hi.", avatar=again, seed=1, send_audio=False))
             assert type(events[-1]).__name__ == "DoneEvent"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            metrics = reply.read().decode()
-        lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
-                     if line and not line.startswith("#"))
+        # The client's bye closes its session rings on the daemon's next tick: wait until
+        # the segment count reads the same in the status before and after a scrape.
+        deadline = time.monotonic() + 20
+        while True:
+            before = d.status()["shm"]["segments"]
+            lines = _scrape(port)
+            after = d.status()["shm"]["segments"]
+            if before == after == float(lines["avatard_shm_segments"]):
+                break
+            assert time.monotonic() < deadline, ("segment count never settled", before, after,
+                                                 lines["avatard_shm_segments"])
+            time.sleep(0.2)
         assert float(lines["avatard_avatars"]) == MAX_COUNT
         assert float(lines["avatard_avatar_evictions_total"]) >= PORTRAITS - MAX_COUNT
         assert float(lines['avatard_worker_avatars_cached{cache="worker",worker="0"}']) \
             <= WORKER_CACHE
-        # The client's session rings are gone now; the rest is what the status says.
-        assert float(lines["avatard_shm_segments"]) == d.status()["shm"]["segments"]
