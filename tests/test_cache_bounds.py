@@ -8,13 +8,12 @@ hold 1 MiB each (`avatar_state_kb`) so a leak shows in the worker's RSS.
 from __future__ import annotations
 
 import io
-import socket
 import time
 import urllib.request
 
 import numpy as np
 import pytest
-from daemon_harness import run_daemon
+from daemon_harness import free_port, run_daemon
 from PIL import Image
 
 from avatard.ipc.client import ClientError
@@ -39,12 +38,6 @@ def _portrait(i: int) -> bytes:
     return out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> dict[str, str]:
     """The metrics endpoint's samples by name (with labels)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -61,7 +54,7 @@ def _figures(status: dict) -> dict:
 
 @pytest.mark.timeout(400)
 def test_200_portraits_keep_segments_and_worker_rss_flat(tmp_path):
-    port = _free_port()
+    port = free_port()
     with run_daemon(tmp_path, fake={"avatar_state_kb": STATE_KB, "cache_size": ENGINE_CACHE},
                     daemon={"metrics_port": port},
                     sections={"avatars": {"max_count": MAX_COUNT,
