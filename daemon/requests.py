@@ -56,9 +56,12 @@ def _avatar(avatars: AvatarStore, avatar_id: str, req_id: int) -> P.AvatarRef | 
 
 
 def _check_pcm(msg: P.Lipsync | P.Transcribe | P.JobAudio) -> None:
-    if msg.audio.dtype != "float32" or len(msg.audio.shape) != 1:
-        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.shape", "must be 1-D float32 PCM",
-                              msg.req_id)
+    if msg.audio.dtype != "float32":
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.dtype", "must be float32 PCM, got "
+                              f"{msg.audio.dtype}", msg.req_id)
+    if len(msg.audio.shape) != 1:
+        raise P.ProtocolError(P.E_BAD_MESSAGE, "audio.shape", "must be 1-D (mono) PCM, got "
+                              f"shape {list(msg.audio.shape)}", msg.req_id)
 
 
 def take_chunk(msg: P.Lipsync | P.Transcribe | P.JobAudio, extra: list[Any],

@@ -489,13 +489,16 @@ class Client:
         held: P.SlotDesc | None = None
         try:
             while True:
+                # The caller asked for the next event, so it is done with the last one:
+                # give its slot back before waiting (a slow engine must not look like a
+                # client holding a frame past timeouts.client_call_s).
+                if held is not None:
+                    self._release(held)
+                    held = None
                 deadline = time.monotonic() + self.timeout_s
                 while not queue:
                     self._route(*self._recv_one(deadline, f"event of job {job_id}"))
                 msg, extra = queue.popleft()
-                if held is not None:
-                    self._release(held)
-                    held = None
                 if isinstance(msg, (P.Frame, P.AudioChunk)):
                     array = self._materialise(msg.data, extra)
                     if isinstance(msg.data, P.SlotDesc):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ import psutil
 from avatard.daemon import PrivateDaemon
 from avatard.ipc import segments
 
-__all__ = ["AVATARD", "run_daemon", "FAST_TIMEOUTS", "FAST_RESTART"]
+__all__ = ["AVATARD", "run_daemon", "free_port", "FAST_TIMEOUTS", "FAST_RESTART"]
 
 # The console script next to this interpreter (the tests run the installed command).
 AVATARD = str(Path(sys.executable).with_name("avatard"))
@@ -23,6 +24,13 @@ FAST_TIMEOUTS = {
     "stall_timeout_s": 3.0, "kill_grace_s": 1.0, "client_call_s": 30.0,
 }
 FAST_RESTART = {"backoff_initial_s": 0.1, "backoff_max_s": 1.0, "max_load_attempts": 2}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a metrics or tcp endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager

@@ -8,12 +8,12 @@ hold 1 MiB each (`avatar_state_kb`) so a leak shows in the worker's RSS.
 from __future__ import annotations
 
 import io
-import socket
+import time
 import urllib.request
 
 import numpy as np
 import pytest
-from daemon_harness import run_daemon
+from daemon_harness import free_port, run_daemon
 from PIL import Image
 
 from avatard.ipc.client import ClientError
@@ -38,10 +38,12 @@ def _portrait(i: int) -> bytes:
     return out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _scrape(port: int) -> dict[str, str]:
+    """The metrics endpoint's samples by name (with labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    return dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                if line and not line.startswith("#"))
 
 
 def _figures(status: dict) -> dict:
@@ -52,7 +54,7 @@ def _figures(status: dict) -> dict:
 
 @pytest.mark.timeout(400)
 def test_200_portraits_keep_segments_and_worker_rss_flat(tmp_path):
-    port = _free_port()
+    port = free_port()
     with run_daemon(tmp_path, fake={"avatar_state_kb": STATE_KB, "cache_size": ENGINE_CACHE},
                     daemon={"metrics_port": port},
                     sections={"avatars": {"max_count": MAX_COUNT,
@@ -89,13 +91,19 @@ def test_200_portraits_keep_segments_and_worker_rss_flat(tmp_path):
             assert again == ids[0]
             events = list(client.speak("Hi.", avatar=again, seed=1, send_audio=False))
             assert type(events[-1]).__name__ == "DoneEvent"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            metrics = reply.read().decode()
-        lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
-                     if line and not line.startswith("#"))
+        # The client's bye closes its session rings on the daemon's next tick: wait until
+        # the segment count reads the same in the status before and after a scrape.
+        deadline = time.monotonic() + 20
+        while True:
+            before = d.status()["shm"]["segments"]
+            lines = _scrape(port)
+            after = d.status()["shm"]["segments"]
+            if before == after == float(lines["avatard_shm_segments"]):
+                break
+            assert time.monotonic() < deadline, ("segment count never settled", before, after,
+                                                 lines["avatard_shm_segments"])
+            time.sleep(0.2)
         assert float(lines["avatard_avatars"]) == MAX_COUNT
         assert float(lines["avatard_avatar_evictions_total"]) >= PORTRAITS - MAX_COUNT
         assert float(lines['avatard_worker_avatars_cached{cache="worker",worker="0"}']) \
             <= WORKER_CACHE
-        # The client's session rings are gone now; the rest is what the status says.
-        assert float(lines["avatard_shm_segments"]) == d.status()["shm"]["segments"]

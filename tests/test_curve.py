@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import zmq.auth
-from daemon_harness import run_daemon
+from daemon_harness import free_port, run_daemon
 
 from avatard.daemon.config import ConfigError, load_config
 from avatard.engines.fake import expected_frame
 from avatard.ipc.client import Client, DaemonUnavailable, FrameEvent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_non_loopback_tcp_requires_curve_keys():
@@ -39,7 +31,7 @@ def test_curve_client_is_served_and_unauthenticated_client_refused(tmp_path):
     client_public, client_secret = zmq.auth.create_certificates(str(keys), "client")
     _, stranger_secret = zmq.auth.create_certificates(str(keys), "stranger")
     (allowed / "client.key").write_bytes(open(client_public, "rb").read())
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     with run_daemon(tmp_path, fake={"width": 16, "height": 16},
                     daemon={"tcp_endpoint": endpoint, "curve_secret_key_file": server_secret,
                             "curve_clients_dir": str(allowed)}) as d:

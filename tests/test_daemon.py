@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
-from daemon_harness import run_daemon
+from daemon_harness import free_port, run_daemon
 
 from avatard.engines.fake import expected_frame
 from avatard.ipc import protocol as P
@@ -364,13 +364,10 @@ def test_loads_are_staggered_one_at_a_time(tmp_path):
 
 
 def test_prometheus_endpoint_serves_worker_and_job_metrics(tmp_path):
-    import socket
     import urllib.request
 
     pytest.importorskip("prometheus_client")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with run_daemon(tmp_path, fake=FAKE, daemon={"metrics_port": port}) as d, d.client() as c:
         collect(c.speak("Hello.", seed=1))
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
@@ -381,16 +378,13 @@ def test_prometheus_endpoint_serves_worker_and_job_metrics(tmp_path):
 
 
 def test_registrations_are_counted_apart_from_jobs(tmp_path):
-    import socket
     import subprocess
     import urllib.request
 
     from daemon_harness import AVATARD
 
     pytest.importorskip("prometheus_client")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with run_daemon(tmp_path, fake=FAKE, daemon={"metrics_port": port}) as d, d.client() as c:
         # The fake engine refuses an empty image as bad input, as a real one refuses a
         # picture without a face: the client's error, not a failed render job.
@@ -474,3 +468,15 @@ def test_a_worker_that_fails_to_load_exits_cleanly_with_its_status(tmp_path):
         reason = status["workers"][0]["reason"]
         assert "load failed: RuntimeError" in reason and "exited with status 2" in reason
     assert "Traceback" not in d.log_text().split("injected load error")[-1]
+
+
+def test_a_slow_engine_is_not_taken_for_a_slow_client(tmp_path):
+    """The Client gives a frame's slot back when asked for the next event, before it
+    waits: frames that take longer than client_call_s to render do not end the job."""
+    pcm = np.zeros(16000 // 5, np.float32)  # 5 frames
+    with run_daemon(tmp_path, fake={**FAKE, "frame_ms": 1500},
+                    timeouts={"client_call_s": 1.0, "stall_timeout_s": 20}) as d, \
+            d.client() as c:
+        frames, _, done = collect(c.lipsync(pcm, 16000, seed=2))
+        assert done is not None and len(frames) == 5
+        assert_frames_exact(frames, 2)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import threading
 import urllib.request
 
 import pytest
-from daemon_harness import run_daemon
+from daemon_harness import free_port, run_daemon
 
 from avatard.daemon.status import StatusHandoff
 from avatard.ipc.client import DoneEvent
@@ -74,9 +73,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 def test_scrapes_while_jobs_run_and_a_worker_dies_see_whole_snapshots(tmp_path):
     pytest.importorskip("prometheus_client")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workers, jobs = 2, 8
     with run_daemon(tmp_path, workers=workers, fake={"width": 16, "height": 16,
                                                      "frame_ms": 5},

