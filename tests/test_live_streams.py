@@ -1,0 +1,119 @@
+"""Live streams of the CPU avatar engines (`open_stream(..., live=True)`):
+fed a frame of audio per tick forever, the look-ahead they state, and barge-in
+(`interrupt()`). Ditto's live streams are tested with the other Ditto stream tests
+(test_ditto_motion_gen.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avatard.engines.base import AvatarStream
+from avatard.engines.fake import (
+    FakeAvatarEngine,
+    expected_frame,
+    frame_audio_level_of,
+    frame_index_of,
+)
+
+SAMPLES_PER_FRAME = 640  # 16 kHz at 25 fps, both engines' defaults
+
+
+def tone(frames: int, hz: float = 500.0, amplitude: float = 0.5) -> np.ndarray:
+    """A vowel-like tone (first-formant band, where the embedded engine opens the mouth
+    most), `frames` frames long."""
+    t = np.arange(frames * SAMPLES_PER_FRAME) / 16000.0
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def push_per_frame(stream: AvatarStream, pcm: np.ndarray) -> list[list[np.ndarray]]:
+    """Push `pcm` one frame of audio per call, as the live clock does: the frames each
+    call returned."""
+    assert len(pcm) % SAMPLES_PER_FRAME == 0
+    return [list(stream.push(pcm[i : i + SAMPLES_PER_FRAME]))
+            for i in range(0, len(pcm), SAMPLES_PER_FRAME)]
+
+
+def flat(per_push: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [frame for frames in per_push for frame in frames]
+
+
+def appearance(per_push: list[list[np.ndarray]]) -> list[int]:
+    """For each frame k in order, the index of the push that returned it."""
+    return [push for push, frames in enumerate(per_push) for _ in frames]
+
+
+def assert_same_frames(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert np.array_equal(x, y), f"frame {k} differs"
+
+
+# ---------------------------------------------------------------------------- fake
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeAvatarEngine:
+    return FakeAvatarEngine("cpu", {"width": 16, "height": 8})
+
+
+def test_fake_live_stream_fed_silence_gives_one_frame_per_frame_of_audio(fake) -> None:
+    stream = fake.open_stream(fake.register(b"face"), 9, live=True)
+    assert stream.live and stream.lookahead_frames == 0
+    per_push = push_per_frame(stream, np.zeros(2000 * SAMPLES_PER_FRAME, np.float32))
+    assert [len(frames) for frames in per_push] == [1] * 2000
+    frames = flat(per_push)
+    assert [frame_index_of(f) for f in frames] == list(range(2000))
+    # Silence: audio level 0 in the header, the rest of the frame as every fake frame.
+    assert all(np.array_equal(f, expected_frame(9, k, 8, 16, audio_level=0))
+               for k, f in enumerate(frames))
+
+
+def test_fake_lookahead_is_what_push_does(fake) -> None:
+    stream = fake.open_stream(fake.register(b"face"), 1, live=True)
+    per_push = push_per_frame(stream, tone(50))
+    assert appearance(per_push) == [k + stream.lookahead_frames for k in range(50)]
+    # A frame waits for the last sample of its audio.
+    assert list(stream.push(np.zeros(SAMPLES_PER_FRAME - 1, np.float32))) == []
+    assert len(stream.push(np.zeros(1, np.float32))) == 1
+
+
+def test_fake_interrupt_silences_the_frame_not_yet_returned(fake) -> None:
+    state = fake.register(b"face")
+    speech = tone(10)
+    partial = tone(1)[:300]  # a barge-in lands 300 samples into frame 10
+
+    stream = fake.open_stream(state, 4, live=True)
+    before = flat(push_per_frame(stream, speech)) + list(stream.push(partial))
+    assert stream.interrupt() == 1  # frame 10: its first 300 samples become zeros
+    after = list(stream.push(np.zeros(SAMPLES_PER_FRAME - 300, np.float32)))
+    after += flat(push_per_frame(stream, np.zeros(20 * SAMPLES_PER_FRAME, np.float32)))
+    assert stream.interrupt() == 0  # every pushed frame already returned
+
+    # The same stream fed zeros for the interrupted audio, never interrupted.
+    reference = fake.open_stream(state, 4, live=True)
+    zeros = np.zeros(SAMPLES_PER_FRAME + 20 * SAMPLES_PER_FRAME, np.float32)
+    expected = flat(push_per_frame(reference, np.concatenate([speech, zeros])))
+    assert_same_frames(before + after, expected)
+    assert [frame_index_of(f) for f in before + after] == list(range(31))
+    assert all(frame_audio_level_of(f) == 128 for f in before)  # round(255 * 0.5)
+    assert all(frame_audio_level_of(f) == 0 for f in after)
+
+    # Not interrupted, frame 10 would carry the speech.
+    plain = fake.open_stream(state, 4, live=True)
+    plain.push(np.concatenate([speech, partial]))
+    assert frame_audio_level_of(plain.push(np.zeros(340, np.float32))[0]) > 0
+
+
+def test_fake_interrupt_needs_a_live_unfinished_stream(fake) -> None:
+    state = fake.register(b"face")
+    with pytest.raises(RuntimeError, match="live"):
+        fake.open_stream(state, 1).interrupt()
+    stream = fake.open_stream(state, 1, live=True)
+    stream.push(np.zeros(700, np.float32))
+    stream.finish()
+    with pytest.raises(RuntimeError, match="finish"):
+        stream.interrupt()
+    # Frames of streams that are not live stay a function of (seed, index) alone.
+    plain = fake.open_stream(state, 1)
+    assert np.array_equal(plain.push(tone(1))[0], expected_frame(1, 0, 8, 16))
