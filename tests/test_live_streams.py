@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avatard.engines.base import AvatarStream
+from avatard.engines.base import AvatarState, AvatarStream, EngineInputError
 from avatard.engines.fake import (
     FakeAvatarEngine,
     expected_frame,
@@ -117,3 +117,122 @@ def test_fake_interrupt_needs_a_live_unfinished_stream(fake) -> None:
     # Frames of streams that are not live stay a function of (seed, index) alone.
     plain = fake.open_stream(state, 1)
     assert np.array_equal(plain.push(tone(1))[0], expected_frame(1, 0, 8, 16))
+
+
+# ---------------------------------------------------------------------------- embedded
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    pytest.importorskip("cv2")
+    from avatard.engines.embedded.avatar import EmbeddedAvatarEngine, default_portrait
+
+    engine = EmbeddedAvatarEngine("cpu", {"warmup": False})
+    return engine, engine.register(default_portrait())
+
+
+def test_embedded_live_stream_fed_silence_gives_one_frame_per_frame_of_audio(embedded) -> None:
+    engine, state = embedded
+    stream = engine.open_stream(state, 5, live=True)
+    lookahead = stream.lookahead_frames
+    silence = np.zeros(300 * SAMPLES_PER_FRAME, np.float32)
+    per_push = push_per_frame(stream, silence)
+    assert [len(frames) for frames in per_push] == [0] * lookahead + [1] * (300 - lookahead)
+    # Frame k of the live stream is frame k of the same audio rendered in one piece:
+    # nothing skipped, repeated or reordered.
+    whole = list(engine.render(state, silence, seed=5))
+    assert_same_frames(flat(per_push), whole[: 300 - lookahead])
+
+
+def test_embedded_lookahead_is_what_push_does(embedded) -> None:
+    engine, state = embedded
+    stream = engine.open_stream(state, 0, live=True)
+    assert stream.lookahead_frames == 2  # 832 samples past the frame's end
+    per_push = push_per_frame(stream, tone(60))
+    assert appearance(per_push) == [k + 2 for k in range(58)]
+
+
+def _mouth_darkness(frame: np.ndarray, state) -> float:
+    """Share of dark pixels around the lip line (an open mouth is dark inside)."""
+    rig = state.payload.rig
+    x, y = rig.landmarks.mouth_center
+    half = rig.landmarks.mouth_half_width
+    region = frame[int(y - 8) : int(y + 30), int(x - half) : int(x + half)]
+    luminance = region.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return float((luminance < 70).mean())
+
+
+def test_embedded_interrupt_before_the_speech_was_read_equals_silence(embedded) -> None:
+    """Speech that no returned frame read (the last 448 samples pushed) is silenced:
+    the stream renders exactly what a stream fed zeros there renders."""
+    engine, state = embedded
+    audio = np.zeros(11 * SAMPLES_PER_FRAME, np.float32)
+    audio[-448:] = tone(1)[-448:]  # read only by frames 9 and 10, not returned yet
+    tail = np.zeros(40 * SAMPLES_PER_FRAME, np.float32)
+
+    stream = engine.open_stream(state, 3, live=True)
+    frames = flat(push_per_frame(stream, audio))
+    assert len(frames) == 9
+    assert stream.interrupt() == 2  # frames 9 and 10
+    frames += flat(push_per_frame(stream, tail))
+
+    silent = engine.open_stream(state, 3, live=True)
+    expected = flat(push_per_frame(silent, np.concatenate([np.zeros_like(audio), tail])))
+    assert_same_frames(frames, expected)
+
+    # Without the interrupt the speech opens the mouth in frame 9.
+    plain = engine.open_stream(state, 3, live=True)
+    spoken = flat(push_per_frame(plain, np.concatenate([audio, tail])))
+    assert not np.array_equal(spoken[9], expected[9])
+
+
+def test_embedded_interrupt_mid_speech_silences_every_frame_not_returned(embedded) -> None:
+    """Barge-in in the middle of speech: what happens next depends only on the audio the
+    returned frames read (up to 832 samples into frame F), never on the rest of the
+    pushed audio; the mouth closes from where it was, to rest."""
+    engine, state = embedded
+    speech = tone(30)
+    tail = np.zeros(60 * SAMPLES_PER_FRAME, np.float32)
+    returned_read = (30 - 2) * SAMPLES_PER_FRAME + 832  # frames 0..27 returned
+
+    def interrupted(pushed: np.ndarray) -> list[np.ndarray]:
+        stream = engine.open_stream(state, 8, live=True)
+        frames = flat(push_per_frame(stream, pushed))
+        assert len(frames) == 28
+        assert stream.interrupt() == 2
+        return frames + flat(push_per_frame(stream, tail))
+
+    frames = interrupted(speech)
+    # The same stream fed zeros for the audio no returned frame read, interrupted at the
+    # same point: identical from the first frame to the last.
+    other = speech.copy()
+    other[returned_read:] = 0.0
+    assert_same_frames(frames, interrupted(other))
+    # ... and fed different speech there: identical too.
+    other[returned_read:] = tone(30, hz=800.0)[returned_read:]
+    assert_same_frames(frames, interrupted(other))
+
+    rest = _mouth_darkness(flat(push_per_frame(engine.open_stream(state, 8, live=True),
+                                               tail))[-1], state)
+    speaking = _mouth_darkness(frames[27], state)
+    closing = [_mouth_darkness(f, state) for f in frames[28:40]]
+    assert speaking > rest + 0.05
+    assert closing[-1] <= rest + 0.01  # at rest within 12 frames (0.48 s)
+    # Closing, not cut: the darkness falls frame by frame (head sway moves it by a hair).
+    assert all(b <= a + 0.005 for a, b in zip(closing, closing[1:], strict=False))
+    assert closing[0] > closing[-1] + 0.05
+
+
+def test_embedded_interrupt_needs_a_live_unfinished_stream(embedded) -> None:
+    engine, state = embedded
+    with pytest.raises(RuntimeError, match="live"):
+        engine.open_stream(state, 1).interrupt()
+    stream = engine.open_stream(state, 1, live=True)
+    assert stream.interrupt() == 0  # nothing pushed yet
+    stream.push(np.zeros(100, np.float32))
+    assert stream.interrupt() == 1
+    list(stream.finish())
+    with pytest.raises(RuntimeError, match="finish"):
+        stream.interrupt()
+    with pytest.raises(EngineInputError):
+        engine.open_stream(AvatarState("not-embedded", 8, 8), 1, live=True)
