@@ -91,3 +91,22 @@ def test_random_weights_render_one_frame(caplog: pytest.LogCaptureFixture) -> No
     with pytest.raises(EngineInputError, match="image"):
         engine.register(np.zeros((10, 10), np.uint8))
     engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_live_streams_run_online() -> None:
+    engine = DittoEngine("cpu", {"weights": "random", "sampling_timesteps": 2, "warmup": False})
+    try:
+        image = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+        state = engine.register(image)
+        assert engine.mode == "offline" and not engine.open_stream(state, seed=1).live
+        stream = engine.open_stream(state, seed=1, live=True)
+        assert stream.live and stream.mode == "online" and stream.lookahead_frames == 21
+        # 21 frames of audio: window 0 (the pre-roll's) has run, no frame is out yet.
+        assert list(stream.push(np.zeros(21 * 640, np.float32))) == []
+        assert stream.interrupt() == 21
+        with pytest.raises(EngineInputError, match="mode"):
+            engine.open_stream(state, seed=1, live=True, mode="offline")
+    finally:
+        engine.close()
