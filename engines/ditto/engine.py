@@ -931,7 +931,7 @@ class DittoStream(AvatarStream):
             raise RuntimeError("interrupt() while frames of the last push() are not all "
                                "read: read its iterator to the end first")
         returned = self.handed_out
-        affected = -(-self.samples // SAMPLES_PER_FRAME) - returned
+        affected = -(-self.samples // SAMPLES_PER_FRAME) - returned  # frames with audio
         if affected <= 0:
             return 0
         cut = returned * SAMPLES_PER_FRAME - self.pcm_base

@@ -34,6 +34,7 @@ from ..base import (
     EngineReport,
     ProgressFn,
     check_interruptible,
+    frames_with_audio,
     no_progress,
 )
 from ..images import DecodedImage, decode_image, parse_colour
@@ -312,7 +313,7 @@ class EmbeddedAvatarStream(AvatarStream):
             keep = max(0, cut - self._buffer_start)
             self._buffer = np.concatenate(
                 [self._buffer[:keep], np.zeros(self._buffer.size - keep, np.float32)])
-        return max(0, -(-self._received // HOP) - self._next_frame)
+        return max(0, frames_with_audio(self._received, AUDIO_RATE, FPS) - self._next_frame)
 
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         if self._finished:
