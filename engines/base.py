@@ -263,9 +263,12 @@ def frame_start_sample(index: int, audio_rate: int, fps: int) -> int:
 
 
 def frames_with_audio(sample_count: int, audio_rate: int, fps: int) -> int:
-    """How many frames hold at least one of the first `sample_count` samples:
-    ceil(sample_count * fps / audio_rate)."""
-    return -(-sample_count * fps // audio_rate)
+    """How many frames hold at least one of the first `sample_count` samples: those whose
+    first sample (`frame_start_sample`) is below sample_count."""
+    if sample_count <= 0:
+        return 0
+    # ceil(k * rate / fps) < n  <=>  k * rate / fps <= n - 1 for integer n.
+    return (sample_count - 1) * fps // audio_rate + 1
 
 
 def check_interruptible(stream: AvatarStream, finished: bool) -> None:

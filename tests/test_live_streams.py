@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avatard.engines.base import AvatarState, AvatarStream, EngineInputError
+from avatard.engines.base import (
+    AvatarState,
+    AvatarStream,
+    EngineInputError,
+    frame_start_sample,
+    frames_with_audio,
+)
 from avatard.engines.fake import (
     FakeAvatarEngine,
     expected_frame,
@@ -103,6 +109,24 @@ def test_fake_interrupt_silences_the_frame_not_yet_returned(fake) -> None:
     plain = fake.open_stream(state, 4, live=True)
     plain.push(np.concatenate([speech, partial]))
     assert frame_audio_level_of(plain.push(np.zeros(340, np.float32))[0]) > 0
+
+
+@pytest.mark.parametrize(("audio_rate", "fps"), [(16000, 25), (1000, 3), (22050, 30)])
+def test_frame_audio_bounds_agree(audio_rate: int, fps: int) -> None:
+    starts = [frame_start_sample(k, audio_rate, fps) for k in range(12)]
+    for n in range(0, starts[-1]):
+        assert frames_with_audio(n, audio_rate, fps) == sum(start < n for start in starts)
+
+
+def test_fake_interrupt_counts_frames_at_any_rate() -> None:
+    engine = FakeAvatarEngine("cpu", {"width": 16, "height": 8, "audio_rate": 1000, "fps": 3})
+    stream = engine.open_stream(engine.register(b"face"), 2, live=True)
+    assert len(stream.push(tone(2)[:334])) == 1  # frame 0 is samples 0..333
+    assert stream.interrupt() == 0  # frame 1 starts at sample 334: no audio of it yet
+    stream.push(np.full(1, 0.5, np.float32))
+    assert stream.interrupt() == 1
+    frames = stream.push(np.zeros(333, np.float32))
+    assert [frame_audio_level_of(f) for f in frames] == [0]
 
 
 def test_fake_interrupt_needs_a_live_unfinished_stream(fake) -> None:
