@@ -19,7 +19,7 @@ Conventions shared by every engine:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -210,18 +210,107 @@ class AvatarState:
 
 
 class AvatarStream(abc.ABC):
-    """One job's rendering session. Audio arrives in chunks; frames leave as soon as
-    they exist. Frame k of a stream depends only on (avatar, audio, seed, k)."""
+    """One job's rendering session. Audio arrives in chunks; frames leave as soon as they
+    exist, in order, numbered 0, 1, 2, ... (frame k shows the audio of seconds
+    [k / fps, (k + 1) / fps), samples [ceil(k * audio_rate / fps), ceil((k + 1) * audio_rate /
+    fps)) of the pushed audio: "the audio of frame k").
+
+    Determinism: frame k is a function of (avatar, seed, the pushed audio, k) and, for a
+    live stream, of where in the sequence of push() calls each interrupt() came. A stream
+    re-run with the same inputs and calls gives the same frames bit for bit.
+
+    Live streams (`AvatarEngine.open_stream(..., live=True)`) are fed forever: the live
+    clock pushes one frame of audio per 1 / fps (the client's speech, or silence when none
+    is queued: idle motion is the model fed silence) and sends the frames push() returns.
+    They are never finish()ed in normal operation (finish() still works and returns the
+    frames of the audio pushed so far). Only live streams accept interrupt() (barge-in).
+
+    Calls on one stream come from one thread at a time; push(), finish() and interrupt()
+    are engine calls (the worker holds the engine's lock around each, and around each step
+    of an iterator that push() returns)."""
+
+    # Set by `AvatarEngine.open_stream(..., live=True)`.
+    live: bool = False
 
     @abc.abstractmethod
-    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
-        """Feed the next chunk of audio (float32 at the engine's `audio_rate`) and
-        return the frames that became ready, in order."""
+    def push(self, pcm: np.ndarray) -> Iterable[np.ndarray]:
+        """Feed the next chunk of audio and return the frames that became ready, in order.
+
+        pcm: mono float32 PCM in [-1, 1] at the engine's `audio_rate`, shape (n,), any n
+        >= 0 (the chunking does not change any frame). Returns (H, W, 3) uint8 RGB frames,
+        as a list or as an iterator that does the work while it is read (Ditto); an
+        iterator must be read to the end before the next push(), finish() or interrupt().
+        Bad audio raises `EngineInputError("audio" or "pcm", rule)`; a push after finish()
+        raises (RuntimeError or EngineInputError, per engine)."""
 
     @abc.abstractmethod
-    def finish(self) -> list[np.ndarray]:
+    def finish(self) -> Iterable[np.ndarray]:
         """No more audio: return the remaining frames. The total frame count is
         round(audio_seconds * fps) so audio and video lengths agree within a frame."""
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Frames of audio past frame k that must have been pushed before push() returns
+        frame k: with audio pushed one frame per call, frame k leaves at the latest in the
+        call that pushes the audio of frame k + lookahead_frames (some engines return some
+        frames earlier: Ditto's online scheme returns them in tens). 0 means frame k
+        leaves as soon as its own audio is complete. The live clock's delay between audio
+        in and its frame out is lookahead_frames / fps (plus compute time).
+
+        Constant for a stream's lifetime. Engines that do not state it raise
+        NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not state its look-ahead")
+
+    def interrupt(self) -> int:
+        """Barge-in: the audio pushed so far whose frames have not been returned becomes
+        silence.
+
+        Every pushed sample of a frame k >= F (F = frames returned so far) is treated from
+        now on as if it had been zeros: the stream drops or recomputes whatever internal
+        work depended on it (buffered audio, features, queued motion) so that every frame
+        still to come is computed from silence in its place, and the frames after the
+        interrupt show the mouth returning to rest the way the model does with silence
+        (state that already shaped returned frames, such as smoothed or fused motion, is
+        kept, so the pose does not jump). Frames returned before the call are not changed;
+        through their look-ahead they may already have shown part of the silenced audio.
+        Frame indices stay continuous: the next frame returned is frame F. Audio pushed
+        after the call is used as pushed.
+
+        No frame is being rendered when interrupt() may be called: it is called between
+        pushes, after the previous push's frames were all read, and every engine hands out
+        each frame it submitted for rendering before that push's frames end. Nothing that
+        was rendered is recalled or dropped.
+
+        Returns the number of frames whose pushed audio was silenced: frames F .. L, L the
+        last frame with at least one pushed sample (0 when all pushed audio has its frames
+        returned). The caller replaces the audio it holds for those frames with silence.
+
+        Raises RuntimeError on a stream that is not live, after finish(), or while the
+        iterator of the last push() is not read to the end."""
+        raise NotImplementedError(f"{type(self).__name__} does not support interrupt()")
+
+
+def frame_start_sample(index: int, audio_rate: int, fps: int) -> int:
+    """First sample of frame `index`'s audio: ceil(index * audio_rate / fps)."""
+    return -(-index * audio_rate // fps)
+
+
+def frames_with_audio(sample_count: int, audio_rate: int, fps: int) -> int:
+    """How many frames hold at least one of the first `sample_count` samples: those whose
+    first sample (`frame_start_sample`) is below sample_count."""
+    if sample_count <= 0:
+        return 0
+    # ceil(k * rate / fps) < n  <=>  k * rate / fps <= n - 1 for integer n.
+    return (sample_count - 1) * fps // audio_rate + 1
+
+
+def check_interruptible(stream: AvatarStream, finished: bool) -> None:
+    """The RuntimeError interrupt() raises on a stream that cannot take one."""
+    if not stream.live:
+        raise RuntimeError(f"interrupt() needs a live stream (open_stream(..., live=True)); "
+                           f"this {type(stream).__name__} is not live")
+    if finished:
+        raise RuntimeError(f"interrupt() after finish() on a {type(stream).__name__}")
 
 
 class AvatarEngine(Engine):
@@ -241,8 +330,11 @@ class AvatarEngine(Engine):
         return None
 
     @abc.abstractmethod
-    def open_stream(self, state: AvatarState, seed: int) -> AvatarStream:
-        """Start rendering a job for a registered avatar."""
+    def open_stream(self, state: AvatarState, seed: int, live: bool = False) -> AvatarStream:
+        """Start rendering a job for a registered avatar. `seed` (int) fixes the job's
+        randomness. `live=True` opens a live stream (see `AvatarStream`): fed forever,
+        interruptible, and run in the engine's lowest-latency scheme (Ditto: "online").
+        An unregistered avatar or a bad seed raises EngineInputError."""
 
     def render(self, state: AvatarState, pcm: np.ndarray, seed: int) -> Iterator[np.ndarray]:
         """Offline convenience: all audio at once, frames as they come."""

@@ -17,7 +17,10 @@ config (3 hang, 2 crash...).
 
 Frames are a pure function of (job seed, frame index): `expected_frame` computes the frame
 a stream must produce, so tests can check every pixel. Its first four pixels carry the
-frame index and the seed in the clear (`frame_index_of`, `frame_seed_of`).
+frame index and the seed in the clear (`frame_index_of`, `frame_seed_of`). Frames of a live
+stream (`open_stream(..., live=True)`) also carry the loudness of the frame's own audio in
+a fifth header pixel (`frame_audio_level_of`): 0 for silence, so a test of barge-in sees
+which frames were rendered from speech and which from silence.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ from .base import (
     TTSEngine,
     Word,
     WorkerContext,
+    check_interruptible,
+    frame_start_sample,
+    frames_with_audio,
     no_progress,
 )
 from .fake_options import FakeOptions
@@ -66,6 +72,7 @@ __all__ = [
     "FakeTTSEngine",
     "InjectedFault",
     "expected_frame",
+    "frame_audio_level_of",
     "frame_count",
     "frame_index_of",
     "frame_seed_of",
@@ -93,20 +100,44 @@ def parse_fake_options(options: FakeOptions | dict[str, Any] | None,
 # ---------------------------------------------------------------------------- frames
 
 
-def expected_frame(seed: int, index: int, height: int, width: int) -> np.ndarray:
+def expected_frame(seed: int, index: int, height: int, width: int,
+                   audio_level: int | None = None) -> np.ndarray:
     """Frame `index` of a job with seed `seed`: (height, width, 3) uint8 noise drawn from a
     PCG64 generator seeded with (seed, index), with a header in row 0, pixels 0..3:
-    red = index (little-endian uint32), green = seed's low 32 bits, blue = 0xA5."""
+    red = index (little-endian uint32), green = seed's low 32 bits, blue = 0xA5. Frames of
+    a live stream pass `audio_level` (0..255, see `audio_level`): pixel 4 of row 0 is then
+    (level, level, 0xA5)."""
     if index < 0:
         raise ValueError(f"frame index must be >= 0, got {index}")
-    if height < 1 or width < 4:
-        raise ValueError(f"frame must be at least 1x4 pixels, got {height}x{width}")
+    min_width = 4 if audio_level is None else 5
+    if height < 1 or width < min_width:
+        raise ValueError(f"frame must be at least 1x{min_width} pixels, got {height}x{width}")
     generator = np.random.Generator(np.random.PCG64([seed & UINT64_MASK, index]))
     frame = generator.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     frame[0, :4, 0] = np.frombuffer((index & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
     frame[0, :4, 1] = np.frombuffer((seed & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
     frame[0, :4, 2] = HEADER_MARKER
+    if audio_level is not None:
+        if not 0 <= audio_level <= 255:
+            raise ValueError(f"audio_level must be in 0..255, got {audio_level}")
+        frame[0, 4] = (audio_level, audio_level, HEADER_MARKER)
     return frame
+
+
+def audio_level(pcm: np.ndarray) -> int:
+    """Loudness of one frame's audio as a live fake frame shows it: round(255 * peak |pcm|),
+    peak clipped to 1; 0 for silence or no samples."""
+    if pcm.size == 0:
+        return 0
+    return round(255 * min(1.0, float(np.max(np.abs(pcm)))))
+
+
+def frame_audio_level_of(frame: np.ndarray) -> int:
+    """The audio level (0..255) written in a live fake frame's header (pixel 4 of row 0)."""
+    if frame.shape[1] < 5 or not np.all(frame[0, :5, 2] == HEADER_MARKER) or (
+            frame[0, 4, 0] != frame[0, 4, 1]):
+        raise ValueError("not a live frame of the fake avatar engine (no audio level)")
+    return int(frame[0, 4, 0])
 
 
 def frame_index_of(frame: np.ndarray) -> int:
@@ -289,19 +320,29 @@ class _FakeLoad:
 
 
 class FakeAvatarStream(AvatarStream):
-    """Frames of one job: frame k exists once the audio up to its end has arrived."""
+    """Frames of one job: frame k exists once the audio up to its end has arrived
+    (look-ahead 0). A live stream keeps the audio of the frames it has not returned yet,
+    to write each frame's audio level into it and to silence it on interrupt()."""
 
-    def __init__(self, engine: FakeAvatarEngine, state: AvatarState, seed: int):
+    def __init__(self, engine: FakeAvatarEngine, state: AvatarState, seed: int,
+                 live: bool = False):
         self._engine = engine
         self._size = (state.height, state.width)  # the frames', from registration
         self._seed = seed
+        self.live = live
         self._sample_count = 0
         self._next_index = 0
         self._finished = False
+        # Live only: the pushed audio from the first sample of frame `_next_index` on.
+        self._pending_pcm = np.zeros(0, np.float32)
 
     @property
     def frames_produced(self) -> int:
         return self._next_index
+
+    @property
+    def lookahead_frames(self) -> int:
+        return 0
 
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         if self._finished:
@@ -311,6 +352,8 @@ class FakeAvatarStream(AvatarStream):
         if pcm.dtype != np.float32:
             raise EngineInputError("pcm", f"must be float32, got {pcm.dtype}")
         self._sample_count += pcm.shape[0]
+        if self.live:
+            self._pending_pcm = np.concatenate([self._pending_pcm, pcm])
         engine = self._engine
         # Only whole frames: frame k needs the audio up to (k + 1) / fps seconds.
         ready = self._sample_count * engine.fps // engine.audio_rate
@@ -323,13 +366,33 @@ class FakeAvatarStream(AvatarStream):
         engine = self._engine
         return self._render_until(frame_count(self._sample_count, engine.audio_rate, engine.fps))
 
+    def interrupt(self) -> int:
+        """Barge-in (see `AvatarStream.interrupt`): the held audio of the frames not
+        returned yet (at most the part of one frame, look-ahead being 0) becomes zeros, so
+        those frames carry audio level 0."""
+        check_interruptible(self, self._finished)
+        engine = self._engine
+        affected = frames_with_audio(self._sample_count, engine.audio_rate, engine.fps)
+        self._pending_pcm = np.zeros_like(self._pending_pcm)
+        return max(0, affected - self._next_index)
+
     def _render_until(self, end_index: int) -> list[np.ndarray]:
         frames = []
         while self._next_index < end_index:
+            level = self._take_level() if self.live else None
             frames.append(self._engine._render_frame(self._seed, self._next_index,
-                                                     *self._size))
+                                                     *self._size, level))
             self._next_index += 1
         return frames
+
+    def _take_level(self) -> int:
+        """The audio level of frame `_next_index`, whose audio leaves the held audio."""
+        engine = self._engine
+        start = frame_start_sample(self._next_index, engine.audio_rate, engine.fps)
+        end = frame_start_sample(self._next_index + 1, engine.audio_rate, engine.fps)
+        own = self._pending_pcm[: end - start]  # shorter at finish() after a partial frame
+        self._pending_pcm = self._pending_pcm[end - start :]
+        return audio_level(own)
 
 
 class FakeAvatarEngine(AvatarEngine):
@@ -428,7 +491,8 @@ class FakeAvatarEngine(AvatarEngine):
         with self._cache_lock:
             return len(self._avatars)
 
-    def open_stream(self, state: AvatarState, seed: int) -> FakeAvatarStream:
+    def open_stream(self, state: AvatarState, seed: int, live: bool = False
+                    ) -> FakeAvatarStream:
         # Like the real engines, a stream needs only the state, which the caller may keep
         # after this cache let it go; a state this engine did not make is refused.
         if not isinstance(state, AvatarState) or state.extras.get("engine") is not self._token:
@@ -436,9 +500,10 @@ class FakeAvatarEngine(AvatarEngine):
                                    "not registered with this engine")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise EngineInputError("seed", f"must be an int, got {type(seed).__name__}")
-        return FakeAvatarStream(self, state, int(seed))
+        return FakeAvatarStream(self, state, int(seed), live=bool(live))
 
-    def _render_frame(self, seed: int, index: int, height: int, width: int) -> np.ndarray:
+    def _render_frame(self, seed: int, index: int, height: int, width: int,
+                      audio_level: int | None = None) -> np.ndarray:
         options = self.options
         if options.faults_apply(self.context):
             if index == options.error_at_frame:
@@ -448,7 +513,7 @@ class FakeAvatarEngine(AvatarEngine):
             if index == options.hang_at_frame:
                 _hang(self.context, f"at frame {index}")
         _spend(options.frame_ms / 1000.0, options.frame_busy)
-        return expected_frame(seed, index, height, width)
+        return expected_frame(seed, index, height, width, audio_level)
 
 
 # ---------------------------------------------------------------------------- TTS

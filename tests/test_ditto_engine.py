@@ -99,3 +99,22 @@ def test_auto_dtype_is_float16_on_cuda_and_float32_on_cpu() -> None:
     assert resolve_dtype("auto", cuda=True) == "float16"
     assert resolve_dtype("auto", cuda=False) == "float32"
     assert resolve_dtype("bfloat16", cuda=True) == "bfloat16"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_live_streams_run_online() -> None:
+    engine = DittoEngine("cpu", {"weights": "random", "sampling_timesteps": 2, "warmup": False})
+    try:
+        image = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+        state = engine.register(image)
+        assert engine.mode == "offline" and not engine.open_stream(state, seed=1).live
+        stream = engine.open_stream(state, seed=1, live=True)
+        assert stream.live and stream.mode == "online" and stream.lookahead_frames == 21
+        # 21 frames of audio: window 0 (the pre-roll's) has run, no frame is out yet.
+        assert list(stream.push(np.zeros(21 * 640, np.float32))) == []
+        assert stream.interrupt() == 21
+        with pytest.raises(EngineInputError, match="mode"):
+            engine.open_stream(state, seed=1, live=True, mode="offline")
+    finally:
+        engine.close()

@@ -1,7 +1,7 @@
 """Motion-vector layout, LMDM windowing in upstream's offline and online schemes, the blink
-schedule, and the engine stream's plumbing (chunking independence, seeds, noise reuse),
-with cheap deterministic stand-ins for the LMDM sampler. The recorded upstream cases are
-checked in test_ditto_motion_vectors.py."""
+schedule, and the engine stream's plumbing (chunking independence, seeds, noise reuse,
+live streams: pace, look-ahead, barge-in), with cheap deterministic stand-ins for the LMDM
+sampler. The recorded upstream cases are checked in test_ditto_motion_vectors.py."""
 
 from __future__ import annotations
 
@@ -427,3 +427,225 @@ def test_ddim_step_factors_are_finite_float64_values(steps: int) -> None:
         np.testing.assert_allclose(coef, [np.sqrt(an), c, sigma], rtol=1e-6, atol=1e-9)
         # Each row is a unit vector (a DDIM step keeps the variance): a check of the maths.
         assert abs(sum(v * v for v in coef) - 1.0) < 1e-5
+
+
+# ----------------------------------------------------------------------- live streams
+
+
+class _WholeWindowSession:
+    """The streaming encoder's surface with outputs that depend on the whole chunk (as
+    HuBERT's attention does): row i of the 20 = its own 324 samples' sum plus a quarter of
+    the chunk's sum, so a row changes when audio in its chunk's look-ahead changes."""
+
+    class _Input:
+        name = "audio"
+
+    def get_inputs(self):
+        return [self._Input()]
+
+    def run(self, outputs, feeds):
+        chunk = feeds["audio"].reshape(20, -1)
+        rows = chunk.sum(axis=1, keepdims=True) + 0.25 * chunk.sum()
+        return [np.repeat(rows, 1024, axis=1)[None]]
+
+
+class _LiveEngine(_FakeEngine):
+    """The stand-in engine with the real encoder chunking (`_hubert_features`) over the
+    session above, so a barge-in has features that read the silenced audio to redo."""
+
+    def __init__(self, mode: str = "online"):
+        super().__init__(mode)
+        self.session = _WholeWindowSession()
+        self.conds: list[np.ndarray] = []  # the condition of every window sampled
+
+    def preroll_features(self, rows: int) -> np.ndarray:
+        return self.audio_features(np.zeros(rows * SAMPLES_PER_FRAME, np.float32), 0, rows)
+
+    def audio_features(self, pcm, start, end, base=0) -> np.ndarray:
+        return _hubert_features(self.session, pcm, start, end, base)
+
+    def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
+        self.conds.append(np.asarray(cond).copy())
+        return super().sample_window(reference, cond, x_init, step_noise, due)
+
+
+def _live(engine: _FakeEngine | None = None, seed: int = 7) -> DittoStream:
+    return DittoStream(engine or _LiveEngine(), _avatar(), seed=seed, mode="online",  # type: ignore[arg-type]
+                       live=True)
+
+
+def _per_frame(stream: DittoStream, pcm: np.ndarray) -> list[list[np.ndarray]]:
+    """Push one frame of audio per call, as the live clock does: each call's frames."""
+    return [list(stream.push(pcm[i : i + SAMPLES_PER_FRAME]))
+            for i in range(0, len(pcm), SAMPLES_PER_FRAME)]
+
+
+def _flat(per_push: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [frame for frames in per_push for frame in frames]
+
+
+def _speech(frames: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * SAMPLES_PER_FRAME) / 16000.0
+    envelope = 0.2 + 0.3 * np.abs(np.sin(2 * np.pi * 2.7 * t))  # syllables
+    return (envelope * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _silence(frames: int) -> np.ndarray:
+    return np.zeros(frames * SAMPLES_PER_FRAME, np.float32)
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_live_stream_fed_silence_keeps_pace_with_the_audio() -> None:
+    stream = _live()
+    assert stream.live and stream.mode == "online" and stream.lookahead_frames == 21
+    per_push = _per_frame(stream, _silence(600))
+    # Frames leave in tens (one window each) and never fall behind: after n frames of
+    # audio, between n - 21 and n - 12 frames are out, and exactly n - 12 every 10 frames.
+    out = np.cumsum([len(frames) for frames in per_push])
+    pushed = np.arange(1, 601)
+    assert np.all(out[21:] >= pushed[21:] - 21) and np.all(out[21:] <= pushed[21:] - 12)
+    assert np.all(out[21::10] == pushed[21::10] - 12)
+    # Frame k of the live stream is frame k of the same audio as one job: nothing is
+    # skipped, repeated or reordered.
+    whole = _render_stream(_silence(600), 600 * SAMPLES_PER_FRAME, "online")
+    assert _same(_flat(per_push), whole[: out[-1]])
+    # Hours of it keep little audio.
+    assert len(stream.pcm) < 8 * 16000
+
+
+def test_live_lookahead_is_what_push_does() -> None:
+    late = {}
+    for stream in (_live(), DittoStream(_FakeEngine("offline"), _avatar(), seed=1,  # type: ignore[arg-type]
+                                        mode="offline")):
+        per_push = _per_frame(stream, _speech(300))
+        appeared = [push for push, frames in enumerate(per_push) for _ in frames]
+        late[stream.mode] = [push - k for k, push in enumerate(appeared)]
+        assert max(late[stream.mode]) == stream.lookahead_frames
+    assert _live().lookahead_frames == 21
+    # Online: frames leave in tens, the first of each ten with the 21st frame of audio
+    # after its own (frame 0 with the 22nd frame of audio, 0.88 s), the last with the 12th.
+    assert late["online"][:20] == list(range(21, 11, -1)) * 2
+    # Offline: a window every 70 frames, 80 rows each, and the smoothing's extra frame.
+    assert max(late["offline"]) == 82 == late["offline"][69]
+
+
+def test_interrupt_before_the_speech_was_read_renders_silence() -> None:
+    """The client's speech starts, and the user barges in before any window read a
+    feature row made from it: the stream renders exactly what a stream fed silence
+    renders, the rows already computed from the speech (pending in the motion generator)
+    included."""
+    engine = _LiveEngine()
+    stream = _live(engine)
+    frames = _flat(_per_frame(stream, _silence(52)))
+    frames += _flat(_per_frame(stream, _speech(6)))
+    assert len(frames) == 40 and stream.features == 55  # rows 50..54 read the speech
+    assert stream.interrupt() == 58 - 40
+    frames += _flat(_per_frame(stream, _silence(60)))
+
+    silent = _flat(_per_frame(_live(), _silence(118)))
+    assert _same(frames, silent)
+    # Not interrupted, the speech shows from frame 40 on.
+    spoken = _live()
+    spoken_frames = _flat(_per_frame(spoken, np.concatenate([_silence(52), _speech(6),
+                                                             _silence(60)])))
+    assert _same(spoken_frames[:40], silent[:40])
+    assert not _same(spoken_frames[40:], silent[40:])
+
+
+def test_interrupt_mid_speech_feeds_silence_to_every_window_after_it() -> None:
+    """Barge-in in the middle of speech, after windows read rows of the frames not yet
+    returned: every window sampled after it reads, for the frames not returned, the
+    features of silence; frames do not depend on the silenced audio at all."""
+    speech = _speech(64, seed=3)
+
+    def interrupted(pushed: np.ndarray, engine: _LiveEngine) -> tuple[DittoStream, list]:
+        stream = _live(engine)
+        frames = _flat(_per_frame(stream, pushed))
+        assert len(frames) == 50  # window 5 output frames 40..49 and read rows up to 59
+        windows = len(engine.conds)
+        assert stream.interrupt() == 64 - 50
+        return stream, frames, windows
+
+    engine = _LiveEngine()
+    stream, frames, windows = interrupted(speech, engine)
+    # The features the motion generator now holds, from the first row whose encoder
+    # chunk read frame 50's audio, are those of the audio with frames 50.. silenced.
+    effective = speech.copy()
+    effective[50 * SAMPLES_PER_FRAME :] = 0.0
+    online = stream.motion.online
+    first = 45  # chunk 45 reads frames 42..51
+    held = np.concatenate([online.buffer, *online.pending])
+    local = first + online.preroll_rows - online.buffer_offset
+    assert np.array_equal(held[local:], engine.audio_features(effective, first, stream.features))
+    assert not np.array_equal(held[local:], engine.audio_features(speech, first,
+                                                                  stream.features))
+
+    frames += _flat(_per_frame(stream, _silence(60)))
+    # Each window sampled after the interrupt read silence features for frames >= 50:
+    # rows of chunks holding only silenced audio are the pre-roll's silence rows.
+    silence_row = engine.preroll_features(5)[0, 0]
+    for k, cond in enumerate(engine.conds[windows:]):
+        first_row = (windows + k) * 10 - 70  # feature row of the window's first row
+        rows = np.arange(first_row, first_row + 80)
+        assert np.all(cond[rows >= 55, 0] == silence_row)
+        assert np.array_equal(cond[rows >= 50, 0],
+                              engine.audio_features(effective, 50, first_row + 80)[
+                                  max(0, first_row - 50):, 0])
+
+    # The audio of the frames not returned does not matter: other speech there (the
+    # audio the windows read before the interrupt kept) gives the same frames.
+    other = speech.copy()
+    read = (50 + 12) * SAMPLES_PER_FRAME  # window 5's rows up to 59 read frames up to 61
+    other[read:] = _speech(64, seed=9)[read:]
+    other_stream, other_frames, _ = interrupted(other, _LiveEngine())
+    other_frames += _flat(_per_frame(other_stream, _silence(60)))
+    assert _same(frames, other_frames)
+    assert len(frames) == 50 + 60
+
+
+def test_online_rows_are_replaced_where_they_wait() -> None:
+    motion = OnlineMotion(ONLINE, np.zeros(MOTION_DIM, np.float32), linear_sampler,
+                          np.zeros((70, 4), np.float32), lambda rows, first: rows)
+    motion.feed(np.ones((10, 4), np.float32))  # absorbed: window 0 ran
+    motion.feed(np.ones((5, 4), np.float32))  # pending
+    motion.replace_rows(8, np.full((7, 4), 2.0, np.float32))
+    assert np.array_equal(motion.buffer[70:], [[1.0] * 4] * 8 + [[2.0] * 4] * 2)
+    assert np.array_equal(np.concatenate(motion.pending), np.full((5, 4), 2.0))
+    with pytest.raises(ValueError, match="not the last rows"):
+        motion.replace_rows(8, np.zeros((3, 4), np.float32))
+    for _ in range(30):
+        motion.feed(np.ones((10, 4), np.float32))
+    with pytest.raises(ValueError, match="no longer held"):
+        motion.replace_rows(0, np.zeros((motion.fed, 4), np.float32))
+    offline = FeatureMotion(PipelineConfig.from_cfg(None, "offline"), None, None,
+                            np.zeros(MOTION_DIM, np.float32), linear_sampler)
+    with pytest.raises(ValueError, match="online"):
+        offline.replace_features(0, np.zeros((0, 1024), np.float32))
+
+
+def test_blink_hold_is_the_offline_guard() -> None:
+    cfg = random_checkpoint.make_cfg()
+    assert Blinks(PipelineConfig.from_cfg(cfg, "offline"), lambda lo, hi: 77).hold_frames == 77
+    assert Blinks(PipelineConfig.from_cfg(cfg, "online"), lambda lo, hi: 77).hold_frames == 0
+    assert Blinks(PipelineConfig.from_cfg(None, "offline"), None).hold_frames == 0
+
+
+def test_interrupt_needs_a_live_stream_with_its_frames_read() -> None:
+    with pytest.raises(RuntimeError, match="live"):
+        DittoStream(_FakeEngine("online"), _avatar(), seed=1, mode="online").interrupt()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="online"):
+        DittoStream(_FakeEngine("offline"), _avatar(), seed=1, mode="offline", live=True)  # type: ignore[arg-type]
+    stream = _live()
+    assert stream.interrupt() == 0  # nothing pushed
+    unread = stream.push(_silence(30))
+    with pytest.raises(RuntimeError, match="read"):
+        stream.interrupt()
+    assert len(list(unread)) == 10
+    assert stream.interrupt() == 20
+    list(stream.finish())
+    with pytest.raises(RuntimeError, match="finish"):
+        stream.interrupt()

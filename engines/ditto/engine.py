@@ -48,6 +48,7 @@ from ..base import (
     EngineInputError,
     EngineReport,
     ProgressFn,
+    check_interruptible,
     no_progress,
 )
 from ..images import decode_image
@@ -457,15 +458,20 @@ class DittoEngine(AvatarEngine):
         """Portraits this engine's cache holds (the worker reports it in heartbeats)."""
         return len(self._cache)
 
-    def open_stream(self, state: AvatarState, seed: int, mode: str | None = None
-                    ) -> DittoStream:
-        """A job's stream; `mode` "offline" or "online" (default: the `mode` option; live
-        sessions ask for "online")."""
+    def open_stream(self, state: AvatarState, seed: int, live: bool = False,
+                    mode: str | None = None) -> DittoStream:
+        """A job's stream; `mode` "offline" or "online" (default: the `mode` option). A
+        live stream (`live=True`) always runs the online scheme (its 0.88 s look-ahead is
+        the only one a realtime session can wait for); asking for a live offline stream
+        raises EngineInputError("mode", ...)."""
         if not isinstance(state.payload, DittoAvatar):
             raise EngineInputError("avatar", "was not registered with the ditto engine")
         if mode is not None and mode not in MODES:
             raise EngineInputError("mode", f"must be one of {MODES}, got {mode!r}")
-        return DittoStream(self, state.payload, int(seed), mode or self.mode)
+        if live and mode not in (None, "online"):
+            raise EngineInputError("mode", f"a live stream runs online, not {mode!r}")
+        mode = "online" if live else mode or self.mode
+        return DittoStream(self, state.payload, int(seed), mode, live=bool(live))
 
     # ------------------------------------------------------------------ per-frame maths
     def audio_features(self, pcm: np.ndarray, start: int, end: int, base: int = 0
@@ -718,13 +724,20 @@ class DittoStream(AvatarStream):
     Randomness is the job's own (seeded by `seed`, so a requeued job renders the same
     frames): the per-step DDIM noise is drawn once and reused for every window, each
     window draws its initial x (upstream's order), and blinks come from a python
-    generator of the job's."""
+    generator of the job's.
 
-    def __init__(self, engine: DittoEngine, avatar: DittoAvatar, seed: int, mode: str):
+    A live stream (online mode) takes `interrupt()`: see its docstring for what a barge-in
+    does to the audio, the feature rows and the motion."""
+
+    def __init__(self, engine: DittoEngine, avatar: DittoAvatar, seed: int, mode: str,
+                 live: bool = False):
+        if live and mode != "online":
+            raise ValueError(f"a live Ditto stream runs online, not {mode!r}")
         self.engine = engine
         self.avatar = avatar
         self.seed = seed
         self.mode = mode
+        self.live = live
         self.pcfg = pcfg = engine.pipeline(mode)
         lmdm = engine.lmdm
         self._generator = torch.Generator().manual_seed(seed % 2**64)
@@ -751,6 +764,7 @@ class DittoStream(AvatarStream):
         self.emitted = 0  # frames submitted for rendering
         self.handed_out = 0  # frames given to the caller
         self._queued: deque = deque()  # futures of submitted frames not yet handed out
+        self._unread = False  # the iterator of the last push/finish is not read to its end
         self.finished = False
         # Frame k is due at start + k / fps: the batchers serve the earliest due first.
         self.started = time.monotonic()
@@ -774,6 +788,12 @@ class DittoStream(AvatarStream):
         """Feed the features the audio allows, one window's worth at a time, queue the
         frames that became final and hand out finished ones in order; the stream's very
         first frame is waited for, so it leaves before later windows sample."""
+        try:
+            yield from self._make_frames(final)
+        finally:
+            self._unread = False
+
+    def _make_frames(self, final: bool) -> Iterator[np.ndarray]:
         total = round(self.samples / SAMPLES_PER_FRAME) if final else None
         limit = self._feature_limit(final, total or 0)
         step = self.pcfg.motion.valid
@@ -795,8 +815,11 @@ class DittoStream(AvatarStream):
 
     def _drop_old_audio(self) -> None:
         """Keep only the audio that later feature chunks read (a live session runs for
-        hours): from `HUBERT_LEAD` samples before the chunk of the next feature row."""
+        hours): from `HUBERT_LEAD` samples before the chunk of the next feature row, or in
+        a live stream of the first row an interrupt() would compute again."""
         first = self.features - self.features % HUBERT_CHUNK[1]
+        if self.live:
+            first = min(first, _first_row_reading(self.handed_out))
         keep_from = first * SAMPLES_PER_FRAME - HUBERT_LEAD
         if first and keep_from > self.pcm_base + 16 * HUBERT_WINDOW:  # not on every step
             self.pcm = self.pcm[keep_from - self.pcm_base :]
@@ -837,17 +860,95 @@ class DittoStream(AvatarStream):
 
     def push(self, pcm: np.ndarray) -> Iterator[np.ndarray]:
         """Add audio; the returned iterator does the work as it is read (windows, frames)
-        and must be read to the end before the next push or finish."""
+        and must be read to the end before the next push, finish or interrupt."""
         if self.finished:
             raise EngineInputError("audio", "stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self.pcm = np.concatenate([self.pcm, pcm])
         self.samples += len(pcm)
+        self._unread = True
         return self._frames(final=False)
 
     def finish(self) -> Iterator[np.ndarray]:
         self.finished = True
+        self._unread = True
         return self._frames(final=True)
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Frames of audio past frame k pushed before frame k leaves, audio pushed at most
+        one frame per call (the live clock's cadence). Online: 21 (window j >= 1 reads the
+        feature rows up to (j+1)*10, which the encoder gives once 2 more frames of audio
+        are in, and outputs frames (j-1)*10 .. j*10-1; frame 0 leaves with the 22nd frame
+        of audio, 0.88 s). Offline: 82 (a window every 70 frames, reading 80 rows, and
+        the final smoothing's frame), or more where a scripted blink waits for the clip
+        to run on past its guard (`Blinks.hold_frames`: 60..100 frames as upstream draws
+        it). Pushes of more than 5 frames at once can hold an online window until the
+        next chunk of features (upstream takes rows a window's worth at a time), so
+        frames may then leave later."""
+        motion = self.pcfg.motion
+        mid = HUBERT_CHUNK[1]
+
+        def audio_frames_for(rows: int) -> int:  # frames pushed until `rows` rows exist
+            return -(-rows // mid) * mid + LOOKAHEAD
+
+        if motion.online:
+            # Window j >= 1 reads rows up to (j + 1) * valid and outputs frames from
+            # (j - 1) * valid; the pattern repeats every `mid` windows.
+            return max(audio_frames_for((j + 1) * motion.valid) - (j - 1) * motion.valid - 1
+                       for j in range(1, mid + 1))
+        # Window j reads rows up to j * valid + seq_frames; after it, frames before
+        # (j + 1) * valid - 1 are final (the last settled one waits for the smoothing).
+        windows = max(audio_frames_for(j * motion.valid + motion.seq_frames)
+                      - max(j * motion.valid - 1, 0) - 1 for j in range(mid + 1))
+        return max(windows, self.blinks.hold_frames)
+
+    def interrupt(self) -> int:
+        """Barge-in on a live stream (`AvatarStream.interrupt`). With F frames returned
+        (all of them: push() hands out every frame it submits, so nothing is in the
+        render batcher) and the audio pushed up to frame L:
+
+        - the held 16 kHz audio from sample 640F on becomes zeros (the samples the
+          encoder's look-ahead and the next chunks read);
+        - every feature row already computed whose encoder chunk (3 + 5 + 2 frames) read
+          any of those samples, from the chunk of row F - 6 on, is computed again from
+          the silenced audio and replaces the row in the motion generator's buffer and
+          its pending rows (`FeatureMotion.replace_features`), so the windows sampled
+          from now on read the features of silence for every frame not returned (rows
+          whose chunk holds only silenced audio are the pre-roll's silence rows);
+        - the fused motion is kept: the last window's tail for frames F .. F+9 (sampled
+          from speech) is cross-faded into the next window, conditioned on silence, with
+          upstream's weights 0, 0.1 .. 0.9, and its reference frame stays; so the mouth
+          closes over the next 10 frames as the model does when speech ends, without a
+          cut in the pose. Blinks keep their schedule (by frame index).
+
+        Frames F.. then equal those of the same stream fed zeros for the audio of
+        frames F.. whenever the interrupt came before any window read a row made from that
+        audio. Returns L + 1 - F (0 when no frame awaits its audio)."""
+        check_interruptible(self, self.finished)
+        if self._unread or self._queued or self._motion or self.emitted != self.handed_out:
+            raise RuntimeError("interrupt() while frames of the last push() are not all "
+                               "read: read its iterator to the end first")
+        returned = self.handed_out
+        affected = -(-self.samples // SAMPLES_PER_FRAME) - returned  # frames with audio
+        if affected <= 0:
+            return 0
+        cut = returned * SAMPLES_PER_FRAME - self.pcm_base
+        self.pcm = np.concatenate([self.pcm[:cut], np.zeros(len(self.pcm) - cut, np.float32)])
+        first = _first_row_reading(returned)
+        if first < self.features:
+            rows = self.engine.audio_features(self.pcm, first, self.features, self.pcm_base)
+            self.motion.replace_features(first, rows)
+        return affected
+
+
+def _first_row_reading(frame: int) -> int:
+    """The first feature row whose encoder chunk reads audio of `frame` or later: chunk f
+    (a multiple of 5) reads frames f-3 .. f+6 (and 80 samples before), so rows from the
+    chunk of frame - 6 on."""
+    mid, right = HUBERT_CHUNK[1], HUBERT_CHUNK[2]
+    earliest = max(0, frame - (mid + right) + 1)
+    return -(-earliest // mid) * mid
 
 
 # ---------------------------------------------------------------------- image helpers

@@ -86,6 +86,15 @@ class FeatureMotion:
         self._rows = np.concatenate([self._rows, rows])
         return self._finalise(self._run_offline(final=False))
 
+    def replace_features(self, first: int, rows: np.ndarray) -> None:
+        """Online: rows (k,1024) replace the feature rows `first` .. `first` + k - 1 fed so
+        far (the last k) for every window still to run (a barge-in's rows, computed again
+        from silenced audio). Windows that already ran keep what they read. Offline
+        streams are never interrupted: ValueError."""
+        if self.online is None:
+            raise ValueError("feature rows are replaced only in the online scheme")
+        self.online.replace_rows(first, rows)
+
     def finish(self, total: int | None = None) -> np.ndarray:
         """End of audio: the remaining frames. Offline: up to `total` frames in all
         (default: one per feature row). Online: upstream outputs frames in tens, 1 to 10
@@ -186,6 +195,15 @@ class Blinks:
         self._starts = [self._opens[0] if self._opens else randint(OPEN_MIN, OPEN_MAX)]
         self._guard = self._opens[-1] if self._opens else randint(OPEN_MIN, OPEN_MAX)
         self._count = 1
+
+    @property
+    def hold_frames(self) -> int:
+        """Frames of audio past a frame that its blink row may wait for: offline, a frame
+        inside a scripted blink leaves once the audio runs `max(guard, blink length)`
+        frames past the blink's start; 0 where rows are decided at once."""
+        if not self.active or self.fixed is not None:
+            return 0
+        return max(self._guard, self.blink_frames)
 
     def _extend(self, frame: int, total: int | None = None) -> None:
         # Upstream draws a gap only after placing a blink: with the clip's length known,

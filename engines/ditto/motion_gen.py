@@ -321,6 +321,24 @@ class OnlineMotion:
             return np.zeros((0, MOTION_DIM), np.float32)
         return self._absorb_and_run()
 
+    def replace_rows(self, first: int, rows: np.ndarray) -> None:
+        """Replace the real feature rows from `first` (0: the first row after the pre-roll)
+        to the last one fed by `rows`, wherever they wait (the buffer or the pending rows),
+        for the windows still to run; windows that ran keep what they read. The rows must
+        still be held: the buffer keeps the last 2 * seq_frames rows."""
+        rows = np.asarray(rows, np.float32).reshape(-1, self.buffer.shape[1])
+        if first + len(rows) != self.fed:
+            raise ValueError(f"rows {first}..{first + len(rows) - 1} are not the last rows "
+                             f"fed (0..{self.fed - 1})")
+        local = first + self.preroll_rows - self.buffer_offset
+        if local < 0:
+            raise ValueError(f"row {first} is no longer held (the buffer starts at row "
+                             f"{self.buffer_offset - self.preroll_rows})")
+        held = np.concatenate([self.buffer, *self.pending])
+        held[local:] = rows
+        self.buffer = held[: len(self.buffer)]
+        self.pending = [held[len(self.buffer) :]] if self.pending_rows else []
+
     def end(self) -> np.ndarray:
         if self.ended:
             return np.zeros((0, MOTION_DIM), np.float32)

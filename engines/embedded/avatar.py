@@ -33,6 +33,8 @@ from ..base import (
     EngineInputError,
     EngineReport,
     ProgressFn,
+    check_interruptible,
+    frames_with_audio,
     no_progress,
 )
 from ..images import DecodedImage, decode_image, parse_colour
@@ -236,9 +238,11 @@ class _Motion:
 
 
 class EmbeddedAvatarStream(AvatarStream):
-    """One job: audio in, frames out. Frame k needs audio up to (k+1)*640 + 832 samples."""
+    """One job: audio in, frames out. Frame k needs audio up to (k+1)*640 + 832 samples:
+    a look-ahead of 2 frames when audio is pushed a frame at a time."""
 
-    def __init__(self, rig: Rig, seed: int):
+    def __init__(self, rig: Rig, seed: int, live: bool = False):
+        self.live = live
         self._rig = rig
         self._motion = _Motion(seed)
         self._buffer = np.zeros(0, np.float32)
@@ -289,6 +293,27 @@ class EmbeddedAvatarStream(AvatarStream):
             self._buffer = self._buffer[drop:]
             self._buffer_start += drop
         return frames
+
+    @property
+    def lookahead_frames(self) -> int:
+        return -(-LOOKAHEAD_SAMPLES // HOP)  # 832 samples past the frame: 2 frames
+
+    def interrupt(self) -> int:
+        """Barge-in (see `AvatarStream.interrupt`): the pushed audio from sample 640F on
+        (F = frames returned) becomes zeros. Frame F's window starts at 640F + 448, so
+        every frame still to come is analysed over silence only, and its mouth closes
+        from where the returned frames left it at the one-pole release rate (the
+        smoothing state is kept: no jump; at rest within about 10 frames). Frames F-2
+        and F-1 were returned, and their windows had already read the first 832 samples
+        of frame F's audio: they stay as shown. Frames are drawn inside push(), so none
+        is in flight."""
+        check_interruptible(self, self._finished)
+        cut = self._next_frame * HOP
+        if self._received > cut:
+            keep = max(0, cut - self._buffer_start)
+            self._buffer = np.concatenate(
+                [self._buffer[:keep], np.zeros(self._buffer.size - keep, np.float32)])
+        return max(0, frames_with_audio(self._received, AUDIO_RATE, FPS) - self._next_frame)
 
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         if self._finished:
@@ -466,11 +491,12 @@ class EmbeddedAvatarEngine(AvatarEngine):
         """Portraits this engine's cache holds (the worker reports it in heartbeats)."""
         return len(self._cache)
 
-    def open_stream(self, state: AvatarState, seed: int) -> EmbeddedAvatarStream:
+    def open_stream(self, state: AvatarState, seed: int, live: bool = False
+                    ) -> EmbeddedAvatarStream:
         payload = state.payload
         if not isinstance(payload, EmbeddedAvatarPayload):
             raise EngineInputError("avatar", "was not registered with the embedded engine")
-        return EmbeddedAvatarStream(payload.rig, int(seed))
+        return EmbeddedAvatarStream(payload.rig, int(seed), live=bool(live))
 
     def report(self) -> EngineReport:
         return EngineReport(

@@ -1,0 +1,262 @@
+"""Live streams of the CPU avatar engines (`open_stream(..., live=True)`):
+fed a frame of audio per tick forever, the look-ahead they state, and barge-in
+(`interrupt()`). Ditto's live streams are tested with the other Ditto stream tests
+(test_ditto_motion_gen.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avatard.engines.base import (
+    AvatarState,
+    AvatarStream,
+    EngineInputError,
+    frame_start_sample,
+    frames_with_audio,
+)
+from avatard.engines.fake import (
+    FakeAvatarEngine,
+    expected_frame,
+    frame_audio_level_of,
+    frame_index_of,
+)
+
+SAMPLES_PER_FRAME = 640  # 16 kHz at 25 fps, both engines' defaults
+
+
+def tone(frames: int, hz: float = 500.0, amplitude: float = 0.5) -> np.ndarray:
+    """A vowel-like tone (first-formant band, where the embedded engine opens the mouth
+    most), `frames` frames long."""
+    t = np.arange(frames * SAMPLES_PER_FRAME) / 16000.0
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def push_per_frame(stream: AvatarStream, pcm: np.ndarray) -> list[list[np.ndarray]]:
+    """Push `pcm` one frame of audio per call, as the live clock does: the frames each
+    call returned."""
+    assert len(pcm) % SAMPLES_PER_FRAME == 0
+    return [list(stream.push(pcm[i : i + SAMPLES_PER_FRAME]))
+            for i in range(0, len(pcm), SAMPLES_PER_FRAME)]
+
+
+def flat(per_push: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [frame for frames in per_push for frame in frames]
+
+
+def appearance(per_push: list[list[np.ndarray]]) -> list[int]:
+    """For each frame k in order, the index of the push that returned it."""
+    return [push for push, frames in enumerate(per_push) for _ in frames]
+
+
+def assert_same_frames(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for k, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert np.array_equal(x, y), f"frame {k} differs"
+
+
+# ---------------------------------------------------------------------------- fake
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeAvatarEngine:
+    return FakeAvatarEngine("cpu", {"width": 16, "height": 8})
+
+
+def test_fake_live_stream_fed_silence_gives_one_frame_per_frame_of_audio(fake) -> None:
+    stream = fake.open_stream(fake.register(b"face"), 9, live=True)
+    assert stream.live and stream.lookahead_frames == 0
+    per_push = push_per_frame(stream, np.zeros(2000 * SAMPLES_PER_FRAME, np.float32))
+    assert [len(frames) for frames in per_push] == [1] * 2000
+    frames = flat(per_push)
+    assert [frame_index_of(f) for f in frames] == list(range(2000))
+    # Silence: audio level 0 in the header, the rest of the frame as every fake frame.
+    assert all(np.array_equal(f, expected_frame(9, k, 8, 16, audio_level=0))
+               for k, f in enumerate(frames))
+
+
+def test_fake_lookahead_is_what_push_does(fake) -> None:
+    stream = fake.open_stream(fake.register(b"face"), 1, live=True)
+    per_push = push_per_frame(stream, tone(50))
+    assert appearance(per_push) == [k + stream.lookahead_frames for k in range(50)]
+    # A frame waits for the last sample of its audio.
+    assert list(stream.push(np.zeros(SAMPLES_PER_FRAME - 1, np.float32))) == []
+    assert len(stream.push(np.zeros(1, np.float32))) == 1
+
+
+def test_fake_interrupt_silences_the_frame_not_yet_returned(fake) -> None:
+    state = fake.register(b"face")
+    speech = tone(10)
+    partial = tone(1)[:300]  # a barge-in lands 300 samples into frame 10
+
+    stream = fake.open_stream(state, 4, live=True)
+    before = flat(push_per_frame(stream, speech)) + list(stream.push(partial))
+    assert stream.interrupt() == 1  # frame 10: its first 300 samples become zeros
+    after = list(stream.push(np.zeros(SAMPLES_PER_FRAME - 300, np.float32)))
+    after += flat(push_per_frame(stream, np.zeros(20 * SAMPLES_PER_FRAME, np.float32)))
+    assert stream.interrupt() == 0  # every pushed frame already returned
+
+    # The same stream fed zeros for the interrupted audio, never interrupted.
+    reference = fake.open_stream(state, 4, live=True)
+    zeros = np.zeros(SAMPLES_PER_FRAME + 20 * SAMPLES_PER_FRAME, np.float32)
+    expected = flat(push_per_frame(reference, np.concatenate([speech, zeros])))
+    assert_same_frames(before + after, expected)
+    assert [frame_index_of(f) for f in before + after] == list(range(31))
+    assert all(frame_audio_level_of(f) == 128 for f in before)  # round(255 * 0.5)
+    assert all(frame_audio_level_of(f) == 0 for f in after)
+
+    # Not interrupted, frame 10 would carry the speech.
+    plain = fake.open_stream(state, 4, live=True)
+    plain.push(np.concatenate([speech, partial]))
+    assert frame_audio_level_of(plain.push(np.zeros(340, np.float32))[0]) > 0
+
+
+@pytest.mark.parametrize(("audio_rate", "fps"), [(16000, 25), (1000, 3), (22050, 30)])
+def test_frame_audio_bounds_agree(audio_rate: int, fps: int) -> None:
+    starts = [frame_start_sample(k, audio_rate, fps) for k in range(12)]
+    for n in range(0, starts[-1]):
+        assert frames_with_audio(n, audio_rate, fps) == sum(start < n for start in starts)
+
+
+def test_fake_interrupt_counts_frames_at_any_rate() -> None:
+    engine = FakeAvatarEngine("cpu", {"width": 16, "height": 8, "audio_rate": 1000, "fps": 3})
+    stream = engine.open_stream(engine.register(b"face"), 2, live=True)
+    assert len(stream.push(tone(2)[:334])) == 1  # frame 0 is samples 0..333
+    assert stream.interrupt() == 0  # frame 1 starts at sample 334: no audio of it yet
+    stream.push(np.full(1, 0.5, np.float32))
+    assert stream.interrupt() == 1
+    frames = stream.push(np.zeros(333, np.float32))
+    assert [frame_audio_level_of(f) for f in frames] == [0]
+
+
+def test_fake_interrupt_needs_a_live_unfinished_stream(fake) -> None:
+    state = fake.register(b"face")
+    with pytest.raises(RuntimeError, match="live"):
+        fake.open_stream(state, 1).interrupt()
+    stream = fake.open_stream(state, 1, live=True)
+    stream.push(np.zeros(700, np.float32))
+    stream.finish()
+    with pytest.raises(RuntimeError, match="finish"):
+        stream.interrupt()
+    # Frames of streams that are not live stay a function of (seed, index) alone.
+    plain = fake.open_stream(state, 1)
+    assert np.array_equal(plain.push(tone(1))[0], expected_frame(1, 0, 8, 16))
+
+
+# ---------------------------------------------------------------------------- embedded
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    pytest.importorskip("cv2")
+    from avatard.engines.embedded.avatar import EmbeddedAvatarEngine, default_portrait
+
+    engine = EmbeddedAvatarEngine("cpu", {"warmup": False})
+    return engine, engine.register(default_portrait())
+
+
+def test_embedded_live_stream_fed_silence_gives_one_frame_per_frame_of_audio(embedded) -> None:
+    engine, state = embedded
+    stream = engine.open_stream(state, 5, live=True)
+    lookahead = stream.lookahead_frames
+    silence = np.zeros(300 * SAMPLES_PER_FRAME, np.float32)
+    per_push = push_per_frame(stream, silence)
+    assert [len(frames) for frames in per_push] == [0] * lookahead + [1] * (300 - lookahead)
+    # Frame k of the live stream is frame k of the same audio rendered in one piece:
+    # nothing skipped, repeated or reordered.
+    whole = list(engine.render(state, silence, seed=5))
+    assert_same_frames(flat(per_push), whole[: 300 - lookahead])
+
+
+def test_embedded_lookahead_is_what_push_does(embedded) -> None:
+    engine, state = embedded
+    stream = engine.open_stream(state, 0, live=True)
+    assert stream.lookahead_frames == 2  # 832 samples past the frame's end
+    per_push = push_per_frame(stream, tone(60))
+    assert appearance(per_push) == [k + 2 for k in range(58)]
+
+
+def _mouth_darkness(frame: np.ndarray, state) -> float:
+    """Share of dark pixels around the lip line (an open mouth is dark inside)."""
+    rig = state.payload.rig
+    x, y = rig.landmarks.mouth_center
+    half = rig.landmarks.mouth_half_width
+    region = frame[int(y - 8) : int(y + 30), int(x - half) : int(x + half)]
+    luminance = region.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return float((luminance < 70).mean())
+
+
+def test_embedded_interrupt_before_the_speech_was_read_equals_silence(embedded) -> None:
+    """Speech that no returned frame read (the last 448 samples pushed) is silenced:
+    the stream renders exactly what a stream fed zeros there renders."""
+    engine, state = embedded
+    audio = np.zeros(11 * SAMPLES_PER_FRAME, np.float32)
+    audio[-448:] = tone(1)[-448:]  # read only by frames 9 and 10, not returned yet
+    tail = np.zeros(40 * SAMPLES_PER_FRAME, np.float32)
+
+    stream = engine.open_stream(state, 3, live=True)
+    frames = flat(push_per_frame(stream, audio))
+    assert len(frames) == 9
+    assert stream.interrupt() == 2  # frames 9 and 10
+    frames += flat(push_per_frame(stream, tail))
+
+    silent = engine.open_stream(state, 3, live=True)
+    expected = flat(push_per_frame(silent, np.concatenate([np.zeros_like(audio), tail])))
+    assert_same_frames(frames, expected)
+
+    # Without the interrupt the speech opens the mouth in frame 9.
+    plain = engine.open_stream(state, 3, live=True)
+    spoken = flat(push_per_frame(plain, np.concatenate([audio, tail])))
+    assert not np.array_equal(spoken[9], expected[9])
+
+
+def test_embedded_interrupt_mid_speech_silences_every_frame_not_returned(embedded) -> None:
+    """Barge-in in the middle of speech: what happens next depends only on the audio the
+    returned frames read (up to 832 samples into frame F), never on the rest of the
+    pushed audio; the mouth closes from where it was, to rest."""
+    engine, state = embedded
+    speech = tone(30)
+    tail = np.zeros(60 * SAMPLES_PER_FRAME, np.float32)
+    returned_read = (30 - 2) * SAMPLES_PER_FRAME + 832  # frames 0..27 returned
+
+    def interrupted(pushed: np.ndarray) -> list[np.ndarray]:
+        stream = engine.open_stream(state, 8, live=True)
+        frames = flat(push_per_frame(stream, pushed))
+        assert len(frames) == 28
+        assert stream.interrupt() == 2
+        return frames + flat(push_per_frame(stream, tail))
+
+    frames = interrupted(speech)
+    # The same stream fed zeros for the audio no returned frame read, interrupted at the
+    # same point: identical from the first frame to the last.
+    other = speech.copy()
+    other[returned_read:] = 0.0
+    assert_same_frames(frames, interrupted(other))
+    # ... and fed different speech there: identical too.
+    other[returned_read:] = tone(30, hz=800.0)[returned_read:]
+    assert_same_frames(frames, interrupted(other))
+
+    rest = _mouth_darkness(flat(push_per_frame(engine.open_stream(state, 8, live=True),
+                                               tail))[-1], state)
+    speaking = _mouth_darkness(frames[27], state)
+    closing = [_mouth_darkness(f, state) for f in frames[28:40]]
+    assert speaking > rest + 0.05
+    assert closing[-1] <= rest + 0.01  # at rest within 12 frames (0.48 s)
+    # Closing, not cut: the darkness falls frame by frame (head sway moves it by a hair).
+    assert all(b <= a + 0.005 for a, b in zip(closing, closing[1:], strict=False))
+    assert closing[0] > closing[-1] + 0.05
+
+
+def test_embedded_interrupt_needs_a_live_unfinished_stream(embedded) -> None:
+    engine, state = embedded
+    with pytest.raises(RuntimeError, match="live"):
+        engine.open_stream(state, 1).interrupt()
+    stream = engine.open_stream(state, 1, live=True)
+    assert stream.interrupt() == 0  # nothing pushed yet
+    stream.push(np.zeros(100, np.float32))
+    assert stream.interrupt() == 1
+    list(stream.finish())
+    with pytest.raises(RuntimeError, match="finish"):
+        stream.interrupt()
+    with pytest.raises(EngineInputError):
+        engine.open_stream(AvatarState("not-embedded", 8, 8), 1, live=True)
