@@ -42,6 +42,7 @@ from enum import StrEnum
 import numpy as np
 
 from avatard.engines.audio import StreamingResampler, complete_sentences
+from avatard.engines.base import frame_start_sample
 
 log = logging.getLogger("avatard.worker")
 
@@ -120,18 +121,20 @@ class Playout:
         self.generation = 0  # grows at every barge-in (TTS audio is tagged with it)
         self.segments: deque[Segment] = deque()  # in playing order, the head plays now
         self.in_flight: deque[Tick] = deque()
+        self.ticks_taken = 0  # the index of the next tick `take` makes
         self._known: OrderedDict[str, Segment] = OrderedDict()  # by id, newest last
         self._open: Segment | None = None  # the segment that takes input now
         self._to_speak: deque[tuple[int, str, str]] = deque()  # (generation, segment, text)
 
     def samples_in_tick(self, index: int) -> int:
-        """Samples of tick `index`: rate / fps, the remainder spread so that ticks 0..k-1
-        hold exactly floor(k * rate / fps) samples together."""
-        return (index + 1) * self.rate // self.fps - index * self.rate // self.fps
+        """Samples of tick `index`: the audio of frame `index` as the avatar stream counts
+        it (`engines.base.frame_start_sample`: ticks 0..k-1 hold ceil(k * rate / fps)
+        samples together), so tick k's audio is exactly what frame k is made from."""
+        return self.tick_start_sample(index + 1) - self.tick_start_sample(index)
 
     def tick_start_sample(self, index: int) -> int:
         """Samples of all ticks before `index` (the audio pts of tick `index`)."""
-        return index * self.rate // self.fps
+        return frame_start_sample(index, self.rate, self.fps)
 
     # ------------------------------------------------------------ input
 
@@ -267,6 +270,7 @@ class Playout:
             else:
                 seg.done = True  # ended without any speech: nothing to announce
         self.in_flight.append(tick)
+        self.ticks_taken = index + 1
         return tick
 
     def emitted(self) -> tuple[Tick, list[Event], list[Event]]:

@@ -3,15 +3,28 @@
 Runs on the job thread the worker starts for every job (`Worker._live` calls `run_live`),
 and on one more thread, started on the first text, for the session's TTS. It owns:
 
-- a **pacing clock**: tick k is due `k / fps` seconds after the session started
+- a **live avatar stream** (`open_stream(..., live=True)`), whose engine needs the audio
+  of `lookahead_frames` (P) frames past frame k before it returns frame k. The session
+  pushes P ticks of silence when it opens (the pre-roll), so that from then on the
+  push of tick c + P can return frame c, and frames leave from the first tick on.
+- a **pacing clock**: tick c is due `c / fps` seconds after the session started
   (`time.monotonic()`). Between ticks the thread applies the session's input as it comes
   (the worker's main thread queues each `LiveInput`), so a barge-in takes effect at the
-  next tick. A tick made more than one frame period after it was due counts as late; a
-  session more than `MAX_LAG_S` behind its clock is re-anchored to now (logged, its late
-  frames counted), instead of sending a burst to catch up.
+  next tick. At tick c the session pushes one frame's worth of audio (tick c + P), keeps
+  the frames the stream returns, and sends those due (index <= c): one frame per tick,
+  even from engines that return frames in bursts (Ditto's online scheme: tens at once).
+  A frame sent more than one frame period after it was due counts as late; a session
+  more than `MAX_LAG_S` behind its clock is re-anchored to now (logged, its late frames
+  counted), instead of sending a burst to catch up.
 - a `Playout` (daemon/live_playout.py): every tick takes one frame's worth of queued speech
-  (or silence), pushes it into the engine's `AvatarStream`, and every frame the stream
-  returns goes out with the audio it was made from, as frame k and audio chunk k.
+  (or silence: idle motion is the model fed silence), and every frame goes out with the
+  audio it was made from, as frame k and audio chunk k, so speech reaches the client
+  P / fps seconds after it was queued (plus compute time).
+- **barge-in**: the playout drops every queued piece of speech and silences the ticks
+  whose frames have not been sent; the stream's `interrupt()` silences the audio it holds
+  for frames it has not returned, so the avatar returns to rest the way the model does
+  with silence. Frames already rendered and not yet sent (at most a burst) go out with
+  silence.
 - realtime writes: frame and audio go into the session's rings with timeout 0. A full ring
   (the client is not reading) drops both and counts the frame as dropped; the worker never
   waits for a client, so other sessions and jobs of the worker are unaffected.
@@ -27,6 +40,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,9 +112,12 @@ class LiveSession:
         avatar, self.avatar_lock = worker._engine("avatar")
         state = worker._avatar_state(spec.avatar)
         with self.avatar_lock:
-            self.stream = avatar.open_stream(state, job.seed)
+            self.stream = avatar.open_stream(state, job.seed, live=True)
         self.fps, self.rate = int(avatar.fps), int(avatar.audio_rate)
+        self.lookahead = int(self.stream.lookahead_frames)
         self.playout = Playout(self.rate, self.fps)
+        self.ready: deque[np.ndarray] = deque()  # returned by the stream, not yet sent
+        self.frames_out = 0  # frames sent or dropped: the index of the next one
         self.frames_sent = self.frames_dropped = self.late_frames = self.audio_samples = 0
         self.ticks = 0
         self._tts_requests: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
@@ -114,29 +131,31 @@ class LiveSession:
         from .worker import JobResult
 
         period_s = 1.0 / self.fps
+        for _ in range(self.lookahead):  # the pre-roll: silence, no input applied yet
+            self._push_tick()
         started = time.monotonic()
+        clock = 0  # the tick due next; frames up to clock - 1 are due
         while True:
-            due = started + self.ticks * period_s
+            due = started + clock * period_s
             if self._apply_inputs_until(due):
                 break  # live_close
             lag_s = time.monotonic() - due
-            if lag_s > period_s:
-                self.late_frames += 1
             if lag_s > MAX_LAG_S:
                 # Catching up would send a second of frames at once; the client would
                 # rather see the clock move on. The late frames say it happened.
                 log.warning("live session %s is %.2f s behind its clock at frame %d "
                             "(%d late so far): re-anchored", self.job.job_id, lag_s,
-                            self.ticks, self.late_frames)
-                started = time.monotonic() - self.ticks * period_s
-            self._tick(self.ticks)
-            self.ticks += 1
-            self.job_run.progress = self.ticks
+                            clock, self.late_frames)
+                started = time.monotonic() - clock * period_s
+            self._push_tick()
+            self._send_due(clock, started + (clock + 1) * period_s)
+            clock += 1
+            self.job_run.progress = self.frames_out
         # Segments still playing end here, cut short (playback_finished must always come).
         self._send_events(self.playout.close())
         return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
-                         media_s=self.ticks / self.fps, frames_dropped=self.frames_dropped,
-                         late_frames=self.late_frames)
+                         media_s=self.frames_out / self.fps,
+                         frames_dropped=self.frames_dropped, late_frames=self.late_frames)
 
     def _apply_inputs_until(self, due: float) -> bool:
         """Apply the session's input as it comes until tick time `due` (monotonic s), and
@@ -185,39 +204,50 @@ class LiveSession:
 
     def _interrupt(self) -> None:
         """Barge-in: the playout drops all queued speech (sentences waiting for the TTS
-        too: a new generation) and answers with the segments cut short; then the stream
-        is told, if it can be (engines with `interrupt()`)."""
+        too: a new generation), silences the ticks whose frames are not sent yet and
+        answers with the segments cut short; the stream silences the audio it holds for
+        frames it has not returned (its last push's frames were all read by `_push_tick`,
+        as `interrupt()` requires)."""
         self._send_events(self.playout.interrupt())
-        interrupt = getattr(self.stream, "interrupt", None)
-        if callable(interrupt):
-            with self.avatar_lock:
-                frames = interrupt()
-            if frames:  # frames the stream had ready for audio it was given
-                self._emit(frames)
+        with self.avatar_lock:
+            silenced = self.stream.interrupt()
+        pending = len(self.playout.in_flight) - len(self.ready)
+        if silenced > pending:  # an engine bug: say it, the frames still come in order
+            log.warning("live session %s: the avatar stream silenced %d frames at a "
+                        "barge-in, but %d were pushed and not returned", self.job.job_id,
+                        silenced, pending)
 
     # ------------------------------------------------------------ ticks and frames
 
-    def _tick(self, index: int) -> None:
-        tick = self.playout.take(index)
+    def _push_tick(self) -> None:
+        """One frame's worth of audio (the playout's next tick) into the stream; the
+        frames it returns wait in `ready` for their due tick. A lazy iterator is read to
+        the end here, one engine call (under the engine's lock) per frame."""
+        tick = self.playout.take(self.playout.ticks_taken)
         with self.avatar_lock:
             frames = self.stream.push(tick.pcm)
-        self._emit(frames)
+        self.ready.extend(self.worker.engine_frames(frames, self.avatar_lock))
+        if len(self.ready) > len(self.playout.in_flight):
+            if not self._extra_frames_logged:
+                self._extra_frames_logged = True
+                log.warning("live session %s: the avatar stream returned more frames "
+                            "than the audio it was given makes; the extra are dropped",
+                            self.job.job_id)
+            while len(self.ready) > len(self.playout.in_flight):
+                self.ready.pop()
 
-    def _emit(self, frames: Any) -> None:
-        """Each frame the stream returned goes out with the oldest tick in flight: its
-        events before and after it, the frame and the tick's audio (or both dropped)."""
-        for frame in frames:
-            try:
-                tick, before, after = self.playout.emitted()
-            except IndexError:
-                if not self._extra_frames_logged:
-                    self._extra_frames_logged = True
-                    log.warning("live session %s: the avatar stream returned more frames "
-                                "than the audio it was given makes; the extra are dropped",
-                                self.job.job_id)
-                return
+    def _send_due(self, clock: int, late_after: float) -> None:
+        """Send the ready frames due by tick `clock` (index <= clock), each with its tick's
+        audio and the events around it. A frame sent after `late_after` (monotonic s:
+        the end of its tick) counts as late."""
+        while self.ready and self.frames_out <= clock:
+            frame = self.ready.popleft()
+            tick, before, after = self.playout.emitted()
             self._send_events(before)
+            if self.frames_out < clock or time.monotonic() > late_after:
+                self.late_frames += 1
             self._send_frame(np.asarray(frame), tick)
+            self.frames_out += 1
             self._send_events(after)
 
     def _send_frame(self, frame: np.ndarray, tick: Tick) -> None:

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -663,14 +663,7 @@ class Worker:
 
         def emit(frames: Iterable[np.ndarray]) -> None:
             nonlocal next_frame
-            # An engine may return a lazy iterator that computes frames as it is read:
-            # each step is an engine call, made under the engine's lock.
-            frames = iter(frames)
-            while True:
-                with lock:
-                    frame = next(frames, None)
-                if frame is None:
-                    return
+            for frame in self.engine_frames(frames, lock):
                 index = next_frame
                 next_frame += 1
                 run.progress = next_frame
@@ -710,6 +703,20 @@ class Worker:
             frames = stream.finish()
         emit(frames)
         return JobResult(next_frame, out_samples, samples / avatar.audio_rate)
+
+    @staticmethod
+    def engine_frames(frames: Iterable[np.ndarray], lock: AbstractContextManager[Any]
+                      ) -> Iterator[np.ndarray]:
+        """The frames an avatar stream's push() or finish() returned, one by one. An
+        engine may return a lazy iterator that computes frames as it is read: each step
+        is an engine call, made under the engine's `lock`."""
+        frames = iter(frames)
+        while True:
+            with lock:
+                frame = next(frames, None)
+            if frame is None:
+                return
+            yield frame
 
     def _write(self, ring: SlotRing, array: np.ndarray, run: JobRun) -> SlotRef:
         """Copy into a free slot, waiting out back-pressure (the client is slow, not us: no

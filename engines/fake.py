@@ -322,7 +322,11 @@ class _FakeLoad:
 class FakeAvatarStream(AvatarStream):
     """Frames of one job: frame k exists once the audio up to its end has arrived
     (look-ahead 0). A live stream keeps the audio of the frames it has not returned yet,
-    to write each frame's audio level into it and to silence it on interrupt()."""
+    to write each frame's audio level into it and to silence it on interrupt(); it can
+    stand in for an engine with look-ahead and bursts (options `lookahead_frames` L and
+    `burst_frames` B): frames leave in groups of B, group [gB, gB + B) once the audio of
+    frame gB + L is complete, so each frame leaves at the latest with the audio of frame
+    k + L, some earlier (as Ditto's online windows do)."""
 
     def __init__(self, engine: FakeAvatarEngine, state: AvatarState, seed: int,
                  live: bool = False):
@@ -342,7 +346,7 @@ class FakeAvatarStream(AvatarStream):
 
     @property
     def lookahead_frames(self) -> int:
-        return 0
+        return self._engine.options.lookahead_frames if self.live else 0
 
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         if self._finished:
@@ -356,8 +360,12 @@ class FakeAvatarStream(AvatarStream):
             self._pending_pcm = np.concatenate([self._pending_pcm, pcm])
         engine = self._engine
         # Only whole frames: frame k needs the audio up to (k + 1) / fps seconds.
-        ready = self._sample_count * engine.fps // engine.audio_rate
-        return self._render_until(ready)
+        complete = self._sample_count * engine.fps // engine.audio_rate
+        if self.live:
+            burst = engine.options.burst_frames
+            groups = max(0, complete - self.lookahead_frames + burst - 1) // burst
+            complete = min(complete, groups * burst)
+        return self._render_until(complete)
 
     def finish(self) -> list[np.ndarray]:
         if self._finished:

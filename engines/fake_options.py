@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import WorkerContext
-from .options import option
+from .options import OptionConflict, option
 
 ENGINE_KINDS = ("avatar", "tts", "asr")
 
@@ -64,6 +64,14 @@ class FakeOptions:
     audio_rate: int = option(
         16000, "Sample rate (Hz) of the audio pushed into avatar streams.", ge=1000
     )
+    lookahead_frames: int = option(
+        0, "Live streams: frames of audio past frame k needed before frame k is returned "
+        "(Ditto's online scheme needs 21).", ge=0, le=250,
+    )
+    burst_frames: int = option(
+        1, "Live streams: frames returned in groups of this many (Ditto's online scheme "
+        "returns 10 at once); at most lookahead_frames + 1.", ge=1, le=250,
+    )
     sentence_ms: float = option(0.0, "Compute time per synthesized TTS sentence, in ms.", ge=0)
     fault_workers: tuple[int, ...] | None = option(
         None, "Worker indices (0-based) the faults apply to.", ge=0, default_doc="every worker"
@@ -90,6 +98,12 @@ class FakeOptions:
     crash_exit_code: int = option(
         70, "Exit status of an injected crash (70: EX_SOFTWARE).", ge=1, le=255
     )
+
+    def __post_init__(self) -> None:
+        if self.burst_frames > self.lookahead_frames + 1:
+            raise OptionConflict("burst_frames", f"{self.burst_frames} is more than "
+                                 f"lookahead_frames + 1 = {self.lookahead_frames + 1} (a "
+                                 "frame would leave before its own audio is complete)")
 
     def faults_apply(self, context: WorkerContext) -> bool:
         """Whether the faults target this worker and load attempt."""

@@ -15,7 +15,12 @@ import pytest
 from daemon_harness import run_daemon
 
 from avatard.engines.audio import resample
-from avatard.engines.fake import FakeTTSEngine, expected_frame
+from avatard.engines.fake import (
+    FakeTTSEngine,
+    audio_level,
+    expected_frame,
+    frame_audio_level_of,
+)
 from avatard.ipc import protocol as P
 from avatard.ipc.client import (
     AudioEvent,
@@ -46,20 +51,34 @@ class Recorder:
         self.events: list = []  # frames as their index, audio as (index, pcm copy), others
         self.frames: list[int] = []
         self.audio: dict[int, np.ndarray] = {}
+        self.levels: dict[int, int] = {}  # the audio level each live fake frame shows
+        # Frames made from speech that went out silent: rendered before a barge-in and
+        # sent after it (at most an engine's burst less one).
+        self.silenced: list[int] = []
         self.done: DoneEvent | None = None
 
     def next(self):
         event = next(self.session)
         if isinstance(event, FrameEvent):
             if self.seed is not None:
+                # A live fake frame shows the level of the audio it was made from: it
+                # must be the level of the audio chunk sent with it (checked in `audio`).
+                level = self.levels[event.index] = frame_audio_level_of(event.array)
                 np.testing.assert_array_equal(
-                    event.array, expected_frame(self.seed, event.index, SIZE, SIZE),
+                    event.array, expected_frame(self.seed, event.index, SIZE, SIZE, level),
                     err_msg=f"frame {event.index}")
             self.frames.append(event.index)
             self.events.append(("frame", event.index))
         elif isinstance(event, AudioEvent):
             assert event.sample_rate == RATE
             self.audio[event.index] = np.array(event.pcm)
+            if event.index in self.levels:
+                sent, shown = audio_level(self.audio[event.index]), self.levels[event.index]
+                if sent == 0 and shown > 0:
+                    self.silenced.append(event.index)
+                else:
+                    assert sent == shown, (f"frame {event.index} was not made from the audio "
+                                           "sent with it")
             self.events.append(("audio", event.index))
         else:
             self.events.append(event)
@@ -108,17 +127,34 @@ def send_in_chunks(session: LiveSession, pcm: np.ndarray, rate: int, segment_id:
         session.send_audio(pcm[start:start + step], rate, segment_id)
 
 
-def assert_continuous(rec: Recorder) -> None:
+def assert_continuous(rec: Recorder, silenced_from: int | None = None, burst: int = 1
+                      ) -> None:
+    """Every frame in order with its audio chunk; frames made from speech went out silent
+    only after a barge-in (the first frame after it: `silenced_from`), fewer than `burst`."""
     assert rec.frames == list(range(len(rec.frames))), "every frame, in order, none lost"
+    if silenced_from is None:
+        assert not rec.silenced, "frames made from speech went out silent"
+    else:
+        assert all(silenced_from <= i < silenced_from + burst - 1 for i in rec.silenced), (
+            rec.silenced, silenced_from)
     assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
     assert all(rec.audio[i].size == TICK for i in rec.frames)
 
 
+# The fake engine as it is (frames leave with their own audio) and standing in for Ditto's
+# online scheme (look-ahead 21 frames, frames in bursts of 10): the session's clock must
+# send one frame per tick, each with the audio it was made from, either way.
+ENGINES = pytest.mark.parametrize("engine", [{}, {"lookahead_frames": 21, "burst_frames": 10}],
+                                  ids=["no-lookahead", "lookahead21-burst10"])
+
+
+@ENGINES
 @pytest.mark.parametrize("inline", [False, True], ids=["shm", "inline"])
-def test_two_segments_and_a_pause_frames_never_stop(tmp_path, inline):
+def test_two_segments_and_a_pause_frames_never_stop(tmp_path, inline, engine):
     first = np.full(RATE // 2, 0.25, np.float32)  # 0.5 s at 16 kHz, 100 ms chunks
     second = (np.sin(np.arange(int(48000 * 0.3)) / 9.0) * 0.5).astype(np.float32)  # 48 kHz
-    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client(inline=inline) as c:
+    with (run_daemon(tmp_path, fake=FAKE | engine, sections=RINGS) as d,
+          d.client(inline=inline) as c):
         rec = Recorder(c.live(seed=5), seed=5)
         session = rec.session
         assert (session.fps, session.width, session.height, session.audio_rate) == (
@@ -158,9 +194,10 @@ def test_two_segments_and_a_pause_frames_never_stop(tmp_path, inline):
     assert not pcm[b_at + expected_b.size:].any()
 
 
-def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path):
+@ENGINES
+def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, engine):
     speech = np.full(RATE * 2, 0.5, np.float32)  # 2 s, more than is read before the barge-in
-    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+    with run_daemon(tmp_path, fake=FAKE | engine, sections=RINGS) as d, d.client() as c:
         rec = Recorder(c.live(seed=6), seed=6)
         rec.session.send_audio(speech, RATE, "a")
         rec.session.end_segment("a")
@@ -178,7 +215,11 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path):
         finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
         done = rec.close()
 
-    assert_continuous(rec)
+    # Frames the engine had made from the speech but not sent yet go out silent; every
+    # frame after them is made from silence (its level is 0, as its audio is).
+    assert_continuous(rec, silenced_from=after, burst=engine.get("burst_frames", 1))
+    assert not any(rec.levels[i] for i in range(after + engine.get("burst_frames", 1) - 1,
+                                                 after + 15))
     assert finished.interrupted
     # At least what the client heard before it barged in, less than the whole segment.
     assert heard_s <= finished.position_s < 2.0

@@ -38,7 +38,7 @@ class DittoOptions:
         "offline pipeline: a window every 70 frames, whole-clip smoothing; first frame after "
         "~3.3 s of audio) or \"online\" (upstream's online pipeline: 70 frames of silence "
         "first, a window every 10 frames; first frame after ~0.9 s of audio, 7x the LMDM "
-        "windows). Live sessions (not built yet) are to run online.", choices=MODES,
+        "windows). Live sessions always run online.", choices=MODES,
     )
     sampling_timesteps: int | None = option(
         None, "DDIM steps per 80-frame LMDM window (overrides the cfg's).", ge=1, le=1000,
