@@ -13,6 +13,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 from avatard.engines.base import EngineInputError  # noqa: E402
 from avatard.engines.embedded.avatar import (  # noqa: E402
     BLINK_PROFILE,
+    BREATH_RISE_PX,
     FPS,
     HOP,
     MAX_SIDE_PX,
@@ -222,6 +223,34 @@ def test_blinks_come_every_two_to_six_seconds():
     gaps_s = np.diff(closed) / FPS
     assert 8 <= len(closed) <= 30
     assert gaps_s.min() >= 2.0 - len(BLINK_PROFILE) / FPS and gaps_s.max() <= 6.0 + 0.05
+
+
+def test_breaths_come_12_to_20_a_minute_and_rise_smoothly():
+    motion = _Motion(seed=11)
+    rise = np.array([motion.breath(frame) for frame in range(FPS * 60)])
+    inhales = np.flatnonzero((rise[1:] > 0.0) & (rise[:-1] == 0.0)) + 1
+    periods_s = np.diff(inhales) / FPS
+    assert 11 <= len(inhales) <= 21
+    assert periods_s.min() >= 3.0 - 0.05 and periods_s.max() <= 5.0 + 0.05
+    assert rise.min() == 0.0 and 0.75 * BREATH_RISE_PX < rise.max() <= 1.25 * BREATH_RISE_PX
+    # Smooth: a breath moves a fraction of a pixel per frame.
+    assert np.abs(np.diff(rise)).max() < 0.25
+
+
+def test_a_breath_raises_head_and_shoulders_but_not_the_background(portrait_state):
+    from avatard.engines.embedded.warp import FacePose, render_frame
+
+    rig = portrait_state.payload.rig
+    still = render_frame(rig, FacePose())
+    raised = render_frame(rig, FacePose(breath_px=2.0))
+    # Where the body follows the breath fully (face, neck, chest), the frame is the still
+    # one moved up by 2 px; the background above the shoulders stays where it was.
+    body = rig.body_weight[:-2] == 1.0
+    assert body[440:].mean() > 0.6  # the chest and shoulders, not just the head
+    difference = np.abs(raised[:-2].astype(np.int16) - still[2:])
+    assert difference[body].max() <= 1
+    background = rig.body_weight == 0.0
+    assert background[:100].any() and np.array_equal(raised[background], still[background])
 
 
 def test_bad_audio_and_push_after_finish(engine, portrait_state):

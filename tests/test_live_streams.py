@@ -247,6 +247,93 @@ def test_embedded_interrupt_mid_speech_silences_every_frame_not_returned(embedde
     assert closing[0] > closing[-1] + 0.05
 
 
+def _eye_darkness(frame: np.ndarray, state) -> float:
+    """Share of dark pixels (iris, pupil, lashes) in a box around each eye, the smaller of
+    the two: a blink covers them with lid skin. The boxes reach 8 px past the eye, so the
+    head sway (a few px) keeps each eye inside its box."""
+    shares = []
+    for eye in (state.payload.rig.landmarks.left_eye, state.payload.rig.landmarks.right_eye):
+        x, y = eye.center
+        reach_x, reach_y = eye.half_width + 8, eye.half_height + 8
+        box = frame[int(y - reach_y) : int(y + reach_y), int(x - reach_x) : int(x + reach_x)]
+        shares.append(float((box.astype(np.float32).mean(axis=2) < 90).mean()))
+    return min(shares)
+
+
+def _live_run(engine, state, seed: int, pcm: np.ndarray, interrupt_after: int | None = None
+              ) -> tuple[list[np.ndarray], list]:
+    """Push `pcm` a frame per call into a live stream, calling interrupt() after the push
+    of index `interrupt_after` when given: (frames, the pose each frame was drawn in)."""
+    stream = engine.open_stream(state, seed, live=True)
+    frames, poses = [], []
+    for push, start in enumerate(range(0, len(pcm), SAMPLES_PER_FRAME)):
+        returned = stream.push(pcm[start : start + SAMPLES_PER_FRAME])
+        assert len(returned) <= 1
+        frames += returned
+        poses += [stream.last_pose] * len(returned)
+        if push == interrupt_after:
+            stream.interrupt()
+    return frames, poses
+
+
+def test_embedded_live_idle_blinks_breathes_and_sways_with_the_mouth_shut(embedded) -> None:
+    """10 s of silence: the eyes blink (shut, then open again), head and shoulders keep
+    moving, and the mouth stays as in the photo."""
+    engine, state = embedded
+    frames, poses = _live_run(engine, state, 4, np.zeros(252 * SAMPLES_PER_FRAME, np.float32))
+    assert len(frames) == 250
+
+    eyes = np.array([_eye_darkness(frame, state) for frame in frames])
+    open_eyes = float(np.median(eyes))
+    assert open_eyes > 0.1
+    shut = np.flatnonzero(eyes < 0.4 * open_eyes)
+    blinks = [k for k in shut if k - 1 not in shut]  # first shut frame of each blink
+    assert len(blinks) >= 1
+    for k in blinks:
+        if k >= 6 and k + 6 < len(frames):
+            # The eye was open before and opens again within 6 frames (240 ms).
+            assert eyes[k - 6] > 0.8 * open_eyes
+            assert max(eyes[k + 1 : k + 7]) > 0.8 * open_eyes
+
+    # Head and shoulders move: no two consecutive frames are equal, and over the 10 s the
+    # face region drifts well away from where it started.
+    assert not any(np.array_equal(a, b) for a, b in zip(frames, frames[1:], strict=False))
+    x, y, w, h = (int(v) for v in state.payload.rig.landmarks.face_box)
+    drift = [np.abs(frame[y : y + h, x : x + w].astype(np.float32)
+                    - frames[0][y : y + h, x : x + w]).mean() for frame in frames]
+    assert max(drift) > 10.0
+    # Breathing: at least two breaths in 10 s (12-20 a minute), each a rise of 1-3 px that
+    # falls back to 0.
+    breath = np.array([pose.breath_px for pose in poses])
+    assert 1.0 < breath.max() < 3.0 and breath.min() == 0.0
+    inhales = np.flatnonzero((breath[1:] > 0.0) & (breath[:-1] == 0.0))
+    assert len(inhales) >= 2
+
+    # The mouth is shut throughout: no drive, and the lips look as in the photo.
+    assert all(pose.mouth_open == 0.0 for pose in poses)
+    rest = _mouth_darkness(state.payload.rig.portrait, state)
+    assert max(_mouth_darkness(frame, state) for frame in frames) <= rest + 0.01
+
+
+def test_embedded_live_frames_are_a_function_of_seed_audio_and_interrupts(embedded) -> None:
+    """The same seed, audio and interrupt position give the same frames bit for bit
+    (blinks, breathing and sway included); another seed moves differently."""
+    from avatard.engines.embedded.avatar import speech_like_signal
+
+    engine, state = embedded
+    pcm = np.concatenate([speech_like_signal(2.0, seed=5),
+                          np.zeros(100 * SAMPLES_PER_FRAME, np.float32)])
+    first, _ = _live_run(engine, state, 7, pcm, interrupt_after=30)
+    again, _ = _live_run(engine, state, 7, pcm, interrupt_after=30)
+    assert_same_frames(first, again)
+    other, _ = _live_run(engine, state, 8, pcm, interrupt_after=30)
+    differing = sum(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert differing >= 0.9 * len(first)
+    # The interrupt position is part of the input: elsewhere, other frames.
+    later, _ = _live_run(engine, state, 7, pcm, interrupt_after=35)
+    assert not np.array_equal(first[33], later[33])
+
+
 def test_embedded_interrupt_needs_a_live_unfinished_stream(embedded) -> None:
     engine, state = embedded
     with pytest.raises(RuntimeError, match="live"):

@@ -4,8 +4,9 @@ Nothing is downloaded: faces are found with the Haar cascades inside the
 `opencv-python-headless` wheel (see `landmarks.py`), and the portrait is animated by a
 smooth mesh warp (see `warp.py`). Per frame, the audio around the frame gives a mouth
 opening (loudness, weighted to vowel-like low bands) and a lip shape (spectral centroid:
-bright sounds spread the lips, dark ones round them); a seeded RNG gives blinks and slow
-head motion. A 512x512 frame costs a few milliseconds on one core (docs/embedded-avatar.md).
+bright sounds spread the lips, dark ones round them); a seeded RNG gives blinks, breathing
+and slow head motion, in batch jobs and live streams alike. A 512x512 frame costs a few
+milliseconds on one core (docs/embedded-avatar.md).
 
 Image limits of `register`: 64..8192 px per side, at most 40 megapixels, formats PNG, JPEG,
 WebP and BMP (or an (H, W, 3) uint8 RGB array).
@@ -74,10 +75,22 @@ OPEN_ATTACK = 0.7
 OPEN_RELEASE = 0.35
 SPREAD_RATE = 0.4
 NOD_RATE = 0.08
-
-# Blinks: 2-6 s apart, each about 160 ms (4 frames) with this closure profile.
+# Blinks: 2-6 s apart (mean 4 s: 15 a minute, the resting rate of adults is 15-20), each
+# about 160 ms (4 frames; a full blink lasts 100-400 ms) with this closure profile: the lid
+# falls faster than it rises, as real lids do.
 BLINK_INTERVAL_S = (2.0, 6.0)
 BLINK_PROFILE = (0.55, 1.0, 0.7, 0.3)
+# Breathing: each breath lasts 3-5 s (12-20 breaths a minute, the adult resting range),
+# drawn per breath, and raises head and shoulders by BREATH_RISE_PX times a per-breath
+# depth of 0.75-1.25 (about 1.6 mm at the framing's ~12 px per cm of face: quiet breathing
+# lifts the shoulders a few millimetres). Inhale over the first 40% of the breath, exhale
+# over the next 45%, then a pause before the next one, as in quiet breathing (inhale to
+# exhale about 1:1.5, with an end-expiratory pause).
+BREATH_S = (3.0, 5.0)
+BREATH_DEPTH = (0.75, 1.25)
+BREATH_RISE_PX = 2.0
+BREATH_INHALE = 0.40
+BREATH_EXHALE = 0.45
 # Head motion: sums of slow sinusoids, amplitudes in pixels / degrees.
 HEAD_SHIFT_PX = 5.0
 HEAD_ROLL_DEG = 3.0
@@ -199,7 +212,12 @@ def audio_features(window: np.ndarray) -> tuple[float, float]:
 
 
 class _Motion:
-    """Seeded blinks and head motion as functions of the frame index."""
+    """Seeded blinks, breathing and head motion as functions of the frame index.
+
+    Each has its own RNG stream derived from the seed, so adding one never changes the
+    others. `blink` and `breath` draw their schedules lazily and forget the past: they must
+    be asked for frames in non-decreasing order (a stream renders its frames in order), and
+    then hold O(1) state however long a live stream runs."""
 
     def __init__(self, seed: int):
         seed_word = seed & 0xFFFF_FFFF_FFFF_FFFF  # default_rng wants a non-negative int
@@ -212,18 +230,48 @@ class _Motion:
         self._blink_rng = np.random.default_rng([seed_word, 2])
         self._blink_starts: list[int] = []
         self._next_blink_s = float(self._blink_rng.uniform(0.6, 2.5))
+        self._breath_rng = np.random.default_rng([seed_word, 3])
+        # The current breath: (start s, duration s, depth). The first one began before
+        # frame 0, at a random point of its cycle, so streams do not all start on an inhale.
+        duration = float(self._breath_rng.uniform(*BREATH_S))
+        start = -float(self._breath_rng.uniform(0.0, duration))
+        self._breath = (start, duration, float(self._breath_rng.uniform(*BREATH_DEPTH)))
 
     def blink(self, frame: int) -> float:
+        """Lid closure of `frame` in [0, 1] (0 open, 1 shut)."""
         # Blink start frames are drawn in order as far as needed, so the schedule does not
         # depend on how many frames were asked for before.
         while self._next_blink_s * FPS <= frame + len(BLINK_PROFILE):
             self._blink_starts.append(round(self._next_blink_s * FPS))
             self._next_blink_s += float(self._blink_rng.uniform(*BLINK_INTERVAL_S))
+        # Starts before the latest one at or before `frame` can no longer be asked for.
+        while len(self._blink_starts) > 1 and self._blink_starts[1] <= frame:
+            del self._blink_starts[0]
         for start in reversed(self._blink_starts):
             if start <= frame:
                 offset = frame - start
                 return BLINK_PROFILE[offset] if offset < len(BLINK_PROFILE) else 0.0
         return 0.0
+
+    def breath(self, frame: int) -> float:
+        """Pixels head and shoulders are raised by the breath at `frame` (>= 0)."""
+        seconds = frame / FPS
+        start, duration, depth = self._breath
+        while seconds >= start + duration:
+            start += duration
+            duration = float(self._breath_rng.uniform(*BREATH_S))
+            depth = float(self._breath_rng.uniform(*BREATH_DEPTH))
+        self._breath = (start, duration, depth)
+        phase = (seconds - start) / duration  # [0, 1) through this breath
+        # Raised-cosine ramps: zero slope at both ends, so the motion never jerks where
+        # inhale, exhale and pause meet, and 0 at every breath's start and end.
+        if phase < BREATH_INHALE:
+            rise = 0.5 - 0.5 * math.cos(math.pi * phase / BREATH_INHALE)
+        elif phase < BREATH_INHALE + BREATH_EXHALE:
+            rise = 0.5 + 0.5 * math.cos(math.pi * (phase - BREATH_INHALE) / BREATH_EXHALE)
+        else:
+            rise = 0.0
+        return BREATH_RISE_PX * depth * rise
 
     def head(self, frame: int) -> tuple[float, float, float]:
         """(dx px, dy px, roll degrees) of the idle sway."""
@@ -253,6 +301,9 @@ class EmbeddedAvatarStream(AvatarStream):
         self._spread = 0.0
         self._nod = 0.0
         self._finished = False
+        # The pose of the last frame rendered (None before the first): what the audio and
+        # the motion asked for, for tests and tools that read the drive, not the pixels.
+        self.last_pose: FacePose | None = None
 
     def _window(self, frame: int) -> np.ndarray:
         """The analysis window of `frame`; samples outside the audio read as silence."""
@@ -278,7 +329,9 @@ class EmbeddedAvatarStream(AvatarStream):
             head_dx=dx,
             head_dy=dy + SPEECH_NOD_PX * self._nod,
             head_roll_deg=roll,
+            breath_px=self._motion.breath(frame),
         )
+        self.last_pose = pose
         return render_frame(self._rig, pose)
 
     def _drain(self, available_frames: int) -> list[np.ndarray]:

@@ -2,10 +2,11 @@
 
 Everything here works on the 512x512 head-and-shoulders crop. `build_rig` precomputes, once
 per avatar, smooth displacement fields in the crop's pixel grid (jaw drop, upper-lip lift,
-lip spread, head-motion weights); `render_frame` scales them by a `FacePose` and resamples
-the portrait with `cv2.remap`, which is a piecewise-smooth warp at the cost of one lookup
-per pixel. Two warps run per frame: a local one over the face (mouth, lips, lids) into
-which the mouth cavity is painted, then a global one that moves the head on the neck.
+lip spread, head-motion and breathing weights); `render_frame` scales them by a `FacePose`
+and resamples the portrait with `cv2.remap`, which is a piecewise-smooth warp at the cost of
+one lookup per pixel. Two warps run per frame: a local one over the face (mouth, lips, lids)
+into which the mouth cavity is painted, then a global one that moves the head on the neck
+and raises head and shoulders with the breath.
 
 Backward mapping is used throughout: an output pixel p shows the source pixel at
 map(p). Moving a feature down by d therefore means map(p) = p - d near that feature.
@@ -41,6 +42,7 @@ class FacePose:
     head_dx: float = 0.0  # pixels
     head_dy: float = 0.0  # pixels
     head_roll_deg: float = 0.0
+    breath_px: float = 0.0  # pixels head and shoulders are raised by the breath (>= 0)
 
 
 @dataclass
@@ -59,6 +61,9 @@ class Rig:
     head_weight: np.ndarray  # (512, 512) share of the head motion each pixel follows
     head_weight_x: np.ndarray  # head_weight * (x - pivot x)
     head_weight_y: np.ndarray  # head_weight * (y - pivot y)
+    # (512, 512) float32 share of the breathing rise each pixel follows: 1 over the head,
+    # neck and shoulders, 0 over the background beside and above them.
+    body_weight: np.ndarray
     grid_x: np.ndarray  # (512, 512) float32 pixel x coordinates
     grid_y: np.ndarray
 
@@ -168,6 +173,15 @@ def build_rig(portrait: np.ndarray, landmarks: FaceLandmarks) -> Rig:
     head_weight *= 1.0 - _smoothstep(chin_y + 0.1 * fh, chin_y + 0.9 * fh, grid_y)
     pivot_x, pivot_y = mouth_x, chin_y + 0.35 * fh  # roughly the top of the neck
 
+    # Breathing: the chest and shoulders rise and fall and carry the head with them. The
+    # torso fills the frame below the neck (the framing puts the shoulders 2.5-3 face widths
+    # wide at the bottom edge); it fades in over the neck, where the head weight fades out,
+    # so head, neck and shoulders rise together, and out towards the frame's sides, where
+    # a shoulder ends or the picture is background.
+    torso = _smoothstep(chin_y, chin_y + 0.5 * fh, grid_y)
+    torso *= 1.0 - _smoothstep(1.1 * fw, 1.6 * fw, np.abs(grid_x - (fx + fw / 2)))
+    body_weight = 1.0 - (1.0 - head_weight) * (1.0 - torso)
+
     return Rig(
         portrait=portrait,
         landmarks=landmarks,
@@ -181,6 +195,7 @@ def build_rig(portrait: np.ndarray, landmarks: FaceLandmarks) -> Rig:
         head_weight=head_weight.astype(np.float32),
         head_weight_x=(head_weight * (grid_x - pivot_x)).astype(np.float32),
         head_weight_y=(head_weight * (grid_y - pivot_y)).astype(np.float32),
+        body_weight=body_weight.astype(np.float32),
         grid_x=grid_x,
         grid_y=grid_y,
     )
@@ -287,10 +302,12 @@ def render_frame(rig: Rig, pose: FacePose) -> np.ndarray:
 
     canvas = rig.portrait.copy()
     canvas[y0:y1, x0:x1] = local
-    if pose.head_dx == 0.0 and pose.head_dy == 0.0 and pose.head_roll_deg == 0.0:
+    if (pose.head_dx == 0.0 and pose.head_dy == 0.0 and pose.head_roll_deg == 0.0
+            and pose.breath_px == 0.0):
         return canvas
     # First-order inverse of "rotate about the neck, then translate", scaled per pixel by
-    # how much of the head motion the pixel follows.
+    # how much of the head motion the pixel follows; the breath raises head and shoulders
+    # (backward map: a pixel lifted by b shows the source b below it).
     angle = np.deg2rad(pose.head_roll_deg)
     cos_minus_1, sin = float(np.cos(angle) - 1.0), float(np.sin(angle))
     head_map_x = rig.grid_x - (
@@ -299,6 +316,8 @@ def render_frame(rig: Rig, pose: FacePose) -> np.ndarray:
     head_map_y = rig.grid_y - (
         sin * rig.head_weight_x + cos_minus_1 * rig.head_weight_y + pose.head_dy * rig.head_weight
     )
+    if pose.breath_px != 0.0:
+        head_map_y += pose.breath_px * rig.body_weight
     return cv2.remap(
         canvas, head_map_x, head_map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
     )
