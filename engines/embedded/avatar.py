@@ -75,6 +75,12 @@ OPEN_ATTACK = 0.7
 OPEN_RELEASE = 0.35
 SPREAD_RATE = 0.4
 NOD_RATE = 0.08
+# After a barge-in the mouth goes to rest over this many frames: frame j of them (j = 1, 2,
+# 3) shows 1 - j / 3 of the opening and lip spread the mouth had at the interrupt, so each
+# step is a third of that opening, less than the ordinary release step from it
+# (OPEN_RELEASE = 0.35 of it): quick, never a jump.
+INTERRUPT_CLOSE_FRAMES = 3
+
 # Blinks: 2-6 s apart (mean 4 s: 15 a minute, the resting rate of adults is 15-20), each
 # about 160 ms (4 frames; a full blink lasts 100-400 ms) with this closure profile: the lid
 # falls faster than it rises, as real lids do.
@@ -300,6 +306,9 @@ class EmbeddedAvatarStream(AvatarStream):
         self._open = 0.0
         self._spread = 0.0
         self._nod = 0.0
+        # Set by interrupt(): (first frame after the barge-in, mouth opening and lip spread
+        # at the barge-in) while the mouth is being closed; None otherwise.
+        self._closing: tuple[int, float, float] | None = None
         self._finished = False
         # The pose of the last frame rendered (None before the first): what the audio and
         # the motion asked for, for tests and tools that read the drive, not the pixels.
@@ -320,6 +329,8 @@ class EmbeddedAvatarStream(AvatarStream):
         rate = OPEN_ATTACK if opening > self._open else OPEN_RELEASE
         self._open += rate * (opening - self._open)
         self._spread += SPREAD_RATE * (spread - self._spread)
+        if self._closing is not None:
+            self._close_after_interrupt(frame)
         self._nod += NOD_RATE * (self._open - self._nod)
         dx, dy, roll = self._motion.head(frame)
         pose = FacePose(
@@ -333,6 +344,25 @@ class EmbeddedAvatarStream(AvatarStream):
         )
         self.last_pose = pose
         return render_frame(self._rig, pose)
+
+    def _close_after_interrupt(self, frame: int) -> None:
+        """Drive the mouth to rest over the INTERRUPT_CLOSE_FRAMES frames right after a
+        barge-in: opening and lip spread fall in even steps from where the returned frames
+        left them, to exactly 0 on the last of those frames, whatever the audio says.
+
+        The one-pole release alone (0.35 per frame) would take about 10 frames, which after
+        a barge-in reads as the avatar mumbling on. Each even step is 1/3 of the opening at
+        the barge-in, less than the first step of the ordinary release from that opening
+        (0.35 of it: the step speech itself makes when a sound stops), so the close is
+        quick but never a jump. The head nod follows the mouth at its own slow rate and
+        keeps moving smoothly."""
+        first, open_at_cut, spread_at_cut = self._closing
+        step = frame - first + 1  # 1 on the first frame after the barge-in
+        keep = max(0.0, 1.0 - step / INTERRUPT_CLOSE_FRAMES)
+        self._open = open_at_cut * keep
+        self._spread = spread_at_cut * keep
+        if keep == 0.0:
+            self._closing = None
 
     def _drain(self, available_frames: int) -> list[np.ndarray]:
         frames = []
@@ -355,12 +385,14 @@ class EmbeddedAvatarStream(AvatarStream):
         """Barge-in (see `AvatarStream.interrupt`): the pushed audio from sample 640F on
         (F = frames returned) becomes zeros. Frame F's window starts at 640F + 448, so
         every frame still to come is analysed over silence only, and its mouth closes
-        from where the returned frames left it at the one-pole release rate (the
-        smoothing state is kept: no jump; at rest within about 10 frames). Frames F-2
-        and F-1 were returned, and their windows had already read the first 832 samples
-        of frame F's audio: they stay as shown. Frames are drawn inside push(), so none
-        is in flight."""
+        from where the returned frames left it (the smoothing state is kept: no jump),
+        at rest on frame F + 2 (INTERRUPT_CLOSE_FRAMES, `_close_after_interrupt`); audio
+        pushed after the call cannot open it again before frame F + 3. Frames F-2 and F-1
+        were returned, and their windows had already read the first 832 samples of frame
+        F's audio: they stay as shown. Frames are drawn inside push(), so none is in
+        flight."""
         check_interruptible(self, self._finished)
+        self._closing = (self._next_frame, self._open, self._spread)
         cut = self._next_frame * HOP
         if self._received > cut:
             keep = max(0, cut - self._buffer_start)
