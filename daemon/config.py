@@ -244,7 +244,8 @@ class RestartConfig:
         gt=0,
     )
     max_job_attempts: int = _key(
-        2, "Times a job is run (first run included) when its worker dies under it.", ge=1
+        2, "Times a job is run (first run included) when its worker dies under it; a live "
+        "session moves to another worker at most this many times less one.", ge=1
     )
 
 

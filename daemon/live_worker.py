@@ -115,9 +115,12 @@ class LiveSession:
             self.stream = avatar.open_stream(state, job.seed, live=True)
         self.fps, self.rate = int(avatar.fps), int(avatar.audio_rate)
         self.lookahead = int(self.stream.lookahead_frames)
-        self.playout = Playout(self.rate, self.fps)
+        # A session that moved here from a lost worker goes on at its clock's frame
+        # (`resume_from`: the supervisor counted the frames of the gap as lost).
+        self.first_index = job.resume_from
+        self.playout = Playout(self.rate, self.fps, first_tick=self.first_index)
         self.ready: deque[np.ndarray] = deque()  # returned by the stream, not yet sent
-        self.frames_out = 0  # frames sent or dropped: the index of the next one
+        self.frames_out = self.first_index  # frames sent or dropped: the next one's index
         self.frames_sent = self.frames_dropped = self.late_frames = self.audio_samples = 0
         self.ticks = 0
         self._tts_requests: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
@@ -133,10 +136,11 @@ class LiveSession:
         period_s = 1.0 / self.fps
         for _ in range(self.lookahead):  # the pre-roll: silence, no input applied yet
             self._push_tick()
+        first = self.first_index
         started = time.monotonic()
-        clock = 0  # the tick due next; frames up to clock - 1 are due
+        clock = first  # the tick due next; frames up to clock - 1 are due
         while True:
-            due = started + clock * period_s
+            due = started + (clock - first) * period_s
             if self._apply_inputs_until(due):
                 break  # live_close
             lag_s = time.monotonic() - due
@@ -146,15 +150,15 @@ class LiveSession:
                 log.warning("live session %s is %.2f s behind its clock at frame %d "
                             "(%d late so far): re-anchored", self.job.job_id, lag_s,
                             clock, self.late_frames)
-                started = time.monotonic() - clock * period_s
+                started = time.monotonic() - (clock - first) * period_s
             self._push_tick()
-            self._send_due(clock, started + (clock + 1) * period_s)
+            self._send_due(clock, started + (clock - first + 1) * period_s)
             clock += 1
             self.job_run.progress = self.frames_out
         # Segments still playing end here, cut short (playback_finished must always come).
         self._send_events(self.playout.close())
         return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
-                         media_s=self.frames_out / self.fps,
+                         media_s=(self.frames_out - first) / self.fps,
                          frames_dropped=self.frames_dropped, late_frames=self.late_frames)
 
     def _apply_inputs_until(self, due: float) -> bool:

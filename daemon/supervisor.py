@@ -231,7 +231,8 @@ class Supervisor:
         book's per-worker job counts and publish the status."""
         for item in items:
             if isinstance(item, WorkerLost):
-                self._route(self.book.worker_lost(item.index, item.reason), now)
+                self._route(self.book.worker_lost(item.index, item.reason,
+                                                  self.pool.capacities()), now)
             elif isinstance(item, WorkerExited):
                 self.sessions.reclaim_worker(item.index)
             elif isinstance(item, StopWorker):
@@ -240,6 +241,8 @@ class Supervisor:
                 self._finish(item, now)
             elif isinstance(item, WorkerReady):
                 self.capabilities = item.capabilities
+            elif isinstance(item, Requeued) and item.job.moved:
+                self._live_session_moving(item.job)
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
             # WorkerGaveUp changes only what status shows.
@@ -270,6 +273,12 @@ class Supervisor:
                 except segments.ShmFullError as exc:
                     self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
                     continue
+            fps = self.capabilities.fps if self.capabilities else 0
+            lost = self.book.resume_live(job, fps, now)
+            if lost is not None:  # a live session moved: the client's clock ran on
+                self.client_port.send(job.client, P.make(
+                    P.SessionMoved, job_id=job.job_id, resume_index=job.frames_delivered,
+                    frames_lost=lost, reason=job.last_error[:4096]))
             self._send(job.worker, P.make(
                 P.RunJob, job_id=job.job_id, seed=job.seed, attempt=job.attempts,
                 spec=job.spec, resume_from=job.frames_delivered,
@@ -280,6 +289,16 @@ class Supervisor:
             for live_msg, data in self.live.held(job.job_id):  # live input while queued
                 self._send(job.worker, live_msg, *([data] if data else []))
         self._route([], now)  # the workers' new loads (READY -> BUSY)
+
+    def _live_session_moving(self, job: Any) -> None:
+        """A live session's worker was lost and the session waits (first in the queue) for
+        the worker that takes it over: its queued speech is gone, so every segment ends,
+        and the ones playing get their `playback_finished` (interrupted) now."""
+        fps = self.capabilities.fps if self.capabilities else 0
+        for segment_id, position_s in self.live.moved(job.job_id, job.frames_delivered, fps):
+            self.client_port.send(job.client, P.make(
+                P.PlaybackFinished, job_id=job.job_id, segment_id=segment_id,
+                position_s=position_s, interrupted=True))
 
     def _finish(self, ended: Ended, now: float) -> None:
         """A job's one end: stop it on its worker if it still runs there, give back its
@@ -358,6 +377,7 @@ class Supervisor:
         elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
             job = self.book.live(index, msg.job_id)
             if job is not None:
+                self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)

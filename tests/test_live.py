@@ -31,6 +31,7 @@ from avatard.ipc.client import (
     LiveSession,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
+    SessionMovedEvent,
 )
 
 SIZE = 32
@@ -55,6 +56,8 @@ class Recorder:
         # Frames made from speech that went out silent: rendered before a barge-in and
         # sent after it (at most an engine's burst less one).
         self.silenced: list[int] = []
+        # A fake stream numbers its frames from 0: after a move, from the resume index.
+        self.stream_start = 0
         self.done: DoneEvent | None = None
 
     def next(self):
@@ -65,7 +68,8 @@ class Recorder:
                 # must be the level of the audio chunk sent with it (checked in `audio`).
                 level = self.levels[event.index] = frame_audio_level_of(event.array)
                 np.testing.assert_array_equal(
-                    event.array, expected_frame(self.seed, event.index, SIZE, SIZE, level),
+                    event.array, expected_frame(self.seed, event.index - self.stream_start,
+                                                SIZE, SIZE, level),
                     err_msg=f"frame {event.index}")
             self.frames.append(event.index)
             self.events.append(("frame", event.index))
@@ -82,6 +86,8 @@ class Recorder:
             self.events.append(("audio", event.index))
         else:
             self.events.append(event)
+            if isinstance(event, SessionMovedEvent):
+                self.stream_start = event.resume_index
             if isinstance(event, DoneEvent):
                 self.done = event
         return event
@@ -313,18 +319,52 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
     assert f"avatard_live_frames_dropped_total {slow_done.frames_dropped:.1f}" in metrics
 
 
-def test_a_worker_lost_mid_session_ends_it_with_the_reason(tmp_path):
+def test_a_worker_lost_mid_session_moves_it_and_its_clock_runs_on(tmp_path):
+    speech = np.full(RATE * 4, 0.5, np.float32)  # still playing when the worker dies
+    with run_daemon(tmp_path, workers=2, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        d.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "both workers ready")
+        rec = Recorder(c.live(seed=3), seed=3)
+        rec.session.send_audio(speech, RATE, "a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        rec.frames_more(5)
+        victim = next(w for w in d.status()["workers"] if w["current_jobs"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        moved = rec.until(lambda e: isinstance(e, SessionMovedEvent))
+        before = list(rec.frames)
+        late = rec.session.send_audio(speech[:TICK], RATE, "a")  # "a" ended with the move
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        rec.session.send_audio(speech[:RATE // 5], RATE, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        done = rec.close()
+
+    assert finished.interrupted and 0 < finished.position_s < 4.0
+    assert "killed by signal 9" in moved.reason
+    # Frames went on from the clock's frame after the gap: none repeated, none reordered.
+    assert before == list(range(len(before))), "frames before the move, in order"
+    assert moved.resume_index == len(before) + moved.frames_lost
+    after = rec.frames[len(before):]
+    assert after == list(range(moved.resume_index, moved.resume_index + len(after)))
+    assert sorted(rec.audio) == rec.frames and not rec.silenced
+    assert (refused.req_id, refused.code, refused.field) == (late, P.E_BAD_INPUT,
+                                                             "segment_id")
+    assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
+    assert (done.frames, done.frames_lost, done.attempts) == (len(rec.frames),
+                                                              moved.frames_lost, 2)
+
+
+def test_a_worker_lost_with_no_other_worker_free_ends_the_session(tmp_path):
     with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
         rec = Recorder(c.live(seed=3), seed=3)
         rec.frames_more(5)
-        status = d.status()
-        victim = next(w for w in status["workers"] if w["current_jobs"])
+        victim = next(w for w in d.status()["workers"] if w["current_jobs"])
         os.kill(victim["pid"], signal.SIGKILL)
         with pytest.raises(JobFailedError) as err:
             while True:
                 rec.next()
         assert err.value.code == P.E_WORKER
-        assert "not moved to another worker" in str(err.value)
+        assert "no other worker had a free place" in str(err.value)
         assert "killed by signal 9" in str(err.value)
         d.wait_for(lambda s: s["workers"][0]["restarts"] >= 1
                    and s["daemon"]["ready_workers"] == 1, 30, "the replacement worker")
