@@ -189,6 +189,25 @@ class Supervisor:
         self.pool.hold()
         self._route(self.book.close_queue("daemon is shutting down; the job was not "
                                           "started: submit it again"), time.monotonic())
+        self._close_live_sessions()
+
+    def _close_live_sessions(self) -> None:
+        """Draining: a live session never ends by itself, so each running one is closed
+        as if its client had sent `live_close` (playing segments finish, interrupted; it
+        ends with `done`), instead of holding the drain until drain_timeout_s."""
+        for job in list(self.book.jobs.values()):
+            if job.kind is not P.JobKind.LIVE or job.job_id not in self.live:
+                continue
+            if job.worker is None or job.state is not JobState.RUNNING:
+                continue
+            try:
+                out = self.live.take(job.job_id, P.make(P.LiveClose, req_id=0,
+                                                        job_id=job.job_id))
+            except P.ProtocolError:
+                continue  # closing already
+            if out is not None:
+                log.info("live session %s closed: the daemon is draining", job.job_id)
+                self._send(job.worker, out)
 
     def _check_drain(self, now: float) -> None:
         if not self.book.running_count():

@@ -482,3 +482,19 @@ def test_embedded_engine_live_session_speaks_and_idles(tmp_path):
     start = rec.position(started)
     played = np.concatenate([rec.audio[i] for i in rec.frames if i >= rec.frames[start]])
     np.testing.assert_array_equal(played[:speech.size], speech)
+
+
+def test_a_drain_closes_live_sessions_instead_of_waiting_for_them(tmp_path):
+    # drain_timeout_s is far longer than the test may take: only closing the session lets
+    # the daemon exit in time.
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS,
+                    daemon={"drain_timeout_s": 3600}) as d, d.client() as c:
+        rec = Recorder(c.live(seed=8), seed=8)
+        rec.session.send_audio(np.full(RATE * 4, 0.5, np.float32), RATE, "a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        d.proc.send_signal(signal.SIGTERM)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        done = rec.until(lambda e: isinstance(e, DoneEvent))
+        assert d.proc.wait(timeout=60) == 0
+    assert finished.interrupted
+    assert done.frames == len(rec.frames)
