@@ -192,6 +192,7 @@ class JobBook:
             if job is None:
                 continue  # ended here already, or not started there yet
             job.waiting_on_ring = report.waiting
+            job.queued_s, job.received_s = report.queued_s, report.received_s
             if report.progress != job.progress:
                 job.progress, job.progress_at = report.progress, now
 
@@ -319,6 +320,7 @@ class JobBook:
                 job.frames_forwarded = 0
                 job.dropped_earlier += job.dropped_gaps
                 job.dropped_gaps = 0
+                job.queued_s = job.received_s = job.sent_s = 0.0  # its speech was lost
                 requeue.append(job)
             elif job.attempts >= self.max_job_attempts:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(

@@ -151,6 +151,14 @@ class DaemonConfig:
     job_deadline_s: float = _key(
         600.0, "Longest a job may take from acceptance to its last frame.", gt=0
     )
+    live_max_queued_s: float = _key(
+        600.0,
+        "Most speech a live session may have queued and not yet played, in seconds (the "
+        "client's audio plus its text's TTS audio, as the worker reports it in each "
+        "heartbeat): more live_audio or live_text is refused `busy` until it plays. A "
+        "worker holds it as float32 at the engine's rate (38 MB for 600 s at 16 kHz).",
+        gt=0, le=86400,
+    )
     max_media_s: float = _key(
         600.0,
         "Longest audio input of one lipsync or transcribe job, in seconds. Audio larger "

@@ -63,6 +63,12 @@ class Job:
     dropped_earlier: int = 0
     frames_lost: int = 0
     moved: bool = False
+    # Live sessions: speech queued on the worker at its last heartbeat; client audio the
+    # worker had taken by then, and all the supervisor has sent it (their difference is
+    # on its way).
+    queued_s: float = 0.0
+    received_s: float = 0.0
+    sent_s: float = 0.0
 
     @property
     def kind(self) -> P.JobKind:

@@ -155,6 +155,7 @@ class LiveSession:
             self._send_due(clock, started + (clock - first + 1) * period_s)
             clock += 1
             self.job_run.progress = self.frames_out
+            self.job_run.queued_s = self.playout.queued_s
         # Segments still playing end here, cut short (playback_finished must always come).
         self._send_events(self.playout.close())
         return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
@@ -194,7 +195,10 @@ class LiveSession:
         msg, data = item
         kind = msg.kind
         if kind is P.LiveInputKind.AUDIO:
-            playout.audio(msg.segment_id, np.frombuffer(data, np.float32), msg.sample_rate)
+            pcm = np.frombuffer(data, np.float32)
+            playout.audio(msg.segment_id, pcm, msg.sample_rate)
+            self.job_run.received_s += pcm.size / msg.sample_rate
+            self.job_run.queued_s = playout.queued_s
         elif kind is P.LiveInputKind.TEXT:
             playout.text(msg.segment_id, msg.text, msg.final)
         elif kind is P.LiveInputKind.END:

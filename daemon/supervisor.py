@@ -507,14 +507,33 @@ class Supervisor:
         running = job.worker is not None and job.state is JobState.RUNNING
         if not running:
             self.live.check_room(job.job_id, len(data), msg.req_id)
+        speech_s = len(data) / 4 / msg.sample_rate if isinstance(msg, P.LiveAudio) else 0.0
+        if isinstance(msg, (P.LiveAudio, P.LiveText)):
+            self._check_queued_speech(job, msg, speech_s)
         # Every refusal is raised by now: a refused input changes nothing.
         out = self.live.take(job.job_id, msg)
         if out is None:
             return
+        job.sent_s += speech_s
         if running:
             self._send(job.worker, out, *([data] if data else []))
         else:
             self.live.hold(job.job_id, out, data)
+
+    def _check_queued_speech(self, job: Job, msg: P.LiveAudio | P.LiveText,
+                             speech_s: float) -> None:
+        """Raises `ProtocolError` busy (field `audio` or `text`) when the session's queued
+        speech (the worker's last report plus what was sent since) and `speech_s` more
+        would pass `daemon.live_max_queued_s`: a client that sends faster than realtime
+        for long must wait for playback, not fill the worker's memory."""
+        limit = self.cfg.daemon.live_max_queued_s
+        queued = job.queued_s + max(0.0, job.sent_s - job.received_s)
+        if queued + speech_s > limit:
+            field = "audio" if isinstance(msg, P.LiveAudio) else "text"
+            raise P.ProtocolError(P.E_BUSY, field, f"live session {job.job_id} has "
+                                  f"{queued:.1f} s of speech queued; with this {field} it "
+                                  f"would pass daemon.live_max_queued_s={limit:g} s: send it "
+                                  "again once some has played", msg.req_id)
 
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""

@@ -170,6 +170,8 @@ class JobRun:
     number: int  # numbers the job thread's socket identity
     progress: int = 0
     waiting: bool = False  # blocked on a full ring: back-pressure, not a stall
+    queued_s: float = 0.0  # live sessions: seconds of speech queued (the job thread sets it)
+    received_s: float = 0.0  # live sessions: seconds of client audio taken into the queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
     outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
@@ -256,7 +258,9 @@ class Worker:
                     os._exit(0)  # supervisor gone and no PDEATHSIG: do not linger
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
-                                          waiting=r.waiting) for r in self.runs.values()]
+                                          waiting=r.waiting, queued_s=r.queued_s,
+                                          received_s=r.received_s)
+                            for r in self.runs.values()]
                 with self._avatars_lock:
                     cached, evictions = len(self.avatars), self.avatar_evictions
                 msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs,

@@ -562,6 +562,8 @@ class JobProgress(Struct, frozen=True, forbid_unknown_fields=True):
     job_id: Name
     progress: NonNegInt = 0  # frames (or samples) produced so far
     waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
+    queued_s: PosFloat = 0.0  # live sessions: seconds of speech queued, not yet played
+    received_s: PosFloat = 0.0  # live sessions: seconds of client audio taken so far
 
 
 RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]

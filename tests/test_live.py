@@ -498,3 +498,32 @@ def test_a_drain_closes_live_sessions_instead_of_waiting_for_them(tmp_path):
         assert d.proc.wait(timeout=60) == 0
     assert finished.interrupted
     assert done.frames == len(rec.frames)
+
+
+def test_speech_queued_past_the_limit_is_refused_busy_until_it_plays(tmp_path):
+    second = np.full(RATE, 0.25, np.float32)  # 1 s per chunk; the limit is 2.5 s queued
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS,
+                    daemon={"live_max_queued_s": 2.5}) as d, d.client() as c:
+        rec = Recorder(c.live(seed=9), seed=9)
+        rec.frames_more(2)
+        rec.session.send_audio(second, RATE, "a")
+        rec.session.send_audio(second, RATE, "a")
+        over = rec.session.send_audio(second, RATE, "a")  # 3 s: past the limit
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        text_over = rec.session.send_text("More words.", "t")  # 2 s queued: under 2.5 s
+        rec.session.end_segment("t")
+        finished_a = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        rec.until(segment_is(PlaybackFinishedEvent, "t"))
+        rec.frames_more(10)  # heartbeats (every 0.2 s) report the queue empty
+        rec.session.send_audio(second, RATE, "b")
+        rec.session.send_audio(second, RATE, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        done = rec.close()
+
+    assert (refused.req_id, refused.code, refused.field) == (over, P.E_BUSY, "audio")
+    assert "live_max_queued_s=2.5" in refused.rule
+    assert text_over not in [e.req_id for e in rec.of(InputRefusedEvent)]
+    assert finished_a.position_s == 2.0 and not finished_a.interrupted
+    assert finished_b.position_s == 2.0 and not finished_b.interrupted
+    assert done.frames == len(rec.frames)
