@@ -574,4 +574,6 @@ class Supervisor:
             time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
             workers, self.book.queue, self.book.running_count(), counters,
             self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes(),
-            self.book.registrations)
+            self.book.registrations,
+            [self.board.live_session_status(job, time.monotonic())
+             for job in self.book.jobs.values() if job.kind is P.JobKind.LIVE])

@@ -301,6 +301,15 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
         assert len(d.status()["workers"][0]["current_jobs"]) == 2
         slow.frames_more(20)
         steady.frames_more(10)
+        # Each session's own figures in stats, while they run (the daemon may have sent
+        # frames the clients have not read yet: at least what they read).
+        live = {s["job_id"]: s for s in d.status()["live_sessions"]}
+        assert set(live) == {slow.session.job_id, steady.session.job_id}
+        slow_now, steady_now = live[slow.session.job_id], live[steady.session.job_id]
+        assert slow_now["worker"] == steady_now["worker"] == 0
+        assert slow_now["frames_dropped"] >= slow.frames[-1] + 1 - len(slow.frames) > 0
+        assert slow_now["frames_sent"] >= len(slow.frames)
+        assert steady_now["frames_dropped"] == steady_now["frames_lost"] == 0
         slow_done, steady_done = slow.close(), steady.close()
         status = d.status()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
