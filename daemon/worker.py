@@ -86,6 +86,7 @@ class WorkerSpec:
     avatar_cache_size: int = 8  # avatars.worker_cache_size
     max_media_s: float = 600.0  # daemon.max_media_s
     input_gap_s: float = 30.0  # timeouts.input_gap_s
+    live_render_ahead_frames: int = 2  # daemon.live_render_ahead_frames
 
     @classmethod
     def from_config(cls, config: Config, index: int, attempt: int, device: str,
@@ -102,7 +103,8 @@ class WorkerSpec:
                    jobs_per_worker=config.daemon.jobs_per_worker,
                    avatar_cache_size=config.avatars.worker_cache_size,
                    max_media_s=config.daemon.max_media_s,
-                   input_gap_s=config.timeouts.input_gap_s)
+                   input_gap_s=config.timeouts.input_gap_s,
+                   live_render_ahead_frames=config.daemon.live_render_ahead_frames)
 
 
 def check_frame_fits(shape: tuple[int, ...], slot_bytes: int, field: str) -> None:

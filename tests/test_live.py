@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from daemon_harness import run_daemon
 
+from avatard.daemon.config import load_config
 from avatard.engines.audio import resample
 from avatard.engines.fake import (
     FakeTTSEngine,
@@ -37,6 +38,7 @@ from avatard.ipc.client import (
 SIZE = 32
 FAKE = {"width": SIZE, "height": SIZE}
 RATE, FPS, TICK = 16000, 25, 640  # the fake avatar engine's audio rate and fps
+RENDER_AHEAD = load_config(None).daemon.live_render_ahead_frames  # the default
 # Small frame slots, many of them: a reading client on a busy machine never loses a frame
 # (64 frames of slack), and a session's rings stay small in /dev/shm.
 RINGS = {"rings": {"frame_slots": 64, "frame_slot_bytes": 4096, "audio_slots": 64,
@@ -136,13 +138,14 @@ def send_in_chunks(session: LiveSession, pcm: np.ndarray, rate: int, segment_id:
 def assert_continuous(rec: Recorder, silenced_from: int | None = None, burst: int = 1
                       ) -> None:
     """Every frame in order with its audio chunk; frames made from speech went out silent
-    only after a barge-in (the first frame after it: `silenced_from`), fewer than `burst`."""
+    only after a barge-in (the first frame after it: `silenced_from`): those rendered
+    ahead of the clock (`RENDER_AHEAD`) or in one burst with them (`burst`)."""
     assert rec.frames == list(range(len(rec.frames))), "every frame, in order, none lost"
     if silenced_from is None:
         assert not rec.silenced, "frames made from speech went out silent"
     else:
-        assert all(silenced_from <= i < silenced_from + burst - 1 for i in rec.silenced), (
-            rec.silenced, silenced_from)
+        assert all(silenced_from <= i < silenced_from + RENDER_AHEAD + burst - 1
+                   for i in rec.silenced), (rec.silenced, silenced_from)
     assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
     assert all(rec.audio[i].size == TICK for i in rec.frames)
 
@@ -224,8 +227,8 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     # Frames the engine had made from the speech but not sent yet go out silent; every
     # frame after them is made from silence (its level is 0, as its audio is).
     assert_continuous(rec, silenced_from=after, burst=engine.get("burst_frames", 1))
-    assert not any(rec.levels[i] for i in range(after + engine.get("burst_frames", 1) - 1,
-                                                 after + 15))
+    assert not any(rec.levels[i] for i in range(
+        after + RENDER_AHEAD + engine.get("burst_frames", 1) - 1, after + 15))
     assert finished.interrupted
     # At least what the client heard before it barged in, less than the whole segment.
     assert heard_s <= finished.position_s < 2.0
