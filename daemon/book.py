@@ -9,7 +9,9 @@ it worker reports and the clock, and acts on what it returns:
   and release its input. `cancel_on` names the worker still running it, which must be told
   to stop (the job keeps its place there until the worker acknowledges).
 - `Requeued(job, reason)`: back at the front of the queue; it resumes after the last frame
-  its client has.
+  its client has. A live session lost with its worker is `Requeued` only when another
+  worker has room for it now (it moves and goes on from idle, its clock's frames in the
+  gap lost: `resume_live` at its placement says how many).
 - `StopWorker(index, reason)`: a worker holds a stalled job, or never acknowledged a
   cancel; only replacing the process frees it (a thread cannot be killed).
 
@@ -47,7 +49,9 @@ class KindPolicy:
     last one, and the gaps are frames the worker dropped because the client did not read.
     `deadline`: the job ends `timeout` past its deadline (a live session runs until it is
     closed). `requeue`: a job whose worker dies or faults runs again elsewhere; otherwise
-    it ends `worker_error` (moving a live session to another worker is not built yet)."""
+    it ends `worker_error`. `move_now`: only a lost worker requeues it, and only when
+    another worker has a free place now (a live session cannot wait for a worker to load:
+    its client watches the clock)."""
 
     announced: bool = True
     uses_session_rings: bool = False
@@ -55,6 +59,7 @@ class KindPolicy:
     exactly_once: bool = True
     deadline: bool = True
     requeue: bool = True
+    move_now: bool = False
 
 
 POLICIES: dict[P.JobKind, KindPolicy] = {
@@ -63,7 +68,7 @@ POLICIES: dict[P.JobKind, KindPolicy] = {
     P.JobKind.TRANSCRIBE: KindPolicy(),
     P.JobKind.REGISTER: KindPolicy(announced=False, registration=True),
     P.JobKind.LIVE: KindPolicy(uses_session_rings=True, exactly_once=False, deadline=False,
-                               requeue=False),
+                               move_now=True),
 }
 
 
@@ -187,6 +192,7 @@ class JobBook:
             if job is None:
                 continue  # ended here already, or not started there yet
             job.waiting_on_ring = report.waiting
+            job.queued_s, job.received_s = report.queued_s, report.received_s
             if report.progress != job.progress:
                 job.progress, job.progress_at = report.progress, now
 
@@ -228,7 +234,10 @@ class JobBook:
         job.progress, job.progress_at = max(job.progress, msg.index + 1), now
         if msg.index < job.frames_delivered:
             return None
+        job.dropped_gaps += msg.index - job.frames_delivered
         job.frames_delivered = msg.index + 1
+        job.frames_forwarded += 1
+        job.last_frame_at = now
         self.stats["frames_delivered"] += 1
         if not job.first_frame_at:
             job.first_frame_at = now
@@ -265,17 +274,23 @@ class JobBook:
         job = self._let_go(index, msg.job_id)
         if job is None:
             return None
+        policy = POLICIES[job.kind]
         if msg.code in RETRYABLE and job.attempts < self.max_job_attempts \
-                and POLICIES[job.kind].requeue and not self.queue_closed:
+                and policy.requeue and not policy.move_now and not self.queue_closed:
             return self._requeue([job], msg.message)[0]
         return self._end(job, JobState.FAILED, Ended(job, msg.code, msg.message, msg.field,
                                                      msg.rule))
 
-    def worker_lost(self, index: int, reason: str) -> list[Ended | Requeued]:
+    def worker_lost(self, index: int, reason: str, capacities: dict[int, int] | None = None
+                    ) -> list[Ended | Requeued]:
         """Every job of a worker that died or is being stopped: requeue (ahead of newer
         jobs, in their old order) or fail each on its own attempt count. Each keeps its
-        delivery counters, so its next run resumes where its client is."""
+        delivery counters, so its next run resumes where its client is. A live session
+        (`move_now`) is requeued only while the other up workers (`capacities`: index ->
+        places, as for `place`) have a free place for it; else it ends `worker_error`."""
         lost = list(self.placed.pop(index, {}).values())
+        room = sum(max(0, cap - self.load(i)) for i, cap in (capacities or {}).items()
+                   if i != index) - sum(1 for job in self.queue if job.moved)
         outcomes: list[Ended | Requeued] = []
         requeue = []
         for job in lost:
@@ -283,10 +298,30 @@ class JobBook:
                 continue  # cancelled or timed out, was waiting for an acknowledgement
             job.worker = None
             job.last_error = reason
-            if not POLICIES[job.kind].requeue:
+            policy = POLICIES[job.kind]
+            if not policy.requeue:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(
                     job, P.E_WORKER, f"the worker running this job was lost ({reason}); a "
                     f"{job.kind.value} job is not moved to another worker: open a new one")))
+            elif policy.move_now and (room <= 0 or self.queue_closed
+                                      or job.attempts >= self.max_job_attempts):
+                why = ("the daemon is draining" if self.queue_closed else
+                       f"it ran on {job.attempts} workers that were lost (max_job_attempts)"
+                       if job.attempts >= self.max_job_attempts else
+                       "no other worker had a free place to take it over")
+                outcomes.append(self._end(job, JobState.FAILED, Ended(
+                    job, P.E_DRAINING if self.queue_closed else P.E_WORKER,
+                    f"the worker running this live session was lost ({reason}) and {why}; "
+                    "open a new session")))
+            elif policy.move_now:
+                room -= 1
+                job.moved = True
+                job.frames_earlier += job.frames_forwarded
+                job.frames_forwarded = 0
+                job.dropped_earlier += job.dropped_gaps
+                job.dropped_gaps = 0
+                job.queued_s = job.received_s = job.sent_s = 0.0  # its speech was lost
+                requeue.append(job)
             elif job.attempts >= self.max_job_attempts:
                 outcomes.append(self._end(job, JobState.FAILED, Ended(
                     job, P.E_WORKER, f"worker died {job.attempts} times running this job; "
@@ -296,6 +331,8 @@ class JobBook:
                     job, P.E_DRAINING, f"worker lost during drain: {reason}")))
             else:
                 requeue.append(job)
+        # Moved live sessions first: the free places they were counted against are theirs.
+        requeue.sort(key=lambda job: not job.moved)
         return outcomes + self._requeue(requeue, reason)
 
     def _requeue(self, jobs: list[Job], reason: str) -> list[Requeued]:
@@ -311,6 +348,22 @@ class JobBook:
             log.info("job %s requeued after %d frames delivered (%s)", job.job_id,
                      job.frames_delivered, reason)
         return [Requeued(job, reason) for job in jobs]
+
+    def resume_live(self, job: Job, fps: int, now: float) -> int | None:
+        """A moved live session is placed again: its first frame there is the frame its
+        clock is at now (frames_delivered, plus a frame per 1 / fps since the last frame
+        went out, at `fps`), so the client's timeline runs on; the frames between are lost
+        (added to `frames_lost`). Returns the count lost by this move (None for a job that
+        did not move). Its delivery counters jump to the resume index."""
+        if not job.moved:
+            return None
+        job.moved = False
+        elapsed = round((now - job.last_frame_at) * fps) if job.last_frame_at and fps else 0
+        lost = max(0, elapsed - 1) if job.frames_delivered else 0
+        job.frames_delivered += lost
+        job.audio_delivered = job.frames_delivered
+        job.frames_lost += lost
+        return lost
 
     # ------------------------------------------------------------ ending
 

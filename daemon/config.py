@@ -151,6 +151,21 @@ class DaemonConfig:
     job_deadline_s: float = _key(
         600.0, "Longest a job may take from acceptance to its last frame.", gt=0
     )
+    live_render_ahead_frames: int = _key(
+        2,
+        "Frames a live session renders ahead of its clock beyond the engine's look-ahead: "
+        "slack for compute time, so a frame (or a burst: Ditto computes 10 at once) is "
+        "ready when its tick comes. Each frame adds 1 / fps to the audio-to-frame latency.",
+        ge=0, le=250,
+    )
+    live_max_queued_s: float = _key(
+        600.0,
+        "Most speech a live session may have queued and not yet played, in seconds (the "
+        "client's audio plus its text's TTS audio, as the worker reports it in each "
+        "heartbeat): more live_audio or live_text is refused `busy` until it plays. A "
+        "worker holds it as float32 at the engine's rate (38 MB for 600 s at 16 kHz).",
+        gt=0, le=86400,
+    )
     max_media_s: float = _key(
         600.0,
         "Longest audio input of one lipsync or transcribe job, in seconds. Audio larger "
@@ -244,7 +259,8 @@ class RestartConfig:
         gt=0,
     )
     max_job_attempts: int = _key(
-        2, "Times a job is run (first run included) when its worker dies under it.", ge=1
+        2, "Times a job is run (first run included) when its worker dies under it; a live "
+        "session moves to another worker at most this many times less one.", ge=1
     )
 
 

@@ -53,6 +53,22 @@ class Job:
     first_frame_at: float = 0.0
     last_error: str = ""
     input_slot: tuple[str, int, int] | None = None  # (ring, slot, seq) to release at the end
+    # Live sessions: `last_frame_at` when frame frames_delivered - 1 went out; frames sent
+    # and dropped (index gaps) while on workers that were lost since; frame indices the
+    # moves skipped (`frames_lost`); `moved` from the loss until it is placed again.
+    last_frame_at: float = 0.0
+    frames_forwarded: int = 0
+    frames_earlier: int = 0
+    dropped_gaps: int = 0
+    dropped_earlier: int = 0
+    frames_lost: int = 0
+    moved: bool = False
+    # Live sessions: speech queued on the worker at its last heartbeat; client audio the
+    # worker had taken by then, and all the supervisor has sent it (their difference is
+    # on its way).
+    queued_s: float = 0.0
+    received_s: float = 0.0
+    sent_s: float = 0.0
 
     @property
     def kind(self) -> P.JobKind:
@@ -100,10 +116,15 @@ class JobQueue:
         return len(self._queue) - 1
 
     def push_front(self, job: Job) -> None:
-        """Requeue a job whose worker died: it keeps its place ahead of newer jobs. May
-        exceed `size` by the jobs the workers were running (workers x jobs_per_worker), never
-        more."""
-        self._queue.appendleft(job)
+        """Requeue a job whose worker died: it keeps its place ahead of newer jobs, behind
+        live sessions that are moving (`Job.moved`: they were counted against free places
+        and go first). May exceed `size` by the jobs the workers were running (workers x
+        jobs_per_worker), never more."""
+        at = 0
+        if not job.moved:
+            while at < len(self._queue) and self._queue[at].moved:
+                at += 1
+        self._queue.insert(at, job)
 
     def pop(self) -> Job | None:
         return self._queue.popleft() if self._queue else None

@@ -37,6 +37,9 @@ class _Segment:
 @dataclass
 class _Session:
     closing: bool = False
+    # Segments whose playback_started went to the client and whose playback_finished did
+    # not yet: id -> the index of the first frame with its speech.
+    playing: dict[str, int] = field(default_factory=dict)
     segments: OrderedDict[str, _Segment] = field(default_factory=OrderedDict)
     open_segment: str | None = None  # the segment taking input now
     held: list[tuple[P.LiveInput, bytes]] = field(default_factory=list)
@@ -150,6 +153,39 @@ class LiveInputs:
                 break  # never forget the segment taking input
             del session.segments[oldest]
         return seg
+
+    # ------------------------------------------------------------ playback and moves
+
+    def playback(self, job_id: str, msg: P.WPlaybackStarted | P.WPlaybackFinished,
+                 next_frame: int) -> None:
+        """A playback event went to the client; `next_frame`: the index of the frame the
+        client gets next (the first with a started segment's speech)."""
+        session = self.sessions.get(job_id)
+        if session is None:
+            return
+        if isinstance(msg, P.WPlaybackStarted):
+            session.playing[msg.segment_id] = next_frame
+        else:
+            session.playing.pop(msg.segment_id, None)
+
+    def moved(self, job_id: str, frames_delivered: int, fps: int) -> list[tuple[str, float]]:
+        """The session's worker was lost: its queued speech went with it. Every segment
+        known so far ends (as at a barge-in: input still on its way for one is refused);
+        returns (segment id, seconds played) of each segment that started and did not
+        finish, for the `playback_finished` (interrupted) the client must still get. The
+        seconds are the frames sent since its first (`frames_delivered` is the next frame
+        index) / `fps`: exact while its speech filled every frame, an upper bound if it
+        paused."""
+        session = self.sessions.get(job_id)
+        if session is None:
+            return []
+        for seg in session.segments.values():
+            seg.ended = True
+        session.open_segment = None
+        playing = [(segment_id, max(0, frames_delivered - first) / max(1, fps))
+                   for segment_id, first in session.playing.items()]
+        session.playing.clear()
+        return playing
 
     # ------------------------------------------------------------ before placement
 

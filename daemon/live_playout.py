@@ -113,7 +113,7 @@ class Playout:
     """Queued speech of one live session and the ticks taken from it but not yet emitted
     with a frame (`in_flight`: the engine's look-ahead)."""
 
-    def __init__(self, rate: int, fps: int):
+    def __init__(self, rate: int, fps: int, first_tick: int = 0):
         if rate <= 0 or fps <= 0:
             raise ValueError(f"rate and fps must be positive, got {rate} Hz, {fps} fps")
         self.rate = rate
@@ -121,7 +121,7 @@ class Playout:
         self.generation = 0  # grows at every barge-in (TTS audio is tagged with it)
         self.segments: deque[Segment] = deque()  # in playing order, the head plays now
         self.in_flight: deque[Tick] = deque()
-        self.ticks_taken = 0  # the index of the next tick `take` makes
+        self.ticks_taken = first_tick  # the index of the next tick `take` makes
         self._known: OrderedDict[str, Segment] = OrderedDict()  # by id, newest last
         self._open: Segment | None = None  # the segment that takes input now
         self._to_speak: deque[tuple[int, str, str]] = deque()  # (generation, segment, text)

@@ -1,25 +1,30 @@
 """A live session inside a worker: the pacing clock, the avatar stream, the session's TTS.
 
-Runs on the job thread the worker starts for every job (`Worker._live` calls `run_live`),
-and on one more thread, started on the first text, for the session's TTS. It owns:
+Runs on the job thread the worker starts for every job (`Worker._live` calls `run_live`)
+(the clock), on a render thread that feeds the avatar stream (`StreamRenderer`), and on
+one more thread, started on the first text, for the session's TTS. It owns:
 
 - a **live avatar stream** (`open_stream(..., live=True)`), whose engine needs the audio
   of `lookahead_frames` (P) frames past frame k before it returns frame k. The session
-  pushes P ticks of silence when it opens (the pre-roll), so that from then on the
-  push of tick c + P can return frame c, and frames leave from the first tick on.
+  pushes P + A ticks of silence when it opens (the pre-roll; A is
+  `daemon.live_render_ahead_frames`, slack for compute time), so that from then on
+  the push of tick c + P + A can return frame c, A ticks before it is due, and frames
+  leave from the first tick on. The pushes run on the render thread, so computing a
+  burst never delays the frames the clock sends meanwhile.
 - a **pacing clock**: tick c is due `c / fps` seconds after the session started
   (`time.monotonic()`). Between ticks the thread applies the session's input as it comes
   (the worker's main thread queues each `LiveInput`), so a barge-in takes effect at the
-  next tick. At tick c the session pushes one frame's worth of audio (tick c + P), keeps
-  the frames the stream returns, and sends those due (index <= c): one frame per tick,
-  even from engines that return frames in bursts (Ditto's online scheme: tens at once).
-  A frame sent more than one frame period after it was due counts as late; a session
-  more than `MAX_LAG_S` behind its clock is re-anchored to now (logged, its late frames
-  counted), instead of sending a burst to catch up.
+  next tick. At tick c the session hands one frame's worth of audio (tick c + P + A) to
+  the render thread and sends the rendered frames that are due (index <= c): one frame
+  per tick, even from engines that return frames in bursts (Ditto's online scheme: tens
+  at once). A frame sent more than one frame period after it was due counts as late; a
+  session whose frames fall more than `MAX_LAG_S` behind its clock makes the clock wait
+  for them and go on from then (logged, its late frames counted), instead of queueing
+  ever more audio for an engine that cannot keep up.
 - a `Playout` (daemon/live_playout.py): every tick takes one frame's worth of queued speech
   (or silence: idle motion is the model fed silence), and every frame goes out with the
   audio it was made from, as frame k and audio chunk k, so speech reaches the client
-  P / fps seconds after it was queued (plus compute time).
+  (P + A) / fps seconds after it was queued (up to a tick more).
 - **barge-in**: the playout drops every queued piece of speech and silences the ticks
   whose frames have not been sent; the stream's `interrupt()` silences the audio it holds
   for frames it has not returned, so the avatar returns to rest the way the model does
@@ -56,7 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("avatard.worker")
 
-MAX_LAG_S = 1.0  # behind its clock by more than this, a session is re-anchored to now
+MAX_LAG_S = 1.0  # frames this far behind the clock: the clock waits for them
+RENDER_POLL_S = 0.005  # how often a frame that is due and not rendered yet is looked for
+RENDER_JOIN_S = 5.0  # how long the end of a session waits for a push in progress
 CONTROL_CHECK_S = 0.1  # longest wait for input before cancel/shutdown are checked again
 TTS_JOIN_S = 2.0  # how long the end of a session waits for its TTS thread to stop
 
@@ -76,6 +83,75 @@ class TtsDone:
 
     generation: int
     segment_id: str
+
+
+class StreamRenderer:
+    """The thread that feeds a live session's avatar stream: the clock thread submits one
+    tick of audio per frame period (`submit`) and barge-ins (`interrupt`), in order; this
+    thread pushes each into the stream under the engine's lock, reads the frames it
+    returns (a lazy iterator is read to the end, one engine call per frame) and appends
+    them to `ready`, where the clock thread takes each at its tick. So the clock sends on
+    time while an engine computes a burst (Ditto's online window: 10 frames at once), as
+    long as the burst is ready by its first frame's tick. An engine fault is kept and
+    raised on the clock thread by `check()`."""
+
+    _INTERRUPT = object()
+
+    def __init__(self, stream: Any, lock: Any, job_id: str):
+        self.stream, self.lock, self.job_id = stream, lock, job_id
+        self.ready: deque[np.ndarray] = deque()  # thread-safe append / popleft
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"render-{job_id}")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, pcm: np.ndarray) -> None:
+        """One tick's audio (1-D float32 at the engine's rate), pushed after the ones
+        before."""
+        self._work.put(pcm)
+
+    def interrupt(self) -> None:
+        """Barge-in, after the ticks submitted so far (`AvatarStream.interrupt`)."""
+        self._work.put(self._INTERRUPT)
+
+    def check(self) -> None:
+        """Raise the engine fault the thread met, if any (the session then fails)."""
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop after the push in progress, waiting at most `RENDER_JOIN_S` (a thread
+        still inside the engine then is left behind, logged)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=RENDER_JOIN_S)
+            if self._thread.is_alive():
+                log.warning("live session %s: its stream is still rendering after %.0f s; "
+                            "left behind", self.job_id, RENDER_JOIN_S)
+
+    def _loop(self) -> None:
+        from .worker import Worker
+
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._work.get(timeout=CONTROL_CHECK_S)
+                except queue.Empty:
+                    continue
+                if item is self._INTERRUPT:
+                    with self.lock:
+                        self.stream.interrupt()
+                    continue
+                with self.lock:
+                    frames = self.stream.push(item)
+                for frame in Worker.engine_frames(frames, self.lock):
+                    self.ready.append(frame)
+        except BaseException as exc:  # an engine fault: the clock thread raises it
+            self._error = exc
 
 
 def run_live(worker: Worker, job: P.RunJob, run: JobRun, frame_ring: SlotRing,
@@ -115,11 +191,16 @@ class LiveSession:
             self.stream = avatar.open_stream(state, job.seed, live=True)
         self.fps, self.rate = int(avatar.fps), int(avatar.audio_rate)
         self.lookahead = int(self.stream.lookahead_frames)
-        self.playout = Playout(self.rate, self.fps)
-        self.ready: deque[np.ndarray] = deque()  # returned by the stream, not yet sent
-        self.frames_out = 0  # frames sent or dropped: the index of the next one
+        # A session that moved here from a lost worker goes on at its clock's frame
+        # (`resume_from`: the supervisor counted the frames of the gap as lost).
+        self.first_index = job.resume_from
+        self.playout = Playout(self.rate, self.fps, first_tick=self.first_index)
+        # Ticks rendered ahead of the clock beyond the look-ahead: slack for compute time
+        # (a burst of frames computed in one push must be ready before its first is due).
+        self.ahead = worker.spec.live_render_ahead_frames
+        self.renderer = StreamRenderer(self.stream, self.avatar_lock, job.job_id)
+        self.frames_out = self.first_index  # frames sent or dropped: the next one's index
         self.frames_sent = self.frames_dropped = self.late_frames = self.audio_samples = 0
-        self.ticks = 0
         self._tts_requests: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
         self._tts_stop = threading.Event()
         self._tts_thread: threading.Thread | None = None
@@ -131,41 +212,62 @@ class LiveSession:
         from .worker import JobResult
 
         period_s = 1.0 / self.fps
-        for _ in range(self.lookahead):  # the pre-roll: silence, no input applied yet
-            self._push_tick()
-        started = time.monotonic()
-        clock = 0  # the tick due next; frames up to clock - 1 are due
-        while True:
-            due = started + clock * period_s
-            if self._apply_inputs_until(due):
-                break  # live_close
-            lag_s = time.monotonic() - due
-            if lag_s > MAX_LAG_S:
-                # Catching up would send a second of frames at once; the client would
-                # rather see the clock move on. The late frames say it happened.
-                log.warning("live session %s is %.2f s behind its clock at frame %d "
-                            "(%d late so far): re-anchored", self.job.job_id, lag_s,
-                            clock, self.late_frames)
-                started = time.monotonic() - clock * period_s
-            self._push_tick()
-            self._send_due(clock, started + (clock + 1) * period_s)
-            clock += 1
-            self.job_run.progress = self.frames_out
+        renderer = self.renderer
+        renderer.start()
+        try:
+            for _ in range(self.lookahead + self.ahead):  # the pre-roll: silence
+                renderer.submit(self._take_tick())
+            first = self.first_index
+            started = time.monotonic()
+            clock = first  # the tick due next; frames up to clock - 1 are due
+            while True:
+                due = started + (clock - first) * period_s
+                if self._wait_until(due, clock - 1, due):
+                    break  # live_close
+                if clock - self.frames_out > MAX_LAG_S * self.fps:
+                    # The engine is over a second behind the clock: wait for it rather
+                    # than queue ever more audio for it, then go on from now (the late
+                    # frames say it happened; indices go on without a gap).
+                    log.warning("live session %s: its frames are %d behind its clock "
+                                "(%d late so far): the clock waits for them",
+                                self.job.job_id, clock - self.frames_out, self.late_frames)
+                    if self._wait_until(float("inf"), clock - 1, due):
+                        break
+                    started = time.monotonic() - (clock - first) * period_s
+                renderer.submit(self._take_tick())
+                self._send_due(clock, started + (clock - first + 1) * period_s)
+                clock += 1
+                self.job_run.progress = self.frames_out
+                self.job_run.queued_s = self.playout.queued_s
+        finally:
+            renderer.stop()
         # Segments still playing end here, cut short (playback_finished must always come).
         self._send_events(self.playout.close())
         return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
-                         media_s=self.frames_out / self.fps,
+                         media_s=(self.frames_out - first) / self.fps,
                          frames_dropped=self.frames_dropped, late_frames=self.late_frames)
 
-    def _apply_inputs_until(self, due: float) -> bool:
-        """Apply the session's input as it comes until tick time `due` (monotonic s), and
-        everything already queued when it is past. True when `close` came."""
+    def _wait_until(self, until: float, overdue: int, overdue_since: float) -> bool:
+        """Apply the session's input as it comes until monotonic time `until` (and all
+        input already queued when it is past), sending frames up to index `overdue` as
+        soon as the renderer has them (they are late: their tick began by
+        `overdue_since`). With `until` infinite, waits until frame `overdue` is sent.
+        Raises the renderer's engine fault, and what `_check_control` raises (cancel,
+        shutdown). True when `close` came."""
         while True:
             self.worker._check_control(self.job_run)  # raises on cancel or shutdown
-            remaining_s = due - time.monotonic()
+            self.renderer.check()
+            self._send_due(overdue, overdue_since)
+            missing = self.frames_out <= overdue
+            if until == float("inf") and not missing:
+                return False
+            remaining_s = until - time.monotonic()
+            # A frame that is due and not made yet is polled for often; else the wait
+            # is for input (or the next tick) only.
+            wait_s = min(remaining_s, RENDER_POLL_S if missing else CONTROL_CHECK_S)
             try:
-                if remaining_s > 0:
-                    item = self.job_run.live_inputs.get(timeout=min(remaining_s, CONTROL_CHECK_S))
+                if wait_s > 0:
+                    item = self.job_run.live_inputs.get(timeout=wait_s)
                 else:
                     item = self.job_run.live_inputs.get(block=False)
             except queue.Empty:
@@ -190,7 +292,10 @@ class LiveSession:
         msg, data = item
         kind = msg.kind
         if kind is P.LiveInputKind.AUDIO:
-            playout.audio(msg.segment_id, np.frombuffer(data, np.float32), msg.sample_rate)
+            pcm = np.frombuffer(data, np.float32)
+            playout.audio(msg.segment_id, pcm, msg.sample_rate)
+            self.job_run.received_s += pcm.size / msg.sample_rate
+            self.job_run.queued_s = playout.queued_s
         elif kind is P.LiveInputKind.TEXT:
             playout.text(msg.segment_id, msg.text, msg.final)
         elif kind is P.LiveInputKind.END:
@@ -205,46 +310,37 @@ class LiveSession:
     def _interrupt(self) -> None:
         """Barge-in: the playout drops all queued speech (sentences waiting for the TTS
         too: a new generation), silences the ticks whose frames are not sent yet and
-        answers with the segments cut short; the stream silences the audio it holds for
-        frames it has not returned (its last push's frames were all read by `_push_tick`,
-        as `interrupt()` requires)."""
+        answers with the segments cut short; the renderer then tells the stream, after the
+        ticks handed to it so far (the stream silences every pushed sample whose frame it
+        has not returned, so those ticks' speech never shows)."""
         self._send_events(self.playout.interrupt())
-        with self.avatar_lock:
-            silenced = self.stream.interrupt()
-        pending = len(self.playout.in_flight) - len(self.ready)
-        if silenced > pending:  # an engine bug: say it, the frames still come in order
-            log.warning("live session %s: the avatar stream silenced %d frames at a "
-                        "barge-in, but %d were pushed and not returned", self.job.job_id,
-                        silenced, pending)
+        self.renderer.interrupt()
 
     # ------------------------------------------------------------ ticks and frames
 
-    def _push_tick(self) -> None:
-        """One frame's worth of audio (the playout's next tick) into the stream; the
-        frames it returns wait in `ready` for their due tick. A lazy iterator is read to
-        the end here, one engine call (under the engine's lock) per frame."""
-        tick = self.playout.take(self.playout.ticks_taken)
-        with self.avatar_lock:
-            frames = self.stream.push(tick.pcm)
-        self.ready.extend(self.worker.engine_frames(frames, self.avatar_lock))
-        if len(self.ready) > len(self.playout.in_flight):
-            if not self._extra_frames_logged:
-                self._extra_frames_logged = True
-                log.warning("live session %s: the avatar stream returned more frames "
-                            "than the audio it was given makes; the extra are dropped",
-                            self.job.job_id)
-            while len(self.ready) > len(self.playout.in_flight):
-                self.ready.pop()
+    def _take_tick(self) -> np.ndarray:
+        """The playout's next tick: its audio, copied for the renderer (a barge-in
+        silences the tick's own array, which goes to the client with its frame)."""
+        return self.playout.take(self.playout.ticks_taken).pcm.copy()
 
     def _send_due(self, clock: int, late_after: float) -> None:
-        """Send the ready frames due by tick `clock` (index <= clock), each with its tick's
-        audio and the events around it. A frame sent after `late_after` (monotonic s:
-        the end of its tick) counts as late."""
-        while self.ready and self.frames_out <= clock:
-            frame = self.ready.popleft()
-            tick, before, after = self.playout.emitted()
+        """Send the rendered frames due by tick `clock` (index <= clock), each with its
+        tick's audio and the events around it. A frame sent after `late_after`
+        (monotonic s: the end of its tick) counts as late."""
+        ready = self.renderer.ready
+        while ready and self.frames_out <= clock:
+            frame = ready.popleft()
+            try:
+                tick, before, after = self.playout.emitted()
+            except IndexError:
+                if not self._extra_frames_logged:
+                    self._extra_frames_logged = True
+                    log.warning("live session %s: the avatar stream returned more frames "
+                                "than the audio it was given makes; the extra are dropped",
+                                self.job.job_id)
+                continue
             self._send_events(before)
-            if self.frames_out < clock or time.monotonic() > late_after:
+            if time.monotonic() > late_after:
                 self.late_frames += 1
             self._send_frame(np.asarray(frame), tick)
             self.frames_out += 1

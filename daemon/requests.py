@@ -278,11 +278,15 @@ def end_reply(ended: Ended, now: float) -> P.Msg:
                       field=ended.field or "image", rule=(ended.rule or ended.message)[:4096])
     if ended.result is not None:
         r = ended.result
-        return P.make(P.Done, job_id=job.job_id, frames=r.frames, audio_samples=r.audio_samples,
-                      media_s=r.media_s, wall_s=now - job.accepted_at,
+        # A live session that moved: the workers lost took their counts of frames sent
+        # and dropped with them; the book counted what it forwarded and the index gaps.
+        return P.make(P.Done, job_id=job.job_id, frames=job.frames_earlier + r.frames,
+                      audio_samples=r.audio_samples, media_s=r.media_s,
+                      wall_s=now - job.accepted_at,
                       first_frame_s=(job.first_frame_at - job.accepted_at
                                      if job.first_frame_at else 0.0), attempts=job.attempts,
-                      frames_dropped=r.frames_dropped, late_frames=r.late_frames)
+                      frames_dropped=job.dropped_earlier + r.frames_dropped,
+                      late_frames=r.late_frames, frames_lost=job.frames_lost)
     message = f"{ended.field}: {ended.rule}" if ended.field else ended.message
     return P.make(P.JobFailed, job_id=job.job_id, code=ended.code, message=message[:4096],
                   attempts=job.attempts)

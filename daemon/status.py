@@ -74,7 +74,8 @@ class StatusBoard:
                  workers: list[tuple[WorkerSlot, list[str]]], queue: Any, running: int,
                  counters: dict[str, int], recent_rtf: Iterable[float],
                  avatars: dict[str, Any], session_shm: dict[str, int],
-                 registrations: dict[str, int]) -> dict[str, Any]:
+                 registrations: dict[str, int],
+                 live_sessions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The status body from the coordinator's figures: each worker slot with the ids
         of the jobs placed on it, the queue (its length and `size`), the shared-memory use
         of the daemon's rings and sessions (plus /dev/shm's size, free space and this
@@ -85,16 +86,18 @@ class StatusBoard:
         return self.body(now, state, endpoints, sessions,
                          [worker_status(w, jobs, now) for w, jobs in workers], len(queue),
                          queue.size, running, counters, recent_rtf, avatars, shm,
-                         registrations)
+                         registrations, live_sessions)
 
     def body(self, now: float, state: str, endpoints: list[str], sessions: int,
              workers: Iterable[dict[str, Any]], queue_depth: int, queue_size: int,
              running: int, counters: dict[str, int], recent_rtf: Iterable[float],
              avatars: dict[str, int] | None = None, shm: dict[str, Any] | None = None,
-             registrations: dict[str, int] | None = None) -> dict[str, Any]:
+             registrations: dict[str, int] | None = None,
+             live_sessions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The `stats_reply` body (docs/protocol.md, `avatard status --json`). `counters`:
         the job counters (speak, lipsync, transcribe) and the client port's; `registrations`:
-        portrait registrations by outcome (registered, refused, failed, requeued)."""
+        portrait registrations by outcome (registered, refused, failed, requeued);
+        `live_sessions`: one entry per live session not ended (`live_session_status`)."""
         workers = list(workers)
         rtf = list(recent_rtf)
         return {
@@ -109,7 +112,21 @@ class StatusBoard:
             "rtf_recent_median": statistics.median(rtf) if rtf else None,
             "avatars": dict(avatars or {}),  # the supervisor's portrait store
             "shm": dict(shm or {}),  # /dev/shm and what the daemon's segments take
+            "live_sessions": list(live_sessions or []),
         }
+
+    @staticmethod
+    def live_session_status(job: Any, now: float) -> dict[str, Any]:
+        """One live session's figures (a `Job` of kind live): its worker (None while it
+        waits or moves), the next frame index, frames sent, dropped (index gaps: the
+        client did not read) and lost (moves), speech queued on its worker (seconds, at
+        the last heartbeat), and its age in seconds."""
+        return {"job_id": job.job_id, "worker": job.worker, "state": job.state.value,
+                "next_index": job.frames_delivered,
+                "frames_sent": job.frames_earlier + job.frames_forwarded,
+                "frames_dropped": job.dropped_earlier + job.dropped_gaps,
+                "frames_lost": job.frames_lost, "queued_s": round(job.queued_s, 3),
+                "age_s": round(now - job.accepted_at, 3)}
 
     def publish(self, state_counts: dict[str, int], queue_depth: int, total: int) -> None:
         """READY=1 once `min_ready` workers are up; STATUS= whenever the summary changes."""

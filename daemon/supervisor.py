@@ -189,6 +189,25 @@ class Supervisor:
         self.pool.hold()
         self._route(self.book.close_queue("daemon is shutting down; the job was not "
                                           "started: submit it again"), time.monotonic())
+        self._close_live_sessions()
+
+    def _close_live_sessions(self) -> None:
+        """Draining: a live session never ends by itself, so each running one is closed
+        as if its client had sent `live_close` (playing segments finish, interrupted; it
+        ends with `done`), instead of holding the drain until drain_timeout_s."""
+        for job in list(self.book.jobs.values()):
+            if job.kind is not P.JobKind.LIVE or job.job_id not in self.live:
+                continue
+            if job.worker is None or job.state is not JobState.RUNNING:
+                continue
+            try:
+                out = self.live.take(job.job_id, P.make(P.LiveClose, req_id=0,
+                                                        job_id=job.job_id))
+            except P.ProtocolError:
+                continue  # closing already
+            if out is not None:
+                log.info("live session %s closed: the daemon is draining", job.job_id)
+                self._send(job.worker, out)
 
     def _check_drain(self, now: float) -> None:
         if not self.book.running_count():
@@ -231,7 +250,8 @@ class Supervisor:
         book's per-worker job counts and publish the status."""
         for item in items:
             if isinstance(item, WorkerLost):
-                self._route(self.book.worker_lost(item.index, item.reason), now)
+                self._route(self.book.worker_lost(item.index, item.reason,
+                                                  self.pool.capacities()), now)
             elif isinstance(item, WorkerExited):
                 self.sessions.reclaim_worker(item.index)
             elif isinstance(item, StopWorker):
@@ -240,6 +260,8 @@ class Supervisor:
                 self._finish(item, now)
             elif isinstance(item, WorkerReady):
                 self.capabilities = item.capabilities
+            elif isinstance(item, Requeued) and item.job.moved:
+                self._live_session_moving(item.job)
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
             # WorkerGaveUp changes only what status shows.
@@ -270,6 +292,12 @@ class Supervisor:
                 except segments.ShmFullError as exc:
                     self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
                     continue
+            fps = self.capabilities.fps if self.capabilities else 0
+            lost = self.book.resume_live(job, fps, now)
+            if lost is not None:  # a live session moved: the client's clock ran on
+                self.client_port.send(job.client, P.make(
+                    P.SessionMoved, job_id=job.job_id, resume_index=job.frames_delivered,
+                    frames_lost=lost, reason=job.last_error[:4096]))
             self._send(job.worker, P.make(
                 P.RunJob, job_id=job.job_id, seed=job.seed, attempt=job.attempts,
                 spec=job.spec, resume_from=job.frames_delivered,
@@ -280,6 +308,16 @@ class Supervisor:
             for live_msg, data in self.live.held(job.job_id):  # live input while queued
                 self._send(job.worker, live_msg, *([data] if data else []))
         self._route([], now)  # the workers' new loads (READY -> BUSY)
+
+    def _live_session_moving(self, job: Any) -> None:
+        """A live session's worker was lost and the session waits (first in the queue) for
+        the worker that takes it over: its queued speech is gone, so every segment ends,
+        and the ones playing get their `playback_finished` (interrupted) now."""
+        fps = self.capabilities.fps if self.capabilities else 0
+        for segment_id, position_s in self.live.moved(job.job_id, job.frames_delivered, fps):
+            self.client_port.send(job.client, P.make(
+                P.PlaybackFinished, job_id=job.job_id, segment_id=segment_id,
+                position_s=position_s, interrupted=True))
 
     def _finish(self, ended: Ended, now: float) -> None:
         """A job's one end: stop it on its worker if it still runs there, give back its
@@ -358,6 +396,7 @@ class Supervisor:
         elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
             job = self.book.live(index, msg.job_id)
             if job is not None:
+                self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)
@@ -468,14 +507,33 @@ class Supervisor:
         running = job.worker is not None and job.state is JobState.RUNNING
         if not running:
             self.live.check_room(job.job_id, len(data), msg.req_id)
+        speech_s = len(data) / 4 / msg.sample_rate if isinstance(msg, P.LiveAudio) else 0.0
+        if isinstance(msg, (P.LiveAudio, P.LiveText)):
+            self._check_queued_speech(job, msg, speech_s)
         # Every refusal is raised by now: a refused input changes nothing.
         out = self.live.take(job.job_id, msg)
         if out is None:
             return
+        job.sent_s += speech_s
         if running:
             self._send(job.worker, out, *([data] if data else []))
         else:
             self.live.hold(job.job_id, out, data)
+
+    def _check_queued_speech(self, job: Job, msg: P.LiveAudio | P.LiveText,
+                             speech_s: float) -> None:
+        """Raises `ProtocolError` busy (field `audio` or `text`) when the session's queued
+        speech (the worker's last report plus what was sent since) and `speech_s` more
+        would pass `daemon.live_max_queued_s`: a client that sends faster than realtime
+        for long must wait for playback, not fill the worker's memory."""
+        limit = self.cfg.daemon.live_max_queued_s
+        queued = job.queued_s + max(0.0, job.sent_s - job.received_s)
+        if queued + speech_s > limit:
+            field = "audio" if isinstance(msg, P.LiveAudio) else "text"
+            raise P.ProtocolError(P.E_BUSY, field, f"live session {job.job_id} has "
+                                  f"{queued:.1f} s of speech queued; with this {field} it "
+                                  f"would pass daemon.live_max_queued_s={limit:g} s: send it "
+                                  "again once some has played", msg.req_id)
 
     def _accept(self, session: Session, msg: Any, extra: list[Any], now: float) -> None:
         """A job request -> its typed spec (built once, here) -> the job book."""
@@ -516,4 +574,6 @@ class Supervisor:
             time.monotonic(), self._health(), self.client_port.endpoints, len(self.sessions),
             workers, self.book.queue, self.book.running_count(), counters,
             self.book.recent_rtf, self.avatars.stats(), self.sessions.shm_bytes(),
-            self.book.registrations)
+            self.book.registrations,
+            [self.board.live_session_status(job, time.monotonic())
+             for job in self.book.jobs.values() if job.kind is P.JobKind.LIVE])

@@ -86,6 +86,7 @@ class WorkerSpec:
     avatar_cache_size: int = 8  # avatars.worker_cache_size
     max_media_s: float = 600.0  # daemon.max_media_s
     input_gap_s: float = 30.0  # timeouts.input_gap_s
+    live_render_ahead_frames: int = 2  # daemon.live_render_ahead_frames
 
     @classmethod
     def from_config(cls, config: Config, index: int, attempt: int, device: str,
@@ -102,7 +103,8 @@ class WorkerSpec:
                    jobs_per_worker=config.daemon.jobs_per_worker,
                    avatar_cache_size=config.avatars.worker_cache_size,
                    max_media_s=config.daemon.max_media_s,
-                   input_gap_s=config.timeouts.input_gap_s)
+                   input_gap_s=config.timeouts.input_gap_s,
+                   live_render_ahead_frames=config.daemon.live_render_ahead_frames)
 
 
 def check_frame_fits(shape: tuple[int, ...], slot_bytes: int, field: str) -> None:
@@ -170,6 +172,8 @@ class JobRun:
     number: int  # numbers the job thread's socket identity
     progress: int = 0
     waiting: bool = False  # blocked on a full ring: back-pressure, not a stall
+    queued_s: float = 0.0  # live sessions: seconds of speech queued (the job thread sets it)
+    received_s: float = 0.0  # live sessions: seconds of client audio taken into the queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
     outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
@@ -256,7 +260,9 @@ class Worker:
                     os._exit(0)  # supervisor gone and no PDEATHSIG: do not linger
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
-                                          waiting=r.waiting) for r in self.runs.values()]
+                                          waiting=r.waiting, queued_s=r.queued_s,
+                                          received_s=r.received_s)
+                            for r in self.runs.values()]
                 with self._avatars_lock:
                     cached, evictions = len(self.avatars), self.avatar_evictions
                 msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs,

@@ -97,6 +97,7 @@ class DoneEvent:
     audio_samples: int = 0
     frames_dropped: int = 0  # live sessions: frames the client did not read in time
     late_frames: int = 0  # live sessions: frames made late on the session's clock
+    frames_lost: int = 0  # live sessions: frames of the clock lost while it moved workers
 
     @property
     def rtf(self) -> float:
@@ -159,6 +160,18 @@ class PlaybackFinishedEvent:
     segment_id: str
     position_s: float
     interrupted: bool
+
+
+@dataclass
+class SessionMovedEvent:
+    """Live sessions: the session's worker was lost and another took it over. The next
+    frame is `resume_index`; the `frames_lost` frames before it were never made. Queued
+    speech was lost: every segment so far has ended; send new speech in a new segment."""
+
+    job_id: str
+    resume_index: int
+    frames_lost: int
+    reason: str
 
 
 @dataclass
@@ -512,6 +525,9 @@ class Client:
                 elif isinstance(msg, P.PlaybackFinished):
                     yield PlaybackFinishedEvent(job_id, msg.segment_id, msg.position_s,
                                                 msg.interrupted)
+                elif isinstance(msg, P.SessionMoved):
+                    yield SessionMovedEvent(job_id, msg.resume_index, msg.frames_lost,
+                                            msg.reason)
                 elif isinstance(msg, P.Error) and msg.req_id in self._live_requests:
                     _, what = self._live_requests.pop(msg.req_id)
                     yield InputRefusedEvent(job_id, msg.req_id, what, msg.code, msg.field,
@@ -522,7 +538,7 @@ class Client:
                 elif isinstance(msg, P.Done):
                     yield DoneEvent(job_id, msg.frames, msg.media_s, msg.wall_s,
                                     msg.first_frame_s, msg.attempts, msg.audio_samples,
-                                    msg.frames_dropped, msg.late_frames)
+                                    msg.frames_dropped, msg.late_frames, msg.frames_lost)
                     return
                 elif isinstance(msg, P.JobFailed):
                     raise JobFailedError(f"job {job_id} failed after {msg.attempts} attempt(s):"

@@ -418,6 +418,22 @@ class Done(Reply, tag="done"):
     # period after their due time on the session's clock.
     frames_dropped: NonNegInt = 0
     late_frames: NonNegInt = 0
+    # Live sessions: frames of the session's clock that no worker made because the worker
+    # running the session was lost and it moved (see `SessionMoved`).
+    frames_lost: NonNegInt = 0
+
+
+class SessionMoved(Reply, tag="session_moved"):
+    """Live sessions: the worker running the session was lost (`reason`) and another one
+    took it over. The next frame is `resume_index`; the `frames_lost` frames before it were
+    never made (the clock ran on meanwhile). Queued speech was lost with the worker: every
+    segment known so far has ended (its `playback_finished` came, interrupted, if it had
+    started); send new speech in a new segment. The avatar goes on from idle."""
+
+    job_id: Name
+    resume_index: NonNegInt
+    frames_lost: NonNegInt
+    reason: str = ""
 
 
 class PlaybackStarted(Reply, tag="playback_started"):
@@ -546,6 +562,8 @@ class JobProgress(Struct, frozen=True, forbid_unknown_fields=True):
     job_id: Name
     progress: NonNegInt = 0  # frames (or samples) produced so far
     waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
+    queued_s: PosFloat = 0.0  # live sessions: seconds of speech queued, not yet played
+    received_s: PosFloat = 0.0  # live sessions: seconds of client audio taken so far
 
 
 RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]
@@ -748,7 +766,7 @@ CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync,
                    JobAudio, Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply,
-                  PlaybackStarted, PlaybackFinished)
+                  PlaybackStarted, PlaybackFinished, SessionMoved)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)

@@ -476,7 +476,7 @@ def test_live_frames_are_forwarded_when_newer_and_gaps_are_drops():
     assert book.delivered(0, audio("l", 1), T0) is None
 
 
-def test_live_session_has_no_deadline_and_is_not_requeued():
+def test_live_session_has_no_deadline_and_is_not_requeued_for_a_fault():
     assert not POLICIES[P.JobKind.LIVE].exactly_once
     book = make_book(max_job_attempts=3)
     a, b = accept(book, live_job("a"), live_job("b"))
@@ -487,7 +487,7 @@ def test_live_session_has_no_deadline_and_is_not_requeued():
     assert isinstance(ended, Ended) and ended.code == P.E_WORKER  # retryable, yet ended
     (lost,) = book.worker_lost(0, "exited with status 70 while busy")
     assert isinstance(lost, Ended) and lost.job is b and lost.code == P.E_WORKER
-    assert "not moved to another worker" in lost.message and "status 70" in lost.message
+    assert "no other worker had a free place" in lost.message and "status 70" in lost.message
     assert not book.queue and not book.jobs
 
 
@@ -499,3 +499,57 @@ def test_live_done_adds_its_drop_and_late_counts_to_the_stats():
     ended = book.done(0, msg, T0 + 4)
     assert isinstance(ended, Ended) and ended.result is msg
     assert (book.stats["live_frames_dropped"], book.stats["live_late_frames"]) == (7, 2)
+
+
+# ------------------------------------------------------------------ live sessions move
+
+
+def test_a_live_session_moves_to_a_worker_with_room_and_its_clock_runs_on():
+    book = make_book(max_job_attempts=3)
+    (s,) = accept(book, live_job("s"))
+    book.place({0: 1, 1: 1}, T0)
+    assert s.worker == 0
+    for i in (0, 1, 3):  # frame 2 was dropped by the worker (the client did not read)
+        assert book.delivered(0, frame("s", i), T0 + 0.04 * i) is s
+    (moved,) = book.worker_lost(0, "worker 0 killed by signal 9", {1: 1})
+    assert moved == Requeued(s, "worker 0 killed by signal 9") and s.moved
+    (placed,) = book.place({1: 1}, T0 + 1)
+    assert placed is s and s.worker == 1 and s.attempts == 2
+    # Last frame (3) went out at T0 + 0.12; at T0 + 1 the clock is 22 frames further on:
+    # frames 4..24 are lost, the new worker starts at frame 25 (its audio chunk too).
+    assert book.resume_live(s, 25, T0 + 1) == 21
+    assert (s.frames_delivered, s.audio_delivered, s.frames_lost) == (25, 25, 21)
+    assert book.resume_live(s, 25, T0 + 2) is None  # only once per move
+    assert book.delivered(1, frame("s", 24), T0 + 1.1) is None  # never backwards
+    assert book.delivered(1, frame("s", 25), T0 + 1.1) is s
+    assert (s.frames_earlier, s.dropped_earlier, s.frames_forwarded, s.dropped_gaps) == (
+        3, 1, 1, 0)
+
+
+def test_a_live_session_ends_when_no_other_worker_has_room():
+    book = make_book(max_job_attempts=3)
+    s, t = accept(book, live_job("s"), live_job("t"))
+    book.place({0: 2, 1: 1}, T0)
+    assert (s.worker, t.worker) == (0, 1)
+    (b,) = accept(book, make_job("b"))  # a batch job waits for a place
+    # Worker 1 is full (t): worker 0's session has nowhere to go now, and a live session
+    # does not wait for a worker to load.
+    (ended,) = book.worker_lost(0, "worker 0 exited", {1: 1})
+    assert isinstance(ended, Ended) and ended.job is s and ended.code == P.E_WORKER
+    assert "no other worker had a free place" in ended.message
+    assert list(book.queue) == [b]
+
+
+def test_moved_live_sessions_go_ahead_of_requeued_batch_jobs_and_count_the_room():
+    book = make_book(max_job_attempts=3)
+    a, s = accept(book, make_job("a"), live_job("s"))
+    book.place({0: 3}, T0)
+    (u,) = accept(book, live_job("u"))
+    book.place({1: 1}, T0)
+    assert (a.worker, s.worker, u.worker) == (0, 0, 1)
+    book.worker_lost(1, "worker 1 exited", {0: 3})  # u moves: one room left on worker 0
+    assert u.moved
+    (ended,) = [o for o in book.worker_lost(0, "worker 0 exited", {2: 1}) if
+                isinstance(o, Ended)]
+    # Worker 2's one place is u's already: s cannot move; the batch job a is requeued.
+    assert ended.job is s and list(book.queue) == [u, a]

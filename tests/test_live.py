@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from daemon_harness import run_daemon
 
+from avatard.daemon.config import load_config
 from avatard.engines.audio import resample
 from avatard.engines.fake import (
     FakeTTSEngine,
@@ -31,11 +32,13 @@ from avatard.ipc.client import (
     LiveSession,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
+    SessionMovedEvent,
 )
 
 SIZE = 32
 FAKE = {"width": SIZE, "height": SIZE}
 RATE, FPS, TICK = 16000, 25, 640  # the fake avatar engine's audio rate and fps
+RENDER_AHEAD = load_config(None).daemon.live_render_ahead_frames  # the default
 # Small frame slots, many of them: a reading client on a busy machine never loses a frame
 # (64 frames of slack), and a session's rings stay small in /dev/shm.
 RINGS = {"rings": {"frame_slots": 64, "frame_slot_bytes": 4096, "audio_slots": 64,
@@ -55,6 +58,8 @@ class Recorder:
         # Frames made from speech that went out silent: rendered before a barge-in and
         # sent after it (at most an engine's burst less one).
         self.silenced: list[int] = []
+        # A fake stream numbers its frames from 0: after a move, from the resume index.
+        self.stream_start = 0
         self.done: DoneEvent | None = None
 
     def next(self):
@@ -65,7 +70,8 @@ class Recorder:
                 # must be the level of the audio chunk sent with it (checked in `audio`).
                 level = self.levels[event.index] = frame_audio_level_of(event.array)
                 np.testing.assert_array_equal(
-                    event.array, expected_frame(self.seed, event.index, SIZE, SIZE, level),
+                    event.array, expected_frame(self.seed, event.index - self.stream_start,
+                                                SIZE, SIZE, level),
                     err_msg=f"frame {event.index}")
             self.frames.append(event.index)
             self.events.append(("frame", event.index))
@@ -82,6 +88,8 @@ class Recorder:
             self.events.append(("audio", event.index))
         else:
             self.events.append(event)
+            if isinstance(event, SessionMovedEvent):
+                self.stream_start = event.resume_index
             if isinstance(event, DoneEvent):
                 self.done = event
         return event
@@ -130,13 +138,14 @@ def send_in_chunks(session: LiveSession, pcm: np.ndarray, rate: int, segment_id:
 def assert_continuous(rec: Recorder, silenced_from: int | None = None, burst: int = 1
                       ) -> None:
     """Every frame in order with its audio chunk; frames made from speech went out silent
-    only after a barge-in (the first frame after it: `silenced_from`), fewer than `burst`."""
+    only after a barge-in (the first frame after it: `silenced_from`): those rendered
+    ahead of the clock (`RENDER_AHEAD`) or in one burst with them (`burst`)."""
     assert rec.frames == list(range(len(rec.frames))), "every frame, in order, none lost"
     if silenced_from is None:
         assert not rec.silenced, "frames made from speech went out silent"
     else:
-        assert all(silenced_from <= i < silenced_from + burst - 1 for i in rec.silenced), (
-            rec.silenced, silenced_from)
+        assert all(silenced_from <= i < silenced_from + RENDER_AHEAD + burst - 1
+                   for i in rec.silenced), (rec.silenced, silenced_from)
     assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
     assert all(rec.audio[i].size == TICK for i in rec.frames)
 
@@ -218,8 +227,8 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     # Frames the engine had made from the speech but not sent yet go out silent; every
     # frame after them is made from silence (its level is 0, as its audio is).
     assert_continuous(rec, silenced_from=after, burst=engine.get("burst_frames", 1))
-    assert not any(rec.levels[i] for i in range(after + engine.get("burst_frames", 1) - 1,
-                                                 after + 15))
+    assert not any(rec.levels[i] for i in range(
+        after + RENDER_AHEAD + engine.get("burst_frames", 1) - 1, after + 15))
     assert finished.interrupted
     # At least what the client heard before it barged in, less than the whole segment.
     assert heard_s <= finished.position_s < 2.0
@@ -295,6 +304,15 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
         assert len(d.status()["workers"][0]["current_jobs"]) == 2
         slow.frames_more(20)
         steady.frames_more(10)
+        # Each session's own figures in stats, while they run (the daemon may have sent
+        # frames the clients have not read yet: at least what they read).
+        live = {s["job_id"]: s for s in d.status()["live_sessions"]}
+        assert set(live) == {slow.session.job_id, steady.session.job_id}
+        slow_now, steady_now = live[slow.session.job_id], live[steady.session.job_id]
+        assert slow_now["worker"] == steady_now["worker"] == 0
+        assert slow_now["frames_dropped"] >= slow.frames[-1] + 1 - len(slow.frames) > 0
+        assert slow_now["frames_sent"] >= len(slow.frames)
+        assert steady_now["frames_dropped"] == steady_now["frames_lost"] == 0
         slow_done, steady_done = slow.close(), steady.close()
         status = d.status()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
@@ -313,18 +331,52 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
     assert f"avatard_live_frames_dropped_total {slow_done.frames_dropped:.1f}" in metrics
 
 
-def test_a_worker_lost_mid_session_ends_it_with_the_reason(tmp_path):
+def test_a_worker_lost_mid_session_moves_it_and_its_clock_runs_on(tmp_path):
+    speech = np.full(RATE * 4, 0.5, np.float32)  # still playing when the worker dies
+    with run_daemon(tmp_path, workers=2, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        d.wait_for(lambda s: s["daemon"]["ready_workers"] == 2, 60, "both workers ready")
+        rec = Recorder(c.live(seed=3), seed=3)
+        rec.session.send_audio(speech, RATE, "a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        rec.frames_more(5)
+        victim = next(w for w in d.status()["workers"] if w["current_jobs"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        moved = rec.until(lambda e: isinstance(e, SessionMovedEvent))
+        before = list(rec.frames)
+        late = rec.session.send_audio(speech[:TICK], RATE, "a")  # "a" ended with the move
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        rec.session.send_audio(speech[:RATE // 5], RATE, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        done = rec.close()
+
+    assert finished.interrupted and 0 < finished.position_s < 4.0
+    assert "killed by signal 9" in moved.reason
+    # Frames went on from the clock's frame after the gap: none repeated, none reordered.
+    assert before == list(range(len(before))), "frames before the move, in order"
+    assert moved.resume_index == len(before) + moved.frames_lost
+    after = rec.frames[len(before):]
+    assert after == list(range(moved.resume_index, moved.resume_index + len(after)))
+    assert sorted(rec.audio) == rec.frames and not rec.silenced
+    assert (refused.req_id, refused.code, refused.field) == (late, P.E_BAD_INPUT,
+                                                             "segment_id")
+    assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
+    assert (done.frames, done.frames_lost, done.attempts) == (len(rec.frames),
+                                                              moved.frames_lost, 2)
+
+
+def test_a_worker_lost_with_no_other_worker_free_ends_the_session(tmp_path):
     with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
         rec = Recorder(c.live(seed=3), seed=3)
         rec.frames_more(5)
-        status = d.status()
-        victim = next(w for w in status["workers"] if w["current_jobs"])
+        victim = next(w for w in d.status()["workers"] if w["current_jobs"])
         os.kill(victim["pid"], signal.SIGKILL)
         with pytest.raises(JobFailedError) as err:
             while True:
                 rec.next()
         assert err.value.code == P.E_WORKER
-        assert "not moved to another worker" in str(err.value)
+        assert "no other worker had a free place" in str(err.value)
         assert "killed by signal 9" in str(err.value)
         d.wait_for(lambda s: s["workers"][0]["restarts"] >= 1
                    and s["daemon"]["ready_workers"] == 1, 30, "the replacement worker")
@@ -442,3 +494,48 @@ def test_embedded_engine_live_session_speaks_and_idles(tmp_path):
     start = rec.position(started)
     played = np.concatenate([rec.audio[i] for i in rec.frames if i >= rec.frames[start]])
     np.testing.assert_array_equal(played[:speech.size], speech)
+
+
+def test_a_drain_closes_live_sessions_instead_of_waiting_for_them(tmp_path):
+    # drain_timeout_s is far longer than the test may take: only closing the session lets
+    # the daemon exit in time.
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS,
+                    daemon={"drain_timeout_s": 3600}) as d, d.client() as c:
+        rec = Recorder(c.live(seed=8), seed=8)
+        rec.session.send_audio(np.full(RATE * 4, 0.5, np.float32), RATE, "a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        d.proc.send_signal(signal.SIGTERM)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        done = rec.until(lambda e: isinstance(e, DoneEvent))
+        assert d.proc.wait(timeout=60) == 0
+    assert finished.interrupted
+    assert done.frames == len(rec.frames)
+
+
+def test_speech_queued_past_the_limit_is_refused_busy_until_it_plays(tmp_path):
+    second = np.full(RATE, 0.25, np.float32)  # 1 s per chunk; the limit is 2.5 s queued
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS,
+                    daemon={"live_max_queued_s": 2.5}) as d, d.client() as c:
+        rec = Recorder(c.live(seed=9), seed=9)
+        rec.frames_more(2)
+        rec.session.send_audio(second, RATE, "a")
+        rec.session.send_audio(second, RATE, "a")
+        over = rec.session.send_audio(second, RATE, "a")  # 3 s: past the limit
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        text_over = rec.session.send_text("More words.", "t")  # 2 s queued: under 2.5 s
+        rec.session.end_segment("t")
+        finished_a = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        rec.until(segment_is(PlaybackFinishedEvent, "t"))
+        rec.frames_more(10)  # heartbeats (every 0.2 s) report the queue empty
+        rec.session.send_audio(second, RATE, "b")
+        rec.session.send_audio(second, RATE, "b")
+        rec.session.end_segment("b")
+        finished_b = rec.until(segment_is(PlaybackFinishedEvent, "b"))
+        done = rec.close()
+
+    assert (refused.req_id, refused.code, refused.field) == (over, P.E_BUSY, "audio")
+    assert "live_max_queued_s=2.5" in refused.rule
+    assert text_over not in [e.req_id for e in rec.of(InputRefusedEvent)]
+    assert finished_a.position_s == 2.0 and not finished_a.interrupted
+    assert finished_b.position_s == 2.0 and not finished_b.interrupted
+    assert done.frames == len(rec.frames)
