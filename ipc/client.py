@@ -38,6 +38,7 @@ from .client_core import (  # the events and errors are this module's API too
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
     TranscriptResult,
+    apply_curve,
     audio_chunks,
     check_reply,
     job_event,
@@ -113,17 +114,7 @@ class Client:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        server_key = curve_server_key_file or os.environ.get("AVATARD_CURVE_SERVER_KEY")
-        client_key = curve_client_key_file or os.environ.get("AVATARD_CURVE_CLIENT_KEY")
-        if self.endpoint.startswith("tcp://") and server_key and client_key:
-            from zmq.auth import load_certificate
-
-            self._sock.curve_serverkey = load_certificate(server_key)[0]
-            public, secret = load_certificate(client_key)
-            if secret is None:
-                raise ClientError(f"{client_key} holds no secret key (use the .key_secret file)")
-            self._sock.curve_publickey = public
-            self._sock.curve_secretkey = secret
+        apply_curve(self._sock, self.endpoint, curve_server_key_file, curve_client_key_file)
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed daemon
