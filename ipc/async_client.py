@@ -286,15 +286,24 @@ class AsyncClient:
         waiter = self._waiting.pop(req_id, None) if req_id is not None else None
         if waiter is None or waiter[0].done():
             if isinstance(msg, P.Accepted):
-                # Its caller gave up (timed out or was cancelled) before the job was
-                # accepted: nobody would read it, so it must not run.
-                await self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=msg.job_id),
-                                 what="Cancel")
+                await self._abandon(msg.job_id)  # its caller gave up before it came
             return  # a late reply to an abandoned request: never anyone else's answer
         if isinstance(msg, P.Accepted):
             # Before the caller resumes: its first events may come in the same read.
             self._mailboxes[msg.job_id] = _Mailbox()
         waiter[0].set_result((msg, extra))
+
+    async def _abandon(self, job_id: str) -> None:
+        """Cancel a job whose caller gave up (a timeout, a cancelled task) before it could
+        read it: nobody would, so it must not run. Slots of its events go back."""
+        box = self._mailboxes.pop(job_id, None)
+        for msg, _ in box.messages if box is not None else ():
+            slot = slot_of(msg)
+            if slot is not None:
+                await self._release(slot)
+        if not self._closed and self._failure is None:
+            await self._send(P.make(P.Cancel, req_id=self._next_id(), job_id=job_id),
+                             what="Cancel")
 
     def _fail(self, failure: Callable[[str], ClientError]) -> None:
         """End every wait, now and later, with the error `failure(what)` builds."""
@@ -344,6 +353,14 @@ class AsyncClient:
             await self._send(msg, *extra, what=what)
             async with self._deadline(what):
                 reply, _ = await future
+        except BaseException:
+            # Cancelled (or timed out) just as the reply came: an `accepted` then names a
+            # job this caller will never read.
+            if future.done() and not future.cancelled() and future.exception() is None:
+                accepted, _ = future.result()
+                if isinstance(accepted, P.Accepted):
+                    await self._abandon(accepted.job_id)
+            raise
         finally:
             self._waiting.pop(req_id, None)
         check_reply(reply, what)

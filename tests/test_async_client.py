@@ -362,6 +362,39 @@ def test_a_task_cancelled_mid_session_closes_it_and_leaves_nothing(tmp_path):
         assert len(d.segments()) == baseline, "the session's rings were not unlinked"
 
 
+def test_a_session_whose_caller_gave_up_before_accepted_is_cancelled(tmp_path):
+    """The task opening a session is cancelled while it waits for `accepted`: the
+    session the daemon then opens would run for nobody, so the client cancels it."""
+
+    async def scenario(endpoint: str):
+        async with AsyncClient(endpoint, timeout_s=20) as client:
+            async def open_one():
+                return await client.live(seed=1)
+
+            opening = asyncio.create_task(open_one())
+            await asyncio.sleep(0)  # it sent live_open and waits for the reply
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            async with asyncio.timeout(20):
+                while True:  # the client stays connected: no bye ends the session
+                    stats = await client.stats()
+                    if stats["jobs"]["jobs_cancelled"] and not stats["queue"]["running"]:
+                        break
+                    await asyncio.sleep(0.05)
+            async with client.live(seed=2) as session:  # the client serves on
+                rec = AsyncRecorder(session, seed=2)
+                await rec.frames_more(3)
+                await rec.close()
+            return stats, rec
+
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d:
+        stats, rec = asyncio.run(scenario(d.endpoint))
+
+    assert stats["jobs"]["jobs_cancelled"] == 1
+    assert_continuous(rec)
+
+
 def test_a_vanished_daemon_ends_every_wait_with_a_clear_error(tmp_path):
     d = PrivateDaemon(tmp_path, {
         "daemon": {"workers": 1, "min_ready": 1, "devices": "cpu"},

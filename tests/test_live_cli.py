@@ -126,6 +126,7 @@ def test_a_text_file_streams_as_tokens_through_a_private_daemon(tmp_path):
     ([], 2, "one of them"),
     (["--text-stream", "{tmp}/empty.txt"], 1, "holds no words"),
     (["{tmp}/in.wav", "-o", "/nonexistent-dir/x.mp4"], 1, "does not exist"),
+    (["{tmp}/in.wav", "--avatar", "no-such-portrait"], 1, "not_found: avatar_id"),
 ])
 def test_bad_input_is_a_clear_error(daemon, tmp_path, args, code, words):
     _write_wav(tmp_path / "in.wav", 0.3)
