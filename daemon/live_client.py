@@ -374,6 +374,8 @@ async def run_live(endpoint: str, source: LiveInput, out: Path, *, avatar_image:
             except BaseException:
                 reader.cancel()
                 await asyncio.wait({reader})
+                if not reader.cancelled():
+                    reader.exception()  # raised already (through `until`), or moot now
                 rec.mp4.abort()
                 raise
     try:

@@ -152,6 +152,8 @@ class AsyncClient:
             self._reader = asyncio.get_running_loop().create_task(
                 self._read_messages(), name=f"avatard reader {self.endpoint}")
             welcome = await self._hello()
+            if welcome.input_ring and not self.inline:
+                self._input_ring = SlotRing.attach(welcome.input_ring)
         except BaseException:
             await self._shut_down("the client could not connect")  # leave no socket
             raise
@@ -159,8 +161,6 @@ class AsyncClient:
         self.server = welcome.server
         self.max_payload_bytes = welcome.max_payload_bytes
         self.max_media_s = welcome.max_media_s
-        if welcome.input_ring and not self.inline:
-            self._input_ring = SlotRing.attach(welcome.input_ring)
         return self
 
     async def close(self) -> None:
@@ -511,8 +511,11 @@ class AsyncClient:
             await job.aclose()
             raise
         finally:
-            # A chunk that was taken gets no reply: stop waiting for one.
+            # A chunk that was taken gets no reply: stop waiting for one. (A lost
+            # connection's error in a future is retrieved, so asyncio does not log it.)
             for future in refusals:
+                if future.done() and not future.cancelled():
+                    future.exception()
                 future.cancel()
             for req_id in [r for r, (f, _) in self._waiting.items() if f in refusals]:
                 del self._waiting[req_id]
