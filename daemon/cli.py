@@ -230,11 +230,11 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
 @click.option("--text-stream", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Stream this UTF-8 text file into the session instead of AUDIO, a few "
               "words every 100 ms (an LLM's pace), spoken by the session's TTS.")
-@click.option("--interrupt-at", "interrupt_at_s", type=click.FloatRange(min=0.0),
+@click.option("--interrupt-at", "interrupt_at_s", type=click.FloatRange(min=0.0), metavar="S",
               help="Barge in (live_interrupt) this many seconds after the input started; "
               "the rest of the input is not sent.")
 @click.option("--tail", "tail_s", default=1.0, show_default=True,
-              type=click.FloatRange(min=0.0),
+              type=click.FloatRange(min=0.0), metavar="S",
               help="Seconds of idle frames recorded after the speech, before closing.")
 @click.option("--avatar", help="Portrait: an image file (registered for the call) or the id "
               "of a portrait registered before. Default: the engine's built-in portrait.")
@@ -243,7 +243,8 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of blinks and head motion.")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True,
-              type=click.FloatRange(min=0.1), help="Seconds to wait for the daemon, per wait.")
+              type=click.FloatRange(min=0.1), metavar="S",
+              help="Seconds to wait for the daemon, per wait.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the figures as JSON instead of lines.")
 @_client_options
