@@ -224,6 +224,90 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
 
 
 @main.command()
+@click.argument("audio", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="The mp4 to write: every frame and audio chunk the session sent.")
+@click.option("--text-stream", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Stream this UTF-8 text file into the session instead of AUDIO, a few "
+              "words every 100 ms (an LLM's pace), spoken by the session's TTS.")
+@click.option("--interrupt-at", "interrupt_at_s", type=click.FloatRange(min=0.0), metavar="S",
+              help="Barge in (live_interrupt) this many seconds after the input started; "
+              "the rest of the input is not sent.")
+@click.option("--tail", "tail_s", default=1.0, show_default=True,
+              type=click.FloatRange(min=0.0), metavar="S",
+              help="Seconds of idle frames recorded after the speech, before closing.")
+@click.option("--avatar", help="Portrait: an image file (registered for the call) or the id "
+              "of a portrait registered before. Default: the engine's built-in portrait.")
+@click.option("--voice", default="", help="TTS voice of --text-stream (default: the engine's "
+              "first voice).")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seed of blinks and head motion.")
+@click.option("--timeout", "timeout_s", default=60.0, show_default=True,
+              type=click.FloatRange(min=0.1), metavar="S",
+              help="Seconds to wait for the daemon, per wait.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the figures as JSON instead of lines.")
+@_client_options
+def live(audio: str | None, output: str, text_file: str | None, interrupt_at_s: float | None,
+         tail_s: float, avatar: str | None, voice: str, seed: int, timeout_s: float,
+         as_json: bool, endpoint: str | None, engine: str | None,
+         sets: tuple[str, ...]) -> None:
+    """Play AUDIO (wav, mp3, flac...: any rate, any channels) into a live session at
+    realtime pace, 100 ms at a time, or stream a text file with --text-stream; optionally
+    barge in; record what came out into an mp4 (H.264 + AAC).
+
+    Prints the latencies: first frame after open, audio sent -> frame showing it received,
+    barge-in -> playback_finished and -> first silent frame, and the frames the daemon
+    dropped or made late.
+    """
+    import asyncio
+    from pathlib import Path
+
+    from avatard.daemon.live_client import LiveInput, run_live
+    from avatard.daemon.render import daemon_endpoint, engine_overrides, read_file
+    from avatard.engines.audio import decode_audio
+    from avatard.engines.base import EngineInputError
+    from avatard.engines.mux import check_writable
+    from avatard.ipc.client import ClientError
+
+    if (audio is None) == (text_file is None):
+        raise click.UsageError("give AUDIO or --text-stream FILE (one of them)")
+    try:
+        out = Path(output)
+        check_writable(out)
+        if audio is not None:
+            try:
+                pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
+            except EngineInputError as exc:
+                raise ClientError(f"bad audio file {audio}: {exc}") from None
+            source = LiveInput(pcm=pcm, rate=rate)
+        else:
+            try:
+                text = read_file(text_file, "text").decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ClientError(f"text file {text_file} is not UTF-8 ({exc})") from None
+            if not text.strip():
+                raise ClientError(f"text file {text_file} holds no words")
+            source = LiveInput(text=text)
+        avatar_image = None
+        if avatar is not None and Path(avatar).is_file():
+            avatar_image = read_file(avatar, "avatar")
+        with daemon_endpoint(endpoint, engine_overrides(engine, sets), sys.stderr) as found:
+            report = asyncio.run(run_live(
+                found, source, out, avatar_image=avatar_image,
+                avatar_id="" if avatar_image else (avatar or ""), voice=voice, seed=seed,
+                interrupt_at_s=interrupt_at_s, tail_s=tail_s, timeout_s=timeout_s))
+    except (ClientError, OSError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        json.dump(report.as_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for line in report.lines():
+            click.echo(line)
+
+
+@main.command()
 @click.argument("audio", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print segments and word timings as JSON.")
 @_client_options

@@ -65,12 +65,11 @@ def _daemon_answers(endpoint: str) -> bool:
 
 
 @contextmanager
-def connect(endpoint: str | None, overrides: list[str], log: TextIO,
-            timeout_s: float = 600.0) -> Iterator[Client]:
-    """A client of the daemon at `endpoint` (default: `default_endpoint()`), or, when none
-    answers there, of a private daemon started for the call with `overrides` (``KEY=VALUE``
-    config items) and stopped when the block ends. `log` gets one line when a private
-    daemon starts. `timeout_s` bounds each call of the client.
+def daemon_endpoint(endpoint: str | None, overrides: list[str], log: TextIO) -> Iterator[str]:
+    """The endpoint of a daemon that answers: `endpoint` (default: `default_endpoint()`),
+    or, when none answers there, a private daemon's, started for the block with
+    `overrides` (``KEY=VALUE`` config items) and stopped when it ends. `log` gets one line
+    when a private daemon starts.
 
     Raises `ClientError` when the private daemon exits or cannot load its engines,
     `DaemonUnavailable` when it is not ready within PRIVATE_START_TIMEOUT_S, ValueError for
@@ -78,8 +77,7 @@ def connect(endpoint: str | None, overrides: list[str], log: TextIO,
     """
     endpoint = endpoint or default_endpoint()
     if _daemon_answers(endpoint):
-        with Client(endpoint, timeout_s=timeout_s, name="cli") as client:
-            yield client
+        yield endpoint
         return
     with tempfile.TemporaryDirectory(prefix="avatard-") as tmp:
         log.write(f"no daemon at {endpoint}: starting a private one\n")
@@ -91,14 +89,23 @@ def connect(endpoint: str | None, overrides: list[str], log: TextIO,
                 raise ClientError(str(exc)) from None
             except TimeoutError as exc:
                 raise DaemonUnavailable(str(exc)) from None
-            with daemon.client(timeout_s=timeout_s, name="cli") as client:
-                yield client
+            yield daemon.endpoint
         finally:
             try:
                 daemon.stop(timeout_s=PRIVATE_STOP_TIMEOUT_S)
             except TimeoutError:
                 log.write(f"the private daemon did not stop within {PRIVATE_STOP_TIMEOUT_S:.0f}"
                           " s of SIGTERM: killed\n")
+
+
+@contextmanager
+def connect(endpoint: str | None, overrides: list[str], log: TextIO,
+            timeout_s: float = 600.0) -> Iterator[Client]:
+    """A client of the daemon `daemon_endpoint` finds (or starts: same arguments, same
+    errors). `timeout_s` bounds each call of the client."""
+    with daemon_endpoint(endpoint, overrides, log) as found, \
+            Client(found, timeout_s=timeout_s, name="cli") as client:
+        yield client
 
 
 class Progress:

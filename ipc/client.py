@@ -19,25 +19,47 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
 from . import protocol as P
+from .client_core import (  # the events and errors are this module's API too
+    LIVE_REQUESTS_KEPT,
+    AcceptedMedia,
+    AudioEvent,
+    BusyError,
+    ClientError,
+    DoneEvent,
+    FrameEvent,
+    InputRefusedEvent,
+    JobFailedError,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+    SessionMovedEvent,
+    TranscriptResult,
+    apply_curve,
+    audio_chunks,
+    check_reply,
+    job_event,
+    place_array,
+    read_array,
+    release_request,
+    remember_live,
+    route_of,
+    slot_of,
+)
 from .paths import default_runtime_dir, socket_endpoint
 from .ring import SlotRing
 from .sockets import wait_readable
 
-
-class ClientError(RuntimeError):
-    """The daemon refused a request or did not answer in time."""
-
-    def __init__(self, message: str, code: str = "", field: str = ""):
-        super().__init__(message)
-        self.code = code
-        self.field = field
+__all__ = [
+    "DAEMON_GONE", "LIVE_REQUESTS_KEPT", "AudioEvent", "BusyError", "Client", "ClientError",
+    "DaemonUnavailable", "DoneEvent", "FrameEvent", "InputRefusedEvent", "JobFailedError",
+    "JobHandle", "LiveSession", "PlaybackFinishedEvent", "PlaybackStartedEvent",
+    "SessionMovedEvent", "TranscriptResult", "default_endpoint",
+]
 
 
 class DaemonUnavailable(ClientError):
@@ -53,87 +75,23 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
 
 
-class BusyError(ClientError):
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message, code=P.E_BUSY)
-        self.retry_after_s = retry_after_s
-
-
-class JobFailedError(ClientError):
-    pass
-
-
 def default_endpoint() -> str:
     """$AVATARD_ENDPOINT, else the socket in the runtime directory the environment names
     (`avatard.ipc.paths.default_runtime_dir`, as the daemon resolves it)."""
     return os.environ.get("AVATARD_ENDPOINT") or socket_endpoint(default_runtime_dir())
 
 
-@dataclass
-class FrameEvent:
-    job_id: str
-    index: int
-    pts_us: int
-    array: np.ndarray  # (H, W, 3) uint8; a view into shared memory for local clients
-
-
-@dataclass
-class AudioEvent:
-    job_id: str
-    index: int
-    pts_us: int
-    sample_rate: int
-    pcm: np.ndarray  # float32 mono
-
-
-@dataclass
-class DoneEvent:
-    job_id: str
-    frames: int
-    media_s: float
-    wall_s: float
-    first_frame_s: float
-    attempts: int
-    audio_samples: int = 0
-    frames_dropped: int = 0  # live sessions: frames the client did not read in time
-    late_frames: int = 0  # live sessions: frames made late on the session's clock
-    frames_lost: int = 0  # live sessions: frames of the clock lost while it moved workers
-
-    @property
-    def rtf(self) -> float:
-        return self.wall_s / self.media_s if self.media_s > 0 else float("nan")
-
-
-class JobHandle(Iterator[Any]):
+class JobHandle(AcceptedMedia, Iterator[Any]):
     """A job the daemon accepted, and the iterator of its events (`FrameEvent`,
     `AudioEvent`, `TranscriptResult`, then `DoneEvent`; `JobFailedError` raised at its
-    end). What `accepted` announced:
-
-    - `job_id`; `queue_position`: jobs ahead of it when it was accepted;
-    - `fps`: frames per second; `width`, `height`: pixels of every frame, which arrives as
-      a uint8 (height, width, 3) array; all 0 for a job without frames (transcribe);
-      width and height also 0 when the portrait's registration had not ended;
-    - `audio_rate`: Hz of its `AudioEvent`s (0 when it sends none: lipsync, or speak with
-      send_audio False).
-
-    Every figure is 0 when the daemon accepted the job before any worker had loaded its
-    engines. Iterating releases each shared-memory slot when the next event is asked for;
-    `close()` releases the one held and stops reading the job (it keeps running: `cancel`
-    stops it)."""
+    end). What `accepted` announced (`job_id`, `fps`, `width`, `height`, `audio_rate`...):
+    see `AcceptedMedia`. Iterating releases each shared-memory slot when the next event
+    is asked for; `close()` releases the one held and stops reading the job (it keeps
+    running: `cancel` stops it)."""
 
     def __init__(self, accepted: P.Accepted, events: Iterator[Any]):
-        self.job_id: str = accepted.job_id
-        self.queue_position: int = accepted.queue_position
-        self.fps: int = accepted.fps
-        self.width: int = accepted.width
-        self.height: int = accepted.height
-        self.audio_rate: int = accepted.audio_rate
+        super().__init__(accepted)
         self._events = events
-
-    @property
-    def frame_shape(self) -> tuple[int, int, int] | None:
-        """(height, width, 3) of its frames; None when not announced (see the class)."""
-        return (self.height, self.width, 3) if self.width and self.height else None
 
     def __next__(self) -> Any:
         return next(self._events)
@@ -141,65 +99,6 @@ class JobHandle(Iterator[Any]):
     def close(self) -> None:
         """Release the slot held by the last event and stop reading the job's events."""
         self._events.close()  # type: ignore[attr-defined]
-
-
-@dataclass
-class PlaybackStartedEvent:
-    """Live sessions: the next frame is the first carrying speech of `segment_id`."""
-
-    job_id: str
-    segment_id: str
-
-
-@dataclass
-class PlaybackFinishedEvent:
-    """Live sessions: `segment_id` stopped after `position_s` seconds of its speech went
-    out with frames; `interrupted` when a barge-in or the session's close cut it short."""
-
-    job_id: str
-    segment_id: str
-    position_s: float
-    interrupted: bool
-
-
-@dataclass
-class SessionMovedEvent:
-    """Live sessions: the session's worker was lost and another took it over. The next
-    frame is `resume_index`; the `frames_lost` frames before it were never made. Queued
-    speech was lost: every segment so far has ended; send new speech in a new segment."""
-
-    job_id: str
-    resume_index: int
-    frames_lost: int
-    reason: str
-
-
-@dataclass
-class InputRefusedEvent:
-    """Live sessions: the daemon refused one input (`req_id`, a `what` request); the
-    session runs on. `code`, `field` and `rule` as in an `error` reply."""
-
-    job_id: str
-    req_id: int
-    what: str
-    code: str
-    field: str
-    rule: str
-
-
-LIVE_REQUESTS_KEPT = 4096  # live input requests remembered, to route their errors
-
-
-@dataclass
-class TranscriptResult:
-    job_id: str
-    language: str
-    duration_s: float
-    segments: list[P.SegmentMsg] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return " ".join(s.text.strip() for s in self.segments).strip()
 
 
 class Client:
@@ -216,17 +115,7 @@ class Client:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        server_key = curve_server_key_file or os.environ.get("AVATARD_CURVE_SERVER_KEY")
-        client_key = curve_client_key_file or os.environ.get("AVATARD_CURVE_CLIENT_KEY")
-        if self.endpoint.startswith("tcp://") and server_key and client_key:
-            from zmq.auth import load_certificate
-
-            self._sock.curve_serverkey = load_certificate(server_key)[0]
-            public, secret = load_certificate(client_key)
-            if secret is None:
-                raise ClientError(f"{client_key} holds no secret key (use the .key_secret file)")
-            self._sock.curve_publickey = public
-            self._sock.curve_secretkey = secret
+        apply_curve(self._sock, self.endpoint, curve_server_key_file, curve_client_key_file)
         self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed daemon
@@ -299,11 +188,8 @@ class Client:
 
     def _route(self, msg: P.Msg, extra: list[Any]) -> None:
         """Keep a message for whoever waits for it: a request id or a job id."""
-        job_id = getattr(msg, "job_id", None)
-        req_id = getattr(msg, "req_id", None)
-        if isinstance(msg, P.Error) and req_id in self._live_requests:
-            job_id = self._live_requests[req_id][0]  # a refused live input: its session's
-        if job_id is not None and not isinstance(msg, P.Accepted):
+        job_id, req_id = route_of(msg, self._live_requests)
+        if job_id is not None:
             self._pending.setdefault(job_id, deque()).append((msg, extra))
         elif req_id is not None:
             self._replies[req_id] = (msg, extra)
@@ -313,12 +199,7 @@ class Client:
         while req_id not in self._replies:
             self._route(*self._recv_one(deadline, what))
         msg, extra = self._replies.pop(req_id)
-        if isinstance(msg, P.Error):
-            raise ClientError(f"{what} refused: {msg.code}: {msg.field}: {msg.rule}",
-                              code=msg.code, field=msg.field)
-        if isinstance(msg, P.Busy):
-            raise BusyError(f"daemon busy ({msg.queue_depth} queued): {msg.reason}; "
-                            f"retry after {msg.retry_after_s:.1f} s", msg.retry_after_s)
+        check_reply(msg, what)
         return msg, extra
 
     def _call(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Msg:
@@ -334,12 +215,7 @@ class Client:
 
     def _payload(self, array: np.ndarray) -> tuple[P.Payload, list[bytes | memoryview]]:
         """Place client data: in the input ring for local clients, inline otherwise."""
-        array = np.ascontiguousarray(array)
-        if self._input_ring is not None and array.nbytes <= self._input_ring.slot_bytes:
-            ref = self._input_ring.write(array, timeout_s=self.timeout_s)
-            return P.SlotDesc.from_ref(ref), []
-        return P.Inline(part=1, shape=list(array.shape), dtype=array.dtype.name), [
-            memoryview(array).cast("B")]
+        return place_array(array, self._input_ring, self.timeout_s)
 
     # ------------------------------------------------------------- public API
 
@@ -408,25 +284,25 @@ class Client:
         once the daemon has taken the one before from the input ring (it copies a chunk
         out at once). Stops sending when the daemon ends the job meanwhile."""
         pcm = np.ascontiguousarray(pcm, dtype=np.float32)
-        step = self.max_payload_bytes // 4
-        if pcm.ndim != 1 or step == 0 or pcm.nbytes <= self.max_payload_bytes:
+        first, *rest = audio_chunks(pcm, self.max_payload_bytes)
+        if not rest:
             payload, extra = self._payload(pcm)
             msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
                          **fields)
             return self._job(msg, what, *extra)
-        payload, extra = self._payload(pcm[:step])
+        payload, extra = self._payload(pcm[first])
         msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
                      more=True, total_samples=len(pcm), **fields)
         accepted = self._accepted(msg, what, *extra)
         job_id = accepted.job_id
         chunk_ids: list[int] = []
-        for start in range(step, len(pcm), step):
+        for chunk in rest:
             if self._job_ended(job_id, chunk_ids):
                 break
-            payload, extra = self._payload(pcm[start:start + step])
+            payload, extra = self._payload(pcm[chunk])
             chunk_ids.append(self._next_id())
             self._send(P.make(P.JobAudio, req_id=chunk_ids[-1], job_id=job_id, audio=payload,
-                              final=start + step >= len(pcm)), *extra)
+                              final=chunk is rest[-1]), *extra)
         self._job_ended(job_id, chunk_ids)
         return JobHandle(accepted, self._events(job_id))
 
@@ -459,10 +335,7 @@ class Client:
         return LiveSession(self, accepted)
 
     def _send_live(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> int:
-        req_id: int = msg.req_id  # type: ignore[attr-defined]
-        self._live_requests[req_id] = (msg.job_id, what)  # type: ignore[attr-defined]
-        while len(self._live_requests) > LIVE_REQUESTS_KEPT:
-            self._live_requests.popitem(last=False)
+        req_id = remember_live(self._live_requests, msg, what)
         self._send(msg, *extra)
         return req_id
 
@@ -512,55 +385,25 @@ class Client:
                 while not queue:
                     self._route(*self._recv_one(deadline, f"event of job {job_id}"))
                 msg, extra = queue.popleft()
-                if isinstance(msg, (P.Frame, P.AudioChunk)):
-                    array = self._materialise(msg.data, extra)
-                    if isinstance(msg.data, P.SlotDesc):
-                        held = msg.data
-                    if isinstance(msg, P.Frame):
-                        yield FrameEvent(job_id, msg.index, msg.pts_us, array)
-                    else:
-                        yield AudioEvent(job_id, msg.index, msg.pts_us, msg.sample_rate, array)
-                elif isinstance(msg, P.PlaybackStarted):
-                    yield PlaybackStartedEvent(job_id, msg.segment_id)
-                elif isinstance(msg, P.PlaybackFinished):
-                    yield PlaybackFinishedEvent(job_id, msg.segment_id, msg.position_s,
-                                                msg.interrupted)
-                elif isinstance(msg, P.SessionMoved):
-                    yield SessionMovedEvent(job_id, msg.resume_index, msg.frames_lost,
-                                            msg.reason)
-                elif isinstance(msg, P.Error) and msg.req_id in self._live_requests:
-                    _, what = self._live_requests.pop(msg.req_id)
-                    yield InputRefusedEvent(job_id, msg.req_id, what, msg.code, msg.field,
-                                            msg.rule)
-                elif isinstance(msg, P.TranscriptMsg):
-                    yield TranscriptResult(job_id, msg.language, msg.duration_s,
-                                           list(msg.segments))
-                elif isinstance(msg, P.Done):
-                    yield DoneEvent(job_id, msg.frames, msg.media_s, msg.wall_s,
-                                    msg.first_frame_s, msg.attempts, msg.audio_samples,
-                                    msg.frames_dropped, msg.late_frames, msg.frames_lost)
+                # Raises JobFailedError / ClientError for the job's failure.
+                event = job_event(job_id, msg, extra, self._materialise, self._live_requests)
+                held = slot_of(msg)
+                if event is not None:
+                    yield event
+                if isinstance(event, DoneEvent):
                     return
-                elif isinstance(msg, P.JobFailed):
-                    raise JobFailedError(f"job {job_id} failed after {msg.attempts} attempt(s):"
-                                         f" {msg.code}: {msg.message}", code=msg.code)
-                elif isinstance(msg, P.Error):
-                    raise ClientError(f"job {job_id}: {msg.code}: {msg.field}: {msg.rule}",
-                                      code=msg.code, field=msg.field)
         finally:
             if held is not None:
                 self._release(held)
             self._pending.pop(job_id, None)
 
     def _materialise(self, data: P.Payload, extra: list[Any]) -> np.ndarray:
-        if isinstance(data, P.Inline):
-            buf = extra[data.part - 1]
-            return np.frombuffer(buf, dtype=data.dtype).reshape(data.shape)
-        return self._ring(data.ring).read(data.ref())
+        return read_array(data, extra, self._ring)
 
     def _release(self, data: P.SlotDesc) -> None:
         if self._sock.closed:  # an abandoned job iterator collected after close()
             return
-        self._send(P.make(P.Release, req_id=0, ring=data.ring, slot=data.slot, seq=data.seq))
+        self._send(release_request(data))
 
     def close(self) -> None:
         try:
@@ -590,7 +433,7 @@ class Client:
         self.close()
 
 
-class LiveSession:
+class LiveSession(AcceptedMedia):
     """A live session of a `Client` (`Client.live()`): send speech at any time, read the
     endless stream of events by iterating (frames, audio, playback events, refused
     inputs, and `DoneEvent` once closed).
@@ -609,16 +452,10 @@ class LiveSession:
     reading events (an idle reader loses frames, never stalls the daemon)."""
 
     def __init__(self, client: Client, accepted: P.Accepted):
+        # What `accepted` announced (`AcceptedMedia`): frames per second, the frames'
+        # width x height, and the Hz of its AudioEvents (the avatar engine's rate).
+        super().__init__(accepted)
         self.client = client
-        # What `accepted` announced, as for a `JobHandle`: frames per second, the frames'
-        # width x height, and the Hz of its AudioEvents (the avatar engine's rate; 0s when
-        # no worker had loaded its engines yet).
-        self.job_id: str = accepted.job_id
-        self.queue_position: int = accepted.queue_position
-        self.fps: int = accepted.fps
-        self.width: int = accepted.width
-        self.height: int = accepted.height
-        self.audio_rate: int = accepted.audio_rate
         self._events = client._events(self.job_id)
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, segment_id: str) -> int:

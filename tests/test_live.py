@@ -63,7 +63,10 @@ class Recorder:
         self.done: DoneEvent | None = None
 
     def next(self):
-        event = next(self.session)
+        return self.take(next(self.session))
+
+    def take(self, event):
+        """Record and check one event (shared with the asyncio client's tests)."""
         if isinstance(event, FrameEvent):
             if self.seed is not None:
                 # A live fake frame shows the level of the audio it was made from: it
