@@ -242,6 +242,10 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
               "first voice).")
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of blinks and head motion.")
+@click.option("--prebuffer-ms", default=0, show_default=True, type=click.IntRange(0, 5000),
+              metavar="MS", help="The session's jitter buffer: a segment starts playing "
+              "once this much of it is queued (audio sent at exactly realtime otherwise "
+              "plays with short gaps where a chunk came late).")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True,
               type=click.FloatRange(min=0.1), metavar="S",
               help="Seconds to wait for the daemon, per wait.")
@@ -249,8 +253,8 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
               help="Print the figures as JSON instead of lines.")
 @_client_options
 def live(audio: str | None, output: str, text_file: str | None, interrupt_at_s: float | None,
-         tail_s: float, avatar: str | None, voice: str, seed: int, timeout_s: float,
-         as_json: bool, endpoint: str | None, engine: str | None,
+         tail_s: float, avatar: str | None, voice: str, seed: int, prebuffer_ms: int,
+         timeout_s: float, as_json: bool, endpoint: str | None, engine: str | None,
          sets: tuple[str, ...]) -> None:
     """Play AUDIO (wav, mp3, flac...: any rate, any channels) into a live session at
     realtime pace, 100 ms at a time, or stream a text file with --text-stream; optionally
@@ -296,7 +300,8 @@ def live(audio: str | None, output: str, text_file: str | None, interrupt_at_s: 
             report = asyncio.run(run_live(
                 found, source, out, avatar_image=avatar_image,
                 avatar_id="" if avatar_image else (avatar or ""), voice=voice, seed=seed,
-                interrupt_at_s=interrupt_at_s, tail_s=tail_s, timeout_s=timeout_s))
+                interrupt_at_s=interrupt_at_s, tail_s=tail_s, timeout_s=timeout_s,
+                prebuffer_ms=prebuffer_ms))
     except (ClientError, OSError, ValueError) as exc:
         _fail(exc)
     if as_json:

@@ -347,19 +347,21 @@ class _Recording:
 
 async def run_live(endpoint: str, source: LiveInput, out: Path, *, avatar_image: bytes | None,
                    avatar_id: str, voice: str, seed: int, interrupt_at_s: float | None,
-                   tail_s: float, timeout_s: float) -> LiveReport:
+                   tail_s: float, timeout_s: float, prebuffer_ms: int = 0) -> LiveReport:
     """Play `source` into a live session of the daemon at `endpoint` and record it to
     `out` (see the module). `avatar_image` (encoded image bytes) is registered for the
     call; else `avatar_id` ("" = the engine's portrait) is used. `interrupt_at_s`: seconds
     after the input started when to barge in (the input stops there). `tail_s`: seconds of
     idle frames kept after the speech. `timeout_s` bounds every wait for the daemon.
+    `prebuffer_ms`: the session's jitter buffer (`protocol.LiveOptions`).
 
     Raises `ClientError` (`DaemonUnavailable` when the daemon is gone or silent) and
     OSError / ValueError from writing the mp4; no partial mp4 is left then."""
     async with AsyncClient(endpoint, timeout_s=timeout_s, name="cli-live") as client:
         avatar = await client.register_avatar(avatar_image) if avatar_image else avatar_id
         opened = time.monotonic()
-        async with client.live(avatar=avatar, voice=voice, seed=seed) as session:
+        async with client.live(avatar=avatar, voice=voice, seed=seed,
+                               prebuffer_ms=prebuffer_ms) as session:
             finder = None
             if source.pcm is not None and session.audio_rate:
                 finder = _speech_finder(source, session.audio_rate)

@@ -15,10 +15,12 @@ after another in the order they began; input for a new segment ends the one befo
 `live_end` would), so at most one segment takes input at a time. A segment whose input has
 not ended and whose queued audio ran out (the client's TTS is slower than realtime, or
 this session's TTS is still synthesizing its sentence) holds the queue: silence plays
-until more comes. A text segment's text is cut into complete sentences as it arrives;
-those wait in `take_sentences()` for the session's TTS thread, whose audio comes back
-through `tts_audio` / `tts_done`, tagged with the `generation` it was asked in: a
-barge-in starts a new generation, so audio of sentences asked before it is dropped.
+until more comes. With a prebuffer (the session's `prebuffer_ms`), a segment starts only
+once that much of it is queued or its input has ended (a jitter buffer). A text segment's
+text is cut into complete sentences as it arrives; those wait in `take_sentences()` for
+the session's TTS thread, whose audio comes back through `tts_audio` / `tts_done`, tagged
+with the `generation` it was asked in: a barge-in starts a new generation, so audio of
+sentences asked before it is dropped.
 
 Events, returned by `emitted`, `interrupt` and `close` for the worker to send in order with
 the frames: `Started` just before the first frame that carries a segment's speech,
@@ -113,7 +115,7 @@ class Playout:
     """Queued speech of one live session and the ticks taken from it but not yet emitted
     with a frame (`in_flight`: the engine's look-ahead)."""
 
-    def __init__(self, rate: int, fps: int, first_tick: int = 0):
+    def __init__(self, rate: int, fps: int, first_tick: int = 0, prebuffer_samples: int = 0):
         if rate <= 0 or fps <= 0:
             raise ValueError(f"rate and fps must be positive, got {rate} Hz, {fps} fps")
         self.rate = rate
@@ -122,6 +124,8 @@ class Playout:
         self.segments: deque[Segment] = deque()  # in playing order, the head plays now
         self.in_flight: deque[Tick] = deque()
         self.ticks_taken = first_tick  # the index of the next tick `take` makes
+        # A segment starts playing once this much of it is queued or its input ended.
+        self.prebuffer_samples = prebuffer_samples
         self._known: OrderedDict[str, Segment] = OrderedDict()  # by id, newest last
         self._open: Segment | None = None  # the segment that takes input now
         self._to_speak: deque[tuple[int, str, str]] = deque()  # (generation, segment, text)
@@ -247,6 +251,9 @@ class Playout:
         filled = 0
         while self.segments:
             seg = self.segments[0]
+            if (not seg.taken and not seg.input_ended
+                    and seg.queued_samples < self.prebuffer_samples):
+                break  # its jitter buffer is filling: silence meanwhile
             while filled < need and seg.queued:
                 chunk = seg.queued[0]
                 count = min(need - filled, chunk.size)

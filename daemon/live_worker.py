@@ -194,10 +194,13 @@ class LiveSession:
         # A session that moved here from a lost worker goes on at its clock's frame
         # (`resume_from`: the supervisor counted the frames of the gap as lost).
         self.first_index = job.resume_from
-        self.playout = Playout(self.rate, self.fps, first_tick=self.first_index)
+        options = spec.options
+        self.playout = Playout(self.rate, self.fps, first_tick=self.first_index,
+                               prebuffer_samples=options.prebuffer_ms * self.rate // 1000)
         # Ticks rendered ahead of the clock beyond the look-ahead: slack for compute time
         # (a burst of frames computed in one push must be ready before its first is due).
-        self.ahead = worker.spec.live_render_ahead_frames
+        self.ahead = (options.render_ahead_frames if options.render_ahead_frames >= 0
+                      else worker.spec.live_render_ahead_frames)
         self.renderer = StreamRenderer(self.stream, self.avatar_lock, job.job_id)
         self.frames_out = self.first_index  # frames sent or dropped: the next one's index
         self.frames_sent = self.frames_dropped = self.late_frames = self.audio_samples = 0

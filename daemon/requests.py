@@ -168,7 +168,7 @@ def _live_open(msg: P.LiveOpen, extra: list[Any], session: Session, sessions: Se
     # The voice is checked by the worker's TTS engine when the session starts (the
     # supervisor does not know the engines' voices).
     return Built(P.LiveSpec(avatar=_avatar(avatars, msg.avatar_id, msg.req_id),
-                            voice=msg.voice))
+                            voice=msg.voice, options=msg.options))
 
 
 BUILDERS: dict[type[P.Msg], Callable[..., Built]] = {

@@ -533,17 +533,21 @@ class AsyncClient:
                                       f"{msg.field}: {msg.rule}", code=msg.code,
                                       field=msg.field)
 
-    def live(self, avatar: str = "", voice: str = "", seed: int = 0) -> _LiveOpening:
+    def live(self, avatar: str = "", voice: str = "", seed: int = 0, prebuffer_ms: int = 0,
+             render_ahead_frames: int = -1) -> _LiveOpening:
         """Open a live session on `avatar` (default: the engine's portrait), with `voice`
         for its text and `seed` for its motion (0: random): frames at the engine's fps
-        from now until the session is closed. `await client.live(...)` returns the
+        from now until the session is closed. `prebuffer_ms`, `render_ahead_frames`: the
+        session's options (`protocol.LiveOptions`). `await client.live(...)` returns the
         `AsyncLiveSession`; `async with client.live(...) as session:` also closes it when
         the block ends (`AsyncLiveSession.aclose`). Raises what `accepted` would not come
         for (`ClientError` naming the field, `BusyError`, `DaemonUnavailable`)."""
 
         async def open_session() -> AsyncLiveSession:
             msg = P.make(P.LiveOpen, req_id=self._next_id(), avatar_id=avatar, voice=voice,
-                         seed=seed)
+                         seed=seed, options=P.LiveOptions(
+                             prebuffer_ms=prebuffer_ms,
+                             render_ahead_frames=render_ahead_frames))
             return AsyncLiveSession(self, await self._accepted(msg, "LiveOpen"))
 
         return _LiveOpening(open_session)

@@ -322,13 +322,17 @@ class Client:
                                   f"{msg.field}: {msg.rule}", code=msg.code, field=msg.field)
         return False
 
-    def live(self, avatar: str = "", voice: str = "", seed: int = 0) -> LiveSession:
+    def live(self, avatar: str = "", voice: str = "", seed: int = 0, prebuffer_ms: int = 0,
+             render_ahead_frames: int = -1) -> LiveSession:
         """Open a live session on `avatar` (default: the engine's portrait): frames at the
         engine's fps from now until `LiveSession.close()`, speech fed with `send_audio` /
-        `send_text`. Raises what `accepted` would not come for (`ClientError` naming the
-        field, `BusyError`)."""
+        `send_text`. `prebuffer_ms` and `render_ahead_frames`: the session's options
+        (`protocol.LiveOptions`; a jitter buffer for audio sent at realtime pace, and the
+        compute slack). Raises what `accepted` would not come for (`ClientError` naming
+        the field, `BusyError`)."""
         msg = P.make(P.LiveOpen, req_id=self._next_id(), avatar_id=avatar, voice=voice,
-                     seed=seed)
+                     seed=seed, options=P.LiveOptions(
+                         prebuffer_ms=prebuffer_ms, render_ahead_frames=render_ahead_frames))
         self._send(msg)
         accepted, _ = self._await_reply(msg.req_id, "LiveOpen")
         assert isinstance(accepted, P.Accepted)

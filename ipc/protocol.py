@@ -203,6 +203,20 @@ class JobAudio(Msg, tag="job_audio"):
     final: bool = False
 
 
+class LiveOptions(Struct, frozen=True, forbid_unknown_fields=True):
+    """A live session's own settings (`live_open` `options`; every field optional).
+
+    `prebuffer_ms`: an audio segment starts playing once this much of its speech is
+    queued, or its input has ended: a jitter buffer for audio sent at exactly realtime (a
+    microphone), whose chunks would otherwise arrive a little after they were due and
+    play as short silences. Adds its length to the latency. 0 (default): play at once.
+    `render_ahead_frames`: frames rendered ahead of the clock beyond the engine's
+    look-ahead (slack for compute time); -1 (default): `daemon.live_render_ahead_frames`."""
+
+    prebuffer_ms: Annotated[int, Meta(ge=0, le=5000)] = 0
+    render_ahead_frames: Annotated[int, Meta(ge=-1, le=250)] = -1
+
+
 class LiveOpen(Msg, tag="live_open"):
     """Open a live session: continuous frames at the engine's fps from now until
     `live_close` (or `bye`, or the client vanishing), idle motion while no speech is
@@ -212,6 +226,7 @@ class LiveOpen(Msg, tag="live_open"):
     avatar_id: Name = ""  # "" = the engine's default portrait
     voice: Name = ""  # for `live_text`; "" = the TTS engine's first voice
     seed: Seed = 0
+    options: LiveOptions = LiveOptions()
 
 
 class LiveAudio(Msg, tag="live_audio"):
@@ -699,6 +714,7 @@ class LiveSpec(JobSpec, tag=JobKind.LIVE.value):
 
     avatar: AvatarRef | None = None
     voice: Name = ""
+    options: LiveOptions = LiveOptions()
     job_kind: ClassVar[JobKind] = JobKind.LIVE
     renders: ClassVar[bool] = True
 

@@ -25,6 +25,7 @@ from avatard.engines.fake import (
 from avatard.ipc import protocol as P
 from avatard.ipc.client import (
     AudioEvent,
+    ClientError,
     DoneEvent,
     FrameEvent,
     InputRefusedEvent,
@@ -542,3 +543,22 @@ def test_speech_queued_past_the_limit_is_refused_busy_until_it_plays(tmp_path):
     assert finished_a.position_s == 2.0 and not finished_a.interrupted
     assert finished_b.position_s == 2.0 and not finished_b.interrupted
     assert done.frames == len(rec.frames)
+
+
+def test_live_open_options_prebuffer_and_bad_options_name_the_field(tmp_path):
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=2, prebuffer_ms=200), seed=2)
+        rec.session.send_audio(np.full(RATE // 10, 0.5, np.float32), RATE, "a")  # 100 ms
+        rec.frames_more(25)  # a second: 100 ms of 200 queued, the segment waits
+        assert not rec.of(PlaybackStartedEvent)
+        rec.session.send_audio(np.full(RATE // 10, 0.5, np.float32), RATE, "a")
+        rec.session.end_segment("a")
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
+        rec.close()
+        with pytest.raises(ClientError) as err:
+            c.live(prebuffer_ms=60_000)
+    assert (finished.position_s, finished.interrupted) == (0.2, False)
+    # The 200 ms played in one piece: no silence inside the segment.
+    played = [i for i in sorted(rec.audio) if rec.audio[i].any()]
+    assert played == list(range(played[0], played[0] + 5))
+    assert err.value.code == P.E_BAD_MESSAGE and "prebuffer_ms" in str(err.value)

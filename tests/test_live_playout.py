@@ -174,3 +174,22 @@ def test_streaming_resampler_equals_the_one_shot_resample():
 def test_complete_sentences_of_streamed_text(text, complete):
     done, rest = complete_sentences(text)
     assert (done, done + rest) == (complete, text)
+
+
+def test_a_prebuffer_holds_a_segment_until_enough_is_queued_or_its_input_ended():
+    playout = Playout(RATE, FPS, prebuffer_samples=3 * TICK)
+    playout.audio("a", tone(2 * TICK), RATE)
+    results = run_ticks(playout, 2)  # 2 ticks queued of 3: not yet
+    assert events_of(results) == [] and not any(t.pcm.any() for t, _, _ in results)
+    playout.audio("a", tone(TICK), RATE)
+    results = run_ticks(playout, 3, start=2)  # 3 queued: it plays, every tick full
+    assert events_of(results) == [Started("a")]
+    assert all(t.speech_samples == TICK for t, _, _ in results)
+    # Once playing it is not held again (a later dry spell is silence, as without one).
+    playout.audio("a", tone(TICK // 2), RATE)
+    assert run_ticks(playout, 1, start=5)[0][0].speech_samples == TICK // 2
+    # A segment shorter than the prebuffer plays once its input ends.
+    playout.audio("b", tone(TICK), RATE)
+    playout.end("b")
+    results = run_ticks(playout, 2, start=6)
+    assert [t.speech_samples for t, _, _ in results] == [TICK, 0]
