@@ -152,7 +152,7 @@ class DaemonConfig:
         600.0, "Longest a job may take from acceptance to its last frame.", gt=0
     )
     live_render_ahead_frames: int = _key(
-        2,
+        1,
         "Frames a live session renders ahead of its clock beyond the engine's look-ahead: "
         "slack for compute time, so a frame (or a burst: Ditto computes 10 at once) is "
         "ready when its tick comes. Each frame adds 1 / fps to the audio-to-frame latency.",
