@@ -630,6 +630,12 @@ def run_live_bench(engine: str | None, sessions: Iterable[int], seconds: float, 
         tts_names = sorted({e["name"] for w in status["workers"] for e in w["engines"]
                             if e["kind"] == "tts"})
         tts = ",".join(tts_names) or "unknown"
+        room = sum(w["capacity"] for w in status["workers"] if w["state"] in ("ready", "busy"))
+        if max(sessions) > room:
+            raise ValueError(f"--sessions {max(sessions)}: the daemon at {endpoint} runs "
+                             f"{room} jobs at once on its ready workers (daemon.workers x "
+                             "daemon.jobs_per_worker); the sessions past that would wait "
+                             "in its queue with no frames")
         plan = [(len(status["workers"]), endpoint)]
     else:
         if engine is None:
