@@ -102,7 +102,11 @@ TEXT_SHARE = 0.3
 INTERRUPT_SHARE = 0.3
 LATE_SHARE_MAX = 0.01  # a realtime session makes fewer late frames than this share
 POLL_MAX_S = 0.05  # longest wait for an event before the schedule is looked at again
-CLIENT_TIMEOUT_S = 120.0  # a session's longest wait for one event or reply
+CLIENT_TIMEOUT_S = 120.0  # longest wait for a reply, or for the other agents to open
+# Longest a session may go without any event before its agent gives up: frames come at
+# the engine's fps, but an engine far slower than realtime (Ditto on a CPU: ~12 s a frame,
+# 10 frames a window) leaves minutes between them.
+EVENT_TIMEOUT_S = 600.0
 WARMUP_SESSION_S = 2.0  # each warm-up session runs this long (unmeasured)
 STATUS_SAMPLE_S = 1.0  # how often GPU memory is read through the daemon's status
 TTS_CHOICES = ("fake", "embedded", "coqui")
@@ -259,8 +263,12 @@ class Agent:
 
     def _loop(self, session: LiveSession) -> None:
         end_at = self.result.opened + self.seconds
+        last_event = time.monotonic()
         while True:
             now = time.monotonic()
+            if now - last_event > EVENT_TIMEOUT_S:
+                raise TimeoutError(f"live session {session.job_id} sent no event for "
+                                   f"{EVENT_TIMEOUT_S:.0f} s (bench.live.EVENT_TIMEOUT_S)")
             if not self.closing and now >= end_at:
                 session.close()
                 self.closing = True
@@ -269,7 +277,8 @@ class Agent:
             due = min(self._next_due(), end_at) if not self.closing else now + POLL_MAX_S
             if session.poll(min(POLL_MAX_S, max(0.0, due - time.monotonic()))):
                 event = next(session)
-                if self._handle(event, time.monotonic()):
+                last_event = time.monotonic()
+                if self._handle(event, last_event):
                     return
 
     def _next_due(self) -> float:
