@@ -191,6 +191,8 @@ class SegmentRecord:
 
 @dataclass
 class SessionResult:
+    """What one agent saw of its session: times are monotonic seconds."""
+
     index: int
     opened: float = 0.0  # live_open sent
     first_frame: float | None = None
