@@ -143,6 +143,70 @@ def bench_sweep(engine: str | None, weights: str | None, workers: str | None, ba
                                                           for f in result.failures))
 
 
+@bench.command("live")
+@click.option("--engine", help="Avatar engine of the private daemons (fake, embedded, ditto). "
+              "With --endpoint: checked against the running daemon's (may be omitted).")
+@click.option("--sessions", default="1", show_default=True,
+              help="Comma list of live sessions open at once (one thread and one client "
+              "each), e.g. 1,4,8,16: one configuration each.")
+@click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(2, 3600),
+              help="Length of every session, s.")
+@click.option("--workers", help="Comma list of worker counts: one private daemon each. Not "
+              "with --endpoint. [default: 1]")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Engine option of the private daemons, e.g. weights=random for ditto "
+              "(repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Config override of the private daemons, e.g. timeouts.stall_timeout_s=120 "
+              "(repeatable). daemon.jobs_per_worker defaults to room for every session.")
+@click.option("--endpoint", help="Measure this running daemon instead of starting private "
+              "ones.")
+@click.option("--tts", type=click.Choice(["fake", "embedded", "coqui"]), default="fake",
+              show_default=True, help="TTS engine of the private daemons: it speaks the text "
+              "segments (fake: tones at once, so text figures are the pipeline's own).")
+@click.option("--text-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of the segments sent as streamed text instead of audio.")
+@click.option("--interrupt-share", default=0.3, show_default=True,
+              type=click.FloatRange(0, 1), help="Share of the segments interrupted "
+              "(barge-in) 0.3-1.5 s after their playback started.")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**31 - 1),
+              help="Seeds every agent's segments, texts and interrupts (session s: seed, "
+              "s; its live_open seed: seed + s).")
+@click.option("--out", default="live-results", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder of live.json, live.md and live.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of "
+              "the table.")
+def bench_live(engine: str | None, sessions: str, seconds: float, workers: str | None,
+               options: tuple[str, ...], sets: tuple[str, ...], endpoint: str | None, tts: str,
+               text_share: float, interrupt_share: float, seed: int, out: str,
+               as_json: bool) -> None:
+    """Voice agents on live sessions, N at once: audio-to-frame, text-to-first-frame and
+    barge-in latency, frame pacing, dropped and late frames, realtime sessions and memory,
+    per session count (see docs/bench.md, "Live sessions").
+
+    Each agent sends seeded speech segments at realtime pace in 100 ms chunks, some as
+    streamed text, with pauses between them and seeded interrupts. Writes live.json,
+    live.md and live.png to --out and prints the table.
+    """
+    from avatard.bench.live import live_command
+    from avatard.bench.live_report import markdown_table
+
+    try:
+        result = live_command(engine, sessions, seconds, workers, options, sets, endpoint, tts,
+                              text_share, interrupt_share, seed, out)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_report(result.report, as_json, markdown_table)
+    for path in result.files:
+        click.echo(f"wrote {path}", err=True)
+    if result.plot_note:
+        click.echo(result.plot_note, err=True)
+    if result.failures:
+        raise click.ClickException("failed: " + "; ".join(f.splitlines()[0]
+                                                          for f in result.failures))
+
+
 @bench.command("overhead")
 @click.option("--frame-ms", default=40.0, show_default=True, type=click.FloatRange(0),
               help="The fake engine's compute time per frame.")

@@ -242,7 +242,7 @@ def run_job(client: Client, pcm: np.ndarray, stream: int, round_: int, seed: int
 # ---------------------------------------------------------------------------- one configuration
 
 
-class _MemorySampler(threading.Thread):
+class MemorySampler(threading.Thread):
     """Peak RSS of the daemon and each worker process while a configuration runs."""
 
     def __init__(self, pids: dict[str, int]):
@@ -265,7 +265,7 @@ class _MemorySampler(threading.Thread):
         self.sample()
 
 
-def _join(threads: list[threading.Thread]) -> None:
+def join_threads(threads: list[threading.Thread]) -> None:
     """Join in short steps: a join without a timeout would hold Ctrl-C back until every
     stream's job has finished."""
     for t in threads:
@@ -303,7 +303,7 @@ def measure(endpoint: str, cfg: SweepConfig, seed: int,
         workers = status["workers"]
         pids = {"daemon": status["daemon"]["pid"],
                 **{f"worker{w['id']}": w["pid"] for w in workers if w["pid"]}}
-        sampler = _MemorySampler(pids)
+        sampler = MemorySampler(pids)
         sampler.start()
         # A job may wait for a worker behind ceil(S / W) - 1 others: bound every wait by that.
         rounds = math.ceil(cfg.streams / max(1, len(workers)))
@@ -319,7 +319,7 @@ def measure(endpoint: str, cfg: SweepConfig, seed: int,
                    for s in range(cfg.streams)]
         for t in threads:
             t.start()
-        _join(threads)
+        join_threads(threads)
         sampler.stop()
         after = status_client.stats()
     return compute_metrics(cfg, results, errors, after, sampler.peak)
@@ -394,7 +394,7 @@ def warm_up(endpoint: str, jobs: int, seed: int) -> None:
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(jobs)]
     for t in threads:
         t.start()
-    _join(threads)
+    join_threads(threads)
     if failures:
         raise ClientError(f"warm-up job failed: {failures[0]}")
 
@@ -641,7 +641,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
     finally:
         if d is not None:
             if not finished and d.proc.poll() is None:
-                _drain_started(d)
+                drain_started(d)
             code = d.stop()
             if code != 0:
                 _keep_log(d, out, n_workers, batch)
@@ -650,7 +650,7 @@ def _run_group(endpoint: str | None, engine: str, n_workers: int, batch: int | s
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drain_started(d: PrivateDaemon) -> None:
+def drain_started(d: PrivateDaemon) -> None:
     """Interrupted with jobs running: SIGTERM starts the daemon's drain, so that the SIGTERM
     `stop` sends next ends it at once instead of waiting for the jobs. The second signal
     must come after the daemon has acted on the first: two pending signals of one kind

@@ -194,6 +194,12 @@ class Client:
         elif req_id is not None:
             self._replies[req_id] = (msg, extra)
 
+    def _route_arrived(self) -> None:
+        """Route every message that has arrived, without waiting."""
+        while wait_readable(self._sock, 0, spin_us=0):
+            frames = self._sock.recv_multipart(copy=False)
+            self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
+
     def _await_reply(self, req_id: int, what: str) -> tuple[P.Msg, list[Any]]:
         deadline = time.monotonic() + self.timeout_s
         while req_id not in self._replies:
@@ -309,9 +315,7 @@ class Client:
     def _job_ended(self, job_id: str, chunk_ids: list[int]) -> bool:
         """Route what has arrived, without waiting. True when `job_id` has ended (its
         events say how); raises `ClientError` when a chunk was refused while it runs."""
-        while wait_readable(self._sock, 0, spin_us=0):
-            frames = self._sock.recv_multipart(copy=False)
-            self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
+        self._route_arrived()
         refused = [r for r in (self._replies.pop(i, None) for i in chunk_ids) if r is not None]
         if any(isinstance(m, (P.JobFailed, P.Done)) for m, _ in self._pending.get(job_id, ())):
             return True
@@ -453,7 +457,8 @@ class LiveSession(AcceptedMedia):
     time (dropped, counted in `DoneEvent.frames_dropped`). The sends return at once (no
     reply when taken); a refused input arrives as an `InputRefusedEvent` among the
     events. Like the `Client`, a session is used from one thread: interleave sends with
-    reading events (an idle reader loses frames, never stalls the daemon)."""
+    reading events (an idle reader loses frames, never stalls the daemon); `poll` waits
+    for the next event with a bound, so the sends can keep a schedule of their own."""
 
     def __init__(self, client: Client, accepted: P.Accepted):
         # What `accepted` announced (`AcceptedMedia`): frames per second, the frames'
@@ -496,6 +501,30 @@ class LiveSession(AcceptedMedia):
         """End the session: events go on until its `DoneEvent`."""
         return self.client._send_live(P.make(
             P.LiveClose, req_id=self.client._next_id(), job_id=self.job_id), "LiveClose")
+
+    def poll(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` seconds for an event of this session. True when `next()`
+        will not wait: an event is in hand, or the connection to the daemon dropped (then
+        `next()` raises `DaemonUnavailable` at once); False when none came in time.
+
+        Lets the one thread that reads a session also act at times of its own (a voice
+        agent sending audio at realtime pace, an interrupt at a given moment) instead of
+        only right after an event. Messages that arrive meanwhile are kept for their
+        readers as `next()` keeps them; the slot of the last event read stays held until
+        `next()` is called."""
+        client = self.client
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            client._route_arrived()
+            if client._pending.get(self.job_id):
+                return True
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                return False
+            # The monitor is only read here, not drained: a dropped connection stays
+            # pending for the `next()` that reports it.
+            if client._monitor in dict(client._poller.poll(remaining_ms)):
+                return True
 
     def __iter__(self) -> Iterator[Any]:
         return self._events

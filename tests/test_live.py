@@ -245,6 +245,27 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     assert done.frames == len(rec.frames)
 
 
+def test_poll_waits_for_an_event_and_loses_none(tmp_path):
+    speech = np.full(TICK * 6, 0.25, np.float32)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=4), seed=4)
+        # Sends between polls, as a voice agent keeping its own schedule does: every
+        # event still comes once, in order, and poll says so before next() is called.
+        for start in range(0, speech.size, TICK):
+            rec.session.send_audio(speech[start:start + TICK], RATE, "a")
+            assert rec.session.poll(c.timeout_s)
+            rec.next()
+        rec.session.end_segment("a")
+        while not any(isinstance(e, PlaybackFinishedEvent) for e in rec.events):
+            assert rec.session.poll(c.timeout_s)
+            rec.next()
+        done = rec.close()
+
+    assert_continuous(rec)
+    assert done.frames == len(rec.frames)
+    np.testing.assert_array_equal(rec.pcm()[rec.pcm() != 0], speech)
+
+
 def test_input_sent_while_the_session_waits_for_a_worker_plays_once_it_starts(tmp_path):
     speech = np.full(TICK * 4, 0.25, np.float32)
     with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
