@@ -221,6 +221,16 @@ class TimeoutsConfig:
         "never holds a worker. Slow clients that are alive are not affected.",
         gt=0, le=60,
     )
+    tcp_heartbeat_timeout_s: float = _key(
+        10.0,
+        "A tcp client whose connection brings nothing for this long, not even the answers "
+        "to the ZMTP heartbeats the daemon sends every fifth of it, is dropped and its jobs "
+        "cancelled (a host that vanished without closing the connection). A client that "
+        "closes its connection, or whose process dies, is dropped at once. Slow clients "
+        "are not affected: their ZeroMQ library answers heartbeats whether or not the "
+        "program reads.",
+        gt=0, le=3600,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,8 @@ class Supervisor:
             log.info("removed %d shared-memory segments of dead owners", len(removed))
         d, t = self.cfg.daemon, self.cfg.timeouts
         self.client_port = ClientPort(self.ctx, self.endpoint, d.tcp_endpoint,
-                                      d.curve_secret_key_file, d.curve_clients_dir)
+                                      d.curve_secret_key_file, d.curve_clients_dir,
+                                      t.tcp_heartbeat_timeout_s)
         self.worker_endpoint = f"ipc://{self.runtime_dir / 'workers.sock'}"
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
@@ -143,7 +144,6 @@ class Supervisor:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
             self.client_port.serve(self._on_client_msg)
-        self.client_port.check_refusals()
         self._handle_signals()
         now = time.monotonic()
         self._route(self.pool.check(now), now)
@@ -289,6 +289,15 @@ class Supervisor:
         for identity in self.sessions.vanished(now):
             log.info("client %s: its process exited; its jobs end", identity.hex())
             self._end_client_jobs(identity, P.E_CANCELLED, "the client process exited", now)
+            self.sessions.end(identity)
+        # A closed connection is a client gone for good (it reconnects under a new
+        # identity): the one sign a remote client gives, queued jobs included.
+        for identity in self.client_port.closed_connections():
+            if self.sessions.get(identity) is None:
+                continue  # said bye first, or never said hello
+            log.info("client %s: its connection closed; its jobs end", identity.hex())
+            self._end_client_jobs(identity, P.E_CANCELLED, "the client's connection closed",
+                                  now)
             self.sessions.end(identity)
         busy = {job.client for job in self.book.jobs.values()}
         for identity in self.sessions.expire_idle(now, busy):
