@@ -277,11 +277,11 @@ class ClientPort:
     def _note_peer(self, index: int, identity: bytes, frame: zmq.Frame) -> None:
         """Tie a new identity to its connection's fd (and a local peer's pid)."""
         fd = message_fd(frame)
-        if fd is not None and (index, fd) not in self._fd_identity:
-            # Events first: a DISCONNECTED naming this fd may be of an earlier connection
-            # that had the same fd. libzmq queues it before it closes that fd, so before
-            # this connection could be given the number, and before its first message.
-            self._read_monitors()
+        # Events first: a DISCONNECTED naming this fd may be of an earlier connection that
+        # had the same number (the kernel reuses the lowest free fd at once). libzmq queues
+        # that event before it closes the fd, so before this connection could be given the
+        # number, and so before its first message: read now, it names the earlier one.
+        self._read_monitors()
         if len(self.peer_pids) >= MAX_PEERS:  # connections that never said bye
             self.forget(next(iter(self.peer_pids)))
         self.peer_pids[identity] = peer_pid(fd)

@@ -9,9 +9,12 @@ import os
 import signal
 import time
 
+import zmq
 from daemon_harness import free_port, run_daemon
 
+from avatard.ipc import protocol as P
 from avatard.ipc.client import Client, DoneEvent, FrameEvent
+from avatard.ipc.sockets import ClientPort
 
 SPAWN = multiprocessing.get_context("spawn")
 LONG_TEXT = " ".join(f"Sentence number {i} of a long answer." for i in range(200))
@@ -172,3 +175,61 @@ def test_a_slow_tcp_client_keeps_its_job_and_a_stopped_one_is_dropped(tmp_path):
                        "the stopped client's job cancelled and its worker free")
         finally:
             _kill(stopped)
+
+
+# ---------------------------------------------------------------- the port itself
+
+
+def _health(sock: zmq.Socket, req_id: int) -> None:
+    sock.send_multipart(P.Codec.encode(P.make(P.Health, req_id=req_id)))
+
+
+def _receive_one(port: ClientPort) -> bytes:
+    """The identity of the next request the port reads (waits up to 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if port.sock.poll(100):
+            for identity, _msg, _extra in port.receive():
+                return identity
+    raise AssertionError("no request reached the port within 10 s")
+
+
+def _closed_within(port: ClientPort, timeout_s: float) -> list[bytes]:
+    """What `closed_connections` reports once it reports something (or [] at the end)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        closed = port.closed_connections()
+        if closed:
+            return closed
+        time.sleep(0.05)
+    return []
+
+
+def test_a_closed_connection_is_not_taken_for_the_next_one_on_its_fd(tmp_path):
+    """The kernel gives a new connection the fd of one that just closed; the port must
+    report the closed one, never the new one that now has its number."""
+    ctx = zmq.Context()
+    port = ClientPort(ctx, f"ipc://{tmp_path}/run/avatard.sock")
+    socks = []
+    try:
+        first = ctx.socket(zmq.DEALER)
+        first.connect(port.endpoints[0])
+        _health(first, 1)
+        first_id = _receive_one(port)
+        first.close(linger=0)
+        time.sleep(0.3)  # libzmq has seen the close and freed the fd (not asserted on)
+        second = ctx.socket(zmq.DEALER)
+        socks.append(second)
+        second.connect(port.endpoints[0])
+        _health(second, 2)
+        second_id = _receive_one(port)
+        assert second_id != first_id
+        assert _closed_within(port, 10) == [first_id]
+        assert port.closed_connections() == [], "the living connection is not reported"
+        second.close(linger=0)
+        assert _closed_within(port, 10) == [second_id]
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        port.close()
+        ctx.term()
