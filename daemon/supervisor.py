@@ -386,7 +386,8 @@ class Supervisor:
                 server=f"avatard pid {os.getpid()}", input_ring=ring.name if ring else "",
                 input_slot_bytes=ring.slot_bytes if ring else 0,
                 max_payload_bytes=(ring or self.sessions.inline_input).slot_bytes,
-                max_media_s=self.cfg.daemon.max_media_s))
+                max_media_s=self.cfg.daemon.max_media_s,
+                job_deadline_s=min(self.cfg.daemon.job_deadline_s, P.MAX_SECONDS)))
         elif isinstance(msg, P.Health):
             port.send(identity, P.make(P.HealthReply, req_id=req_id, status=self._health(),
                                        ready_workers=self.pool.ready_count(),
