@@ -23,7 +23,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,10 @@ __all__ = [
     "RestartConfig",
     "RingsConfig",
     "TimeoutsConfig",
+    "ENGINE_FLAG_HELP",
     "all_keys",
     "config_reference_markdown",
+    "engine_flag_overrides",
     "load_config",
     "parse_override",
     "resolved_devices",
@@ -740,6 +742,26 @@ def resolved_runtime_dir(config: Config, environ: Mapping[str, str] | None = Non
     if config.daemon.runtime_dir:
         return Path(config.daemon.runtime_dir).expanduser()
     return default_runtime_dir(environ)
+
+
+# `--engine` means the same for every command that takes it (serve, and the private daemon
+# of render, lipsync, transcribe, voices): one text, one function.
+ENGINE_FLAG_HELP = (
+    "Avatar engine (sets engines.avatar), e.g. fake, embedded, ditto. `fake` also makes "
+    "the TTS and ASR engines fake (engines.tts, engines.asr), so nothing needs a model, "
+    "unless --set names those keys.")
+
+
+def engine_flag_overrides(engine: str, given_keys: Collection[str] = ()) -> dict[str, str]:
+    """The config overrides `--engine ENGINE` stands for: `engines.avatar`; for `fake`,
+    also `engines.tts` and `engines.asr` = fake unless `given_keys` (dotted keys the
+    caller overrides already, e.g. with --set) names them."""
+    overrides = {"engines.avatar": engine}
+    if engine == "fake":  # the fault-injection engine comes with fake speech
+        for key in ("engines.tts", "engines.asr"):
+            if key not in given_keys:
+                overrides[key] = "fake"
+    return overrides
 
 
 def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) -> str:
