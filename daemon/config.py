@@ -553,11 +553,11 @@ def _check_value(key: str, value: Any, expected: Any, rules: Any) -> Any:
         raise TypeError(f"{key}: unsupported config type {expected!r}")
 
     if rules.get("ge") is not None and value < rules["ge"]:
-        raise ConfigError(key, f"must be >= {_format_number(rules['ge'])}, got {value!r}")
+        raise ConfigError(key, f"must be >= {_format_number(rules['ge'], key)}, got {value!r}")
     if rules.get("gt") is not None and value <= rules["gt"]:
-        raise ConfigError(key, f"must be > {_format_number(rules['gt'])}, got {value!r}")
+        raise ConfigError(key, f"must be > {_format_number(rules['gt'], key)}, got {value!r}")
     if rules.get("le") is not None and value > rules["le"]:
-        raise ConfigError(key, f"must be <= {_format_number(rules['le'])}, got {value!r}")
+        raise ConfigError(key, f"must be <= {_format_number(rules['le'], key)}, got {value!r}")
     if rules.get("choices") is not None and value not in rules["choices"]:
         reason = f"must be one of {', '.join(rules['choices'])}, got {value!r}"
         close = difflib.get_close_matches(str(value).lower(), rules["choices"], n=1)
@@ -797,8 +797,15 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _format_number(number: float) -> str:
-    return f"{number:g}"
+def _format_number(number: float, key: str = "") -> str:
+    """A bound as people write it: whole numbers in full (1048576, never 1.04858e+06), a
+    size key's also in binary units ("1048576 (1 MiB)"), others as short as exact."""
+    if number != int(number):
+        return repr(float(number))
+    text = str(int(number))
+    if key.endswith("_bytes") and number >= 1024:
+        text += f" ({_binary_size(int(number))})"
+    return text
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
@@ -851,14 +858,14 @@ def _format_type(expected: Any) -> str:
     return expected.__name__
 
 
-def _format_rule(rules: Any) -> str:
+def _format_rule(rules: Any, key: str) -> str:
     parts: list[str] = []
     if rules.get("ge") is not None:
-        parts.append(f">= {_format_number(rules['ge'])}")
+        parts.append(f">= {_format_number(rules['ge'], key)}")
     if rules.get("gt") is not None:
-        parts.append(f"> {_format_number(rules['gt'])}")
+        parts.append(f"> {_format_number(rules['gt'], key)}")
     if rules.get("le") is not None:
-        parts.append(f"<= {_format_number(rules['le'])}")
+        parts.append(f"<= {_format_number(rules['le'], key)}")
     if rules.get("choices") is not None:
         parts.append("one of " + ", ".join(rules["choices"]))
     return "; ".join(parts) or "-"
@@ -895,7 +902,7 @@ def config_reference_markdown() -> str:
                 f"`{key}`",
                 _format_type(types[f.name]),
                 default_text,
-                _format_rule(f.metadata),
+                _format_rule(f.metadata, key),
                 f.metadata["doc"].replace("|", "\\|"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
