@@ -242,6 +242,8 @@ def transcribe(audio: str, as_json: bool, endpoint: str | None, engine: str | No
         _fail(ClientError(f"bad audio file {audio}: {exc}"))
     except (ClientError, OSError, ValueError) as exc:
         _fail(exc)
+    if not result.text:  # exit 0 all the same: silence is a valid thing to transcribe
+        click.echo(f"no speech heard in {result.duration_s:.2f} s of audio", err=True)
     if as_json:
         import msgspec
 
