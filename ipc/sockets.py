@@ -286,6 +286,9 @@ class ClientPort:
             self.forget(next(iter(self.peer_pids)))
         self.peer_pids[identity] = peer_pid(fd)
         if fd is not None:
+            earlier = self._fd_identity.get((index, fd))
+            if earlier is not None:  # not reported closed (cannot happen, see above)
+                self._identity_fd.pop(earlier, None)
             self._fd_identity[(index, fd)] = identity
             self._identity_fd[identity] = (index, fd)
 
@@ -341,8 +344,8 @@ class ClientPort:
         message ties it again)."""
         self.peer_pids.pop(identity, None)
         place = self._identity_fd.pop(identity, None)
-        if place is not None:
-            self._fd_identity.pop(place, None)
+        if place is not None and self._fd_identity.get(place) == identity:
+            del self._fd_identity[place]
 
     def send(self, identity: bytes, msg: P.Msg, *extra: bytes | memoryview) -> None:
         self.send_parts(identity, P.Codec.encode(msg, *extra))
