@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from avatard.daemon.config import ENGINE_FLAG_HELP
+
 # Longest audio file the CLI decodes (seconds): the config's ceiling of
 # daemon.max_media_s; the daemon refuses anything over its own limit at the first request.
 CLIENT_MAX_MEDIA_S = 86400.0
@@ -28,9 +30,7 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML config file (every key is documented in docs/config.md).")
 @click.option("--workers", type=int, help="Worker processes (overrides daemon.workers).")
-@click.option("--engine", help="Avatar engine name (overrides engines.avatar), e.g. fake, "
-              "embedded, ditto. `fake` also makes TTS and ASR fake unless --set "
-              "engines.tts / engines.asr names others.")
+@click.option("--engine", help=ENGINE_FLAG_HELP)
 @click.option("--endpoint", help="Client endpoint, ipc://PATH or tcp://HOST:PORT "
               "(overrides daemon.endpoint).")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False),
@@ -55,6 +55,7 @@ def serve(config_path: str | None, workers: int | None, engine: str | None,
     from avatard.daemon.config import (
         EXIT_CONFIG_ERROR,
         ConfigError,
+        engine_flag_overrides,
         load_config,
         parse_override,
     )
@@ -69,10 +70,7 @@ def serve(config_path: str | None, workers: int | None, engine: str | None,
             if "daemon.min_ready" not in overrides:
                 overrides.setdefault("daemon.min_ready", min(workers, 1))
         if engine:
-            overrides["engines.avatar"] = engine
-            if engine == "fake":  # the fault-injection engine comes with fake speech
-                overrides.setdefault("engines.tts", "fake")
-                overrides.setdefault("engines.asr", "fake")
+            overrides.update(engine_flag_overrides(engine, overrides))
         if endpoint:
             overrides["daemon.endpoint"] = endpoint
         if checkpoints and weights:
@@ -143,8 +141,9 @@ def _client_options(func):
     func = click.option("--endpoint", help="Daemon endpoint (default: $AVATARD_ENDPOINT or the "
                         "local socket). Without a daemon there, a private one runs for the "
                         "call.")(func)
-    func = click.option("--engine", help="Avatar engine of a private daemon (default: "
-                        "embedded).")(func)
+    func = click.option("--engine", help=f"For a private daemon (default: embedded): "
+                        f"{ENGINE_FLAG_HELP[:1].lower()}{ENGINE_FLAG_HELP[1:]} A daemon that "
+                        "already answers at --endpoint keeps its own engines.")(func)
     func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                         help="Config override for a private daemon (repeatable).")(func)
     return func
@@ -332,6 +331,8 @@ def transcribe(audio: str, as_json: bool, endpoint: str | None, engine: str | No
         _fail(ClientError(f"bad audio file {audio}: {exc}"))
     except (ClientError, OSError, ValueError) as exc:
         _fail(exc)
+    if not result.text:  # exit 0 all the same: silence is a valid thing to transcribe
+        click.echo(f"no speech heard in {result.duration_s:.2f} s of audio", err=True)
     if as_json:
         import msgspec
 

@@ -23,7 +23,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,10 @@ __all__ = [
     "RestartConfig",
     "RingsConfig",
     "TimeoutsConfig",
+    "ENGINE_FLAG_HELP",
     "all_keys",
     "config_reference_markdown",
+    "engine_flag_overrides",
     "load_config",
     "parse_override",
     "resolved_devices",
@@ -235,6 +237,16 @@ class TimeoutsConfig:
         "client that exited (even SIGKILLed) has its jobs cancelled at the next check, so it "
         "never holds a worker. Slow clients that are alive are not affected.",
         gt=0, le=60,
+    )
+    tcp_heartbeat_timeout_s: float = _key(
+        10.0,
+        "A tcp client whose connection brings nothing for this long, not even the answers "
+        "to the ZMTP heartbeats the daemon sends every fifth of it, is dropped and its jobs "
+        "cancelled (a host that vanished without closing the connection). A client that "
+        "closes its connection, or whose process dies, is dropped at once. Slow clients "
+        "are not affected: their ZeroMQ library answers heartbeats whether or not the "
+        "program reads.",
+        gt=0, le=3600,
     )
 
 
@@ -557,11 +569,11 @@ def _check_value(key: str, value: Any, expected: Any, rules: Any) -> Any:
         raise TypeError(f"{key}: unsupported config type {expected!r}")
 
     if rules.get("ge") is not None and value < rules["ge"]:
-        raise ConfigError(key, f"must be >= {_format_number(rules['ge'])}, got {value!r}")
+        raise ConfigError(key, f"must be >= {_format_number(rules['ge'], key)}, got {value!r}")
     if rules.get("gt") is not None and value <= rules["gt"]:
-        raise ConfigError(key, f"must be > {_format_number(rules['gt'])}, got {value!r}")
+        raise ConfigError(key, f"must be > {_format_number(rules['gt'], key)}, got {value!r}")
     if rules.get("le") is not None and value > rules["le"]:
-        raise ConfigError(key, f"must be <= {_format_number(rules['le'])}, got {value!r}")
+        raise ConfigError(key, f"must be <= {_format_number(rules['le'], key)}, got {value!r}")
     if rules.get("choices") is not None and value not in rules["choices"]:
         reason = f"must be one of {', '.join(rules['choices'])}, got {value!r}"
         close = difflib.get_close_matches(str(value).lower(), rules["choices"], n=1)
@@ -748,6 +760,26 @@ def resolved_runtime_dir(config: Config, environ: Mapping[str, str] | None = Non
     return default_runtime_dir(environ)
 
 
+# `--engine` means the same for every command that takes it (serve, and the private daemon
+# of render, lipsync, transcribe, voices): one text, one function.
+ENGINE_FLAG_HELP = (
+    "Avatar engine (sets engines.avatar), e.g. fake, embedded, ditto. `fake` also makes "
+    "the TTS and ASR engines fake (engines.tts, engines.asr), so nothing needs a model, "
+    "unless --set names those keys.")
+
+
+def engine_flag_overrides(engine: str, given_keys: Collection[str] = ()) -> dict[str, str]:
+    """The config overrides `--engine ENGINE` stands for: `engines.avatar`; for `fake`,
+    also `engines.tts` and `engines.asr` = fake unless `given_keys` (dotted keys the
+    caller overrides already, e.g. with --set) names them."""
+    overrides = {"engines.avatar": engine}
+    if engine == "fake":  # the fault-injection engine comes with fake speech
+        for key in ("engines.tts", "engines.asr"):
+            if key not in given_keys:
+                overrides[key] = "fake"
+    return overrides
+
+
 def resolved_endpoint(config: Config, environ: Mapping[str, str] | None = None) -> str:
     """The endpoint clients connect to: `daemon.endpoint`, else an ipc:// socket in the
     runtime directory. Raises ConfigError if that socket path is too long for AF_UNIX."""
@@ -781,8 +813,15 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _format_number(number: float) -> str:
-    return f"{number:g}"
+def _format_number(number: float, key: str = "") -> str:
+    """A bound as people write it: whole numbers in full (1048576, never 1.04858e+06), a
+    size key's also in binary units ("1048576 (1 MiB)"), others as short as exact."""
+    if number != int(number):
+        return repr(float(number))
+    text = str(int(number))
+    if key.endswith("_bytes") and number >= 1024:
+        text += f" ({_binary_size(int(number))})"
+    return text
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
@@ -835,14 +874,14 @@ def _format_type(expected: Any) -> str:
     return expected.__name__
 
 
-def _format_rule(rules: Any) -> str:
+def _format_rule(rules: Any, key: str) -> str:
     parts: list[str] = []
     if rules.get("ge") is not None:
-        parts.append(f">= {_format_number(rules['ge'])}")
+        parts.append(f">= {_format_number(rules['ge'], key)}")
     if rules.get("gt") is not None:
-        parts.append(f"> {_format_number(rules['gt'])}")
+        parts.append(f"> {_format_number(rules['gt'], key)}")
     if rules.get("le") is not None:
-        parts.append(f"<= {_format_number(rules['le'])}")
+        parts.append(f"<= {_format_number(rules['le'], key)}")
     if rules.get("choices") is not None:
         parts.append("one of " + ", ".join(rules["choices"]))
     return "; ".join(parts) or "-"
@@ -879,7 +918,7 @@ def config_reference_markdown() -> str:
                 f"`{key}`",
                 _format_type(types[f.name]),
                 default_text,
-                _format_rule(f.metadata),
+                _format_rule(f.metadata, key),
                 f.metadata["doc"].replace("|", "\\|"),
             ]
             lines.append("| " + " | ".join(cells) + " |")

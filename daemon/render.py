@@ -31,6 +31,7 @@ from avatard.ipc.client import (
 )
 from avatard.ipc.sockets import ipc_path
 
+from .config import engine_flag_overrides
 from .private_daemon import PrivateDaemon, PrivateDaemonError
 
 DEFAULT_FPS = 25  # of every engine we ship; used only when a job announced no fps
@@ -195,10 +196,15 @@ def render_to_mp4(endpoint: str | None, overrides: list[str], avatar_path: str |
         return write_job_mp4(job, out, fps, Progress(sys.stderr, label), audio=audio)
 
 
-def engine_overrides(avatar_engine: str | None, extra: tuple[str, ...]) -> list[str]:
+def engine_overrides(engine: str | None, extra: tuple[str, ...]) -> list[str]:
+    """The ``KEY=VALUE`` overrides of a private daemon: `extra` (--set items) and what
+    `--engine` stands for, as for `avatard serve` (`engine_flag_overrides`: `fake` also
+    fakes TTS and ASR unless `extra` sets them)."""
     overrides = list(extra)
-    if avatar_engine:
-        overrides.append(f"engines.avatar={avatar_engine}")
+    if engine:
+        given = {item.split("=", 1)[0].strip() for item in extra}
+        overrides += [f"{key}={value}"
+                      for key, value in engine_flag_overrides(engine, given).items()]
     return overrides
 
 

@@ -103,7 +103,8 @@ class Supervisor:
             log.info("removed %d shared-memory segments of dead owners", len(removed))
         d, t = self.cfg.daemon, self.cfg.timeouts
         self.client_port = ClientPort(self.ctx, self.endpoint, d.tcp_endpoint,
-                                      d.curve_secret_key_file, d.curve_clients_dir)
+                                      d.curve_secret_key_file, d.curve_clients_dir,
+                                      t.tcp_heartbeat_timeout_s)
         self.worker_endpoint = f"ipc://{self.runtime_dir / 'workers.sock'}"
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
@@ -153,7 +154,6 @@ class Supervisor:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
             self.client_port.serve(self._on_client_msg)
-        self.client_port.check_refusals()
         self._handle_signals()
         now = time.monotonic()
         self._route(self.pool.check(now), now)
@@ -342,6 +342,15 @@ class Supervisor:
             log.info("client %s: its process exited; its jobs end", identity.hex())
             self._end_client_jobs(identity, P.E_CANCELLED, "the client process exited", now)
             self.sessions.end(identity)
+        # A closed connection is a client gone for good (it reconnects under a new
+        # identity): the one sign a remote client gives, queued jobs included.
+        for identity in self.client_port.closed_connections():
+            if self.sessions.get(identity) is None:
+                continue  # said bye first, or never said hello
+            log.info("client %s: its connection closed; its jobs end", identity.hex())
+            self._end_client_jobs(identity, P.E_CANCELLED, "the client's connection closed",
+                                  now)
+            self.sessions.end(identity)
         busy = {job.client for job in self.book.jobs.values()}
         for identity in self.sessions.expire_idle(now, busy):
             self.client_port.forget(identity)
@@ -434,7 +443,8 @@ class Supervisor:
                 server=f"avatard pid {os.getpid()}", input_ring=ring.name if ring else "",
                 input_slot_bytes=ring.slot_bytes if ring else 0,
                 max_payload_bytes=(ring or self.sessions.inline_input).slot_bytes,
-                max_media_s=self.cfg.daemon.max_media_s))
+                max_media_s=self.cfg.daemon.max_media_s,
+                job_deadline_s=min(self.cfg.daemon.job_deadline_s, P.MAX_SECONDS)))
         elif isinstance(msg, P.Health):
             port.send(identity, P.make(P.HealthReply, req_id=req_id, status=self._health(),
                                        ready_workers=self.pool.ready_count(),

@@ -13,6 +13,7 @@ new Nyquist where ours rejects about -90 dB (tests/test_audio.py asserts better 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import unicodedata
@@ -30,6 +31,12 @@ DEFAULT_MAX_TEXT_CHARS = 5000
 # almost certainly integer PCM handed over as float, which would be pure clipping noise.
 MAX_FLOAT_PEAK = 2.0
 MAX_CHANNELS = 6
+# A file that decodes to less than this holds no audio anyone could hear (a 100 Hz voice
+# has not finished one period): a header with a few stray bytes, not a recording.
+MIN_FILE_AUDIO_S = 0.01
+WAV_HEAD_BYTES = 4096  # where a WAV's fmt and data chunk headers are looked for
+
+log = logging.getLogger("avatard.audio")
 
 # ---------------------------------------------------------------------------- PCM checks
 
@@ -102,7 +109,12 @@ def decode_audio(
     """Decode the first audio stream of a file (wav, mp3, ogg, flac, m4a...) to mono
     float32 (the mean of the channels). Optional resampling happens in libswresample,
     which filters properly. Returns (pcm, rate): rate is `target_rate` if given, else the
-    file's own."""
+    file's own.
+
+    A file cut short (a recording whose header announces more than the file holds, or
+    whose last packet is broken) gives what could be decoded, with a warning on the
+    `avatard.audio` logger. Raises `EngineInputError` naming `field` for a file that is
+    not audio, holds less than MIN_FILE_AUDIO_S of it, or is over `max_duration_s`."""
     import av  # deferred: importing PyAV costs ~0.1 s and most callers pass PCM
 
     if target_rate is not None:
@@ -140,6 +152,7 @@ def decode_audio(
         max_samples = int(max_duration_s * out_rate)
         pieces: list[np.ndarray] = []
         total = 0
+        broken = ""
         try:
             for frame in container.decode(stream):
                 for converted in resampler.resample(frame):
@@ -151,12 +164,57 @@ def decode_audio(
                     raise EngineInputError(
                         field, f"is longer than the limit of {max_duration_s:g} s"
                     )
+        except av.FFmpegError as error:
+            # A cut-off file ends in a piece of a packet (half a sample): keep the rest.
+            broken = f"could not be decoded past {total / out_rate:.2f} s ({error})"
+        try:
             for converted in resampler.resample(None):
                 pieces.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
-        except av.FFmpegError as error:
-            raise EngineInputError(field, f"could not be decoded ({error})") from error
+        except av.FFmpegError as error:  # nothing left to flush is no loss
+            broken = broken or f"its last samples could not be resampled ({error})"
     pcm = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    held_s = pcm.size / out_rate
+    announced_s = _wav_announced_s(source)
+    short = (f"its header announces {announced_s:.2f} s of audio, the file holds "
+             f"{held_s:.2f} s" if announced_s is not None and held_s < announced_s - 0.01
+             else "")
+    if held_s < MIN_FILE_AUDIO_S:
+        why = "; ".join(filter(None, (short, broken))) or "nothing else is in it"
+        raise EngineInputError(field, f"holds no audio: {held_s * 1000:.1f} ms, at least "
+                               f"{MIN_FILE_AUDIO_S * 1000:g} ms is needed ({why})")
+    if short or broken:
+        log.warning("%s: the file is cut short or damaged: %s; using the %.2f s there are",
+                    field, "; ".join(filter(None, (short, broken))), held_s)
     return validate_pcm(pcm, out_rate, max_duration_s=max_duration_s, field=field)
+
+
+def _wav_announced_s(source: str | Path | bytes) -> float | None:
+    """Seconds of audio a RIFF/WAVE header says its data chunk holds; None for another
+    format, a header that cannot be read, or a streaming writer's placeholder size (0 or
+    0xFFFFFFFF: the length was never filled in). FFmpeg reports the length the file's size
+    allows, so a cut-short WAV is only seen by reading the header itself."""
+    try:
+        if isinstance(source, bytes):
+            head = source[:WAV_HEAD_BYTES]
+        else:
+            with open(source, "rb") as file:
+                head = file.read(WAV_HEAD_BYTES)
+    except OSError:
+        return None
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset, byte_rate = 12, 0
+    while offset + 8 <= len(head):
+        chunk_id = head[offset:offset + 4]
+        size = int.from_bytes(head[offset + 4:offset + 8], "little")
+        if chunk_id == b"fmt " and offset + 16 <= len(head):
+            byte_rate = int.from_bytes(head[offset + 16:offset + 20], "little")
+        elif chunk_id == b"data":
+            if not byte_rate or size in (0, 0xFFFFFFFF):
+                return None
+            return size / byte_rate
+        offset += 8 + size + (size & 1)  # chunks are padded to an even size
+    return None
 
 
 # ---------------------------------------------------------------------------- resampling

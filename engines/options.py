@@ -438,7 +438,8 @@ def _either(phrases: Sequence[str]) -> str:
 
 
 def _number(bound: float) -> str:
-    return f"{bound:g}"
+    """Whole numbers in full (1048576, never 1.04858e+06); others as short as exact."""
+    return str(int(bound)) if bound == int(bound) else repr(float(bound))
 
 
 def _toml_type(value: Any) -> str:

@@ -10,15 +10,24 @@ rings and map them without copying; the slot is released when the iterator moves
 the array to keep it). Remote (``tcp://``) clients get the bytes inline. Every call has a
 timeout and says what it waited for; replies are matched by request id, so a late reply
 to an abandoned request is never taken for the answer to a newer one.
+
+Waiting for a job is a liveness check, not a countdown: a queued job legitimately sends
+nothing for as long as the jobs ahead of it take. When a job (or a registration) is quiet
+for `timeout_s`, the client asks the daemon for its health; while the daemon answers, it
+waits on, up to the job's deadline (the request's `deadline_s`, else the daemon's
+`job_deadline_s` from `welcome`) plus `timeout_s`. A daemon that exits or restarts drops
+the connection, and one that is stopped or hung stops answering ZMTP heartbeats
+(`heartbeat_timeout_s`): either ends the wait at once with `DaemonUnavailable`.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -69,10 +78,14 @@ class DaemonUnavailable(ClientError):
 
 
 DAEMON_GONE = "daemon_gone"  # DaemonUnavailable.code when the connection dropped mid-call
-# tcp peers send ZMTP heartbeats: a daemon host that vanishes without closing the
-# connection is dropped after HEARTBEAT_TIMEOUT_MS, which the client sees as a disconnect.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
+# The client sends ZMTP heartbeats: a daemon that is stopped or hung, or whose host vanished
+# without closing the connection, answers none, and libzmq drops the connection after the
+# heartbeat timeout, which the client sees as a disconnect.
+HEARTBEAT_IVL_MS = 1000  # at most; a third of the timeout when that is shorter
+HEARTBEAT_TIMEOUT_S = 5.0
+# How long a job may stay quiet while the daemon answers, when the daemon did not say its
+# default job deadline (welcome.job_deadline_s 0).
+FALLBACK_JOB_DEADLINE_S = 600.0
 
 
 def default_endpoint() -> str:
@@ -105,19 +118,32 @@ class Client:
     def __init__(self, endpoint: str | None = None, timeout_s: float = 30.0,
                  inline: bool | None = None, name: str = "python",
                  curve_server_key_file: str | None = None,
-                 curve_client_key_file: str | None = None):
-        """`curve_server_key_file` (the daemon's public .key) and `curve_client_key_file`
-        (this client's .key_secret) authenticate over tcp:// to a daemon that requires
-        CURVE; they default to $AVATARD_CURVE_SERVER_KEY and $AVATARD_CURVE_CLIENT_KEY."""
+                 curve_client_key_file: str | None = None,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S):
+        """Connect to the daemon at `endpoint` (default: `default_endpoint()`) and say hello.
+
+        `timeout_s`: how long the daemon may take to answer a request (hello, health...),
+        and how long a job may stay quiet before the client checks that the daemon still
+        answers (a job itself may wait in the queue up to its deadline). `heartbeat_timeout_s`:
+        the connection is dropped, and every wait ends with `DaemonUnavailable` code
+        `daemon_gone`, when the daemon sends nothing, not even a ZMTP heartbeat, for this
+        long (a stopped or hung daemon, or a vanished host). `curve_server_key_file` (the
+        daemon's public .key) and `curve_client_key_file` (this client's .key_secret)
+        authenticate over tcp:// to a daemon that requires CURVE; they default to
+        $AVATARD_CURVE_SERVER_KEY and $AVATARD_CURVE_CLIENT_KEY. Raises `ClientError`
+        (`DaemonUnavailable` when no daemon answers within `timeout_s`)."""
         self.endpoint = endpoint or default_endpoint()
         self.timeout_s = timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.inline = (not self.endpoint.startswith("ipc://")) if inline is None else inline
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         apply_curve(self._sock, self.endpoint, curve_server_key_file, curve_client_key_file)
-        self._sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        heartbeat_timeout_ms = max(1, round(heartbeat_timeout_s * 1000))
+        self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, min(HEARTBEAT_IVL_MS,
+                                                            heartbeat_timeout_ms // 3)))
+        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
         # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed daemon
         # says nothing): every wait watches for it instead of running out its timeout.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -145,6 +171,7 @@ class Client:
         # Audio above this streams in chunks (0: a daemon that does not say; one payload).
         self.max_payload_bytes = welcome.max_payload_bytes
         self.max_media_s = welcome.max_media_s
+        self.job_deadline_s = welcome.job_deadline_s or FALLBACK_JOB_DEADLINE_S
         if welcome.input_ring and not self.inline:
             self._input_ring = SlotRing.attach(welcome.input_ring)
 
@@ -156,25 +183,67 @@ class Client:
     def _send(self, msg: P.Msg, *extra: bytes | memoryview) -> None:
         self._sock.send_multipart(P.Codec.encode(msg, *extra), copy=False)
 
-    def _recv_one(self, deadline: float, what: str) -> tuple[P.Msg, list[Any]]:
-        """The next message, waiting until `deadline` (monotonic s). Raises
-        DaemonUnavailable: code `timeout` when nothing came, `daemon_gone` as soon as the
-        connection drops (the daemon exited or restarted; what it had of us is gone)."""
+    def _recv_one(self, deadline: float, what: str) -> tuple[P.Msg, list[Any]] | None:
+        """The next message, waiting until `deadline` (monotonic s); None when nothing
+        came. Raises DaemonUnavailable code `daemon_gone` as soon as the connection drops
+        (what the daemon had of this client is gone)."""
         while True:
             if wait_readable(self._sock, 0, spin_us=0):
                 frames = self._sock.recv_multipart(copy=False)
                 return P.SERVER_CODEC.decode([f.buffer for f in frames])
             if self._disconnected():
                 raise DaemonUnavailable(
-                    f"the daemon at {self.endpoint} closed the connection while this client "
-                    f"waited for {what}: it exited or restarted, and its jobs and session "
-                    "are gone", code=DAEMON_GONE)
+                    f"the connection to the daemon at {self.endpoint} dropped while this "
+                    f"client waited for {what}: the daemon exited or restarted, or sent "
+                    f"nothing, not even a heartbeat, for {self.heartbeat_timeout_s:g} s "
+                    "(stopped or hung); the jobs and session this client had there are gone",
+                    code=DAEMON_GONE)
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
-                raise DaemonUnavailable(
-                    f"no {what} from the daemon at {self.endpoint} within "
-                    f"{self.timeout_s:.1f} s (is `avatard serve` running?)", code=P.E_TIMEOUT)
+                return None
             self._poller.poll(remaining_ms)
+
+    def _wait(self, ready: Callable[[], bool], what: str, until: float) -> None:
+        """Route messages until `ready()` holds. Whenever nothing comes for `timeout_s`,
+        check that the daemon answers (`_check_alive`) and wait on while it does, up to
+        `until` (monotonic s). Raises DaemonUnavailable: `daemon_gone` when the connection
+        drops, `timeout` when the daemon answers no health check or `until` passes."""
+        while not ready():
+            now = time.monotonic()
+            if now >= until:
+                raise DaemonUnavailable(
+                    f"no {what} from the daemon at {self.endpoint} by its deadline (the job's "
+                    f"deadline_s + timeout_s={self.timeout_s:g} s), although the daemon "
+                    "answers health checks", code=P.E_TIMEOUT)
+            got = self._recv_one(min(now + self.timeout_s, until), what)
+            if got is not None:
+                self._route(*got)
+            elif time.monotonic() < until:
+                self._check_alive(what)
+
+    def _check_alive(self, what: str) -> None:
+        """Ask the daemon for its health and wait `timeout_s` for the answer, routing what
+        else comes meanwhile. Raises DaemonUnavailable (`timeout`, or `daemon_gone`) when
+        it does not answer."""
+        req_id = self._next_id()
+        self._send(P.make(P.Health, req_id=req_id))
+        deadline = time.monotonic() + self.timeout_s
+        while req_id not in self._replies:
+            got = self._recv_one(deadline, f"the answer to a health check (while waiting "
+                                           f"for {what})")
+            if got is None:
+                raise DaemonUnavailable(
+                    f"no {what} from the daemon at {self.endpoint} for {self.timeout_s:g} s, "
+                    f"and no answer to a health check within {self.timeout_s:g} s more: the "
+                    "daemon is hung or overloaded", code=P.E_TIMEOUT)
+            self._route(*got)
+        del self._replies[req_id]
+
+    def _job_wait_until(self, deadline_s: float) -> float:
+        """The monotonic time past which a job accepted now stops being waited for, however
+        alive the daemon: its deadline (`deadline_s`, else the daemon's default) plus
+        `timeout_s` for its end to arrive. The daemon ends the job at its deadline itself."""
+        return time.monotonic() + (deadline_s or self.job_deadline_s) + self.timeout_s
 
     def _disconnected(self) -> bool:
         """Whether the monitor reported the connection to the daemon dropped."""
@@ -200,17 +269,30 @@ class Client:
             frames = self._sock.recv_multipart(copy=False)
             self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
 
-    def _await_reply(self, req_id: int, what: str) -> tuple[P.Msg, list[Any]]:
+    def _await_reply(self, req_id: int, what: str, until: float | None = None
+                     ) -> tuple[P.Msg, list[Any]]:
+        """The reply to request `req_id`: within `timeout_s`, or, with `until` (monotonic
+        s; a request the daemon answers after a job, such as a registration), for as long
+        as the daemon answers health checks, up to `until`. Raises `ClientError` for an
+        error reply, `BusyError`, `DaemonUnavailable`."""
+        if until is not None:
+            self._wait(lambda: req_id in self._replies, what, until)
         deadline = time.monotonic() + self.timeout_s
         while req_id not in self._replies:
-            self._route(*self._recv_one(deadline, what))
+            got = self._recv_one(deadline, what)
+            if got is None:
+                raise DaemonUnavailable(
+                    f"no {what} from the daemon at {self.endpoint} within "
+                    f"{self.timeout_s:.1f} s (is `avatard serve` running?)", code=P.E_TIMEOUT)
+            self._route(*got)
         msg, extra = self._replies.pop(req_id)
         check_reply(msg, what)
         return msg, extra
 
-    def _call(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Msg:
+    def _call(self, msg: P.Msg, what: str, *extra: bytes | memoryview,
+              until: float | None = None) -> P.Msg:
         self._send(msg, *extra)
-        reply, _ = self._await_reply(msg.req_id, what)  # type: ignore[attr-defined]
+        reply, _ = self._await_reply(msg.req_id, what, until)  # type: ignore[attr-defined]
         return reply
 
     def _ring(self, name: str) -> SlotRing:
@@ -245,10 +327,12 @@ class Client:
         return reply
 
     def register_avatar(self, image: bytes) -> str:
-        """Register a portrait (encoded image bytes); returns its avatar id."""
+        """Register a portrait (encoded image bytes); returns its avatar id. A worker
+        registers it, so it waits behind running jobs (while the daemon answers, up to its
+        job deadline). Raises `ClientError` naming the refused field (`image`)."""
         payload, extra = self._payload(np.frombuffer(image, dtype=np.uint8))
         reply = self._call(P.make(P.RegisterAvatar, req_id=self._next_id(), image=payload),
-                           "RegisterAvatar", *extra)
+                           "RegisterAvatar", *extra, until=self._job_wait_until(0.0))
         return reply.avatar_id  # type: ignore[attr-defined]
 
     def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
@@ -300,6 +384,7 @@ class Client:
         msg = P.make(cls, req_id=self._next_id(), audio=payload, sample_rate=sample_rate,
                      more=True, total_samples=len(pcm), **fields)
         accepted = self._accepted(msg, what, *extra)
+        until = self._job_wait_until(fields.get("deadline_s", 0.0))
         job_id = accepted.job_id
         chunk_ids: list[int] = []
         for chunk in rest:
@@ -310,7 +395,7 @@ class Client:
             self._send(P.make(P.JobAudio, req_id=chunk_ids[-1], job_id=job_id, audio=payload,
                               final=chunk is rest[-1]), *extra)
         self._job_ended(job_id, chunk_ids)
-        return JobHandle(accepted, self._events(job_id))
+        return JobHandle(accepted, self._events(job_id, until))
 
     def _job_ended(self, job_id: str, chunk_ids: list[int]) -> bool:
         """Route what has arrived, without waiting. True when `job_id` has ended (its
@@ -358,7 +443,8 @@ class Client:
 
     def _job(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> JobHandle:
         accepted = self._accepted(msg, what, *extra)
-        return JobHandle(accepted, self._events(accepted.job_id))
+        until = self._job_wait_until(getattr(msg, "deadline_s", 0.0))
+        return JobHandle(accepted, self._events(accepted.job_id, until))
 
     def _accepted(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Accepted:
         """Send a job request; its `accepted` reply (raises what a refusal says)."""
@@ -376,9 +462,13 @@ class Client:
         assert isinstance(accepted, P.Accepted)
         return accepted
 
-    def _events(self, job_id: str) -> Iterator[Any]:
-        """Frames, audio and the final event of one job, in order. A slot is released
-        when the caller asks for the next event."""
+    def _events(self, job_id: str, until: float | None = None) -> Iterator[Any]:
+        """Frames, audio and the final event of one job, in order, each waited for while
+        the daemon answers, up to `until` (monotonic s: `_job_wait_until`; None: the
+        daemon's default deadline from now). A slot is released when the caller asks for
+        the next event."""
+        if until is None:
+            until = self._job_wait_until(0.0)
         queue = self._pending.setdefault(job_id, deque())
         held: P.SlotDesc | None = None
         try:
@@ -389,9 +479,7 @@ class Client:
                 if held is not None:
                     self._release(held)
                     held = None
-                deadline = time.monotonic() + self.timeout_s
-                while not queue:
-                    self._route(*self._recv_one(deadline, f"event of job {job_id}"))
+                self._wait(lambda: bool(queue), f"event of job {job_id}", until)
                 msg, extra = queue.popleft()
                 # Raises JobFailedError / ClientError for the job's failure.
                 event = job_event(job_id, msg, extra, self._materialise, self._live_requests)
@@ -465,7 +553,9 @@ class LiveSession(AcceptedMedia):
         # width x height, and the Hz of its AudioEvents (the avatar engine's rate).
         super().__init__(accepted)
         self.client = client
-        self._events = client._events(self.job_id)
+        # A live session has no deadline: its events are waited for as long as the daemon
+        # answers (frames come at the engine's fps once it runs).
+        self._events = client._events(self.job_id, until=math.inf)
 
     def send_audio(self, pcm: np.ndarray, sample_rate: int, segment_id: str) -> int:
         """Append speech to segment `segment_id`: 1-D float32 PCM in [-1, 1] at

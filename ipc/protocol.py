@@ -39,7 +39,8 @@ NonNegInt = Annotated[int, Meta(ge=0)]
 U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds stop at int64
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-PosFloat = Annotated[float, Meta(ge=0.0, le=1e9)]
+MAX_SECONDS = 1e9  # the largest duration a message carries (PosFloat)
+PosFloat = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
 Name = Annotated[str, Meta(max_length=256)]
 ShortText = Annotated[str, Meta(max_length=4096)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
@@ -352,6 +353,9 @@ class Welcome(Reply, tag="welcome"):
     # longer audio is streamed in chunks of at most this (Lipsync.more).
     max_payload_bytes: NonNegInt = 0
     max_media_s: PosFloat = 0.0  # longest audio input of one job (daemon.max_media_s)
+    # The deadline of a job whose request names none (daemon.job_deadline_s): a client
+    # waiting for a quiet job's events waits this long while the daemon answers.
+    job_deadline_s: PosFloat = 0.0
 
 
 class Error(Reply, tag="error"):

@@ -58,18 +58,30 @@ class ShmFullError(SegmentError):
         self.needed_bytes = needed_bytes
         self.total_bytes = total_bytes
         self.free_bytes = free_bytes
-        super().__init__(
-            f"{SHM_DIR} has no room: a {label} segment needs {_mib(needed_bytes)} but only "
-            f"{_mib(free_bytes)} of its {_mib(total_bytes)} is free; give it more room "
-            "(docker run --shm-size, see docs/config.md) or lower rings.frame_slots, "
-            "rings.frame_slot_bytes, rings.audio_slots, rings.audio_slot_bytes, "
-            "rings.input_slots, rings.input_slot_bytes, rings.inline_slots, "
-            "rings.inline_slot_bytes or avatars.max_bytes")
+        super().__init__(no_room_message(label, needed_bytes, free_bytes, total_bytes))
         self.errno = errno.ENOSPC
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 20):.1f} MiB"
+def no_room_message(label: str, needed_bytes: int, free_bytes: int, total_bytes: int) -> str:
+    """What `ShmFullError` says: the directory, what segment `label` needs, what is free of
+    what size, and the keys to change. Sizes in MiB, with the exact bytes beside them when
+    two different sizes would read the same (16.02 MiB needed, 15.98 MiB free)."""
+    needed, free, total = _sizes(needed_bytes, free_bytes, total_bytes)
+    return (f"{SHM_DIR} has no room: the {label} segment needs {needed} but only {free} of "
+            f"its {total} is free; give it more room (docker run --shm-size, see "
+            "docs/config.md) or lower rings.frame_slots, rings.frame_slot_bytes, "
+            "rings.audio_slots, rings.audio_slot_bytes, rings.input_slots, "
+            "rings.input_slot_bytes, rings.inline_slots, rings.inline_slot_bytes or "
+            "avatars.max_bytes")
+
+
+def _sizes(*nbytes: int) -> list[str]:
+    """Each byte count as "X.X MiB"; as "X.X MiB (N bytes)" when two different counts
+    would otherwise print alike."""
+    texts = [f"{n / (1 << 20):.1f} MiB" for n in nbytes]
+    if len(set(texts)) < len(set(nbytes)):
+        texts = [f"{text} ({n} bytes)" for text, n in zip(texts, nbytes, strict=True)]
+    return texts
 
 
 def shm_space() -> tuple[int, int]:

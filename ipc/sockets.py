@@ -5,7 +5,9 @@
 - ``tcp://`` endpoints are for remote clients; frames reach them inline as message parts.
 - `ClientPort` wraps the supervisor's ROUTER socket: it decodes every request through the
   protocol codec and answers malformed ones itself with an error reply that names the
-  field and the rule, so a bad client can never stop the daemon from serving.
+  field and the rule, so a bad client can never stop the daemon from serving. It also
+  reports each client connection that closed (`closed_connections`), so the jobs of a
+  client that died are cancelled at once, local or remote.
 """
 
 from __future__ import annotations
@@ -29,20 +31,29 @@ log = logging.getLogger("avatard.ipc")
 
 MAX_PEERS = 4096  # peer pids kept for identities with no session yet (oldest dropped)
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def peer_pid(frame: zmq.Frame) -> int | None:
-    """The process id of the peer that sent `frame` over an ``ipc://`` connection
-    (SO_PEERCRED of the connection's file descriptor, which libzmq reports as the
-    message's source fd); None for tcp peers or when it cannot be read. Lets the daemon
-    see a local client die (SIGKILL gives no goodbye) instead of waiting out timeouts."""
+def message_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection `frame` came in on (libzmq's ZMQ_SRCFD), or
+    None when it cannot be read. One connection has one fd for its whole life, and the
+    socket monitor names the fd of a connection that closed."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # ZMQ_SRCFD: no successor
             fd = frame.get(zmq.SRCFD)
     except (zmq.ZMQError, AttributeError, ValueError):
         return None
-    if not isinstance(fd, int) or fd < 0:
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def peer_pid(fd: int | None) -> int | None:
+    """The process id of the peer of connection `fd` (`message_fd`) when it is an
+    ``ipc://`` connection (SO_PEERCRED); None for tcp peers or when it cannot be read.
+    Lets the daemon see a local client die even while another process holds its socket
+    open (a forked child), instead of waiting out timeouts."""
+    if fd is None:
         return None
     sock = socket.socket(fileno=fd)
     try:
@@ -130,10 +141,25 @@ class ClientPort:
     socket stays plain (the socket file's 0600 mode is its access control). The identity
     handed to the caller is the socket's index byte + the ROUTER identity, so replies go
     out on the socket the request came in on.
+
+    Closed connections: ZeroMQ's ROUTER says nothing when a peer goes, and a message to a
+    gone identity is dropped in silence, so a dead remote client's job would run on (its
+    frames going nowhere) or wait in the queue. Each socket therefore has a monitor: the
+    identity of a connection is tied to the connection's fd (`message_fd`) at its first
+    message, and the monitor's DISCONNECTED event names the fd of a connection that
+    closed. A peer reconnects under a new identity, so a closed connection's identity is
+    gone for good. On tcp the daemon also sends ZMTP heartbeats (`heartbeat_timeout_s`),
+    so a host that vanished without closing its connection (power cut, cable) is dropped
+    like one that closed it.
     """
 
     def __init__(self, ctx: zmq.Context, endpoint: str, tcp_endpoint: str = "",
-                 curve_secret_key_file: str = "", curve_clients_dir: str = ""):
+                 curve_secret_key_file: str = "", curve_clients_dir: str = "",
+                 heartbeat_timeout_s: float = 0.0):
+        """`heartbeat_timeout_s`: drop a tcp connection that brings nothing (not even the
+        answer to a heartbeat, sent every fifth of it) for this long, in seconds; 0: no
+        heartbeats. Raises `ValueError` for a CURVE key file without its secret key and
+        `zmq.ZMQError` when an endpoint cannot be bound."""
         self.socks: list[zmq.Socket] = []
         self.endpoints: list[str] = []
         self.bad_messages = 0
@@ -141,8 +167,16 @@ class ClientPort:
         # Identity -> pid of a local (ipc://) client, None for tcp; read once per identity
         # and dropped with its session (`forget`).
         self.peer_pids: dict[bytes, int | None] = {}
+        # (socket index, fd) <-> identity of each connection that sent a message.
+        self._fd_identity: dict[tuple[int, int], bytes] = {}
+        self._identity_fd: dict[bytes, tuple[int, int]] = {}
+        self._closed: list[bytes] = []
+        # Identities whose connection closed: messages of theirs still queued in the ROUTER
+        # (libzmq may report the close before the last messages are readable) are dropped,
+        # or a request read after the close would open a session for a dead client.
+        self._gone: dict[bytes, None] = {}
+        self._monitors: list[zmq.Socket] = []
         self._auth = None
-        self._monitor: zmq.Socket | None = None
         by_kind: dict[str, list[str]] = {"ipc": [], "tcp": []}
         for item in (endpoint, tcp_endpoint):
             if item:
@@ -152,18 +186,40 @@ class ClientPort:
                 continue
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
-            # Unroutable replies (client gone) must not raise: the client reconnects.
+            # Unroutable replies (client gone) must not raise: the monitor reports the
+            # closed connection and the coordinator ends what the client had.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             # libzmq drops a peer that sends a part over this size before buffering it,
             # so an oversize upload costs the daemon nothing (the codec checks again).
             sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_INLINE_BYTES)
-            if kind == "tcp" and curve_secret_key_file:
-                self._enable_curve(ctx, sock, curve_secret_key_file, curve_clients_dir)
+            events = zmq.EVENT_DISCONNECTED
+            if kind == "tcp":
+                if heartbeat_timeout_s > 0:
+                    timeout_ms = max(1, round(heartbeat_timeout_s * 1000))
+                    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, timeout_ms // 5))
+                    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+                if curve_secret_key_file:
+                    self._enable_curve(ctx, sock, curve_secret_key_file, curve_clients_dir)
+                    events |= HANDSHAKE_FAILED
+            self._monitors.append(self._monitor(ctx, sock, len(self.socks), events))
             for item in by_kind[kind]:
                 self.endpoints.append(bind(sock, item))
             self.socks.append(sock)
         self.sock = self.socks[0]
+
+    @staticmethod
+    def _monitor(ctx: zmq.Context, sock: zmq.Socket, index: int, events: int) -> zmq.Socket:
+        """A PAIR that receives `sock`'s monitor events. Its receive queue is unbounded:
+        libzmq's I/O thread blocks on a full monitor queue, which would stop every client
+        connection; the loop reads it every tick, so it stays short."""
+        address = f"inproc://avatard-clients-monitor-{os.getpid()}-{id(sock)}-{index}"
+        sock.monitor(address, events)
+        reader = ctx.socket(zmq.PAIR)
+        reader.setsockopt(zmq.RCVHWM, 0)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(address)
+        return reader
 
     def _enable_curve(self, ctx: zmq.Context, sock: zmq.Socket, secret_file: str,
                       clients_dir: str) -> None:
@@ -179,29 +235,62 @@ class ClientPort:
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
-        # Handshake failures are reported on a monitor socket: log each refused client.
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         log.info("tcp clients must authenticate with CURVE (allowed keys in %s)", clients_dir)
 
     def register(self, poller: zmq.Poller) -> None:
         for sock in self.socks:
             poller.register(sock, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
 
-    def check_refusals(self) -> None:
-        """Log clients the CURVE handshake refused (non-blocking)."""
-        if self._monitor is None:
-            return
+    def _read_monitors(self) -> None:
+        """Take every waiting monitor event (non-blocking): note the identities whose
+        connection closed, and log clients the CURVE handshake refused."""
         from zmq.utils.monitor import recv_monitor_message
 
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)
-            self.refused_clients += 1
-            log.warning("refused a tcp client: CURVE handshake failed (event %d, %s)",
-                        event["event"], event.get("endpoint", b"").decode(errors="replace"))
+        for index, monitor in enumerate(self._monitors):
+            while monitor.poll(0):
+                event = recv_monitor_message(monitor)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    identity = self._fd_identity.pop((index, int(event["value"])), None)
+                    if identity is not None:
+                        del self._identity_fd[identity]
+                        self.peer_pids.pop(identity, None)
+                        self._closed.append(identity)
+                        if len(self._gone) >= MAX_PEERS:
+                            del self._gone[next(iter(self._gone))]
+                        self._gone[identity] = None
+                elif event["event"] & HANDSHAKE_FAILED:
+                    self.refused_clients += 1
+                    log.warning("refused a tcp client: CURVE handshake failed (event %d, %s)",
+                                event["event"],
+                                event.get("endpoint", b"").decode(errors="replace"))
+
+    def closed_connections(self) -> list[bytes]:
+        """Identities whose connection closed since the last call (the client exited, was
+        killed, closed its socket, or its host stopped answering heartbeats). What the
+        daemon kept for them is theirs no more: end their jobs and sessions."""
+        self._read_monitors()
+        closed, self._closed = self._closed, []
+        return closed
+
+    def _note_peer(self, index: int, identity: bytes, frame: zmq.Frame) -> None:
+        """Tie a new identity to its connection's fd (and a local peer's pid)."""
+        fd = message_fd(frame)
+        # Events first: a DISCONNECTED naming this fd may be of an earlier connection that
+        # had the same number (the kernel reuses the lowest free fd at once). libzmq queues
+        # that event before it closes the fd, so before this connection could be given the
+        # number, and so before its first message: read now, it names the earlier one.
+        self._read_monitors()
+        if len(self.peer_pids) >= MAX_PEERS:  # connections that never said bye
+            self.forget(next(iter(self.peer_pids)))
+        self.peer_pids[identity] = peer_pid(fd)
+        if fd is not None:
+            earlier = self._fd_identity.get((index, fd))
+            if earlier is not None:  # not reported closed (cannot happen, see above)
+                self._identity_fd.pop(earlier, None)
+            self._fd_identity[(index, fd)] = identity
+            self._identity_fd[identity] = (index, fd)
 
     def receive(self) -> Iterator[tuple[bytes, P.Msg, list[Any]]]:
         """Every request waiting now, decoded; malformed ones are answered and skipped."""
@@ -212,10 +301,10 @@ class ClientPort:
                 except zmq.Again:
                     break
                 identity = bytes([index]) + bytes(frames[0].buffer)
+                if identity in self._gone:
+                    continue  # sent just before its connection closed: nobody to answer
                 if identity not in self.peer_pids and len(frames) > 1:
-                    if len(self.peer_pids) >= MAX_PEERS:  # connections that never said bye
-                        del self.peer_pids[next(iter(self.peer_pids))]
-                    self.peer_pids[identity] = peer_pid(frames[1])
+                    self._note_peer(index, identity, frames[1])
                 parts = [f.buffer for f in frames[1:]]
                 try:
                     msg, extra = P.CLIENT_CODEC.decode(parts)
@@ -251,8 +340,12 @@ class ClientPort:
                     field="message", rule=f"internal error: {type(exc).__name__}"))
 
     def forget(self, identity: bytes) -> None:
-        """The client's session ended: drop what is kept about its connection."""
+        """The client's session ended: drop what is kept about its connection (a later
+        message ties it again)."""
         self.peer_pids.pop(identity, None)
+        place = self._identity_fd.pop(identity, None)
+        if place is not None and self._fd_identity.get(place) == identity:
+            del self._fd_identity[place]
 
     def send(self, identity: bytes, msg: P.Msg, *extra: bytes | memoryview) -> None:
         self.send_parts(identity, P.Codec.encode(msg, *extra))
@@ -268,13 +361,13 @@ class ClientPort:
             return None
 
     def close(self) -> None:
-        if self._monitor is not None:
-            for sock in self.socks:
-                try:
-                    sock.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-            self._monitor.close(linger=0)
+        for sock in self.socks:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in self.socks:
             sock.close(linger=0)
         if self._auth is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -188,6 +190,45 @@ def test_decode_refuses_garbage_and_overlong_files(tmp_path: Path):
     write_audio_file(path, "pcm_s16le", 16000, tone(300, 16000, 3.0))
     with pytest.raises(EngineInputError, match="limit of 2 s"):
         decode_audio(path, max_duration_s=2)
+
+
+def mono_wav(samples: np.ndarray, rate: int) -> bytes:
+    """A 16-bit mono WAV (the header states the data's full length)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def test_a_wav_cut_short_gives_the_audio_that_is_there(caplog):
+    whole = mono_wav(tone(300, 16000, 2.0), 16000)
+    # Cut one byte into a sample, 3 packets (of 4096 bytes) into the data: the last packet
+    # holds half a sample, which FFmpeg refuses to decode.
+    cut = whole[:44 + 3 * 4096 + 1]
+    with caplog.at_level("WARNING", logger="avatard.audio"):
+        pcm, rate = decode_audio(cut)
+    full, _ = decode_audio(whole)
+    assert rate == 16000 and pcm.size == 3 * 4096 // 2
+    np.testing.assert_array_equal(pcm, full[:pcm.size])
+    warning = caplog.text
+    assert "cut short" in warning and "header announces 2.00 s" in warning, warning
+    # Cut at a whole sample halfway: the first second, and the same warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="avatard.audio"):
+        half, _ = decode_audio(whole[:44 + 32000])
+    assert half.size == 16000 and "the file holds 1.00 s" in caplog.text
+
+
+@pytest.mark.parametrize("kept_bytes", [0, 1, 2, 200])
+def test_a_wav_with_no_audio_in_it_is_refused_naming_audio(kept_bytes: int):
+    whole = mono_wav(tone(300, 16000, 2.0), 16000)
+    with pytest.raises(EngineInputError) as error:
+        decode_audio(whole[:44 + kept_bytes])
+    assert error.value.field == "audio"
+    assert "holds no audio" in str(error.value) and "announces 2.00 s" in str(error.value)
 
 
 # ---------------------------------------------------------------------------- text

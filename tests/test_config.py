@@ -642,3 +642,14 @@ def test_command_line_check_exits_78_on_a_bad_file(tmp_path):
         timeout=60,
     )
     assert good.returncode == 0, good.stderr
+
+
+def test_bounds_are_written_as_people_write_them():
+    """Whole-number bounds in full, sizes also in binary units, in errors and in the docs
+    (not 1.04858e+06)."""
+    reason = error_of(None, {"daemon.streamed_input_bytes": 5}).reason
+    assert reason == "must be >= 1048576 (1 MiB), got 5", reason
+    assert error_of(None, {"daemon.max_media_s": 1e6}).reason == "must be <= 86400, got 1000000.0"
+    reference = config_reference_markdown()
+    assert "| >= 1048576 (1 MiB) |" in reference
+    assert not re.search(r"\de[+-]\d", reference), "a bound in scientific notation"

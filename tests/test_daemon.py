@@ -414,9 +414,12 @@ def test_registrations_are_counted_apart_from_jobs(tmp_path):
 def _hello_then_die(endpoint, ready_q):
     from avatard.ipc.client import Client
 
-    Client(endpoint, timeout_s=10)  # a local session with an input ring, then SIGKILL
+    # A local session with an input ring, then SIGKILL. Kept referenced: a collected
+    # Client closes its socket, and a closed connection ends its session at once.
+    client = Client(endpoint, timeout_s=10)
     ready_q.put(1)
     time.sleep(600)
+    client.close()
 
 
 def test_sessions_of_vanished_clients_expire_and_idle_clients_reconnect(tmp_path):

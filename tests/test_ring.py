@@ -261,3 +261,16 @@ def test_attach_refuses_foreign_and_missing_names():
         SlotRing.attach("../../etc/passwd")
     with pytest.raises(segments.SegmentError, match="does not exist"):
         SlotRing.attach("avatard-1-1-0123456789abcdef-gone")
+
+
+def test_no_room_message_tells_sizes_apart_and_reads_well():
+    mib = 1 << 20
+    # A 16 MiB /dev/shm with a few pages used, and a ring a little over 16 MiB: in MiB to
+    # one decimal all three read "16.0 MiB", so the exact bytes are given.
+    text = segments.no_room_message("inline.in", 16 * mib + 8192, 16 * mib - 4096, 16 * mib)
+    assert "the inline.in segment needs 16.0 MiB (16785408 bytes)" in text, text
+    assert "only 16.0 MiB (16773120 bytes) of its 16.0 MiB (16777216 bytes) is free" in text
+    # Sizes that read differently stay short.
+    text = segments.no_room_message("s.in", 16 * mib, 12 * mib, 16 * mib)
+    assert "the s.in segment needs 16.0 MiB but only 12.0 MiB of its 16.0 MiB is free" in text
+    assert "bytes)" not in text and " a s.in" not in text
