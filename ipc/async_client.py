@@ -44,17 +44,17 @@ from zmq.utils.monitor import parse_monitor_message
 from . import protocol as P
 from .client import (
     DAEMON_GONE,
-    HEARTBEAT_IVL_MS,
-    HEARTBEAT_TIMEOUT_MS,
     DaemonUnavailable,
     default_endpoint,
 )
 from .client_core import (
+    HEARTBEAT_TIMEOUT_S,
     AcceptedMedia,
     ClientError,
     DoneEvent,
     TranscriptResult,
     apply_curve,
+    apply_heartbeat,
     audio_chunks,
     check_reply,
     ends_job,
@@ -143,8 +143,7 @@ class AsyncClient:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             apply_curve(sock, self.endpoint, *self._curve_files)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            apply_heartbeat(sock, HEARTBEAT_TIMEOUT_S)
             # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed
             # daemon says nothing): the reader watches for it, and every wait ends on it.
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)

@@ -35,6 +35,7 @@ import zmq
 
 from . import protocol as P
 from .client_core import (  # the events and errors are this module's API too
+    HEARTBEAT_TIMEOUT_S,
     LIVE_REQUESTS_KEPT,
     AcceptedMedia,
     AudioEvent,
@@ -49,6 +50,7 @@ from .client_core import (  # the events and errors are this module's API too
     SessionMovedEvent,
     TranscriptResult,
     apply_curve,
+    apply_heartbeat,
     audio_chunks,
     check_reply,
     job_event,
@@ -78,11 +80,6 @@ class DaemonUnavailable(ClientError):
 
 
 DAEMON_GONE = "daemon_gone"  # DaemonUnavailable.code when the connection dropped mid-call
-# The client sends ZMTP heartbeats: a daemon that is stopped or hung, or whose host vanished
-# without closing the connection, answers none, and libzmq drops the connection after the
-# heartbeat timeout, which the client sees as a disconnect.
-HEARTBEAT_IVL_MS = 1000  # at most; a third of the timeout when that is shorter
-HEARTBEAT_TIMEOUT_S = 5.0
 # How long a job may stay quiet while the daemon answers, when the daemon did not say its
 # default job deadline (welcome.job_deadline_s 0).
 FALLBACK_JOB_DEADLINE_S = 600.0
@@ -140,10 +137,7 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         apply_curve(self._sock, self.endpoint, curve_server_key_file, curve_client_key_file)
-        heartbeat_timeout_ms = max(1, round(heartbeat_timeout_s * 1000))
-        self._sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, min(HEARTBEAT_IVL_MS,
-                                                            heartbeat_timeout_ms // 3)))
-        self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
+        apply_heartbeat(self._sock, heartbeat_timeout_s)
         # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed daemon
         # says nothing): every wait watches for it instead of running out its timeout.
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)

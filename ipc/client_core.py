@@ -140,6 +140,24 @@ class TranscriptResult:
         return " ".join(s.text.strip() for s in self.segments).strip()
 
 
+# The client sends ZMTP heartbeats: a daemon that is stopped or hung, or whose host vanished
+# without closing the connection, answers none, and libzmq drops the connection after the
+# heartbeat timeout, which the client sees as a disconnect.
+HEARTBEAT_IVL_MS = 1000  # at most; a third of the timeout when that is shorter
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+def apply_heartbeat(sock: Any, timeout_s: float) -> None:
+    """ZMTP heartbeats on a client's DEALER socket `sock`: a ping every second (a third of
+    `timeout_s` when shorter), the connection dropped when the daemon answers none for
+    `timeout_s` seconds."""
+    import zmq
+
+    timeout_ms = max(1, round(timeout_s * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, min(HEARTBEAT_IVL_MS, timeout_ms // 3)))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+
+
 LIVE_REQUESTS_KEPT = 4096  # live input requests remembered, to route their errors
 
 
