@@ -42,6 +42,7 @@ job fails; live sessions are not moved to another worker yet).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -83,6 +84,13 @@ class TtsDone:
 
     generation: int
     segment_id: str
+
+
+def aligned_tick(at: float, phase: int, step: int) -> int:
+    """The first tick of a grid at or after tick `at` (a float) whose number is `phase`
+    modulo `step` (step >= 1)."""
+    base = math.ceil(at)
+    return base + (phase - base) % step
 
 
 class StreamRenderer:
@@ -218,10 +226,18 @@ class LiveSession:
         renderer = self.renderer
         renderer.start()
         try:
-            for _ in range(self.lookahead + self.ahead):  # the pre-roll: silence
+            pre_roll = self.lookahead + self.ahead
+            for _ in range(pre_roll):  # the pre-roll: silence
                 renderer.submit(self._take_tick())
             first = self.first_index
-            started = time.monotonic()
+            # The clock starts on the worker's grid, at a tick where its push count lines
+            # up with every other live session's modulo the stream's burst (Ditto: a
+            # window every 10 frames), so their windows are computed in one batch. The
+            # first frame waits for it (up to a burst of ticks); speech latency does not.
+            burst = max(1, int(self.stream.burst_frames))
+            epoch = self.worker.live_epoch
+            started = epoch + period_s * aligned_tick(
+                (time.monotonic() - epoch) / period_s, pre_roll, burst)
             clock = first  # the tick due next; frames up to clock - 1 are due
             while True:
                 due = started + (clock - first) * period_s
@@ -236,7 +252,10 @@ class LiveSession:
                                 self.job.job_id, clock - self.frames_out, self.late_frames)
                     if self._wait_until(float("inf"), clock - 1, due):
                         break
-                    started = time.monotonic() - (clock - first) * period_s
+                    # On from now, on the grid and in line with the other sessions.
+                    behind = clock - first
+                    started = epoch + period_s * (aligned_tick(
+                        (time.monotonic() - epoch) / period_s - behind, pre_roll, burst))
                 renderer.submit(self._take_tick())
                 self._send_due(clock, started + (clock - first + 1) * period_s)
                 clock += 1

@@ -209,6 +209,9 @@ def _die_with_parent() -> None:
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        # The grid of every live session's clock on this worker (`live_worker`): their
+        # ticks fall at live_epoch + k / fps, so their pushes can be batched together.
+        self.live_epoch = time.monotonic()
         self.id = WorkerId(spec.index, spec.attempt)
         self.ctx = zmq.Context()
         self.sock = self._socket()

@@ -261,6 +261,17 @@ class AvatarStream(abc.ABC):
         NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} does not state its look-ahead")
 
+    @property
+    def burst_frames(self) -> int:
+        """The period, in pushes of one frame of audio each, of the pattern in which the
+        stream returns frames: 1 for a stream that returns a frame per push, the window
+        step for one that computes frames in bursts (Ditto online: 10). The pattern
+        depends only on the count of pushes, so live streams whose push counts agree
+        modulo `burst_frames` compute their bursts in the same tick: the worker aligns its
+        live sessions' clocks that way, so that one batch of the engine serves all of
+        them. Constant for a stream's lifetime."""
+        return 1
+
     def interrupt(self) -> int:
         """Barge-in: the audio pushed so far whose frames have not been returned becomes
         silence.

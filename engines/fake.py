@@ -348,6 +348,10 @@ class FakeAvatarStream(AvatarStream):
     def lookahead_frames(self) -> int:
         return self._engine.options.lookahead_frames if self.live else 0
 
+    @property
+    def burst_frames(self) -> int:
+        return self._engine.options.burst_frames if self.live else 1
+
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         if self._finished:
             raise RuntimeError("push() after finish() on a fake avatar stream")

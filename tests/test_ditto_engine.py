@@ -111,6 +111,7 @@ def test_live_streams_run_online() -> None:
         assert engine.mode == "offline" and not engine.open_stream(state, seed=1).live
         stream = engine.open_stream(state, seed=1, live=True)
         assert stream.live and stream.mode == "online" and stream.lookahead_frames == 21
+        assert stream.burst_frames == 10  # a window every 10 frames, in line with HuBERT
         # 21 frames of audio: window 0 (the pre-roll's) has run, no frame is out yet.
         assert list(stream.push(np.zeros(21 * 640, np.float32))) == []
         assert stream.interrupt() == 21

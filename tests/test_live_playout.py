@@ -193,3 +193,13 @@ def test_a_prebuffer_holds_a_segment_until_enough_is_queued_or_its_input_ended()
     playout.end("b")
     results = run_ticks(playout, 2, start=6)
     assert [t.speech_samples for t, _, _ in results] == [TICK, 0]
+
+
+@pytest.mark.parametrize(("at", "phase", "step", "tick"), [
+    (0.0, 0, 1, 0), (3.2, 0, 1, 4), (3.0, 5, 10, 5), (5.5, 5, 10, 15), (17.0, 23, 10, 23),
+    (12.0, 2, 10, 12), (12.01, 2, 10, 22)])
+def test_aligned_tick_is_the_first_grid_tick_of_the_phase(at, phase, step, tick):
+    from avatard.daemon.live_worker import aligned_tick
+
+    assert aligned_tick(at, phase, step) == tick
+    assert tick >= at and (tick - phase) % step == 0 and tick - at < step + 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -873,6 +874,14 @@ class DittoStream(AvatarStream):
         self.finished = True
         self._unread = True
         return self._frames(final=True)
+
+    @property
+    def burst_frames(self) -> int:
+        """Online: a window of `valid` (10) frames completes every `valid` pushes, in a
+        pattern that also follows the encoder's chunks of HUBERT_CHUNK[1] rows, so it
+        repeats every lcm of the two (10). Offline: every window step (70)."""
+        motion = self.pcfg.motion
+        return math.lcm(motion.valid, HUBERT_CHUNK[1]) if motion.online else motion.valid
 
     @property
     def lookahead_frames(self) -> int:
