@@ -86,7 +86,7 @@ class WorkerSpec:
     avatar_cache_size: int = 8  # avatars.worker_cache_size
     max_media_s: float = 600.0  # daemon.max_media_s
     input_gap_s: float = 30.0  # timeouts.input_gap_s
-    live_render_ahead_frames: int = 1  # daemon.live_render_ahead_frames
+    live_render_ahead_frames: int = -1  # daemon.live_render_ahead_frames (-1: auto)
 
     @classmethod
     def from_config(cls, config: Config, index: int, attempt: int, device: str,

@@ -212,7 +212,9 @@ class LiveOptions(Struct, frozen=True, forbid_unknown_fields=True):
     microphone), whose chunks would otherwise arrive a little after they were due and
     play as short silences. Adds its length to the latency. 0 (default): play at once.
     `render_ahead_frames`: frames rendered ahead of the clock beyond the engine's
-    look-ahead (slack for compute time); -1 (default): `daemon.live_render_ahead_frames`."""
+    look-ahead (slack for compute time); -1 (default): `daemon.live_render_ahead_frames`
+    (itself -1 by default: 1, or half a burst + 1 for an engine that makes frames in
+    bursts)."""
 
     prebuffer_ms: Annotated[int, Meta(ge=0, le=5000)] = 0
     render_ahead_frames: Annotated[int, Meta(ge=-1, le=250)] = -1

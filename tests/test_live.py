@@ -15,6 +15,7 @@ import pytest
 from daemon_harness import run_daemon
 
 from avatard.daemon.config import load_config
+from avatard.daemon.live_worker import render_ahead_frames
 from avatard.engines.audio import resample
 from avatard.engines.fake import (
     FakeTTSEngine,
@@ -39,7 +40,7 @@ from avatard.ipc.client import (
 SIZE = 32
 FAKE = {"width": SIZE, "height": SIZE}
 RATE, FPS, TICK = 16000, 25, 640  # the fake avatar engine's audio rate and fps
-RENDER_AHEAD = load_config(None).daemon.live_render_ahead_frames  # the default
+DEFAULT_AHEAD = load_config(None).daemon.live_render_ahead_frames
 # Small frame slots, many of them: a reading client on a busy machine never loses a frame
 # (64 frames of slack), and a session's rings stay small in /dev/shm.
 RINGS = {"rings": {"frame_slots": 64, "frame_slot_bytes": 4096, "audio_slots": 64,
@@ -143,12 +144,13 @@ def assert_continuous(rec: Recorder, silenced_from: int | None = None, burst: in
                       ) -> None:
     """Every frame in order with its audio chunk; frames made from speech went out silent
     only after a barge-in (the first frame after it: `silenced_from`): those rendered
-    ahead of the clock (`RENDER_AHEAD`) or in one burst with them (`burst`)."""
+    ahead of the clock (the default for `burst`) or in one burst with them."""
     assert rec.frames == list(range(len(rec.frames))), "every frame, in order, none lost"
     if silenced_from is None:
         assert not rec.silenced, "frames made from speech went out silent"
     else:
-        assert all(silenced_from <= i < silenced_from + RENDER_AHEAD + burst - 1
+        ahead = render_ahead_frames(DEFAULT_AHEAD, burst)
+        assert all(silenced_from <= i < silenced_from + ahead + burst - 1
                    for i in rec.silenced), (rec.silenced, silenced_from)
     assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
     assert all(rec.audio[i].size == TICK for i in rec.frames)
@@ -220,7 +222,7 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
         rec.session.interrupt()
         finished = rec.until(segment_is(PlaybackFinishedEvent, "a"))
         after = len(rec.frames)
-        rec.frames_more(15)  # frames go on, silent
+        rec.frames_more(25)  # frames go on, silent
         late = rec.session.send_audio(speech[:TICK], RATE, "a")  # "a" was interrupted
         refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
         rec.session.send_audio(speech[:RATE // 5], RATE, "b")
@@ -231,8 +233,9 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     # Frames the engine had made from the speech but not sent yet go out silent; every
     # frame after them is made from silence (its level is 0, as its audio is).
     assert_continuous(rec, silenced_from=after, burst=engine.get("burst_frames", 1))
-    assert not any(rec.levels[i] for i in range(
-        after + RENDER_AHEAD + engine.get("burst_frames", 1) - 1, after + 15))
+    burst = engine.get("burst_frames", 1)
+    ahead = render_ahead_frames(DEFAULT_AHEAD, burst)
+    assert not any(rec.levels[i] for i in range(after + ahead + burst - 1, after + 25))
     assert finished.interrupted
     # At least what the client heard before it barged in, less than the whole segment.
     assert heard_s <= finished.position_s < 2.0
