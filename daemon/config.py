@@ -158,8 +158,8 @@ class DaemonConfig:
         "Frames a live session renders ahead of its clock beyond the engine's look-ahead: "
         "slack for compute time, so a frame (or a burst: Ditto computes 10 at once) is "
         "ready when its tick comes. Each frame adds 1 / fps to the audio-to-frame latency. "
-        "-1: 1 for an engine that makes a frame per push, half a burst + 1 for one that "
-        "makes bursts (Ditto online: 6).",
+        "-1: 0 for an engine that makes a frame per push (its frame is made within the "
+        "tick), half a burst + 1 for one that makes bursts (Ditto online: 6).",
         ge=-1, le=250,
     )
     live_max_queued_s: float = _key(

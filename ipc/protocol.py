@@ -213,7 +213,7 @@ class LiveOptions(Struct, frozen=True, forbid_unknown_fields=True):
     play as short silences. Adds its length to the latency. 0 (default): play at once.
     `render_ahead_frames`: frames rendered ahead of the clock beyond the engine's
     look-ahead (slack for compute time); -1 (default): `daemon.live_render_ahead_frames`
-    (itself -1 by default: 1, or half a burst + 1 for an engine that makes frames in
+    (itself -1 by default: 0, or half a burst + 1 for an engine that makes frames in
     bursts)."""
 
     prebuffer_ms: Annotated[int, Meta(ge=0, le=5000)] = 0

@@ -150,7 +150,8 @@ def assert_continuous(rec: Recorder, silenced_from: int | None = None, burst: in
         assert not rec.silenced, "frames made from speech went out silent"
     else:
         ahead = render_ahead_frames(DEFAULT_AHEAD, burst)
-        assert all(silenced_from <= i < silenced_from + ahead + burst - 1
+        # (+ 1: the frame being rendered when the barge-in came, sent after it)
+        assert all(silenced_from <= i < silenced_from + ahead + burst
                    for i in rec.silenced), (rec.silenced, silenced_from)
     assert sorted(rec.audio) == rec.frames, "one audio chunk per frame, same index"
     assert all(rec.audio[i].size == TICK for i in rec.frames)
@@ -235,7 +236,7 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     assert_continuous(rec, silenced_from=after, burst=engine.get("burst_frames", 1))
     burst = engine.get("burst_frames", 1)
     ahead = render_ahead_frames(DEFAULT_AHEAD, burst)
-    assert not any(rec.levels[i] for i in range(after + ahead + burst - 1, after + 25))
+    assert not any(rec.levels[i] for i in range(after + ahead + burst, after + 25))
     assert finished.interrupted
     # At least what the client heard before it barged in, less than the whole segment.
     assert heard_s <= finished.position_s < 2.0
