@@ -52,7 +52,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -83,8 +82,10 @@ from .sweep import (
     MemorySampler,
     drain_started,
     engine_sections,
+    exit_on_sigterm,
     join_threads,
     parse_list,
+    parse_overrides,
     speech_like_pcm,
 )
 from .timing import percentile
@@ -746,23 +747,8 @@ def live_command(engine: str | None, sessions: str, seconds: float, workers: str
                  out: str) -> LiveBenchResult:
     """What `avatard bench live` runs: parse the lists and KEY=VALUE items, then run.
     Raises ValueError for bad arguments (the CLI shows them)."""
-    from avatard.daemon import ConfigError, parse_override
-
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM ends the bench like Ctrl-C: through the `finally` that stops the private
-        # daemon, instead of leaving it running.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    def parse(items: tuple[str, ...], flag: str) -> dict[str, Any]:
-        parsed: dict[str, Any] = {}
-        for item in items:
-            try:
-                key, value = parse_override(item)
-            except ConfigError as exc:
-                raise ValueError(f"{flag} {item!r}: {exc}") from None
-            parsed[key] = value
-        return parsed
-
+    exit_on_sigterm()
+    parse = parse_overrides
     return run_live_bench(
         engine, parse_list(sessions, int, "sessions"), seconds, Path(out),
         workers=parse_list(workers, int, "workers") if workers else None, endpoint=endpoint,

@@ -675,6 +675,28 @@ def _show(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM ends a bench like Ctrl-C: through the `finally` that stops its private
+    daemon, instead of leaving it running (main thread only; elsewhere nothing)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def parse_overrides(items: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """KEY=VALUE items of a bench flag (`--option`, `--set`) as a dict. Raises ValueError
+    naming the flag and the item."""
+    from avatard.daemon import ConfigError, parse_override
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        try:
+            key, value = parse_override(item)
+        except ConfigError as exc:
+            raise ValueError(f"{flag} {item!r}: {exc}") from None
+        parsed[key] = value
+    return parsed
+
+
 def sweep_command(engine: str | None, weights: str | None, workers: str | None, batch: str,
                   streams: str, seconds: str, mode: str, out: str, endpoint: str | None,
                   repeat: int, options: tuple[str, ...], force: bool, allowance_s: float,
@@ -682,23 +704,8 @@ def sweep_command(engine: str | None, weights: str | None, workers: str | None, 
                   progress: bool = True) -> SweepResult:
     """What `avatard bench sweep` runs: parse the comma lists and the KEY=VALUE options and
     settings, then run. Raises ValueError for bad arguments (the CLI shows them)."""
-    from avatard.daemon import ConfigError, parse_override
-
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM ends the sweep like Ctrl-C: through the `finally` that stops the private
-        # daemon, instead of leaving it running.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    def parse(items: tuple[str, ...], flag: str) -> dict[str, Any]:
-        parsed: dict[str, Any] = {}
-        for item in items:
-            try:
-                key, value = parse_override(item)
-            except ConfigError as exc:
-                raise ValueError(f"{flag} {item!r}: {exc}") from None
-            parsed[key] = value
-        return parsed
-
+    exit_on_sigterm()
+    parse = parse_overrides
     result = run_sweep(
         engine, Path(out), weights=weights,
         workers=parse_list(workers, int, "workers") if workers else None,
