@@ -18,6 +18,14 @@ round, so even a short run injects each kind):
   slow_client      a client that sleeps between events for one job
   client_kill      a client in a separate (spawned) process, SIGKILLed while streaming
 
+Live sessions: `live` more client threads each keep a live session open (a new one when
+one ends), sending speech segments at realtime pace, interrupting some, closing after a
+few seconds; every frame is checked against the fake engine's live reference (its index
+continuous except for counted gaps, its pixels those of its index with the audio level of
+the chunk sent with it) and every `playback_started` must get its `playback_finished`
+unless the session failed. A worker fault under a session moves it (`session_moved`) or
+ends it `worker_error` when no other worker has a free place.
+
 Audit: the daemon must exit 0 on SIGTERM; every accepted job must end in `done` with all
 its frames exactly once or in a failure with a reason (`jobs_lost` counts the others); no
 segment of the daemon's pid in /dev/shm; no child of the daemon alive after it exited; no
@@ -48,7 +56,7 @@ import numpy as np
 import psutil
 
 from avatard.daemon import PrivateDaemon
-from avatard.engines.fake import expected_frame
+from avatard.engines.fake import audio_level, expected_frame, frame_audio_level_of
 from avatard.ipc import segments
 from avatard.ipc.client import (
     AudioEvent,
@@ -58,6 +66,9 @@ from avatard.ipc.client import (
     DoneEvent,
     FrameEvent,
     JobFailedError,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+    SessionMovedEvent,
 )
 from avatard.ipc.procmem import rss_bytes
 from avatard.ipc.ring import StaleSlotError
@@ -89,6 +100,7 @@ WORKER_FAULTS = FAULT_KINDS[:3]
 # pages of shared-memory rings it touches, a few MiB. 32 MiB is far above that yet far
 # below what a per-frame or per-job leak adds over thousands of jobs.
 RSS_GROWTH_BOUND_MB = 32.0
+FAKE_RATE = 16000  # the fake avatar engine's audio rate (its default)
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey").split()
 
@@ -162,6 +174,69 @@ def consume(events: Any, record: JobRecord, pause_s: float = 0.0,
         record.outcome, record.code = "lost", f"{type(exc).__name__}: {exc}"[:300]
 
 
+@dataclass
+class LiveRecord:
+    """What one client saw of one live session."""
+
+    job_id: str
+    seed: int
+    frames: int = 0  # frames received
+    gaps: int = 0  # indices jumped over: frames dropped or lost in a move
+    out_of_order: int = 0  # frames whose index was not above the last one
+    corrupt: int = 0  # frames not pixel-equal to the reference, or not of their audio
+    moves: int = 0
+    started: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)
+    outcome: str = ""  # "done" | "failed" | "lost"
+    code: str = ""
+
+
+class LiveChecker:
+    """Checks a live session's events as they come (into a `LiveRecord`)."""
+
+    def __init__(self, record: LiveRecord):
+        self.record = record
+        self.next_index = 0
+        self.stream_start = 0  # a fake stream numbers its frames from 0 on each worker
+        self.levels: dict[int, int] = {}
+
+    def see(self, event: Any) -> None:
+        rec = self.record
+        if isinstance(event, FrameEvent):
+            if event.index < self.next_index:
+                rec.out_of_order += 1
+                return
+            rec.gaps += event.index - self.next_index
+            self.next_index = event.index + 1
+            rec.frames += 1
+            try:
+                level = frame_audio_level_of(event.array)
+            except ValueError:
+                rec.corrupt += 1
+                return
+            if not np.array_equal(event.array, expected_frame(
+                    rec.seed, event.index - self.stream_start, FRAME, FRAME, level)):
+                rec.corrupt += 1
+            self.levels[event.index] = level
+        elif isinstance(event, AudioEvent):
+            level = self.levels.pop(event.index, None)
+            sent = audio_level(np.asarray(event.pcm))
+            # A frame made from speech may go out silent after a barge-in; never the
+            # other way round, and never with another level.
+            if level is not None and sent != level and sent != 0:
+                rec.corrupt += 1
+        elif isinstance(event, PlaybackStartedEvent):
+            rec.started.add(event.segment_id)
+        elif isinstance(event, PlaybackFinishedEvent):
+            rec.finished.add(event.segment_id)
+        elif isinstance(event, SessionMovedEvent):
+            rec.moves += 1
+            self.stream_start = event.resume_index
+            self.next_index = event.resume_index
+        elif isinstance(event, DoneEvent):
+            rec.outcome = "done"
+
+
 def _doomed_client(endpoint: str, seed: int, text: str, conn: Any) -> None:
     """Runs in a spawned process: stream a job slowly and report progress until killed."""
     with Client(endpoint, timeout_s=30.0, name="chaos-doomed") as client:
@@ -176,7 +251,7 @@ def _doomed_client(endpoint: str, seed: int, text: str, conn: Any) -> None:
 
 class Chaos:
     def __init__(self, seconds: float, seed: int, workers: int, clients: int, workdir: Path,
-                 jobs_per_worker: int = 1):
+                 jobs_per_worker: int = 1, live: int = 1):
         self.seconds = seconds
         self.seed = seed
         self.workers = workers
@@ -186,6 +261,8 @@ class Chaos:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.jobs: list[JobRecord] = []
+        self.live = live
+        self.live_records: list[LiveRecord] = []
         self.refused: Counter[str] = Counter()  # job requests not accepted (busy...)
         self.errors: list[str] = []  # unexpected exceptions in load threads
         self.faults: list[dict[str, Any]] = []
@@ -258,6 +335,64 @@ class Chaos:
         finally:
             if client is not None:
                 client.close()
+
+    def _live_loop(self, n: int) -> None:
+        """Keep a live session open, renewed every few seconds, fed and checked."""
+        rng = random.Random(self.seed * 2003 + n)
+        name = f"live-{n}"
+        try:
+            with Client(self.d.endpoint, timeout_s=30.0, name=name) as client:
+                while not self.stop.is_set():
+                    seed = rng.randrange(1, 2**31)
+                    try:
+                        session = client.live(seed=seed)
+                    except ClientError as exc:
+                        with self.lock:
+                            self.refused[f"live {exc.code or type(exc).__name__}"] += 1
+                        time.sleep(0.5)
+                        continue
+                    record = LiveRecord(session.job_id, seed)
+                    with self.lock:
+                        self.live_records.append(record)
+                    self._run_live(session, LiveChecker(record), rng)
+        except Exception as exc:  # noqa: BLE001 - reported in the audit, never swallowed
+            with self.lock:
+                self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    def _run_live(self, session: Any, checker: LiveChecker, rng: random.Random) -> None:
+        """Segments of 0.3-1 s at realtime pace (100 ms chunks), some interrupted, for
+        2-6 s; then close and read to the end."""
+        record = checker.record
+        tone = np.full(FAKE_RATE // 10, 0.5, np.float32)  # 100 ms of speech, level 128
+        end = time.monotonic() + rng.uniform(2.0, 6.0)
+        segment = 0
+        try:
+            while time.monotonic() < end and not self.stop.is_set():
+                segment += 1
+                chunks = rng.randint(3, 10)
+                for _ in range(chunks):
+                    session.send_audio(tone, FAKE_RATE, f"s{segment}")
+                    until = time.monotonic() + 0.1
+                    while (left := until - time.monotonic()) > 0:
+                        if session.poll(left):
+                            checker.see(next(session))
+                if rng.random() < 0.3:
+                    session.interrupt()
+                else:
+                    session.end_segment(f"s{segment}")
+                pause = time.monotonic() + rng.uniform(0.1, 0.6)
+                while (left := pause - time.monotonic()) > 0:
+                    if session.poll(left):
+                        checker.see(next(session))
+            session.close()
+            for event in session:
+                checker.see(event)
+            if not record.outcome:
+                record.outcome, record.code = "lost", "event stream ended without done"
+        except JobFailedError as exc:
+            record.outcome, record.code = "failed", exc.code or "?"
+        except ClientError as exc:
+            record.outcome, record.code = "lost", f"{type(exc).__name__}: {exc}"[:300]
 
     # ------------------------------------------------------------- client faults
 
@@ -419,6 +554,8 @@ class Chaos:
                 self._sample(ctl)
                 loaders = [threading.Thread(target=self._load_loop, args=(n,), daemon=True)
                            for n in range(self.clients)]
+                loaders += [threading.Thread(target=self._live_loop, args=(n,), daemon=True)
+                            for n in range(self.live)]
                 for thread in loaders:
                     thread.start()
                 started = self.t0 = time.monotonic()
@@ -490,6 +627,9 @@ class Chaos:
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     orphans.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
                 proc.kill()
+        live = self.live_records
+        live_unfinished = sum(len(r.started - r.finished) for r in live
+                              if r.outcome == "done")
         jobs = self.jobs
         done = [j for j in jobs if j.outcome == "done"]
         failed = [j for j in jobs if j.outcome == "failed"]
@@ -539,6 +679,18 @@ class Chaos:
             "recovery_p99_s": percentile(every, 99, 3),
             "recovery_max_s": round(every[-1], 3) if every else None,
             "recovery_p99_by_kind_s": {k: percentile(v, 99, 3) for k, v in recovery.items()},
+            "live_sessions": len(live),
+            "live_done": sum(r.outcome == "done" for r in live),
+            "live_failed_by_code": dict(Counter(r.code for r in live if r.outcome == "failed")),
+            "live_lost": sum(r.outcome not in ("done", "failed") for r in live),
+            "live_lost_detail": [f"{r.job_id}: {r.code}" for r in live
+                                 if r.outcome not in ("done", "failed")][:20],
+            "live_frames": sum(r.frames for r in live),
+            "live_gaps": sum(r.gaps for r in live),
+            "live_moves": sum(r.moves for r in live),
+            "live_out_of_order": sum(r.out_of_order for r in live),
+            "live_corrupt": sum(r.corrupt for r in live),
+            "live_unfinished_segments": live_unfinished,
             "killed_client_jobs": len(self.doomed_jobs),
             "killed_client_job_ran_on_max_s": (round(max(doomed_ran_on), 2) if doomed_ran_on
                                                else None),
@@ -561,7 +713,10 @@ class Chaos:
                             and report["frames_missing"] == 0 and report["frames_corrupt"] == 0
                             and report["segments_leaked"] == 0 and exit_code == 0
                             and report["orphan_processes"] == 0 and zombies == 0
-                            and report["rss_flat"] and not self.errors)
+                            and report["rss_flat"] and not self.errors
+                            and report["live_lost"] == 0 and report["live_corrupt"] == 0
+                            and report["live_out_of_order"] == 0
+                            and report["live_unfinished_segments"] == 0)
         return report
 
 
@@ -570,14 +725,17 @@ def _r(value: float) -> float:
 
 
 def run_chaos(seconds: float, seed: int, workers: int = 3, clients: int = 3,
-              workdir: Path | None = None, jobs_per_worker: int = 1) -> dict[str, Any]:
+              workdir: Path | None = None, jobs_per_worker: int = 1, live: int = 1
+              ) -> dict[str, Any]:
     """Run the chaos scenario for `seconds` of load and return the audit (see the module
-    docstring). `workdir` keeps the daemon's config and log (a temporary folder if None)."""
+    docstring). `live`: live-session client threads beside the `clients` speak loaders.
+    `workdir` keeps the daemon's config and log (a temporary folder if None)."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        return Chaos(seconds, seed, workers, clients, workdir, jobs_per_worker).run()
+        return Chaos(seconds, seed, workers, clients, workdir, jobs_per_worker, live).run()
     with tempfile.TemporaryDirectory(prefix="avatard-chaos-") as tmp:
-        return Chaos(seconds, seed, workers, clients, Path(tmp), jobs_per_worker).run()
+        return Chaos(seconds, seed, workers, clients, Path(tmp), jobs_per_worker,
+                     live).run()
 
 
 def format_chaos(report: dict[str, Any]) -> str:
@@ -597,6 +755,12 @@ def format_chaos(report: dict[str, Any]) -> str:
         f"recovery (fault on a busy worker -> that job's next event): p50 "
         f"{report['recovery_p50_s']} s, p99 {report['recovery_p99_s']} s, max "
         f"{report['recovery_max_s']} s over {report['recovery_samples']} faults",
+        f"live sessions: {report['live_sessions']} ({report['live_done']} done, failed "
+        f"{report['live_failed_by_code'] or '-'}, {report['live_lost']} lost), "
+        f"{report['live_frames']} frames checked, {report['live_gaps']} gaps, "
+        f"{report['live_moves']} moves, {report['live_out_of_order']} out of order, "
+        f"{report['live_corrupt']} corrupt, {report['live_unfinished_segments']} segments "
+        "started and never finished",
         f"killed clients: {report['killed_client_jobs']} jobs; longest one ran on "
         f"{report['killed_client_job_ran_on_max_s']} s after its client died",
         f"after SIGTERM: exit {report['daemon_exit_code']}, segments leaked "

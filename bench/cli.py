@@ -243,16 +243,20 @@ def bench_overhead(frame_ms: float, busy: bool, seconds: float, size: int, repea
               help="Workers of the daemon under test.")
 @click.option("--jobs-per-worker", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Concurrent jobs each worker runs (daemon.jobs_per_worker).")
+@click.option("--live", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Live sessions kept open beside the speak load (renewed every few s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def bench_chaos(seconds: float, seed: int, workers: int, jobs_per_worker: int,
+def bench_chaos(seconds: float, seed: int, workers: int, jobs_per_worker: int, live: int,
                 as_json: bool) -> None:
-    """Steady fake-engine load while a seeded schedule SIGKILLs, SIGSTOPs and SIGTERMs
-    workers, fills a ring, slows a client and kills a client mid-stream; then audits:
-    every job done or failed with a reason, frames exactly once, nothing leaked. Exits 1
-    when the audit fails."""
+    """Steady fake-engine load (speak jobs and live sessions) while a seeded schedule
+    SIGKILLs, SIGSTOPs and SIGTERMs workers, fills a ring, slows a client and kills a
+    client mid-stream; then audits: every job done or failed with a reason, frames
+    exactly once, live frames in order and of their audio, every started segment
+    finished, nothing leaked. Exits 1 when the audit fails."""
     from avatard.bench.chaos import format_chaos, run_chaos
 
-    report = run_chaos(seconds, seed, workers=workers, jobs_per_worker=jobs_per_worker)
+    report = run_chaos(seconds, seed, workers=workers, jobs_per_worker=jobs_per_worker,
+                       live=live)
     _print_report(report, as_json, format_chaos)
     sys.exit(0 if report["passed"] else 1)
 

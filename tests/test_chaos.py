@@ -17,6 +17,7 @@ from daemon_harness import AVATARD, FAST_RESTART, FAST_TIMEOUTS
 from avatard.bench.chaos import FAULT_KINDS, format_chaos, run_chaos
 from avatard.daemon import PrivateDaemon
 from avatard.engines.fake import expected_frame
+from avatard.ipc import protocol as P
 from avatard.ipc import segments
 from avatard.ipc.client import (
     DAEMON_GONE,
@@ -54,6 +55,14 @@ def test_short_chaos_loses_nothing_and_leaves_nothing(tmp_path: Path, jobs_per_w
     for kind in FAULT_KINDS:
         assert report["faults_by_kind"][kind] > 0, f"no {kind} injected\n{summary}"
     assert report["rss_flat"], summary
+    # A live session runs beside the load: its frames in order, pixel-exact, each with
+    # its own audio, and every segment that started finished (sessions that fail for want
+    # of a free worker, or whose worker was lost in the drain, are fine).
+    assert report["live_sessions"] > 0 and report["live_frames"] > 0, summary
+    assert report["live_lost"] == 0, summary
+    assert report["live_corrupt"] == report["live_out_of_order"] == 0, summary
+    assert report["live_unfinished_segments"] == 0, summary
+    assert set(report["live_failed_by_code"]) <= {P.E_WORKER, P.E_DRAINING}, summary
 
 
 def _sections(tmp_path: Path) -> dict[str, dict[str, object]]:
