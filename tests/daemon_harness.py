@@ -15,7 +15,8 @@ import psutil
 from avatard.daemon import PrivateDaemon
 from avatard.ipc import segments
 
-__all__ = ["AVATARD", "run_daemon", "free_port", "FAST_TIMEOUTS", "FAST_RESTART"]
+__all__ = ["AVATARD", "run_daemon", "free_port", "reap_killed_daemon", "FAST_TIMEOUTS",
+           "FAST_RESTART"]
 
 # The console script next to this interpreter (the tests run the installed command).
 AVATARD = str(Path(sys.executable).with_name("avatard"))
@@ -83,3 +84,23 @@ def run_daemon(tmp_path: Path, workers: int = 1, fake: dict[str, Any] | None = N
         assert not leaked, f"daemon left segments {leaked}"
         assert not alive, f"daemon left processes {alive}"
         assert not (d.runtime_dir / "avatard.sock").exists(), "daemon left its socket file"
+
+
+def reap_killed_daemon(d: PrivateDaemon, pids: list[int]) -> None:
+    """After a test that SIGKILLs daemon `d`: kill it if it still runs, wait for the
+    processes `pids` (supervisor and workers, which die with their supervisor) and unlink
+    their shared-memory segments (a SIGKILLed daemon cannot unlink its own)."""
+    from avatard.ipc import segments
+
+    if d.proc.poll() is None:
+        d.stop(signal.SIGKILL, timeout_s=10)
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    for pid in pids:
+        for name in segments.segments_of(pid):
+            segments.unlink_segment(name)

@@ -13,9 +13,8 @@ import signal
 import time
 
 import numpy as np
-import psutil
 import pytest
-from daemon_harness import FAST_RESTART, FAST_TIMEOUTS, free_port, run_daemon
+from daemon_harness import FAST_RESTART, FAST_TIMEOUTS, free_port, reap_killed_daemon, run_daemon
 from test_live import (
     FPS,
     RATE,
@@ -31,7 +30,6 @@ from avatard.daemon import PrivateDaemon
 from avatard.engines.audio import resample
 from avatard.engines.fake import FakeTTSEngine, audio_level, expected_frame
 from avatard.ipc import protocol as P
-from avatard.ipc import segments
 from avatard.ipc.async_client import AsyncClient, AsyncLiveSession
 from avatard.ipc.client import (
     DAEMON_GONE,
@@ -431,19 +429,7 @@ def test_a_vanished_daemon_ends_every_wait_with_a_clear_error(tmp_path):
         assert "Health" in str(errors[1]) and "LiveText" in str(errors[2])
         assert d.proc.wait(timeout=10) == -signal.SIGKILL
     finally:
-        if d.proc.poll() is None:
-            d.stop(signal.SIGKILL, timeout_s=10)
-        # Workers die with their supervisor; a SIGKILLed daemon cannot unlink its segments.
-        procs = []
-        for pid in pids:
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        for pid in pids:
-            for name in segments.segments_of(pid):
-                segments.unlink_segment(name)
+        reap_killed_daemon(d, pids)
     assert not mapped_segments()
 
 

@@ -14,13 +14,11 @@ import subprocess
 import wave
 
 import numpy as np
-import psutil
 import pytest
-from daemon_harness import AVATARD, FAST_RESTART, FAST_TIMEOUTS, run_daemon
+from daemon_harness import AVATARD, FAST_RESTART, FAST_TIMEOUTS, reap_killed_daemon, run_daemon
 
 from avatard.daemon import PrivateDaemon
 from avatard.engines.mux import plan_padding, read_mp4
-from avatard.ipc import segments
 
 pytest.importorskip("av")
 
@@ -166,15 +164,4 @@ def test_a_daemon_gone_mid_session_is_a_clear_error(tmp_path):
         assert "Traceback" not in stderr
         assert not (tmp_path / "x.mp4").exists()
     finally:
-        if d.proc.poll() is None:
-            d.stop(signal.SIGKILL, timeout_s=10)
-        procs = []
-        for pid in pids:
-            try:
-                procs.append(psutil.Process(pid))
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        for pid in pids:  # a SIGKILLed daemon cannot unlink its segments
-            for name in segments.segments_of(pid):
-                segments.unlink_segment(name)
+        reap_killed_daemon(d, pids)
