@@ -552,7 +552,32 @@ def measure(endpoint: str, sessions: int, seconds: float, seed: int, text_share:
         sampler.stop()
     with Client(endpoint, timeout_s=30, name="bench-live-status", inline=True) as c:
         after = c.stats()
-    return compute_metrics(results, after, sampler.peak, peak_gpu)
+    metrics = compute_metrics(results, after, sampler.peak, peak_gpu)
+    metrics["engine_batches"] = batch_figures(status, after)
+    return metrics
+
+
+def batch_figures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """How full the avatar engine's batches were between two `stats` bodies, from the
+    workers' `engine_counters` (engines that keep batch counts, e.g. Ditto): mean frames
+    per warp + decode batch, the share of computed slots that were padding, and mean
+    windows per LMDM batch. Workers that restarted in between count from zero. {} when
+    the engine keeps no batch counts. The counters come with heartbeats, so the last
+    second of a run may be missing from `after`."""
+    totals: dict[str, float] = {}
+    old = {w["pid"]: w.get("engine_counters", {}) for w in before["workers"]}
+    for w in after["workers"]:
+        start = old.get(w["pid"], {})
+        for key, value in w.get("engine_counters", {}).items():
+            totals[key] = totals.get(key, 0.0) + value - start.get(key, 0.0)
+    if not totals.get("frame_batches"):
+        return {}
+    frames, padded = totals.get("frames", 0.0), totals.get("frames_padded", 0.0)
+    figures = {"mean_frame_batch": round(frames / totals["frame_batches"], 2),
+               "frame_padding_share": round(padded / (frames + padded), 3) if frames else 0.0}
+    if totals.get("window_batches"):
+        figures["mean_window_batch"] = round(totals["windows"] / totals["window_batches"], 2)
+    return figures
 
 
 def warm_up(endpoint: str, sessions: int, seed: int) -> None:
@@ -723,6 +748,7 @@ def _run_group(endpoint: str | None, configs: list[LiveConfig], options: dict[st
                  f"{metrics['realtime_sessions']}/{cfg.sessions}, audio-to-frame p50 "
                  f"{_ms(lat['audio_to_frame']['p50'])}, barge-in p50 "
                  f"{_ms(lat['barge_in_silent']['p50'])}"
+                 + "".join(f", {k} {v}" for k, v in metrics["engine_batches"].items())
                  + (f", errors: {metrics['errors'][0]}" if metrics["errors"] else ""))
         finished = True
     finally:

@@ -253,6 +253,7 @@ class LiveSession:
             epoch = self.worker.live_epoch
             started = epoch + period_s * aligned_tick(
                 (time.monotonic() - epoch) / period_s, pre_roll, burst)
+            self.stream.set_due(started)
             clock = first  # the tick due next; frames up to clock - 1 are due
             while True:
                 due = started + (clock - first) * period_s
@@ -271,6 +272,7 @@ class LiveSession:
                     behind = clock - first
                     started = epoch + period_s * (aligned_tick(
                         (time.monotonic() - epoch) / period_s - behind, pre_roll, burst))
+                    self.stream.set_due(started)
                 renderer.submit(self._take_tick())
                 self._send_due(clock, started + (clock - first + 1) * period_s)
                 clock += 1

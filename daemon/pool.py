@@ -151,6 +151,7 @@ class WorkerSlot:
     rss_bytes: int = 0
     # Its avatar caches, from heartbeats: {"cached", "evictions", "engine_cached"}.
     avatar_cache: dict[str, int] = field(default_factory=dict)
+    engine_counters: dict[str, float] = field(default_factory=dict)
     memory_bytes: int = 0
     load_s: float = 0.0
     warmup_s: float = 0.0
@@ -291,6 +292,7 @@ class WorkerPool:
         w.deadline = now + self.timeouts.hello_s
         w.stage = "spawned"
         w.jobs = 0
+        w.engine_counters = {}  # a new process counts from zero
         w.to(WState.STARTING, now, f"attempt {w.attempt} on {w.device.name}")
 
     # ------------------------------------------------------------ messages
@@ -302,6 +304,7 @@ class WorkerPool:
             w.rss_bytes = msg.rss_bytes
             w.avatar_cache = {"cached": msg.avatars_cached, "evictions": msg.avatar_evictions,
                               "engine_cached": msg.engine_avatars_cached}
+            w.engine_counters = dict(msg.engine_counters)
         elif isinstance(msg, P.WHello):
             if w.state is WState.STARTING:
                 w.pid = msg.pid

@@ -56,6 +56,7 @@ def worker_status(w: WorkerSlot, running: list[str], now: float) -> dict[str, An
         "stage": w.stage, "load_s": round(w.load_s, 3), "reason": w.reason,
         "engines": w.engines,
         "avatar_cache": {"cached": 0, "evictions": 0, "engine_cached": 0, **w.avatar_cache},
+        "engine_counters": dict(w.engine_counters),
     }
 
 

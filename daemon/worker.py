@@ -270,7 +270,8 @@ class Worker:
                     cached, evictions = len(self.avatars), self.avatar_evictions
                 msg = P.make(P.WHeartbeat, rss_bytes=rss_bytes(), jobs=jobs,
                              avatars_cached=cached, avatar_evictions=evictions,
-                             engine_avatars_cached=self._engine_avatars())
+                             engine_avatars_cached=self._engine_avatars(),
+                             engine_counters=self._engine_counters())
                 sock.send_multipart(P.Codec.encode(msg))
         finally:
             sock.close(linger=0)
@@ -280,6 +281,11 @@ class Worker:
         engine = self.engines.get("avatar")
         count = getattr(engine, "cached_avatars", None)
         return int(count()) if callable(count) else 0
+
+    def _engine_counters(self) -> dict[str, float]:
+        """The avatar engine's running totals (`AvatarEngine.counters`), {} if it keeps none."""
+        engine = self.engines.get("avatar")
+        return {str(k): float(v) for k, v in engine.counters().items()} if engine else {}
 
     def _check_control(self, run: JobRun) -> None:
         """Between frames: act on a cancel or shutdown that the main thread recorded."""

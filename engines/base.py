@@ -272,6 +272,13 @@ class AvatarStream(abc.ABC):
         them. Constant for a stream's lifetime."""
         return 1
 
+    def set_due(self, start_s: float) -> None:  # noqa: B027 - optional hook
+        """Frame k of this stream will be sent at `time.monotonic()` value
+        `start_s + k / fps` (the live clock says so once it starts, and again when it
+        restarts after falling behind). Engines that order shared work by when its frames
+        are due (Ditto's batchers) use it; by default a stream's frames count as due from
+        its opening. May be called from another thread than push()."""
+
     def interrupt(self) -> int:
         """Barge-in: the audio pushed so far whose frames have not been returned becomes
         silence.
@@ -339,6 +346,12 @@ class AvatarEngine(Engine):
     def default_portrait(self) -> bytes | np.ndarray | None:
         """The portrait used when a job names no avatar (None: the engine has none)."""
         return None
+
+    def counters(self) -> dict[str, float]:
+        """Running totals since load that explain the engine's speed (names -> counts;
+        at most 64), sent with every worker heartbeat and shown per worker under
+        `engine_counters` in `avatard stats`. Default: none."""
+        return {}
 
     @abc.abstractmethod
     def open_stream(self, state: AvatarState, seed: int, live: bool = False) -> AvatarStream:

@@ -427,6 +427,7 @@ class FakeAvatarEngine(AvatarEngine):
         self.context = context
         self.device = device
         self._cache_lock = threading.Lock()
+        self._streams_opened = 0
         self._token = object()  # marks the avatar states this engine made
         self.fps = self.options.fps
         self.audio_rate = self.options.audio_rate
@@ -512,7 +513,15 @@ class FakeAvatarEngine(AvatarEngine):
                                    "not registered with this engine")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise EngineInputError("seed", f"must be an int, got {type(seed).__name__}")
+        with self._cache_lock:
+            self._streams_opened += 1
         return FakeAvatarStream(self, state, int(seed), live=bool(live))
+
+    def counters(self) -> dict[str, float]:
+        """Streams opened since load (batch and live), so tests can see the heartbeat's
+        `engine_counters` path work end to end."""
+        with self._cache_lock:
+            return {"streams_opened": self._streams_opened}
 
     def _render_frame(self, seed: int, index: int, height: int, width: int,
                       audio_level: int | None = None) -> np.ndarray:

@@ -596,6 +596,10 @@ class WHeartbeat(Msg, tag="w_heartbeat"):
     avatars_cached: NonNegInt = 0  # engine states in the worker's avatar cache
     avatar_evictions: NonNegInt = 0  # states let go from it since the worker started
     engine_avatars_cached: NonNegInt = 0  # portraits in the avatar engine's own cache
+    # The avatar engine's own running totals (engines that keep them, e.g. Ditto's batch
+    # counts: how full its GPU batches are), as `AvatarEngine.counters()` gives them.
+    engine_counters: Annotated[dict[Name, float], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict)
 
 
 class WFrame(Msg, tag="w_frame"):

@@ -82,6 +82,41 @@ def test_earliest_deadline_runs_first_and_a_cut_makes_a_batch_of_one() -> None:
     assert batches == [["blocker"], ["new1"], ["new2", "old5", "old6"], ["old7"]]
 
 
+def test_items_not_yet_urgent_hold_for_company_and_urgent_ones_do_not() -> None:
+    """hold_s: an item due later than hold_slack_s waits up to hold_s for others (here
+    long enough that only company ends the wait); an urgent one, or one that becomes
+    urgent while it waits, runs after max_wait_s. No timing is asserted: a wrongly held
+    item would wait 60 s and miss the 20 s result timeout."""
+    batches: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        batches.append(list(items))
+        return items
+
+    batcher = Batcher("hold", run, max_items=2, max_wait_s=0.001, hold_s=60.0,
+                      hold_slack_s=0.1)
+    try:
+        far = time.monotonic() + 3600
+        first = batcher.submit(["a"], [far], hold=True)[0]
+        time.sleep(0.05)  # far past max_wait_s: without the hold "a" would run alone
+        second = batcher.submit(["b"], [far], hold=True)[0]
+        assert (first.result(timeout=20), second.result(timeout=20)) == ("a", "b")
+        assert batches == [["a", "b"]]
+        # Due now: no hold.
+        urgent = batcher.submit(["urgent"], [time.monotonic()], hold=True)[0]
+        assert urgent.result(timeout=20) == "urgent"
+        # Due in 0.5 s: holds until 0.1 s before that, then runs alone.
+        soon = batcher.submit(["soon"], [time.monotonic() + 0.5], hold=True)[0]
+        assert soon.result(timeout=20) == "soon"
+        # Not asked to hold: runs after max_wait_s however far its deadline.
+        assert batcher.submit(["batch"], [far])[0].result(timeout=20) == "batch"
+        assert batches[1:] == [["urgent"], ["soon"], ["batch"]]
+        with pytest.raises(ValueError, match="hold_s"):
+            Batcher("bad", run, 1, 0.0, hold_s=-1)
+    finally:
+        batcher.close()
+
+
 def test_a_failing_batch_fails_each_of_its_items_and_the_batcher_goes_on() -> None:
     calls = {"n": 0}
 
@@ -251,6 +286,11 @@ def test_frames_of_two_avatars_batched_together_match_frames_rendered_alone() ->
     futures = [engine.submit_frames(a, x)[0] for a, x in zip(avatars, x_d, strict=True)]
     together = list(drain_futures(futures, 300, "frame"))
     assert engine._frame_batcher.batches == before + 1
+    # The counters the worker sends with its heartbeats: 2 frames alone, 2 together, and
+    # no padding on a CPU (no captured batch sizes).
+    counters = engine.counters()
+    assert (counters["frame_batches"], counters["frames"], counters["frames_padded"]) == (
+        before + 1, 4, 0)
     for a, b in zip(alone, together, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

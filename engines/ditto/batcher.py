@@ -19,8 +19,18 @@ a stream that submits frame k with deadline ``start + k / fps`` gets its first f
 ahead of another stream's later ones, so every stream keeps pace with realtime while the
 GPU has the capacity (FIFO would let one stream's 70-frame window hold all others back).
 A submission can also ask for a cut after its first item, so a new stream's first frame
-runs in a small batch of its own and leaves early. `run` must return one result per item,
-in order; if it raises, every item of that batch gets the exception.
+runs in a small batch of its own and leaves early.
+
+With `hold_s`, items submitted with `hold=True` that are not urgent wait longer for
+company: while every pending item asked to hold and the earliest deadline pending is more
+than `hold_slack_s` away, the batch waits up to `hold_s` after its oldest item's arrival
+(not just `max_wait_s`). This is for work whose cost hardly
+grows with the batch (an LMDM window batch of 8 takes about as long as one of 2): live
+sessions submit their windows in the same clock tick but from different threads, spread
+over a few ms, and a 2 ms wait splits them into several batches that each cost a full run.
+
+`run` must return one result per item, in order; if it raises, every item of that batch
+gets the exception.
 """
 
 from __future__ import annotations
@@ -54,17 +64,24 @@ class Batcher(Generic[Item, Result]):
         max_wait_s: float,
         finish: Callable[[Any], Sequence[Result]] | None = None,
         in_flight: int = 2,
+        hold_s: float = 0.0,
+        hold_slack_s: float = 0.0,
     ):
         if max_items < 1:
             raise ValueError(f"{name}: max_items must be >= 1, got {max_items}")
         if max_wait_s < 0:
             raise ValueError(f"{name}: max_wait_s must be >= 0, got {max_wait_s}")
+        if hold_s < 0 or hold_slack_s < 0:
+            raise ValueError(f"{name}: hold_s and hold_slack_s must be >= 0, got "
+                             f"{hold_s}, {hold_slack_s}")
         self.name = name
         self._run = run
         self.max_items = max_items
         self.max_wait_s = max_wait_s
-        # Heap of (deadline, sequence, arrival, cut_after, item, future).
-        self._pending: list[tuple[float, int, float, bool, Item, Future[Result]]] = []
+        self.hold_s = hold_s
+        self.hold_slack_s = hold_slack_s
+        # Heap of (deadline, sequence, arrival, cut_after, hold, item, future).
+        self._pending: list[tuple[float, int, float, bool, bool, Item, Future[Result]]] = []
         self._sequence = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -92,10 +109,12 @@ class Batcher(Generic[Item, Result]):
         items: Sequence[Item],
         deadlines: Sequence[float] | None = None,
         cut_after_first: bool = False,
+        hold: bool = False,
     ) -> list[Future[Result]]:
         """Queue items; `deadlines` (time.monotonic() values, one per item) order them
         against other callers' items, default arrival time. With `cut_after_first`, the
-        batch that takes the first item takes nothing after it."""
+        batch that takes the first item takes nothing after it; with `hold`, the items may
+        wait up to `hold_s` for company while not urgent (see the module docstring)."""
         futures: list[Future[Result]] = [Future() for _ in items]
         now = time.monotonic()
         if deadlines is None:
@@ -108,7 +127,7 @@ class Batcher(Generic[Item, Result]):
             for i, (item, fut, deadline) in enumerate(zip(items, futures, deadlines, strict=True)):
                 cut = cut_after_first and i == 0
                 heapq.heappush(
-                    self._pending, (deadline, next(self._sequence), now, cut, item, fut)
+                    self._pending, (deadline, next(self._sequence), now, cut, hold, item, fut)
                 )
             self._cond.notify()
         return futures
@@ -139,16 +158,22 @@ class Batcher(Generic[Item, Result]):
                     head = self._pending[0]
                     if len(self._pending) >= self.max_items or self._closed or head[3]:
                         break
-                    waited = time.monotonic() - min(entry[2] for entry in self._pending)
-                    if waited >= self.max_wait_s:
+                    now = time.monotonic()
+                    waited = now - min(entry[2] for entry in self._pending)
+                    limit, recheck = self.max_wait_s, float("inf")
+                    if self.hold_s > self.max_wait_s and all(e[4] for e in self._pending):
+                        spare = head[0] - now - self.hold_slack_s  # before the head is urgent
+                        if spare > 0:
+                            limit, recheck = self.hold_s, spare
+                    if waited >= limit:
                         break
-                    self._cond.wait(self.max_wait_s - waited)
+                    self._cond.wait(min(limit - waited, recheck))
                 else:
                     # Nothing to do: sleep until a submit (bounded, to notice close()).
                     self._cond.wait(1.0)
             batch = []
             while self._pending and len(batch) < self.max_items:
-                _, _, _, cut, item, fut = heapq.heappop(self._pending)
+                _, _, _, cut, _, item, fut = heapq.heappop(self._pending)
                 batch.append((item, fut))
                 if cut:
                     break

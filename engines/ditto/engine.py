@@ -81,6 +81,12 @@ LOOKAHEAD = HUBERT_CHUNK[2]
 HUBERT_WINDOW = sum(HUBERT_CHUNK) * SAMPLES_PER_FRAME + 80  # 6480 samples per chunk
 HUBERT_LEAD = HUBERT_WINDOW - (HUBERT_CHUNK[1] + HUBERT_CHUNK[2]) * SAMPLES_PER_FRAME  # 2000
 RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
+# A live window whose first frame is due within this long does not wait past batch_wait_ms
+# for company (window_hold_ms): the render of its frames, queued behind other streams' frames
+# (80 for 8 live sessions, ~0.28 s at an H200's batch throughput, earliest due first),
+# needs the rest of the slack. A live session's windows come ~0.24 s before their first
+# frame is due (daemon.live_render_ahead_frames 6), so they hold.
+WINDOW_HOLD_SLACK_S = 0.1
 
 
 @dataclass
@@ -163,12 +169,17 @@ class DittoEngine(AvatarEngine):
         self._lmdm_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self._warp_decode = GraphedCall("warp+decode", self._warp_decode_eager, self.cuda_graphs)
         self._ddim = GraphedCall("lmdm-ddim", self._ddim_eager, self.cuda_graphs)
+        # Slots the device computed (batches padded up to a captured/compiled size), next
+        # to the batchers' item counts: the share of padding is work thrown away.
+        self._frame_slots = 0
+        self._window_slots = 0
         self._frame_batcher: Batcher = Batcher(
             "frames", self._launch_render, self.max_batch, opts.batch_wait_ms / 1000,
             finish=self._finish_render,
         )
         self._window_batcher: Batcher = Batcher(
-            "windows", self._sample_items, self.max_windows, opts.batch_wait_ms / 1000
+            "windows", self._sample_items, self.max_windows, opts.batch_wait_ms / 1000,
+            hold_s=opts.window_hold_ms / 1000, hold_slack_s=WINDOW_HOLD_SLACK_S,
         )
         if not self.random_weights:
             self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
@@ -383,6 +394,16 @@ class DittoEngine(AvatarEngine):
             notes="; ".join(notes),
         )
 
+    def counters(self) -> dict[str, float]:
+        """How full the batches were since load: frame (warp + decode) and LMDM window
+        batches run, the items they carried and the padding slots added to reach a
+        captured size (`frame_buckets`, `window_buckets`); mean batch = items / batches,
+        padding share = padded / (items + padded)."""
+        frames, windows = self._frame_batcher, self._window_batcher
+        return {"frame_batches": frames.batches, "frames": frames.items,
+                "frames_padded": self._frame_slots, "window_batches": windows.batches,
+                "windows": windows.items, "windows_padded": self._window_slots}
+
     def close(self) -> None:
         self._frame_batcher.close()
         self._window_batcher.close()
@@ -498,14 +519,17 @@ class DittoEngine(AvatarEngine):
         x_init: np.ndarray,
         step_noise: np.ndarray,
         deadline_s: float | None = None,
+        hold: bool = False,
     ) -> np.ndarray:
         """One DDIM run of the LMDM: (265,) reference, (80,C) condition, (80,265) initial
         x and (S-1,80,265) per-step noise -> (80,265). The stream owns the randomness, so a
-        window does not depend on which other streams' windows share its batch."""
+        window does not depend on which other streams' windows share its batch. `hold`:
+        the window may wait up to `window_hold_ms` for other streams' windows while its
+        first frame (due at `deadline_s`) is not urgent (live streams ask for it)."""
         item = (np.asarray(reference, np.float32).reshape(-1), np.asarray(cond, np.float32),
                 np.asarray(x_init, np.float32), np.asarray(step_noise, np.float32))
         deadline = [deadline_s] if deadline_s is not None else None
-        future = self._window_batcher.submit([item], deadline)[0]
+        future = self._window_batcher.submit([item], deadline, hold=hold)[0]
         return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))
 
     def _ddim_eager(
@@ -552,6 +576,7 @@ class DittoEngine(AvatarEngine):
         n = len(items)
         if self.cuda_graphs:
             bucket = _bucket(n, self.window_buckets)
+            self._window_slots += bucket - n
             ref, cond, x_init = (_pad(t, bucket) for t in (ref, cond, x_init))
             noises = _pad(noises.transpose(0, 1), bucket).transpose(0, 1)
         return list(networks.to_numpy(self._ddim(ref, cond, x_init, noises)[:n]))
@@ -620,6 +645,7 @@ class DittoEngine(AvatarEngine):
             # Only a few batch sizes, each captured (and compiled) once at warm-up: a new
             # size met mid-job would cost a capture or a compile while streams wait.
             bucket = _bucket(n, self.frame_buckets)
+            self._frame_slots += bucket - n
             kp_s, kp_d, feature = (_pad(t, bucket) for t in (kp_s, kp_d, feature))
         faces = self._warp_decode(feature, kp_s, kp_d)[:n]
         groups: list[torch.Tensor] = []
@@ -774,7 +800,10 @@ class DittoStream(AvatarStream):
     def _sample(self, reference: np.ndarray, cond: np.ndarray) -> np.ndarray:
         x_init = torch.randn(self._window_shape, generator=self._generator).numpy()
         due = self.started + self.emitted / self.fps
-        return self.engine.sample_window(reference, cond, x_init, self._step_noise, due)
+        # A live session's windows come in the same tick as the other sessions' (the
+        # worker aligns their clocks) and hold for them; a batch stream's run at once.
+        return self.engine.sample_window(reference, cond, x_init, self._step_noise, due,
+                                         hold=self.live)
 
     def _feature_limit(self, final: bool, total: int) -> int:
         """Feature rows whose values the audio so far fixes: whole chunks of 5 frames
@@ -874,6 +903,11 @@ class DittoStream(AvatarStream):
         self.finished = True
         self._unread = True
         return self._frames(final=True)
+
+    def set_due(self, start_s: float) -> None:
+        """Frame k is due at `start_s + k / fps` (the live clock's start): the deadlines
+        this stream's windows and frames carry into the batchers from now on."""
+        self.started = float(start_s)
 
     @property
     def burst_frames(self) -> int:

@@ -57,6 +57,13 @@ class DittoOptions:
         2.0, "How long a lone frame or window waits for others to batch with, in ms.",
         ge=0, le=100,
     )
+    window_hold_ms: float = option(
+        40.0, "How long a live session's LMDM window whose first frame is not due within "
+        "0.1 s waits for other sessions' windows, in ms (a batch of 8 windows costs about "
+        "what a batch of 2 does; sessions submit theirs in the same tick, from different "
+        "threads, spread over tens of ms when the GPU is busy).",
+        ge=0, le=1000,
+    )
     cuda_graphs: bool | None = option(
         None, "Replay warp + decode and LMDM sampling as CUDA graphs (CUDA only).",
         default_doc="on with CUDA",
