@@ -29,6 +29,9 @@ interrupted, with the position so far. So a segment cut by `clear_buffer` yields
 more (neither audio nor `AudioSegmentEnd`), or the agent would hear of it twice. A
 segment the daemon cut by itself (its worker was lost, `session_moved`; or the session
 closed) yields `AudioSegmentEnd`, so the agent never waits for a playback that cannot end.
+Segments queued back to back share the frame period where one ends and the next begins:
+its audio frame counts toward the first, whose `AudioSegmentEnd` follows it. (LiveKit
+Agents plays one speech at a time, waiting for its playout before the next.)
 
 Ownership: the generator does not own its session; whoever opened it closes it
 (`async with client.live(...) as session`). Iteration ends at the session's `done`; the
@@ -71,6 +74,9 @@ from .pcm import float_to_int16, int16_to_float_mono
 __all__ = ["AvatardVideoGenerator", "run_in_room"]
 
 log = logging.getLogger("avatard.livekit")
+# How long clear_buffer waits for the consumer to finish with the item it holds: an audio
+# frame in an AVSynchronizer waits at most its queue (100 ms by default) of realtime.
+HANDOVER_TIMEOUT_S = 2.0
 
 
 class AvatardVideoGenerator(VideoGenerator):
@@ -99,6 +105,12 @@ class AvatardVideoGenerator(VideoGenerator):
         # with their arrays copied: their slots went back to the daemon.
         self._early: deque[Any] = deque()
         self._iterating = False
+        # Clear while the consumer holds an item it has not finished with: AvatarRunner
+        # adds an audio frame to the playback position only once its synchronizer took
+        # it (which waits for realtime), so clear_buffer waits for that, or the frame
+        # would count as the start of a new playback after the runner's reset.
+        self._handed_over = asyncio.Event()
+        self._handed_over.set()
 
     # ----------------------------------------------------------------- size and rate
 
@@ -175,6 +187,17 @@ class AvatardVideoGenerator(VideoGenerator):
         self._receiving = None
         self._playing.clear()
         await self.session.interrupt()
+        if not self._handed_over.is_set():
+            try:
+                await asyncio.wait_for(self._handed_over.wait(), HANDOVER_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "live session %s: the consumer did not come back for the next item "
+                    "within %g s of clear_buffer; its playback position may be off by one "
+                    "frame",
+                    self.session.job_id,
+                    HANDOVER_TIMEOUT_S,
+                )
 
     # ----------------------------------------------------------------- output
 
@@ -183,6 +206,15 @@ class AvatardVideoGenerator(VideoGenerator):
         return self._stream()
 
     async def _stream(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
+        try:
+            async for item in self._items():
+                self._handed_over.clear()
+                yield item
+                self._handed_over.set()  # the consumer asks for the next one
+        finally:
+            self._handed_over.set()
+
+    async def _items(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
         session = self.session
         while True:
             if self._early:
@@ -248,6 +280,7 @@ async def run_in_room(
     endpoint: str,
     *,
     avatar: str = "",
+    avatar_image: bytes | None = None,
     seed: int = 0,
     prebuffer_ms: int = 0,
     agent_identity: str | None = None,
@@ -258,7 +291,8 @@ async def run_in_room(
 ) -> None:
     """Be the avatar of a LiveKit room: join `url` with `token` (the avatar's identity
     and grants are in the token), open a live session at the daemon `endpoint` (portrait
-    `avatar`, motion `seed`, jitter buffer `prebuffer_ms`), receive the agent's audio
+    `avatar`, an avatar id; or `avatar_image`, encoded image bytes registered for the
+    call; motion `seed`, jitter buffer `prebuffer_ms`), receive the agent's audio
     over the room's data streams (`DataStreamAudioReceiver`, from the participant
     `agent_identity`, default: the first agent to join) and publish the session's video
     and audio with `AvatarRunner`. Runs until the room disconnects, the session ends or
@@ -287,23 +321,35 @@ async def run_in_room(
         log.info("joined room %s as %s", room.name, room.local_participant.identity)
         # The session opens only once the agent is there: frames nobody reads would be
         # dropped, and slots held past timeouts.client_call_s would end the session.
-        try:
-            agent = await asyncio.wait_for(
-                utils.wait_for_participant(
-                    room,
-                    identity=agent_identity,
-                    kind=None if agent_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
-                ),
-                agent_timeout_s,
+        waiting = asyncio.ensure_future(
+            utils.wait_for_participant(
+                room,
+                identity=agent_identity,
+                kind=None if agent_identity else rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
             )
-        except TimeoutError:
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {waiting, stopping}, timeout=agent_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (waiting, stopping):
+                task.cancel()
+            await asyncio.gather(waiting, stopping, return_exceptions=True)
+        if stop.is_set():
+            return
+        if waiting.cancelled():
             who = agent_identity or "an agent participant"
-            raise TimeoutError(
-                f"{who} did not join room {room.name} within {agent_timeout_s:g} s"
-            ) from None
+            raise TimeoutError(f"{who} did not join room {room.name} within {agent_timeout_s:g} s")
+        agent = waiting.result()
         async with (
             AsyncClient(endpoint, timeout_s=timeout_s) as client,
-            client.live(avatar=avatar, seed=seed, prebuffer_ms=prebuffer_ms) as session,
+            client.live(
+                avatar=await client.register_avatar(avatar_image) if avatar_image else avatar,
+                seed=seed,
+                prebuffer_ms=prebuffer_ms,
+            ) as session,
         ):
             generator = AvatardVideoGenerator(session)
             options = await generator.avatar_options()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +22,7 @@ if os.environ.get("AVATARD_EXPECT_INSTALLED") != "1":
     # CI installs the extra: a skip there would hide a broken install.
     pytest.importorskip("livekit.agents", reason="needs the `livekit` extra")
 
-from daemon_harness import run_daemon
+from daemon_harness import AVATARD, free_port, run_daemon
 from livekit import rtc
 from livekit.agents.voice.avatar import (
     AudioSegmentEnd,
@@ -273,9 +274,9 @@ def test_avatar_runner_reports_playback_and_interrupts(tmp_path):
     levels = [audio_level(a.astype(np.float32) / 32768) for a in audio]
     cut = levels.count(audio_level(long))
     assert 5 <= cut < long.size // TICK
-    # The runner counts a frame once its synchronizer took it: the last one yielded
-    # before the barge-in may still have been on its way.
-    assert cut - 1 <= round(second.playback_position * FPS) <= cut
+    # Every frame of it yielded before the barge-in counts, also one that the runner's
+    # synchronizer was still taking (clear_buffer waits for it).
+    assert second.playback_position == pytest.approx(cut / FPS)
     # Started / finished in order, once per segment; one segment end for each segment
     # that played out, none for the one cut short.
     assert [ev if ev == "started" else "finished" for ev in events] == ["started", "finished"] * 3
@@ -285,3 +286,21 @@ def test_avatar_runner_reports_playback_and_interrupts(tmp_path):
     assert {audio_level(a[1].astype(np.float32) / 32768) for a in after_clear} == {
         audio_level(after)
     }
+
+
+def test_runner_command_says_which_room_it_could_not_join(tmp_path):
+    url = f"ws://127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    with run_daemon(tmp_path, fake=FAKE) as d:
+        result = subprocess.run(
+            [AVATARD, "livekit", "--url", url, "--endpoint", d.endpoint],
+            env={**os.environ, "LIVEKIT_TOKEN": "not-a-token"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        status = d.status()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"Error: could not join the LiveKit room at {url}: " in result.stderr
+    assert "not-a-token" not in result.stderr
+    # The session opens only after the room and the agent: none was opened.
+    assert status["queue"]["running"] == 0 and status["jobs"]["frames_delivered"] == 0
