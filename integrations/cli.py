@@ -1,0 +1,162 @@
+"""`avatard livekit`: be the avatar of a LiveKit room, rendered by an avatard live session.
+
+`avatard.daemon.cli` registers this command; it imports only click at the top, and the
+LiveKit SDK and agents framework (extra `livekit`) when it runs, so `avatard --help`
+works without them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("livekit")
+@click.option(
+    "--url",
+    required=True,
+    envvar="LIVEKIT_URL",
+    show_envvar=True,
+    help="The LiveKit server, wss://HOST (or ws:// on a private network).",
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="LIVEKIT_TOKEN",
+    show_envvar=True,
+    help="Access token of the avatar's participant (its identity, room and "
+    "grants); the environment variable keeps it out of the process list.",
+)
+@click.option(
+    "--agent-identity",
+    default=None,
+    metavar="IDENTITY",
+    help="The agent participant whose audio to render (default: the first agent to join the room).",
+)
+@click.option(
+    "--avatar",
+    help="Portrait: an image file (registered for the call) or the id "
+    "of a portrait registered before. Default: the engine's built-in portrait.",
+)
+@click.option(
+    "--seed",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 2**63 - 1),
+    help="Seed of blinks and head motion.",
+)
+@click.option(
+    "--prebuffer-ms",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 5000),
+    metavar="MS",
+    help="The session's jitter buffer (docs/protocol.md, live_open).",
+)
+@click.option(
+    "--connect-timeout",
+    "connect_timeout_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="S",
+    help="Seconds to wait for the room connection.",
+)
+@click.option(
+    "--agent-timeout",
+    "agent_timeout_s",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="S",
+    help="Seconds to wait for the agent to join the room.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="S",
+    help="Seconds to wait for the daemon, per wait.",
+)
+@click.option(
+    "--endpoint",
+    help="Daemon endpoint (default: $AVATARD_ENDPOINT or the local "
+    "socket). Without a daemon there, a private one runs for the call.",
+)
+@click.option("--engine", help="Avatar engine of a private daemon (default: embedded).")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Config override for a private daemon (repeatable).",
+)
+def livekit(
+    url: str,
+    token: str,
+    agent_identity: str | None,
+    avatar: str | None,
+    seed: int,
+    prebuffer_ms: int,
+    connect_timeout_s: float,
+    agent_timeout_s: float,
+    timeout_s: float,
+    endpoint: str | None,
+    engine: str | None,
+    sets: tuple[str, ...],
+) -> None:
+    """Join the LiveKit room of --token as the avatar of a LiveKit Agents voice agent.
+
+    The agent sends its speech to this participant (LiveKit Agents' DataStreamAudioOutput
+    with this participant's identity as destination); each frame of speech goes into an
+    avatard live session, and the session's video and lip-synced audio are published as
+    this participant's tracks (AvatarRunner), with playback reported back to the agent.
+    Runs until the room disconnects or SIGINT/SIGTERM (docs/integrations.md).
+    """
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    try:
+        from livekit import rtc
+
+        from avatard.integrations.livekit_avatar import run_in_room
+    except ImportError as exc:
+        raise click.ClickException(
+            f"avatard livekit needs the `livekit` extra (pip install 'avatard[livekit]'): {exc}"
+        ) from None
+    from avatard.daemon.render import daemon_endpoint, engine_overrides, read_file
+    from avatard.ipc.client import ClientError
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        avatar_image = None
+        if avatar is not None and Path(avatar).is_file():
+            avatar_image = read_file(avatar, "avatar")
+        with daemon_endpoint(endpoint, engine_overrides(engine, sets), sys.stderr) as found:
+            asyncio.run(
+                run_in_room(
+                    url,
+                    token,
+                    found,
+                    avatar_image=avatar_image,
+                    avatar="" if avatar_image else (avatar or ""),
+                    seed=seed,
+                    prebuffer_ms=prebuffer_ms,
+                    agent_identity=agent_identity,
+                    connect_timeout_s=connect_timeout_s,
+                    agent_timeout_s=agent_timeout_s,
+                    timeout_s=timeout_s,
+                )
+            )
+    except rtc.ConnectError as exc:
+        raise click.ClickException(f"could not join the LiveKit room at {url}: {exc}") from None
+    except (ClientError, OSError, ValueError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
