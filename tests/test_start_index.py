@@ -37,8 +37,9 @@ def test_a_job_started_at_an_index_sends_the_rest_and_only_the_rest(tmp_path):
         count = whole_done.frames
         assert sorted(whole) == list(range(count)) and count > 10
         start = count // 2
-        rest, rest_audio, rest_done = _events(client, start_index=start,
-                                              audio_start_index=len(whole_audio) - 1)
+        rest, rest_audio, rest_done = _events(
+            client, start_index=start, audio_start_index=len(whole_audio) - 1
+        )
         assert sorted(rest) == list(range(start, count))
         assert rest_audio == [len(whole_audio) - 1]
         assert rest_done.frames == count  # the job's length, not what was sent
@@ -62,6 +63,9 @@ def test_a_start_without_a_seed_is_refused_naming_the_field(tmp_path):
             client.lipsync(pcm, 16000, seed=0, start_index=1)
         assert refused.value.field == "start_index"
         # A lipsync with a seed resumes like speak.
-        frames = [e.index for e in client.lipsync(pcm, 16000, seed=SEED, start_index=20)
-                  if isinstance(e, FrameEvent)]
+        frames = [
+            e.index
+            for e in client.lipsync(pcm, 16000, seed=SEED, start_index=20)
+            if isinstance(e, FrameEvent)
+        ]
         assert frames == list(range(20, 25))
