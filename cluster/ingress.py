@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from collections import OrderedDict
@@ -283,8 +284,10 @@ class Ingress:
         if key:
             if len(key) > 255:
                 raise ApiError(400, "bad_header", "Idempotency-Key", "at most 255 characters")
+            # The request as sent: the seed it asked for, not the one fixed for it.
+            asked = {k: v for k, v in job.items() if k != "seed"}
             fingerprint = hashlib.sha256(
-                msgspec.msgpack.encode({**job, "format": fmt, "path": request.url.path})
+                msgspec.msgpack.encode({**asked, "format": fmt, "path": request.url.path})
             ).hexdigest()
             seen = self.idempotency.lookup(key, fingerprint)
             if isinstance(seen, asyncio.Future):
@@ -433,41 +436,39 @@ class Ingress:
         asking it), plus Serve's view of the application."""
         from ray import serve
 
-        first = await asyncio.wait_for(self.nodes.info.remote(), self.config.event_timeout_s)
-        replicas = [r for router in ROUTERS.values() for r in router.known_replicas()]
-        nodes: list[dict[str, Any]] = []
-        for replica in replicas:
-            rid = replica.replica_id.unique_id
-            if rid == first["replica_id"]:
-                nodes.append(first)
-                continue
-            try:
-                nodes.append(
-                    await asyncio.wait_for(
-                        self.nodes.info.remote(target_replica=rid), self.config.event_timeout_s
-                    )
-                )
-            except Exception as exc:  # one node's failure is part of the status
-                nodes.append(
-                    {
-                        "replica_id": rid,
-                        "node_id": replica.node_id,
-                        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                    }
-                )
         app = serve.status().applications.get(self.config.app_name)
-        deployments = {}
+        deployments: dict[str, Any] = {}
+        running = 0
         if app is not None:
             deployments = {
                 name: {
-                    "status": str(d.status.value),
-                    "replicas": {str(k.value): v for k, v in d.replica_states.items()},
+                    "status": str(getattr(d.status, "value", d.status)),
+                    "replicas": {
+                        str(getattr(k, "value", k)): v for k, v in d.replica_states.items()
+                    },
                 }
                 for name, d in app.deployments.items()
             }
-        free = sum(n.get("capacity", {}).get("free_slots", 0.0) for n in nodes)
+            running = deployments.get("Node", {}).get("replicas", {}).get("RUNNING", 0)
+        # Serve gives a handle no list of replicas: ask again with the ones seen ranked
+        # last (`avoid_replicas`), so the router picks an unseen one while there is one.
+        nodes: dict[str, dict[str, Any]] = {}
+        for _ in range(max(1, running) + 1):
+            try:
+                info = await asyncio.wait_for(
+                    self.nodes.info.remote(avoid_replicas=tuple(nodes)), self.config.event_timeout_s
+                )
+            except Exception as exc:  # one node's failure is part of the status
+                log.warning("status: a node did not answer: %s", exc)
+                break
+            if info["replica_id"] in nodes:
+                break
+            nodes[info["replica_id"]] = info
+            if len(nodes) >= running:
+                break
+        free = sum(n["capacity"]["free_slots"] for n in nodes.values())
         return {
-            "nodes": sorted(nodes, key=lambda n: n["replica_id"]),
+            "nodes": sorted(nodes.values(), key=lambda n: n["replica_id"]),
             "node_count": len(nodes),
             "free_slots": free,
             "deployments": deployments,
@@ -529,9 +530,9 @@ def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
         req = msgspec.json.decode(body, type=RenderRequest)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        where = text.rpartition(" - at `$.")[2].rstrip("`") if " - at `$." in text else ""
-        if not where and "missing required field" in text:
-            where = text.rpartition("`")[0].rpartition("`")[2]
+        # msgspec says "... - at `$.seed`", or names the field: "unknown field `colour`".
+        at = re.search(r" - at `\$\.([^`]+)`", text) or re.search(r"field `([^`]+)`", text)
+        where = at.group(1) if at else ""
         raise ApiError(422, "bad_field", where or "body", text) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_json", "body", f"not valid JSON: {exc}") from None
@@ -651,6 +652,7 @@ def make_api(get_ingress: Any) -> FastAPI:
             "voice": req.voice,
             "avatar_id": req.avatar_id,
             "seed": fixed_seed(req.seed),
+            "asked_seed": req.seed,
             "deadline_s": req.deadline_s,
             "send_audio": req.send_audio,
         }
@@ -677,8 +679,9 @@ def make_api(get_ingress: Any) -> FastAPI:
             "pcm": pcm.tobytes(),
             "sample_rate": rate,
             "avatar_id": query.get("avatar_id", ""),
-            "seed": fixed_seed(query_int(query, "seed", 0, 0, SEED_MAX)),
+            "asked_seed": query_int(query, "seed", 0, 0, SEED_MAX),
         }
+        job["seed"] = fixed_seed(job["asked_seed"])
         return await ingress.render_response(job, fmt, request)
 
     @api.post("/v1/transcribe")

@@ -27,7 +27,6 @@ from itertools import groupby
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-
 # Routers in this process, by "app/deployment"; see the module docstring.
 ROUTERS: dict[str, CapacityRouter] = {}
 
@@ -75,6 +74,8 @@ class CapacityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        # Registered here too: Serve may fill the replica set without update_replicas.
+        ROUTERS[f"{self._deployment_id.app_name}/{self._deployment_id.name}"] = self
         kwargs = pending_request.kwargs if pending_request is not None else {}
         target = kwargs.get("target_replica")
         if target:
