@@ -197,8 +197,9 @@ class Node:
         "send_audio"}`` or ``{"kind": "lipsync", "pcm": bytes (float32 mono), "sample_rate",
         "avatar_id", "seed", "deadline_s"}``; `seed` must not be 0 (the ingress fixes it so
         a retry on another node makes the same frames). `routing` keywords
-        (`avoid_nodes`, `avoid_replicas`, `target_replica`) are for the router only. Yields event dicts, in order: `accepted` {node_id, replica_id, job_id, fps,
-        width, height, audio_rate}; `frame` {index, shape (h, w, 3), data: uint8 bytes};
+        (`avoid_nodes`, `avoid_replicas`, `target_replica`) are for the router only.
+        Yields event dicts, in order: `accepted` {node_id, replica_id, job_id, fps, width,
+        height, audio_rate}; `frame` {index, shape (h, w, 3), data: uint8 bytes};
         `audio` {index, sample_rate, data: float32 bytes}; then `done` {frames, media_s,
         wall_s, first_frame_s, attempts} or `failed` {code, field, message, retryable}.
         Never raises for the daemon's refusals (they are `failed` events); Ray raises in
