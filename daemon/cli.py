@@ -41,9 +41,13 @@ def main() -> None:
               "compute only (every output says RANDOM WEIGHTS).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set timeouts.load_s=120 (repeatable).")
+@click.option("--parent-fd", type=click.IntRange(min=0), default=None, metavar="FD",
+              help="Read end of a pipe whose write end the starting process holds: at its "
+              "end of file (that process exited, even by SIGKILL) the daemon drains as on "
+              "SIGTERM. For programs that run a daemon as their child (the cluster's nodes).")
 def serve(config_path: str | None, workers: int | None, engine: str | None,
           endpoint: str | None, checkpoints: str | None, weights: str | None,
-          sets: tuple[str, ...]) -> None:
+          sets: tuple[str, ...], parent_fd: int | None) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT.
 
     Workers start one after another with health handshakes; the daemon serves as soon as
@@ -89,7 +93,7 @@ def serve(config_path: str | None, workers: int | None, engine: str | None,
     from avatard.ipc.segments import SegmentError
 
     try:
-        code = Supervisor(cfg).run()
+        code = Supervisor(cfg, parent_fd=parent_fd).run()
     except (RuntimeError, SegmentError) as exc:
         # SegmentError: /dev/shm cannot hold the daemon's own rings (ShmFullError says
         # how big it is, what is free, what the rings need and which keys size them).

@@ -67,7 +67,8 @@ class PrivateDaemon:
 
     def __init__(self, workdir: Path, sections: Mapping[str, Mapping[str, Any]] | None = None,
                  *, overrides: Sequence[str] = (), env: Mapping[str, str] | None = None,
-                 watchdog_usec: int = 0, extra_args: Sequence[str] = ()) -> None:
+                 watchdog_usec: int = 0, extra_args: Sequence[str] = (),
+                 die_with_caller: bool = False) -> None:
         """Start the daemon and return at once (`wait_for` and `wait_ready` wait for it).
 
         `workdir`: an existing folder the caller owns; keep its path short (the socket path
@@ -78,7 +79,9 @@ class PrivateDaemon:
         `env`: extra environment variables; NOTIFY_SOCKET is removed unless given here (a
         private daemon must not report to the caller's systemd). `watchdog_usec`: run with
         WATCHDOG_USEC and WATCHDOG_PID set as systemd's watchdog would. `extra_args`: more
-        arguments of `avatard serve`.
+        arguments of `avatard serve`. `die_with_caller`: the daemon drains and exits when
+        this process exits, even by SIGKILL (a pipe whose write end only this process
+        holds: `avatard serve --parent-fd`); without it a killed caller leaves it running.
 
         Raises ValueError when `sections` or `overrides` set daemon.runtime_dir or
         daemon.endpoint (the launcher sets them), OSError when the process cannot start.
@@ -107,10 +110,23 @@ class PrivateDaemon:
             # systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
             proc_env["WATCHDOG_USEC"] = str(watchdog_usec)
             command = ["sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command]
+        self._parent_pipe: int | None = None
+        pass_fds: tuple[int, ...] = ()
+        if die_with_caller:
+            # os.pipe() is close-on-exec: only the daemon gets the read end (pass_fds), and
+            # the write end stays in this process alone, so its end of file means we died.
+            read_fd, self._parent_pipe = os.pipe()
+            pass_fds = (read_fd,)
+            command += ["--parent-fd", str(read_fd)]
         self.started = time.monotonic()
-        with open(self.log, "wb") as log_file:
-            self.proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                         env=proc_env)
+        try:
+            with open(self.log, "wb") as log_file:
+                self.proc = subprocess.Popen(command, stdout=log_file,
+                                             stderr=subprocess.STDOUT, env=proc_env,
+                                             pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
 
     # ------------------------------------------------------------------ talking to it
 
@@ -198,3 +214,7 @@ class PrivateDaemon:
             self.proc.wait(timeout=10)
             raise TimeoutError(f"the private daemon did not exit within {timeout_s:g} s of "
                                f"signal {sig}:\n{self.log_text()[-LOG_TAIL_CHARS:]}") from None
+        finally:
+            if self._parent_pipe is not None and self.proc.poll() is not None:
+                os.close(self._parent_pipe)
+                self._parent_pipe = None

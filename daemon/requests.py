@@ -189,6 +189,14 @@ def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
     holds, and a streamed input's first chunk, opened in `inputs`. A kind without a
     deadline (a live session) gets `math.inf`. Raises `ProtocolError` like `build_spec` and
     `StreamedInputs.open`."""
+    start_index = getattr(msg, "start_index", 0)
+    audio_start_index = getattr(msg, "audio_start_index", 0)
+    if (start_index or audio_start_index) and not getattr(msg, "seed", 0):
+        # A random seed would make other frames than the ones the client already holds.
+        field = "start_index" if start_index else "audio_start_index"
+        raise P.ProtocolError(P.E_BAD_MESSAGE, field, "a start above 0 needs a seed other "
+                              "than 0 (the seed of the attempt that sent the first part)",
+                              msg.req_id)
     built = build_spec(msg, extra, session, sessions, avatars, inputs)
     deadline = math.inf
     if POLICIES[built.spec.job_kind].deadline:
@@ -197,7 +205,10 @@ def build_job(msg: Any, extra: list[Any], session: Session, sessions: Sessions,
               req_id=msg.req_id,
               seed=getattr(msg, "seed", 0) or int.from_bytes(os.urandom(7), "little"),
               deadline=deadline, accepted_at=now,
-              input_slot=built.input_desc.key if built.input_desc else None)
+              input_slot=built.input_desc.key if built.input_desc else None,
+              # A resumed request: the client holds what comes before these indices, so
+              # the job is delivered from them on, as a job requeued after a crash is.
+              frames_delivered=start_index, audio_delivered=audio_start_index)
     if built.first_chunk is not None:
         try:
             inputs.open(job.job_id, msg.sample_rate, built.first_chunk, final=False)

@@ -67,8 +67,11 @@ TICK_S = 0.02
 
 
 class Supervisor:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, parent_fd: int | None = None):
+        """`parent_fd`: the read end of a pipe the starting process holds open; its end of
+        file (that process is gone) starts a drain, as SIGTERM does. None: not watched."""
         self.cfg = config
+        self.parent_fd = parent_fd
         self.ctx = zmq.Context()
         # Read NOTIFY_SOCKET/WATCHDOG_* and drop them from the environment, so spawned
         # workers cannot talk to systemd in the daemon's name.
@@ -113,6 +116,9 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.client_port.register(self.poller)
         self.poller.register(self.worker_sock, zmq.POLLIN)
+        if self.parent_fd is not None:
+            os.set_blocking(self.parent_fd, False)
+            self.poller.register(self.parent_fd, zmq.POLLIN)
         placed = dev.place_all(dev.discover(d.devices), d.workers)
         # Rings reserve their pages now: a /dev/shm too small refuses the start with
         # ShmFullError (`avatard serve` reports it), never a SIGBUS later.
@@ -154,6 +160,8 @@ class Supervisor:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
             self.client_port.serve(self._on_client_msg)
+        if self.parent_fd is not None and self.parent_fd in events:
+            self._check_parent()
         self._handle_signals()
         now = time.monotonic()
         self._route(self.pool.check(now), now)
@@ -181,6 +189,23 @@ class Supervisor:
             else:
                 log.warning("signal %d again: stopping now", signum)
                 self.exit_now = True
+
+    def _check_parent(self) -> None:
+        """The parent pipe is readable: nothing is ever written, so it is end of file (the
+        process that started us is gone) unless a stray byte came; drain on EOF."""
+        try:
+            data = os.read(self.parent_fd, 4096)
+        except BlockingIOError:
+            return
+        if data:
+            return
+        self.poller.unregister(self.parent_fd)
+        os.close(self.parent_fd)
+        self.parent_fd = None
+        if not self.draining:
+            log.warning("the process that started this daemon is gone (parent pipe closed): "
+                        "draining (up to %.0f s)", self.cfg.daemon.drain_timeout_s)
+            self.begin_drain()
 
     def begin_drain(self) -> None:
         self.draining = True

@@ -450,20 +450,25 @@ class AsyncClient:
         return reply.avatar_id  # type: ignore[attr-defined]
 
     async def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
-                    deadline_s: float = 0.0, send_audio: bool = True) -> AsyncJobHandle:
-        """Speak `text` with `voice` and portrait `avatar` (as `Client.speak`). Returns
-        once the daemon accepted the job: `async for event in job` reads its events.
-        Raises `ClientError` naming the refused field (`BusyError` for a full queue)."""
+                    deadline_s: float = 0.0, send_audio: bool = True, start_index: int = 0,
+                    audio_start_index: int = 0) -> AsyncJobHandle:
+        """Speak `text` with `voice` and portrait `avatar` (as `Client.speak`, also
+        `start_index` and `audio_start_index`). Returns once the daemon accepted the job:
+        `async for event in job` reads its events. Raises `ClientError` naming the refused
+        field (`BusyError` for a full queue)."""
         msg = P.make(P.Speak, req_id=self._next_id(), text=text, voice=voice, avatar_id=avatar,
-                     seed=seed, deadline_s=deadline_s, send_audio=send_audio)
+                     seed=seed, deadline_s=deadline_s, send_audio=send_audio,
+                     start_index=start_index, audio_start_index=audio_start_index)
         return AsyncJobHandle(self, await self._accepted(msg, "Speak"))
 
     async def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "",
-                      seed: int = 0, deadline_s: float = 0.0) -> AsyncJobHandle:
+                      seed: int = 0, deadline_s: float = 0.0, start_index: int = 0
+                      ) -> AsyncJobHandle:
         """Animate portrait `avatar` to mono float32 PCM at `sample_rate` Hz (as
         `Client.lipsync`; audio larger than one payload streams in chunks)."""
         return await self._audio_job(P.Lipsync, "Lipsync", pcm, sample_rate, avatar_id=avatar,
-                                     seed=seed, deadline_s=deadline_s)
+                                     seed=seed, deadline_s=deadline_s,
+                                     start_index=start_index)
 
     async def transcribe(self, pcm: np.ndarray, sample_rate: int, deadline_s: float = 0.0
                          ) -> TranscriptResult:

@@ -330,25 +330,29 @@ class Client:
         return reply.avatar_id  # type: ignore[attr-defined]
 
     def speak(self, text: str, avatar: str = "", voice: str = "", seed: int = 0,
-              deadline_s: float = 0.0, send_audio: bool = True) -> JobHandle:
+              deadline_s: float = 0.0, send_audio: bool = True, start_index: int = 0,
+              audio_start_index: int = 0) -> JobHandle:
         """Speak `text` (at most 100000 characters; the TTS engine's own limit is smaller)
         with `voice` ("" = the default; `voices()` lists them) and portrait `avatar` ("" =
-        the engine's default). Returns once the daemon accepted the job: a `JobHandle`
-        with the announced media format, iterating the job's events. Raises `ClientError`
-        naming the refused field (`BusyError` for a full queue)."""
+        the engine's default). `start_index` / `audio_start_index`: the first frame / audio
+        chunk to send, for a retry that already holds the ones before (needs the same
+        `seed`, not 0). Returns once the daemon accepted the job: a `JobHandle` with the
+        announced media format, iterating the job's events. Raises `ClientError` naming
+        the refused field (`BusyError` for a full queue)."""
         msg = P.make(P.Speak, req_id=self._next_id(), text=text, voice=voice, avatar_id=avatar,
-                     seed=seed, deadline_s=deadline_s, send_audio=send_audio)
+                     seed=seed, deadline_s=deadline_s, send_audio=send_audio,
+                     start_index=start_index, audio_start_index=audio_start_index)
         return self._job(msg, "Speak")
 
     def lipsync(self, pcm: np.ndarray, sample_rate: int, avatar: str = "", seed: int = 0,
-                deadline_s: float = 0.0) -> JobHandle:
+                deadline_s: float = 0.0, start_index: int = 0) -> JobHandle:
         """Animate portrait `avatar` ("" = the engine's default) to mono PCM `pcm`
         (float32, shape (n,)) at `sample_rate` Hz (8000..192000). Returns a `JobHandle`
         once the daemon accepted the job (no audio events: `audio_rate` 0). Audio larger
         than one payload streams in chunks (`_audio_job`). Raises `ClientError` naming
-        the refused field (`BusyError` for a full queue)."""
+        the refused field (`BusyError` for a full queue). `start_index` as for `speak`."""
         return self._audio_job(P.Lipsync, "Lipsync", pcm, sample_rate, avatar_id=avatar,
-                               seed=seed, deadline_s=deadline_s)
+                               seed=seed, deadline_s=deadline_s, start_index=start_index)
 
     def transcribe(self, pcm: np.ndarray, sample_rate: int, deadline_s: float = 0.0
                    ) -> TranscriptResult:

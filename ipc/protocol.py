@@ -155,6 +155,11 @@ class RegisterAvatar(Msg, tag="register_avatar"):
 
 
 class Speak(Msg, tag="speak"):
+    """`start_index` / `audio_start_index`: the first frame / audio chunk index to send
+    (0: all). The ones below are made but not sent: a retry of a job whose client already
+    holds them (engines are deterministic per seed and index, so a start above 0 needs a
+    `seed` other than 0; the daemon refuses it otherwise)."""
+
     req_id: U64
     text: Text
     voice: Name = ""
@@ -162,13 +167,16 @@ class Speak(Msg, tag="speak"):
     seed: Seed = 0
     deadline_s: PosFloat = 0.0  # 0 = the daemon's job_deadline_s
     send_audio: bool = True
+    start_index: NonNegInt = 0
+    audio_start_index: NonNegInt = 0
 
 
 class Lipsync(Msg, tag="lipsync"):
     """Audio as float32 mono PCM at `sample_rate`. With `more` the audio is the first
     chunk of a streamed input: the rest follows in `job_audio` requests, the last one
     `final` (audio longer than one payload, see `Welcome.max_payload_bytes`).
-    `total_samples` (0: unknown) lets the daemon refuse an input over its limit at once."""
+    `total_samples` (0: unknown) lets the daemon refuse an input over its limit at once.
+    `start_index` as for `Speak`."""
 
     req_id: U64
     audio: Payload
@@ -178,6 +186,7 @@ class Lipsync(Msg, tag="lipsync"):
     deadline_s: PosFloat = 0.0
     more: bool = False
     total_samples: NonNegInt = 0
+    start_index: NonNegInt = 0
 
 
 class Transcribe(Msg, tag="transcribe"):

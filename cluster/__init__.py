@@ -1,0 +1,1 @@
+"""avatard on a Ray Serve cluster (docs/cluster.md)."""

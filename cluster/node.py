@@ -1,0 +1,336 @@
+"""The node replica: one avatard daemon on one GPU, behind Ray Serve.
+
+Runs inside a Ray Serve replica actor (a Ray worker process on some node of the cluster).
+The replica owns its daemon: it starts a normal `avatard serve` as its child
+(`PrivateDaemon`, a private work folder with the daemon's config, runtime directory and
+ipc:// socket), is that daemon's only client, and stops it with SIGTERM, the daemon's
+drain, when Serve shuts the replica down (scale-down, redeploy, `serve shutdown`). If the
+replica's process dies instead (its node was lost), the daemon sees its parent pipe end
+and drains by itself (`avatard serve --parent-fd`), so no daemon outlives its replica.
+
+What crosses Ray from here is plain data: dicts of ints, strings and bytes (Ray pickles
+them between its own processes; the daemon's socket never carries pickles). The frames
+are copied out of the daemon's shared memory once, into the bytes of one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from avatard.daemon.private_daemon import PrivateDaemon, PrivateDaemonError
+from avatard.ipc.async_client import AsyncClient
+from avatard.ipc.client_core import (
+    AudioEvent,
+    BusyError,
+    ClientError,
+    DoneEvent,
+    FrameEvent,
+    JobFailedError,
+)
+
+from .config import ClusterConfig
+
+log = logging.getLogger("avatard.cluster.node")
+
+# Daemon answers that another node may not give: the ingress retries those elsewhere.
+RETRYABLE_CODES = frozenset(
+    {"busy", "draining", "daemon_gone", "timeout", "worker_error", "no_space"}
+)
+
+
+def capacity_of(status: dict[str, Any], slots_per_worker: int) -> dict[str, float]:
+    """A node's capacity from its daemon's status body (`avatard status --json`): `slots`
+    (ready workers x jobs per worker), `running` and `queued` jobs, `free_slots` (slots -
+    running - queued, may be negative), `ready` (1.0 when the daemon serves, else 0.0).
+    All floats: Serve's routing stats are a flat map of numbers."""
+    daemon = status["daemon"]
+    slots = daemon["ready_workers"] * slots_per_worker
+    running = status["queue"]["running"]
+    queued = status["queue"]["depth"]
+    return {
+        "slots": float(slots),
+        "running": float(running),
+        "queued": float(queued),
+        "free_slots": float(slots - running - queued),
+        "ready": 1.0 if daemon["state"] == "ready" else 0.0,
+    }
+
+
+class Node:
+    """Serve deployment class of a node (bound with `ray_actor_options={"num_gpus": ...}`
+    by `app.build_app`). `config`: the `ClusterConfig`; its `node` tables are the daemon's
+    config. Raises `PrivateDaemonError` / `TimeoutError` from `__init__` when the daemon
+    does not become ready within `node_ready_timeout_s` (Serve then retries the replica).
+    """
+
+    def __init__(self, config: ClusterConfig):
+        import ray
+
+        self.config = config
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        try:
+            from ray import serve
+
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # not inside Serve (a unit test): the actor id names it
+            self.replica_id = context.get_actor_id() or f"pid-{os.getpid()}"
+        self.slots_per_worker = config.node_daemon_config().daemon.jobs_per_worker
+        # A short path: the daemon's socket must fit AF_UNIX's 107 bytes.
+        self.workdir = Path(tempfile.mkdtemp(prefix="avd-node-"))
+        sections = {name: dict(table) for name, table in config.node.items()}
+        sections.setdefault("daemon", {}).setdefault("drain_timeout_s", config.drain_timeout_s)
+        # The GPU Ray gave this replica: Ray sets CUDA_VISIBLE_DEVICES for the actor, and
+        # the daemon's workers inherit it.
+        self.daemon = PrivateDaemon(self.workdir, sections, die_with_caller=True)
+        try:
+            self.daemon.wait_ready(config.node_ready_timeout_s)
+        except BaseException:
+            self._stop_daemon()
+            raise
+        self._client: AsyncClient | None = None
+        self._client_lock: asyncio.Lock | None = None
+        self._stopped = False
+        log.info(
+            "node %s replica %s: daemon pid %d ready in %s",
+            self.node_id[:12],
+            self.replica_id,
+            self.daemon.proc.pid,
+            self.workdir,
+        )
+
+    # ------------------------------------------------------------------ Serve hooks
+
+    async def check_health(self) -> None:
+        """Serve's health check: raises RuntimeError when the daemon process has exited
+        (Serve then replaces the replica)."""
+        if self.daemon.proc.poll() is not None:
+            raise RuntimeError(
+                f"the node's daemon exited with status {self.daemon.proc.returncode}"
+            )
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """Serve's routing stats hook: this node's capacity (`capacity_of`), read by the
+        ingress's `CapacityRouter`. Raises `ClientError` when the daemon does not answer
+        within `event_timeout_s` (Serve keeps the last stats)."""
+        return capacity_of(await self.status(), self.slots_per_worker)
+
+    def __del__(self) -> None:
+        # Serve calls __del__ when it stops the replica (scale-down, redeploy, shutdown):
+        # drain the daemon (SIGTERM), bounded by drain_timeout_s, then SIGKILL.
+        self._stop_daemon()
+
+    def _stop_daemon(self) -> None:
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        daemon = getattr(self, "daemon", None)
+        if daemon is not None:
+            try:
+                daemon.stop(signal.SIGTERM, timeout_s=self.config.drain_timeout_s + 10)
+            except TimeoutError:
+                log.warning("node daemon pid %d did not drain in time: killed", daemon.proc.pid)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ calls
+
+    async def _connected(self) -> AsyncClient:
+        if self._client_lock is None:
+            self._client_lock = asyncio.Lock()
+        async with self._client_lock:
+            if self._client is None:
+                client = AsyncClient(
+                    self.daemon.endpoint,
+                    timeout_s=self.config.event_timeout_s,
+                    name=f"cluster-node-{self.replica_id}",
+                )
+                await client.connect()
+                self._client = client
+            return self._client
+
+    async def _call_failed(self) -> None:
+        """A call found the connection gone: drop the client, the next call reconnects."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's status body (`avatard status --json`). Raises `ClientError`."""
+        client = await self._connected()
+        try:
+            return await client.stats()
+        except ClientError:
+            await self._call_failed()
+            raise
+
+    async def info(self, **routing: Any) -> dict[str, Any]:
+        """This node for `GET /v1/status`: node and replica ids, daemon pid, capacity and
+        the daemon's whole status body (`routing`: for the router). Raises `ClientError`
+        when the daemon does not answer."""
+        status = await self.status()
+        return {
+            "node_id": self.node_id,
+            "replica_id": self.replica_id,
+            "daemon_pid": self.daemon.proc.pid,
+            "capacity": capacity_of(status, self.slots_per_worker),
+            "daemon": status,
+        }
+
+    async def render(
+        self, job: dict[str, Any], start_index: int = 0, audio_start_index: int = 0, **routing: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run a `speak` or `lipsync` job on this node's daemon from frame `start_index`
+        and audio chunk `audio_start_index` on (docs/protocol.md, "Resuming a job").
+
+        `job`: ``{"kind": "speak", "text", "voice", "avatar_id", "seed", "deadline_s",
+        "send_audio"}`` or ``{"kind": "lipsync", "pcm": bytes (float32 mono), "sample_rate",
+        "avatar_id", "seed", "deadline_s"}``; `seed` must not be 0 (the ingress fixes it so
+        a retry on another node makes the same frames). `routing` keywords
+        (`avoid_nodes`, `avoid_replicas`, `target_replica`) are for the router only.
+        Yields event dicts, in order: `accepted` {node_id, replica_id, job_id, fps, width,
+        height, audio_rate}; `frame` {index, shape (h, w, 3), data: uint8 bytes};
+        `audio` {index, sample_rate, data: float32 bytes}; then `done` {frames, media_s,
+        wall_s, first_frame_s, attempts} or `failed` {code, field, message, retryable}.
+        Never raises for the daemon's refusals (they are `failed` events); Ray raises in
+        the caller when this replica dies."""
+        try:
+            client = await self._connected()
+            if job["kind"] == "speak":
+                handle = await client.speak(
+                    job["text"],
+                    avatar=job.get("avatar_id", ""),
+                    voice=job.get("voice", ""),
+                    seed=job["seed"],
+                    deadline_s=job.get("deadline_s", 0.0),
+                    send_audio=job.get("send_audio", True),
+                    start_index=start_index,
+                    audio_start_index=audio_start_index,
+                )
+            else:
+                pcm = np.frombuffer(job["pcm"], dtype=np.float32)
+                handle = await client.lipsync(
+                    pcm,
+                    job["sample_rate"],
+                    avatar=job.get("avatar_id", ""),
+                    seed=job["seed"],
+                    deadline_s=job.get("deadline_s", 0.0),
+                    start_index=start_index,
+                )
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+            return
+        yield {
+            "event": "accepted",
+            "node_id": self.node_id,
+            "replica_id": self.replica_id,
+            "job_id": handle.job_id,
+            "fps": handle.fps,
+            "width": handle.width,
+            "height": handle.height,
+            "audio_rate": handle.audio_rate,
+        }
+        try:
+            async for event in handle:
+                if isinstance(event, FrameEvent):
+                    yield {
+                        "event": "frame",
+                        "index": event.index,
+                        "shape": tuple(event.array.shape),
+                        "data": event.array.tobytes(),
+                    }
+                elif isinstance(event, AudioEvent):
+                    yield {
+                        "event": "audio",
+                        "index": event.index,
+                        "sample_rate": event.sample_rate,
+                        "data": np.ascontiguousarray(event.pcm, np.float32).tobytes(),
+                    }
+                elif isinstance(event, DoneEvent):
+                    yield {
+                        "event": "done",
+                        "frames": event.frames,
+                        "media_s": event.media_s,
+                        "wall_s": event.wall_s,
+                        "first_frame_s": event.first_frame_s,
+                        "attempts": event.attempts,
+                    }
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+        finally:
+            # The caller stopped reading (its request was cancelled, or it moved on):
+            # the daemon must not go on rendering for nobody.
+            if not handle.ended_by_daemon():
+                try:
+                    await client.cancel(handle.job_id)
+                except ClientError:
+                    pass
+            await handle.aclose()
+
+    async def transcribe(
+        self, pcm: bytes, sample_rate: int, deadline_s: float = 0.0, **routing: Any
+    ) -> dict[str, Any]:
+        """The transcript of float32 mono `pcm` at `sample_rate` Hz: ``{"node_id",
+        "language", "duration_s", "segments": [{text, start_s, end_s, words: [...]}]}``,
+        or ``{"failed": {code, field, message, retryable}}`` when the daemon refused it.
+        `routing` keywords are for the router only."""
+        try:
+            client = await self._connected()
+            result = await client.transcribe(
+                np.frombuffer(pcm, dtype=np.float32), sample_rate, deadline_s=deadline_s
+            )
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            return {"failed": self._failed(exc)}
+        return {
+            "node_id": self.node_id,
+            "language": result.language,
+            "duration_s": result.duration_s,
+            "segments": [
+                {
+                    "text": s.text,
+                    "start_s": s.start_s,
+                    "end_s": s.end_s,
+                    "words": [
+                        {
+                            "text": w.text,
+                            "start_s": w.start_s,
+                            "end_s": w.end_s,
+                            "probability": w.probability,
+                        }
+                        for w in s.words
+                    ],
+                }
+                for s in result.segments
+            ],
+        }
+
+    @staticmethod
+    def _failed(exc: ClientError) -> dict[str, Any]:
+        code = exc.code or ("job_failed" if isinstance(exc, JobFailedError) else "internal")
+        return {
+            "event": "failed",
+            "code": code,
+            "field": exc.field,
+            "message": str(exc),
+            "retryable": isinstance(exc, BusyError) or code in RETRYABLE_CODES,
+            "at": time.time(),
+        }
+
+
+__all__ = ["Node", "capacity_of", "RETRYABLE_CODES", "PrivateDaemonError"]

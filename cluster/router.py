@@ -1,0 +1,88 @@
+"""Routing by capacity: a Ray Serve request router for the node deployment.
+
+Runs inside every process that holds a handle to the nodes (the ingress replicas), one
+instance per handle, on Serve's router event loop. It only ranks replicas; Serve's base
+`RequestRouter` then probes the queue length of the replicas of the first rank, skips any
+at `max_ongoing_requests`, and sends the request to the least loaded one (backing off and
+retrying while every replica is full). So the policy is Serve's power-of-two on ongoing
+requests, restricted to the nodes whose daemons report free slots:
+
+1. nodes whose daemon serves and reports free slots (`record_routing_stats`), most free
+   first, in ranks of equal free slots;
+2. nodes that report none free (their daemon queues the job), or no stats yet;
+3. nodes the request asked to avoid (`avoid_nodes` keyword: Ray node ids where an
+   earlier attempt of the job died or was refused; `avoid_replicas`: replica ids, for a
+   replica that died before it said where it runs), used only when nothing else is left.
+
+A request with the `target_replica` keyword (a replica id) goes to that replica only
+(`GET /v1/status` asks every node; nothing else is sent to a chosen replica).
+
+`ROUTERS` lets the ingress, in the same process, see the replicas its router knows
+(`known_replicas`): Serve gives a handle no other list of them.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+# Routers in this process, by "app/deployment"; see the module docstring.
+ROUTERS: dict[str, CapacityRouter] = {}
+
+
+def rank_by_capacity(
+    candidates: list[RunningReplica],
+    avoid_nodes: frozenset[str],
+    avoid_replicas: frozenset[str] = frozenset(),
+) -> list[list[RunningReplica]]:
+    """The ranks described in the module docstring, best first (no empty rank).
+    `candidates` carry `routing_stats` ({"free_slots", "ready", ...}: floats), `node_id`
+    and `replica_id`; `avoid_nodes` holds Ray node ids, `avoid_replicas` replica ids."""
+
+    def avoid(replica: RunningReplica) -> bool:
+        return replica.node_id in avoid_nodes or replica.replica_id.unique_id in avoid_replicas
+
+    avoided = [r for r in candidates if avoid(r)]
+    others = [r for r in candidates if not avoid(r)]
+
+    def free(replica: RunningReplica) -> float:
+        stats = replica.routing_stats or {}
+        return stats.get("free_slots", 0.0) if stats.get("ready", 0.0) else 0.0
+
+    with_room = sorted((r for r in others if free(r) > 0), key=free, reverse=True)
+    ranks = [list(group) for _, group in groupby(with_room, key=free)]
+    ranks.append([r for r in others if free(r) <= 0])
+    ranks.append(avoided)
+    return [rank for rank in ranks if rank]
+
+
+class CapacityRouter(RequestRouter):
+    """Serve `RequestRouter` ranking node replicas by the free slots their daemons report
+    (`rank_by_capacity`); see the module docstring."""
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        ROUTERS[f"{self._deployment_id.app_name}/{self._deployment_id.name}"] = self
+
+    def known_replicas(self) -> list[RunningReplica]:
+        """The node replicas this router may send to now (Serve's view)."""
+        return list(self.curr_replicas.values())
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        # Registered here too: Serve may fill the replica set without update_replicas.
+        ROUTERS[f"{self._deployment_id.app_name}/{self._deployment_id.name}"] = self
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        target = kwargs.get("target_replica")
+        if target:
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            return [chosen] if chosen else []
+        return rank_by_capacity(
+            candidate_replicas,
+            frozenset(kwargs.get("avoid_nodes", ())),
+            frozenset(kwargs.get("avoid_replicas", ())),
+        )

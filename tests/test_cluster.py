@@ -1,0 +1,233 @@
+"""The avatard cluster on a real 3-node Ray cluster on this machine (issue 19).
+
+One head (the Serve controller, HTTP proxy and ingress; no GPU) and two nodes with one
+logical GPU each, all on loopback, usage stats off; one node replica per GPU node, each
+running a real avatard daemon with the fake engine at a fixed cost per frame. Requests go
+through real HTTP. One cluster serves the whole module (it takes ~20 s to start).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon_harness import free_port
+
+# Before Ray is imported (it reads them then): no usage stats, and loopback only (Ray
+# turns 127.0.0.1 in an address into the host's own IP unless this switch is off).
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray = pytest.importorskip("ray", reason="the cluster extra is not installed")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from avatard.cluster.app import deploy  # noqa: E402
+from avatard.cluster.config import load_cluster_config  # noqa: E402
+from avatard.cluster.wire import read_records  # noqa: E402
+from avatard.engines.fake import expected_frame  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+FRAME_MS = 20  # fixed compute per frame of the fake avatar engine
+TEXT = "One two three four five six seven eight."  # ~60 frames with the fake TTS
+
+
+def _render(
+    port: int,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/render",
+    method: str = "POST",
+    timeout_s: float = 180,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request(
+            method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _frames_job(port: int, seed: int) -> dict:
+    """One render through HTTP in the `frames` format: checks every record and returns
+    {indices, nodes, attempts}; raises AssertionError on a wrong or missing frame."""
+    status, headers, body = _render(
+        port,
+        json.dumps({"text": TEXT, "seed": seed, "format": "frames", "send_audio": False}).encode(),
+    )
+    assert status == 200, body[:500]
+    records = list(read_records(io.BytesIO(body)))
+    assert records[0]["type"] == "start" and records[0]["seed"] == seed
+    assert records[-1]["type"] == "done", records[-1]
+    frames = [r for r in records if r["type"] == "frame"]
+    for r in frames:
+        h, w, _ = r["shape"]
+        array = np.frombuffer(r["data"], np.uint8).reshape(r["shape"])
+        np.testing.assert_array_equal(array, expected_frame(seed, r["index"], h, w))
+    return {
+        "indices": [r["index"] for r in frames],
+        "nodes": records[-1]["nodes"],
+        "attempts": records[-1]["attempts"],
+        "frames": records[-1]["frames"],
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(ray Cluster, http port, [GPU node handles]) with the app deployed."""
+    # A private temp dir: another Ray on this machine keeps its own sessions and address.
+    temp_dir = tempfile.mkdtemp(prefix="avd-ray-")
+    common = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": temp_dir}
+    ray_cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"ingress": 10}, **common},
+    )
+    gpu_nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=1, **common) for _ in range(2)]
+    ray.init(address=ray_cluster.address, logging_level="warning")
+    port = free_port()
+    config = load_cluster_config(
+        None,
+        {
+            "cluster.http_port": port,
+            "cluster.min_nodes": 2,
+            "cluster.max_nodes": 2,
+            "cluster.ingress_resource": "ingress",
+            "cluster.event_timeout_s": 20.0,
+            "cluster.routing_stats_period_s": 0.5,
+            "cluster.drain_timeout_s": 10.0,
+            "node.daemon.workers": 2,
+            "node.daemon.jobs_per_worker": 2,
+            "node.daemon.devices": "cpu",
+            "node.engines": {
+                "avatar": "fake",
+                "tts": "fake",
+                "asr": "fake",
+                "options": {"fake": {"frame_ms": FRAME_MS}},
+            },
+        },
+    )
+    try:
+        deploy(config)
+        yield ray_cluster, port, gpu_nodes
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        ray_cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_40_concurrent_renders_complete_with_the_right_frames_on_both_nodes(cluster):
+    _, port, _ = cluster
+    seeds = random.Random(19).sample(range(1, 2**31), 40)
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(lambda s: _frames_job(port, s), seeds))
+    for result in results:
+        assert result["indices"] == list(range(result["frames"]))
+        assert result["frames"] > 20
+    used = {node for r in results for node in r["nodes"]}
+    assert len(used) == 2, f"all 40 jobs ran on {used}"
+
+
+def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
+    _, port, _ = cluster
+    body = json.dumps({"text": "Once only.", "format": "frames"}).encode()
+    key = {"Idempotency-Key": f"test-{time.monotonic_ns()}"}
+    first = _render(port, body, key)
+    second = _render(port, body, key)
+    assert first[0] == second[0] == 200
+    assert second[1].get("idempotent-replayed") == "true"
+    assert first[2] == second[2]  # same seed (chosen once), same frames
+    other = _render(port, json.dumps({"text": "Something else."}).encode(), key)
+    assert other[0] == 422 and json.loads(other[2])["error"]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize(
+    "path, method, body, status, code, field",
+    [
+        ("/v1/nothing", "POST", b"{}", 404, "not_found", "path"),
+        ("/v1/render", "GET", b"", 405, "method_not_allowed", "method"),
+        ("/v1/render", "POST", b"{not json", 400, "bad_json", "body"),
+        ("/v1/render", "POST", b"{}", 422, "bad_field", "text"),
+        ("/v1/render", "POST", b'{"text": "hi", "seed": -1}', 422, "bad_field", "seed"),
+        ("/v1/render", "POST", b'{"text": "hi", "format": "gif"}', 422, "bad_field", "format"),
+        ("/v1/render", "POST", b'{"text": "hi", "colour": 1}', 422, "bad_field", "colour"),
+        ("/v1/render", "POST", b'{"text": "   "}', 422, "bad_field", "text"),
+        (
+            "/v1/render",
+            "POST",
+            b'{"text": "' + b"a" * (33 * 1024 * 1024) + b'"}',
+            413,
+            "too_large",
+            "body",
+        ),
+        ("/v1/lipsync?sample_rate=100", "POST", b"\0" * 64, 422, "bad_field", "sample_rate"),
+        ("/v1/lipsync?sample_rate=16000", "POST", b"\0" * 6, 422, "bad_field", "body"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_field(cluster, path, method, body, status, code, field):
+    _, port, _ = cluster
+    got, _, reply = _render(port, body, path=path, method=method, timeout_s=60)
+    assert got == status, reply[:300]
+    error = json.loads(reply)["error"]
+    assert (error["code"], error["field"]) == (code, field), error
+    assert error["rule"]
+
+
+def test_lipsync_mp4_transcribe_and_status(cluster):
+    _, port, _ = cluster
+    pcm = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)  # 1 s: 25 frames
+    status, headers, body = _render(
+        port,
+        pcm.tobytes(),
+        {"Content-Type": "audio/L32"},
+        path="/v1/lipsync?sample_rate=16000&seed=9",
+    )
+    assert status == 200 and headers["content-type"] == "video/mp4", body[:300]
+    from avatard.engines.mux import read_mp4
+
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster-{os.getpid()}.mp4"
+    out.write_bytes(body)
+    try:
+        assert read_mp4(out).frame_count >= 25
+    finally:
+        out.unlink()
+    status, _, body = _render(port, pcm.tobytes(), path="/v1/transcribe?sample_rate=16000")
+    assert status == 200, body[:300]
+    assert json.loads(body)["segments"]
+    status, _, body = _render(port, b"", path="/v1/status", method="GET")
+    assert status == 200, body[:300]
+    report = json.loads(body)
+    assert report["node_count"] == 2
+    assert {n["capacity"]["slots"] for n in report["nodes"]} == {4.0}
+    assert len({n["node_id"] for n in report["nodes"]}) == 2
+
+
+def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
+    """Last in the module: it takes a node away."""
+    ray_cluster, port, gpu_nodes = cluster
+    seeds = random.Random(20).sample(range(1, 2**31), 16)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_frames_job, port, seed) for seed in seeds]
+        time.sleep(3.0)  # jobs are running on both nodes
+        ray_cluster.remove_node(gpu_nodes[0], allow_graceful=False)
+        results = [f.result(timeout=240) for f in futures]
+    for result in results:
+        # _frames_job checked every frame's pixels; exactly once and in order:
+        assert result["indices"] == list(range(result["frames"]))
+    moved = [r for r in results if r["attempts"] > 1]
+    assert moved, "no job was running on the removed node"
+    assert all(len(set(r["nodes"])) == 2 for r in moved)
