@@ -157,6 +157,25 @@ def livekit(
                 )
             )
     except rtc.ConnectError as exc:
-        raise click.ClickException(f"could not join the LiveKit room at {url}: {exc}") from None
+        _exit_now(1, f"could not join the LiveKit room at {url}: {exc}")
     except (ClientError, OSError, ValueError, TimeoutError) as exc:
-        raise click.ClickException(str(exc)) from None
+        _exit_now(1, str(exc))
+    _exit_now(0)
+
+
+def _exit_now(code: int, error: str | None = None) -> None:
+    """End the process at once with `code`, after printing `error` (as click would) and
+    flushing. Not through the interpreter's shutdown: the livekit package's native
+    runtime can abort the process (SIGABRT, a panic in a thread being torn down) while
+    Python exits, seen about once in four runs after a refused connection, which would
+    turn exit status 1 into -6. Everything of ours (the private daemon, the session) is
+    closed by then."""
+    import logging
+    import os
+
+    if error is not None:
+        click.echo(f"Error: {error}", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -69,7 +69,7 @@ from avatard.ipc.client import (
     SessionMovedEvent,
 )
 
-from .pcm import float_to_int16, int16_to_float_mono
+from .pcm import float_to_int16, int16_to_float_mono, send_pcm
 
 __all__ = ["AvatardVideoGenerator", "run_in_room"]
 
@@ -171,12 +171,7 @@ class AvatardVideoGenerator(VideoGenerator):
             self._segments_opened += 1
             self._receiving = f"{self._prefix}-{self._segments_opened}"
         pcm = int16_to_float_mono(frame.data, frame.num_channels)
-        # A TTS may hand over seconds at once: split what one payload cannot carry.
-        step = max(1, self.session.client.max_payload_bytes // pcm.itemsize)
-        for start in range(0, pcm.size, step):
-            await self.session.send_audio(
-                pcm[start : start + step], frame.sample_rate, self._receiving
-            )
+        await send_pcm(self.session, pcm, frame.sample_rate, self._receiving)
 
     async def clear_buffer(self) -> None:
         """Barge-in: `live_interrupt`. Every segment sent so far is dropped by the daemon

@@ -2,14 +2,15 @@
 
 LiveKit's `rtc.AudioFrame` and Pipecat's audio frames carry signed 16-bit PCM, channels
 interleaved; avatard's live sessions take and give float32 mono in [-1, 1]. These two
-conversions are the only place the adapters touch samples.
+conversions, and `send_pcm` which hands the result to a session, are the only place the
+adapters touch samples.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["int16_to_float_mono", "float_to_int16"]
+__all__ = ["int16_to_float_mono", "float_to_int16", "send_pcm"]
 
 INT16_SCALE = 32768.0  # full scale of signed 16-bit PCM
 
@@ -43,3 +44,13 @@ def float_to_int16(pcm: np.ndarray) -> np.ndarray:
     audio chunk is exactly what the frame was made from; only a sample at +1.0 clips)."""
     scaled = np.rint(np.asarray(pcm, dtype=np.float32) * INT16_SCALE)
     return np.clip(scaled, -INT16_SCALE, INT16_SCALE - 1).astype(np.int16)
+
+
+async def send_pcm(session, pcm: np.ndarray, sample_rate: int, segment_id: str) -> None:
+    """Send float32 mono `pcm` at `sample_rate` Hz as speech of `segment_id` on an
+    `AsyncClient` live session, in as many `live_audio` chunks as the daemon's
+    `max_payload_bytes` requires (a TTS may hand over seconds at once). Raises what
+    `LiveSession.send_audio` raises."""
+    step = max(1, session.client.max_payload_bytes // pcm.itemsize)
+    for start in range(0, pcm.size, step):
+        await session.send_audio(pcm[start : start + step], sample_rate, segment_id)

@@ -71,7 +71,7 @@ from avatard.ipc.client import (
     SessionMovedEvent,
 )
 
-from .pcm import float_to_int16, int16_to_float_mono
+from .pcm import float_to_int16, int16_to_float_mono, send_pcm
 
 __all__ = ["AvatardVideoService"]
 
@@ -247,12 +247,7 @@ class AvatardVideoService(AIService):
             self._pending[segment.segment_id] = segment
             self._played_out.clear()
         pcm = int16_to_float_mono(frame.audio, frame.num_channels)
-        # A TTS may hand over seconds at once: split what one payload cannot carry.
-        step = max(1, self._session.client.max_payload_bytes // pcm.itemsize)
-        for start in range(0, pcm.size, step):
-            await self._session.send_audio(
-                pcm[start : start + step], frame.sample_rate, segment.segment_id
-            )
+        await send_pcm(self._session, pcm, frame.sample_rate, segment.segment_id)
 
     async def _end_receiving(self) -> None:
         segment, self._receiving = self._receiving, None
