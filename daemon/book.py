@@ -191,6 +191,11 @@ class JobBook:
             job = self._placed_job(index, report.job_id)
             if job is None:
                 continue  # ended here already, or not started there yet
+            if job.waiting_on_ring and not report.waiting:
+                # A wait (a full ring, a streamed input still arriving) that ended is
+                # where the stall clock starts again: the work after it (a transcription's
+                # first piece) has the whole stall_timeout_s, however long the wait was.
+                job.progress_at = now
             job.waiting_on_ring = report.waiting
             job.queued_s, job.received_s = report.queued_s, report.received_s
             if report.progress != job.progress:

@@ -211,7 +211,10 @@ class TimeoutsConfig:
         10.0, "A worker silent for this long is declared dead and killed.", gt=0
     )
     stall_timeout_s: float = _key(
-        30.0, "A job that produces no frame for this long is declared stalled.", gt=0
+        30.0, "A job that makes no progress for this long is declared stalled and its "
+        "worker replaced: no frame (render jobs), no piece of its audio transcribed (at most "
+        "30 s of audio each: transcribe jobs), not counting time spent waiting on a full ring "
+        "or on streamed input.", gt=0
     )
     kill_grace_s: float = _key(
         5.0, "Time between SIGTERM and SIGKILL when a worker is stopped.", ge=0

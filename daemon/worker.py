@@ -617,8 +617,17 @@ class Worker:
         assert isinstance(spec, P.TranscribeSpec)
         pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
         asr, lock = self._engine("asr")
+
+        def advanced(done_s: float) -> None:
+            # Milliseconds of audio done are this job's progress: the heartbeat carries
+            # them, and the supervisor's stall watchdog sees a long transcription move
+            # (a hung engine makes no more calls, and is still caught). Also the point
+            # where a cancel or shutdown stops a long transcription.
+            run.progress = max(run.progress, int(done_s * 1000))
+            self._check_control(run)
+
         with lock:
-            transcript = asr.transcribe(pcm, spec.sample_rate)
+            transcript = asr.transcribe(pcm, spec.sample_rate, progress=advanced)
         segments = [P.SegmentMsg(text=s.text, start_s=s.start_s, end_s=s.end_s,
                                  words=[P.WordMsg(text=w.text, start_s=w.start_s,
                                                   end_s=w.end_s, probability=w.probability)
@@ -654,7 +663,8 @@ class Worker:
             pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
             pcm, _ = validate_pcm(pcm, spec.sample_rate, field="audio",
-                                  max_duration_s=self.spec.max_media_s)
+                                  max_duration_s=self.spec.max_media_s,
+                                  limit_key="daemon.max_media_s")
             for chunk in lipsync_chunks(resample(pcm, spec.sample_rate, rate), rate):
                 yield chunk, None, 0
 

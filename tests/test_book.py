@@ -400,8 +400,28 @@ def test_no_stall_while_waiting_on_the_ring():
     assert book.tick(T0 + 1000) == []
     book.progress(0, [progress("a", 2, waiting=False)], T0 + 1000)  # unblocked, no frame
     assert not a.waiting_on_ring
-    assert book.tick(T0 + 1000) == [
-        StopWorker(0, "job a made no progress for 999.0 s (stall_timeout_s=30)")]
+    # The end of the wait restarts the stall clock: the job has stall_timeout_s from there
+    # (a transcription that waited for its streamed input decodes its first piece).
+    assert book.tick(T0 + 1030) == []
+    assert book.tick(T0 + 1030.5) == [
+        StopWorker(0, "job a made no progress for 30.5 s (stall_timeout_s=30)")]
+
+
+def test_a_long_job_that_reports_progress_is_never_stalled():
+    # A transcription: no frames, only progress counts (ms of audio done) in heartbeats.
+    book = make_book(stall_timeout_s=30.0)
+    (a,) = accept(book, make_job("a", spec=P.TranscribeSpec(audio=None, sample_rate=16000),
+                                 deadline=T0 + 10_000))
+    book.place({0: 1}, T0)
+    for step in range(1, 40):  # 39 x 20 s = 780 s, each step inside the stall timeout
+        now = T0 + 20 * step
+        book.progress(0, [progress("a", step * 30_000)], now)
+        assert book.tick(now + 29) == []
+    # Progress stops (a hung engine): caught stall_timeout_s after the last report.
+    last = T0 + 20 * 39
+    book.progress(0, [progress("a", 39 * 30_000)], last + 10)  # the same count again
+    assert book.tick(last + 30.5) == [
+        StopWorker(0, "job a made no progress for 30.5 s (stall_timeout_s=30)")]
 
 
 def test_progress_reports_of_unknown_jobs_are_ignored():
