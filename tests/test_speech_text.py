@@ -96,6 +96,55 @@ def test_english_numbers_currency_dates_ordinals(text, said):
     assert Normaliser("en_US")(text) == said
 
 
+@pytest.mark.parametrize("text, said", [
+    ("Meet at 10:30am today", "Meet at ten thirty ay em today"),
+    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty ay em sharp"),
+    ("Dinner at 7 pm", "Dinner at seven pee em"),
+    ("Dinner at 7pm.", "Dinner at seven pee em."),
+    ("Up at 6 a.m. Then work.", "Up at six ay em. Then work."),
+    ("Lands at 14:05", "Lands at fourteen oh five"),
+    ("Lands at 14:00", "Lands at fourteen hundred"),
+    ("Starts at 10:00", "Starts at ten o'clock"),
+    ("Lap time 10:30:15", "Lap time ten thirty and fifteen seconds"),
+])
+def test_english_times(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Due 12/25/2026", "Due December twenty-fifth, twenty twenty-six"),
+    ("Due 12/25/26", "Due December twenty-fifth, twenty-six"),
+    # The first number cannot be a month, the second can: day/month/year.
+    ("Due 25/12/2026", "Due December twenty-fifth, twenty twenty-six"),
+    ("Since 9/11 nothing", "Since September eleventh nothing"),
+    ("Party on 12/25", "Party on December twenty-fifth"),
+    ("Party on 7/8", "Party on July eighth"),
+    # Real fractions stay fractions: small numerator, a denominator of measures.
+    ("Add 3/4 cup", "Add three quarters cup"),
+    ("A 7/8 inch bolt", "A seven eighths inch bolt"),
+    ("About 1/3 of it", "About one third of it"),
+    ("Open 24/7", "Open twenty-four seven"),
+    ("No date 13/45/2020", "No date thirteen forty-five two thousand and twenty"),
+])
+def test_english_slash_dates_and_fractions(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Call 555-1234 now", "Call five five five, one two three four now"),
+    ("Call 555-123-4567", "Call five five five, one two three, four five six seven"),
+    ("Call (555) 123-4567", "Call five five five, one two three, four five six seven"),
+    ("Call 555.123.4567", "Call five five five, one two three, four five six seven"),
+    ("Call +44 20 7946 0958",
+     "Call plus four four, two zero, seven nine four six, zero nine five eight"),
+    # Not phone numbers: a range, a year range.
+    ("Between 100-2000 people", "Between one hundred-two thousand people"),
+    ("From 1990-2000", "From nineteen ninety to two thousand"),
+])
+def test_english_phone_numbers_are_read_digit_by_digit(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
 def test_other_languages_get_their_own_number_words():
     assert Normaliser("de_DE")("Ich habe 21 Äpfel") == "Ich habe einundzwanzig Äpfel"
     assert Normaliser("fr_FR")("J'ai 500 €") != "J'ai 500 €"
