@@ -69,6 +69,9 @@ class Job:
     queued_s: float = 0.0
     received_s: float = 0.0
     sent_s: float = 0.0
+    # Warnings forwarded to the client (code, message): a rerun after a worker loss
+    # notices them again, and the client hears each once.
+    warnings_sent: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def kind(self) -> P.JobKind:

@@ -28,6 +28,7 @@ import math
 import queue
 import re
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from avatard.ipc.client_core import (
     InputRefusedEvent,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
+    WarningEvent,
 )
 
 CHUNK_S = 0.1  # audio goes out in chunks this long, each when its first sample is due
@@ -325,6 +327,10 @@ class _Recording:
             raise ClientError(f"the daemon refused the session's input ({event.what}): "
                               f"{event.code}: {event.field}: {event.rule}",
                               code=event.code, field=event.field)
+        elif isinstance(event, WarningEvent):
+            # Said at once, as it comes: the figures are printed at the end.
+            sys.stderr.write(f"warning: {event.field}: {event.message}\n")
+            sys.stderr.flush()
         elif isinstance(event, DoneEvent):
             self.done = event
 

@@ -407,6 +407,14 @@ class Supervisor:
             if job is not None:
                 self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
+        elif isinstance(msg, P.WJobWarning):
+            job = self.book.live(index, msg.job_id)
+            if job is not None and (msg.code, msg.message) not in job.warnings_sent:
+                job.warnings_sent.add((msg.code, msg.message))
+                log.info("job %s: warning %s: %s", job.job_id, msg.code, msg.message)
+                self.client_port.send(job.client, P.make(
+                    P.JobWarning, job_id=job.job_id, code=msg.code, message=msg.message,
+                    field=msg.field))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)
         elif isinstance(msg, P.WJobFailed):

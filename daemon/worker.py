@@ -643,6 +643,17 @@ class Worker:
 
         return run_live(self, job, run, frame_ring, audio_ring)
 
+    def _text_warning(self, job_id: str) -> Any:
+        """The `warn` callback of a TTS call for job `job_id`: each message goes to the
+        supervisor as a `text_dropped` warning (on the calling thread's socket), which
+        passes it on to the client once."""
+
+        def warn(message: str) -> None:
+            self.send(P.WJobWarning, job_id=job_id, code=P.W_TEXT_DROPPED,
+                      message=message[:4000], field="text")
+
+        return warn
+
     def _audio_chunks(self, spec: P.SpeakSpec | P.LipsyncSpec, run: JobRun, rate: int):
         """(pcm at the avatar's rate, original pcm or None, original rate) per chunk."""
         from avatard.engines.audio import lipsync_chunks, resample, validate_pcm
@@ -650,7 +661,8 @@ class Worker:
         if isinstance(spec, P.SpeakSpec):
             tts, lock = self._engine("tts")
             with lock:
-                sentences = iter(tts.stream(spec.text, spec.voice or None))
+                sentences = iter(tts.stream(spec.text, spec.voice or None,
+                                            self._text_warning(run.job_id)))
             while True:
                 # Each sentence is synthesized inside next(): that is the engine call.
                 with lock:

@@ -33,6 +33,16 @@ def no_progress(stage: str, fraction: float) -> None:
     """Progress callback for callers that do not report loading stages."""
 
 
+# Called by a TTS engine for input it speaks but not as given (words left out): a message
+# for people, naming what was left out and why. The worker sends it to the client as a
+# `warning` event (code `text_dropped`, field `text`); the speech goes on.
+TextWarnFn = Callable[[str], None]
+
+
+def no_text_warning(message: str) -> None:
+    """Warning callback for callers that do not pass warnings on."""
+
+
 # Called by an ASR engine while it transcribes: seconds of the input done so far (a float,
 # never decreasing, the input's duration at the end). The worker turns each call into job
 # progress, which is what keeps the daemon's stall watchdog (`timeouts.stall_timeout_s`)
@@ -153,13 +163,18 @@ class TTSEngine(Engine):
         return {}
 
     @abc.abstractmethod
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         """Yield float32 PCM at `self.sample_rate`, one chunk per sentence, as soon as
-        each sentence is synthesized."""
+        each sentence is synthesized. Text and voice are checked at the call (bad ones
+        raise `EngineInputError` naming "text" or "voice"); words the voice cannot read
+        that are left out of the speech are told to `warn`, once per call, before the
+        first chunk."""
 
-    def synthesize(self, text: str, voice: str | None = None) -> tuple[np.ndarray, int]:
+    def synthesize(self, text: str, voice: str | None = None,
+                   warn: TextWarnFn = no_text_warning) -> tuple[np.ndarray, int]:
         """The whole utterance at once: (pcm, sample_rate)."""
-        chunks = list(self.stream(text, voice))
+        chunks = list(self.stream(text, voice, warn))
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return pcm.astype(np.float32, copy=False), self.sample_rate
 

@@ -53,6 +53,7 @@ from .base import (
     EngineReport,
     ProgressFn,
     Segment,
+    TextWarnFn,
     Transcript,
     TTSEngine,
     Word,
@@ -62,6 +63,7 @@ from .base import (
     frames_with_audio,
     no_audio_progress,
     no_progress,
+    no_text_warning,
 )
 from .fake_options import FakeOptions
 from .options import as_options
@@ -575,8 +577,10 @@ class FakeTTSEngine(TTSEngine):
     def voices(self) -> list[str]:
         return list(FAKE_VOICES)
 
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         # Validate before the first yield so bad input fails at the call, not mid-stream.
+        # Every word becomes a tone, whatever its script: nothing is left out, no warning.
         if not isinstance(text, str) or not text.strip():
             raise EngineInputError("text", "must be a non-empty string")
         chosen = FAKE_VOICES[0] if voice is None else voice

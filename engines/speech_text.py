@@ -601,14 +601,21 @@ class SpeechText:
         return "\n\n".join(b.text for b in self.blocks if b.text)
 
     def sentences(self, voice: str, languages: Sequence[str],
-                  max_sentence_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> list[Sentence]:
+                  max_sentence_chars: int = DEFAULT_MAX_SENTENCE_CHARS,
+                  warn: Callable[[str], None] | None = None) -> list[Sentence]:
         """What voice `voice` (reading `languages`; the first one is used for numbers)
-        says: refuses text in scripts it cannot read, normalises, splits."""
+        says: refuses text in scripts it cannot read, normalises, splits. Words left out
+        (a few in a script the voice cannot read) are logged and told to `warn`, one
+        message naming the script(s), the words and the voice."""
         check = check_scripts(self.text, languages)
         if check is not None and not check.speakable:
             raise EngineInputError("text", _script_refusal(check, voice, languages))
         if check is not None and check.foreign_runs:
-            _log_dropped(check)
+            message = dropped_words_message(self.text, check, voice, languages)
+            if message:
+                log.info("%s", message)
+                if warn is not None:
+                    warn(message)
         normalise = Normaliser(languages[0]) if languages else None
         sentences: list[Sentence] = []
         for block in self.blocks:
@@ -644,11 +651,27 @@ def _script_refusal(check: ScriptCheck, voice: str, languages: Sequence[str]) ->
             f"speaks {', '.join(languages)}){route}")
 
 
-def _log_dropped(check: ScriptCheck) -> None:
-    dropped = Counter({s: n for s, n in check.foreign.items() if s != "Latin"})
-    if dropped:
-        log.info("left out %d words in %s that the voice cannot read",
-                 sum(dropped.values()), ", ".join(sorted(dropped)))
+MAX_WORDS_NAMED = 5  # a warning quotes at most this many of the words left out
+
+
+def dropped_words_message(text: str, check: ScriptCheck, voice: str,
+                          languages: Sequence[str]) -> str:
+    """The warning for the runs of `check` that `_drop_foreign` leaves out of `text`
+    (not Latin ones, which every voice reads): how many words, in which script(s), the
+    first few of them, and the voice's name and languages. "" when none is left out."""
+    dropped = [run for run in check.foreign_runs if run.script != "Latin"]
+    if not dropped:
+        return ""
+    scripts: Counter = Counter()
+    for run in dropped:
+        scripts[run.script] += run.words
+    count = sum(scripts.values())
+    named = ", ".join(f"{script} ({words})" for script, words in scripts.most_common())
+    quoted = ", ".join(repr(text[run.start:run.end]) for run in dropped[:MAX_WORDS_NAMED])
+    more = f" and {len(dropped) - MAX_WORDS_NAMED} more" if len(dropped) > MAX_WORDS_NAMED else ""
+    return (f"left out {count} word{'s' * (count != 1)} in the {named} script"
+            f"{'s' * (len(scripts) > 1)} ({quoted}{more}), which voice {voice!r} cannot "
+            f"read (it speaks {', '.join(languages)}); the rest is spoken")
 
 
 def _drop_foreign(text: str, languages: Sequence[str]) -> str:

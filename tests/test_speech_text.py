@@ -59,6 +59,24 @@ def test_a_few_foreign_words_still_speak_without_being_spelled_out():
     assert "iPhone" in spoken("Купите новый iPhone сегодня в нашем магазине", ["ru"])
 
 
+def test_words_left_out_are_told_naming_their_script_and_the_voice():
+    warnings: list[str] = []
+    said = SpeechText.parse("Please say 你好 and مرحبا to everyone at the office today.")
+    pieces = said.sentences("en_US-joe-medium", EN, warn=warnings.append)
+    assert " ".join(s.text for s in pieces).startswith("Please say and to everyone")
+    assert len(warnings) == 1, warnings
+    message = warnings[0]
+    assert "Han (2)" in message and "Arabic (1)" in message and "scripts" in message
+    assert "'你好'" in message and "'مرحبا'" in message
+    assert "voice 'en_US-joe-medium' cannot read (it speaks en_US)" in message
+    # Nothing left out, nothing said: English text, and Latin words in Russian text.
+    quiet: list[str] = []
+    SpeechText.parse("Plain English words only.").sentences("v", EN, warn=quiet.append)
+    SpeechText.parse("Купите новый iPhone сегодня в нашем магазине").sentences(
+        "v", ["ru"], warn=quiet.append)
+    assert quiet == []
+
+
 def test_voices_of_other_languages_read_their_scripts():
     for text, language in [("你好，世界。", "zh_CN"), ("Привет, мир.", "ru_RU"),
                            ("こんにちは、元気ですか。", "ja"), ("مرحبا بالعالم", "ar")]:
@@ -227,6 +245,14 @@ def routed_tts(tmp_path_factory):
     model = russian_voice_model(tmp_path_factory.mktemp("voices"))
     return PiperTTSEngine("cpu", {"voices_by_language":
                                   [f"ru={model}"]})
+
+
+def test_piper_warns_about_the_words_it_leaves_out(routed_tts):
+    warnings: list[str] = []
+    pcm, _ = routed_tts.synthesize("Please say 你好 to everyone in the office today.",
+                                   warn=warnings.append)
+    assert pcm.size > 0 and len(warnings) == 1
+    assert "Han" in warnings[0] and "'你好'" in warnings[0]
 
 
 def test_piper_refuses_chinese_with_the_default_voice(routed_tts):
