@@ -22,7 +22,8 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import zmq
 
@@ -61,6 +62,7 @@ from .sessions import Session, Sessions, describe_shm
 from .status import StatusBoard, StatusHandoff, health
 from .worker import WorkerSpec, start_worker
 
+_T = TypeVar("_T")
 log = logging.getLogger("avatard.supervisor")
 
 TICK_S = 0.02
@@ -279,6 +281,19 @@ class Supervisor:
         except zmq.ZMQError as exc:
             log.info("message to worker %d dropped: %s", index, exc)
 
+    def _with_shm_room(self, what: str, make: Callable[[], _T]) -> _T:
+        """`make()`, which creates rings for `what`; when /dev/shm is full, the least
+        recently used portrait no live job names is let go (its segment unlinked) and
+        `make` tried again, until it fits or no idle portrait is left (then the last
+        `ShmFullError` is raised). Stored portraits are a cache: a client registers one
+        again; a session or job refused for want of room would just fail."""
+        while True:
+            try:
+                return make()
+            except segments.ShmFullError:
+                if not self.avatars.evict_idle(what):
+                    raise
+
     def _place_jobs(self, now: float) -> None:
         for job in self.book.place(self.pool.capacities(), now):
             assert job.worker is not None
@@ -286,9 +301,11 @@ class Supervisor:
             if POLICIES[job.kind].uses_session_rings:
                 others = self.book.places_of(job.client) - {(job.worker, job.lane)}
                 try:
-                    frame_ring, audio_ring = self.sessions.output_names(
-                        job.client, job.worker, job.lane, others,
-                        live=job.kind is P.JobKind.LIVE)
+                    frame_ring, audio_ring = self._with_shm_room(
+                        f"the rings of job {job.job_id}",
+                        lambda job=job, others=others: self.sessions.output_names(
+                            job.client, job.worker, job.lane, others,
+                            live=job.kind is P.JobKind.LIVE))
                 except segments.ShmFullError as exc:
                     self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
                     continue
@@ -440,8 +457,10 @@ class Supervisor:
             session.last_seen = now
         if isinstance(msg, P.Hello):
             try:
-                session = self.sessions.hello(identity, msg.inline, now,
-                                              port.peer_pids.get(identity))
+                session = self._with_shm_room(
+                    "a client session's input ring",
+                    lambda: self.sessions.hello(identity, msg.inline, now,
+                                                port.peer_pids.get(identity)))
             except segments.ShmFullError as exc:
                 raise P.ProtocolError(P.E_NO_SPACE, "inline", f"{exc}; a session with "
                                       "inline=true needs no ring of its own", req_id) from None
