@@ -352,9 +352,10 @@ class Supervisor:
 
     def _expire_sessions(self, now: float) -> None:
         limit = self.cfg.timeouts.client_call_s
-        for identity in self.sessions.expire_held(now):
-            self._end_client_jobs(identity, P.E_TIMEOUT, f"the client held a frame for over "
-                                  f"client_call_s={limit:g} s; job stopped", now)
+        for identity, held in self.sessions.expire_held(now):
+            self._end_client_jobs(identity, P.E_TIMEOUT, f"the client held {held} for over "
+                                  f"timeouts.client_call_s={limit:g} s without releasing it; "
+                                  "job stopped", now)
         for identity in self.sessions.vanished(now):
             log.info("client %s: its process exited; its jobs end", identity.hex())
             self._end_client_jobs(identity, P.E_CANCELLED, "the client process exited", now)
