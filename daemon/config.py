@@ -221,7 +221,16 @@ class TimeoutsConfig:
     )
     client_call_s: float = _key(
         30.0,
-        "Longest a local client may hold a frame slot before the daemon takes it back.",
+        "Longest a local client may hold a frame or audio slot before the daemon takes it "
+        "back and stops the client's jobs (`timeout`).",
+        gt=0,
+    )
+    park_unread_s: float = _key(
+        2.0,
+        "A speak or lipsync job whose client has read nothing for this long (every slot of "
+        "its ring full: a stopped or stuck reader) gives its worker up when jobs of other "
+        "clients wait for one: it waits at the back of the queue and resumes where its "
+        "client is, every frame once. A client that reads, however slowly, is never parked.",
         gt=0,
     )
     session_idle_s: float = _key(

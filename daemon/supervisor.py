@@ -33,7 +33,7 @@ from avatard.ipc.sockets import ClientPort, bind, ensure_private_dir, unlink_end
 
 from . import devices as dev
 from .avatars import AvatarStore
-from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
+from .book import POLICIES, Ended, JobBook, Outcome, Parked, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .inputs import StreamedInputs
 from .jobs import Job, JobState, QueueFull
@@ -79,7 +79,7 @@ class Supervisor:
         self.runtime_dir = ensure_private_dir(resolved_runtime_dir(config))
         self.endpoint = resolved_endpoint(config)
         self.book = JobBook(config.daemon.queue_size, config.restart.max_job_attempts,
-                            config.timeouts.stall_timeout_s)
+                            config.timeouts.stall_timeout_s, config.timeouts.park_unread_s)
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.inputs = StreamedInputs(config.daemon.max_media_s,
                                      config.daemon.streamed_input_bytes)
@@ -258,6 +258,10 @@ class Supervisor:
                 self.sessions.reclaim_worker(item.index)
             elif isinstance(item, StopWorker):
                 self._route([self.pool.stop(item.index, "runtime", item.reason, now)], now)
+            elif isinstance(item, Parked):
+                # Its place stays taken until the worker says the run stopped; the job
+                # waits in the queue meanwhile.
+                self._send(item.index, P.make(P.CancelJob, job_id=item.job.job_id))
             elif isinstance(item, Ended):
                 self._finish(item, now)
             elif isinstance(item, WorkerReady):
