@@ -44,9 +44,11 @@ print(json.dumps({"frames": seen, "done": done}), flush=True)
 """
 
 
-def _frames(client: Client, text: str, seed: int) -> tuple[list[tuple[int, str]], int]:
+def _frames(
+    client: Client, text: str, seed: int, deadline_s: float = 0.0
+) -> tuple[list[tuple[int, str]], int]:
     seen, done = [], -1
-    for event in client.speak(text, seed=seed, send_audio=False):
+    for event in client.speak(text, seed=seed, send_audio=False, deadline_s=deadline_s):
         if isinstance(event, FrameEvent):
             seen.append((event.index, hashlib.sha1(event.array.tobytes()).hexdigest()))
         elif isinstance(event, DoneEvent):
@@ -74,7 +76,8 @@ def test_a_stopped_reader_yields_the_worker_and_resumes_exactly_once(tmp_path):
             # The other client's job completes long before client_call_s could free the
             # worker (its client's own bound is 120 s; the stopped one holds 600 s).
             with Client(d.endpoint, timeout_s=120.0, name="other") as other:
-                frames, done = _frames(other, "A short one.", 3)
+                # Its deadline fails it clearly (timeout) if the worker is never freed.
+                frames, done = _frames(other, "A short one.", 3, deadline_s=90.0)
             assert done == len(frames) > 0
             assert "parked: its client read nothing for" in d.log_text()
         finally:
