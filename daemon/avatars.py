@@ -10,7 +10,9 @@ Bounds: at most `max_count` portraits and `max_bytes` of image files. A new port
 room by letting the least recently used ones go (used: registered, or named by an accepted
 job), never one that a live job names (`pin`/`unpin`, counted, from the coordinator):
 that job's worker may still have to read its segment. When /dev/shm itself is full, more
-unpinned portraits go before the store gives up with `ShmFullError`. A let-go id is
+unpinned portraits go before the store gives up with `ShmFullError`; the coordinator also
+lets idle portraits go (`evict_idle`) when a client's or a job's ring does not fit, so
+stored portraits never crowd out the rings that serving needs. A let-go id is
 remembered (a bounded list) so that a request naming it is told why it is not found.
 """
 
@@ -79,14 +81,14 @@ class AvatarStore:
             raise AvatarTooLarge(f"{len(raw)} bytes; the daemon keeps at most {self.max_bytes} "
                                  "bytes of portraits (avatars.max_bytes)")
         while len(self._avatars) >= self.max_avatars or self.bytes + size > self.max_bytes:
-            if not self._evict_one():
+            if not self.evict_idle("a new portrait, within avatars.max_count/max_bytes"):
                 break  # every portrait is pinned: go over the bound rather than refuse
         while True:
             try:
                 segment = segments.Segment.create("avatar", size)
                 break
             except segments.ShmFullError:
-                if not self._evict_one():
+                if not self.evict_idle("a new portrait"):
                     raise
         segment.buffer[: len(raw)] = raw
         ref = P.AvatarRef(avatar_id=avatar_id, segment=segment.name, nbytes=len(raw))
@@ -95,8 +97,10 @@ class AvatarStore:
         self.bytes += segment.size
         return ref
 
-    def _evict_one(self) -> bool:
-        """Let the least recently used unpinned portrait go; False when none can."""
+    def evict_idle(self, room_for: str) -> bool:
+        """Let the least recently used portrait that no live job names go, unlinking its
+        segment, to make room for `room_for` (said in the log); False when every
+        portrait is in use (or there is none)."""
         victim = next((a for a, v in self._avatars.items() if not v.pins), None)
         if victim is None:
             return False
@@ -105,8 +109,8 @@ class AvatarStore:
         self._evicted[victim] = None
         while len(self._evicted) > EVICTED_REMEMBERED:
             self._evicted.popitem(last=False)
-        log.info("avatar %s let go (least recently used; %d kept, %d bytes)", victim,
-                 len(self._avatars), self.bytes)
+        log.info("avatar %s let go to make room for %s (least recently used; %d kept, %d "
+                 "bytes)", victim, room_for, len(self._avatars), self.bytes)
         return True
 
     def _drop(self, avatar_id: str) -> None:

@@ -14,6 +14,11 @@ it worker reports and the clock, and acts on what it returns:
   gap lost: `resume_live` at its placement says how many).
 - `StopWorker(index, reason)`: a worker holds a stalled job, or never acknowledged a
   cancel; only replacing the process frees it (a thread cannot be killed).
+- `Parked(job, index, reason)`: a batch job whose client has read nothing for
+  `park_after_s` while other clients' jobs wait for a place gave its worker up: the
+  worker must be told to stop it (`CancelJob`); it waits at the back of the queue and
+  resumes, exactly once as after a requeue, where its client is. Its place on the worker
+  stays taken until the worker acknowledges (no second thread of it runs there).
 
 Per-kind policy lives in `POLICIES`, so a new job kind adds one entry here.
 """
@@ -98,16 +103,30 @@ class StopWorker:
     reason: str
 
 
-Outcome = Ended | Requeued | StopWorker
+@dataclass(frozen=True, slots=True)
+class Parked:
+    job: Job
+    index: int  # the worker to tell to stop it
+    reason: str
+
+
+Outcome = Ended | Requeued | StopWorker | Parked
 
 
 class JobBook:
     """Jobs by id, the queue, and the jobs placed on each worker."""
 
-    def __init__(self, queue_size: int, max_job_attempts: int, stall_timeout_s: float):
+    def __init__(self, queue_size: int, max_job_attempts: int, stall_timeout_s: float,
+                 park_after_s: float = float("inf")):
         self.queue = JobQueue(queue_size)
         self.max_job_attempts = max_job_attempts
         self.stall_timeout_s = stall_timeout_s
+        self.park_after_s = park_after_s  # timeouts.park_unread_s
+        # Parked jobs whose worker has not acknowledged the stop yet: index -> job id ->
+        # (job, since). They hold their place there (`load`) and are not placed on that
+        # worker again until then, so a late message of the old run cannot be taken for
+        # the new one's.
+        self.parking: dict[int, dict[str, tuple[Job, float]]] = {}
         self.jobs: dict[str, Job] = {}  # live jobs (not ended), by id
         # Jobs placed on each worker, in dispatch order; an ended job stays until the
         # worker lets go of it (done/failed message, or the worker is lost).
@@ -137,7 +156,7 @@ class JobBook:
         return list(self.placed.get(index, {}).values())
 
     def load(self, index: int) -> int:
-        return len(self.placed.get(index, {}))
+        return len(self.placed.get(index, {})) + len(self.parking.get(index, {}))
 
     def running_count(self) -> int:
         return sum(len(jobs) for jobs in self.placed.values())
@@ -160,6 +179,11 @@ class JobBook:
         placed = []
         while len(self.queue):
             free = [i for i, cap in capacities.items() if self.load(i) < cap]
+            if not free:
+                break
+            head = next(iter(self.queue))
+            # Not where its parked run has not stopped yet; the queue keeps its order.
+            free = [i for i in free if head.job_id not in self.parking.get(i, {})]
             if not free:
                 break
             index = min(free, key=lambda i: (self.load(i), i))
@@ -191,6 +215,13 @@ class JobBook:
             job = self._placed_job(index, report.job_id)
             if job is None:
                 continue  # ended here already, or not started there yet
+            if job.waiting_on_ring and not report.waiting:
+                # A wait (a full ring, a streamed input still arriving) that ended is
+                # where the stall clock starts again: the work after it (a transcription's
+                # first piece) has the whole stall_timeout_s, however long the wait was.
+                job.progress_at = now
+            if report.waiting and not job.waiting_on_ring:
+                job.waiting_since = now
             job.waiting_on_ring = report.waiting
             job.queued_s, job.received_s = report.queued_s, report.received_s
             if report.progress != job.progress:
@@ -250,7 +281,10 @@ class JobBook:
 
     def _let_go(self, index: int, job_id: str) -> Job | None:
         """The worker reported a job's end: free its place. Returns the job if it is still
-        live here; None when unknown or ended here already (a cancel it acknowledged)."""
+        live here; None when unknown, ended here already (a cancel it acknowledged) or
+        parked (the end of the run it gave up)."""
+        if self.parking.get(index, {}).pop(job_id, None) is not None:
+            return None
         job = self.placed.get(index, {}).pop(job_id, None)
         return None if job is None or job.finished else job
 
@@ -289,6 +323,7 @@ class JobBook:
         (`move_now`) is requeued only while the other up workers (`capacities`: index ->
         places, as for `place`) have a free place for it; else it ends `worker_error`."""
         lost = list(self.placed.pop(index, {}).values())
+        self.parking.pop(index, None)  # already queued: nothing of them ran on it
         room = sum(max(0, cap - self.load(i)) for i, cap in (capacities or {}).items()
                    if i != index) - sum(1 for job in self.queue if job.moved)
         outcomes: list[Ended | Requeued] = []
@@ -389,8 +424,11 @@ class JobBook:
     def places_of(self, client: bytes) -> set[tuple[int, int]]:
         """(worker, lane) of every place this client's jobs hold, including jobs cancelled
         here whose worker has not acknowledged yet (it may still write their rings)."""
-        return {(index, job.lane) for index, jobs in self.placed.items()
-                for job in jobs.values() if job.client == client}
+        places = {(index, job.lane) for index, jobs in self.placed.items()
+                  for job in jobs.values() if job.client == client}
+        # A parked run may still write its rings until its worker says it stopped.
+        return places | {(index, job.lane) for index, parked in self.parking.items()
+                         for job, _ in parked.values() if job.client == client}
 
     def _end(self, job: Job, state: JobState, ended: Ended) -> Ended:
         job.state = state
@@ -417,10 +455,10 @@ class JobBook:
 
     # ------------------------------------------------------------ the clock
 
-    def tick(self, now: float) -> list[Ended | StopWorker]:
+    def tick(self, now: float) -> list[Ended | StopWorker | Parked]:
         """Deadlines (a job whose kind has one; `Job.deadline` is inf otherwise), stalled
         jobs and unacknowledged cancels."""
-        outcomes: list[Ended | StopWorker] = []
+        outcomes: list[Ended | StopWorker | Parked] = []
         for job in list(self.jobs.values()):
             if now >= job.deadline:
                 ended = self.cancel(job, P.E_TIMEOUT, f"job deadline of "
@@ -446,10 +484,58 @@ class JobBook:
                     # goes, and its other jobs are requeued with it).
                     stop = StopWorker(index, f"job {job.job_id} made no progress for "
                                       f"{age:.1f} s (stall_timeout_s={self.stall_timeout_s:g})")
+            for job, since in self.parking.get(index, {}).values():
+                if stop is None and now - since > self.stall_timeout_s:
+                    stop = StopWorker(index, f"did not stop parked job {job.job_id}")
             if stop is not None:
                 outcomes.append(stop)
         self.cancel_seen = cancel_seen  # only jobs still awaiting an answer
+        outcomes += self._park_unread(now)
         return outcomes
+
+    def _park_unread(self, now: float) -> list[Parked]:
+        """Batch jobs whose client has read nothing for `park_after_s` (their worker
+        waits on a full ring, and no frame went out since) while jobs of other clients
+        wait in the queue: one parked per such waiting job, the longest-blocked first."""
+        if self.queue_closed or not len(self.queue):
+            return []
+        blocked = []
+        for index, on_worker in self.placed.items():
+            for job in on_worker.values():
+                policy = POLICIES[job.kind]
+                if job.finished or not job.waiting_on_ring or not policy.exactly_once \
+                        or not policy.requeue or policy.registration:
+                    continue
+                unread_s = now - max(job.waiting_since, job.progress_at)
+                if unread_s >= self.park_after_s:
+                    blocked.append((unread_s, index, job))
+        parked: list[Parked] = []
+        waiting = list(self.queue)
+        for unread_s, index, job in sorted(blocked, key=lambda b: -b[0]):
+            others = [q for q in waiting if q.client != job.client]
+            if not others:
+                continue
+            waiting.remove(others[0])
+            parked.append(self.park(job, index, now, f"its client read nothing for "
+                                    f"{unread_s:.1f} s (timeouts.park_unread_s="
+                                    f"{self.park_after_s:g}) while job {others[0].job_id} "
+                                    "of another client waited for a worker"))
+        return parked
+
+    def park(self, job: Job, index: int, now: float, reason: str) -> Parked:
+        """Take a blocked job off worker `index` (which must be told to stop it) and queue
+        it behind the waiting jobs, its delivery counters kept: it resumes where its
+        client is, every frame once. A park is not a failed attempt."""
+        self.placed.get(index, {}).pop(job.job_id, None)
+        self.parking.setdefault(index, {})[job.job_id] = (job, now)
+        job.state = JobState.QUEUED
+        job.worker = None
+        job.attempts -= 1
+        job.parks += 1
+        job.waiting_on_ring = False
+        self.queue.push_back(job)
+        log.info("job %s parked: %s", job.job_id, reason)
+        return Parked(job, index, reason)
 
     def end_all(self, code: str, message: str) -> list[Ended]:
         """Shutdown: end every live job."""

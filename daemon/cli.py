@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -157,6 +161,53 @@ def _fail(exc: Exception) -> None:
     raise click.ClickException(str(exc)) from None
 
 
+# The signals that end a client command that writes a file: each is turned into
+# `Interrupted` so the way out runs every cleanup (the mp4 writer deletes its temporary
+# file, a private daemon is stopped) instead of dying mid-write.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived while a command wrote its output (`writing_output`). A
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def writing_output(output: str) -> Iterator[None]:
+    """Run the body of a command that writes the file `output` (render, lipsync, live).
+
+    SIGTERM, SIGINT and SIGHUP raise `Interrupted` in the main thread (the first one; a
+    second one takes the signal's default action, for a user who insists): the command
+    then exits with 128 + the signal number and says that `output` was not written. A
+    failure (`click.ClickException`) says the same after its own message. Either way a
+    file that was at `output` before is left as it was: the writer renames its temporary
+    file onto `output` only when it is complete (`avatard.engines.mux.Mp4Writer`)."""
+    existed = os.path.lexists(output)
+    kept = " (the file already there is unchanged)" if existed else ""
+
+    def stop(signum: int, _frame: object) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    except Interrupted as exc:
+        click.echo(f"Error: interrupted by {exc}: {output} was not written{kept}", err=True)
+        sys.exit(128 + exc.signum)
+    except click.ClickException as exc:
+        raise click.ClickException(f"{exc.message}; {output} was not written{kept}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @main.command()
 @click.argument("text")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
@@ -179,13 +230,14 @@ def render(text: str, output: str, avatar: str | None, voice: str, seed: int,
     from avatard.daemon.render import engine_overrides, render_to_mp4
     from avatard.ipc.client import ClientError
 
-    try:
-        result = render_to_mp4(
-            endpoint, engine_overrides(engine, sets), avatar, Path(output), "render",
-            lambda client, avatar_id: client.speak(text, avatar=avatar_id, voice=voice,
-                                                   seed=seed))
-    except (ClientError, OSError, ValueError) as exc:
-        _fail(exc)
+    with writing_output(output):
+        try:
+            result = render_to_mp4(
+                endpoint, engine_overrides(engine, sets), avatar, Path(output), "render",
+                lambda client, avatar_id: client.speak(text, avatar=avatar_id, voice=voice,
+                                                       seed=seed))
+        except (ClientError, OSError, ValueError) as exc:
+            _fail(exc)
     click.echo(f"wrote {result.path}: {result.frames} frames, {result.media_s:.2f} s of video "
                f"in {result.wall_s:.2f} s: RTF {result.rtf:.3f} (first frame after "
                f"{result.first_frame_s:.2f} s)")
@@ -211,17 +263,19 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
     from avatard.engines.mux import check_writable
     from avatard.ipc.client import ClientError
 
-    try:
-        check_writable(Path(output))  # before decoding a long file
-        pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
-        result = render_to_mp4(
-            endpoint, engine_overrides(engine, sets), avatar, Path(output), "lipsync",
-            lambda client, avatar_id: client.lipsync(pcm, rate, avatar=avatar_id, seed=seed),
-            audio=(pcm, rate))
-    except EngineInputError as exc:
-        _fail(ClientError(f"bad audio file {audio}: {exc}"))
-    except (ClientError, OSError, ValueError) as exc:
-        _fail(exc)
+    with writing_output(output):
+        try:
+            check_writable(Path(output))  # before decoding a long file
+            pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
+            result = render_to_mp4(
+                endpoint, engine_overrides(engine, sets), avatar, Path(output), "lipsync",
+                lambda client, avatar_id: client.lipsync(pcm, rate, avatar=avatar_id,
+                                                         seed=seed),
+                audio=(pcm, rate))
+        except EngineInputError as exc:
+            _fail(ClientError(f"bad audio file {audio}: {exc}"))
+        except (ClientError, OSError, ValueError) as exc:
+            _fail(exc)
     click.echo(f"wrote {result.path}: {result.frames} frames, {result.media_s:.2f} s of video "
                f"in {result.wall_s:.2f} s: RTF {result.rtf:.3f}")
 
@@ -279,34 +333,35 @@ def live(audio: str | None, output: str, text_file: str | None, interrupt_at_s: 
 
     if (audio is None) == (text_file is None):
         raise click.UsageError("give AUDIO or --text-stream FILE (one of them)")
-    try:
-        out = Path(output)
-        check_writable(out)
-        if audio is not None:
-            try:
-                pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
-            except EngineInputError as exc:
-                raise ClientError(f"bad audio file {audio}: {exc}") from None
-            source = LiveInput(pcm=pcm, rate=rate)
-        else:
-            try:
-                text = read_file(text_file, "text").decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ClientError(f"text file {text_file} is not UTF-8 ({exc})") from None
-            if not text.strip():
-                raise ClientError(f"text file {text_file} holds no words")
-            source = LiveInput(text=text)
-        avatar_image = None
-        if avatar is not None and Path(avatar).is_file():
-            avatar_image = read_file(avatar, "avatar")
-        with daemon_endpoint(endpoint, engine_overrides(engine, sets), sys.stderr) as found:
-            report = asyncio.run(run_live(
-                found, source, out, avatar_image=avatar_image,
-                avatar_id="" if avatar_image else (avatar or ""), voice=voice, seed=seed,
-                interrupt_at_s=interrupt_at_s, tail_s=tail_s, timeout_s=timeout_s,
-                prebuffer_ms=prebuffer_ms))
-    except (ClientError, OSError, ValueError) as exc:
-        _fail(exc)
+    with writing_output(output):
+        try:
+            out = Path(output)
+            check_writable(out)
+            if audio is not None:
+                try:
+                    pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
+                except EngineInputError as exc:
+                    raise ClientError(f"bad audio file {audio}: {exc}") from None
+                source = LiveInput(pcm=pcm, rate=rate)
+            else:
+                try:
+                    text = read_file(text_file, "text").decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ClientError(f"text file {text_file} is not UTF-8 ({exc})") from None
+                if not text.strip():
+                    raise ClientError(f"text file {text_file} holds no words")
+                source = LiveInput(text=text)
+            avatar_image = None
+            if avatar is not None and Path(avatar).is_file():
+                avatar_image = read_file(avatar, "avatar")
+            with daemon_endpoint(endpoint, engine_overrides(engine, sets), sys.stderr) as found:
+                report = asyncio.run(run_live(
+                    found, source, out, avatar_image=avatar_image,
+                    avatar_id="" if avatar_image else (avatar or ""), voice=voice, seed=seed,
+                    interrupt_at_s=interrupt_at_s, tail_s=tail_s, timeout_s=timeout_s,
+                    prebuffer_ms=prebuffer_ms))
+        except (ClientError, OSError, ValueError) as exc:
+            _fail(exc)
     if as_json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -211,14 +211,26 @@ class TimeoutsConfig:
         10.0, "A worker silent for this long is declared dead and killed.", gt=0
     )
     stall_timeout_s: float = _key(
-        30.0, "A job that produces no frame for this long is declared stalled.", gt=0
+        30.0, "A job that makes no progress for this long is declared stalled and its "
+        "worker replaced: no frame (render jobs), no piece of its audio transcribed (at most "
+        "30 s of audio each: transcribe jobs), not counting time spent waiting on a full ring "
+        "or on streamed input.", gt=0
     )
     kill_grace_s: float = _key(
         5.0, "Time between SIGTERM and SIGKILL when a worker is stopped.", ge=0
     )
     client_call_s: float = _key(
         30.0,
-        "Longest a local client may hold a frame slot before the daemon takes it back.",
+        "Longest a local client may hold a frame or audio slot before the daemon takes it "
+        "back and stops the client's jobs (`timeout`).",
+        gt=0,
+    )
+    park_unread_s: float = _key(
+        2.0,
+        "A speak or lipsync job whose client has read nothing for this long (every slot of "
+        "its ring full: a stopped or stuck reader) gives its worker up when jobs of other "
+        "clients wait for one: it waits at the back of the queue and resumes where its "
+        "client is, every frame once. A client that reads, however slowly, is never parked.",
         gt=0,
     )
     session_idle_s: float = _key(

@@ -47,6 +47,8 @@ class Job:
     progress: int = 0  # frames the worker says it has produced (this attempt)
     progress_at: float = 0.0  # when progress last grew (stall detection)
     waiting_on_ring: bool = False  # blocked on a full ring: back-pressure, not a stall
+    waiting_since: float = 0.0  # when the heartbeats first said so (for parking)
+    parks: int = 0  # times it gave its worker up to other clients' jobs (`JobBook.park`)
     frames_delivered: int = 0  # next frame index the client expects
     audio_delivered: int = 0  # next audio chunk index the client expects
     started_at: float = 0.0
@@ -69,6 +71,9 @@ class Job:
     queued_s: float = 0.0
     received_s: float = 0.0
     sent_s: float = 0.0
+    # Warnings forwarded to the client (code, message): a rerun after a worker loss
+    # notices them again, and the client hears each once.
+    warnings_sent: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def kind(self) -> P.JobKind:
@@ -125,6 +130,12 @@ class JobQueue:
             while at < len(self._queue) and self._queue[at].moved:
                 at += 1
         self._queue.insert(at, job)
+
+    def push_back(self, job: Job) -> None:
+        """Queue a parked job (`JobBook.park`) behind every waiting job: it gave its place
+        up for them. May exceed `size` as `push_front` does, by the jobs the workers were
+        running, never more."""
+        self._queue.append(job)
 
     def pop(self) -> Job | None:
         return self._queue.popleft() if self._queue else None

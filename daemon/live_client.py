@@ -28,6 +28,7 @@ import math
 import queue
 import re
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from avatard.ipc.client_core import (
     InputRefusedEvent,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
+    WarningEvent,
 )
 
 CHUNK_S = 0.1  # audio goes out in chunks this long, each when its first sample is due
@@ -104,11 +106,15 @@ class LiveReport:
 
     def lines(self) -> list[str]:
         """The report for people, one figure a line."""
+        # The count and the length are the file's (as `avatard render` reports); how many
+        # of its frames came from the session is said after them.
         padding = self.frames_in_mp4 - self.frames_received
-        out = [f"wrote {self.path}: {self.frames_received} frames ({self.video_s:.2f} s of "
-               f"video) as they came out of live session {self.job_id}"
-               + (f", plus {padding} repeat{'s' if padding > 1 else ''} of the last frame so "
-                  "the video covers the audio's last packet" if padding else ""),
+        out = [f"wrote {self.path}: {self.frames_in_mp4} frames ({self.video_s:.2f} s of "
+               f"video): "
+               + (f"the {self.frames_received} that came out of live session {self.job_id}, "
+                  f"plus {padding} repeat{'s' if padding > 1 else ''} of the last frame so "
+                  "the video covers the audio's last packet" if padding else
+                  f"all as they came out of live session {self.job_id}"),
                f"frames: {self.frames_sent} sent, {self.frames_received} received, "
                f"{self.frames_dropped} dropped, {self.late_frames} late "
                f"({self.width}x{self.height} at {self.fps} fps, audio {self.audio_rate} Hz)"]
@@ -325,6 +331,10 @@ class _Recording:
             raise ClientError(f"the daemon refused the session's input ({event.what}): "
                               f"{event.code}: {event.field}: {event.rule}",
                               code=event.code, field=event.field)
+        elif isinstance(event, WarningEvent):
+            # Said at once, as it comes: the figures are printed at the end.
+            sys.stderr.write(f"warning: {event.field}: {event.message}\n")
+            sys.stderr.flush()
         elif isinstance(event, DoneEvent):
             self.done = event
 

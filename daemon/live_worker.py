@@ -79,6 +79,15 @@ class TtsAudio:
 
 
 @dataclass(frozen=True, slots=True)
+class TtsWarning:
+    """The TTS thread left words of a segment's text out (a `text_dropped` warning for
+    the client, which the job thread sends: sockets belong to one thread)."""
+
+    segment_id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class TtsDone:
     """The TTS thread finished one piece of text (spoken, or refused by the engine)."""
 
@@ -328,6 +337,11 @@ class LiveSession:
         if isinstance(item, TtsDone):
             playout.tts_done(item.generation, item.segment_id)
             return False
+        if isinstance(item, TtsWarning):
+            self.worker.send(P.WJobWarning, job_id=self.job.job_id, code=P.W_TEXT_DROPPED,
+                             message=f"segment {item.segment_id!r}: {item.message}"[:4000],
+                             field="text")
+            return False
         msg, data = item
         kind = msg.kind
         if kind is P.LiveInputKind.AUDIO:
@@ -464,8 +478,11 @@ class LiveSession:
             try:
                 if generation != self.playout.generation:
                     continue  # a barge-in came since it was asked
+                def warn(message: str, segment_id: str = segment_id) -> None:
+                    self.job_run.live_inputs.put(TtsWarning(segment_id, message))
+
                 with lock:
-                    sentences = iter(tts.stream(text, self.voice or None))
+                    sentences = iter(tts.stream(text, self.voice or None, warn))
                 while generation == self.playout.generation and not self._tts_stop.is_set():
                     with lock:  # each sentence is synthesized inside next()
                         pcm = next(sentences, None)

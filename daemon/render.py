@@ -27,6 +27,7 @@ from avatard.ipc.client import (
     DoneEvent,
     FrameEvent,
     JobHandle,
+    WarningEvent,
     default_endpoint,
 )
 from avatard.ipc.sockets import ipc_path
@@ -129,6 +130,12 @@ class Progress:
         if self.enabled:
             self.stream.write("\n")
 
+    def warn(self, line: str) -> None:
+        """A line on the stream, whether or not it is a terminal (a status line being
+        drawn is ended first)."""
+        self.stream.write(("\n" if self.enabled else "") + line + "\n")
+        self.stream.flush()
+
 
 def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress,
                   audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
@@ -158,6 +165,8 @@ def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress
                 writer.write_frame(event.array)
                 frames += 1
                 progress.update(frames, frames / fps)
+            elif isinstance(event, WarningEvent):
+                progress.warn(f"warning: {event.field}: {event.message}")
             elif isinstance(event, DoneEvent):
                 done = event
         if writer is None or done is None:

@@ -384,10 +384,11 @@ class Sessions:
 
     # ------------------------------------------------------------ the clock
 
-    def expire_held(self, now: float) -> list[bytes]:
+    def expire_held(self, now: float) -> list[tuple[bytes, str]]:
         """Take back slots held over `client_call_s` (the client's view goes stale).
-        Returns the clients concerned: one that stops releasing is gone or stuck, and its
-        jobs must stop, or they hold their workers until their deadlines."""
+        Returns the clients concerned, each with what it held ("a frame slot", "an audio
+        slot", "frame and audio slots"): one that stops releasing is gone or stuck, and
+        its jobs must stop, or they hold their workers until their deadlines."""
         stuck = []
         for session in self.sessions.values():
             expired = [key for key, handed in session.held.items()
@@ -398,7 +399,12 @@ class Sessions:
                 log.warning("session %s kept slot %s for over %.0f s: reclaimed",
                             session.session_id, key, self.client_call_s)
             if expired:
-                stuck.append(session.identity)
+                # Ring labels end in ".frames" or ".audio" (`_ring_pair`).
+                kinds = {"audio" if ring.endswith(".audio") else "frame"
+                         for ring, _, _ in expired}
+                held = ("frame and audio slots" if len(kinds) > 1 else
+                        "an audio slot" if kinds == {"audio"} else "a frame slot")
+                stuck.append((session.identity, held))
         return stuck
 
     def vanished(self, now: float) -> list[bytes]:

@@ -22,7 +22,8 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import zmq
 
@@ -32,7 +33,7 @@ from avatard.ipc.sockets import ClientPort, bind, ensure_private_dir, unlink_end
 
 from . import devices as dev
 from .avatars import AvatarStore
-from .book import POLICIES, Ended, JobBook, Outcome, Requeued, StopWorker
+from .book import POLICIES, Ended, JobBook, Outcome, Parked, Requeued, StopWorker
 from .config import Config, resolved_endpoint, resolved_runtime_dir
 from .inputs import StreamedInputs
 from .jobs import Job, JobState, QueueFull
@@ -61,6 +62,7 @@ from .sessions import Session, Sessions, describe_shm
 from .status import StatusBoard, StatusHandoff, health
 from .worker import WorkerSpec, start_worker
 
+_T = TypeVar("_T")
 log = logging.getLogger("avatard.supervisor")
 
 TICK_S = 0.02
@@ -80,7 +82,7 @@ class Supervisor:
         self.runtime_dir = ensure_private_dir(resolved_runtime_dir(config))
         self.endpoint = resolved_endpoint(config)
         self.book = JobBook(config.daemon.queue_size, config.restart.max_job_attempts,
-                            config.timeouts.stall_timeout_s)
+                            config.timeouts.stall_timeout_s, config.timeouts.park_unread_s)
         self.avatars = AvatarStore(config.avatars.max_count, config.avatars.max_bytes)
         self.inputs = StreamedInputs(config.daemon.max_media_s,
                                      config.daemon.streamed_input_bytes)
@@ -281,6 +283,10 @@ class Supervisor:
                 self.sessions.reclaim_worker(item.index)
             elif isinstance(item, StopWorker):
                 self._route([self.pool.stop(item.index, "runtime", item.reason, now)], now)
+            elif isinstance(item, Parked):
+                # Its place stays taken until the worker says the run stopped; the job
+                # waits in the queue meanwhile.
+                self._send(item.index, P.make(P.CancelJob, job_id=item.job.job_id))
             elif isinstance(item, Ended):
                 self._finish(item, now)
             elif isinstance(item, WorkerReady):
@@ -304,6 +310,19 @@ class Supervisor:
         except zmq.ZMQError as exc:
             log.info("message to worker %d dropped: %s", index, exc)
 
+    def _with_shm_room(self, what: str, make: Callable[[], _T]) -> _T:
+        """`make()`, which creates rings for `what`; when /dev/shm is full, the least
+        recently used portrait no live job names is let go (its segment unlinked) and
+        `make` tried again, until it fits or no idle portrait is left (then the last
+        `ShmFullError` is raised). Stored portraits are a cache: a client registers one
+        again; a session or job refused for want of room would just fail."""
+        while True:
+            try:
+                return make()
+            except segments.ShmFullError:
+                if not self.avatars.evict_idle(what):
+                    raise
+
     def _place_jobs(self, now: float) -> None:
         for job in self.book.place(self.pool.capacities(), now):
             assert job.worker is not None
@@ -311,9 +330,11 @@ class Supervisor:
             if POLICIES[job.kind].uses_session_rings:
                 others = self.book.places_of(job.client) - {(job.worker, job.lane)}
                 try:
-                    frame_ring, audio_ring = self.sessions.output_names(
-                        job.client, job.worker, job.lane, others,
-                        live=job.kind is P.JobKind.LIVE)
+                    frame_ring, audio_ring = self._with_shm_room(
+                        f"the rings of job {job.job_id}",
+                        lambda job=job, others=others: self.sessions.output_names(
+                            job.client, job.worker, job.lane, others,
+                            live=job.kind is P.JobKind.LIVE))
                 except segments.ShmFullError as exc:
                     self._route([self.book.unplace(job, P.E_NO_SPACE, str(exc))], now)
                     continue
@@ -360,9 +381,10 @@ class Supervisor:
 
     def _expire_sessions(self, now: float) -> None:
         limit = self.cfg.timeouts.client_call_s
-        for identity in self.sessions.expire_held(now):
-            self._end_client_jobs(identity, P.E_TIMEOUT, f"the client held a frame for over "
-                                  f"client_call_s={limit:g} s; job stopped", now)
+        for identity, held in self.sessions.expire_held(now):
+            self._end_client_jobs(identity, P.E_TIMEOUT, f"the client held {held} for over "
+                                  f"timeouts.client_call_s={limit:g} s without releasing it; "
+                                  "job stopped", now)
         for identity in self.sessions.vanished(now):
             log.info("client %s: its process exited; its jobs end", identity.hex())
             self._end_client_jobs(identity, P.E_CANCELLED, "the client process exited", now)
@@ -432,6 +454,14 @@ class Supervisor:
             if job is not None:
                 self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
+        elif isinstance(msg, P.WJobWarning):
+            job = self.book.live(index, msg.job_id)
+            if job is not None and (msg.code, msg.message) not in job.warnings_sent:
+                job.warnings_sent.add((msg.code, msg.message))
+                log.info("job %s: warning %s: %s", job.job_id, msg.code, msg.message)
+                self.client_port.send(job.client, P.make(
+                    P.JobWarning, job_id=job.job_id, code=msg.code, message=msg.message,
+                    field=msg.field))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)
         elif isinstance(msg, P.WJobFailed):
@@ -457,8 +487,10 @@ class Supervisor:
             session.last_seen = now
         if isinstance(msg, P.Hello):
             try:
-                session = self.sessions.hello(identity, msg.inline, now,
-                                              port.peer_pids.get(identity))
+                session = self._with_shm_room(
+                    "a client session's input ring",
+                    lambda: self.sessions.hello(identity, msg.inline, now,
+                                                port.peer_pids.get(identity)))
             except segments.ShmFullError as exc:
                 raise P.ProtocolError(P.E_NO_SPACE, "inline", f"{exc}; a session with "
                                       "inline=true needs no ring of its own", req_id) from None

@@ -623,8 +623,17 @@ class Worker:
         assert isinstance(spec, P.TranscribeSpec)
         pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
         asr, lock = self._engine("asr")
+
+        def advanced(done_s: float) -> None:
+            # Milliseconds of audio done are this job's progress: the heartbeat carries
+            # them, and the supervisor's stall watchdog sees a long transcription move
+            # (a hung engine makes no more calls, and is still caught). Also the point
+            # where a cancel or shutdown stops a long transcription.
+            run.progress = max(run.progress, int(done_s * 1000))
+            self._check_control(run)
+
         with lock:
-            transcript = asr.transcribe(pcm, spec.sample_rate)
+            transcript = asr.transcribe(pcm, spec.sample_rate, progress=advanced)
         segments = [P.SegmentMsg(text=s.text, start_s=s.start_s, end_s=s.end_s,
                                  words=[P.WordMsg(text=w.text, start_s=w.start_s,
                                                   end_s=w.end_s, probability=w.probability)
@@ -640,6 +649,17 @@ class Worker:
 
         return run_live(self, job, run, frame_ring, audio_ring)
 
+    def _text_warning(self, job_id: str) -> Any:
+        """The `warn` callback of a TTS call for job `job_id`: each message goes to the
+        supervisor as a `text_dropped` warning (on the calling thread's socket), which
+        passes it on to the client once."""
+
+        def warn(message: str) -> None:
+            self.send(P.WJobWarning, job_id=job_id, code=P.W_TEXT_DROPPED,
+                      message=message[:4000], field="text")
+
+        return warn
+
     def _audio_chunks(self, spec: P.SpeakSpec | P.LipsyncSpec, run: JobRun, rate: int):
         """(pcm at the avatar's rate, original pcm or None, original rate) per chunk."""
         from avatard.engines.audio import lipsync_chunks, resample, validate_pcm
@@ -647,7 +667,8 @@ class Worker:
         if isinstance(spec, P.SpeakSpec):
             tts, lock = self._engine("tts")
             with lock:
-                sentences = iter(tts.stream(spec.text, spec.voice or None))
+                sentences = iter(tts.stream(spec.text, spec.voice or None,
+                                            self._text_warning(run.job_id)))
             while True:
                 # Each sentence is synthesized inside next(): that is the engine call.
                 with lock:
@@ -660,7 +681,8 @@ class Worker:
             pcm = self._input_pcm(run, spec.audio, spec.sample_rate)
             # NaN, inf, 1e30 or an empty buffer: a clear bad_input, not an engine crash.
             pcm, _ = validate_pcm(pcm, spec.sample_rate, field="audio",
-                                  max_duration_s=self.spec.max_media_s)
+                                  max_duration_s=self.spec.max_media_s,
+                                  limit_key="daemon.max_media_s")
             for chunk in lipsync_chunks(resample(pcm, spec.sample_rate, rate), rate):
                 yield chunk, None, 0
 

@@ -59,11 +59,15 @@ def validate_pcm(
     *,
     max_duration_s: float = DEFAULT_MAX_DURATION_S,
     field: str = "audio",
+    limit_key: str = "",
 ) -> tuple[np.ndarray, int]:
     """Check caller PCM and return it as (1-D C-contiguous float32 in [-1, 1], rate).
 
     Accepts float arrays of shape (n,) or (n, 1). Integer arrays are refused instead of
     being guessed at: int16 and int32 need different scales and the caller knows which.
+    Raises `EngineInputError` naming `field` (or "sample_rate"); past `max_duration_s`
+    its rule gives the length, the limit and `limit_key`, the config key that sets the
+    limit (e.g. "engines.options.embedded.max_duration_s"), when the caller names one.
     """
     rate = validate_sample_rate(sample_rate)
     if not isinstance(pcm, np.ndarray):
@@ -79,8 +83,9 @@ def validate_pcm(
         raise EngineInputError(field, "is empty (0 s of audio)")
     duration_s = samples.size / rate
     if duration_s > max_duration_s:
+        where = f" ({limit_key})" if limit_key else ""
         raise EngineInputError(
-            field, f"is {duration_s:.1f} s long; the limit is {max_duration_s:g} s"
+            field, f"is {duration_s:.1f} s long; the limit is {max_duration_s:g} s{where}"
         )
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
         samples = np.ascontiguousarray(samples, dtype=np.float32)

@@ -33,6 +33,28 @@ def no_progress(stage: str, fraction: float) -> None:
     """Progress callback for callers that do not report loading stages."""
 
 
+# Called by a TTS engine for input it speaks but not as given (words left out): a message
+# for people, naming what was left out and why. The worker sends it to the client as a
+# `warning` event (code `text_dropped`, field `text`); the speech goes on.
+TextWarnFn = Callable[[str], None]
+
+
+def no_text_warning(message: str) -> None:
+    """Warning callback for callers that do not pass warnings on."""
+
+
+# Called by an ASR engine while it transcribes: seconds of the input done so far (a float,
+# never decreasing, the input's duration at the end). The worker turns each call into job
+# progress, which is what keeps the daemon's stall watchdog (`timeouts.stall_timeout_s`)
+# from killing a worker that transcribes a long input; the callback may raise (a cancel, a
+# shutdown) to stop the transcription.
+AudioProgressFn = Callable[[float], None]
+
+
+def no_audio_progress(done_s: float) -> None:
+    """Transcription progress callback for callers that do not watch it."""
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """Which worker slot loads an engine and which load attempt this is, for engines that
@@ -141,13 +163,18 @@ class TTSEngine(Engine):
         return {}
 
     @abc.abstractmethod
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         """Yield float32 PCM at `self.sample_rate`, one chunk per sentence, as soon as
-        each sentence is synthesized."""
+        each sentence is synthesized. Text and voice are checked at the call (bad ones
+        raise `EngineInputError` naming "text" or "voice"); words the voice cannot read
+        that are left out of the speech are told to `warn`, once per call, before the
+        first chunk."""
 
-    def synthesize(self, text: str, voice: str | None = None) -> tuple[np.ndarray, int]:
+    def synthesize(self, text: str, voice: str | None = None,
+                   warn: TextWarnFn = no_text_warning) -> tuple[np.ndarray, int]:
         """The whole utterance at once: (pcm, sample_rate)."""
-        chunks = list(self.stream(text, voice))
+        chunks = list(self.stream(text, voice, warn))
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         return pcm.astype(np.float32, copy=False), self.sample_rate
 
@@ -182,13 +209,29 @@ class Transcript:
         return " ".join(s.text.strip() for s in self.segments).strip()
 
 
+# The most input audio an ASR engine transcribes between two progress calls, in seconds:
+# Whisper's own 30 s window (one encoder pass and its decode, about 1-4 s of CPU time for
+# tiny.en on a 2-core VM), far inside the default 30 s stall timeout.
+MAX_PROGRESS_GAP_S = 30.0
+
+
 class ASREngine(Engine):
     kind: ClassVar[str] = "asr"
     sample_rate: int = 16000  # rate the engine wants; callers resample to it
 
     @abc.abstractmethod
-    def transcribe(self, pcm: np.ndarray, sample_rate: int) -> Transcript:
-        """Transcribe mono float32 PCM with word timings."""
+    def transcribe(self, pcm: np.ndarray, sample_rate: int,
+                   progress: AudioProgressFn = no_audio_progress) -> Transcript:
+        """Transcribe mono float32 PCM (shape (n,), in [-1, 1]) at `sample_rate` Hz with
+        word timings in seconds of the input's timeline.
+
+        `progress(done_s)` is called as the work advances, at least once per
+        `MAX_PROGRESS_GAP_S` of input audio (whatever it holds: speech or silence), and
+        once with the whole duration at the end: the daemon's stall watchdog sees a
+        transcription that makes no call for `timeouts.stall_timeout_s` as a hung worker.
+        Whatever `progress` raises ends the transcription and propagates. Bad input
+        raises `EngineInputError` naming the field ("audio", "sample_rate"); input over
+        the engine's length limit names the option that sets it."""
 
 
 # ---------------------------------------------------------------------------- avatar

@@ -27,7 +27,15 @@ import numpy as np
 
 from avatard.ipc.procmem import rss_bytes
 
-from .base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+from .base import (
+    EngineInputError,
+    EngineReport,
+    ProgressFn,
+    TextWarnFn,
+    TTSEngine,
+    no_progress,
+    no_text_warning,
+)
 from .options import as_options
 from .speech_options import CoquiTTSOptions
 from .speech_text import SpeechText, route_voice, speak_sentences
@@ -192,7 +200,8 @@ class CoquiTTSEngine(TTSEngine):
                     *(name for name in self.languages if name != self.language))
         return tuple(self._text_languages)
 
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         speech = SpeechText.parse(text, self.max_text_chars)
         if voice is None:
             voice = self._voices[0]
@@ -207,7 +216,7 @@ class CoquiTTSEngine(TTSEngine):
                                    {name: (name,) for name in self.languages},
                                    {name: name for name in self.languages})
         languages = (language,) if self.languages else self._text_languages
-        sentences = speech.sentences(voice, languages, self.max_sentence_chars)
+        sentences = speech.sentences(voice, languages, self.max_sentence_chars, warn=warn)
         counter = iter(range(len(sentences)))
         return speak_sentences(
             sentences, lambda s: self._synthesize(s, next(counter), speaker, language),

@@ -45,6 +45,7 @@ from avatard.ipc.procmem import rss_bytes
 from .base import (
     STANDALONE,
     ASREngine,
+    AudioProgressFn,
     AvatarEngine,
     AvatarState,
     AvatarStream,
@@ -52,6 +53,7 @@ from .base import (
     EngineReport,
     ProgressFn,
     Segment,
+    TextWarnFn,
     Transcript,
     TTSEngine,
     Word,
@@ -59,7 +61,9 @@ from .base import (
     check_interruptible,
     frame_start_sample,
     frames_with_audio,
+    no_audio_progress,
     no_progress,
+    no_text_warning,
 )
 from .fake_options import FakeOptions
 from .options import as_options
@@ -582,8 +586,10 @@ class FakeTTSEngine(TTSEngine):
     def voices(self) -> list[str]:
         return list(FAKE_VOICES)
 
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         # Validate before the first yield so bad input fails at the call, not mid-stream.
+        # Every word becomes a tone, whatever its script: nothing is left out, no warning.
         if not isinstance(text, str) or not text.strip():
             raise EngineInputError("text", "must be a non-empty string")
         chosen = FAKE_VOICES[0] if voice is None else voice
@@ -643,7 +649,9 @@ class FakeASREngine(ASREngine):
         self.device = device
         self._load = _FakeLoad(self.kind, self.options, context, progress)
         self._load.load_weights()
+        self._loaded = False  # the warm-up call spends no time and hangs nowhere
         self._load.warm_up(lambda: self.transcribe(np.zeros(1600, np.float32), 16000))
+        self._loaded = True
 
     def report(self) -> EngineReport:
         return self._load.report(self.device)
@@ -651,7 +659,11 @@ class FakeASREngine(ASREngine):
     def close(self) -> None:
         self._load.ballast = None
 
-    def transcribe(self, pcm: np.ndarray, sample_rate: int) -> Transcript:
+    def transcribe(self, pcm: np.ndarray, sample_rate: int,
+                   progress: AudioProgressFn = no_audio_progress) -> Transcript:
+        """As `ASREngine.transcribe`. The work (`transcribe_ms_per_s` per second of input)
+        is spent one second of audio at a time, with a progress call after each;
+        `transcribe_hang_at_s` hangs when the work reaches that second."""
         if not isinstance(pcm, np.ndarray) or pcm.ndim != 1:
             raise EngineInputError("pcm", "must be a 1-D numpy array of mono samples")
         if not np.issubdtype(pcm.dtype, np.floating):
@@ -659,6 +671,7 @@ class FakeASREngine(ASREngine):
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
             raise EngineInputError("sample_rate", f"must be a positive int, got {sample_rate!r}")
         duration_s = pcm.shape[0] / sample_rate
+        self._work(duration_s, progress)
         window = max(1, round(ASR_WINDOW_S * sample_rate))
         window_count = pcm.shape[0] // window
         if window_count == 0:
@@ -699,3 +712,21 @@ class FakeASREngine(ASREngine):
                 )
             )
         return Transcript(language="en", duration_s=duration_s, segments=tuple(segments))
+
+    def _work(self, duration_s: float, progress: AudioProgressFn) -> None:
+        """Spend the configured compute time second by second, reporting each, and hang
+        where asked."""
+        options = self.options
+        if not self._loaded:
+            return
+        faults = options.faults_apply(self.context)
+        done_s = 0.0
+        while True:
+            if faults and 0 <= options.transcribe_hang_at_s <= done_s:
+                _hang(self.context, f"transcribing at {done_s:g} s of the audio")
+            if done_s >= duration_s:
+                break
+            _spend(options.transcribe_ms_per_s / 1000.0 * min(1.0, duration_s - done_s),
+                   busy=False)
+            done_s = min(duration_s, done_s + 1.0)
+            progress(done_s)

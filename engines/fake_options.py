@@ -73,6 +73,14 @@ class FakeOptions:
         "returns 10 at once); at most lookahead_frames + 1.", ge=1, le=250,
     )
     sentence_ms: float = option(0.0, "Compute time per synthesized TTS sentence, in ms.", ge=0)
+    transcribe_ms_per_s: float = option(
+        0.0, "ASR compute time per second of input audio, in ms; progress is reported after "
+        "each second, as a real engine reports each piece.", ge=0,
+    )
+    transcribe_hang_at_s: float = option(
+        -1.0, "ASR: hang forever when the transcription reaches this second of the input "
+        "(-1: never).", ge=-1,
+    )
     fault_workers: tuple[int, ...] | None = option(
         None, "Worker indices (0-based) the faults apply to.", ge=0, default_doc="every worker"
     )

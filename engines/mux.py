@@ -5,6 +5,11 @@ produces them. Video timestamps count frames (time base 1/fps) and audio timesta
 samples (time base 1/audio_rate), so both are exact integers and never drift. On close the
 shorter track is padded (last frame repeated, or silence) so the two lengths agree within
 one frame.
+
+The file is written under a temporary name in the target's directory (`part_path`) and
+renamed onto the target (`os.replace`, atomic within one file system) only when it is
+complete: a writer that is aborted, or a process killed mid-write, never damages a file
+that was at the target before, and a reader never sees a half-written mp4 there.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -69,11 +75,30 @@ def check_writable(path: Path) -> None:
         raise PermissionError(f"output file {path} exists and is not writable")
 
 
+PART_SUFFIX = ".part"
+
+
+def output_target(path: Path) -> Path:
+    """The file an output to `path` replaces: the symlink's target when `path` is a
+    symlink (renaming onto the link would replace the link, not the file it names)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def part_path(path: Path) -> Path:
+    """A fresh temporary name for an output to `path`, in the same directory (so the
+    final rename stays on one file system): hidden, `.NAME.<8 hex>.part`."""
+    target = output_target(path)
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PART_SUFFIX}")
+
+
 class Mp4Writer:
     """Write an mp4 incrementally: `write_frame` RGB frames and `write_audio` PCM chunks.
 
-    Use as a context manager. If the block raises, the partial file is deleted so no
-    truncated mp4 is left behind for a client to fetch.
+    The frames go to a temporary file beside `path` (`part_path`); `close()` finishes it
+    and renames it onto `path`, `abort()` deletes it. Until `close()` returns, whatever was
+    at `path` stays as it was. Use as a context manager: if the block raises, the writer
+    aborts. Raises like `check_writable` when `path` cannot be written, ValueError for bad
+    sizes and rates.
     """
 
     def __init__(
@@ -112,7 +137,8 @@ class Mp4Writer:
         self.audio_codec = pick_encoder(audio_encoders)
         log.info("mp4 writer: video %s, audio %s", self.video_codec, self.audio_codec)
 
-        self._container: Any = av.open(str(self.path), mode="w", format="mp4")
+        self.part = part_path(self.path)
+        self._container: Any = av.open(str(self.part), mode="w", format="mp4")
         try:
             self._video = self._container.add_stream(self.video_codec, rate=fps)
             self._video.width = width
@@ -149,7 +175,7 @@ class Mp4Writer:
             )
         except BaseException:
             self._container.close()
-            self.path.unlink(missing_ok=True)
+            self.part.unlink(missing_ok=True)
             raise
         self.frames_written = 0
         self.samples_written = 0  # at `audio_rate`, as received from the caller
@@ -209,27 +235,34 @@ class Mp4Writer:
         return self.samples_written / self.audio_rate
 
     def close(self) -> None:
-        """Pad the shorter track, flush the encoders and finish the file."""
+        """Pad the shorter track, flush the encoders, finish the file and rename it onto
+        `path`. On any error the temporary file is deleted and `path` left as it was."""
         if self._closed:
             return
         try:
-            self._pad_to_equal_length()
-            self._encode_audio(self._resampler.resample(None))
-            self._container.mux(self._audio.encode(None))
-            self._container.mux(self._video.encode(None))
-        finally:
-            self._closed = True
-            self._container.close()
+            try:
+                self._pad_to_equal_length()
+                self._encode_audio(self._resampler.resample(None))
+                self._container.mux(self._audio.encode(None))
+                self._container.mux(self._video.encode(None))
+            finally:
+                self._closed = True
+                self._container.close()
+            os.replace(self.part, output_target(self.path))
+        except BaseException:
+            self.part.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
-        """Stop without finishing and delete the partial file."""
+        """Stop without finishing and delete the temporary file; `path` is left as it
+        was."""
         if not self._closed:
             self._closed = True
             try:
                 self._container.close()
             except self._av.FFmpegError:
                 log.debug("closing an aborted mp4 failed", exc_info=True)
-        self.path.unlink(missing_ok=True)
+        self.part.unlink(missing_ok=True)
 
     def _pad_to_equal_length(self) -> None:
         if self.frames_written == 0 and self.samples_written == 0:

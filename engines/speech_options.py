@@ -87,7 +87,9 @@ class WhisperDecodeOptions:
     )
     word_timestamps: bool = option(True, "Give each word its start and end time.")
     max_duration_s: float = option(
-        DEFAULT_MAX_DURATION_S, "Longest audio accepted, in seconds.", gt=0
+        DEFAULT_MAX_DURATION_S, "Longest audio accepted, in seconds (the daemon's "
+        "`daemon.max_media_s` applies too). Any length is transcribed in 30 s pieces, with "
+        "progress after each, so only this limit and the job deadline bound it.", gt=0
     )
 
 

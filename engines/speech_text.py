@@ -15,7 +15,8 @@ One path, in this order (`SpeechText.parse`, then `SpeechText.sentences`):
    are allowed: runs in a foreign non-Latin script are left out (a voice would spell them
    as "Chinese letter"), Latin runs are kept (every espeak voice reads Latin).
 5. Normalisation (issue 16, item 11) in the voice's language: numbers, currency, percent,
-   ordinals, fractions, years, ISO dates and Roman numerals become words (num2words);
+   ordinals, fractions, years, ISO and slash dates, times, phone numbers and Roman
+   numerals become words (num2words);
    emoji and other symbols without speech are dropped.
 6. Sentence split (`audio.split_sentences`); an SSML break becomes silence after the
    sentence before it.
@@ -344,6 +345,45 @@ _ROMAN_VALUES = {"I": 1, "V": 5, "X": 10}
 _MONTHS = ("January February March April May June July August September October November "
            "December").split()
 _FRACTION_NAMES = {2: ("half", "halves"), 4: ("quarter", "quarters")}
+# Denominators that make "a/b" (a < b) a fraction: those of recipes, measures and odds.
+# Any other "a/b" that is a valid month/day is read as a date ("9/11", "12/25"), and a
+# date word before it ("on 7/8") makes it a date whatever the denominator.
+_FRACTION_DENOMINATORS = frozenset({2, 3, 4, 5, 6, 8, 10, 16, 32, 64, 100})
+_DATE_CONTEXT = frozenset("on since by until till from before after due dated".split())
+# Times: "10:30", "10:30am", "10:30 p.m.", "14:05", "10:30:15"; "7 pm", "7pm", "7 a.m.".
+# The meridiem is read "ay em" / "pee em": spelled as sounds, so that no voice reads "AM"
+# as the verb or "a.m." as a sentence end.
+_MERIDIEM = r"(?:\s?([ap])(\.\s?m\.|m\b))"
+_CLOCK = re.compile(rf"(?<![\d:.])([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?(?![\d:]){_MERIDIEM}?",
+                    re.IGNORECASE)
+_HOUR_MERIDIEM = re.compile(rf"(?<![\d:.])(1[0-2]|0?[1-9]){_MERIDIEM}", re.IGNORECASE)
+_MERIDIEM_WORDS = {"a": "ay em", "p": "pee em"}
+# Slash dates: month/day/year by default (US order; the voices we ship are en_US), or
+# day/month/year when the first number cannot be a month and the second can (25/12/2026).
+_SLASH_DATE = re.compile(r"(?<![\d/])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\d/])")
+# Phone numbers, read digit by digit in their groups: "555-1234", "555-123-4567",
+# "(555) 123-4567", "555.123.4567", "+1 555 123 4567", "+44 20 7946 0958".
+_PHONE = re.compile(
+    r"(?<![\w+.-])(?:"
+    r"\+\d{1,3}(?:[\s.-]\(?\d{1,4}\)?){2,5}"  # international: + country code, groups
+    r"|\(\d{3}\)\s?\d{3}[.-]\d{4}"  # (555) 123-4567
+    r"|[2-9]\d{2}([.-])\d{3}\1\d{4}"  # 555-123-4567, 555.123.4567
+    # 555-1234: a local number starts with 2-9 (North American exchange codes), which
+    # keeps ranges such as "100-2000" numbers.
+    r"|[2-9]\d{2}-\d{4}"
+    r")(?![\w-]|\.\d)"
+)
+_DIGIT_NAMES = "zero one two three four five six seven eight nine".split()
+
+
+def _sentence_end(match: re.Match, group: int) -> str:
+    """"." when the dotted meridiem in `group` ("a.m.") also ended its sentence: its
+    last dot is then the full stop too ("at 6 a.m. Then..."), which the words replacing
+    it must keep."""
+    dotted = match.group(group).endswith(".")
+    rest = match.string[match.end():]
+    ends = not rest.strip() or bool(re.match(r"\s+[A-Z\"'(]", rest))
+    return "." if dotted and ends else ""
 
 
 def _roman_value(numeral: str) -> int | None:
@@ -376,7 +416,11 @@ class Normaliser:
         if self._converter is None:
             return text
         if self.english:
+            text = _PHONE.sub(self._phone, text)
             text = _ISO_DATE.sub(self._iso_date, text)
+            text = _SLASH_DATE.sub(self._slash_date, text)
+            text = _CLOCK.sub(self._clock, text)
+            text = _HOUR_MERIDIEM.sub(self._hour_meridiem, text)
             text = _YEAR_RANGE.sub(self._year_range, text)
             text = _ROMAN.sub(self._roman, text)
             text = _DECADE.sub(self._decade, text)
@@ -447,6 +491,49 @@ class Normaliser:
         return (f"{_MONTHS[month - 1]} {self._converter.to_ordinal(day)}, "
                 f"{self._converter.to_year(year)}")
 
+    def _phone(self, match: re.Match) -> str:
+        groups = re.findall(r"\d+", match.group())
+        said = ", ".join(" ".join(_DIGIT_NAMES[int(d)] for d in group) for group in groups)
+        return ("plus " if match.group().startswith("+") else "") + said
+
+    def _date_words(self, month: int, day: int, year: str | None) -> str:
+        said = f"{_MONTHS[month - 1]} {self._converter.to_ordinal(day)}"
+        if year is None:
+            return said
+        # A two-digit year is said as written ("'26": twenty-six).
+        year_words = (self._converter.to_year(int(year)) if len(year) == 4
+                      else self._converter.to_cardinal(int(year)))
+        return f"{said}, {year_words}"
+
+    def _slash_date(self, match: re.Match) -> str:
+        first, second, year = int(match.group(1)), int(match.group(2)), match.group(3)
+        if 1 <= first <= 12 and 1 <= second <= 31:
+            return self._date_words(first, second, year)
+        if 1 <= second <= 12 and 13 <= first <= 31:
+            return self._date_words(second, first, year)
+        return " ".join(match.group().split("/"))  # not a date: the numbers, read on
+
+    def _clock(self, match: re.Match) -> str:
+        hour, minute, second = int(match.group(1)), int(match.group(2)), match.group(3)
+        meridiem = match.group(4)
+        said = self._converter.to_cardinal(hour)
+        if minute:
+            said += (" oh " if minute < 10 else " ") + self._converter.to_cardinal(minute)
+        elif not meridiem:
+            # 24-hour times on the hour ("14:00", "09:00") are "hundred"; 12-hour ones
+            # "o'clock".
+            said += " hundred" if hour > 12 or match.group(1).startswith("0") else " o'clock"
+        if second is not None and int(second):
+            count = int(second)
+            said += f" and {self._converter.to_cardinal(count)} second{'s' * (count != 1)}"
+        if meridiem:
+            said += " " + _MERIDIEM_WORDS[meridiem.lower()] + _sentence_end(match, 5)
+        return said
+
+    def _hour_meridiem(self, match: re.Match) -> str:
+        return (f"{self._converter.to_cardinal(int(match.group(1)))} "
+                f"{_MERIDIEM_WORDS[match.group(2).lower()]}{_sentence_end(match, 3)}")
+
     def _roman(self, match: re.Match) -> str:
         word, numeral = match.group(1), match.group(2)
         value = _roman_value(numeral)
@@ -459,6 +546,11 @@ class Normaliser:
 
     def _fraction(self, match: re.Match) -> str:
         numerator, denominator = int(match.group(1)), int(match.group(2))
+        before = match.string[: match.start()].split()
+        date_context = bool(before) and before[-1].lower() in _DATE_CONTEXT
+        is_fraction = 0 < numerator < denominator and denominator in _FRACTION_DENOMINATORS
+        if (date_context or not is_fraction) and 1 <= numerator <= 12 and 1 <= denominator <= 31:
+            return self._date_words(numerator, denominator, None)  # "9/11", "on 7/8"
         if not 0 < numerator < denominator:
             return f"{match.group(1)} {match.group(2)}"  # "24/7", "50/50": read the numbers
         count = self._converter.to_cardinal(numerator)
@@ -509,14 +601,21 @@ class SpeechText:
         return "\n\n".join(b.text for b in self.blocks if b.text)
 
     def sentences(self, voice: str, languages: Sequence[str],
-                  max_sentence_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> list[Sentence]:
+                  max_sentence_chars: int = DEFAULT_MAX_SENTENCE_CHARS,
+                  warn: Callable[[str], None] | None = None) -> list[Sentence]:
         """What voice `voice` (reading `languages`; the first one is used for numbers)
-        says: refuses text in scripts it cannot read, normalises, splits."""
+        says: refuses text in scripts it cannot read, normalises, splits. Words left out
+        (a few in a script the voice cannot read) are logged and told to `warn`, one
+        message naming the script(s), the words and the voice."""
         check = check_scripts(self.text, languages)
         if check is not None and not check.speakable:
             raise EngineInputError("text", _script_refusal(check, voice, languages))
         if check is not None and check.foreign_runs:
-            _log_dropped(check)
+            message = dropped_words_message(self.text, check, voice, languages)
+            if message:
+                log.info("%s", message)
+                if warn is not None:
+                    warn(message)
         normalise = Normaliser(languages[0]) if languages else None
         sentences: list[Sentence] = []
         for block in self.blocks:
@@ -552,11 +651,27 @@ def _script_refusal(check: ScriptCheck, voice: str, languages: Sequence[str]) ->
             f"speaks {', '.join(languages)}){route}")
 
 
-def _log_dropped(check: ScriptCheck) -> None:
-    dropped = Counter({s: n for s, n in check.foreign.items() if s != "Latin"})
-    if dropped:
-        log.info("left out %d words in %s that the voice cannot read",
-                 sum(dropped.values()), ", ".join(sorted(dropped)))
+MAX_WORDS_NAMED = 5  # a warning quotes at most this many of the words left out
+
+
+def dropped_words_message(text: str, check: ScriptCheck, voice: str,
+                          languages: Sequence[str]) -> str:
+    """The warning for the runs of `check` that `_drop_foreign` leaves out of `text`
+    (not Latin ones, which every voice reads): how many words, in which script(s), the
+    first few of them, and the voice's name and languages. "" when none is left out."""
+    dropped = [run for run in check.foreign_runs if run.script != "Latin"]
+    if not dropped:
+        return ""
+    scripts: Counter = Counter()
+    for run in dropped:
+        scripts[run.script] += run.words
+    count = sum(scripts.values())
+    named = ", ".join(f"{script} ({words})" for script, words in scripts.most_common())
+    quoted = ", ".join(repr(text[run.start:run.end]) for run in dropped[:MAX_WORDS_NAMED])
+    more = f" and {len(dropped) - MAX_WORDS_NAMED} more" if len(dropped) > MAX_WORDS_NAMED else ""
+    return (f"left out {count} word{'s' * (count != 1)} in the {named} script"
+            f"{'s' * (len(scripts) > 1)} ({quoted}{more}), which voice {voice!r} cannot "
+            f"read (it speaks {', '.join(languages)}); the rest is spoken")
 
 
 def _drop_foreign(text: str, languages: Sequence[str]) -> str:

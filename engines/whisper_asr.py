@@ -22,12 +22,15 @@ from avatard.ipc.procmem import rss_bytes
 
 from .audio import resample, validate_pcm
 from .base import (
+    MAX_PROGRESS_GAP_S,
     ASREngine,
+    AudioProgressFn,
     EngineReport,
     ProgressFn,
     Segment,
     Transcript,
     Word,
+    no_audio_progress,
     no_progress,
 )
 from .options import as_options
@@ -36,6 +39,44 @@ from .speech_options import FasterWhisperOptions, WhisperDecodeOptions
 log = logging.getLogger(__name__)
 
 REQUIRED_MODEL_FILES = ("model.bin", "config.json")
+
+# Long inputs are transcribed in pieces of at most one Whisper window (30 s: the encoder's
+# fixed input, `MAX_PROGRESS_GAP_S`), with a progress call after each, so the stall watchdog
+# hears from the worker every few seconds however long the input is. A piece ends at the
+# quietest 100 ms of its last 5 s, which is a pause between words (or sentences) in any
+# ordinary speech, so no word is cut in two; Whisper itself would cut its windows blindly
+# and then re-seek, which the pieces make unnecessary.
+PIECE_MAX_S = MAX_PROGRESS_GAP_S
+CUT_SEARCH_S = 5.0
+CUT_FRAME_S = 0.1
+
+
+def piece_bounds(samples: np.ndarray, rate: int, max_s: float = PIECE_MAX_S,
+                 search_s: float = CUT_SEARCH_S, frame_s: float = CUT_FRAME_S
+                 ) -> list[tuple[int, int]]:
+    """Where to cut 1-D PCM at `rate` Hz into pieces of at most `max_s` seconds: a list of
+    (start, end) sample indices, contiguous, covering every sample. Each cut but the last
+    lies at the start of the quietest `frame_s` frame (lowest mean square) within the last
+    `search_s` seconds of its piece; an input of at most `max_s` is one piece."""
+    total = int(samples.size)
+    max_len = max(1, int(max_s * rate))
+    frame = max(1, int(frame_s * rate))
+    search = min(max_len - frame, int(search_s * rate))
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    while total - start > max_len:
+        limit = start + max_len
+        if search >= frame:
+            region = samples[limit - search:limit].astype(np.float64)
+            frames = region[: region.size // frame * frame].reshape(-1, frame)
+            quietest = int(np.argmin((frames * frames).mean(axis=1)))
+            cut = limit - search + quietest * frame
+        else:
+            cut = limit
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, total))
+    return bounds
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -57,8 +98,13 @@ class FasterWhisperEngine(ASREngine):
         options: FasterWhisperOptions | dict[str, Any] | None = None,
         progress: ProgressFn = no_progress,
     ):
-        opts = as_options(FasterWhisperOptions, options, "engines.options.faster-whisper")
+        opts = as_options(FasterWhisperOptions, options, self.options_key)
         self._load(Path(opts.model_dir), opts, device, progress)
+
+    @property
+    def options_key(self) -> str:
+        """The config table of this engine's options (error messages name its keys)."""
+        return f"engines.options.{self.name}"
 
     def _load(self, model_dir: Path, opts: WhisperDecodeOptions, device: str,
               progress: ProgressFn) -> None:
@@ -102,22 +148,45 @@ class FasterWhisperEngine(ASREngine):
         # Half a second of quiet noise runs the encoder and one decoder step, so the first
         # real request does not pay for lazy initialisation.
         warmup = np.random.default_rng(0).standard_normal(self.sample_rate // 2) * 1e-3
-        self._run(warmup.astype(np.float32))
+        self._decode(warmup.astype(np.float32), self.language)
         self._warmup_s = time.perf_counter() - started
         self._memory_bytes = max(0, rss_bytes() - rss_before)
         progress("ready", 1.0)
 
-    def transcribe(self, pcm: np.ndarray, sample_rate: int) -> Transcript:
-        samples, rate = validate_pcm(pcm, sample_rate, max_duration_s=self.max_duration_s)
-        if rate != self.sample_rate:
-            samples = resample(samples, rate, self.sample_rate)
-        return self._run(samples)
+    def transcribe(self, pcm: np.ndarray, sample_rate: int,
+                   progress: AudioProgressFn = no_audio_progress) -> Transcript:
+        """As `ASREngine.transcribe`: in pieces of at most `PIECE_MAX_S` seconds (cut in
+        pauses, see `piece_bounds`), each resampled to 16 kHz on its own and decoded by
+        Whisper, with `progress` called after each. Over `max_duration_s` raises
+        `EngineInputError("audio")` naming `engines.options.<engine>.max_duration_s`."""
+        samples, rate = validate_pcm(pcm, sample_rate, max_duration_s=self.max_duration_s,
+                                     limit_key=f"{self.options_key}.max_duration_s")
+        duration_s = samples.size / rate
+        language = self.language
+        segments: list[Segment] = []
+        last_end = 0.0
+        for start, end in piece_bounds(samples, rate):
+            piece = samples[start:end]
+            if rate != self.sample_rate:
+                piece = resample(piece, rate, self.sample_rate)
+            offset_s = start / rate
+            raw_segments, piece_language = self._decode(piece, language)
+            # A multilingual model detects the language once, on the first piece, as it
+            # would on its first window of the whole input.
+            language = language or piece_language
+            for raw in raw_segments:
+                segment, last_end = _placed(raw, offset_s, duration_s, last_end)
+                segments.append(segment)
+            progress(end / rate)
+        return Transcript(language=language or "", duration_s=duration_s,
+                          segments=tuple(segments))
 
-    def _run(self, samples: np.ndarray) -> Transcript:
-        duration_s = samples.size / self.sample_rate
+    def _decode(self, samples: np.ndarray, language: str | None) -> tuple[list[Any], str]:
+        """Whisper's segments of 16 kHz `samples` (its own objects, times on the samples'
+        timeline) and the language it used."""
         segments_iter, info = self._model.transcribe(
             samples,
-            language=self.language,
+            language=language,
             beam_size=self.beam_size,
             # A single temperature keeps decoding greedy/beam and so reproducible; the
             # default fallback ladder samples at higher temperatures.
@@ -128,27 +197,7 @@ class FasterWhisperEngine(ASREngine):
             # repetition loops on long inputs; each window stands alone instead.
             condition_on_previous_text=False,
         )
-        segments: list[Segment] = []
-        last_end = 0.0
-        for raw in segments_iter:
-            words: list[Word] = []
-            for raw_word in raw.words or ():
-                # Whisper's timestamps come from attention alignment and can step a few
-                # ms backwards or past the end; clamp so callers can rely on order/bounds.
-                start = min(max(float(raw_word.start), last_end), duration_s)
-                end = min(max(float(raw_word.end), start), duration_s)
-                words.append(Word(raw_word.word.strip(), start, end, float(raw_word.probability)))
-                last_end = end
-            seg_start = min(max(float(raw.start), 0.0), duration_s)
-            seg_end = min(max(float(raw.end), seg_start), duration_s)
-            if words:
-                seg_start, seg_end = min(seg_start, words[0].start_s), max(seg_end, words[-1].end_s)
-            segments.append(Segment(raw.text.strip(), seg_start, seg_end, tuple(words)))
-        return Transcript(
-            language=info.language or (self.language or ""),
-            duration_s=duration_s,
-            segments=tuple(segments),
-        )
+        return list(segments_iter), info.language or (language or "")
 
     def report(self) -> EngineReport:
         return EngineReport(
@@ -162,3 +211,23 @@ class FasterWhisperEngine(ASREngine):
 
     def close(self) -> None:
         self._model = None  # type: ignore[assignment]
+
+
+def _placed(raw: Any, offset_s: float, duration_s: float, last_end: float
+            ) -> tuple[Segment, float]:
+    """A Whisper segment of a piece that starts at `offset_s`, on the input's timeline:
+    its words in order, none before `last_end` (the previous word's end) or past
+    `duration_s`. Returns the segment and the new `last_end`."""
+    words: list[Word] = []
+    for raw_word in raw.words or ():
+        # Whisper's timestamps come from attention alignment and can step a few ms
+        # backwards or past the end; clamp so callers can rely on order and bounds.
+        start = min(max(offset_s + float(raw_word.start), last_end), duration_s)
+        end = min(max(offset_s + float(raw_word.end), start), duration_s)
+        words.append(Word(raw_word.word.strip(), start, end, float(raw_word.probability)))
+        last_end = end
+    seg_start = min(max(offset_s + float(raw.start), 0.0), duration_s)
+    seg_end = min(max(offset_s + float(raw.end), seg_start), duration_s)
+    if words:
+        seg_start, seg_end = min(seg_start, words[0].start_s), max(seg_end, words[-1].end_s)
+    return Segment(raw.text.strip(), seg_start, seg_end, tuple(words)), last_end

@@ -95,8 +95,11 @@ class AsyncClient:
     ``tcp://HOST:PORT`` (remote: frame bytes come inline); default `default_endpoint()`.
     `timeout_s` bounds every wait of every call (a reply, the next event of a job, a free
     slot of the input ring), in seconds. `inline` forces inline data (default: for every
-    endpoint but ipc://). `curve_server_key_file` / `curve_client_key_file` as for
-    `Client`. Nothing is sent before `connect()` (or `async with`).
+    endpoint but ipc://). `curve_server_key_file` / `curve_client_key_file` and
+    `heartbeat_timeout_s` (the connection is dropped, and every wait ends with
+    `DaemonUnavailable` `daemon_gone`, when the daemon sends nothing, not even a ZMTP
+    heartbeat, for this long) as for `Client`. Nothing is sent before `connect()` (or
+    `async with`).
 
     After `connect()`: `session`, `server`, `max_payload_bytes` (audio longer than this
     streams in chunks) and `max_media_s`, as the daemon's `welcome` said."""
@@ -104,9 +107,11 @@ class AsyncClient:
     def __init__(self, endpoint: str | None = None, timeout_s: float = 30.0,
                  inline: bool | None = None, name: str = "python-asyncio",
                  curve_server_key_file: str | None = None,
-                 curve_client_key_file: str | None = None):
+                 curve_client_key_file: str | None = None,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S):
         self.endpoint = endpoint or default_endpoint()
         self.timeout_s = timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.inline = (not self.endpoint.startswith("ipc://")) if inline is None else inline
         self._name = name
         self._curve_files = (curve_server_key_file, curve_client_key_file)
@@ -143,7 +148,7 @@ class AsyncClient:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             apply_curve(sock, self.endpoint, *self._curve_files)
-            apply_heartbeat(sock, HEARTBEAT_TIMEOUT_S)
+            apply_heartbeat(sock, self.heartbeat_timeout_s)
             # A dropped connection is the one sure sign the daemon is gone (a SIGKILLed
             # daemon says nothing): the reader watches for it, and every wait ends on it.
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -230,8 +235,9 @@ class AsyncClient:
                 if dropped:
                     self._fail(lambda what: DaemonUnavailable(
                         f"the daemon at {self.endpoint} closed the connection while this "
-                        f"client waited for {what}: it exited or restarted, and its jobs and "
-                        "session are gone", code=DAEMON_GONE))
+                        f"client waited for {what}: it exited or restarted, or sent nothing, "
+                        f"not even a heartbeat, for {self.heartbeat_timeout_s:g} s (stopped "
+                        "or hung); its jobs and session are gone", code=DAEMON_GONE))
                     return
         except asyncio.CancelledError:
             raise

@@ -49,6 +49,7 @@ from .client_core import (  # the events and errors are this module's API too
     PlaybackStartedEvent,
     SessionMovedEvent,
     TranscriptResult,
+    WarningEvent,
     apply_curve,
     apply_heartbeat,
     audio_chunks,
@@ -69,7 +70,7 @@ __all__ = [
     "DAEMON_GONE", "LIVE_REQUESTS_KEPT", "AudioEvent", "BusyError", "Client", "ClientError",
     "DaemonUnavailable", "DoneEvent", "FrameEvent", "InputRefusedEvent", "JobFailedError",
     "JobHandle", "LiveSession", "PlaybackFinishedEvent", "PlaybackStartedEvent",
-    "SessionMovedEvent", "TranscriptResult", "default_endpoint",
+    "SessionMovedEvent", "TranscriptResult", "WarningEvent", "default_endpoint",
 ]
 
 
@@ -93,11 +94,11 @@ def default_endpoint() -> str:
 
 class JobHandle(AcceptedMedia, Iterator[Any]):
     """A job the daemon accepted, and the iterator of its events (`FrameEvent`,
-    `AudioEvent`, `TranscriptResult`, then `DoneEvent`; `JobFailedError` raised at its
-    end). What `accepted` announced (`job_id`, `fps`, `width`, `height`, `audio_rate`...):
-    see `AcceptedMedia`. Iterating releases each shared-memory slot when the next event
-    is asked for; `close()` releases the one held and stops reading the job (it keeps
-    running: `cancel` stops it)."""
+    `AudioEvent`, `TranscriptResult`, `WarningEvent`, then `DoneEvent`; `JobFailedError`
+    raised at its end). What `accepted` announced (`job_id`, `fps`, `width`, `height`,
+    `audio_rate`...): see `AcceptedMedia`. Iterating releases each shared-memory slot
+    when the next event is asked for; `close()` releases the one held and stops reading
+    the job (it keeps running: `cancel` stops it)."""
 
     def __init__(self, accepted: P.Accepted, events: Iterator[Any]):
         super().__init__(accepted)

@@ -85,6 +85,17 @@ class DoneEvent:
 
 
 @dataclass
+class WarningEvent:
+    """Part of the job's input was not used as given; the job goes on (`protocol.
+    JobWarning`): `code` (`text_dropped`), `field` ("text"), `message` for people."""
+
+    job_id: str
+    code: str
+    field: str
+    message: str
+
+
+@dataclass
 class PlaybackStartedEvent:
     """Live sessions: the next frame is the first carrying speech of `segment_id`."""
 
@@ -277,6 +288,8 @@ def job_event(job_id: str, msg: P.Msg, extra: list[Any],
         return PlaybackFinishedEvent(job_id, msg.segment_id, msg.position_s, msg.interrupted)
     if isinstance(msg, P.SessionMoved):
         return SessionMovedEvent(job_id, msg.resume_index, msg.frames_lost, msg.reason)
+    if isinstance(msg, P.JobWarning):
+        return WarningEvent(job_id, msg.code, msg.field, msg.message)
     if isinstance(msg, P.Error) and msg.req_id in live_requests:
         _, what = live_requests.pop(msg.req_id)
         return InputRefusedEvent(job_id, msg.req_id, what, msg.code, msg.field, msg.rule)

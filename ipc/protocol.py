@@ -484,6 +484,22 @@ class PlaybackFinished(Reply, tag="playback_finished"):
     interrupted: bool = False
 
 
+class JobWarning(Reply, tag="warning"):
+    """Part of a job's input was not used as given, and the job goes on: `code` says
+    what (`text_dropped`: words in a script the voice cannot read were left out of the
+    speech), `field` names the input, `message` says it for people (which words, which
+    script, which voice). Sent at most once per job and message, before the frames it
+    concerns."""
+
+    job_id: Name
+    code: Name
+    message: ShortText
+    field: Name = ""
+
+
+W_TEXT_DROPPED = "text_dropped"  # JobWarning.code: words left out of the speech
+
+
 class JobFailed(Reply, tag="job_failed"):
     job_id: Name
     code: Name
@@ -655,6 +671,15 @@ class WPlaybackFinished(Msg, tag="w_playback_finished"):
     interrupted: bool = False
 
 
+class WJobWarning(Msg, tag="w_job_warning"):
+    """A job's `JobWarning`, as its worker noticed it."""
+
+    job_id: Name
+    code: Name
+    message: ShortText
+    field: Name = ""
+
+
 class WJobFailed(Msg, tag="w_job_failed"):
     """`field`/`rule`: which input broke which rule (code `bad_input`, from an engine's
     `EngineInputError`); empty for faults, whose text is in `message`."""
@@ -801,9 +826,10 @@ CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync,
                    JobAudio, Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply,
-                  PlaybackStarted, PlaybackFinished, SessionMoved)
+                  PlaybackStarted, PlaybackFinished, SessionMoved, JobWarning)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
-                        WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished)
+                        WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished,
+                        WJobWarning)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)
 
 

@@ -5,6 +5,8 @@ line of findings last; the test asserts on them.
 `serve WORKDIR`: defaults inside the tmpfs: several local sessions render at once, large
 portraits are registered, sessions are opened until `no_space`, a job whose session rings
 do not fit fails `no_space`, the daemon keeps serving and leaves nothing behind.
+`crowd WORKDIR`: portraits fill what the daemon's rings leave free; a new local session
+and its job still get their rings, because idle portraits are let go to make room.
 `refuse WORKDIR`: the daemon's own rings do not fit: `avatard serve` exits non-zero with a
 message, leaving no segment.
 """
@@ -110,6 +112,39 @@ def serve(workdir: Path) -> dict:
     return found
 
 
+def crowd(workdir: Path) -> dict:
+    found: dict = {"shm_size": segments.shm_space()[0]}
+    d = PrivateDaemon(workdir, SECTIONS)
+    try:
+        d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 120, "a ready worker")
+        # An inline client (no ring of its own) fills /dev/shm with portraits.
+        with d.client(name="photos", inline=True) as client:
+            found["photos"] = [client.register_avatar(bytes([i]) * (7 * MIB))
+                               for i in range(2)]
+        found["free_after_photos"] = segments.shm_space()[1]
+        found["per_session_bytes"] = d.status()["shm"]["per_session_bytes"]
+        # A local client: its input ring and its job's ring pair need that room.
+        try:
+            with d.client(name="local") as client:
+                events = list(client.speak("Hello there.", seed=1))
+                found["local_job"] = type(events[-1]).__name__
+        except ClientError as exc:
+            found["local_job"] = {"code": exc.code, "message": str(exc)}
+        found["avatars"] = d.status()["avatars"]
+        # A let-go portrait is named as such, and can be registered again.
+        with d.client(name="again", inline=True) as client:
+            try:
+                list(client.speak("Hi.", avatar=found["photos"][0], seed=1))
+                found["evicted_use"] = "served"
+            except ClientError as exc:
+                found["evicted_use"] = {"code": exc.code, "message": str(exc)}
+    finally:
+        found["exit_code"] = d.stop()
+        found["left"] = segments.list_segments()
+    found["log_tail"] = d.log_text()[-3000:]
+    return found
+
+
 def refuse(workdir: Path) -> dict:
     d = PrivateDaemon(workdir, SECTIONS)
     try:
@@ -122,5 +157,5 @@ def refuse(workdir: Path) -> dict:
 
 if __name__ == "__main__":
     mode, workdir = sys.argv[1], Path(sys.argv[2])
-    result = serve(workdir) if mode == "serve" else refuse(workdir)
+    result = {"serve": serve, "crowd": crowd, "refuse": refuse}[mode](workdir)
     print(json.dumps(result))

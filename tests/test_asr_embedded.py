@@ -19,7 +19,12 @@ from avatard.engines.audio import resample  # noqa: E402
 from avatard.engines.base import ASREngine, EngineInputError, TTSEngine  # noqa: E402
 from avatard.engines.embedded.asr import EmbeddedWhisperEngine, shipped_model_dir  # noqa: E402
 from avatard.engines.registry import load_engine  # noqa: E402
-from avatard.engines.whisper_asr import FasterWhisperEngine, parse_device  # noqa: E402
+from avatard.engines.whisper_asr import (  # noqa: E402
+    PIECE_MAX_S,
+    FasterWhisperEngine,
+    parse_device,
+    piece_bounds,
+)
 
 # Harvard-style sentences: ordinary words, no names, each about eight words.
 ROUND_TRIP_TEXT = (
@@ -160,12 +165,73 @@ def test_bad_audio_is_refused_naming_the_field(asr: ASREngine):
         assert error.value.field == field, (rate, pcm.dtype, pcm.shape)
 
 
-def test_duration_limit_is_an_option(spoken: tuple[np.ndarray, int]):
+def test_duration_limit_is_an_option_and_the_error_names_it(spoken: tuple[np.ndarray, int]):
     pcm, rate = spoken
     short = EmbeddedWhisperEngine(options={"max_duration_s": 1.5})
     with pytest.raises(EngineInputError) as error:
         short.transcribe(pcm, rate)
-    assert error.value.field == "audio" and "1.5 s" in error.value.rule
+    assert error.value.field == "audio"
+    assert error.value.rule.endswith(
+        "the limit is 1.5 s (engines.options.embedded.max_duration_s)"), error.value.rule
+
+
+def test_pieces_cover_the_input_and_end_in_its_quiet_moments():
+    rate = 1000
+    rng = np.random.default_rng(3)
+    loud = (0.5 * rng.standard_normal(95 * rate)).astype(np.float32)
+    quiet_at = [27.3, 54.0, 81.9]  # one 200 ms pause in the last 5 s of each 30 s reach
+    for second in quiet_at:
+        loud[int(second * rate):int((second + 0.2) * rate)] = 0.0
+    bounds = piece_bounds(loud, rate)
+    assert bounds[0][0] == 0 and bounds[-1][1] == loud.size
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    assert all(0 < end - start <= PIECE_MAX_S * rate for start, end in bounds)
+    cuts = [end / rate for _, end in bounds[:-1]]
+    assert len(cuts) == 3
+    for cut, pause in zip(cuts, quiet_at, strict=True):
+        assert pause <= cut <= pause + 0.1, (cuts, quiet_at)
+    # Short input: one piece; no pause at all: cuts still at most PIECE_MAX_S apart.
+    assert piece_bounds(loud[:30 * rate], rate) == [(0, 30 * rate)]
+    steady = np.ones(70 * rate, np.float32)
+    assert all(end - start <= PIECE_MAX_S * rate for start, end in piece_bounds(steady, rate))
+
+
+def test_a_long_input_reports_progress_and_keeps_every_sentence(
+    asr: ASREngine, spoken: tuple[np.ndarray, int]
+):
+    # About 75 s: the five sentences eight times with a pause between repeats, so the
+    # transcription spans three pieces; each sentence must come through every time.
+    pcm, rate = spoken
+    pause = np.zeros(int(0.6 * rate), np.float32)
+    repeats = 8
+    long = np.concatenate([np.concatenate([pcm, pause])] * repeats)
+    done: list[float] = []
+    transcript = asr.transcribe(long, rate, progress=done.append)
+    duration_s = long.size / rate
+    assert len(done) >= int(np.ceil(duration_s / PIECE_MAX_S))
+    assert done == sorted(done) and done[-1] == pytest.approx(duration_s)
+    assert all(b - a <= PIECE_MAX_S + 1e-6 for a, b in zip([0.0, *done], done, strict=False))
+    wer = word_error_rate(ROUND_TRIP_TEXT * repeats, transcript.text)
+    assert wer < MAX_ROUND_TRIP_WER, (wer, transcript.text)
+    words = [w for s in transcript.segments for w in s.words]
+    assert all(a.end_s <= b.start_s for a, b in zip(words, words[1:], strict=False))
+    assert words[-1].end_s <= duration_s and words[-1].start_s > duration_s - 12
+
+
+def test_a_progress_callback_that_raises_stops_the_transcription(
+    asr: ASREngine, spoken: tuple[np.ndarray, int]
+):
+    pcm, rate = spoken
+    long = np.concatenate([pcm] * 5)  # about 42 s: two pieces
+    calls: list[float] = []
+
+    def cancel(done_s: float) -> None:
+        calls.append(done_s)
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        asr.transcribe(long, rate, progress=cancel)
+    assert len(calls) == 1 and calls[0] < long.size / rate
 
 
 def test_faster_whisper_needs_a_real_model_dir(tmp_path: Path):

@@ -444,3 +444,30 @@ def test_connecting_to_no_daemon_times_out_naming_the_wait(tmp_path):
     assert error.code == P.E_TIMEOUT and "no Hello from the daemon" in str(error)
     assert client._sock is not None and client._sock.closed
 
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_daemon_is_reported_with_the_clients_own_heartbeat_timeout(tmp_path):
+    """The AsyncClient's heartbeat timeout is its own setting, and the error names the
+    value in force (it was always 5 s, and the message did not say heartbeats)."""
+    with run_daemon(tmp_path, workers=1, fake=FAKE) as d:
+
+        async def scenario():
+            # A timeout far beyond the test's bound: only the heartbeats can end the wait.
+            async with AsyncClient(d.endpoint, timeout_s=600, heartbeat_timeout_s=2.0) as client:
+                session = await client.live(seed=3)
+                frames = 0
+                try:
+                    with pytest.raises(DaemonUnavailable) as caught:
+                        async for event in session:
+                            frames += isinstance(event, FrameEvent)
+                            if frames == 3:
+                                os.kill(d.proc.pid, signal.SIGSTOP)
+                finally:
+                    os.kill(d.proc.pid, signal.SIGCONT)
+                return caught.value
+
+        error = asyncio.run(scenario())
+        assert error.code == DAEMON_GONE
+        assert "not even a heartbeat, for 2 s (stopped or hung)" in str(error), error
+        d.wait_for(lambda s: s["queue"]["running"] == 0, 30, "the dropped session ended")

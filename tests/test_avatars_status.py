@@ -126,6 +126,23 @@ def test_validated_avatars_are_evicted_but_pinned_ones_never():
     assert len(store) == 0 and not any(shm_exists(r.segment) for r in [*refs, z])
 
 
+def test_evict_idle_lets_the_least_recently_used_unpinned_portrait_go():
+    # What the coordinator calls when a ring does not fit in /dev/shm.
+    store = AvatarStore(max_avatars=8)
+    try:
+        a, b, c = (store.store(x) for x in (b"a", b"b", b"c"))
+        store.pin(a.avatar_id)  # in use by a live job: never let go
+        store.ref(b.avatar_id)  # b used after c: c is the least recently used idle one
+        assert store.evict_idle("a ring") and c.avatar_id not in store
+        assert not shm_exists(c.segment) and store.was_evicted(c.avatar_id)
+        assert store.evict_idle("a ring") and b.avatar_id not in store
+        assert not store.evict_idle("a ring")  # only the pinned one is left
+        assert a.avatar_id in store and shm_exists(a.segment)
+        assert store.stats()["evictions"] == 2
+    finally:
+        store.close_all()
+
+
 def test_byte_bound_evicts_and_refuses_a_file_larger_than_the_bound():
     store = AvatarStore(max_avatars=64, max_bytes=3 * 4096)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from avatard.daemon.book import POLICIES, Ended, JobBook, Requeued, StopWorker
+from avatard.daemon.book import POLICIES, Ended, JobBook, Parked, Requeued, StopWorker
 from avatard.daemon.jobs import Job, JobState, QueueFull
 from avatard.ipc import protocol as P
 
@@ -400,8 +400,28 @@ def test_no_stall_while_waiting_on_the_ring():
     assert book.tick(T0 + 1000) == []
     book.progress(0, [progress("a", 2, waiting=False)], T0 + 1000)  # unblocked, no frame
     assert not a.waiting_on_ring
-    assert book.tick(T0 + 1000) == [
-        StopWorker(0, "job a made no progress for 999.0 s (stall_timeout_s=30)")]
+    # The end of the wait restarts the stall clock: the job has stall_timeout_s from there
+    # (a transcription that waited for its streamed input decodes its first piece).
+    assert book.tick(T0 + 1030) == []
+    assert book.tick(T0 + 1030.5) == [
+        StopWorker(0, "job a made no progress for 30.5 s (stall_timeout_s=30)")]
+
+
+def test_a_long_job_that_reports_progress_is_never_stalled():
+    # A transcription: no frames, only progress counts (ms of audio done) in heartbeats.
+    book = make_book(stall_timeout_s=30.0)
+    (a,) = accept(book, make_job("a", spec=P.TranscribeSpec(audio=None, sample_rate=16000),
+                                 deadline=T0 + 10_000))
+    book.place({0: 1}, T0)
+    for step in range(1, 40):  # 39 x 20 s = 780 s, each step inside the stall timeout
+        now = T0 + 20 * step
+        book.progress(0, [progress("a", step * 30_000)], now)
+        assert book.tick(now + 29) == []
+    # Progress stops (a hung engine): caught stall_timeout_s after the last report.
+    last = T0 + 20 * 39
+    book.progress(0, [progress("a", 39 * 30_000)], last + 10)  # the same count again
+    assert book.tick(last + 30.5) == [
+        StopWorker(0, "job a made no progress for 30.5 s (stall_timeout_s=30)")]
 
 
 def test_progress_reports_of_unknown_jobs_are_ignored():
@@ -553,3 +573,60 @@ def test_moved_live_sessions_go_ahead_of_requeued_batch_jobs_and_count_the_room(
                 isinstance(o, Ended)]
     # Worker 2's one place is u's already: s cannot move; the batch job a is requeued.
     assert ended.job is s and list(book.queue) == [u, a]
+
+
+# ------------------------------------------------------------------ parking
+
+
+def make_parking_book() -> JobBook:
+    return JobBook(8, 2, stall_timeout_s=30.0, park_after_s=2.0)
+
+
+def test_a_job_whose_client_reads_nothing_yields_its_worker_to_another_clients_job():
+    book = make_parking_book()
+    a, b = accept(book, make_job("a", b"A"), make_job("b", b"B"))
+    assert book.place({0: 1}, T0) == [a]
+    book.delivered(0, frame("a", 0), T0 + 0.5)
+    book.progress(0, [progress("a", 8, waiting=True)], T0 + 1)  # its ring is full
+    assert book.tick(T0 + 2.9) == []  # 1.9 s unread: not yet
+    (parked,) = book.tick(T0 + 3.1)
+    assert parked == Parked(a, 0, parked.reason) and "read nothing for 2.1 s" in parked.reason
+    assert "job b of another client" in parked.reason
+    assert list(book.queue) == [b, a] and a.state is JobState.QUEUED and a.parks == 1
+    # Its place stays taken until the worker says the run stopped; then b runs there.
+    assert book.place({0: 1}, T0 + 3.2) == []
+    assert book.failed(0, failed_msg("a", P.E_CANCELLED, "cancelled")) is None
+    assert book.place({0: 1}, T0 + 3.3) == [b]
+    # a resumes where its client is, on the next free place; a park is not an attempt.
+    assert book.done(0, done_msg("b"), T0 + 4) is not None
+    assert book.place({0: 1}, T0 + 5) == [a] and a.attempts == 1
+    assert a.frames_delivered == 1 and book.delivered(0, frame("a", 0), T0 + 5.1) is None
+    assert book.delivered(0, frame("a", 1), T0 + 5.2) is a
+
+
+def test_no_park_without_another_clients_job_or_while_the_client_reads():
+    book = make_parking_book()
+    a, a2 = accept(book, make_job("a", b"A"), make_job("a2", b"A"))  # the same client
+    book.place({0: 1}, T0)
+    book.progress(0, [progress("a", 8, waiting=True)], T0 + 1)
+    assert book.tick(T0 + 60) == []  # only its own client's job waits: nothing gained
+    # A slow reader: a frame goes out now and then, so it never reads "nothing" for 2 s.
+    (b,) = accept(book, make_job("b", b"B"))
+    for step in range(10):
+        now = T0 + 61 + 1.5 * step
+        book.delivered(0, frame("a", step), now)
+        assert book.tick(now + 1.9) == []
+    assert book.placed[0] == {"a": a}
+
+
+def test_a_parked_run_is_not_placed_again_on_its_worker_before_it_stopped():
+    book = make_parking_book()
+    a, b = accept(book, make_job("a", b"A"), make_job("b", b"B"))
+    book.place({0: 1, 1: 0}, T0)
+    book.progress(0, [progress("a", 8, waiting=True)], T0)
+    book.tick(T0 + 3)
+    book.cancel(b, P.E_CANCELLED, "client left")  # b goes; a is first in the queue
+    assert book.place({0: 2, 1: 0}, T0 + 4) == []  # room on worker 0, but a's run is there
+    assert book.place({0: 2, 1: 1}, T0 + 4) == [a] and a.worker == 1
+    # A worker that never stops the parked run is replaced like any stalled one.
+    assert book.tick(T0 + 3 + 30.5) == [StopWorker(0, "did not stop parked job a")]

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avatard.engines.faces import MIN_FACE_PX, FaceChoiceError, choose_face
+from avatard.engines.faces import (
+    MIN_DETECTION_PX,
+    MIN_DETECTION_SHARE,
+    MIN_FACE_PX,
+    FaceChoiceError,
+    choose_face,
+    detection_floor_px,
+)
 
 
 def test_choose_face_rules():
@@ -19,12 +26,34 @@ def test_choose_face_rules():
     assert choose_face([60.0, 200.0, 90.0]) == 1  # a clearly largest face wins
     with pytest.raises(FaceChoiceError, match=r"^no face found; use a well-lit"):
         choose_face([])
-    with pytest.raises(FaceChoiceError, match=r"from about 13 px wide were looked for"):
+    # The detector could see 13 px; narrower than the floor is not a face.
+    with pytest.raises(FaceChoiceError, match=rf"from about {MIN_DETECTION_PX} px wide were "):
         choose_face([], smallest_searched_px=13.2)
+    with pytest.raises(FaceChoiceError, match=r"from about 30 px wide were looked for\)"):
+        choose_face([], smallest_searched_px=30.4)
     with pytest.raises(FaceChoiceError, match=rf"is 31 px wide; at least {MIN_FACE_PX} px"):
         choose_face([31.0])
     with pytest.raises(FaceChoiceError, match=r"40 px wide \(the largest of 2 faces found\)"):
-        choose_face([20.0, 40.0])
+        choose_face([30.0, 40.0])
+    # A detection under the floor is left out: of the others, the face and its index.
+    with pytest.raises(FaceChoiceError, match=r"is 40 px wide; at least"):
+        choose_face([11.0, 40.0])
+    assert choose_face([12.0, 100.0, 11.0]) == 1
+
+
+def test_detections_under_the_floor_are_texture_not_faces():
+    assert detection_floor_px(None) == MIN_DETECTION_PX
+    assert detection_floor_px(512) == MIN_DETECTION_PX  # the absolute floor
+    assert detection_floor_px(4000) == pytest.approx(MIN_DETECTION_SHARE * 4000)  # relative
+    with pytest.raises(FaceChoiceError) as caught:
+        choose_face([11.0, 12.4], smallest_searched_px=10.0, short_side_px=512)
+    assert str(caught.value) == (
+        f"no face found (faces from about {MIN_DETECTION_PX} px wide were looked for; 2 "
+        "smaller face-like patterns (12, 11 px wide) were taken for texture); use a "
+        "well-lit, front-facing portrait")
+    # In a 4000 px picture a 50 px patch is under the relative floor (60 px).
+    with pytest.raises(FaceChoiceError, match=r"^no face found \(faces from about 60 px"):
+        choose_face([50.0], short_side_px=4000)
     with pytest.raises(FaceChoiceError, match=r"2 faces of similar size \(110, 100 px wide\)"):
         choose_face([100.0, 110.0, 50.0])
 
@@ -79,6 +108,23 @@ def test_a_too_small_face_is_named_with_both_numbers(embedded, scale):
     assert found, rule
     assert int(found.group(2)) == MIN_FACE_PX
     assert abs(int(found.group(1)) - 100 * scale) <= 10  # about the face's real width
+
+
+@pytest.mark.parametrize("seed", [2, 16, 25])
+def test_noise_is_no_face_not_a_tiny_one(embedded, seed):
+    """The field report: a noise picture was refused as "the face is 11 px wide". These
+    generated pictures make the frontal-face cascade fire on an 11-12 px patch (checked
+    here first, so the test keeps meaning something if the detector changes)."""
+    from avatard.engines.embedded import landmarks as lm
+
+    noise = np.random.default_rng(seed).integers(100, 156, (512, 512, 3), dtype=np.uint8)
+    # The engine's second, fine search for small faces, as find_landmarks runs it.
+    gray, shrink = lm._for_detection(noise, lm.SMALL_FACE_MAX_SIDES[0], lm.SMALL_FACE_MAX_ENLARGE)
+    widths = lm._detect_faces(gray, lm.CASCADE_WINDOW_PX, fine=True)[:, 2] / shrink
+    assert len(widths) and widths.max() < MIN_DETECTION_PX, widths
+    rule = refusal(embedded, noise)
+    assert rule.startswith(f"no face found (faces from about {MIN_DETECTION_PX} px wide"), rule
+    assert "taken for texture" in rule and "use a well-lit, front-facing portrait" in rule
 
 
 def test_no_face_gets_the_lighting_message_and_says_how_small_was_searched(embedded):

@@ -93,8 +93,19 @@ def test_a_barge_in_is_measured_and_the_speech_stops(daemon, tmp_path):
         assert figure in lines, lines
     sent, received = map(int, re.search(r"frames: (\d+) sent, (\d+) received", lines).groups())
     assert sent == received
-    assert re.search(rf"wrote {re.escape(str(out))}: {received} frames ", lines)
     _check_mp4(out, received)
+    # The headline gives what the file holds (it was the frames received, one or more
+    # short of the file when the video was padded to cover the audio's last packet).
+    info = read_mp4(out)
+    headline = re.search(rf"wrote {re.escape(str(out))}: (\d+) frames \(([0-9.]+) s of video\)",
+                         lines)
+    assert headline, lines
+    assert int(headline.group(1)) == info.frame_count
+    assert float(headline.group(2)) == pytest.approx(info.video_duration_s, abs=0.005)
+    padding = info.frame_count - received
+    if padding:
+        assert f"the {received} that came out of live session" in lines
+        assert f"plus {padding} repeat" in lines
     # The speech stopped at the barge-in: the session lasted less than the file.
     assert received < (3.0 + 0.4) * FPS
 

@@ -118,6 +118,17 @@ def test_bad_input_is_a_clear_error_and_the_daemon_keeps_serving(embedded_daemon
     assert embedded_daemon.status()["daemon"]["state"] == "ready"
 
 
+def test_words_the_voice_cannot_read_are_a_warning_and_the_rest_is_spoken(embedded_daemon,
+                                                                         tmp_path):
+    out = tmp_path / "mixed.mp4"
+    result = _run("render", "Please say 你好 to everyone.", "-o", str(out), "--endpoint",
+                  embedded_daemon.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "warning: text: left out 2 words in the Han (2) script ('你好')" in result.stderr
+    assert "voice 'en_US-joe-medium' cannot read" in result.stderr
+    _check_mp4(out)
+
+
 def test_render_without_a_daemon_starts_a_private_one(tmp_path):
     out = tmp_path / "private.mp4"
     result = _run("render", "Hello.", "-o", str(out), "--endpoint",

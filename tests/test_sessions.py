@@ -317,13 +317,23 @@ def test_expire_held_takes_back_slots_after_client_call_s(sessions):
     sessions.forward(LOCAL, frame(desc), T0)
     assert sessions.expire_held(T0 + 30) == []  # exactly client_call_s: not over
     assert session.held
-    assert sessions.expire_held(T0 + 30.5) == [LOCAL]  # only the client concerned
+    # Only the client concerned, and what it held.
+    assert sessions.expire_held(T0 + 30.5) == [(LOCAL, "a frame slot")]
     assert session.held == {}
     assert sessions.output_rings[ring_name].state(desc.slot) == FREE
     assert sessions.expire_held(T0 + 100) == []
     exc = refused(sessions.client_release, LOCAL, release(desc))  # too late: stale
     assert exc.code == P.E_STALE
     assert sessions.get(LOCAL) is session  # the session itself stays
+
+
+def test_expire_held_names_an_audio_slot_as_such(sessions):
+    sessions.hello(LOCAL, inline=False, now=T0)
+    _, audio_ring = sessions.output_names(LOCAL, 0, 0)
+    desc = worker_writes(sessions, audio_ring)
+    sessions.forward(LOCAL, P.make(P.AudioChunk, job_id="j", index=0, pts_us=0,
+                                   sample_rate=16000, data=desc), T0)
+    assert sessions.expire_held(T0 + 30.5) == [(LOCAL, "an audio slot")]
 
 
 def test_expire_idle_closes_only_quiet_sessions(sessions):

@@ -170,6 +170,25 @@ def test_defaults_serve_several_sessions_in_64_mib_and_refuse_more_with_no_space
 
 
 @needs_namespace
+@pytest.mark.timeout(420)
+def test_idle_portraits_make_room_for_a_sessions_rings(tmp_path):
+    """40 MiB: the daemon's rings take 23 MiB, two 7 MiB portraits most of the rest. A
+    local session (4 MiB input ring) and its job (7 MiB ring pair) fit only once both
+    portraits are let go; before, the session was refused `no_space`."""
+    found = _in_small_shm("40m", "crowd", tmp_path)
+    log = found["log_tail"]
+    assert found["free_after_photos"] < found["per_session_bytes"], found
+    assert found["local_job"] == "DoneEvent", (found["local_job"], log)
+    assert found["avatars"]["evictions"] == 2 and found["avatars"]["count"] == 0
+    assert "to make room for a client session's input ring" in log, log
+    assert "to make room for the rings of job" in log, log
+    evicted = found["evicted_use"]
+    assert evicted["code"] == "not_found" and "register it again" in evicted["message"]
+    assert found["exit_code"] == 0, log
+    assert found["left"] == [], found["left"]
+
+
+@needs_namespace
 @pytest.mark.timeout(300)
 def test_daemon_refuses_to_start_when_its_own_rings_do_not_fit(tmp_path):
     found = _in_small_shm("16m", "refuse", tmp_path)

@@ -59,6 +59,24 @@ def test_a_few_foreign_words_still_speak_without_being_spelled_out():
     assert "iPhone" in spoken("Купите новый iPhone сегодня в нашем магазине", ["ru"])
 
 
+def test_words_left_out_are_told_naming_their_script_and_the_voice():
+    warnings: list[str] = []
+    said = SpeechText.parse("Please say 你好 and مرحبا to everyone at the office today.")
+    pieces = said.sentences("en_US-joe-medium", EN, warn=warnings.append)
+    assert " ".join(s.text for s in pieces).startswith("Please say and to everyone")
+    assert len(warnings) == 1, warnings
+    message = warnings[0]
+    assert "Han (2)" in message and "Arabic (1)" in message and "scripts" in message
+    assert "'你好'" in message and "'مرحبا'" in message
+    assert "voice 'en_US-joe-medium' cannot read (it speaks en_US)" in message
+    # Nothing left out, nothing said: English text, and Latin words in Russian text.
+    quiet: list[str] = []
+    SpeechText.parse("Plain English words only.").sentences("v", EN, warn=quiet.append)
+    SpeechText.parse("Купите новый iPhone сегодня в нашем магазине").sentences(
+        "v", ["ru"], warn=quiet.append)
+    assert quiet == []
+
+
 def test_voices_of_other_languages_read_their_scripts():
     for text, language in [("你好，世界。", "zh_CN"), ("Привет, мир.", "ru_RU"),
                            ("こんにちは、元気ですか。", "ja"), ("مرحبا بالعالم", "ar")]:
@@ -93,6 +111,55 @@ def test_a_voice_of_an_unknown_language_is_not_checked():
     ("Pi is 3.14", "Pi is three point one four"),
 ])
 def test_english_numbers_currency_dates_ordinals(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Meet at 10:30am today", "Meet at ten thirty ay em today"),
+    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty ay em sharp"),
+    ("Dinner at 7 pm", "Dinner at seven pee em"),
+    ("Dinner at 7pm.", "Dinner at seven pee em."),
+    ("Up at 6 a.m. Then work.", "Up at six ay em. Then work."),
+    ("Lands at 14:05", "Lands at fourteen oh five"),
+    ("Lands at 14:00", "Lands at fourteen hundred"),
+    ("Starts at 10:00", "Starts at ten o'clock"),
+    ("Lap time 10:30:15", "Lap time ten thirty and fifteen seconds"),
+])
+def test_english_times(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Due 12/25/2026", "Due December twenty-fifth, twenty twenty-six"),
+    ("Due 12/25/26", "Due December twenty-fifth, twenty-six"),
+    # The first number cannot be a month, the second can: day/month/year.
+    ("Due 25/12/2026", "Due December twenty-fifth, twenty twenty-six"),
+    ("Since 9/11 nothing", "Since September eleventh nothing"),
+    ("Party on 12/25", "Party on December twenty-fifth"),
+    ("Party on 7/8", "Party on July eighth"),
+    # Real fractions stay fractions: small numerator, a denominator of measures.
+    ("Add 3/4 cup", "Add three quarters cup"),
+    ("A 7/8 inch bolt", "A seven eighths inch bolt"),
+    ("About 1/3 of it", "About one third of it"),
+    ("Open 24/7", "Open twenty-four seven"),
+    ("No date 13/45/2020", "No date thirteen forty-five two thousand and twenty"),
+])
+def test_english_slash_dates_and_fractions(text, said):
+    assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Call 555-1234 now", "Call five five five, one two three four now"),
+    ("Call 555-123-4567", "Call five five five, one two three, four five six seven"),
+    ("Call (555) 123-4567", "Call five five five, one two three, four five six seven"),
+    ("Call 555.123.4567", "Call five five five, one two three, four five six seven"),
+    ("Call +44 20 7946 0958",
+     "Call plus four four, two zero, seven nine four six, zero nine five eight"),
+    # Not phone numbers: a range, a year range.
+    ("Between 100-2000 people", "Between one hundred-two thousand people"),
+    ("From 1990-2000", "From nineteen ninety to two thousand"),
+])
+def test_english_phone_numbers_are_read_digit_by_digit(text, said):
     assert Normaliser("en_US")(text) == said
 
 
@@ -178,6 +245,14 @@ def routed_tts(tmp_path_factory):
     model = russian_voice_model(tmp_path_factory.mktemp("voices"))
     return PiperTTSEngine("cpu", {"voices_by_language":
                                   [f"ru={model}"]})
+
+
+def test_piper_warns_about_the_words_it_leaves_out(routed_tts):
+    warnings: list[str] = []
+    pcm, _ = routed_tts.synthesize("Please say 你好 to everyone in the office today.",
+                                   warn=warnings.append)
+    assert pcm.size > 0 and len(warnings) == 1
+    assert "Han" in warnings[0] and "'你好'" in warnings[0]
 
 
 def test_piper_refuses_chinese_with_the_default_voice(routed_tts):

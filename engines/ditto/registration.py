@@ -596,7 +596,8 @@ class Registrar:
             dets, _ = self.detector(rgb)
             widths = (dets[:, 2] - dets[:, 0]) / source_scale
             try:
-                box = dets[choose_face(widths.tolist())]
+                box = dets[choose_face(widths.tolist(),
+                                       short_side_px=min(rgb.shape[:2]) / source_scale)]
             except FaceChoiceError as exc:
                 raise RegistrationError(str(exc)) from None
             lmk106 = self.landmark106(rgb, box)

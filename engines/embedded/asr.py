@@ -37,7 +37,7 @@ class EmbeddedWhisperEngine(FasterWhisperEngine):
     ):
         # Not super().__init__: that parses FasterWhisperOptions, whose model_dir is
         # required; here the model is fixed and only the decoding options are taken.
-        opts = as_options(EmbeddedWhisperOptions, options, "engines.options.embedded")
+        opts = as_options(EmbeddedWhisperOptions, options, self.options_key)
         self._load(shipped_model_dir(), opts, device, progress)
 
     def report(self) -> EngineReport:

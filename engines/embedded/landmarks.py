@@ -290,7 +290,8 @@ def find_landmarks(rgb: np.ndarray) -> FaceLandmarks:
         shrink = small_shrink
     try:
         chosen = choose_face(
-            [float(f[2]) for f in faces], smallest_searched_px=CASCADE_WINDOW_PX / shrink
+            [float(f[2]) for f in faces], smallest_searched_px=CASCADE_WINDOW_PX / shrink,
+            short_side_px=min(rgb.shape[:2]),
         )
     except FaceChoiceError as error:
         raise NoFaceError(str(error)) from None

@@ -24,7 +24,15 @@ import numpy as np
 from avatard.ipc.procmem import rss_bytes
 
 from ..audio import resample
-from ..base import EngineInputError, EngineReport, ProgressFn, TTSEngine, no_progress
+from ..base import (
+    EngineInputError,
+    EngineReport,
+    ProgressFn,
+    TextWarnFn,
+    TTSEngine,
+    no_progress,
+    no_text_warning,
+)
 from ..options import as_options
 from ..speech_text import SpeechText, language_base, route_voice, speak_sentences
 from . import shipped_path
@@ -175,7 +183,8 @@ class PiperTTSEngine(TTSEngine):
         """The `voices_by_language` option: language -> the name its voice is listed by."""
         return dict(self._voices_by_language)
 
-    def stream(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str, voice: str | None = None,
+               warn: TextWarnFn = no_text_warning) -> Iterator[np.ndarray]:
         # Validation runs now, not at the first next(), so a bad request fails at the call.
         speech = SpeechText.parse(text, self.max_text_chars)
         if voice is not None and (not isinstance(voice, str) or voice not in self._voices):
@@ -185,7 +194,8 @@ class PiperTTSEngine(TTSEngine):
                            {n: v.languages for n, v in self._voices.items()},
                            self._voices_by_language)
         chosen = self._voices[name]
-        sentences = speech.sentences(name, chosen.languages, self.max_sentence_chars)
+        sentences = speech.sentences(name, chosen.languages, self.max_sentence_chars,
+                                     warn=warn)
         return speak_sentences(sentences, lambda s: self._synthesize(s, chosen),
                                self.sample_rate)
 
