@@ -79,6 +79,11 @@ class Segment:
     kind: SegmentKind
     queued: deque[np.ndarray] = field(default_factory=deque)  # not yet in a tick
     queued_samples: int = 0
+    # Audio segments: the client's chunks at its rate, not yet resampled. They are
+    # resampled a tick's worth at a time as ticks take them (`Playout._fill`), so a chunk
+    # of minutes costs the clock thread no more per tick than one of 10 ms.
+    raw: deque[np.ndarray] = field(default_factory=deque)
+    raw_samples: int = 0
     input_ended: bool = False  # live_end, final text, a later segment, or a barge-in
     text: str = ""  # text that is not a complete sentence yet
     tts_pending: int = 0  # pieces handed to the TTS whose audio has not all come back
@@ -92,7 +97,17 @@ class Segment:
     @property
     def complete(self) -> bool:
         """No more speech will come and none is left to take."""
-        return self.input_ended and not self.tts_pending and not self.queued_samples
+        return (self.input_ended and not self.tts_pending and not self.queued_samples
+                and not self.raw_samples
+                and (self.resampler is None or self.resampler.flushed))
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples queued at the playout's rate, the raw chunks counted as what they will
+        become."""
+        if self.resampler is None or not self.raw_samples:
+            return self.queued_samples
+        return self.queued_samples + self.resampler.output_for(self.raw_samples)
 
 
 @dataclass(eq=False)
@@ -164,7 +179,8 @@ class Playout:
 
     def audio(self, segment_id: str, pcm: np.ndarray, sample_rate: int) -> bool:
         """Append speech (1-D float32 at `sample_rate`) to a segment, resampled to `rate`
-        with no clicks at chunk edges. False when dropped (see `_segment`)."""
+        with no clicks at chunk edges as ticks take it (this call does no work per
+        sample, whatever the chunk's size). False when dropped (see `_segment`)."""
         seg = self._segment(segment_id, SegmentKind.AUDIO)
         if seg is None:
             return False
@@ -174,7 +190,10 @@ class Playout:
             log.warning("live audio for segment %r at %d Hz dropped: it began at %d Hz",
                         segment_id, sample_rate, seg.sample_rate)
             return False
-        self._queue(seg, seg.resampler.push(pcm))
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        if pcm.size:
+            seg.raw.append(pcm)
+            seg.raw_samples += pcm.size
         return True
 
     def text(self, segment_id: str, text: str, final: bool) -> bool:
@@ -201,8 +220,8 @@ class Playout:
     def _end_input(self, seg: Segment) -> None:
         if seg.input_ended:
             return
-        if seg.resampler is not None:
-            self._queue(seg, seg.resampler.flush())
+        # An audio segment's resampler is flushed once its raw chunks are all taken
+        # (`_fill`).
         self._speak(seg, seg.text)
         seg.text = ""
         seg.input_ended = True
@@ -239,6 +258,27 @@ class Playout:
             seg.queued.append(pcm)
             seg.queued_samples += pcm.size
 
+    def _fill(self, seg: Segment, want: int) -> None:
+        """Resample raw chunks of an audio segment until `want` samples are queued at the
+        playout's rate, or its raw chunks ran out (then, its input having ended, the
+        resampler's tail). Bounded work: about `want` samples' worth of input, however
+        big the chunk the client sent."""
+        resampler = seg.resampler
+        if resampler is None:
+            return
+        while seg.queued_samples < want and seg.raw:
+            budget = resampler.input_for(want - seg.queued_samples)
+            chunk = seg.raw[0]
+            piece = chunk[:budget]
+            if piece.size == chunk.size:
+                seg.raw.popleft()
+            else:
+                seg.raw[0] = chunk[piece.size:]
+            seg.raw_samples -= piece.size
+            self._queue(seg, resampler.push(piece))
+        if not seg.raw and seg.input_ended and not resampler.flushed:
+            self._queue(seg, resampler.flush())
+
     # ------------------------------------------------------------ ticks
 
     def take(self, index: int) -> Tick:
@@ -252,8 +292,9 @@ class Playout:
         while self.segments:
             seg = self.segments[0]
             if (not seg.taken and not seg.input_ended
-                    and seg.queued_samples < self.prebuffer_samples):
+                    and seg.pending_samples < self.prebuffer_samples):
                 break  # its jitter buffer is filling: silence meanwhile
+            self._fill(seg, need - filled)
             while filled < need and seg.queued:
                 chunk = seg.queued[0]
                 count = min(need - filled, chunk.size)
@@ -317,7 +358,8 @@ class Playout:
         for seg in self._known.values():
             seg.input_ended = True
             seg.queued.clear()
-            seg.queued_samples = seg.tts_pending = 0
+            seg.raw.clear()
+            seg.queued_samples = seg.raw_samples = seg.tts_pending = 0
             seg.text = ""
             if not seg.done:
                 seg.done = True
@@ -333,4 +375,4 @@ class Playout:
     @property
     def queued_s(self) -> float:
         """Seconds of speech queued and not yet in a tick."""
-        return sum(seg.queued_samples for seg in self.segments) / self.rate
+        return sum(seg.pending_samples for seg in self.segments) / self.rate
