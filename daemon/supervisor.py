@@ -153,7 +153,7 @@ class Supervisor:
         if self.worker_sock in events:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
-            self.client_port.serve(self._on_client_msg)
+            self.client_port.serve(self._on_client_msg, self._on_undecodable)
         self._handle_signals()
         now = time.monotonic()
         self._route(self.pool.check(now), now)
@@ -420,8 +420,22 @@ class Supervisor:
         except P.ProtocolError:
             # A refused request gives back the input slot it named: the client wrote it
             # and only the daemon frees it (four refusals would fill the client's ring).
-            self.sessions.drop_refused_input(identity, msg)
+            self._drop_refused_input(identity, [
+                payload.key for payload in (getattr(msg, "audio", None),
+                                            getattr(msg, "image", None))
+                if isinstance(payload, P.SlotDesc)])
             raise
+
+    def _on_undecodable(self, identity: bytes, control: Any) -> None:
+        """A request the decoder refused (a field of the wrong type or past its limit):
+        its input slot goes back too, as for a request refused after decoding."""
+        self._drop_refused_input(identity, P.shm_payloads_named(control))
+
+    def _drop_refused_input(self, identity: bytes, keys: list[tuple[str, int, int]]) -> None:
+        # A slot that one of the client's accepted jobs holds stays with that job (a
+        # refused request that named it again must not free it under the job).
+        held = {job.input_slot for job in self.book.of_client(identity)}
+        self.sessions.drop_refused_input(identity, [k for k in keys if k not in held])
 
     def _handle_client_msg(self, identity: bytes, msg: Any, extra: list[Any]) -> None:
         req_id = getattr(msg, "req_id", 0)

@@ -932,6 +932,31 @@ class Codec:
         return [_ENCODER.encode(msg), *extra]
 
 
+def shm_payloads_named(control: bytes | memoryview) -> list[tuple[str, int, int]]:
+    """Best effort, for a request the decoder refused: (ring, slot, seq) of each top-level
+    `audio` or `image` payload its control part names as a shared-memory slot (`{"at":
+    "shm", "ring": str, "slot": int, "seq": int, ...}`), whatever else is wrong with it, so
+    the receiver can give back the input slot that the refused request would have held (a
+    refused request gives back its slot: four refusals would otherwise fill a client's
+    input ring). Never raises; a part that is not a msgpack map names nothing."""
+    try:
+        body = msgspec.msgpack.decode(control)
+    except Exception:  # not msgpack, too deep (RecursionError is an Exception too)
+        return []
+    if not isinstance(body, dict):
+        return []
+    named = []
+    for name in ("audio", "image"):
+        payload = body.get(name)
+        if not isinstance(payload, dict) or payload.get("at") != "shm":
+            continue
+        ring, slot, seq = payload.get("ring"), payload.get("slot"), payload.get("seq")
+        if (isinstance(ring, str) and all(isinstance(v, int) and not isinstance(v, bool)
+                                          and v >= 0 for v in (slot, seq))):
+            named.append((ring, slot, seq))
+    return named
+
+
 def _field_of(error_text: str) -> str:
     match = _FIELD_AT.search(error_text) or _FIELD_NAMED.search(error_text)
     return match.group(1) if match else "message"

@@ -11,11 +11,14 @@ import numpy as np
 from daemon_harness import run_daemon
 from test_live import FAKE, RATE, RINGS, TICK, Recorder, assert_continuous, segment_is
 
+from avatard.ipc import protocol as P
 from avatard.ipc.client import (
+    InputRefusedEvent,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
     SessionMovedEvent,
 )
+from avatard.ipc.ring import FREE
 
 
 def test_a_huge_chunk_at_another_rate_never_stops_the_clock(tmp_path):
@@ -39,3 +42,40 @@ def test_a_huge_chunk_at_another_rate_never_stops_the_clock(tmp_path):
     # Speech in every frame from its first until the barge-in.
     assert all(rec.audio[i].any() for i in range(first, first + 90))
     assert finished.interrupted and 90 * TICK / RATE <= finished.position_s < 200
+
+
+BAD_FIELDS = {  # a live_audio the decoder refuses -> the field its error names
+    "rate 0": (0, "seg", "sample_rate"),
+    "rate as a float": (44100.0, "seg", "sample_rate"),
+    "segment_id too long": (RATE, "x" * 300, "segment_id"),
+    "segment_id not a string": (RATE, 5, "segment_id"),
+}
+
+
+def test_refused_audio_gives_its_input_slot_back(tmp_path):
+    # The client's input ring has 4 slots: a refusal that kept its slot would make the
+    # 5th send wait for a free slot and fail (RingFullError).
+    chunk = np.full(1600, 0.1, np.float32)
+    with (run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d,
+          d.client(timeout_s=5) as c):
+        rec = Recorder(c.live(seed=2))
+        sent = {}
+        for rate, segment_id, field in BAD_FIELDS.values():
+            for _ in range(3):
+                sent[rec.session.send_audio(chunk, rate, segment_id)] = field
+        refused = []
+        while len(refused) < len(sent):
+            event = rec.next()
+            if isinstance(event, InputRefusedEvent):
+                refused.append(event)
+        ring = c._input_ring
+        assert ring is not None and ring.count(FREE) == ring.slot_count
+        for _ in range(6):  # slots free: good chunks go through
+            rec.session.send_audio(chunk, RATE, "good")
+        rec.session.end_segment("good")
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "good"))
+        done = rec.close()
+    assert {e.req_id: e.field for e in refused} == sent
+    assert all(e.code == P.E_BAD_MESSAGE for e in refused)
+    assert finished.position_s == 6 * chunk.size / RATE and not finished.interrupted
+    assert done.frames == len(rec.frames)
