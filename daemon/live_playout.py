@@ -26,9 +26,12 @@ Events, returned by `emitted`, `interrupt` and `close` for the worker to send in
 the frames: `Started` just before the first frame that carries a segment's speech,
 `Finished` after the frame with its last sample (position = its whole length), or at a
 barge-in or close for a segment that started and had not finished (position = the speech
-that went out with frames so far, interrupted). A segment that never reached a frame gets
-neither. A frame the worker drops (the client's ring is full) still counts as emitted: its
-tick's speech was played on the session's clock, and `Finished` must still come.
+that went out with frames so far, interrupted). A segment whose input ended without any
+speech (no audio, nothing speakable, every piece refused by the TTS) gets `Skipped` when
+its turn comes instead, so every segment that ends by itself is announced; one cut short
+by a barge-in or close before its first frame gets nothing. A frame the worker drops (the
+client's ring is full) still counts as emitted: its tick's speech was played on the
+session's clock, and `Finished` must still come.
 
 Times are in samples at `rate` Hz; positions in seconds. Not thread-safe: one job thread
 uses it.
@@ -68,7 +71,15 @@ class Finished:
     interrupted: bool
 
 
-Event = Started | Finished
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    segment_id: str
+    reason: str
+
+
+Event = Started | Finished | Skipped
+
+NOTHING_SPEAKABLE = "has nothing speakable (no letter or digit)"
 
 
 @dataclass(eq=False)
@@ -87,6 +98,7 @@ class Segment:
     input_ended: bool = False  # live_end, final text, a later segment, or a barge-in
     text: str = ""  # text that is not a complete sentence yet
     tts_pending: int = 0  # pieces handed to the TTS whose audio has not all come back
+    refusal: str = ""  # why the last piece of its text made no speech (for `Skipped`)
     resampler: StreamingResampler | None = None  # audio segments: client rate -> rate
     sample_rate: int = 0  # the client's rate (audio segments)
     taken: int = 0  # samples put into ticks
@@ -120,6 +132,7 @@ class Tick:
     pcm: np.ndarray
     spans: list[tuple[Segment, int]] = field(default_factory=list)
     ends: list[Segment] = field(default_factory=list)
+    skipped: list[Segment] = field(default_factory=list)  # ended here without speech
 
     @property
     def speech_samples(self) -> int:
@@ -232,6 +245,8 @@ class Playout:
         if any(ch.isalnum() for ch in text):  # "..." alone is nothing a TTS can say
             seg.tts_pending += 1
             self._to_speak.append((self.generation, seg.segment_id, text.strip()))
+        elif text.strip():
+            seg.refusal = f"text {text.strip()[:40]!r} {NOTHING_SPEAKABLE}"
 
     def take_sentences(self) -> list[tuple[int, str, str]]:
         """Text waiting for the TTS: (generation, segment id, text) in order. Each must be
@@ -247,11 +262,14 @@ class Playout:
         if generation == self.generation and seg is not None and not seg.done:
             self._queue(seg, np.asarray(pcm, np.float32).reshape(-1))
 
-    def tts_done(self, generation: int, segment_id: str) -> None:
-        """The TTS finished one piece of text taken from `take_sentences` (spoken or not)."""
+    def tts_done(self, generation: int, segment_id: str, refusal: str = "") -> None:
+        """The TTS finished one piece of text taken from `take_sentences`: spoken, or not
+        (`refusal`: why, kept for the segment's `Skipped` if none of it is spoken)."""
         seg = self._known.get(segment_id)
         if generation == self.generation and seg is not None and seg.tts_pending:
             seg.tts_pending -= 1
+            if refusal:
+                seg.refusal = refusal
 
     def _queue(self, seg: Segment, pcm: np.ndarray) -> None:
         if pcm.size:
@@ -316,7 +334,8 @@ class Playout:
             if seg.taken:
                 tick.ends.append(seg)
             else:
-                seg.done = True  # ended without any speech: nothing to announce
+                seg.done = True  # ended without any speech: announced with the tick
+                tick.skipped.append(seg)
         self.in_flight.append(tick)
         self.ticks_taken = index + 1
         return tick
@@ -338,7 +357,17 @@ class Playout:
             if seg.started and not seg.done:
                 seg.done = True
                 after.append(Finished(seg.segment_id, seg.played / self.rate, False))
+        # After the segments that ended before them in the tick (playing order).
+        after += [Skipped(seg.segment_id, self._skip_reason(seg)) for seg in tick.skipped]
         return tick, before, after
+
+    @staticmethod
+    def _skip_reason(seg: Segment) -> str:
+        if seg.refusal:
+            return seg.refusal
+        if seg.kind is SegmentKind.AUDIO:
+            return "its input ended with no audio"
+        return "its input ended with no text (or only whitespace)"
 
     def interrupt(self) -> list[Event]:
         """Barge-in: drop every piece of queued speech (audio, text not yet spoken, TTS
@@ -353,7 +382,7 @@ class Playout:
         for tick in self.in_flight:
             tick.pcm[:] = 0.0
             tick.spans.clear()
-            tick.ends.clear()
+            tick.ends.clear()  # (a segment skipped in it is announced still: it ended)
         finished: list[Event] = []
         for seg in self._known.values():
             seg.input_ended = True

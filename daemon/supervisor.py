@@ -402,10 +402,12 @@ class Supervisor:
                 self.client_port.send(job.client, P.make(
                     P.TranscriptMsg, job_id=job.job_id, language=msg.language,
                     duration_s=msg.duration_s, segments=msg.segments))
-        elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
+        elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished, P.WPlaybackSkipped,
+                              P.WSpeechRefused)):
             job = self.book.live(index, msg.job_id)
             if job is not None:
-                self.live.playback(job.job_id, msg, job.frames_delivered)
+                if isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
+                    self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
         elif isinstance(msg, P.WJobDone):
             self._route([self.book.done(index, msg, now)], now)

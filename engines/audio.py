@@ -495,6 +495,25 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> l
     return pieces
 
 
+def pack_sentences(text: str, max_chars: int) -> list[str]:
+    """Text cut into pieces of at most `max_chars` characters for a TTS engine that takes
+    no more in one call (its `max_text_chars`): at sentence ends (`split_sentences`), a
+    sentence longer than that at a clause mark, then at a space, then anywhere; whole
+    sentences are packed together up to the limit, so a long reply is a few calls, not
+    one per sentence. Pieces with no letter or digit join a neighbour. "" -> []."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    pieces: list[str] = []
+    for sentence in split_sentences(text, max_chars):
+        # A piece that joined a neighbour may have grown past the limit: cut it again.
+        for part in _cut_long(sentence, max_chars) if len(sentence) > max_chars else [sentence]:
+            if pieces and len(pieces[-1]) + 1 + len(part) <= max_chars:
+                pieces[-1] = f"{pieces[-1]} {part}"
+            else:
+                pieces.append(part)
+    return pieces
+
+
 def complete_sentences(text: str) -> tuple[str, str]:
     """Streamed text (an LLM's tokens so far) -> (its complete sentences, the rest still
     being written). A sentence is complete once the whitespace after its end arrived and

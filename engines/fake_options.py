@@ -73,6 +73,14 @@ class FakeOptions:
         "returns 10 at once); at most lookahead_frames + 1.", ge=1, le=250,
     )
     sentence_ms: float = option(0.0, "Compute time per synthesized TTS sentence, in ms.", ge=0)
+    tts_max_text_chars: int = option(
+        0, "Longest text the fake TTS takes in one call, in characters, as a real voice's "
+        "max_text_chars (longer text is refused: bad_input/text); 0: no limit.", ge=0,
+    )
+    tts_refuse_word: str = option(
+        "", "The fake TTS refuses text holding this word (any case; bad_input/text), as a "
+        "real voice refuses a script it cannot read; \"\": refuses nothing.",
+    )
     fault_workers: tuple[int, ...] | None = option(
         None, "Worker indices (0-based) the faults apply to.", ge=0, default_doc="every worker"
     )

@@ -42,6 +42,7 @@ Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 MAX_SECONDS = 1e9  # the largest duration a message carries (PosFloat)
 PosFloat = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
 Name = Annotated[str, Meta(max_length=256)]
+MAX_REFUSED_TEXT_CHARS = 200  # a `speech_refused` event's `text`: enough to find the piece
 ShortText = Annotated[str, Meta(max_length=4096)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 # Dimensions are bounded by the bytes they describe (slot size, part size), checked where
@@ -475,6 +476,30 @@ class PlaybackFinished(Reply, tag="playback_finished"):
     interrupted: bool = False
 
 
+class SpeechRefused(Reply, tag="speech_refused"):
+    """Live sessions: the session's TTS could not speak a piece of segment `segment_id`'s
+    text (`text`: the piece, cut to `MAX_REFUSED_TEXT_CHARS`); it adds no speech, the rest
+    of the segment plays. `code`, `field` and `rule` as in an `error` (`bad_input`/`text`:
+    nothing speakable, a script the voice cannot read)."""
+
+    job_id: Name
+    segment_id: SegmentId
+    code: Name
+    field: Name = ""
+    rule: ShortText = ""
+    text: ShortText = ""
+
+
+class PlaybackSkipped(Reply, tag="playback_skipped"):
+    """Live sessions: segment `segment_id` ended (its input ended, it had its turn) without
+    any speech to play (no audio, nothing speakable, every piece refused: `reason`). No
+    `playback_started` or `playback_finished` comes for it: this is its end."""
+
+    job_id: Name
+    segment_id: SegmentId
+    reason: ShortText = ""
+
+
 class JobFailed(Reply, tag="job_failed"):
     job_id: Name
     code: Name
@@ -646,6 +671,21 @@ class WPlaybackFinished(Msg, tag="w_playback_finished"):
     interrupted: bool = False
 
 
+class WSpeechRefused(Msg, tag="w_speech_refused"):
+    job_id: Name
+    segment_id: SegmentId
+    code: Name
+    field: Name = ""
+    rule: ShortText = ""
+    text: ShortText = ""
+
+
+class WPlaybackSkipped(Msg, tag="w_playback_skipped"):
+    job_id: Name
+    segment_id: SegmentId
+    reason: ShortText = ""
+
+
 class WJobFailed(Msg, tag="w_job_failed"):
     """`field`/`rule`: which input broke which rule (code `bad_input`, from an engine's
     `EngineInputError`); empty for faults, whose text is in `message`."""
@@ -792,9 +832,11 @@ CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync,
                    JobAudio, Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply,
-                  PlaybackStarted, PlaybackFinished, SessionMoved)
+                  PlaybackStarted, PlaybackFinished, SessionMoved, SpeechRefused,
+                  PlaybackSkipped)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
-                        WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished)
+                        WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished,
+                        WSpeechRefused, WPlaybackSkipped)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from avatard.engines.audio import (
     decode_audio,
+    pack_sentences,
     resample,
     split_sentences,
     validate_pcm,
@@ -317,3 +318,14 @@ def test_resample_paths_agree(src: int, dst: int, monkeypatch):
     fast = resample(x, src, dst)
     monkeypatch.setattr(audio, "_POLYPHASE_MIN_ROWS", 10**9)
     np.testing.assert_allclose(fast, resample(x, src, dst), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_chars", [1, 7, 20, 64, 5000])
+def test_pack_sentences_keeps_every_word_within_the_limit(max_chars: int):
+    text = ("Hello there. A long run-on clause, then another one; and more words here " * 9
+            + "x" * 90 + " end.")
+    pieces = pack_sentences(text, max_chars)
+    assert all(0 < len(piece) <= max_chars for piece in pieces)
+    assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
+    if max_chars >= 20:  # sentences whole where they fit: the first piece ends one
+        assert pieces[0].startswith("Hello there.")

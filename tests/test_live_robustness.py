@@ -11,12 +11,16 @@ import numpy as np
 from daemon_harness import run_daemon
 from test_live import FAKE, RATE, RINGS, TICK, Recorder, assert_continuous, segment_is
 
+from avatard.engines.audio import complete_sentences, pack_sentences
+from avatard.engines.fake import FakeTTSEngine
 from avatard.ipc import protocol as P
 from avatard.ipc.client import (
     InputRefusedEvent,
     PlaybackFinishedEvent,
+    PlaybackSkippedEvent,
     PlaybackStartedEvent,
     SessionMovedEvent,
+    SpeechRefusedEvent,
 )
 from avatard.ipc.ring import FREE
 
@@ -79,3 +83,66 @@ def test_refused_audio_gives_its_input_slot_back(tmp_path):
     assert all(e.code == P.E_BAD_MESSAGE for e in refused)
     assert finished.position_s == 6 * chunk.size / RATE and not finished.interrupted
     assert done.frames == len(rec.frames)
+
+
+def test_text_past_the_voice_limit_is_spoken_in_parts(tmp_path):
+    # One live_text far over the voice's max_text_chars (here 20): cut at sentence ends,
+    # then clauses, then anywhere (a word of 50 letters), and spoken whole, not refused.
+    # (The fake voice speaks 0.3 s a word: few words, a small limit.)
+    text = "One two. Three four five. Six seven. " + "x" * 50 + " eight nine, ten."
+    # The session speaks its complete sentences, then the rest at `final`; each in
+    # parts within the limit (each part ends as a sentence does: a pause after it).
+    complete, rest = complete_sentences(text)
+    parts = pack_sentences(complete, 20) + pack_sentences(rest, 20)
+    assert len(parts) > 4 and all(len(part) <= 20 for part in parts)
+    tts = FakeTTSEngine()
+    expected_s = sum(tts.synthesize(part)[0].size for part in parts) / RATE
+    with (run_daemon(tmp_path, fake=FAKE | {"tts_max_text_chars": 20}, sections=RINGS)
+          as d, d.client() as c):
+        rec = Recorder(c.live(seed=4))
+        rec.session.send_text(text, "long", final=True)
+        finished = rec.until(segment_is(PlaybackFinishedEvent, "long"))
+        rec.close()
+    assert not rec.of(SpeechRefusedEvent)
+    assert not finished.interrupted and finished.position_s == expected_s
+
+
+def playback_order(rec: Recorder) -> list[tuple[str, str]]:
+    kinds = {PlaybackStartedEvent: "started", PlaybackFinishedEvent: "finished",
+             PlaybackSkippedEvent: "skipped"}
+    return [(kinds[type(e)], e.segment_id) for e in rec.events if type(e) in kinds]
+
+
+def test_text_the_tts_cannot_speak_is_reported_and_its_segment_ends(tmp_path):
+    # A refused piece is reported (speech_refused) and the rest of its segment plays; a
+    # segment with nothing to speak ends with playback_skipped, in its turn, so a client
+    # waiting for each segment's end never hangs and the queue goes on behind it.
+    with (run_daemon(tmp_path, fake=FAKE | {"tts_refuse_word": "zork"}, sections=RINGS)
+          as d, d.client() as c):
+        rec = Recorder(c.live(seed=4))
+        rec.session.send_text("Zork is here. ", "part")  # a complete sentence: refused
+        rec.session.send_text("Bye now.", "part", final=True)
+        rec.session.send_text("\U0001f642\U0001f642", "emoji", final=True)
+        rec.session.send_text("   ", "blank", final=True)
+        rec.session.send_text("Hello Zork.", "refused", final=True)
+        rec.session.send_text("All good.", "after", final=True)
+        rec.until(segment_is(PlaybackFinishedEvent, "after"))
+        rec.close()
+    order = playback_order(rec)
+    # Each segment ends once, in playing order ("after" may start in the tick where
+    # "part" ends: its playback_started comes before that frame, the ends after it).
+    assert [e for e in order if e[0] != "started"] == [
+        ("finished", "part"), ("skipped", "emoji"), ("skipped", "blank"),
+        ("skipped", "refused"), ("finished", "after")]
+    assert [e for e in order if e[0] == "started"] == [("started", "part"),
+                                                       ("started", "after")]
+    assert order.index(("started", "after")) > order.index(("started", "part"))
+    refusals = {e.segment_id: e for e in rec.of(SpeechRefusedEvent)}
+    assert sorted(refusals) == ["part", "refused"]
+    assert all((e.code, e.field) == (P.E_BAD_INPUT, "text") and "zork" in e.rule
+               for e in refusals.values())
+    assert refusals["part"].text == "Zork is here."
+    skipped = {e.segment_id: e.reason for e in rec.of(PlaybackSkippedEvent)}
+    assert "nothing speakable" in skipped["emoji"] and "zork" in skipped["refused"]
+    finished = {e.segment_id: e for e in rec.of(PlaybackFinishedEvent)}
+    assert finished["part"].position_s == FakeTTSEngine().synthesize("Bye now.")[0].size / RATE
