@@ -314,7 +314,10 @@ class Supervisor:
         the worker that takes it over: its queued speech is gone, so every segment ends,
         and the ones playing get their `playback_finished` (interrupted) now."""
         fps = self.capabilities.fps if self.capabilities else 0
-        for segment_id, position_s in self.live.moved(job.job_id, job.frames_delivered, fps):
+        self._finish_playing(job, self.live.moved(job.job_id, job.frames_delivered, fps))
+
+    def _finish_playing(self, job: Any, playing: list[tuple[str, float]]) -> None:
+        for segment_id, position_s in playing:
             self.client_port.send(job.client, P.make(
                 P.PlaybackFinished, job_id=job.job_id, segment_id=segment_id,
                 position_s=position_s, interrupted=True))
@@ -329,6 +332,14 @@ class Supervisor:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
         self.inputs.close(job.job_id)
+        if job.kind is P.JobKind.LIVE:
+            # A session that ends here and not by its worker's close (cancel, a lost
+            # worker with no free replacement, an engine fault, a timeout): the segments
+            # playing get their playback_finished (interrupted) before its end, as they
+            # would from the worker. After a close the worker sent them already: none left.
+            fps = self.capabilities.fps if self.capabilities else 0
+            self._finish_playing(job, self.live.cut_short(job.job_id, job.frames_delivered,
+                                                          fps))
         self.live.forget(job.job_id)
         self.avatars.job_ended(job.spec, ended.result)
         self.client_port.send(job.client, end_reply(ended, now))

@@ -7,7 +7,11 @@ is what fails a session whose clock thread stops; the tests assert on events and
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
+import pytest
 from daemon_harness import run_daemon
 from test_live import FAKE, RATE, RINGS, TICK, Recorder, assert_continuous, segment_is
 
@@ -16,6 +20,7 @@ from avatard.engines.fake import FakeTTSEngine
 from avatard.ipc import protocol as P
 from avatard.ipc.client import (
     InputRefusedEvent,
+    JobFailedError,
     PlaybackFinishedEvent,
     PlaybackSkippedEvent,
     PlaybackStartedEvent,
@@ -146,3 +151,32 @@ def test_text_the_tts_cannot_speak_is_reported_and_its_segment_ends(tmp_path):
     assert "nothing speakable" in skipped["emoji"] and "zork" in skipped["refused"]
     finished = {e.segment_id: e for e in rec.of(PlaybackFinishedEvent)}
     assert finished["part"].position_s == FakeTTSEngine().synthesize("Bye now.")[0].size / RATE
+
+
+def _cut_short(rec: Recorder) -> tuple[PlaybackFinishedEvent, JobFailedError]:
+    """Read until the session fails: (its segment's playback_finished, the failure)."""
+    with pytest.raises(JobFailedError) as failure:
+        rec.until(lambda e: False)
+    (finished,) = rec.of(PlaybackFinishedEvent)
+    return finished, failure.value
+
+
+@pytest.mark.parametrize("how", ["cancel", "worker lost, none free"])
+def test_a_session_cut_short_still_finishes_its_playing_segment(tmp_path, how):
+    # playback_finished (interrupted) comes for every started segment, also when the
+    # session ends by a cancel or by losing its worker with no other worker free.
+    speech = np.full(RATE * 4, 0.5, np.float32)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=3), seed=3)
+        rec.session.send_audio(speech, RATE, "a")
+        rec.until(segment_is(PlaybackStartedEvent, "a"))
+        rec.frames_more(10)
+        if how == "cancel":
+            c.cancel(rec.session.job_id)
+        else:
+            victim = next(w for w in d.status()["workers"] if w["current_jobs"])
+            os.kill(victim["pid"], signal.SIGKILL)
+        finished, failure = _cut_short(rec)
+    assert finished.segment_id == "a" and finished.interrupted
+    assert 10 * TICK / RATE <= finished.position_s < 4.0
+    assert failure.code == (P.E_CANCELLED if how == "cancel" else P.E_WORKER)
