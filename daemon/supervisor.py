@@ -586,9 +586,17 @@ class Supervisor:
             self.inputs.close(job.job_id)
             if job.input_slot is not None:
                 self.sessions.release_input(job.input_slot)
+            reason = f"queue_size={self.book.queue.size} reached"
+            retry_after_s = exc.retry_after_s
+            if job.kind is P.JobKind.LIVE:
+                # The hint comes from how long batch jobs take; live sessions end only
+                # when their clients close them, so no time can be promised: 0, said so.
+                retry_after_s = 0.0
+                reason += ("; live sessions end only when closed, so no retry time can be "
+                           "given: retry when a session of yours closes, or add workers")
             self.client_port.send(session.identity, P.make(
-                P.Busy, req_id=msg.req_id, retry_after_s=exc.retry_after_s,
-                queue_depth=exc.depth, reason=f"queue_size={self.book.queue.size} reached"))
+                P.Busy, req_id=msg.req_id, retry_after_s=retry_after_s,
+                queue_depth=exc.depth, reason=reason))
             return
         if POLICIES[job.kind].announced:
             self.client_port.send(session.identity, accepted_reply(
