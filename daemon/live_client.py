@@ -46,7 +46,9 @@ from avatard.ipc.client_core import (
     FrameEvent,
     InputRefusedEvent,
     PlaybackFinishedEvent,
+    PlaybackSkippedEvent,
     PlaybackStartedEvent,
+    SpeechRefusedEvent,
     WarningEvent,
 )
 
@@ -287,6 +289,8 @@ class _Recording:
         self.silent_after_interrupt: float | None = None
         self.done: DoneEvent | None = None
         self.refused: InputRefusedEvent | None = None
+        self.skipped: PlaybackSkippedEvent | None = None  # our segment had no speech
+        self.notes: list[str] = []  # for the report: text the TTS could not speak
         self.ended = False
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
@@ -326,6 +330,12 @@ class _Recording:
         elif isinstance(event, PlaybackFinishedEvent) and event.segment_id == SEGMENT_ID:
             self.playing = False
             self.finished, self.finished_at = event, arrived
+        elif isinstance(event, PlaybackSkippedEvent) and event.segment_id == SEGMENT_ID:
+            self.skipped = event
+            self.notes.append(f"nothing of the input was spoken: {event.reason}")
+        elif isinstance(event, SpeechRefusedEvent):
+            self.notes.append(f"the TTS could not speak {event.text!r}: {event.field}: "
+                              f"{event.rule}")
         elif isinstance(event, InputRefusedEvent):
             # The input is ours: a refusal means it could not play as given.
             raise ClientError(f"the daemon refused the session's input ({event.what}): "
@@ -472,7 +482,7 @@ async def _drive(session: AsyncLiveSession, rec: _Recording, source: LiveInput,
     else:
         # The speech plays to its end (its playback_finished) before the tail.
         bound_s = max(0.0, started + expected_s - time.monotonic()) + timeout_s
-        await rec.until(lambda: rec.finished is not None,
+        await rec.until(lambda: rec.finished is not None or rec.skipped is not None,
                         f"playback_finished of the input's segment (it started: "
                         f"{'yes' if rec.started_seen else 'no'})", bound_s)
     tail_frames = rec.frames + max(1, round(tail_s * fps))
@@ -480,6 +490,7 @@ async def _drive(session: AsyncLiveSession, rec: _Recording, source: LiveInput,
                     tail_s + timeout_s)
     await session.close()
     _latencies(report, rec, sent_at, text=source.text is not None)
+    report.notes += rec.notes
     return report
 
 

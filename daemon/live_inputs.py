@@ -182,6 +182,17 @@ class LiveInputs:
         for seg in session.segments.values():
             seg.ended = True
         session.open_segment = None
+        return self.cut_short(job_id, frames_delivered, fps)
+
+    def cut_short(self, job_id: str, frames_delivered: int, fps: int
+                  ) -> list[tuple[str, float]]:
+        """The session stops playing without its worker saying so (it moved, was
+        cancelled, or failed): (segment id, seconds played) of each segment that started
+        and did not finish, as `moved` counts them, for the `playback_finished`
+        (interrupted) its client must still get; they are forgotten (asked again: [])."""
+        session = self.sessions.get(job_id)
+        if session is None:
+            return []
         playing = [(segment_id, max(0, frames_delivered - first) / max(1, fps))
                    for segment_id, first in session.playing.items()]
         session.playing.clear()

@@ -26,9 +26,12 @@ Events, returned by `emitted`, `interrupt` and `close` for the worker to send in
 the frames: `Started` just before the first frame that carries a segment's speech,
 `Finished` after the frame with its last sample (position = its whole length), or at a
 barge-in or close for a segment that started and had not finished (position = the speech
-that went out with frames so far, interrupted). A segment that never reached a frame gets
-neither. A frame the worker drops (the client's ring is full) still counts as emitted: its
-tick's speech was played on the session's clock, and `Finished` must still come.
+that went out with frames so far, interrupted). A segment whose input ended without any
+speech (no audio, nothing speakable, every piece refused by the TTS) gets `Skipped` when
+its turn comes instead, so every segment that ends by itself is announced; one cut short
+by a barge-in or close before its first frame gets nothing. A frame the worker drops (the
+client's ring is full) still counts as emitted: its tick's speech was played on the
+session's clock, and `Finished` must still come.
 
 Times are in samples at `rate` Hz; positions in seconds. Not thread-safe: one job thread
 uses it.
@@ -68,7 +71,15 @@ class Finished:
     interrupted: bool
 
 
-Event = Started | Finished
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    segment_id: str
+    reason: str
+
+
+Event = Started | Finished | Skipped
+
+NOTHING_SPEAKABLE = "has nothing speakable (no letter or digit)"
 
 
 @dataclass(eq=False)
@@ -79,9 +90,15 @@ class Segment:
     kind: SegmentKind
     queued: deque[np.ndarray] = field(default_factory=deque)  # not yet in a tick
     queued_samples: int = 0
+    # Audio segments: the client's chunks at its rate, not yet resampled. They are
+    # resampled a tick's worth at a time as ticks take them (`Playout._fill`), so a chunk
+    # of minutes costs the clock thread no more per tick than one of 10 ms.
+    raw: deque[np.ndarray] = field(default_factory=deque)
+    raw_samples: int = 0
     input_ended: bool = False  # live_end, final text, a later segment, or a barge-in
     text: str = ""  # text that is not a complete sentence yet
     tts_pending: int = 0  # pieces handed to the TTS whose audio has not all come back
+    refusal: str = ""  # why the last piece of its text made no speech (for `Skipped`)
     resampler: StreamingResampler | None = None  # audio segments: client rate -> rate
     sample_rate: int = 0  # the client's rate (audio segments)
     taken: int = 0  # samples put into ticks
@@ -92,7 +109,17 @@ class Segment:
     @property
     def complete(self) -> bool:
         """No more speech will come and none is left to take."""
-        return self.input_ended and not self.tts_pending and not self.queued_samples
+        return (self.input_ended and not self.tts_pending and not self.queued_samples
+                and not self.raw_samples
+                and (self.resampler is None or self.resampler.flushed))
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples queued at the playout's rate, the raw chunks counted as what they will
+        become."""
+        if self.resampler is None or not self.raw_samples:
+            return self.queued_samples
+        return self.queued_samples + self.resampler.output_for(self.raw_samples)
 
 
 @dataclass(eq=False)
@@ -105,6 +132,7 @@ class Tick:
     pcm: np.ndarray
     spans: list[tuple[Segment, int]] = field(default_factory=list)
     ends: list[Segment] = field(default_factory=list)
+    skipped: list[Segment] = field(default_factory=list)  # ended here without speech
 
     @property
     def speech_samples(self) -> int:
@@ -164,7 +192,8 @@ class Playout:
 
     def audio(self, segment_id: str, pcm: np.ndarray, sample_rate: int) -> bool:
         """Append speech (1-D float32 at `sample_rate`) to a segment, resampled to `rate`
-        with no clicks at chunk edges. False when dropped (see `_segment`)."""
+        with no clicks at chunk edges as ticks take it (this call does no work per
+        sample, whatever the chunk's size). False when dropped (see `_segment`)."""
         seg = self._segment(segment_id, SegmentKind.AUDIO)
         if seg is None:
             return False
@@ -174,7 +203,10 @@ class Playout:
             log.warning("live audio for segment %r at %d Hz dropped: it began at %d Hz",
                         segment_id, sample_rate, seg.sample_rate)
             return False
-        self._queue(seg, seg.resampler.push(pcm))
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        if pcm.size:
+            seg.raw.append(pcm)
+            seg.raw_samples += pcm.size
         return True
 
     def text(self, segment_id: str, text: str, final: bool) -> bool:
@@ -201,8 +233,8 @@ class Playout:
     def _end_input(self, seg: Segment) -> None:
         if seg.input_ended:
             return
-        if seg.resampler is not None:
-            self._queue(seg, seg.resampler.flush())
+        # An audio segment's resampler is flushed once its raw chunks are all taken
+        # (`_fill`).
         self._speak(seg, seg.text)
         seg.text = ""
         seg.input_ended = True
@@ -213,6 +245,8 @@ class Playout:
         if any(ch.isalnum() for ch in text):  # "..." alone is nothing a TTS can say
             seg.tts_pending += 1
             self._to_speak.append((self.generation, seg.segment_id, text.strip()))
+        elif text.strip():
+            seg.refusal = f"text {text.strip()[:40]!r} {NOTHING_SPEAKABLE}"
 
     def take_sentences(self) -> list[tuple[int, str, str]]:
         """Text waiting for the TTS: (generation, segment id, text) in order. Each must be
@@ -228,16 +262,40 @@ class Playout:
         if generation == self.generation and seg is not None and not seg.done:
             self._queue(seg, np.asarray(pcm, np.float32).reshape(-1))
 
-    def tts_done(self, generation: int, segment_id: str) -> None:
-        """The TTS finished one piece of text taken from `take_sentences` (spoken or not)."""
+    def tts_done(self, generation: int, segment_id: str, refusal: str = "") -> None:
+        """The TTS finished one piece of text taken from `take_sentences`: spoken, or not
+        (`refusal`: why, kept for the segment's `Skipped` if none of it is spoken)."""
         seg = self._known.get(segment_id)
         if generation == self.generation and seg is not None and seg.tts_pending:
             seg.tts_pending -= 1
+            if refusal:
+                seg.refusal = refusal
 
     def _queue(self, seg: Segment, pcm: np.ndarray) -> None:
         if pcm.size:
             seg.queued.append(pcm)
             seg.queued_samples += pcm.size
+
+    def _fill(self, seg: Segment, want: int) -> None:
+        """Resample raw chunks of an audio segment until `want` samples are queued at the
+        playout's rate, or its raw chunks ran out (then, its input having ended, the
+        resampler's tail). Bounded work: about `want` samples' worth of input, however
+        big the chunk the client sent."""
+        resampler = seg.resampler
+        if resampler is None:
+            return
+        while seg.queued_samples < want and seg.raw:
+            budget = resampler.input_for(want - seg.queued_samples)
+            chunk = seg.raw[0]
+            piece = chunk[:budget]
+            if piece.size == chunk.size:
+                seg.raw.popleft()
+            else:
+                seg.raw[0] = chunk[piece.size:]
+            seg.raw_samples -= piece.size
+            self._queue(seg, resampler.push(piece))
+        if not seg.raw and seg.input_ended and not resampler.flushed:
+            self._queue(seg, resampler.flush())
 
     # ------------------------------------------------------------ ticks
 
@@ -252,8 +310,9 @@ class Playout:
         while self.segments:
             seg = self.segments[0]
             if (not seg.taken and not seg.input_ended
-                    and seg.queued_samples < self.prebuffer_samples):
+                    and seg.pending_samples < self.prebuffer_samples):
                 break  # its jitter buffer is filling: silence meanwhile
+            self._fill(seg, need - filled)
             while filled < need and seg.queued:
                 chunk = seg.queued[0]
                 count = min(need - filled, chunk.size)
@@ -275,7 +334,8 @@ class Playout:
             if seg.taken:
                 tick.ends.append(seg)
             else:
-                seg.done = True  # ended without any speech: nothing to announce
+                seg.done = True  # ended without any speech: announced with the tick
+                tick.skipped.append(seg)
         self.in_flight.append(tick)
         self.ticks_taken = index + 1
         return tick
@@ -297,7 +357,17 @@ class Playout:
             if seg.started and not seg.done:
                 seg.done = True
                 after.append(Finished(seg.segment_id, seg.played / self.rate, False))
+        # After the segments that ended before them in the tick (playing order).
+        after += [Skipped(seg.segment_id, self._skip_reason(seg)) for seg in tick.skipped]
         return tick, before, after
+
+    @staticmethod
+    def _skip_reason(seg: Segment) -> str:
+        if seg.refusal:
+            return seg.refusal
+        if seg.kind is SegmentKind.AUDIO:
+            return "its input ended with no audio"
+        return "its input ended with no text (or only whitespace)"
 
     def interrupt(self) -> list[Event]:
         """Barge-in: drop every piece of queued speech (audio, text not yet spoken, TTS
@@ -312,12 +382,13 @@ class Playout:
         for tick in self.in_flight:
             tick.pcm[:] = 0.0
             tick.spans.clear()
-            tick.ends.clear()
+            tick.ends.clear()  # (a segment skipped in it is announced still: it ended)
         finished: list[Event] = []
         for seg in self._known.values():
             seg.input_ended = True
             seg.queued.clear()
-            seg.queued_samples = seg.tts_pending = 0
+            seg.raw.clear()
+            seg.queued_samples = seg.raw_samples = seg.tts_pending = 0
             seg.text = ""
             if not seg.done:
                 seg.done = True
@@ -333,4 +404,4 @@ class Playout:
     @property
     def queued_s(self) -> float:
         """Seconds of speech queued and not yet in a tick."""
-        return sum(seg.queued_samples for seg in self.segments) / self.rate
+        return sum(seg.pending_samples for seg in self.segments) / self.rate

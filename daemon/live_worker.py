@@ -55,7 +55,7 @@ import numpy as np
 from avatard.ipc import protocol as P
 from avatard.ipc.ring import DescriptorError, RingFullError, SlotRef, SlotRing
 
-from .live_playout import Event, Finished, Playout, Started, Tick
+from .live_playout import Event, Finished, Playout, Skipped, Started, Tick
 
 if TYPE_CHECKING:
     from .worker import JobResult, JobRun, Worker
@@ -89,10 +89,24 @@ class TtsWarning:
 
 @dataclass(frozen=True, slots=True)
 class TtsDone:
-    """The TTS thread finished one piece of text (spoken, or refused by the engine)."""
+    """The TTS thread finished one piece of text (spoken, or refused by the engine:
+    `refusal` says why, "" when spoken)."""
 
     generation: int
     segment_id: str
+    refusal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TtsRefused:
+    """The TTS engine refused part of a piece of text (`EngineInputError`): the client is
+    told (`speech_refused`), the rest of the segment plays."""
+
+    generation: int
+    segment_id: str
+    text: str
+    field: str
+    rule: str
 
 
 def render_ahead_frames(configured: int, burst: int) -> int:
@@ -335,7 +349,14 @@ class LiveSession:
             playout.tts_audio(item.generation, item.segment_id, item.pcm)
             return False
         if isinstance(item, TtsDone):
-            playout.tts_done(item.generation, item.segment_id)
+            playout.tts_done(item.generation, item.segment_id, item.refusal)
+            return False
+        if isinstance(item, TtsRefused):
+            if item.generation == playout.generation:  # else a barge-in dropped it anyway
+                self.worker.send(P.WSpeechRefused, job_id=self.job.job_id,
+                                 segment_id=item.segment_id, code=P.E_BAD_INPUT,
+                                 field=item.field[:256], rule=item.rule[:4096],
+                                 text=item.text[:P.MAX_REFUSED_TEXT_CHARS])
             return False
         if isinstance(item, TtsWarning):
             self.worker.send(P.WJobWarning, job_id=self.job.job_id, code=P.W_TEXT_DROPPED,
@@ -447,6 +468,9 @@ class LiveSession:
                 self.worker.send(P.WPlaybackFinished, job_id=self.job.job_id,
                                  segment_id=event.segment_id, position_s=event.position_s,
                                  interrupted=event.interrupted)
+            elif isinstance(event, Skipped):
+                self.worker.send(P.WPlaybackSkipped, job_id=self.job.job_id,
+                                 segment_id=event.segment_id, reason=event.reason[:4096])
 
     # ------------------------------------------------------------ the session's TTS
 
@@ -463,42 +487,67 @@ class LiveSession:
     def _tts_loop(self) -> None:
         """The TTS thread: speaks each piece of text in order, one sentence at a time (so
         the first audio of a reply does not wait for its last sentence), and hands the
-        audio to the job thread through its input queue. Sends nothing itself (sockets
-        belong to one thread). Work of an older generation (before a barge-in) is skipped
-        between sentences."""
-        from avatard.engines.audio import resample
+        audio to the job thread through its input queue. Text longer than the engine
+        takes in one call (`TTSEngine.max_text_chars`) is spoken in parts cut at
+        sentence, clause or word ends (`pack_sentences`). A part the engine refuses is
+        reported (`TtsRefused`) and the next part goes on. Sends nothing itself (sockets
+        belong to one thread). Work of an older generation (before a barge-in) is
+        skipped between sentences."""
+        from avatard.engines.audio import pack_sentences, resample
         from avatard.engines.base import EngineInputError
 
         tts, lock = self.worker._engine("tts")
+        limit = getattr(tts, "max_text_chars", None)
         while not self._tts_stop.is_set():
             try:
                 generation, segment_id, text = self._tts_requests.get(timeout=CONTROL_CHECK_S)
             except queue.Empty:
                 continue
+            refusal = ""
+            spoken = False
             try:
-                if generation != self.playout.generation:
-                    continue  # a barge-in came since it was asked
                 def warn(message: str, segment_id: str = segment_id) -> None:
                     self.job_run.live_inputs.put(TtsWarning(segment_id, message))
 
-                with lock:
-                    sentences = iter(tts.stream(text, self.voice or None, warn))
-                while generation == self.playout.generation and not self._tts_stop.is_set():
-                    with lock:  # each sentence is synthesized inside next()
-                        pcm = next(sentences, None)
-                    if pcm is None:
-                        break
-                    pcm = resample(np.asarray(pcm, np.float32), tts.sample_rate, self.rate)
-                    self.job_run.live_inputs.put(TtsAudio(generation, segment_id, pcm))
-            except EngineInputError as exc:
-                # Text the voice cannot say: silence for it, and the session goes on.
-                log.warning("live session %s: segment %r: TTS refused %r: %s",
-                            self.job.job_id, segment_id, text[:80], exc)
-            except Exception:
+                parts = pack_sentences(text, limit) if limit and len(text) > limit else [text]
+                for part in parts:
+                    if generation != self.playout.generation or self._tts_stop.is_set():
+                        break  # a barge-in came since it was asked
+                    try:
+                        spoken |= self._speak_part(tts, lock, generation, segment_id, part,
+                                                   resample, warn)
+                    except EngineInputError as exc:
+                        # Text the voice cannot say: the client is told, the rest plays.
+                        log.warning("live session %s: segment %r: TTS refused %r: %s",
+                                    self.job.job_id, segment_id, part[:80], exc)
+                        refusal = f"{exc.field}: {exc.rule}"
+                        self.job_run.live_inputs.put(TtsRefused(
+                            generation, segment_id, part, exc.field, exc.rule))
+            except Exception as exc:
                 log.exception("live session %s: segment %r: TTS failed", self.job.job_id,
                               segment_id)
+                refusal = f"the TTS engine failed: {type(exc).__name__}"
             finally:
-                self.job_run.live_inputs.put(TtsDone(generation, segment_id))
+                self.job_run.live_inputs.put(TtsDone(generation, segment_id,
+                                                     "" if spoken else refusal))
+
+    def _speak_part(self, tts: Any, lock: Any, generation: int, segment_id: str, text: str,
+                    resample: Any, warn: Any) -> bool:
+        """Synthesize one part of a piece of text sentence by sentence into the job
+        thread's queue; True when any audio came. `warn(message)` takes the engine's
+        warnings (words left out). Raises `EngineInputError` (refused)."""
+        with lock:
+            sentences = iter(tts.stream(text, self.voice or None, warn))
+        spoken = False
+        while generation == self.playout.generation and not self._tts_stop.is_set():
+            with lock:  # each sentence is synthesized inside next()
+                pcm = next(sentences, None)
+            if pcm is None:
+                break
+            pcm = resample(np.asarray(pcm, np.float32), tts.sample_rate, self.rate)
+            self.job_run.live_inputs.put(TtsAudio(generation, segment_id, pcm))
+            spoken = True
+        return spoken
 
     def stop_tts(self) -> None:
         """Stop the TTS thread, waiting at most `TTS_JOIN_S` (a sentence being synthesized

@@ -254,10 +254,17 @@ def client_event(job: Job, msg: P.WFrame | P.WAudio) -> P.Frame | P.AudioChunk:
 
 
 def playback_event(job: Job, msg: P.WPlaybackStarted | P.WPlaybackFinished
-                   ) -> P.PlaybackStarted | P.PlaybackFinished:
-    """The client's `playback_started` / `playback_finished` event of a live session."""
+                   | P.WPlaybackSkipped | P.WSpeechRefused) -> P.Msg:
+    """The client's `playback_started`, `playback_finished`, `playback_skipped` or
+    `speech_refused` event of a live session."""
     if isinstance(msg, P.WPlaybackStarted):
         return P.make(P.PlaybackStarted, job_id=job.job_id, segment_id=msg.segment_id)
+    if isinstance(msg, P.WPlaybackSkipped):
+        return P.make(P.PlaybackSkipped, job_id=job.job_id, segment_id=msg.segment_id,
+                      reason=msg.reason)
+    if isinstance(msg, P.WSpeechRefused):
+        return P.make(P.SpeechRefused, job_id=job.job_id, segment_id=msg.segment_id,
+                      code=msg.code, field=msg.field, rule=msg.rule, text=msg.text)
     return P.make(P.PlaybackFinished, job_id=job.job_id, segment_id=msg.segment_id,
                   position_s=msg.position_s, interrupted=msg.interrupted)
 

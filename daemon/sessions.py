@@ -228,18 +228,21 @@ class Sessions:
                                   "retry shortly", req_id) from None
         return P.SlotDesc.from_ref(ref)
 
-    def drop_refused_input(self, identity: bytes, msg: Any) -> None:
-        """Free the slot of the client's own input ring that a refused request named (its
-        `audio` or `image` payload), if the slot still holds that request's write."""
+    def drop_refused_input(self, identity: bytes, keys: list[tuple[str, int, int]]) -> None:
+        """Free the slots of the client's own input ring that a refused request named (its
+        `audio` or `image` payload: (ring, slot, seq) each), if a slot still holds that
+        request's write. Slots of other rings are left alone."""
         session = self.sessions.get(identity)
         ring = session.input_ring if session is not None else None
-        for name in ("audio", "image"):
-            payload = getattr(msg, name, None)
-            if ring is not None and isinstance(payload, P.SlotDesc) and payload.ring == ring.name:
-                try:
-                    ring.release(payload.slot, payload.seq)
-                except (StaleSlotError, DescriptorError):
-                    pass  # taken and given back already, or never written
+        if ring is None:
+            return
+        for ring_name, slot, seq in keys:
+            if ring_name != ring.name:
+                continue
+            try:
+                ring.release(slot, seq)
+            except (StaleSlotError, DescriptorError):
+                pass  # taken and given back already, never written, or out of range
 
     def inline_part(self, payload: P.Inline, extra: list[Any], field_name: str,
                     req_id: int) -> Any:

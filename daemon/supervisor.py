@@ -161,7 +161,7 @@ class Supervisor:
         if self.worker_sock in events:
             self._read_workers()
         if any(sock in events for sock in self.client_port.socks):
-            self.client_port.serve(self._on_client_msg)
+            self.client_port.serve(self._on_client_msg, self._on_undecodable)
         if self.parent_fd is not None and self.parent_fd in events:
             self._check_parent()
         self._handle_signals()
@@ -360,7 +360,10 @@ class Supervisor:
         the worker that takes it over: its queued speech is gone, so every segment ends,
         and the ones playing get their `playback_finished` (interrupted) now."""
         fps = self.capabilities.fps if self.capabilities else 0
-        for segment_id, position_s in self.live.moved(job.job_id, job.frames_delivered, fps):
+        self._finish_playing(job, self.live.moved(job.job_id, job.frames_delivered, fps))
+
+    def _finish_playing(self, job: Any, playing: list[tuple[str, float]]) -> None:
+        for segment_id, position_s in playing:
             self.client_port.send(job.client, P.make(
                 P.PlaybackFinished, job_id=job.job_id, segment_id=segment_id,
                 position_s=position_s, interrupted=True))
@@ -375,6 +378,14 @@ class Supervisor:
             self.sessions.release_input(job.input_slot)
             job.input_slot = None
         self.inputs.close(job.job_id)
+        if job.kind is P.JobKind.LIVE:
+            # A session that ends here and not by its worker's close (cancel, a lost
+            # worker with no free replacement, an engine fault, a timeout): the segments
+            # playing get their playback_finished (interrupted) before its end, as they
+            # would from the worker. After a close the worker sent them already: none left.
+            fps = self.capabilities.fps if self.capabilities else 0
+            self._finish_playing(job, self.live.cut_short(job.job_id, job.frames_delivered,
+                                                          fps))
         self.live.forget(job.job_id)
         self.avatars.job_ended(job.spec, ended.result)
         self.client_port.send(job.client, end_reply(ended, now))
@@ -449,10 +460,12 @@ class Supervisor:
                 self.client_port.send(job.client, P.make(
                     P.TranscriptMsg, job_id=job.job_id, language=msg.language,
                     duration_s=msg.duration_s, segments=msg.segments))
-        elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
+        elif isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished, P.WPlaybackSkipped,
+                              P.WSpeechRefused)):
             job = self.book.live(index, msg.job_id)
             if job is not None:
-                self.live.playback(job.job_id, msg, job.frames_delivered)
+                if isinstance(msg, (P.WPlaybackStarted, P.WPlaybackFinished)):
+                    self.live.playback(job.job_id, msg, job.frames_delivered)
                 self.client_port.send(job.client, playback_event(job, msg))
         elif isinstance(msg, P.WJobWarning):
             job = self.book.live(index, msg.job_id)
@@ -475,8 +488,22 @@ class Supervisor:
         except P.ProtocolError:
             # A refused request gives back the input slot it named: the client wrote it
             # and only the daemon frees it (four refusals would fill the client's ring).
-            self.sessions.drop_refused_input(identity, msg)
+            self._drop_refused_input(identity, [
+                payload.key for payload in (getattr(msg, "audio", None),
+                                            getattr(msg, "image", None))
+                if isinstance(payload, P.SlotDesc)])
             raise
+
+    def _on_undecodable(self, identity: bytes, control: Any) -> None:
+        """A request the decoder refused (a field of the wrong type or past its limit):
+        its input slot goes back too, as for a request refused after decoding."""
+        self._drop_refused_input(identity, P.shm_payloads_named(control))
+
+    def _drop_refused_input(self, identity: bytes, keys: list[tuple[str, int, int]]) -> None:
+        # A slot that one of the client's accepted jobs holds stays with that job (a
+        # refused request that named it again must not free it under the job).
+        held = {job.input_slot for job in self.book.of_client(identity)}
+        self.sessions.drop_refused_input(identity, [k for k in keys if k not in held])
 
     def _handle_client_msg(self, identity: bytes, msg: Any, extra: list[Any]) -> None:
         req_id = getattr(msg, "req_id", 0)
@@ -616,9 +643,17 @@ class Supervisor:
             self.inputs.close(job.job_id)
             if job.input_slot is not None:
                 self.sessions.release_input(job.input_slot)
+            reason = f"queue_size={self.book.queue.size} reached"
+            retry_after_s = exc.retry_after_s
+            if job.kind is P.JobKind.LIVE:
+                # The hint comes from how long batch jobs take; live sessions end only
+                # when their clients close them, so no time can be promised: 0, said so.
+                retry_after_s = 0.0
+                reason += ("; live sessions end only when closed, so no retry time can be "
+                           "given: retry when a session of yours closes, or add workers")
             self.client_port.send(session.identity, P.make(
-                P.Busy, req_id=msg.req_id, retry_after_s=exc.retry_after_s,
-                queue_depth=exc.depth, reason=f"queue_size={self.book.queue.size} reached"))
+                P.Busy, req_id=msg.req_id, retry_after_s=retry_after_s,
+                queue_depth=exc.depth, reason=reason))
             return
         if POLICIES[job.kind].announced:
             self.client_port.send(session.identity, accepted_reply(

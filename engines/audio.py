@@ -245,34 +245,77 @@ def resample(pcm: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 # zero crossings with a Kaiser(8.6) window gives about 80 dB stop-band rejection.
 _SINC_HALF_ZEROS = 32
 _KAISER_BETA = 8.6
-_SINC_BLOCK = 16384
+_SINC_BLOCK = 4096  # outputs per block of the direct path: (block x taps) float64 temporaries
 _MAX_PHASE_TABLE = 4096
+# The polyphase path makes one strided product per phase: worth it once each phase has a
+# few outputs; below that the direct path costs less than the per-phase call overhead.
+_POLYPHASE_MIN_ROWS = 4
 
 
-def _sinc_filter(up: int, down: int):
-    """The filter of `_resample_sinc` for one rate pair: (half_width, offsets, weights),
-    where output sample n reads input samples (n * down // up) + offsets and `weights`
-    maps the phases (n * down % up) of output samples to their taps' weights."""
-    # Cutoff as a fraction of the input Nyquist; when downsampling the kernel widens by the
-    # same factor so its number of zero crossings (and so its rejection) stays the same.
-    cutoff = min(1.0, up / down)
-    half_width = int(math.ceil(_SINC_HALF_ZEROS / cutoff))
-    offsets = np.arange(-half_width + 1, half_width + 1)
+class _SincFilter:
+    """The filter of one rate pair (output n sits at input time n * down / up): output n
+    reads input samples (n * down // up) + `offsets`, weighted by the kernel row of its
+    phase (n * down % up). `table` holds every phase's row when there are at most
+    `_MAX_PHASE_TABLE` phases (ordinary pairs: 44100 -> 16000 has 160), else None and rows
+    are computed per output."""
 
-    def kernel(frac: np.ndarray) -> np.ndarray:
-        distance = frac[:, None] - offsets[None, :]  # t - k for every tap
-        ratio = np.clip(distance / half_width, -1.0, 1.0)
+    def __init__(self, up: int, down: int):
+        self.up, self.down = up, down
+        # Cutoff as a fraction of the input Nyquist; when downsampling the kernel widens by
+        # the same factor so its number of zero crossings (and so its rejection) stays.
+        self.cutoff = min(1.0, up / down)
+        self.half_width = int(math.ceil(_SINC_HALF_ZEROS / self.cutoff))
+        self.offsets = np.arange(-self.half_width + 1, self.half_width + 1)
+        self.table = self.kernel(np.arange(up) / up) if up <= _MAX_PHASE_TABLE else None
+
+    def kernel(self, frac: np.ndarray) -> np.ndarray:
+        """Kernel rows (len(frac), taps) float64 for fractional positions `frac` in [0, 1)."""
+        distance = frac[:, None] - self.offsets[None, :]  # t - k for every tap
+        ratio = np.clip(distance / self.half_width, -1.0, 1.0)
         window = np.i0(_KAISER_BETA * np.sqrt(1.0 - ratio * ratio)) / np.i0(_KAISER_BETA)
-        return cutoff * np.sinc(cutoff * distance) * window
+        return self.cutoff * np.sinc(self.cutoff * distance) * window
 
-    # The fractional position only takes `up` distinct values, so for ordinary rate pairs
-    # (44100 -> 16000 has up = 160) one table of kernels serves every output sample.
-    table = kernel(np.arange(up) / up) if up <= _MAX_PHASE_TABLE else None
-
-    def weights(phase: np.ndarray) -> np.ndarray:
-        return table[phase] if table is not None else kernel(phase / up)
-
-    return half_width, offsets, weights
+    def outputs(self, buffer: np.ndarray, buffer_start: int, first: int, end: int
+                ) -> np.ndarray:
+        """Outputs `first`..`end` - 1 as float32, from `buffer` (1-D contiguous float64
+        holding input samples from absolute index `buffer_start` on, and every sample those
+        outputs read: the caller guarantees it; a shortfall raises ValueError). Memory stays
+        O(outputs + taps) whatever the length: no (outputs x taps) gather of the whole
+        input, which made a 10 s chunk cost seconds."""
+        count = end - first
+        output = np.empty(max(0, count), np.float64)
+        if count <= 0:
+            return output.astype(np.float32)
+        up, down, offsets = self.up, self.down, self.offsets
+        taps = offsets.size
+        last_read = (end - 1) * down // up + int(offsets[-1]) - buffer_start
+        if (first * down // up + int(offsets[0]) - buffer_start < 0
+                or last_read >= buffer.size):
+            raise ValueError(f"resampler buffer holds inputs {buffer_start}.."
+                             f"{buffer_start + buffer.size - 1}; outputs {first}..{end - 1} "
+                             "read beyond them")
+        if self.table is not None and count >= _POLYPHASE_MIN_ROWS * up:
+            # Polyphase: outputs r, r + up, r + 2 up... share a phase, and their taps start
+            # `down` inputs apart, so they are one strided (rows x taps) view of the buffer
+            # (no copy) times that phase's kernel row.
+            item = buffer.itemsize
+            for r in range(up):
+                n = first + r
+                start = n * down // up + int(offsets[0]) - buffer_start
+                rows = -(-(end - n) // up)
+                view = np.lib.stride_tricks.as_strided(
+                    buffer[start:], shape=(rows, taps), strides=(down * item, item),
+                    writeable=False)
+                output[r::up] = np.einsum("ij,j->i", view, self.table[n * down % up])
+        else:
+            for block in range(first, end, _SINC_BLOCK):
+                index = np.arange(block, min(block + _SINC_BLOCK, end), dtype=np.int64)
+                reads = (index * down // up)[:, None] + offsets[None, :] - buffer_start
+                phase = (index * down) % up
+                rows = self.table[phase] if self.table is not None else self.kernel(phase / up)
+                output[block - first:block - first + index.size] = np.einsum(
+                    "ij,ij->i", buffer[reads], rows)
+        return output.astype(np.float32)
 
 
 def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
@@ -280,29 +323,25 @@ def _resample_sinc(samples: np.ndarray, up: int, down: int) -> np.ndarray:
 
     Output sample n sits at input time t = n * down / up. Its value is the sum over nearby
     input samples k of x[k] * h(t - k), where h is a Kaiser-windowed sinc low-pass at the
-    lower of the two Nyquist frequencies. Computed in blocks to bound memory.
+    lower of the two Nyquist frequencies (input outside the signal reads as 0).
     """
-    half_width, offsets, weights = _sinc_filter(up, down)
-    out_len = -(-samples.size * up // down)
-    output = np.empty(out_len, np.float32)
+    sinc = _SincFilter(up, down)
+    half_width = sinc.half_width
     padded = np.concatenate(
         [np.zeros(half_width), samples.astype(np.float64), np.zeros(half_width + 1)]
     )
-    for start in range(0, out_len, _SINC_BLOCK):
-        index = np.arange(start, min(start + _SINC_BLOCK, out_len), dtype=np.int64)
-        base = (index * down) // up
-        taps = base[:, None] + offsets[None, :] + half_width  # indices into `padded`
-        output[start : start + index.size] = np.einsum("ij,ij->i", padded[taps],
-                                                       weights((index * down) % up))
-    return output
+    return sinc.outputs(padded, -half_width, 0, -(-samples.size * up // down))
 
 
 class StreamingResampler:
     """`resample` for audio that arrives in chunks (a live session's speech): the outputs
-    of `push` for each chunk and then `flush` joined are `resample` of the chunks joined,
-    so chunk edges add no clicks. Each push returns the output samples whose filter taps
+    of `push` for each chunk and then `flush` joined are `resample` of the chunks joined
+    (to float32 rounding: both sum the same products, possibly grouped differently), so
+    chunk edges add no clicks. Each push returns the output samples whose filter taps
     have all arrived; the rest (about 32 input samples at the lower Nyquist: 2 ms at
-    16 kHz) waits for the next chunk or `flush`. Input and output are 1-D float32."""
+    16 kHz) waits for the next chunk or `flush`. Input and output are 1-D float32. The
+    work of a push is linear in its chunk (about 15 ms per second of 48 kHz input on one
+    core), so a caller with a deadline pushes a big chunk in pieces."""
 
     def __init__(self, from_rate: int, to_rate: int):
         if from_rate <= 0 or to_rate <= 0:
@@ -310,18 +349,19 @@ class StreamingResampler:
         divisor = math.gcd(int(from_rate), int(to_rate))
         self.up, self.down = int(to_rate) // divisor, int(from_rate) // divisor
         self.passthrough = from_rate == to_rate
-        self._half_width, self._offsets, self._weights = _sinc_filter(self.up, self.down)
+        self._sinc = _SincFilter(self.up, self.down)
+        self._half_width = self._sinc.half_width
         # Input from absolute index `_start` on; indices below 0 are the zeros that
         # `_resample_sinc` pads with, so the first outputs match it too.
         self._buffer = np.zeros(self._half_width, np.float64)
         self._start = -self._half_width
         self._received = 0
         self._next_out = 0
-        self._flushed = False
+        self.flushed = False
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
         """Take the next chunk; returns the output samples now computable (maybe none)."""
-        if self._flushed:
+        if self.flushed:
             raise RuntimeError("push() after flush() on a StreamingResampler")
         samples = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self._received += samples.size
@@ -334,23 +374,30 @@ class StreamingResampler:
 
     def flush(self) -> np.ndarray:
         """No more input: the remaining output samples (input past the end reads as 0)."""
-        self._flushed = True
+        self.flushed = True
         if self.passthrough:
             return np.zeros(0, np.float32)
         self._buffer = np.concatenate([self._buffer, np.zeros(self._half_width + 1)])
         return self._compute(-(-self._received * self.up // self.down))
 
+    def output_for(self, samples: int) -> int:
+        """About how many output samples `samples` more input makes (for planning)."""
+        return samples if self.passthrough else samples * self.up // self.down
+
+    def input_for(self, samples: int) -> int:
+        """Input samples that make at least `samples` more output, past the ones held
+        back for the filter's taps (for planning how much of a big chunk to push)."""
+        if self.passthrough:
+            return samples
+        return -(-samples * self.down // self.up) + self._half_width + 1
+
     def _compute(self, end: int) -> np.ndarray:
         if end <= self._next_out:
             return np.zeros(0, np.float32)
-        index = np.arange(self._next_out, end, dtype=np.int64)
-        base = (index * self.down) // self.up
-        taps = base[:, None] + self._offsets[None, :] - self._start
-        output = np.einsum("ij,ij->i", self._buffer[taps],
-                           self._weights((index * self.down) % self.up)).astype(np.float32)
+        output = self._sinc.outputs(self._buffer, self._start, self._next_out, end)
         self._next_out = end
         # Keep only the input that later outputs can still reach.
-        keep_from = (end * self.down) // self.up + int(self._offsets[0])
+        keep_from = (end * self.down) // self.up + int(self._sinc.offsets[0])
         if keep_from > self._start:
             self._buffer = self._buffer[keep_from - self._start:]
             self._start = keep_from
@@ -450,6 +497,25 @@ def split_sentences(text: str, max_chars: int = DEFAULT_MAX_SENTENCE_CHARS) -> l
                 pieces[-1] = f"{pieces[-1]} {piece}"
             else:
                 pieces.append(piece)
+    return pieces
+
+
+def pack_sentences(text: str, max_chars: int) -> list[str]:
+    """Text cut into pieces of at most `max_chars` characters for a TTS engine that takes
+    no more in one call (its `max_text_chars`): at sentence ends (`split_sentences`), a
+    sentence longer than that at a clause mark, then at a space, then anywhere; whole
+    sentences are packed together up to the limit, so a long reply is a few calls, not
+    one per sentence. Pieces with no letter or digit join a neighbour. "" -> []."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    pieces: list[str] = []
+    for sentence in split_sentences(text, max_chars):
+        # A piece that joined a neighbour may have grown past the limit: cut it again.
+        for part in _cut_long(sentence, max_chars) if len(sentence) > max_chars else [sentence]:
+            if pieces and len(pieces[-1]) + 1 + len(part) <= max_chars:
+                pieces[-1] = f"{pieces[-1]} {part}"
+            else:
+                pieces.append(part)
     return pieces
 
 

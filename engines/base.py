@@ -139,6 +139,10 @@ class Voice:
 class TTSEngine(Engine):
     kind: ClassVar[str] = "tts"
     sample_rate: int
+    # The longest text one `stream` call takes, in characters (its option
+    # `max_text_chars`), or None for no limit. Callers with longer text (a live session's
+    # reply) cut it with `engines.audio.pack_sentences` rather than have it refused.
+    max_text_chars: int | None = None
 
     @abc.abstractmethod
     def voices(self) -> list[str]:

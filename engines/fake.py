@@ -573,6 +573,7 @@ class FakeTTSEngine(TTSEngine):
         self.context = context
         self.device = device
         self.sample_rate = 16000
+        self.max_text_chars = self.options.tts_max_text_chars or None
         self._load = _FakeLoad(self.kind, self.options, context, progress)
         self._load.load_weights()
         self._load.warm_up(lambda: self._sentence_audio("warm up.", FAKE_VOICES[0]))
@@ -592,6 +593,13 @@ class FakeTTSEngine(TTSEngine):
         # Every word becomes a tone, whatever its script: nothing is left out, no warning.
         if not isinstance(text, str) or not text.strip():
             raise EngineInputError("text", "must be a non-empty string")
+        if self.max_text_chars is not None and len(text) > self.max_text_chars:
+            raise EngineInputError("text", f"is {len(text)} characters long; the limit is "
+                                   f"{self.max_text_chars}")
+        refused = self.options.tts_refuse_word.lower()
+        if refused and refused in (w.lower() for w in re.findall(r"\w+", text)):
+            raise EngineInputError("text", f"holds {refused!r}, which this fake voice "
+                                   "cannot say (engines.options.fake.tts_refuse_word)")
         chosen = FAKE_VOICES[0] if voice is None else voice
         if chosen not in FAKE_VOICES:
             raise EngineInputError("voice", f"unknown voice {voice!r} (known: {FAKE_VOICES})")

@@ -81,6 +81,14 @@ class FakeOptions:
         -1.0, "ASR: hang forever when the transcription reaches this second of the input "
         "(-1: never).", ge=-1,
     )
+    tts_max_text_chars: int = option(
+        0, "Longest text the fake TTS takes in one call, in characters, as a real voice's "
+        "max_text_chars (longer text is refused: bad_input/text); 0: no limit.", ge=0,
+    )
+    tts_refuse_word: str = option(
+        "", "The fake TTS refuses text holding this word (any case; bad_input/text), as a "
+        "real voice refuses a script it cannot read; \"\": refuses nothing.",
+    )
     fault_workers: tuple[int, ...] | None = option(
         None, "Worker indices (0-based) the faults apply to.", ge=0, default_doc="every worker"
     )

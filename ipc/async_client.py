@@ -57,6 +57,7 @@ from .client_core import (
     apply_heartbeat,
     audio_chunks,
     check_reply,
+    decode_server,
     ends_job,
     job_event,
     place_array,
@@ -273,7 +274,9 @@ class AsyncClient:
                 frames = await self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            await self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
+            decoded = decode_server([f.buffer for f in frames])
+            if decoded is not None:
+                await self._route(*decoded)
 
     async def _route(self, msg: P.Msg, extra: list[Any]) -> None:
         job_id, req_id = route_of(msg, self._live_requests)

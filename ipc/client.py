@@ -46,14 +46,17 @@ from .client_core import (  # the events and errors are this module's API too
     InputRefusedEvent,
     JobFailedError,
     PlaybackFinishedEvent,
+    PlaybackSkippedEvent,
     PlaybackStartedEvent,
     SessionMovedEvent,
+    SpeechRefusedEvent,
     TranscriptResult,
     WarningEvent,
     apply_curve,
     apply_heartbeat,
     audio_chunks,
     check_reply,
+    decode_server,
     job_event,
     place_array,
     read_array,
@@ -69,8 +72,9 @@ from .sockets import wait_readable
 __all__ = [
     "DAEMON_GONE", "LIVE_REQUESTS_KEPT", "AudioEvent", "BusyError", "Client", "ClientError",
     "DaemonUnavailable", "DoneEvent", "FrameEvent", "InputRefusedEvent", "JobFailedError",
-    "JobHandle", "LiveSession", "PlaybackFinishedEvent", "PlaybackStartedEvent",
-    "SessionMovedEvent", "TranscriptResult", "WarningEvent", "default_endpoint",
+    "JobHandle", "LiveSession", "PlaybackFinishedEvent", "PlaybackSkippedEvent",
+    "PlaybackStartedEvent", "SessionMovedEvent", "SpeechRefusedEvent", "TranscriptResult",
+    "WarningEvent", "default_endpoint",
 ]
 
 
@@ -185,7 +189,10 @@ class Client:
         while True:
             if wait_readable(self._sock, 0, spin_us=0):
                 frames = self._sock.recv_multipart(copy=False)
-                return P.SERVER_CODEC.decode([f.buffer for f in frames])
+                decoded = decode_server([f.buffer for f in frames])
+                if decoded is None:
+                    continue  # a newer daemon's event type: skipped
+                return decoded
             if self._disconnected():
                 raise DaemonUnavailable(
                     f"the connection to the daemon at {self.endpoint} dropped while this "
@@ -262,7 +269,9 @@ class Client:
         """Route every message that has arrived, without waiting."""
         while wait_readable(self._sock, 0, spin_us=0):
             frames = self._sock.recv_multipart(copy=False)
-            self._route(*P.SERVER_CODEC.decode([f.buffer for f in frames]))
+            decoded = decode_server([f.buffer for f in frames])
+            if decoded is not None:
+                self._route(*decoded)
 
     def _await_reply(self, req_id: int, what: str, until: float | None = None
                      ) -> tuple[P.Msg, list[Any]]:

@@ -17,6 +17,7 @@ deadline, or an awaited future) on top, so both speak the protocol the same way.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +29,8 @@ import zmq
 
 from . import protocol as P
 from .ring import SlotRing
+
+log = logging.getLogger("avatard.client")
 
 
 class ClientError(RuntimeError):
@@ -112,6 +115,30 @@ class PlaybackFinishedEvent:
     segment_id: str
     position_s: float
     interrupted: bool
+
+
+@dataclass
+class SpeechRefusedEvent:
+    """Live sessions: the session's TTS could not speak a piece of `segment_id`'s text
+    (`text`: its first 200 characters); the rest of the segment plays. `code`, `field`,
+    `rule` as in an `error` (e.g. `bad_input`/`text`: a script the voice cannot read)."""
+
+    job_id: str
+    segment_id: str
+    code: str
+    field: str
+    rule: str
+    text: str
+
+
+@dataclass
+class PlaybackSkippedEvent:
+    """Live sessions: `segment_id` ended without any speech to play (`reason`); it gets
+    no `PlaybackStartedEvent` or `PlaybackFinishedEvent`: this is its end."""
+
+    job_id: str
+    segment_id: str
+    reason: str
 
 
 @dataclass
@@ -225,6 +252,19 @@ def apply_curve(sock: zmq.Socket, endpoint: str, server_key_file: str | None,
 # ------------------------------------------------------------------ routing
 
 
+def decode_server(parts: list[Any]) -> tuple[P.Msg, list[Any]] | None:
+    """A message from the daemon, decoded; None for one of a type this client does not
+    know (a newer daemon's event: protocol v2 grows by new event types and fields, which
+    a client skips). Raises `ProtocolError` for anything else malformed."""
+    try:
+        return P.SERVER_CODEC.decode(parts)
+    except P.ProtocolError as exc:
+        if exc.code != P.E_UNKNOWN_TYPE:
+            raise
+        log.debug("skipped a message of a type this client does not know: %s", exc.rule)
+        return None
+
+
 def route_of(msg: P.Msg, live_requests: OrderedDict[int, tuple[str, str]]
              ) -> tuple[str | None, int | None]:
     """Who waits for `msg`: (job id, None) for an event of a job, or an `error` refusing
@@ -290,6 +330,11 @@ def job_event(job_id: str, msg: P.Msg, extra: list[Any],
         return SessionMovedEvent(job_id, msg.resume_index, msg.frames_lost, msg.reason)
     if isinstance(msg, P.JobWarning):
         return WarningEvent(job_id, msg.code, msg.field, msg.message)
+    if isinstance(msg, P.SpeechRefused):
+        return SpeechRefusedEvent(job_id, msg.segment_id, msg.code, msg.field, msg.rule,
+                                  msg.text)
+    if isinstance(msg, P.PlaybackSkipped):
+        return PlaybackSkippedEvent(job_id, msg.segment_id, msg.reason)
     if isinstance(msg, P.Error) and msg.req_id in live_requests:
         _, what = live_requests.pop(msg.req_id)
         return InputRefusedEvent(job_id, msg.req_id, what, msg.code, msg.field, msg.rule)

@@ -42,6 +42,7 @@ Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 MAX_SECONDS = 1e9  # the largest duration a message carries (PosFloat)
 PosFloat = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
 Name = Annotated[str, Meta(max_length=256)]
+MAX_REFUSED_TEXT_CHARS = 200  # a `speech_refused` event's `text`: enough to find the piece
 ShortText = Annotated[str, Meta(max_length=4096)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 # Dimensions are bounded by the bytes they describe (slot size, part size), checked where
@@ -500,6 +501,30 @@ class JobWarning(Reply, tag="warning"):
 W_TEXT_DROPPED = "text_dropped"  # JobWarning.code: words left out of the speech
 
 
+class SpeechRefused(Reply, tag="speech_refused"):
+    """Live sessions: the session's TTS could not speak a piece of segment `segment_id`'s
+    text (`text`: the piece, cut to `MAX_REFUSED_TEXT_CHARS`); it adds no speech, the rest
+    of the segment plays. `code`, `field` and `rule` as in an `error` (`bad_input`/`text`:
+    nothing speakable, a script the voice cannot read)."""
+
+    job_id: Name
+    segment_id: SegmentId
+    code: Name
+    field: Name = ""
+    rule: ShortText = ""
+    text: ShortText = ""
+
+
+class PlaybackSkipped(Reply, tag="playback_skipped"):
+    """Live sessions: segment `segment_id` ended (its input ended, it had its turn) without
+    any speech to play (no audio, nothing speakable, every piece refused: `reason`). No
+    `playback_started` or `playback_finished` comes for it: this is its end."""
+
+    job_id: Name
+    segment_id: SegmentId
+    reason: ShortText = ""
+
+
 class JobFailed(Reply, tag="job_failed"):
     job_id: Name
     code: Name
@@ -680,6 +705,21 @@ class WJobWarning(Msg, tag="w_job_warning"):
     field: Name = ""
 
 
+class WSpeechRefused(Msg, tag="w_speech_refused"):
+    job_id: Name
+    segment_id: SegmentId
+    code: Name
+    field: Name = ""
+    rule: ShortText = ""
+    text: ShortText = ""
+
+
+class WPlaybackSkipped(Msg, tag="w_playback_skipped"):
+    job_id: Name
+    segment_id: SegmentId
+    reason: ShortText = ""
+
+
 class WJobFailed(Msg, tag="w_job_failed"):
     """`field`/`rule`: which input broke which rule (code `bad_input`, from an engine's
     `EngineInputError`); empty for faults, whose text is in `message`."""
@@ -826,10 +866,11 @@ CLIENT_REQUESTS = (Hello, Health, Stats, Voices, RegisterAvatar, Speak, Lipsync,
                    JobAudio, Cancel, Release, Bye, LiveOpen, *LIVE_INPUTS)
 SERVER_REPLIES = (Welcome, Error, Accepted, Busy, Frame, AudioChunk, TranscriptMsg, Done,
                   JobFailed, AvatarRegistered, HealthReply, StatsReply, VoicesReply,
-                  PlaybackStarted, PlaybackFinished, SessionMoved, JobWarning)
+                  PlaybackStarted, PlaybackFinished, SessionMoved, JobWarning, SpeechRefused,
+                  PlaybackSkipped)
 WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFrame, WAudio,
                         WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished,
-                        WJobWarning)
+                        WJobWarning, WSpeechRefused, WPlaybackSkipped)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)
 
 
@@ -965,6 +1006,31 @@ class Codec:
     @staticmethod
     def encode(msg: Msg, *extra: bytes | memoryview) -> list[bytes | memoryview]:
         return [_ENCODER.encode(msg), *extra]
+
+
+def shm_payloads_named(control: bytes | memoryview) -> list[tuple[str, int, int]]:
+    """Best effort, for a request the decoder refused: (ring, slot, seq) of each top-level
+    `audio` or `image` payload its control part names as a shared-memory slot (`{"at":
+    "shm", "ring": str, "slot": int, "seq": int, ...}`), whatever else is wrong with it, so
+    the receiver can give back the input slot that the refused request would have held (a
+    refused request gives back its slot: four refusals would otherwise fill a client's
+    input ring). Never raises; a part that is not a msgpack map names nothing."""
+    try:
+        body = msgspec.msgpack.decode(control)
+    except Exception:  # not msgpack, too deep (RecursionError is an Exception too)
+        return []
+    if not isinstance(body, dict):
+        return []
+    named = []
+    for name in ("audio", "image"):
+        payload = body.get(name)
+        if not isinstance(payload, dict) or payload.get("at") != "shm":
+            continue
+        ring, slot, seq = payload.get("ring"), payload.get("slot"), payload.get("seq")
+        if (isinstance(ring, str) and all(isinstance(v, int) and not isinstance(v, bool)
+                                          and v >= 0 for v in (slot, seq))):
+            named.append((ring, slot, seq))
+    return named
 
 
 def _field_of(error_text: str) -> str:

@@ -292,8 +292,11 @@ class ClientPort:
             self._fd_identity[(index, fd)] = identity
             self._identity_fd[identity] = (index, fd)
 
-    def receive(self) -> Iterator[tuple[bytes, P.Msg, list[Any]]]:
-        """Every request waiting now, decoded; malformed ones are answered and skipped."""
+    def receive(self, on_refused: Callable[[bytes, Any], None] | None = None
+                ) -> Iterator[tuple[bytes, P.Msg, list[Any]]]:
+        """Every request waiting now, decoded; malformed ones are answered and skipped,
+        after `on_refused(identity, control part)` (if given) has had a look at them (the
+        supervisor gives back the input slot one names)."""
         for index, sock in enumerate(self.socks):
             while True:
                 try:
@@ -311,6 +314,8 @@ class ClientPort:
                 except P.ProtocolError as exc:
                     self.bad_messages += 1
                     log.warning("bad client message from %s: %s", identity.hex(), exc)
+                    if on_refused is not None and parts:
+                        on_refused(identity, parts[0])
                     self.send(identity, exc.reply())
                     continue
                 except Exception:  # a decoder bug must not stop the daemon
@@ -321,12 +326,14 @@ class ClientPort:
                     continue
                 yield identity, msg, extra
 
-    def serve(self, handler: Callable[[bytes, P.Msg, list[Any]], None]) -> None:
+    def serve(self, handler: Callable[[bytes, P.Msg, list[Any]], None],
+              on_refused: Callable[[bytes, Any], None] | None = None) -> None:
         """Hand every waiting request to `handler(identity, msg, extra parts)`. A
         `ProtocolError` it raises becomes the error reply (and counts as a bad message);
         any other exception is a bug of ours: logged, answered as `internal`, and the
-        daemon keeps serving. A client never sees a traceback."""
-        for identity, msg, extra in self.receive():
+        daemon keeps serving. A client never sees a traceback. `on_refused`: see
+        `receive`."""
+        for identity, msg, extra in self.receive(on_refused):
             try:
                 handler(identity, msg, extra)
             except P.ProtocolError as exc:  # well-formed but refused: counts as bad too

@@ -203,3 +203,20 @@ def test_aligned_tick_is_the_first_grid_tick_of_the_phase(at, phase, step, tick)
 
     assert aligned_tick(at, phase, step) == tick
     assert tick >= at and (tick - phase) % step == 0 and tick - at < step + 1
+
+
+def test_a_huge_chunk_is_resampled_a_tick_at_a_time():
+    # One call with minutes of 48 kHz audio does no resampling: each tick resamples about
+    # its own share, so the clock thread's work per tick stays small whatever the chunk.
+    playout = Playout(RATE, FPS)
+    speech = (np.sin(np.arange(48000 * 60) / 7.0) * 0.5).astype(np.float32)
+    playout.audio("a", speech, 48000)
+    playout.end("a")
+    (seg,) = playout.segments
+    assert seg.queued_samples == 0 and seg.raw_samples == speech.size
+    assert playout.queued_s == 60.0
+    results = run_ticks(playout, 10)
+    assert seg.queued_samples < 2 * TICK  # resampled: about what 10 ticks took
+    assert seg.raw_samples > speech.size - 11 * TICK * 3
+    pcm = np.concatenate([t.pcm for t, _, _ in results])
+    np.testing.assert_array_equal(pcm, resample(speech[:48000], 48000, RATE)[:pcm.size])

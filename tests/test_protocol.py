@@ -272,3 +272,18 @@ def test_clients_ignore_unknown_fields_in_replies_but_requests_stay_strict():
     assert err.value.field == "added_later"
     for cls in P.SERVER_REPLIES:
         assert issubclass(cls, P.Reply), cls
+
+
+def test_shm_payloads_named_by_a_refused_request():
+    # What the daemon reads from a request its decoder refused, to give the slot back.
+    bad = msgspec.msgpack.encode({"type": "live_audio", "v": 2, "req_id": 3,
+                                  "sample_rate": 0, "audio": {"at": "shm", "ring": "r",
+                                                              "slot": 2, "seq": 9}})
+    assert P.shm_payloads_named(bad) == [("r", 2, 9)]
+    for junk in (b"", b"\xc1", msgspec.msgpack.encode([1, 2]),
+                 msgspec.msgpack.encode({"audio": {"at": "inline", "part": 1}}),
+                 msgspec.msgpack.encode({"audio": {"at": "shm", "ring": "r", "slot": -1,
+                                                   "seq": 1}}),
+                 msgspec.msgpack.encode({"image": {"at": "shm", "ring": 5, "slot": 1,
+                                                   "seq": True}})):
+        assert P.shm_payloads_named(junk) == []
