@@ -391,12 +391,14 @@ def voices(as_json: bool, timeout_s: float, endpoint: str | None, engine: str | 
 
 
 def _attach_groups() -> None:
-    # Both modules import only click at the top; their commands import the rest when run.
+    # These modules import only click at the top; their commands import the rest when run.
     from avatard.bench.cli import bench as bench_group
     from avatard.engines.ditto.cli import ditto
+    from avatard.web.cli import web
 
     main.add_command(bench_group)
     main.add_command(ditto)
+    main.add_command(web)
 
 
 _attach_groups()

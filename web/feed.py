@@ -1,0 +1,278 @@
+"""From a live session's events to WebRTC tracks: the pump that reads one session and the
+tracks that hand its frames and audio to aiortc, one pair per viewer.
+
+Pacing: the daemon sends frame k and audio chunk k of a live session at the session's
+tick k (1/fps apart); the pump (`LiveFeed.run`) reads them as they come and puts each,
+converted once into a PyAV frame, into every viewer's tracks. aiortc's senders pull with
+`recv()`, which waits for the next item: so the tracks follow the session clock, and frame
+k and audio k enter their encoders at the same moment, which keeps audio and video in sync
+on the wire. Video frames carry `pts = index` in 1/fps, so a gap (frames the daemon
+dropped) stays a gap in time; the audio track fills such a gap with silence so that its
+sample clock keeps pace with the video.
+
+Slow viewers: each track holds a short bounded queue; when a viewer's encoder falls
+behind, the oldest item is dropped and counted (`FeedTrack.dropped`). The pump never
+waits for a viewer, so a slow viewer never slows the session or other viewers.
+
+Ownership: the gateway owns a `LiveFeed` and its session; the feed owns its pump task
+and ends every viewer's tracks when the session ends (the tracks' `recv()` then raises
+`MediaStreamError`, which stops aiortc's senders).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import time
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from avatard.ipc.async_client import AsyncLiveSession
+from avatard.ipc.client_core import (
+    AudioEvent,
+    DoneEvent,
+    FrameEvent,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+    SessionMovedEvent,
+)
+
+log = logging.getLogger("avatard.web")
+
+# Per-viewer queue depths. Video: 5 frames (200 ms at 25 fps) absorbs a scheduling hiccup
+# of the encoder thread without adding latency in steady state (the queue is empty then).
+# Audio: the same span of chunks, so both tracks drop the same stretch when a viewer lags.
+VIDEO_QUEUE_FRAMES = 5
+AUDIO_QUEUE_CHUNKS = 5
+# A track whose session sends nothing for this long ends: the daemon sends a frame every
+# 1/fps while a session lives, so a 10 s silence means the session or the daemon is gone.
+TRACK_IDLE_TIMEOUT_S = 10.0
+# At most this many chunks of silence fill a gap in the audio (frames the daemon dropped);
+# a longer gap (a session that moved workers) restarts the audio clock instead.
+MAX_AUDIO_GAP_CHUNKS = 50
+
+
+class FeedTrack(MediaStreamTrack):
+    """A `MediaStreamTrack` ("video" or "audio") fed by a `LiveFeed`: `recv()` returns the
+    next PyAV frame in session order, waiting for the session's next tick.
+
+    `put()` never waits: past `depth` queued items the oldest is dropped and counted in
+    `dropped`. `finish(reason)` ends the track: `recv()` then raises `MediaStreamError`.
+    `recv()` raises `MediaStreamError` also when nothing arrives for `idle_timeout_s`
+    seconds (logged with what it waited for)."""
+
+    def __init__(
+        self, kind: str, depth: int, what: str, idle_timeout_s: float = TRACK_IDLE_TIMEOUT_S
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dropped = 0
+        self.sent = 0
+        self._what = what
+        self._idle_timeout_s = idle_timeout_s
+        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | None] = asyncio.Queue(depth)
+        self._ended = False
+
+    def put(self, frame: av.VideoFrame | av.AudioFrame) -> None:
+        """Queue `frame` for the encoder; drop the oldest queued one if the queue is full."""
+        if self._ended:
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(frame)
+
+    def finish(self, reason: str) -> None:
+        """End the track after what is queued has no more use: the next `recv()` raises."""
+        if self._ended:
+            return
+        self._ended = True
+        log.info("%s ends: %s", self._what, reason)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:
+        """The next frame of the session (aiortc's sender calls this in a loop)."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            frame = await asyncio.wait_for(self._queue.get(), self._idle_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "%s got no %s from its session within %.0f s: ending it",
+                self._what,
+                "frame" if self.kind == "video" else "audio",
+                self._idle_timeout_s,
+            )
+            self.stop()
+            raise MediaStreamError from None
+        if frame is None:
+            self.stop()
+            raise MediaStreamError
+        self.sent += 1
+        return frame
+
+
+@dataclass
+class Viewer:
+    """One peer watching a feed: its two tracks."""
+
+    viewer_id: str
+    video: FeedTrack
+    audio: FeedTrack
+
+    def finish(self, reason: str) -> None:
+        self.video.finish(reason)
+        self.audio.finish(reason)
+
+
+@dataclass
+class FeedStats:
+    """What the pump saw of its session. Counts of frames; latency in milliseconds."""
+
+    frames: int = 0  # frame events received
+    frames_missing: int = 0  # indices the daemon skipped (this gateway read too late)
+    last_index: int = -1
+    speech_to_frame_ms: list[float] = field(default_factory=list)  # per segment
+    playing: str = ""  # segment id playing now ("" while idle)
+    first_frame_s: float | None = None  # from opening the session to its first frame
+
+
+class LiveFeed:
+    """One live session, read by one pump task and fanned out to any number of viewers.
+
+    `session`: an accepted `AsyncLiveSession` (its `fps`, `width`, `height`, `audio_rate`
+    describe the media: frames (height, width, 3) uint8 RGB, audio float32 mono at
+    `audio_rate` Hz, `audio_rate / fps` samples per frame). `opened_at`: the
+    `time.monotonic()` when the session was asked for (first-frame figure).
+
+    Viewers join and leave at any time (`add_viewer`, `remove_viewer`); a viewer sees the
+    session from its next frame on. `mark_input(segment_id)` records when the gateway sent
+    a segment's first input, for the speech-to-frame figure. `ended` is set once the pump
+    has stopped (session done, failed or closed); every viewer's tracks end with it."""
+
+    def __init__(self, session: AsyncLiveSession, opened_at: float) -> None:
+        self.session = session
+        self.fps = session.fps
+        self.audio_rate = session.audio_rate
+        self.samples_per_frame = session.audio_rate // session.fps
+        self.video_time_base = fractions.Fraction(1, session.fps)
+        self.audio_time_base = fractions.Fraction(1, session.audio_rate)
+        self.viewers: dict[str, Viewer] = {}
+        self.stats = FeedStats()
+        self.ended = asyncio.Event()
+        self.end_reason = ""
+        self._opened_at = opened_at
+        self._input_sent_at: dict[str, float] = {}
+        self._audio_next_index = -1
+
+    def add_viewer(self, viewer_id: str) -> Viewer:
+        """A new pair of tracks for `viewer_id`, fed from the session's next frame."""
+        what = f"viewer {viewer_id} of session {self.session.job_id}"
+        viewer = Viewer(
+            viewer_id,
+            FeedTrack("video", VIDEO_QUEUE_FRAMES, f"video of {what}"),
+            FeedTrack("audio", AUDIO_QUEUE_CHUNKS, f"audio of {what}"),
+        )
+        if self.ended.is_set():
+            viewer.finish(self.end_reason)
+        self.viewers[viewer_id] = viewer
+        return viewer
+
+    def remove_viewer(self, viewer_id: str, reason: str) -> None:
+        viewer = self.viewers.pop(viewer_id, None)
+        if viewer is not None:
+            viewer.finish(reason)
+
+    def mark_input(self, segment_id: str) -> None:
+        """The gateway sends the first input of `segment_id` now."""
+        self._input_sent_at.setdefault(segment_id, time.monotonic())
+
+    async def run(self) -> None:
+        """Read the session's events until it ends; then end every viewer's tracks.
+        Each wait for an event is bounded by the client's timeout (the AsyncClient's)."""
+        reason = "the session ended"
+        try:
+            async for event in self.session:
+                if isinstance(event, FrameEvent):
+                    self._on_frame(event)
+                elif isinstance(event, AudioEvent):
+                    self._on_audio(event)
+                elif isinstance(event, PlaybackStartedEvent):
+                    self.stats.playing = event.segment_id
+                elif isinstance(event, PlaybackFinishedEvent):
+                    if self.stats.playing == event.segment_id:
+                        self.stats.playing = ""
+                elif isinstance(event, SessionMovedEvent):
+                    log.warning(
+                        "session %s moved to another worker (%s): %d frames lost",
+                        self.session.job_id,
+                        event.reason,
+                        event.frames_lost,
+                    )
+                elif isinstance(event, DoneEvent):
+                    reason = (
+                        f"the session ended: {event.frames} frames, {event.frames_dropped} dropped"
+                    )
+        except asyncio.CancelledError:
+            reason = "the gateway closed the session"
+            raise
+        except Exception as exc:  # the daemon failed the session or went away
+            reason = f"the session failed: {exc}"
+            log.warning("session %s: %s", self.session.job_id, reason)
+        finally:
+            self.end_reason = reason
+            self.ended.set()
+            for viewer in list(self.viewers.values()):
+                viewer.finish(reason)
+
+    def _on_frame(self, event: FrameEvent) -> None:
+        stats = self.stats
+        if stats.first_frame_s is None:
+            stats.first_frame_s = time.monotonic() - self._opened_at
+        if stats.last_index >= 0 and event.index > stats.last_index + 1:
+            stats.frames_missing += event.index - stats.last_index - 1
+        stats.last_index = event.index
+        stats.frames += 1
+        if stats.playing and stats.playing in self._input_sent_at:
+            sent_at = self._input_sent_at.pop(stats.playing)
+            stats.speech_to_frame_ms.append((time.monotonic() - sent_at) * 1000.0)
+            del stats.speech_to_frame_ms[:-20]  # the recent ones are what a viewer sees
+        if not self.viewers:
+            return
+        # One conversion per session, shared by every viewer: the array is a view into
+        # the daemon's ring, valid only until the next event is read, so it is copied
+        # here; yuv420p is what the VP8 and H264 encoders take.
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(event.array), format="rgb24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = event.index
+        frame.time_base = self.video_time_base
+        for viewer in self.viewers.values():
+            viewer.video.put(frame)
+
+    def _on_audio(self, event: AudioEvent) -> None:
+        if not self.viewers:
+            self._audio_next_index = event.index + 1
+            return
+        gap = event.index - self._audio_next_index if self._audio_next_index >= 0 else 0
+        if 0 < gap <= MAX_AUDIO_GAP_CHUNKS:
+            silence = np.zeros(self.samples_per_frame, np.float32)
+            for index in range(self._audio_next_index, event.index):
+                self._put_audio(index, silence)
+        self._put_audio(event.index, event.pcm)
+        self._audio_next_index = event.index + 1
+
+    def _put_audio(self, index: int, pcm: np.ndarray) -> None:
+        # aiortc's Opus encoder takes s16 (mono or stereo) and resamples to 48 kHz itself.
+        s16 = (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(s16, format="s16", layout="mono")
+        frame.sample_rate = self.audio_rate
+        frame.pts = index * self.samples_per_frame
+        frame.time_base = self.audio_time_base
+        for viewer in self.viewers.values():
+            viewer.audio.put(frame)
