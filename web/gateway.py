@@ -292,7 +292,7 @@ class Gateway:
         location = f"/whep/resources/{peer.viewer_id}"
         return web.Response(
             status=201,
-            text=answer,
+            body=answer.encode(),  # bytes: no charset parameter, as WHEP players expect
             content_type="application/sdp",
             headers={"Location": location, "X-Avatard-Session": peer.feed.session.job_id},
         )
