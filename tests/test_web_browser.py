@@ -384,8 +384,10 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a picture, not a blank
 
 
-def test_h264_when_asked_for(daemon, tmp_path):
-    gateway = GatewayProcess(daemon.endpoint, tmp_path / "web.log", "--codec", "h264")
+@pytest.mark.parametrize("encode", ["per-viewer", "shared"])
+def test_h264_when_asked_for(daemon, tmp_path, encode):
+    extra = ("--shared-encode",) if encode == "shared" else ()
+    gateway = GatewayProcess(daemon.endpoint, tmp_path / "web.log", "--codec", "h264", *extra)
     try:
 
         async def scenario():

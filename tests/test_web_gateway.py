@@ -122,6 +122,51 @@ def test_whep_player_receives_frames_and_opus_and_delete_ends_the_session(daemon
     _with_gateway(daemon, scenario)
 
 
+# VP8 only: aiortc as the player decodes no frame of the shared H264 stream (Chromium
+# does: tests/test_web_browser.py runs H264 with --shared-encode); not understood yet.
+def test_a_shared_encode_serves_viewers_that_join_later_from_a_keyframe(daemon):
+    async def scenario(client, gateway):
+        players = []
+
+        async def join(url: str) -> list:
+            pc, sdp = await _offer(audio=False)
+            frames: list = []
+
+            @pc.on("track")
+            def on_track(track):
+                async def read():
+                    while True:
+                        frames.append(await track.recv())
+
+                asyncio.ensure_future(read())
+
+            reply = await client.post(url, data=sdp, headers={"Content-Type": "application/sdp"})
+            assert reply.status == 201, await reply.text()
+            await pc.setRemoteDescription(RTCSessionDescription(await reply.text(), "answer"))
+            players.append((pc, reply.headers["X-Avatard-Session"]))
+            return frames
+
+        async def until(frames: list, count: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(frames) < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert len(frames) >= count, len(frames)
+
+        first = await join("/whep")
+        await until(first, 30)  # past the first keyframe: the next one comes at a join
+        second = await join(f"/whep/{players[0][1]}")
+        await until(second, 10)
+        # aiortc decoded what it got: the shared packets are a valid stream for both, and
+        # the late viewer started at a keyframe (a decoder cannot start on a delta frame).
+        assert (second[-1].width, second[-1].height) == (SIZE, SIZE)
+        stats = await (await client.get(f"/api/sessions/{players[0][1]}/stats")).json()
+        assert stats["shared_encoder_dropped"] is not None
+        for pc, _ in players:
+            await pc.close()
+
+    _with_gateway(daemon, scenario, shared_encode=True)
+
+
 def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(daemon):
     async def scenario(client, gateway):
         sdp_headers = {"Content-Type": "application/sdp"}

@@ -99,6 +99,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     help="Sessions' jitter buffer for microphone audio (live_open prebuffer_ms).",
 )
 @click.option(
+    "--shared-encode",
+    is_flag=True,
+    help="Encode each session's video once for all its viewers (fixed bitrate, a keyframe "
+    "every 2 s and when a viewer joins) instead of once per viewer: less CPU per viewer.",
+)
+@click.option(
     "--sign-url",
     "sign_url_s",
     type=click.IntRange(1, 10**8),
@@ -124,6 +130,7 @@ def web(
     turn_credential_file: str | None,
     loopback_media: bool,
     prebuffer_ms: int,
+    shared_encode: bool,
     sign_url_s: int | None,
     log_level: str,
 ) -> None:
@@ -202,6 +209,7 @@ def web(
         ice_servers=servers,
         loopback_media=loopback_media,
         prebuffer_ms=prebuffer_ms,
+        shared_encode=shared_encode,
     )
     logging.getLogger("avatard.web").info(
         "avatard web on http://%s:%d (codec %s, daemon %s, %s)",

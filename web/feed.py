@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av.video.frame import PictureType
 
 from avatard.ipc.async_client import AsyncLiveSession
 from avatard.ipc.client_core import (
@@ -54,6 +55,33 @@ TRACK_IDLE_TIMEOUT_S = 10.0
 # At most this many chunks of silence fill a gap in the audio (frames the daemon dropped);
 # a longer gap (a session that moved workers) restarts the audio clock instead.
 MAX_AUDIO_GAP_CHUNKS = 50
+# Shared encode (one encode per session, every viewer gets the same packets): a fixed
+# bitrate, since viewers cannot each steer it as aiortc's own encoder lets them (REMB);
+# 1 Mb/s is what aiortc's VP8 encoder settles at for 512x512 on a clean link. A keyframe
+# every 2 s lets a viewer recover from a lost packet without a PLI round trip (PLI and
+# FIR reach aiortc's sender, which only acts on them when it encodes itself).
+SHARED_BITRATE = 1_000_000
+SHARED_KEYFRAME_INTERVAL_S = 2.0
+SHARED_ENCODER_QUEUE_FRAMES = 2
+# PyAV encoder names and options, chosen as aiortc's own encoders are configured: VP8 in
+# libvpx's realtime mode with no look-ahead; H264 constrained baseline, level 3.1, no
+# B-frames (the profile browsers offer as 42e01f).
+SHARED_CODECS = {
+    "vp8": (
+        "libvpx",
+        {
+            "deadline": "realtime",
+            "cpu-used": "8",
+            "lag-in-frames": "0",
+            "error-resilient": "1",
+            "auto-alt-ref": "0",
+        },
+    ),
+    "h264": (
+        "libx264",
+        {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline", "level": "31"},
+    ),
+}
 
 
 class FeedTrack(MediaStreamTrack):
@@ -74,17 +102,33 @@ class FeedTrack(MediaStreamTrack):
         self.sent = 0
         self._what = what
         self._idle_timeout_s = idle_timeout_s
-        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | None] = asyncio.Queue(depth)
+        self._queue: asyncio.Queue[av.VideoFrame | av.AudioFrame | av.Packet | None] = (
+            asyncio.Queue(depth)
+        )
         self._ended = False
 
-    def put(self, frame: av.VideoFrame | av.AudioFrame) -> None:
-        """Queue `frame` for the encoder; drop the oldest queued one if the queue is full."""
+    def put(self, frame: av.VideoFrame | av.AudioFrame | av.Packet) -> bool:
+        """Queue `frame` (or an encoded packet) for the sender; drop the oldest queued one
+        if the queue is full. Returns whether one was dropped."""
         if self._ended:
-            return
-        if self._queue.full():
+            return False
+        dropped = self._queue.full()
+        if dropped:
             self._queue.get_nowait()
             self.dropped += 1
         self._queue.put_nowait(frame)
+        return dropped
+
+    def clear(self) -> int:
+        """Drop everything queued (counted in `dropped`); returns how many."""
+        count = 0
+        while not self._queue.empty():
+            if self._queue.get_nowait() is None:  # keep an end marker
+                self._queue.put_nowait(None)
+                break
+            count += 1
+        self.dropped += count
+        return count
 
     def finish(self, reason: str) -> None:
         """End the track after what is queued has no more use: the next `recv()` raises."""
@@ -96,8 +140,9 @@ class FeedTrack(MediaStreamTrack):
             self._queue.get_nowait()
         self._queue.put_nowait(None)
 
-    async def recv(self) -> av.VideoFrame | av.AudioFrame:
-        """The next frame of the session (aiortc's sender calls this in a loop)."""
+    async def recv(self) -> av.VideoFrame | av.AudioFrame | av.Packet:
+        """The next frame of the session, or with a shared encoder the next encoded
+        packet, which aiortc's sender then only packetizes (it calls this in a loop)."""
         if self.readyState != "live":
             raise MediaStreamError
         try:
@@ -125,6 +170,9 @@ class Viewer:
     viewer_id: str
     video: FeedTrack
     audio: FeedTrack
+    # Shared encode: the viewer's video starts at a keyframe (a decoder cannot start on a
+    # delta frame); until one comes its track gets nothing.
+    needs_keyframe: bool = True
 
     def finish(self, reason: str) -> None:
         self.video.finish(reason)
@@ -143,6 +191,89 @@ class FeedStats:
     first_frame_s: float | None = None  # from opening the session to its first frame
 
 
+class SharedEncoder:
+    """One video encoder for every viewer of a session (`avatard web --shared-encode`):
+    each frame is encoded once, in an executor thread, and the packets go to every
+    viewer's track; aiortc's senders then only packetize them (`Encoder.pack`).
+
+    `codec`: "vp8" or "h264"; frames are (height, width) yuv420p at `fps`. Frames wait
+    in a queue of `SHARED_ENCODER_QUEUE_FRAMES`; when the encoder falls behind the oldest
+    is dropped and counted in `dropped`, so the pump never waits for it."""
+
+    def __init__(self, codec: str, width: int, height: int, fps: int) -> None:
+        name, options = SHARED_CODECS[codec]
+        self.context = av.CodecContext.create(name, "w")
+        self.context.width = width
+        self.context.height = height
+        self.context.pix_fmt = "yuv420p"
+        self.context.time_base = fractions.Fraction(1, fps)
+        self.context.framerate = fps
+        self.context.bit_rate = SHARED_BITRATE
+        self.context.gop_size = int(SHARED_KEYFRAME_INTERVAL_S * fps)
+        self.context.max_b_frames = 0
+        # One thread, as aiortc's own VP8 encoder uses below 640x480: libvpx's worker
+        # threads stall for 100 ms and more on a machine whose cores are all busy
+        # (measured here: 2-13 ms per frame with one thread, bimodal up to 130 ms with two).
+        self.context.thread_count = 1
+        self.context.options = dict(options)
+        self.time_base = fractions.Fraction(1, fps)
+        self.dropped = 0
+        self.keyframe_wanted = True
+        self._queue: asyncio.Queue[av.VideoFrame | None] = asyncio.Queue(
+            SHARED_ENCODER_QUEUE_FRAMES
+        )
+
+    def put(self, frame: av.VideoFrame) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(frame)
+
+    def stop(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    def _encode(self, frame: av.VideoFrame, keyframe: bool) -> list[av.Packet]:
+        # The frame is this encoder's alone (viewers get packets), so setting its picture
+        # type is safe.
+        frame.pict_type = PictureType.I if keyframe else PictureType.NONE
+        return list(self.context.encode(frame))
+
+    async def run(self, viewers: dict[str, Viewer]) -> None:
+        """Encode queued frames until `stop()`; give each packet to every viewer that has
+        had its keyframe (or gets one now)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # The pump feeds a frame every 1/fps while the session lives, and stop() ends
+            # this loop; the bound only guards against a pump that died without stop().
+            try:
+                frame = await asyncio.wait_for(self._queue.get(), TRACK_IDLE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning(
+                    "shared encoder got no frame within %.0f s: stopping", TRACK_IDLE_TIMEOUT_S
+                )
+                return
+            if frame is None:
+                return
+            keyframe = self.keyframe_wanted
+            self.keyframe_wanted = False
+            packets = await loop.run_in_executor(None, self._encode, frame, keyframe)
+            for packet in packets:
+                packet.time_base = self.time_base
+                for viewer in list(viewers.values()):
+                    if viewer.needs_keyframe:
+                        if not packet.is_keyframe:
+                            continue
+                        viewer.needs_keyframe = False
+                    if viewer.video.put(packet):
+                        # A lost packet breaks the frames that refer to it: drop what is
+                        # queued and restart this viewer at the next keyframe, asked now.
+                        viewer.video.clear()
+                        viewer.needs_keyframe = True
+                        self.keyframe_wanted = True
+
+
 class LiveFeed:
     """One live session, read by one pump task and fanned out to any number of viewers.
 
@@ -156,7 +287,9 @@ class LiveFeed:
     a segment's first input, for the speech-to-frame figure. `ended` is set once the pump
     has stopped (session done, failed or closed); every viewer's tracks end with it."""
 
-    def __init__(self, session: AsyncLiveSession, opened_at: float) -> None:
+    def __init__(
+        self, session: AsyncLiveSession, opened_at: float, shared_codec: str | None = None
+    ) -> None:
         self.session = session
         self.fps = session.fps
         self.audio_rate = session.audio_rate
@@ -170,6 +303,10 @@ class LiveFeed:
         self._opened_at = opened_at
         self._input_sent_at: dict[str, float] = {}
         self._audio_next_index = -1
+        self.encoder: SharedEncoder | None = None
+        self._encoder_task: asyncio.Task | None = None
+        if shared_codec is not None:
+            self.encoder = SharedEncoder(shared_codec, session.width, session.height, session.fps)
 
     def add_viewer(self, viewer_id: str) -> Viewer:
         """A new pair of tracks for `viewer_id`, fed from the session's next frame."""
@@ -181,6 +318,8 @@ class LiveFeed:
         )
         if self.ended.is_set():
             viewer.finish(self.end_reason)
+        if self.encoder is not None:
+            self.encoder.keyframe_wanted = True  # the new viewer starts at a keyframe
         self.viewers[viewer_id] = viewer
         return viewer
 
@@ -197,6 +336,10 @@ class LiveFeed:
         """Read the session's events until it ends; then end every viewer's tracks.
         Each wait for an event is bounded by the client's timeout (the AsyncClient's)."""
         reason = "the session ended"
+        if self.encoder is not None:
+            self._encoder_task = asyncio.create_task(
+                self.encoder.run(self.viewers), name=f"encoder of {self.session.job_id}"
+            )
         try:
             async for event in self.session:
                 if isinstance(event, FrameEvent):
@@ -228,6 +371,8 @@ class LiveFeed:
         finally:
             self.end_reason = reason
             self.ended.set()
+            if self.encoder is not None:
+                self.encoder.stop()
             for viewer in list(self.viewers.values()):
                 viewer.finish(reason)
 
@@ -252,6 +397,9 @@ class LiveFeed:
         frame = frame.reformat(format="yuv420p")
         frame.pts = event.index
         frame.time_base = self.video_time_base
+        if self.encoder is not None:
+            self.encoder.put(frame)
+            return
         for viewer in self.viewers.values():
             viewer.video.put(frame)
 

@@ -70,7 +70,9 @@ class GatewayOptions:
     per client address. `ice_servers`: STUN/TURN servers for the peers (also given to the
     page). `loopback_media`: offer only 127.0.0.1 as ICE host candidate (a browser on the
     same host; tests). `prebuffer_ms`: the sessions' jitter buffer for microphone audio
-    (`live_open` option). `daemon_timeout_s`: bound of every wait on the daemon."""
+    (`live_open` option). `daemon_timeout_s`: bound of every wait on the daemon.
+    `shared_encode`: encode each session's video once for all its viewers (fixed bitrate,
+    a keyframe every 2 s and when a viewer joins) instead of once per viewer."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -84,6 +86,7 @@ class GatewayOptions:
     loopback_media: bool = False
     prebuffer_ms: int = 100
     daemon_timeout_s: float = 10.0
+    shared_encode: bool = False
 
 
 class HttpError(web.HTTPException):
@@ -435,7 +438,9 @@ class Gateway:
         client = await self._daemon()
         opened_at = time.monotonic()
         session = await client.live(avatar=avatar_id, prebuffer_ms=self.options.prebuffer_ms)
-        feed = LiveFeed(session, opened_at)
+        feed = LiveFeed(
+            session, opened_at, self.options.codec if self.options.shared_encode else None
+        )
         session_id = session.job_id
         self.feeds[session_id] = feed
         task = asyncio.create_task(feed.run(), name=f"pump of {session_id}")
@@ -619,6 +624,7 @@ class Gateway:
                 "height": feed.session.height,
                 "frames": stats.frames,
                 "frames_missing": stats.frames_missing,
+                "shared_encoder_dropped": None if feed.encoder is None else feed.encoder.dropped,
                 "playing": stats.playing,
                 "first_frame_ms": None
                 if stats.first_frame_s is None

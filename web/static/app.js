@@ -58,7 +58,9 @@
     });
   }
 
-  async function connect() {
+  // `watch`: the id of a running session to watch (as one more viewer) instead of opening
+  // a new one; the page's ?watch=<id> does the same. A watcher sends no microphone.
+  async function connect({ watch = page.get("watch") } = {}) {
     if (state.pc || state.connecting) return;
     state.connecting = true;
     state.error = null;
@@ -90,12 +92,14 @@
       await pc.setLocalDescription(await pc.createOffer());
       await iceGatheringDone(pc, 5000);
       const answer = await postJSON("/api/offer", {
-        sdp: pc.localDescription.sdp, type: "offer", avatar_id: state.avatarId || "" });
+        sdp: pc.localDescription.sdp, type: "offer", avatar_id: state.avatarId || "",
+        ...(watch ? { session_id: watch } : {}) });
+      state.watching = Boolean(watch);
       state.sessionId = answer.session_id;
       state.viewerId = answer.viewer_id;
       await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
-      setButtons(true);
-      say(`session ${state.sessionId}`);
+      setButtons(true, state.watching);
+      say(`${state.watching ? "watching " : ""}session ${state.sessionId}`);
     } catch (error) {
       state.error = String(error);
       say(`could not connect: ${error}`);
@@ -119,7 +123,7 @@
   function disconnect(why) {
     const pc = state.pc;
     if (!pc) return;
-    const sessionId = state.sessionId;
+    const sessionId = state.watching ? null : state.sessionId;  // a watcher closes only itself
     state.pc = null;
     state.sessionId = null;
     state.talking = false;
@@ -170,9 +174,9 @@
     return reply.avatar_id;
   }
 
-  function setButtons(connected) {
+  function setButtons(connected, watching = false) {
     $("connect").textContent = connected ? "Disconnect" : "Connect";
-    for (const id of ["talk", "interrupt", "send"]) $(id).disabled = !connected;
+    for (const id of ["talk", "interrupt", "send"]) $(id).disabled = !connected || watching;
     $("talk").classList.remove("on");
     $("talk").textContent = "Talk";
   }
@@ -231,7 +235,7 @@
     if (file) uploadPortrait(file).catch((e) => say(`portrait refused: ${e}`));
   });
   window.addEventListener("pagehide", () => {
-    if (state.sessionId && !token) {  // a beacon cannot carry a bearer header
+    if (state.sessionId && !state.watching && !token) {  // a beacon cannot carry a bearer header
       navigator.sendBeacon(withAuth(`/api/sessions/${state.sessionId}/close`));
     }
   });
