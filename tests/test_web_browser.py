@@ -281,6 +281,23 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
             settled_end = await page.evaluate("performance.now()")
             collected = await page.evaluate("window.collected")
 
+            # Talk: Chromium's fake microphone goes browser -> gateway -> live_audio, and
+            # plays as the session's speech (segment mic-1), then ends when talk stops.
+            await page.evaluate("window.avatard.talk(true)")
+            await page.wait_for(
+                "window.avatard.readStats().then(() => "
+                "window.avatard.state.gateway.playing === 'mic-1')",
+                30,
+                "microphone speech playing",
+            )
+            await page.evaluate("window.avatard.talk(false)")
+            await page.wait_for(
+                "window.avatard.readStats().then(() => !window.avatard.state.gateway.playing)",
+                30,
+                "end of the microphone speech",
+            )
+            latencies = await page.evaluate("window.avatard.state.gateway.speech_to_frame_ms")
+
             session_id = await page.evaluate("window.avatard.state.sessionId")
             whep = await page.evaluate(
                 WHEP_PLAYER.replace("__SESSION__", json.dumps(session_id)), timeout_s=60
@@ -308,6 +325,7 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
                 whep,
                 status,
                 closed,
+                latencies,
             )
 
     (
@@ -324,6 +342,7 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
         whep,
         status,
         closed,
+        latencies,
     ) = asyncio.run(scenario())
 
     # 512x512 VP8 and Opus.
@@ -374,6 +393,8 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
         len(steps),
     )
     assert talking > 2 * idle and talking > 2 * settled, (idle, talking, settled)
+    # Speech-to-frame figures for the text and the microphone segment.
+    assert len(latencies) == 2 and all(v > 0 for v in latencies), latencies
     # WHEP: 201 + Location + application/sdp; frames decoded; DELETE ends that viewer only.
     assert whep["status"] == 201 and whep["type"] == "application/sdp", whep
     assert whep["location"].startswith("/whep/resources/") and whep["deleteStatus"] == 200

@@ -187,6 +187,17 @@ class Gateway:
             raise HttpError(
                 status, exc.code or "daemon_error", exc.field or "daemon", str(exc)
             ) from None
+        except Exception as exc:
+            # A bug, not bad input: logged with its traceback; the client gets JSON, not
+            # aiohttp's bare 500 page, and the gateway serves on.
+            log.exception("%s %s failed", request.method, path)
+            raise HttpError(
+                500,
+                "internal_error",
+                "server",
+                f"the gateway failed on this request ({type(exc).__name__}); its log has "
+                "the details",
+            ) from None
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         await self.close_all("the gateway is stopping")
@@ -419,9 +430,14 @@ class Gateway:
             if transceiver.kind == "video":
                 transceiver.setCodecPreferences(codecs)
 
-        @pc.on("track")
-        def on_track(track) -> None:
-            if track.kind == "audio" and accept_microphone and peer.microphone is None:
+        if accept_microphone:
+            # The page's audio transceiver is sendrecv from the start (the microphone is put
+            # on it later without renegotiating); aiortc made its receiving track when the
+            # offer was set, before this peer existed, so it is taken from the receiver.
+            track = next(
+                (r.track for r in pc.getReceivers() if r.track and r.track.kind == "audio"), None
+            )
+            if track is not None:
                 peer.microphone = Microphone(track, peer.feed.session, peer.feed.mark_input)
                 peer.tasks.append(
                     asyncio.create_task(
