@@ -11,10 +11,12 @@ Per viewer count N, with a fresh gateway and browser each time:
 - gateway CPU: the gateway process's CPU time (all its threads: aiortc encodes in an
   executor) over the window, in % of one core, total and per viewer.
 
-`--mode shared` (default): one live session, every other viewer watches it (the encode
-cost per viewer is what is measured); `--mode separate`: one session per viewer (the
-daemon renders N sessions). The browser and the daemon run on the same machine as the
-gateway and compete with it for CPU; the report records the load average.
+`--sessions one` (default): one live session, every other viewer watches it (the cost
+per viewer is what is measured); `--sessions per-viewer`: one session per viewer (the
+daemon renders N sessions). `--gateway-arg=--shared-encode` measures the gateway's
+shared encode (one video encode per session) instead of aiortc's encode per viewer.
+The browser and the daemon run on the same machine as the gateway and compete with it
+for CPU; each row records the load average before its window.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ async def measure(
     viewers: int,
     seconds: float,
     codec: str,
-    mode: str,
+    sessions: str,
     workdir: Path,
     gateway_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
@@ -165,7 +167,7 @@ async def measure(
             for k in range(viewers):
                 page = await browser.new_page(gateway.url + "/")
                 await page.wait_for("window.avatard !== undefined", 60, "page script")
-                watch = json.dumps(session_id if mode == "shared" and k else None)
+                watch = json.dumps(session_id if sessions == "one" and k else None)
                 await page.evaluate(f"window.avatard.connect({{watch: {watch}}})", timeout_s=60)
                 error = await page.evaluate("window.avatard.state.error")
                 if error:
@@ -199,7 +201,8 @@ async def measure(
     first_frames = [b["first_frame_ms"] for b in before]
     return {
         "viewers": viewers,
-        "mode": mode,
+        "sessions": sessions,
+        "encode": "shared" if "--shared-encode" in gateway_args else "per-viewer",
         "codec": codec,
         "seconds": round(wall, 2),
         "first_frame_ms": {
@@ -228,7 +231,7 @@ def run_web_bench(
     viewers: list[int],
     seconds: float,
     codec: str,
-    mode: str,
+    sessions: str,
     endpoint: str | None,
     engine: str,
     gateway_args: tuple[str, ...] = (),
@@ -241,7 +244,7 @@ def run_web_bench(
     d = None
     try:
         if endpoint is None:
-            sessions = max(viewers) if mode == "separate" else 1
+            jobs = max(viewers) if sessions == "per-viewer" else 1
             d = PrivateDaemon(
                 Path(tmp),
                 {
@@ -249,7 +252,7 @@ def run_web_bench(
                         "workers": 1,
                         "min_ready": 1,
                         "devices": "cpu",
-                        "jobs_per_worker": sessions,
+                        "jobs_per_worker": jobs,
                     },
                     "engines": {"avatar": engine, "tts": "fake", "asr": "fake"},
                 },
@@ -258,7 +261,9 @@ def run_web_bench(
             d.wait_for(lambda s: s["daemon"]["ready_workers"] >= 1, 600, "a ready worker")
             endpoint = d.endpoint
         for n in viewers:
-            row = asyncio.run(measure(endpoint, n, seconds, codec, mode, Path(tmp), gateway_args))
+            row = asyncio.run(
+                measure(endpoint, n, seconds, codec, sessions, Path(tmp), gateway_args)
+            )
             echo(format_row(row))
             rows.append(row)
     finally:
@@ -271,29 +276,31 @@ def run_web_bench(
 def format_row(row: dict[str, Any]) -> str:
     ff, fps, dr = row["first_frame_ms"], row["fps"], row["frames_dropped"]
     return (
-        f"viewers={row['viewers']:>2} ({row['mode']}, {row['codec']}): first frame "
-        f"{ff['first_viewer']:.0f} ms (max {ff['max']:.0f}), fps min {fps['min']:.1f} "
-        f"mean {fps['mean']:.1f}, dropped {dr['browser']}/{dr['gateway']}/{dr['daemon']} "
-        f"(browser/gateway/daemon), gateway CPU {row['gateway_cpu_pct']:.0f} % "
-        f"({row['gateway_cpu_pct_per_viewer']:.1f} % per viewer), browser CPU "
-        f"{row['browser_cpu_pct']:.0f} %"
+        f"viewers={row['viewers']:>2} ({row['sessions']} session(s), {row['encode']} encode, "
+        f"{row['codec']}): first frame {ff['first_viewer']:.0f} ms (max {ff['max']:.0f}), "
+        f"fps min {fps['min']:.1f} mean {fps['mean']:.1f}, dropped "
+        f"{dr['browser']}/{dr['gateway']}/{dr['daemon']} (browser/gateway/daemon), gateway "
+        f"CPU {row['gateway_cpu_pct']:.0f} % ({row['gateway_cpu_pct_per_viewer']:.1f} % per "
+        f"viewer), browser CPU {row['browser_cpu_pct']:.0f} %"
     )
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The rows as a markdown table (docs/bench.md quotes it)."""
     lines = [
-        "| viewers | mode | codec | first frame ms (first viewer / max) | fps min / mean "
-        "| dropped browser / gateway / daemon | gateway CPU % of a core (per viewer) "
-        "| browser CPU % | load before |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| viewers | sessions | encode | codec | first frame ms (first viewer / max) "
+        "| fps min / mean | dropped browser / gateway / daemon "
+        "| gateway CPU % of a core (per viewer) | browser CPU % | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         ff, fps, dr = r["first_frame_ms"], r["fps"], r["frames_dropped"]
         lines.append(
-            f"| {r['viewers']} | {r['mode']} | {r['codec']} | {ff['first_viewer']:.0f} / "
-            f"{ff['max']:.0f} | {fps['min']:.1f} / {fps['mean']:.1f} | {dr['browser']} / "
-            f"{dr['gateway']} / {dr['daemon']} | {r['gateway_cpu_pct']:.0f} "
-            f"({r['gateway_cpu_pct_per_viewer']:.1f}) | {r['browser_cpu_pct']:.0f} | "
-            f"{r['load_average_before'][0]:.2f} |"
+            f"| {r['viewers']} | {r['sessions']} | {r['encode']} | {r['codec']} "
+            f"| {ff['first_viewer']:.0f} / {ff['max']:.0f} "
+            f"| {fps['min']:.1f} / {fps['mean']:.1f} "
+            f"| {dr['browser']} / {dr['gateway']} / {dr['daemon']} "
+            f"| {r['gateway_cpu_pct']:.0f} ({r['gateway_cpu_pct_per_viewer']:.1f}) "
+            f"| {r['browser_cpu_pct']:.0f} | {r['load_average_before'][0]:.2f} |"
         )
     return "\n".join(lines)
