@@ -89,6 +89,11 @@ def test_whep_player_receives_frames_and_opus_and_delete_ends_the_session(daemon
         assert reply.status == 201, await reply.text()
         assert reply.content_type == "application/sdp"
         location = reply.headers["Location"]
+        # A WHEP player on another origin may read the Location.
+        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Location" in reply.headers["Access-Control-Expose-Headers"]
+        preflight = await client.options("/whep")
+        assert preflight.status == 204 and preflight.headers["Accept-Post"] == "application/sdp"
         session_id = reply.headers["X-Avatard-Session"]
         await pc.setRemoteDescription(RTCSessionDescription(await reply.text(), "answer"))
         deadline = time.monotonic() + 60

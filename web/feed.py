@@ -37,6 +37,7 @@ from avatard.ipc.client_core import (
     AudioEvent,
     DoneEvent,
     FrameEvent,
+    InputRefusedEvent,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
     SessionMovedEvent,
@@ -189,6 +190,8 @@ class FeedStats:
     speech_to_frame_ms: list[float] = field(default_factory=list)  # per segment
     playing: str = ""  # segment id playing now ("" while idle)
     first_frame_s: float | None = None  # from opening the session to its first frame
+    inputs_refused: int = 0  # text or audio the daemon refused (it runs on without them)
+    last_refusal: str = ""  # "field: rule" of the last one
 
 
 class SharedEncoder:
@@ -303,6 +306,7 @@ class LiveFeed:
         self._opened_at = opened_at
         self._input_sent_at: dict[str, float] = {}
         self._audio_next_index = -1
+        self._segments = 0
         self.encoder: SharedEncoder | None = None
         self._encoder_task: asyncio.Task | None = None
         if shared_codec is not None:
@@ -328,6 +332,11 @@ class LiveFeed:
         if viewer is not None:
             viewer.finish(reason)
 
+    def new_segment_id(self, prefix: str) -> str:
+        """A segment id not used before in this session: `prefix-1`, `prefix-2`, ..."""
+        self._segments += 1
+        return f"{prefix}-{self._segments}"
+
     def mark_input(self, segment_id: str) -> None:
         """The gateway sends the first input of `segment_id` now."""
         self._input_sent_at.setdefault(segment_id, time.monotonic())
@@ -351,6 +360,17 @@ class LiveFeed:
                 elif isinstance(event, PlaybackFinishedEvent):
                     if self.stats.playing == event.segment_id:
                         self.stats.playing = ""
+                elif isinstance(event, InputRefusedEvent):
+                    self.stats.inputs_refused += 1
+                    self.stats.last_refusal = f"{event.field}: {event.rule}"
+                    log.warning(
+                        "session %s refused a %s: %s: %s: %s",
+                        self.session.job_id,
+                        event.what,
+                        event.code,
+                        event.field,
+                        event.rule,
+                    )
                 elif isinstance(event, SessionMovedEvent):
                     log.warning(
                         "session %s moved to another worker (%s): %d frames lost",

@@ -159,6 +159,7 @@ class Gateway:
         app.router.add_options("/whep", self.whep_options)
         app.router.add_options("/whep/{tail:.*}", self.whep_options)
         app.on_shutdown.append(self._on_shutdown)
+        app.on_response_prepare.append(_whep_cors)
         return app
 
     @web.middleware
@@ -585,7 +586,7 @@ class Gateway:
         final = body.get("final", True)
         if not isinstance(final, bool):
             raise HttpError(400, "bad_request", "final", "final: true or false")
-        segment_id = body.get("segment_id") or f"text-{feed.stats.frames}"
+        segment_id = body.get("segment_id") or feed.new_segment_id("text")
         if not isinstance(segment_id, str) or len(segment_id) > 256:
             raise HttpError(400, "bad_request", "segment_id", "segment_id: 1..256 chars")
         feed.mark_input(segment_id)
@@ -641,6 +642,8 @@ class Gateway:
                 "frames": stats.frames,
                 "frames_missing": stats.frames_missing,
                 "shared_encoder_dropped": None if feed.encoder is None else feed.encoder.dropped,
+                "inputs_refused": stats.inputs_refused,
+                "last_refusal": stats.last_refusal,
                 "playing": stats.playing,
                 "first_frame_ms": None
                 if stats.first_frame_s is None
@@ -676,6 +679,16 @@ async def pc_close(pc: RTCPeerConnection) -> None:
         await asyncio.wait_for(pc.close(), 5.0)
     except TimeoutError:
         log.warning("closing a peer connection took over 5 s; left to aiortc")
+
+
+async def _whep_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """WHEP players are often web pages on another origin: allow them (credentials are a
+    bearer header, never cookies, so any origin may ask) and let them read Location."""
+    if request.path.startswith("/whep"):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Allow-Methods"] = "OPTIONS, POST, DELETE, PATCH"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Expose-Headers"] = "Location, X-Avatard-Session"
 
 
 def _static_bytes(name: str) -> bytes:
