@@ -246,7 +246,7 @@ async def _connect(page) -> None:
     await page.wait_for("window.avatard.state.firstFrameMs", 60, "first video frame")
 
 
-def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
+def test_page_plays_the_live_session_in_chromium(daemon, gateway, tmp_path):
     async def scenario():
         async with await Chromium.start() as browser:
             page = await browser.new_page(gateway.url + "/")
@@ -401,6 +401,8 @@ def test_page_plays_the_live_session_in_chromium(gateway, tmp_path):
     assert whep["framesDecoded"] >= 25, whep
     assert (status["sessions"], status["viewers"]) == (1, 1)
     assert (closed["sessions"], closed["viewers"]) == (0, 0)
+    # ... and in the daemon: the live session was closed, not left running.
+    daemon.wait_for(lambda s: s["queue"]["running"] == 0, 30, "no running job")
     png = (tmp_path / "page.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a picture, not a blank
 
