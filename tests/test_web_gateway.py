@@ -15,7 +15,8 @@ import sys
 import time
 
 import pytest
-from daemon_harness import run_daemon
+import zmq.auth
+from daemon_harness import free_port, run_daemon
 
 pytest.importorskip("aiortc")
 pytest.importorskip("aiohttp")
@@ -170,6 +171,64 @@ def test_a_shared_encode_serves_viewers_that_join_later_from_a_keyframe(daemon):
             await pc.close()
 
     _with_gateway(daemon, scenario, shared_encode=True)
+
+
+def test_a_daemon_on_another_host_over_curve_tcp(tmp_path):
+    # The gateway as a remote client: tcp:// with CURVE keys, frames inline (no shared
+    # memory), the same tracks.
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(str(keys), "server")
+    client_public, client_secret = zmq.auth.create_certificates(str(keys), "client")
+    (allowed / "client.key").write_bytes(open(client_public, "rb").read())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon_config = {
+        "tcp_endpoint": endpoint,
+        "curve_secret_key_file": server_secret,
+        "curve_clients_dir": str(allowed),
+    }
+    with run_daemon(tmp_path, fake={"width": SIZE, "height": SIZE}, daemon=daemon_config):
+
+        async def scenario(client, gateway):
+            pc, sdp = await _offer()
+            frames: list = []
+
+            @pc.on("track")
+            def on_track(track):
+                async def read():
+                    while True:
+                        frame = await track.recv()
+                        if track.kind == "video":
+                            frames.append(frame)
+
+                asyncio.ensure_future(read())
+
+            reply = await client.post(
+                "/whep", data=sdp, headers={"Content-Type": "application/sdp"}
+            )
+            assert reply.status == 201, await reply.text()
+            await pc.setRemoteDescription(RTCSessionDescription(await reply.text(), "answer"))
+            deadline = time.monotonic() + 60
+            while len(frames) < 10 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert len(frames) >= 10
+            assert (frames[-1].width, frames[-1].height) == (SIZE, SIZE)
+            await pc.close()
+
+        _with_gateway(
+            _Remote(endpoint),
+            scenario,
+            curve_server_key_file=server_public,
+            curve_client_key_file=client_secret,
+        )
+
+
+class _Remote:
+    """What `_with_gateway` needs of a daemon: its endpoint."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
 
 
 def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(daemon):

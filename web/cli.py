@@ -38,6 +38,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     "--endpoint", help="Daemon endpoint (default: $AVATARD_ENDPOINT or the local socket)."
 )
 @click.option(
+    "--curve-server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The daemon's CURVE public key file, for a tcp:// --endpoint on another host.",
+)
+@click.option(
+    "--curve-client-key",
+    type=click.Path(exists=True, dir_okay=False),
+    help="This gateway's CURVE secret key file (its public key in the daemon's "
+    "daemon.curve_clients_dir).",
+)
+@click.option(
     "--codec",
     type=click.Choice(["vp8", "h264"]),
     default="vp8",
@@ -120,6 +131,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 def web(
     listen: str,
     endpoint: str | None,
+    curve_server_key: str | None,
+    curve_client_key: str | None,
     codec: str,
     token_file: str | None,
     max_sessions: int,
@@ -210,6 +223,8 @@ def web(
         loopback_media=loopback_media,
         prebuffer_ms=prebuffer_ms,
         shared_encode=shared_encode,
+        curve_server_key_file=curve_server_key,
+        curve_client_key_file=curve_client_key,
     )
     logging.getLogger("avatard.web").info(
         "avatard web on http://%s:%d (codec %s, daemon %s, %s)",

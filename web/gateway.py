@@ -72,7 +72,9 @@ class GatewayOptions:
     same host; tests). `prebuffer_ms`: the sessions' jitter buffer for microphone audio
     (`live_open` option). `daemon_timeout_s`: bound of every wait on the daemon.
     `shared_encode`: encode each session's video once for all its viewers (fixed bitrate,
-    a keyframe every 2 s and when a viewer joins) instead of once per viewer."""
+    a keyframe every 2 s and when a viewer joins) instead of once per viewer.
+    `curve_server_key_file`, `curve_client_key_file`: CURVE keys for a daemon's tcp://
+    endpoint on another host (as for `AsyncClient`)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -87,6 +89,8 @@ class GatewayOptions:
     prebuffer_ms: int = 100
     daemon_timeout_s: float = 10.0
     shared_encode: bool = False
+    curve_server_key_file: str | None = None
+    curve_client_key_file: str | None = None
 
 
 class HttpError(web.HTTPException):
@@ -484,6 +488,8 @@ class Gateway:
                     self.options.endpoint,
                     timeout_s=self.options.daemon_timeout_s,
                     name="avatard-web",
+                    curve_server_key_file=self.options.curve_server_key_file,
+                    curve_client_key_file=self.options.curve_client_key_file,
                 )
                 await client.connect()
                 self._client = client
