@@ -43,7 +43,7 @@ else:
 
 from avatard.web.browser import Chromium, find_chromium  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a cold Chromium and TTS load
 
 SIZE, FPS = 512, 25
 RTP_STEP = 90000 // FPS  # video RTP clock is 90 kHz
