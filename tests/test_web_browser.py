@@ -6,15 +6,17 @@ an interrupt, a WHEP player in the same browser watches the session, H264 works 
 asked for, and closing the page ends the session in the gateway and the daemon.
 
 What is asserted, and why it holds on a busy 2-core machine:
-- 25 fps: the RTP timestamps of the frames the browser presented step by 3600 (90 kHz /
-  25), which is the media's own clock, whatever the load; and the frames decoded over a
-  10 s window (the page's clock) are 25/s within 20 %.
+- 25 fps: the RTP timestamps of the frames the browser presented lie on a grid of 3600
+  (90 kHz / 25) and most step by exactly that: the media's own clock, whatever the load
+  (a busy compositor may skip presenting a frame); and the frames decoded over a 10 s
+  window (the page's clock) are 25/s within 20 %.
 - no frames lost: every frame the gateway sent this viewer was received (a few may be in
-  flight when the counters are read), the browser dropped at most 1 % (its decoder can
-  miss a display deadline on a loaded machine), and the daemon and gateway dropped at most
-  1 % of the frames.
-- mouth: the mean pixel change between consecutive frames in the mouth box is at least
-  twice as large while speaking as while idle before the text and after the interrupt.
+  flight when the counters are read), and what the daemon skipped, the gateway dropped and
+  the browser dropped together is at most 2 % of the frames made (a loaded machine can
+  starve the gateway's encoder or the browser's decoder for a moment).
+- mouth: the mean pixel change between consecutive frames (one RTP period apart) in the
+  mouth box is at least twice as large while speaking as while idle before the text and
+  after the interrupt.
 
 Without Chromium the tests skip, unless AVATARD_REQUIRE_BROWSER=1 (CI sets it): then they
 fail."""
@@ -49,9 +51,11 @@ SIZE, FPS = 512, 25
 RTP_STEP = 90000 // FPS  # video RTP clock is 90 kHz
 WINDOW_S = 10.0
 EMBEDDED = {"avatar": "embedded", "tts": "embedded", "asr": "fake"}
+# One long sentence: the TTS speaks sentence by sentence, and a second sentence that is
+# still being synthesized on a busy machine would play as silence inside the window.
 SPEECH = (
-    "Hello! I am a talking portrait, and this sentence is long enough to keep my "
-    "mouth busy for a few seconds while the test watches it move."
+    "I am a talking portrait, and this one long sentence keeps my mouth busy for "
+    "several seconds while the test watches it move."
 )
 # The mouth of the embedded engine's default portrait, in frame pixels (x, y, w, h).
 MOUTH_BOX = (200, 250, 112, 80)
@@ -68,6 +72,7 @@ COLLECTOR = """
   const out = { rtp: [], changes: [] };
   let previous = null;
   const onFrame = (now, meta) => {
+    const step = out.rtp.length ? meta.rtpTimestamp - out.rtp[out.rtp.length - 1] : 0;
     out.rtp.push(meta.rtpTimestamp);
     g.drawImage(video, 0, 0, __SIZE__, __SIZE__);
     const px = g.getImageData(x, y, w, h).data;
@@ -76,7 +81,7 @@ COLLECTOR = """
     if (previous) {
       let sum = 0;
       for (let i = 0; i < grey.length; i++) sum += Math.abs(grey[i] - previous[i]);
-      out.changes.push([performance.now(), sum / grey.length]);
+      out.changes.push([performance.now(), sum / grey.length, step]);
     }
     previous = grey;
     video.requestVideoFrameCallback(onFrame);
@@ -233,7 +238,9 @@ async def _stats(page) -> dict:
 
 
 def _mouth_change(changes: list, start_ms: float, end_ms: float) -> float:
-    values = [c for t, c in changes if start_ms <= t <= end_ms]
+    """Mean change between presented frames that follow each other by one frame period
+    (a frame the compositor skipped would double the change)."""
+    values = [c for t, c, step in changes if start_ms <= t <= end_ms and step == RTP_STEP]
     assert len(values) >= 10, f"only {len(values)} frames presented in the window"
     return sum(values) / len(values)
 
@@ -348,30 +355,43 @@ def test_page_plays_the_live_session_in_chromium(daemon, gateway, tmp_path):
     # 512x512 VP8 and Opus.
     assert (after["width"], after["height"]) == (SIZE, SIZE)
     assert after["videoCodec"] == "video/VP8" and after["audioCodec"] == "audio/opus"
-    # 25 fps by the media clock: consecutive presented frames are 1/25 s apart in RTP time.
+    # 25 fps by the media clock: presented frames lie on the 1/25 s grid of RTP time, and
+    # most follow each other by one period (a loaded compositor may skip presenting one).
     steps = [b - a for a, b in zip(collected["rtp"], collected["rtp"][1:], strict=False)]
     assert len(steps) > 100
-    assert sorted(steps)[len(steps) // 2] == RTP_STEP
-    assert sum(step == RTP_STEP for step in steps) >= 0.9 * len(steps), steps
+    assert all(step > 0 and step % RTP_STEP == 0 for step in steps), steps
+    assert sorted(steps)[len(steps) // 2] == RTP_STEP, steps
     # 25 fps by the page's clock, within 20 % over the window.
     window_s = (after["now"] - before["now"]) / 1000
     decoded = after["framesDecoded"] - before["framesDecoded"]
     assert 0.8 * FPS * window_s <= decoded <= 1.2 * FPS * window_s, (decoded, window_s)
-    # Nothing lost on the way: the daemon and the gateway dropped (almost) nothing, every
-    # frame the gateway sent arrived, the browser dropped (almost) nothing.
+    # Nothing lost on the way: every frame the gateway sent arrived (a few may be in flight
+    # when the counters are read), and the frames the daemon skipped, the gateway dropped
+    # and the browser dropped are at most 2 % of the frames made (a loaded machine may
+    # starve the gateway or the decoder for a moment; the queues absorb 400 ms).
     produced = after["gw_frames"] - before["gw_frames"]
-    assert after["gw_missing"] - before["gw_missing"] <= 0.01 * produced
-    assert after["gw_dropped"] - before["gw_dropped"] <= 0.01 * produced
-    received = after["framesReceived"] - before["framesReceived"]
-    assert received >= after["gw_sent"] - before["gw_sent"] - 5
-    assert after["framesDropped"] - before["framesDropped"] <= 0.01 * received
+    counts = {
+        k: after[k] - before[k]
+        for k in (
+            "gw_frames",
+            "gw_missing",
+            "gw_dropped",
+            "gw_sent",
+            "framesReceived",
+            "framesDropped",
+        )
+    }
+    received = counts["framesReceived"]
+    assert received >= counts["gw_sent"] - 5, counts
+    lost = counts["gw_missing"] + counts["gw_dropped"] + counts["framesDropped"]
+    assert lost <= 0.02 * produced, counts
     # Opus arrives at 50 packets/s (20 ms each), and carries the speech: the audio energy
     # grows while speaking, not while idle.
     packets = after["audioPackets"] - before["audioPackets"]
     assert packets >= 0.8 * 50 * window_s, packets
     idle_energy = after["totalAudioEnergy"] - before["totalAudioEnergy"]
     speech_energy = speaking["totalAudioEnergy"] - energy_before
-    assert speech_energy > 10 * max(idle_energy, 1e-6), (idle_energy, speech_energy)
+    assert speech_energy > 0 and speech_energy > 10 * idle_energy, (idle_energy, speech_energy)
     # The mouth moves with the speech and settles after the interrupt.
     changes = collected["changes"]
     idle = _mouth_change(changes, idle_end - 4000, idle_end)
