@@ -224,6 +224,49 @@ def test_a_daemon_on_another_host_over_curve_tcp(tmp_path):
         )
 
 
+def test_the_gateway_serves_on_while_the_daemon_is_away_and_after_it_restarts(tmp_path):
+    fake = {"width": SIZE, "height": SIZE}
+
+    async def scenario():
+        gateway = None
+        pcs = []
+        try:
+            with run_daemon(tmp_path, fake=fake) as d:
+                gateway = Gateway(GatewayOptions(endpoint=d.endpoint, loopback_media=True))
+                client = TestClient(TestServer(gateway.app()))
+                await client.start_server()
+                pc, sdp = await _offer()
+                pcs.append(pc)
+                assert (await client.post("/api/offer", json={"sdp": sdp})).status == 200
+            # The daemon stopped: its session ended, and so did the peer watching it.
+            deadline = time.monotonic() + 30
+            while gateway.peers and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not gateway.peers and not gateway.feeds
+            pc, sdp = await _offer()
+            pcs.append(pc)
+            message = await _error(
+                await client.post("/api/offer", json={"sdp": sdp}), 502, "daemon"
+            )
+            assert "daemon" in message
+            assert (await client.get("/api/status")).status == 200
+            # A new daemon at the same endpoint: the gateway connects again by itself.
+            with run_daemon(tmp_path, fake=fake):
+                pc, sdp = await _offer()
+                pcs.append(pc)
+                reply = await client.post("/api/offer", json={"sdp": sdp})
+                assert reply.status == 200, await reply.text()
+                await gateway.close_all("the test ended")
+        finally:
+            for pc in pcs:
+                await pc.close()
+            if gateway is not None:
+                await gateway.close_all("the test ended")
+                await client.close()
+
+    asyncio.run(scenario())
+
+
 class _Remote:
     """What `_with_gateway` needs of a daemon: its endpoint."""
 
