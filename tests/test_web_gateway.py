@@ -321,8 +321,12 @@ def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(daemon):
             400,
             "avatar_id",
         )
-        # After all that the gateway still serves, with nothing left open.
-        reply = await client.post("/api/offer", json={"sdp": sdp})
+        # After all that the gateway still serves, with nothing left open; a registered
+        # portrait is used for the next session (the fake engine takes any bytes).
+        registered = await client.post("/api/avatars", data=b"\x89PNG portrait bytes")
+        assert registered.status == 200, await registered.text()
+        avatar_id = (await registered.json())["avatar_id"]
+        reply = await client.post("/api/offer", json={"sdp": sdp, "avatar_id": avatar_id})
         assert reply.status == 200, await reply.text()
         answer = await reply.json()
         session = answer["session_id"]
