@@ -300,3 +300,37 @@ def bench_ditto(upstream: str | None, device: str | None, json_path: str | None,
     if quick:
         argv.append("--quick")
     sys.exit(baseline_main(argv))
+
+
+@bench.command("web")
+@click.option("--viewers", default="1,4,8", show_default=True,
+              help="Comma list of browser viewers at once: one configuration each.")
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(2, 3600),
+              help="Length of the measured window, s.")
+@click.option("--codec", type=click.Choice(["vp8", "h264"]), default="vp8", show_default=True)
+@click.option("--sessions", type=click.Choice(["one", "per-viewer"]), default="one",
+              show_default=True, help="one: one live session, the other viewers watch it; "
+              "per-viewer: one session per viewer.")
+@click.option("--engine", default="embedded", show_default=True,
+              help="Avatar engine of the private daemon (TTS and ASR are fake: unused).")
+@click.option("--endpoint", help="Use this running daemon instead of a private one.")
+@click.option("--gateway-arg", "gateway_args", multiple=True, metavar="ARG",
+              help="Extra argument for `avatard web` (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_web(viewers: str, seconds: float, codec: str, sessions: str, engine: str,
+              endpoint: str | None, gateway_args: tuple[str, ...], as_json: bool) -> None:
+    """Browsers (headless Chromium) watching live sessions through `avatard web`: first
+    frame in the browser after connect, fps held, frames dropped, gateway CPU per viewer
+    (see docs/bench.md, "Browser delivery"). Needs the `web` extra and Chromium."""
+    from avatard.bench.web import format_table, run_web_bench
+
+    try:
+        counts = [int(v) for v in viewers.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{viewers!r}: a comma list of integers",
+                                 param_hint="--viewers") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("at least one count, each >= 1", param_hint="--viewers")
+    report = run_web_bench(counts, seconds, codec, sessions, endpoint, engine, gateway_args,
+                           echo=lambda line: click.echo(line, err=True))
+    _print_report(report, as_json, format_table)

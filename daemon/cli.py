@@ -454,10 +454,12 @@ def _attach_groups() -> None:
     from avatard.bench.cli import bench as bench_group
     from avatard.engines.ditto.cli import ditto
     from avatard.integrations.cli import livekit
+    from avatard.web.cli import web
 
     main.add_command(bench_group)
     main.add_command(ditto)
     main.add_command(livekit)
+    main.add_command(web)
 
 
 _attach_groups()

