@@ -55,7 +55,12 @@ def peer_pid(fd: int | None) -> int | None:
     open (a forked child), instead of waiting out timeouts."""
     if fd is None:
         return None
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        # libzmq may have closed the connection (and its fd) before its first message is
+        # read here: a client that sent and hung up at once. Nothing to read; not an error.
+        return None
     try:
         if sock.family != socket.AF_UNIX:
             return None

@@ -233,3 +233,22 @@ def test_a_closed_connection_is_not_taken_for_the_next_one_on_its_fd(tmp_path):
             sock.close(linger=0)
         port.close()
         ctx.term()
+
+
+def test_peer_pid_of_a_connection_already_closed_is_none_not_an_error():
+    """libzmq may close a connection (a client that sent and hung up at once) before the
+    daemon reads its first message's fd: reading the peer then finds no descriptor. That
+    must be "unknown peer", never an exception in the supervisor's loop (it was: the
+    daemon exited with EBADF)."""
+    import socket
+
+    from avatard.ipc.sockets import peer_pid
+
+    left, right = socket.socketpair()
+    try:
+        assert peer_pid(left.fileno()) == os.getpid()  # a live local peer: its pid
+    finally:
+        right.close()
+    fd = left.detach()
+    os.close(fd)
+    assert peer_pid(fd) is None
