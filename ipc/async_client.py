@@ -66,8 +66,9 @@ from .client_core import (
     remember_live,
     route_of,
     slot_of,
+    take_end_after_stale,
 )
-from .ring import RingFullError, SlotRing
+from .ring import RingFullError, SlotRing, StaleSlotError
 
 __all__ = ["AsyncClient", "AsyncJobHandle", "AsyncLiveSession"]
 
@@ -389,6 +390,23 @@ class AsyncClient:
                 await box.arrived.wait()
         return box.messages.popleft()
 
+    async def _end_after_stale(self, box: _Mailbox, job_id: str, stale: StaleSlotError
+                               ) -> tuple[P.Msg, list[Any]]:
+        """The last message of job `job_id` (its mailbox `box`) once one of its frames
+        turned out `stale`: the daemon took the slot back, because this client held a slot
+        past `timeouts.client_call_s`, and ended the job; its `job_failed` follows the
+        frames queued before it (`take_end_after_stale`). Waits up to `timeout_s` for it;
+        raises DaemonUnavailable naming the stale slot when it does not come."""
+        what = (f"end of job {job_id} after the daemon took back the slot of one of its "
+                f"events ({stale})")
+        async with self._deadline(what):
+            while (end := take_end_after_stale(box.messages)) is None:
+                if self._failure is not None:
+                    raise self._failure(what)
+                box.arrived.clear()
+                await box.arrived.wait()
+        return end
+
     def _ring(self, name: str) -> SlotRing:
         ring = self._rings.get(name)
         if ring is None:
@@ -648,8 +666,14 @@ class AsyncJobHandle(AcceptedMedia):
                 await self.client._release(held)
             while True:
                 msg, extra = await self.client._next_message(self._box, self._what)
-                event = job_event(self.job_id, msg, extra, self.client._read,
-                                  self.client._live_requests)
+                try:
+                    event = job_event(self.job_id, msg, extra, self.client._read,
+                                      self.client._live_requests)
+                except StaleSlotError as exc:
+                    msg, extra = await self.client._end_after_stale(self._box, self.job_id,
+                                                                    exc)
+                    event = job_event(self.job_id, msg, extra, self.client._read,
+                                      self.client._live_requests)
                 self._held = slot_of(msg)
                 if isinstance(event, DoneEvent):
                     await self._stop_reading()

@@ -57,6 +57,7 @@ from .client_core import (  # the events and errors are this module's API too
     audio_chunks,
     check_reply,
     decode_server,
+    ends_job,
     job_event,
     place_array,
     read_array,
@@ -64,9 +65,10 @@ from .client_core import (  # the events and errors are this module's API too
     remember_live,
     route_of,
     slot_of,
+    take_end_after_stale,
 )
 from .paths import default_runtime_dir, socket_endpoint
-from .ring import SlotRing
+from .ring import SlotRing, StaleSlotError
 from .sockets import wait_readable
 
 __all__ = [
@@ -489,8 +491,14 @@ class Client:
                     held = None
                 self._wait(lambda: bool(queue), f"event of job {job_id}", until)
                 msg, extra = queue.popleft()
-                # Raises JobFailedError / ClientError for the job's failure.
-                event = job_event(job_id, msg, extra, self._materialise, self._live_requests)
+                try:
+                    # Raises JobFailedError / ClientError for the job's failure.
+                    event = job_event(job_id, msg, extra, self._materialise,
+                                      self._live_requests)
+                except StaleSlotError as exc:
+                    msg, extra = self._end_after_stale(job_id, queue, exc)
+                    event = job_event(job_id, msg, extra, self._materialise,
+                                      self._live_requests)
                 held = slot_of(msg)
                 if event is not None:
                     yield event
@@ -500,6 +508,20 @@ class Client:
             if held is not None:
                 self._release(held)
             self._pending.pop(job_id, None)
+
+    def _end_after_stale(self, job_id: str, queue: deque[tuple[P.Msg, list[Any]]],
+                         stale: StaleSlotError) -> tuple[P.Msg, list[Any]]:
+        """The last message of job `job_id` (its message queue `queue`) once one of its
+        frames turned out `stale`: the daemon took the slot back, because this client held
+        a slot past `timeouts.client_call_s`, and ended the job; its `job_failed` follows
+        the frames queued before it (`take_end_after_stale`). Waits up to `timeout_s` for
+        it; raises DaemonUnavailable naming the stale slot when it does not come."""
+        self._wait(lambda: any(ends_job(msg) for msg, _ in queue),
+                   f"end of job {job_id} after the daemon took back the slot of one of its "
+                   f"events ({stale})", time.monotonic() + self.timeout_s)
+        end = take_end_after_stale(queue)
+        assert end is not None  # what _wait waited for
+        return end
 
     def _materialise(self, data: P.Payload, extra: list[Any]) -> np.ndarray:
         return read_array(data, extra, self._ring)

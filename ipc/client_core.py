@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -356,6 +356,25 @@ def job_event(job_id: str, msg: P.Msg, extra: list[Any],
 def ends_job(msg: P.Msg) -> bool:
     """Whether `msg` is a job's last message (`done` or `job_failed`)."""
     return isinstance(msg, (P.Done, P.JobFailed))
+
+
+def take_end_after_stale(messages: deque[tuple[P.Msg, list[Any]]]
+                         ) -> tuple[P.Msg, list[Any]] | None:
+    """After a frame or audio chunk of a job turned out stale (`StaleSlotError`: the
+    daemon took its slot back), the job's last message from `messages` (its queue, in
+    arrival order), with every message before it dropped; None, leaving `messages` as
+    they are, while it has not arrived.
+
+    The daemon takes a slot back from a client that held it past
+    `timeouts.client_call_s` and ends that client's jobs (`job_failed` code `timeout`);
+    the frames queued before that end name slots that are no longer the client's, so
+    what the caller must see is the end, not the stale slot."""
+    for position, (msg, _) in enumerate(messages):
+        if ends_job(msg):
+            for _ in range(position):
+                messages.popleft()
+            return messages.popleft()
+    return None
 
 
 # ------------------------------------------------------------------ slots

@@ -38,6 +38,7 @@ from avatard.ipc.client import (
     DoneEvent,
     FrameEvent,
     InputRefusedEvent,
+    JobFailedError,
     PlaybackFinishedEvent,
     PlaybackStartedEvent,
     TranscriptResult,
@@ -471,3 +472,24 @@ def test_a_stopped_daemon_is_reported_with_the_clients_own_heartbeat_timeout(tmp
         assert error.code == DAEMON_GONE
         assert "not even a heartbeat, for 2 s (stopped or hung)" in str(error), error
         d.wait_for(lambda s: s["queue"]["running"] == 0, 30, "the dropped session ended")
+
+
+def test_a_task_that_reads_again_after_its_slots_were_taken_back_sees_the_timeout(tmp_path):
+    # As for the blocking client: past timeouts.client_call_s without reading, the daemon
+    # takes the slots back and ends the session; reading on raises that failure.
+    async def scenario(endpoint: str, d) -> JobFailedError:
+        async with AsyncClient(endpoint, timeout_s=20) as client, \
+                client.live(seed=5) as session:
+            rec = AsyncRecorder(session, seed=5)
+            await rec.frames_more(3)
+            await asyncio.to_thread(
+                d.wait_for, lambda s: s["queue"]["running"] == 0, 30,
+                "the daemon to end the session of a client that stopped reading")
+            with pytest.raises(JobFailedError) as failure:
+                await rec.until(lambda e: False)
+            return failure.value
+
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS,
+                    timeouts={"client_call_s": 1.0}) as d:
+        failure = asyncio.run(scenario(d.endpoint, d))
+    assert failure.code == P.E_TIMEOUT and "client_call_s" in str(failure)

@@ -180,3 +180,20 @@ def test_a_session_cut_short_still_finishes_its_playing_segment(tmp_path, how):
     assert finished.segment_id == "a" and finished.interrupted
     assert 10 * TICK / RATE <= finished.position_s < 4.0
     assert failure.code == (P.E_CANCELLED if how == "cancel" else P.E_WORKER)
+
+
+def test_a_client_that_reads_again_after_its_slots_were_taken_back_sees_the_timeout(
+        tmp_path):
+    # A client that stopped reading past timeouts.client_call_s: the daemon took its slots
+    # back and ended the session (`timeout`). Its queued frames name slots that are no
+    # longer its own: reading on must raise the session's failure, not a stale slot.
+    with (run_daemon(tmp_path, fake=FAKE, sections=RINGS, timeouts={"client_call_s": 1.0})
+          as d, d.client() as c):
+        rec = Recorder(c.live(seed=5), seed=5)
+        rec.frames_more(3)  # the client holds the slot of the last frame from here on
+        d.wait_for(lambda s: s["queue"]["running"] == 0, 30,
+                   "the daemon to end the session of a client that stopped reading")
+        with pytest.raises(JobFailedError) as failure:
+            rec.until(lambda e: False)
+    assert failure.value.code == P.E_TIMEOUT
+    assert "client_call_s" in str(failure.value)
