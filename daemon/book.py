@@ -261,6 +261,7 @@ class JobBook:
             if msg.index < job.audio_delivered:
                 return None
             job.audio_delivered = msg.index + 1
+            job.audio_forwarded += msg.data.shape[0] if msg.data.shape else 0
             return job
         job.progress, job.progress_at = max(job.progress, msg.index + 1), now
         if msg.index < job.frames_delivered:
@@ -353,6 +354,8 @@ class JobBook:
                 job.moved = True
                 job.frames_earlier += job.frames_forwarded
                 job.frames_forwarded = 0
+                job.audio_earlier += job.audio_forwarded
+                job.audio_forwarded = 0
                 job.dropped_earlier += job.dropped_gaps
                 job.dropped_gaps = 0
                 job.queued_s = job.received_s = job.sent_s = 0.0  # its speech was lost

@@ -55,12 +55,16 @@ class Job:
     first_frame_at: float = 0.0
     last_error: str = ""
     input_slot: tuple[str, int, int] | None = None  # (ring, slot, seq) to release at the end
-    # Live sessions: `last_frame_at` when frame frames_delivered - 1 went out; frames sent
-    # and dropped (index gaps) while on workers that were lost since; frame indices the
-    # moves skipped (`frames_lost`); `moved` from the loss until it is placed again.
+    # Live sessions: `last_frame_at` when frame frames_delivered - 1 went out; frames and
+    # audio samples sent and frames dropped (index gaps) on the worker running it now
+    # (`*_forwarded`, `dropped_gaps`) and on workers that were lost since (`*_earlier`):
+    # a lost worker's own counts went with it; frame indices the moves skipped
+    # (`frames_lost`); `moved` from the loss until it is placed again.
     last_frame_at: float = 0.0
     frames_forwarded: int = 0
     frames_earlier: int = 0
+    audio_forwarded: int = 0
+    audio_earlier: int = 0
     dropped_gaps: int = 0
     dropped_earlier: int = 0
     frames_lost: int = 0

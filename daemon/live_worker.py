@@ -306,7 +306,9 @@ class LiveSession:
         # Segments still playing end here, cut short (playback_finished must always come).
         self._send_events(self.playout.close())
         return JobResult(frames=self.frames_sent, audio_samples=self.audio_samples,
-                         media_s=(self.frames_out - first) / self.fps,
+                         # The session's length: its indices run from 0 on every
+                         # worker it ran on (a moved one resumes at `first`).
+                         media_s=self.frames_out / self.fps,
                          frames_dropped=self.frames_dropped, late_frames=self.late_frames)
 
     def _wait_until(self, until: float, overdue: int, overdue_since: float) -> bool:

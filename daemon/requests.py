@@ -296,10 +296,12 @@ def end_reply(ended: Ended, now: float) -> P.Msg:
                       field=ended.field or "image", rule=(ended.rule or ended.message)[:4096])
     if ended.result is not None:
         r = ended.result
-        # A live session that moved: the workers lost took their counts of frames sent
-        # and dropped with them; the book counted what it forwarded and the index gaps.
+        # A live session that moved: the workers lost took their counts of frames and
+        # audio sent and frames dropped with them; the book counted what it forwarded and
+        # the index gaps. (Its media_s runs from index 0: the worker's clock went on from
+        # the resume index.)
         return P.make(P.Done, job_id=job.job_id, frames=job.frames_earlier + r.frames,
-                      audio_samples=r.audio_samples, media_s=r.media_s,
+                      audio_samples=job.audio_earlier + r.audio_samples, media_s=r.media_s,
                       wall_s=now - job.accepted_at,
                       first_frame_s=(job.first_frame_at - job.accepted_at
                                      if job.first_frame_at else 0.0), attempts=job.attempts,

@@ -393,6 +393,11 @@ def test_a_worker_lost_mid_session_moves_it_and_its_clock_runs_on(tmp_path):
     assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
     assert (done.frames, done.frames_lost, done.attempts) == (len(rec.frames),
                                                               moved.frames_lost, 2)
+    # The session's totals, not the last worker's part: its length runs from index 0
+    # (frames sent, dropped and lost), its audio is every chunk sent on both workers.
+    assert done.frames_dropped == 0
+    assert done.media_s * FPS == pytest.approx(rec.frames[-1] + 1)
+    assert done.audio_samples == sum(chunk.size for chunk in rec.audio.values())
 
 
 def test_a_worker_lost_with_no_other_worker_free_ends_the_session(tmp_path):
