@@ -224,6 +224,7 @@ class JobBook:
                 job.waiting_since = now
             job.waiting_on_ring = report.waiting
             job.queued_s, job.received_s = report.queued_s, report.received_s
+            job.dropped_reported, job.late_reported = report.frames_dropped, report.late_frames
             if report.progress != job.progress:
                 job.progress, job.progress_at = report.progress, now
 
@@ -299,8 +300,9 @@ class JobBook:
         if msg.media_s > 0:
             self.recent_rtf.append(wall / msg.media_s)
         self.recent_job_s.append(now - job.started_at)
-        self.stats["live_frames_dropped"] += msg.frames_dropped
-        self.stats["live_late_frames"] += msg.late_frames
+        # The session's totals (a moved one's include the workers it lost).
+        self.stats["live_frames_dropped"] += job.dropped_earlier + msg.frames_dropped
+        self.stats["live_late_frames"] += job.late_earlier + msg.late_frames
         return self._end(job, JobState.DONE, Ended(job, result=msg))
 
     def failed(self, index: int, msg: P.WJobFailed) -> Ended | Requeued | None:
@@ -356,8 +358,11 @@ class JobBook:
                 job.frames_forwarded = 0
                 job.audio_earlier += job.audio_forwarded
                 job.audio_forwarded = 0
-                job.dropped_earlier += job.dropped_gaps
-                job.dropped_gaps = 0
+                # The lost worker's own counts went with it: what its heartbeats said.
+                job.dropped_earlier = job.frames_dropped_now
+                job.dropped_gaps = job.dropped_reported = 0
+                job.late_earlier = job.late_frames_now
+                job.late_reported = 0
                 job.queued_s = job.received_s = job.sent_s = 0.0  # its speech was lost
                 requeue.append(job)
             elif job.attempts >= self.max_job_attempts:

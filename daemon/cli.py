@@ -143,6 +143,12 @@ def status(endpoint: str | None, as_json: bool, timeout_s: float) -> None:
                f"requeued {j['jobs_requeued']}; portraits registered {r['registered']}, "
                f"refused {r['refused']}, failed {r['failed']}; recent RTF "
                f"{'-' if rtf is None else f'{rtf:.3f}'}")
+    for s in body.get("live_sessions", []):  # a daemon before live sessions sends none
+        where = "waiting" if s["worker"] is None else f"on worker {s['worker']}"
+        click.echo(f"live {s['job_id']} {where}: frame {s['next_index']}, sent "
+                   f"{s['frames_sent']}, dropped {s['frames_dropped']}, late "
+                   f"{s.get('late_frames', 0)}, lost {s['frames_lost']}, speech queued "
+                   f"{s['queued_s']:.1f} s, age {s['age_s']:.0f} s")
 
 
 def _client_options(func):

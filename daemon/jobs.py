@@ -69,6 +69,23 @@ class Job:
     dropped_earlier: int = 0
     frames_lost: int = 0
     moved: bool = False
+    # Live sessions: frames dropped and sent late on the worker running it now, as its last
+    # heartbeat said (dropped frames show as index gaps only once a later frame goes
+    # out), and late frames on workers that were lost since.
+    dropped_reported: int = 0
+    late_reported: int = 0
+    late_earlier: int = 0
+
+    @property
+    def frames_dropped_now(self) -> int:
+        """Live sessions: frames dropped so far, over every worker it ran on."""
+        return self.dropped_earlier + max(self.dropped_gaps, self.dropped_reported)
+
+    @property
+    def late_frames_now(self) -> int:
+        """Live sessions: frames sent late so far (by the heartbeats of the worker running
+        it now), over every worker it ran on."""
+        return self.late_earlier + self.late_reported
     # Live sessions: speech queued on the worker at its last heartbeat; client audio the
     # worker had taken by then, and all the supervisor has sent it (their difference is
     # on its way).

@@ -301,6 +301,8 @@ class LiveSession:
                 clock += 1
                 self.job_run.progress = self.frames_out
                 self.job_run.queued_s = self.playout.queued_s
+                self.job_run.frames_dropped = self.frames_dropped
+                self.job_run.late_frames = self.late_frames
         finally:
             renderer.stop()
         # Segments still playing end here, cut short (playback_finished must always come).

@@ -306,7 +306,8 @@ def end_reply(ended: Ended, now: float) -> P.Msg:
                       first_frame_s=(job.first_frame_at - job.accepted_at
                                      if job.first_frame_at else 0.0), attempts=job.attempts,
                       frames_dropped=job.dropped_earlier + r.frames_dropped,
-                      late_frames=r.late_frames, frames_lost=job.frames_lost)
+                      late_frames=job.late_earlier + r.late_frames,
+                      frames_lost=job.frames_lost)
     message = f"{ended.field}: {ended.rule}" if ended.field else ended.message
     return P.make(P.JobFailed, job_id=job.job_id, code=ended.code, message=message[:4096],
                   attempts=job.attempts)

@@ -120,13 +120,15 @@ class StatusBoard:
     def live_session_status(job: Any, now: float) -> dict[str, Any]:
         """One live session's figures (a `Job` of kind live): its worker (None while it
         waits or moves), the next frame index, frames sent, dropped (index gaps: the
-        client did not read) and lost (moves), speech queued on its worker (seconds, at
-        the last heartbeat), and its age in seconds."""
+        client did not read; also those its worker's last heartbeat counted that no later
+        frame has shown yet), late and lost (moves), speech queued on its worker (seconds,
+        at the last heartbeat), and its age in seconds."""
         return {"job_id": job.job_id, "worker": job.worker, "state": job.state.value,
                 "next_index": job.frames_delivered,
                 "frames_sent": job.frames_earlier + job.frames_forwarded,
-                "frames_dropped": job.dropped_earlier + job.dropped_gaps,
-                "frames_lost": job.frames_lost, "queued_s": round(job.queued_s, 3),
+                "frames_dropped": job.frames_dropped_now,
+                "late_frames": job.late_frames_now, "frames_lost": job.frames_lost,
+                "queued_s": round(job.queued_s, 3),
                 "age_s": round(now - job.accepted_at, 3)}
 
     def publish(self, state_counts: dict[str, int], queue_depth: int, total: int) -> None:

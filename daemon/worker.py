@@ -174,6 +174,8 @@ class JobRun:
     waiting: bool = False  # blocked on a full ring: back-pressure, not a stall
     queued_s: float = 0.0  # live sessions: seconds of speech queued (the job thread sets it)
     received_s: float = 0.0  # live sessions: seconds of client audio taken into the queue
+    frames_dropped: int = 0  # live sessions: frames dropped for a client that did not read
+    late_frames: int = 0  # live sessions: frames sent over a frame period after their tick
     cancelled: threading.Event = field(default_factory=threading.Event)
     inputs: dict[str, SlotRing] = field(default_factory=dict)  # clients' input rings
     outputs: dict[str, SlotRing] = field(default_factory=dict)  # session rings it writes
@@ -264,7 +266,9 @@ class Worker:
                 with self._runs_lock:
                     jobs = [P.JobProgress(job_id=r.job_id, progress=r.progress,
                                           waiting=r.waiting, queued_s=r.queued_s,
-                                          received_s=r.received_s)
+                                          received_s=r.received_s,
+                                          frames_dropped=r.frames_dropped,
+                                          late_frames=r.late_frames)
                             for r in self.runs.values()]
                 with self._avatars_lock:
                     cached, evictions = len(self.avatars), self.avatar_evictions

@@ -635,6 +635,10 @@ class JobProgress(Struct, frozen=True, forbid_unknown_fields=True):
     waiting: bool = False  # blocked on a full ring (back-pressure), which is not a stall
     queued_s: PosFloat = 0.0  # live sessions: seconds of speech queued, not yet played
     received_s: PosFloat = 0.0  # live sessions: seconds of client audio taken so far
+    # Live sessions: frames this worker dropped (the client's rings were full) and sent
+    # late so far, so that stats show them while the session runs.
+    frames_dropped: NonNegInt = 0
+    late_frames: NonNegInt = 0
 
 
 RunningJobs = Annotated[list[JobProgress], Meta(max_length=MAX_JOBS_PER_WORKER)]

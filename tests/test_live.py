@@ -331,6 +331,12 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
         # 16 slots of slack), which come after a gap.
         steady.frames_more(80)
         assert len(d.status()["workers"][0]["current_jobs"]) == 2
+        # While the slow client reads nothing its session drops frames, and stats say so
+        # now (no later frame has gone out to show the gap yet).
+        stalled = d.wait_for(
+            lambda s: {e["job_id"]: e["frames_dropped"] for e in s["live_sessions"]}.get(
+                slow.session.job_id, 0) > 0, 30, "stats to show the slow session's drops")
+        assert all(e["late_frames"] >= 0 for e in stalled["live_sessions"])
         slow.frames_more(20)
         steady.frames_more(10)
         # Each session's own figures in stats, while they run (the daemon may have sent
