@@ -79,11 +79,14 @@ INPUT_RING_POLL_S = 0.002  # how often a full input ring is looked at again
 
 
 class _Mailbox:
-    """Messages of one job or session, in arrival order, for the task that reads them."""
+    """Messages of one job or session, in arrival order, for the task that reads them.
+    `closed` once its handle stopped reading (`aclose`, a session's `async with` left):
+    a task still waiting on it wakes and its iteration ends."""
 
     def __init__(self) -> None:
         self.messages: deque[tuple[P.Msg, list[Any]]] = deque()
         self.arrived = asyncio.Event()
+        self.closed = False
 
     def put(self, msg: P.Msg, extra: list[Any]) -> None:
         self.messages.append((msg, extra))
@@ -381,9 +384,13 @@ class AsyncClient:
         return reply
 
     async def _next_message(self, box: _Mailbox, what: str) -> tuple[P.Msg, list[Any]]:
-        """The next message of a job (its mailbox `box`), waiting up to `timeout_s`."""
+        """The next message of a job (its mailbox `box`), waiting up to `timeout_s`.
+        Raises StopAsyncIteration once the box is closed (its handle stopped reading,
+        perhaps from another task)."""
         async with self._deadline(what):
             while not box.messages:
+                if box.closed:
+                    raise StopAsyncIteration
                 if self._failure is not None:
                     raise self._failure(what)
                 box.arrived.clear()
@@ -401,6 +408,8 @@ class AsyncClient:
                 f"events ({stale})")
         async with self._deadline(what):
             while (end := take_end_after_stale(box.messages)) is None:
+                if box.closed:
+                    raise StopAsyncIteration
                 if self._failure is not None:
                     raise self._failure(what)
                 box.arrived.clear()
@@ -642,7 +651,8 @@ class AsyncJobHandle(AcceptedMedia):
     bounded by the client's `timeout_s` (`DaemonUnavailable` code `timeout` after it, or
     code `daemon_gone` at once when the connection drops); any error ends the iteration.
     One task reads a job. The slot of the last event goes back when the next one is asked
-    for; `aclose()` gives it back and stops reading (the job keeps running: `cancel`)."""
+    for; `aclose()` gives it back and stops reading (the job keeps running: `cancel`): an
+    iteration then ends at once, also one waiting in another task."""
 
     def __init__(self, client: AsyncClient, accepted: P.Accepted, kind: str = "job"):
         super().__init__(accepted)
@@ -697,6 +707,11 @@ class AsyncJobHandle(AcceptedMedia):
             return
         self._ended = True
         self.client._mailboxes.pop(self.job_id, None)
+        # A task still iterating (the session's `async with` left in another task) wakes
+        # now and its iteration ends, instead of waiting timeout_s for events that the
+        # reader no longer routes here.
+        self._box.closed = True
+        self._box.arrived.set()
         held = [self._held] + [slot_of(msg) for msg, _ in self._box.messages]
         self._held = None
         self._box.messages.clear()
@@ -721,7 +736,8 @@ class AsyncLiveSession(AsyncJobHandle):
     indices skip frames this client did not read in time (counted in
     `DoneEvent.frames_dropped`). The sends return once the request is on its way (no
     reply when taken); a refused input arrives as an `InputRefusedEvent` among the events.
-    A task reading no events loses frames, never stalls the daemon."""
+    A task reading no events loses frames, never stalls the daemon. Leaving the session's
+    `async with` (or `aclose()`) ends an `async for` over it in another task at once."""
 
     def __init__(self, client: AsyncClient, accepted: P.Accepted):
         super().__init__(client, accepted, kind="live session")

@@ -493,3 +493,40 @@ def test_a_task_that_reads_again_after_its_slots_were_taken_back_sees_the_timeou
                     timeouts={"client_call_s": 1.0}) as d:
         failure = asyncio.run(scenario(d.endpoint, d))
     assert failure.code == P.E_TIMEOUT and "client_call_s" in str(failure)
+
+
+def test_leaving_a_session_ends_another_tasks_iteration_over_it(tmp_path):
+    # One task reads the session, another leaves its `async with`: the reader's `async for`
+    # ends; it once waited timeout_s for events nobody routed to it and raised
+    # DaemonUnavailable although the daemon was fine.
+    async def scenario(endpoint: str) -> tuple[int, int]:
+        async with AsyncClient(endpoint, timeout_s=20) as client:
+            reading = asyncio.Event()
+            frames = 0
+
+            async def read(session: AsyncLiveSession) -> int:
+                nonlocal frames
+                async for event in session:
+                    frames += isinstance(event, FrameEvent)
+                    if frames == 3:
+                        reading.set()
+                return frames
+
+            async with client.live(seed=2) as session:
+                reader = asyncio.create_task(read(session))
+                async with asyncio.timeout(20):
+                    await reading.wait()
+            async with asyncio.timeout(60):  # a bound for the test, not a timing check
+                read_frames = await reader
+            # The client goes on: a second session on it runs.
+            async with client.live(seed=3) as second:
+                second_frames = 0
+                async for event in second:
+                    second_frames += isinstance(event, FrameEvent)
+                    if second_frames == 3:
+                        break
+            return read_frames, second_frames
+
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d:
+        read_frames, second_frames = asyncio.run(scenario(d.endpoint))
+    assert read_frames >= 3 and second_frames == 3
