@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import click
 
+from avatard.daemon.cli_options import avatar_option
 from avatard.daemon.config import ENGINE_FLAG_HELP
 
 # Longest audio file the CLI decodes (seconds): the config's ceiling of
@@ -218,8 +219,7 @@ def writing_output(output: str) -> Iterator[None]:
 @click.argument("text")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="The mp4 to write.")
-@click.option("--avatar", type=click.Path(exists=True, dir_okay=False),
-              help="Portrait image (PNG/JPEG). Default: the engine's built-in portrait.")
+@avatar_option
 @click.option("--voice", default="", help="TTS voice (default: the engine's first voice).")
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of blinks and head motion: the same seed renders the same video.")
@@ -253,8 +253,7 @@ def render(text: str, output: str, avatar: str | None, voice: str, seed: int,
 @click.argument("audio", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="The mp4 to write.")
-@click.option("--avatar", type=click.Path(exists=True, dir_okay=False),
-              help="Portrait image. Default: the engine's built-in portrait.")
+@avatar_option
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of blinks and head motion.")
 @_client_options
@@ -299,8 +298,7 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
 @click.option("--tail", "tail_s", default=1.0, show_default=True,
               type=click.FloatRange(min=0.0), metavar="S",
               help="Seconds of idle frames recorded after the speech, before closing.")
-@click.option("--avatar", help="Portrait: an image file (registered for the call) or the id "
-              "of a portrait registered before. Default: the engine's built-in portrait.")
+@avatar_option
 @click.option("--voice", default="", help="TTS voice of --text-stream (default: the engine's "
               "first voice).")
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**63 - 1),

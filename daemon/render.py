@@ -184,17 +184,18 @@ def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress
                         done.first_frame_s, done.attempts)
 
 
-def render_to_mp4(endpoint: str | None, overrides: list[str], avatar_path: str | None,
+def render_to_mp4(endpoint: str | None, overrides: list[str], avatar: str | None,
                   out: Path, label: str, start_job: Callable[[Client, str], JobHandle],
                   audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
     """The shared body of `avatard render` and `lipsync`: check the output path first,
-    register the portrait if one is given, run the job and mux it."""
+    register the portrait if one is given (`avatar`: an image file, else the id of a
+    portrait registered before), run the job and mux it."""
     from avatard.engines.mux import check_writable
 
     check_writable(out)
-    image = read_file(avatar_path, "avatar") if avatar_path else None
+    image = read_file(avatar, "avatar") if avatar and Path(avatar).is_file() else None
     with connect(endpoint, overrides, sys.stderr) as client:
-        avatar_id = client.register_avatar(image) if image else ""
+        avatar_id = client.register_avatar(image) if image else (avatar or "")
         job = start_job(client, avatar_id)
         fps = job.fps
         if not fps:

@@ -1,8 +1,8 @@
 """`avatard livekit`: be the avatar of a LiveKit room, rendered by an avatard live session.
 
-`avatard.daemon.cli` registers this command; it imports only click at the top, and the
-LiveKit SDK and agents framework (extra `livekit`) when it runs, so `avatard --help`
-works without them.
+`avatard.daemon.cli` registers this command; it imports only click (and the shared
+options) at the top, and the LiveKit SDK and agents framework (extra `livekit`) when it
+runs, so `avatard --help` works without them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 
 import click
+
+from avatard.daemon.cli_options import avatar_option
 
 
 @click.command("livekit")
@@ -34,11 +36,7 @@ import click
     metavar="IDENTITY",
     help="The agent participant whose audio to render (default: the first agent to join the room).",
 )
-@click.option(
-    "--avatar",
-    help="Portrait: an image file (registered for the call) or the id "
-    "of a portrait registered before. Default: the engine's built-in portrait.",
-)
+@avatar_option
 @click.option(
     "--seed",
     default=1,

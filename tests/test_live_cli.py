@@ -176,3 +176,22 @@ def test_a_daemon_gone_mid_session_is_a_clear_error(tmp_path):
         assert not (tmp_path / "x.mp4").exists()
     finally:
         reap_killed_daemon(d, pids)
+
+
+@pytest.mark.parametrize("command", [["live", "{tmp}/in.wav"], ["render", "Hi."],
+                                     ["lipsync", "{tmp}/in.wav"]])
+@pytest.mark.parametrize("avatar", ["nosuch.jpg", "{tmp}/nosuch", "{tmp}"])
+def test_an_avatar_file_that_is_not_there_is_named_as_such(tmp_path, command, avatar):
+    # A value that names a file (a path separator or an image suffix) is not taken for
+    # the id of a registered portrait: the usage error says the file is not there, in
+    # every command, before any daemon is asked.
+    _write_wav(tmp_path / "in.wav", 0.3)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in [*command, "--avatar", avatar]]
+    result = subprocess.run([AVATARD, *args, "-o", str(tmp_path / "x.mp4"),
+                             "--endpoint", f"ipc://{tmp_path}/no-daemon.sock"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    why = "is not a file" if avatar == "{tmp}" else "does not exist"
+    assert f"image file '{avatar.replace('{tmp}', str(tmp_path))}' {why}" in result.stderr
+    assert "not registered" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.mp4").exists()
