@@ -294,7 +294,7 @@ def lipsync(audio: str, output: str, avatar: str | None, seed: int, endpoint: st
               "words every 100 ms (an LLM's pace), spoken by the session's TTS.")
 @click.option("--interrupt-at", "interrupt_at_s", type=click.FloatRange(min=0.0), metavar="S",
               help="Barge in (live_interrupt) this many seconds after the input started; "
-              "the rest of the input is not sent.")
+              "the rest of the input is not sent. Within AUDIO's length.")
 @click.option("--tail", "tail_s", default=1.0, show_default=True,
               type=click.FloatRange(min=0.0), metavar="S",
               help="Seconds of idle frames recorded after the speech, before closing.")
@@ -346,6 +346,12 @@ def live(audio: str | None, output: str, text_file: str | None, interrupt_at_s: 
                     pcm, rate = decode_audio(audio, max_duration_s=CLIENT_MAX_MEDIA_S)
                 except EngineInputError as exc:
                     raise ClientError(f"bad audio file {audio}: {exc}") from None
+                audio_s = len(pcm) / rate
+                if interrupt_at_s is not None and interrupt_at_s > audio_s:
+                    # It would record idle frames up to S and interrupt nothing.
+                    raise ClientError(
+                        f"--interrupt-at {interrupt_at_s:g} s is past the end of the audio: "
+                        f"{audio} is {audio_s:.2f} s long; give a time within it")
                 source = LiveInput(pcm=pcm, rate=rate)
             else:
                 try:

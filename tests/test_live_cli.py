@@ -136,6 +136,9 @@ def test_a_text_file_streams_as_tokens_through_a_private_daemon(tmp_path):
     (["--text-stream", "{tmp}/empty.txt"], 1, "holds no words"),
     (["{tmp}/in.wav", "-o", "/nonexistent-dir/x.mp4"], 1, "does not exist"),
     (["{tmp}/in.wav", "--avatar", "no-such-portrait"], 1, "not_found: avatar_id"),
+    # in.wav is 0.3 s long: a barge-in after its end would interrupt nothing.
+    (["{tmp}/in.wav", "--interrupt-at", "5"], 1,
+     "--interrupt-at 5 s is past the end of the audio: {tmp}/in.wav is 0.30 s long"),
 ])
 def test_bad_input_is_a_clear_error(daemon, tmp_path, args, code, words):
     _write_wav(tmp_path / "in.wav", 0.3)
@@ -146,7 +149,8 @@ def test_bad_input_is_a_clear_error(daemon, tmp_path, args, code, words):
         args += ["-o", str(tmp_path / "x.mp4")]
     result = _live(*args, "--endpoint", daemon.endpoint)
     assert result.returncode == code, result.stdout
-    assert words in result.stderr and "Traceback" not in result.stderr
+    assert words.replace("{tmp}", str(tmp_path)) in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.mp4").exists()
 
 
