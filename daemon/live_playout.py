@@ -27,8 +27,9 @@ the frames: `Started` just before the first frame that carries a segment's speec
 `Finished` after the frame with its last sample (position = its whole length), or at a
 barge-in or close for a segment that started and had not finished (position = the speech
 that went out with frames so far, interrupted). A segment whose input ended without any
-speech (no audio, nothing speakable, every piece refused by the TTS) gets `Skipped` when
-its turn comes instead, so every segment that ends by itself is announced; one cut short
+speech (no audio, nothing speakable, every piece refused by the TTS; a `live_end` for a
+segment that got no input at all) gets `Skipped` when its turn comes instead, so every
+segment that ends by itself is announced; one cut short
 by a barge-in or close before its first frame gets nothing. A frame the worker drops (the
 client's ring is full) still counts as emitted: its tick's speech was played on the
 session's clock, and `Finished` must still come.
@@ -99,6 +100,7 @@ class Segment:
     text: str = ""  # text that is not a complete sentence yet
     tts_pending: int = 0  # pieces handed to the TTS whose audio has not all come back
     refusal: str = ""  # why the last piece of its text made no speech (for `Skipped`)
+    no_input: bool = False  # its live_end came before any input (`Playout.end`)
     resampler: StreamingResampler | None = None  # audio segments: client rate -> rate
     sample_rate: int = 0  # the client's rate (audio segments)
     taken: int = 0  # samples put into ticks
@@ -184,11 +186,15 @@ class Playout:
         if self._open is not None:
             self._end_input(self._open)
         seg = self._open = Segment(segment_id, kind)
-        self._known[segment_id] = seg
+        self._remember(seg)
+        return seg
+
+    def _remember(self, seg: Segment) -> None:
+        """Queue a new segment in its turn, and know it by its id."""
+        self._known[seg.segment_id] = seg
         while len(self._known) > KNOWN_SEGMENTS:
             self._known.popitem(last=False)
         self.segments.append(seg)
-        return seg
 
     def audio(self, segment_id: str, pcm: np.ndarray, sample_rate: int) -> bool:
         """Append speech (1-D float32 at `sample_rate`) to a segment, resampled to `rate`
@@ -223,9 +229,19 @@ class Playout:
         return True
 
     def end(self, segment_id: str) -> bool:
-        """No more input for a segment (`live_end`). False for one not taking input."""
+        """No more input for a segment (`live_end`). False for one not taking input.
+
+        A segment never seen (its live_end came before any input, or instead of it) is a
+        segment without speech: it takes its turn after those queued and gets `Skipped`
+        then, like any other that ends with nothing to play, so that a client waiting for
+        each segment's end event gets one. It does not end the segment taking input (no
+        input came for a new segment)."""
         seg = self._known.get(segment_id)
-        if seg is None or seg is not self._open:
+        if seg is None:
+            seg = Segment(segment_id, SegmentKind.AUDIO, input_ended=True, no_input=True)
+            self._remember(seg)
+            return True
+        if seg is not self._open:
             return False
         self._end_input(seg)
         return True
@@ -365,6 +381,8 @@ class Playout:
     def _skip_reason(seg: Segment) -> str:
         if seg.refusal:
             return seg.refusal
+        if seg.no_input:
+            return "its live_end came before any input"
         if seg.kind is SegmentKind.AUDIO:
             return "its input ended with no audio"
         return "its input ended with no text (or only whitespace)"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from avatard.daemon.live_playout import Finished, Playout, Started
+from avatard.daemon.live_playout import Finished, Playout, Skipped, Started
 from avatard.engines.audio import StreamingResampler, complete_sentences, resample
 
 RATE, FPS = 16000, 25
@@ -220,3 +220,22 @@ def test_a_huge_chunk_is_resampled_a_tick_at_a_time():
     assert seg.raw_samples > speech.size - 11 * TICK * 3
     pcm = np.concatenate([t.pcm for t, _, _ in results])
     np.testing.assert_array_equal(pcm, resample(speech[:48000], 48000, RATE)[:pcm.size])
+
+
+def test_a_live_end_for_a_segment_that_got_no_input_is_skipped_in_its_turn():
+    # Every segment whose input ended gets one end event: one that got nothing but its
+    # live_end is skipped when its turn comes (after the segment playing), and it does
+    # not end the segment still taking input.
+    playout = Playout(RATE, FPS)
+    playout.audio("a", tone(TICK * 2), RATE)
+    assert playout.end("empty")
+    playout.audio("a", tone(TICK), RATE)  # "a" still takes input
+    results = run_ticks(playout, 4)
+    assert events_of(results) == [Started("a")]
+    playout.end("a")
+    results += run_ticks(playout, 2, start=4)
+    assert events_of(results) == [
+        Started("a"), Finished("a", 3 * TICK / RATE, False),
+        Skipped("empty", "its live_end came before any input")]
+    assert not playout.end("empty")  # ended: a second live_end changes nothing
+    assert events_of(run_ticks(playout, 2, start=6)) == []

@@ -197,3 +197,22 @@ def test_a_client_that_reads_again_after_its_slots_were_taken_back_sees_the_time
             rec.until(lambda e: False)
     assert failure.value.code == P.E_TIMEOUT
     assert "client_call_s" in str(failure.value)
+
+
+def test_a_live_end_for_a_segment_that_got_no_input_gets_playback_skipped(tmp_path):
+    # Its one end event, in its turn (after the segment playing); input for it later is
+    # refused as for any ended segment.
+    speech = np.full(TICK * 10, 0.5, np.float32)
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        rec = Recorder(c.live(seed=6), seed=6)
+        rec.session.send_audio(speech, RATE, "a")
+        rec.session.end_segment("nothing")
+        rec.session.end_segment("a")
+        skipped = rec.until(segment_is(PlaybackSkippedEvent, "nothing"))
+        late = rec.session.send_audio(speech, RATE, "nothing")
+        refused = rec.until(lambda e: isinstance(e, InputRefusedEvent))
+        rec.close()
+    assert playback_order(rec) == [("started", "a"), ("finished", "a"),
+                                   ("skipped", "nothing")]
+    assert "live_end came before any input" in skipped.reason
+    assert (refused.req_id, refused.field) == (late, "segment_id")
