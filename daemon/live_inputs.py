@@ -32,6 +32,7 @@ class _Segment:
     kind: P.LiveInputKind | None  # AUDIO or TEXT; None: ended before any input came
     sample_rate: int = 0
     ended: bool = False
+    ended_by: str = ""  # what ended it, for the refusal of input that comes later
 
 
 @dataclass
@@ -93,7 +94,7 @@ class LiveInputs:
         if isinstance(msg, P.LiveText):
             seg = self._speech(session, msg.segment_id, P.LiveInputKind.TEXT, 0, msg.req_id)
             if msg.final:
-                self._end(session, msg.segment_id, seg)
+                self._end(session, msg.segment_id, seg, "by its final text")
             return make(P.LiveInputKind.TEXT, segment_id=msg.segment_id, text=msg.text,
                         final=msg.final)
         if isinstance(msg, P.LiveEnd):
@@ -102,14 +103,12 @@ class LiveInputs:
                 return None  # ended already (by a later segment, a barge-in): nothing to do
             if seg is None:
                 seg = self._remember(session, msg.segment_id, _Segment(None))
-            self._end(session, msg.segment_id, seg)
+            self._end(session, msg.segment_id, seg, "by live_end")
             return make(P.LiveInputKind.END, segment_id=msg.segment_id)
         if isinstance(msg, P.LiveInterrupt):
             # Every segment known so far is over: input still on its way for one of them
             # (the client's TTS had not stopped yet) is refused, never played.
-            for seg in session.segments.values():
-                seg.ended = True
-            session.open_segment = None
+            self._end_all(session, "by live_interrupt")
             return make(P.LiveInputKind.INTERRUPT)
         session.closing = True
         return make(P.LiveInputKind.CLOSE)
@@ -120,14 +119,15 @@ class LiveInputs:
         if seg is None:
             if session.open_segment is not None:  # a new segment ends the one before
                 self._end(session, session.open_segment,
-                          session.segments[session.open_segment])
+                          session.segments[session.open_segment],
+                          f"when input for segment {segment_id[:64]!r} began")
             seg = self._remember(session, segment_id, _Segment(kind, sample_rate))
             session.open_segment = segment_id
             return seg
         if seg.ended:
-            raise P.ProtocolError(P.E_BAD_INPUT, "segment_id", f"segment {segment_id!r} has "
-                                  "ended (live_end, final text, a later segment or "
-                                  "live_interrupt); send new speech in a new segment", req_id)
+            raise P.ProtocolError(P.E_BAD_INPUT, "segment_id", f"segment {segment_id!r} "
+                                  f"ended {seg.ended_by}; send new speech in a new segment",
+                                  req_id)
         if seg.kind is not kind:
             raise P.ProtocolError(P.E_BAD_INPUT, "segment_id", f"segment {segment_id!r} is "
                                   f"{seg.kind.value if seg.kind else 'empty'}; "
@@ -139,10 +139,17 @@ class LiveInputs:
         return seg
 
     @staticmethod
-    def _end(session: _Session, segment_id: str, seg: _Segment) -> None:
-        seg.ended = True
+    def _end(session: _Session, segment_id: str, seg: _Segment, ended_by: str) -> None:
+        seg.ended, seg.ended_by = True, ended_by
         if session.open_segment == segment_id:
             session.open_segment = None
+
+    @staticmethod
+    def _end_all(session: _Session, ended_by: str) -> None:
+        for seg in session.segments.values():
+            if not seg.ended:
+                seg.ended, seg.ended_by = True, ended_by
+        session.open_segment = None
 
     @staticmethod
     def _remember(session: _Session, segment_id: str, seg: _Segment) -> _Segment:
@@ -179,9 +186,8 @@ class LiveInputs:
         session = self.sessions.get(job_id)
         if session is None:
             return []
-        for seg in session.segments.values():
-            seg.ended = True
-        session.open_segment = None
+        self._end_all(session, "when the session moved to another worker (its queued "
+                      "speech was lost with the worker)")
         return self.cut_short(job_id, frames_delivered, fps)
 
     def cut_short(self, job_id: str, frames_delivered: int, fps: int

@@ -245,6 +245,7 @@ def test_interrupt_mid_segment_finishes_it_and_the_avatar_goes_idle(tmp_path, en
     assert not any(rec.audio[i].any() for i in range(after, after + 15))
     assert (refused.req_id, refused.code, refused.field) == (late, P.E_BAD_INPUT,
                                                              "segment_id")
+    assert "ended by live_end" in refused.rule  # its first end is what it says
     assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
     assert done.frames == len(rec.frames)
 
@@ -396,6 +397,7 @@ def test_a_worker_lost_mid_session_moves_it_and_its_clock_runs_on(tmp_path):
     assert sorted(rec.audio) == rec.frames and not rec.silenced
     assert (refused.req_id, refused.code, refused.field) == (late, P.E_BAD_INPUT,
                                                              "segment_id")
+    assert "moved to another worker" in refused.rule  # the refusal says why "a" ended
     assert (finished_b.position_s, finished_b.interrupted) == (0.2, False)
     assert (done.frames, done.frames_lost, done.attempts) == (len(rec.frames),
                                                               moved.frames_lost, 2)

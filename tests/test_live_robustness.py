@@ -216,3 +216,4 @@ def test_a_live_end_for_a_segment_that_got_no_input_gets_playback_skipped(tmp_pa
                                    ("skipped", "nothing")]
     assert "live_end came before any input" in skipped.reason
     assert (refused.req_id, refused.field) == (late, "segment_id")
+    assert "ended by live_end" in refused.rule
