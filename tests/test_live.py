@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
-from daemon_harness import run_daemon
+from daemon_harness import AVATARD, run_daemon
 
 from avatard.daemon.config import load_config
 from avatard.daemon.live_worker import render_ahead_frames
@@ -338,6 +339,10 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
             lambda s: {e["job_id"]: e["frames_dropped"] for e in s["live_sessions"]}.get(
                 slow.session.job_id, 0) > 0, 30, "stats to show the slow session's drops")
         assert all(e["late_frames"] >= 0 for e in stalled["live_sessions"])
+        shown = subprocess.run([AVATARD, "status", "--endpoint", d.endpoint],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert f"live {slow.session.job_id} on worker 0: frame " in shown.stdout
         slow.frames_more(20)
         steady.frames_more(10)
         # Each session's own figures in stats, while they run (the daemon may have sent
