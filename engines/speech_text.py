@@ -351,13 +351,14 @@ _FRACTION_NAMES = {2: ("half", "halves"), 4: ("quarter", "quarters")}
 _FRACTION_DENOMINATORS = frozenset({2, 3, 4, 5, 6, 8, 10, 16, 32, 64, 100})
 _DATE_CONTEXT = frozenset("on since by until till from before after due dated".split())
 # Times: "10:30", "10:30am", "10:30 p.m.", "14:05", "10:30:15"; "7 pm", "7pm", "7 a.m.".
-# The meridiem is read "ay em" / "pee em": spelled as sounds, so that no voice reads "AM"
-# as the verb or "a.m." as a sentence end.
+# The meridiem is read "eh em" / "pee em": spelled as sounds, so that no voice reads "AM"
+# as the verb (a voice that lowercases first would) or "a.m." as a sentence end. Not
+# "ay em": espeak-ng, the phonemizer of the Piper voices, says "ay" as "aye" ("eye em").
 _MERIDIEM = r"(?:\s?([ap])(\.\s?m\.|m\b))"
 _CLOCK = re.compile(rf"(?<![\d:.])([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?(?![\d:]){_MERIDIEM}?",
                     re.IGNORECASE)
 _HOUR_MERIDIEM = re.compile(rf"(?<![\d:.])(1[0-2]|0?[1-9]){_MERIDIEM}", re.IGNORECASE)
-_MERIDIEM_WORDS = {"a": "ay em", "p": "pee em"}
+_MERIDIEM_WORDS = {"a": "eh em", "p": "pee em"}
 # Slash dates: month/day/year by default (US order; the voices we ship are en_US), or
 # day/month/year when the first number cannot be a month and the second can (25/12/2026).
 _SLASH_DATE = re.compile(r"(?<![\d/])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\d/])")

@@ -115,11 +115,11 @@ def test_english_numbers_currency_dates_ordinals(text, said):
 
 
 @pytest.mark.parametrize("text, said", [
-    ("Meet at 10:30am today", "Meet at ten thirty ay em today"),
-    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty ay em sharp"),
+    ("Meet at 10:30am today", "Meet at ten thirty eh em today"),
+    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty eh em sharp"),
     ("Dinner at 7 pm", "Dinner at seven pee em"),
     ("Dinner at 7pm.", "Dinner at seven pee em."),
-    ("Up at 6 a.m. Then work.", "Up at six ay em. Then work."),
+    ("Up at 6 a.m. Then work.", "Up at six eh em. Then work."),
     ("Lands at 14:05", "Lands at fourteen oh five"),
     ("Lands at 14:00", "Lands at fourteen hundred"),
     ("Starts at 10:00", "Starts at ten o'clock"),
@@ -127,6 +127,28 @@ def test_english_numbers_currency_dates_ordinals(text, said):
 ])
 def test_english_times(text, said):
     assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, letters", [
+    ("Meet at 10:30 a.m. sharp", ("eɪ", "ɛm")),  # A, M: not "eye em"
+    ("Meet at 10:30am today", ("eɪ", "ɛm")),
+    ("Dinner at 7 p.m. tonight", ("piː", "ɛm")),
+])
+def test_meridiem_words_are_phonemized_as_the_letters(text, letters):
+    """What the shipped Piper voice says is decided by its espeak-ng phonemizer: the
+    words for a.m./p.m. must come out as the letter names, whatever they are spelled."""
+    piper = pytest.importorskip("piper")
+    from avatard.engines.embedded.tts import shipped_voice_path
+
+    path = shipped_voice_path()
+    voice = piper.PiperVoice.load(path, config_path=f"{path}.json")
+    said = Normaliser("en_US")(text)
+    words = said.split()
+    hour_end = next(i for i, w in enumerate(words) if w in ("thirty", "seven"))
+    meridiem = " ".join(words[hour_end + 1: hour_end + 3])
+    phonemes = ["".join(p for p in sentence if p not in "ˈˌʲ")
+                for sentence in voice.phonemize(meridiem)]
+    assert phonemes == [" ".join(letters)], (meridiem, phonemes)
 
 
 @pytest.mark.parametrize("text, said", [
