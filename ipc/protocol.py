@@ -68,6 +68,7 @@ E_NO_SESSION = "no_session"  # say hello (again): the session was never opened o
 E_BUSY = "busy"
 E_NO_SPACE = "no_space"  # /dev/shm cannot hold a ring or portrait this request needs
 E_DRAINING = "draining"
+E_UNAVAILABLE = "unavailable"  # every worker failed for good: no job can ever run
 E_STALE = "stale_slot"
 E_TIMEOUT = "timeout"
 E_CANCELLED = "cancelled"
