@@ -78,10 +78,17 @@ _LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
     "ja": frozenset({"Han", "Hiragana", "Katakana"}),
     "ko": frozenset({"Hangul", "Han"}),
 }
-# Scripts written without spaces between words: each character counts as a word when the
-# share of foreign text is measured.
+# Scripts written without spaces between words: touching runs of them are one word.
 _UNSPACED_SCRIPTS = frozenset({"Han", "Hiragana", "Katakana", "Thai", "Lao", "Khmer",
                                "Myanmar", "Tibetan"})
+# The languages most people who write a script speak, named first in hints ("set
+# voices_by_language for ru/uk/..."); the table's order would name Bashkir first.
+_MAIN_LANGUAGES: dict[str, tuple[str, ...]] = {
+    "Latin": ("en", "es", "fr", "de", "pt", "it"), "Cyrillic": ("ru", "uk", "sr", "bg"),
+    "Arabic": ("ar", "fa", "ur"), "Hebrew": ("he",), "Devanagari": ("hi", "mr", "ne"),
+    "Bengali": ("bn",), "Han": ("zh", "ja"), "Hiragana": ("ja",), "Katakana": ("ja",),
+    "Hangul": ("ko",), "Ethiopic": ("am",),
+}
 # Text whose words are at least this share in scripts the voice cannot read is refused; below
 # it the text is spoken (a few foreign words in a sentence).
 FOREIGN_SHARE_LIMIT = 0.5
@@ -99,9 +106,26 @@ def language_scripts(code: str) -> frozenset[str] | None:
 
 
 def languages_for_script(script: str) -> list[str]:
-    """Language codes written in `script`, for hints in error messages."""
+    """Language codes written in `script`, for hints in error messages: its main languages
+    first ("ru", "uk" for Cyrillic), then the others, shortest code first."""
     codes = [code for code, scripts in _LANGUAGE_SCRIPTS.items() if script in scripts]
-    return sorted(codes, key=lambda code: (len(code), code))
+    main = [code for code in _MAIN_LANGUAGES.get(script, ()) if code in codes]
+    return main + sorted(set(codes) - set(main), key=lambda code: (len(code), code))
+
+
+def languages_for_scripts(words_by_script: Mapping[str, int]) -> list[str]:
+    """Language codes for text whose words are in these scripts (script -> words), best
+    first: those that read the most of the words (Japanese for Han with kana), then in the
+    order `languages_for_script` gives, the script with the most words first."""
+    order: dict[str, int] = {}
+    for script in sorted(words_by_script, key=lambda script: -words_by_script[script]):
+        for code in languages_for_script(script):
+            order.setdefault(code, len(order))
+
+    def covered(code: str) -> int:
+        return sum(n for script, n in words_by_script.items() if script in _LANGUAGE_SCRIPTS[code])
+
+    return sorted(order, key=lambda code: (-covered(code), order[code]))
 
 
 def char_script(ch: str) -> str:
@@ -126,12 +150,16 @@ _SCRIPT_CODE_NAMES = {"Hira": "Hiragana", "Kana": "Katakana", "Hani": "Han", "Ar
 
 @dataclass(frozen=True)
 class ScriptRun:
-    """A maximal run of letters (with their marks) of one script: text[start:end]."""
+    """A maximal run of letters (with their marks) of one script: text[start:end]. A run
+    is one word, also in scripts written without spaces (Han, kana, Thai...), where a run
+    is a phrase: counting its characters made a name in an English sentence ("Tokyo 東京")
+    outweigh the sentence. Runs of such scripts that touch ("寿司を食べる": Han, kana, Han,
+    kana) are one word together: the first has `words` 1, the others 0."""
 
     script: str
     start: int
     end: int
-    words: int  # words in the run (characters, for scripts written without spaces)
+    words: int = 1
 
 
 def script_runs(text: str) -> list[ScriptRun]:
@@ -147,17 +175,18 @@ def script_runs(text: str) -> list[ScriptRun]:
         this = char_script(ch) if category.startswith("L") else ""
         if this != script:
             if script:
-                runs.append(_run(text, script, start, index))
+                runs.append(_run(runs, script, start, index))
             script, start = this, index
     if script:
-        runs.append(_run(text, script, start, len(text)))
+        runs.append(_run(runs, script, start, len(text)))
     return runs
 
 
-def _run(text: str, script: str, start: int, end: int) -> ScriptRun:
-    piece = text[start:end]
-    words = len(piece) if script in _UNSPACED_SCRIPTS else 1
-    return ScriptRun(script, start, end, words)
+def _run(runs: list[ScriptRun], script: str, start: int, end: int) -> ScriptRun:
+    before = runs[-1] if runs else None
+    continues = (before is not None and before.end == start and script in _UNSPACED_SCRIPTS
+                 and before.script in _UNSPACED_SCRIPTS)
+    return ScriptRun(script, start, end, 0 if continues else 1)
 
 
 @dataclass(frozen=True)
@@ -644,12 +673,12 @@ def _script_refusal(check: ScriptCheck, voice: str, languages: Sequence[str]) ->
     scripts = ", ".join(f"{script} ({words} of {check.words} words)"
                         for script, words in check.foreign.most_common())
     scripts = scripts.replace(", ", " and ", 1) if len(check.foreign) == 2 else scripts
-    main = check.foreign.most_common(1)[0][0]
-    hint = languages_for_script(main)
+    hint = languages_for_scripts(check.foreign)
     route = (f"; set the TTS engine's voices_by_language for {'/'.join(hint[:4])}, or pick "
              "a voice for it" if hint else "")
-    return (f"is written in the {scripts} script, which voice {voice!r} cannot speak (it "
-            f"speaks {', '.join(languages)}){route}")
+    plural = "s" * (len(check.foreign) > 1)
+    return (f"is written in the {scripts} script{plural}, which voice {voice!r} cannot speak "
+            f"(it speaks {', '.join(languages)}){route}")
 
 
 MAX_WORDS_NAMED = 5  # a warning quotes at most this many of the words left out
@@ -663,13 +692,19 @@ def dropped_words_message(text: str, check: ScriptCheck, voice: str,
     dropped = [run for run in check.foreign_runs if run.script != "Latin"]
     if not dropped:
         return ""
-    scripts: Counter = Counter()
+    # Words as the script check counts them: touching runs ("寿司を") are one word, so the
+    # count and the words quoted agree.
+    words: list[list[ScriptRun]] = []
     for run in dropped:
-        scripts[run.script] += run.words
-    count = sum(scripts.values())
-    named = ", ".join(f"{script} ({words})" for script, words in scripts.most_common())
-    quoted = ", ".join(repr(text[run.start:run.end]) for run in dropped[:MAX_WORDS_NAMED])
-    more = f" and {len(dropped) - MAX_WORDS_NAMED} more" if len(dropped) > MAX_WORDS_NAMED else ""
+        if words and words[-1][-1].end == run.start and not run.words:
+            words[-1].append(run)
+        else:
+            words.append([run])
+    scripts: Counter = Counter(word[0].script for word in words)
+    count = len(words)
+    named = ", ".join(f"{script} ({n})" for script, n in scripts.most_common())
+    quoted = ", ".join(repr(text[word[0].start:word[-1].end]) for word in words[:MAX_WORDS_NAMED])
+    more = f" and {count - MAX_WORDS_NAMED} more" if count > MAX_WORDS_NAMED else ""
     return (f"left out {count} word{'s' * (count != 1)} in the {named} script"
             f"{'s' * (len(scripts) > 1)} ({quoted}{more}), which voice {voice!r} cannot "
             f"read (it speaks {', '.join(languages)}); the rest is spoken")
