@@ -28,6 +28,7 @@ imported here only, and docs/engines.md says why they were chosen.
 
 from __future__ import annotations
 
+import calendar
 import html
 import logging
 import re
@@ -416,6 +417,16 @@ def _sentence_end(match: re.Match, group: int) -> str:
     return "." if dotted and ends else ""
 
 
+def _is_date(month: int, day: int, year: int | None = None) -> bool:
+    """Whether month/day (of `year`; a 2-digit year is 20xx; None: any year, so February
+    29th is a date) is a day of the calendar: "2/30" and "4/31" are not."""
+    if not 1 <= month <= 12 or day < 1:
+        return False
+    if year is not None and year < 100:
+        year += 2000
+    return day <= calendar.monthrange(year if year is not None else 2000, month)[1]
+
+
 def _roman_value(numeral: str) -> int | None:
     """The value of a canonical Roman numeral of I, V and X (1..39), else None."""
     total = 0
@@ -516,8 +527,8 @@ class Normaliser:
 
     def _iso_date(self, match: re.Match) -> str:
         year, month, day = (int(g) for g in match.groups())
-        if not (1 <= month <= 12 and 1 <= day <= 31):
-            return match.group()
+        if not _is_date(month, day, year):
+            return " ".join(match.groups())  # "2026-02-30": the numbers, read on
         return (f"{_MONTHS[month - 1]} {self._converter.to_ordinal(day)}, "
                 f"{self._converter.to_year(year)}")
 
@@ -537,11 +548,12 @@ class Normaliser:
 
     def _slash_date(self, match: re.Match) -> str:
         first, second, year = int(match.group(1)), int(match.group(2)), match.group(3)
-        if 1 <= first <= 12 and 1 <= second <= 31:
+        if _is_date(first, second, int(year)):
             return self._date_words(first, second, year)
-        if 1 <= second <= 12 and 13 <= first <= 31:
+        if first > 12 and _is_date(second, first, int(year)):
             return self._date_words(second, first, year)
-        return " ".join(match.group().split("/"))  # not a date: the numbers, read on
+        # Not a day of the calendar ("02/30/2026", "4/31/2026"): the numbers, read on.
+        return " ".join(match.group().split("/"))
 
     def _clock(self, match: re.Match) -> str:
         hour, minute, second = int(match.group(1)), int(match.group(2)), match.group(3)
@@ -579,9 +591,12 @@ class Normaliser:
         before = match.string[: match.start()].split()
         date_context = bool(before) and before[-1].lower() in _DATE_CONTEXT
         is_fraction = 0 < numerator < denominator and denominator in _FRACTION_DENOMINATORS
-        if (date_context or not is_fraction) and 1 <= numerator <= 12 and 1 <= denominator <= 31:
+        if (date_context or not is_fraction) and _is_date(numerator, denominator):
             return self._date_words(numerator, denominator, None)  # "9/11", "on 7/8"
-        if not 0 < numerator < denominator:
+        # Not a date: a fraction ("2/30": two thirtieths), also an improper one over a
+        # denominator of measures ("13/4": thirteen quarters); else the two numbers.
+        improper = numerator > denominator and denominator in _FRACTION_DENOMINATORS
+        if not (0 < numerator < denominator or improper):
             return f"{match.group(1)} {match.group(2)}"  # "24/7", "50/50": read the numbers
         count = self._converter.to_cardinal(numerator)
         if denominator in _FRACTION_NAMES:

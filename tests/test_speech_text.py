@@ -218,6 +218,20 @@ def test_meridiem_words_are_phonemized_as_the_letters(text, letters):
     ("About 1/3 of it", "About one third of it"),
     ("Open 24/7", "Open twenty-four seven"),
     ("No date 13/45/2020", "No date thirteen forty-five two thousand and twenty"),
+    # Days the calendar does not have are not dates: the numbers, or a fraction.
+    ("Due 02/30/2026", "Due two thirty two thousand and twenty-six"),
+    ("Due 4/31/2026", "Due four thirty-one two thousand and twenty-six"),
+    ("Due 31/4/2026", "Due thirty-one four two thousand and twenty-six"),
+    ("Due 2/29/2026", "Due two twenty-nine two thousand and twenty-six"),
+    ("Due 2/29/2024", "Due February twenty-ninth, twenty twenty-four"),  # a leap year
+    ("Due 30/4/2026", "Due April thirtieth, twenty twenty-six"),
+    ("on 2026-02-30", "on two thousand and twenty-six two thirty"),
+    ("Add 2/30", "Add two thirtieths"),
+    ("on 4/31", "on four thirty-firsts"),
+    # An improper fraction over a denominator of measures, when it is no date.
+    ("Add 13/4 cup", "Add thirteen quarters cup"),
+    ("Add 5/4 cup", "Add May fourth cup"),  # a valid month/day stays a date (the rule)
+    ("Ratio 16/9", "Ratio sixteen nine"),
 ])
 def test_english_slash_dates_and_fractions(text, said):
     assert Normaliser("en_US")(text) == said
