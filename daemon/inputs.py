@@ -49,7 +49,8 @@ class StreamedInputs:
         """Refuse an input announced as `samples` long: `ProtocolError` bad_input/audio
         when it is over `max_media_s`."""
         if samples > self.max_media_s * sample_rate:
-            raise P.ProtocolError(P.E_BAD_INPUT, "audio", f"is {samples / sample_rate:.1f} s "
+            shown = P.seconds_over(samples / sample_rate, self.max_media_s)
+            raise P.ProtocolError(P.E_BAD_INPUT, "audio", f"is {shown} s "
                                   f"long; the limit is {self.max_media_s:g} s "
                                   "(daemon.max_media_s)", req_id)
 

@@ -221,6 +221,16 @@ class WorkerPool:
     def all_failed(self) -> bool:
         return all(w.state is WState.FAILED for w in self.workers)
 
+    def unavailable_reason(self) -> str | None:
+        """Why no job can ever run, when every worker has failed for good (FAILED is
+        final: nothing restarts it without an operator), naming each worker's failure;
+        None while any worker is up or may still come up."""
+        if not self.workers or not self.all_failed():
+            return None
+        failures = "; ".join(f"worker {w.index}: {w.reason or 'failed'}" for w in self.workers)
+        return ("no worker can run jobs: every worker failed for good and none is restarted "
+                f"(fix the cause, then restart the daemon): {failures}")
+
     def capacities(self) -> dict[int, int]:
         """Places of every up worker (READY or BUSY): index -> jobs it runs at once."""
         return {w.index: w.capacity for w in self.workers if w.state in UP}

@@ -42,6 +42,7 @@ from .pool import (
     PoolEvent,
     ProcessHandle,
     WorkerExited,
+    WorkerGaveUp,
     WorkerId,
     WorkerLost,
     WorkerPool,
@@ -295,12 +296,20 @@ class Supervisor:
                 self._live_session_moving(item.job)
             elif item is None or isinstance(item, Requeued):
                 pass  # nothing to do (yet): requeued jobs are placed by the next step
-            # WorkerGaveUp changes only what status shows.
+            elif isinstance(item, WorkerGaveUp):
+                self._fail_if_unavailable(now)
         for index in range(len(self.pool)):
             self.pool.set_load(index, self.book.load(index), now)
         # At once, not at the end of the tick: systemd sees each step (READY=1, then
         # the next worker starting) as its own STATUS= line.
         self.board.publish(self.pool.state_counts(), len(self.book.queue), len(self.pool))
+
+    def _fail_if_unavailable(self, now: float) -> None:
+        """The last worker gave up: no queued job can ever be placed, so each ends now
+        with the workers' failure instead of at its deadline."""
+        unavailable = self.pool.unavailable_reason()
+        if unavailable is not None and not self.draining:
+            self._route(self.book.end_all(P.E_UNAVAILABLE, unavailable), now)
 
     def _send(self, index: int, msg: P.Msg, *parts: bytes) -> None:
         identity = self.pool.workers[index].id.identity()
@@ -561,6 +570,9 @@ class Supervisor:
             if self.draining:
                 raise P.ProtocolError(P.E_DRAINING, "type", "daemon is shutting down; "
                                       "not accepting jobs", req_id)
+            if (unavailable := self.pool.unavailable_reason()) is not None:
+                # Accepted, the job would wait silently until its deadline.
+                raise P.ProtocolError(P.E_UNAVAILABLE, "type", unavailable, req_id)
             self._accept(session, msg, extra, now)
 
     def _client_job(self, identity: bytes, job_id: str, req_id: int) -> Job:

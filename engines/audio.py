@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avatard.ipc.protocol import seconds_over
+
 from .base import EngineInputError
 
 MIN_SAMPLE_RATE = 8000
@@ -85,7 +87,8 @@ def validate_pcm(
     if duration_s > max_duration_s:
         where = f" ({limit_key})" if limit_key else ""
         raise EngineInputError(
-            field, f"is {duration_s:.1f} s long; the limit is {max_duration_s:g} s{where}"
+            field, f"is {seconds_over(duration_s, max_duration_s)} s long; the limit is "
+            f"{max_duration_s:g} s{where}"
         )
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
         samples = np.ascontiguousarray(samples, dtype=np.float32)

@@ -28,6 +28,7 @@ imported here only, and docs/engines.md says why they were chosen.
 
 from __future__ import annotations
 
+import calendar
 import html
 import logging
 import re
@@ -78,10 +79,17 @@ _LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
     "ja": frozenset({"Han", "Hiragana", "Katakana"}),
     "ko": frozenset({"Hangul", "Han"}),
 }
-# Scripts written without spaces between words: each character counts as a word when the
-# share of foreign text is measured.
+# Scripts written without spaces between words: touching runs of them are one word.
 _UNSPACED_SCRIPTS = frozenset({"Han", "Hiragana", "Katakana", "Thai", "Lao", "Khmer",
                                "Myanmar", "Tibetan"})
+# The languages most people who write a script speak, named first in hints ("set
+# voices_by_language for ru/uk/..."); the table's order would name Bashkir first.
+_MAIN_LANGUAGES: dict[str, tuple[str, ...]] = {
+    "Latin": ("en", "es", "fr", "de", "pt", "it"), "Cyrillic": ("ru", "uk", "sr", "bg"),
+    "Arabic": ("ar", "fa", "ur"), "Hebrew": ("he",), "Devanagari": ("hi", "mr", "ne"),
+    "Bengali": ("bn",), "Han": ("zh", "ja"), "Hiragana": ("ja",), "Katakana": ("ja",),
+    "Hangul": ("ko",), "Ethiopic": ("am",),
+}
 # Text whose words are at least this share in scripts the voice cannot read is refused; below
 # it the text is spoken (a few foreign words in a sentence).
 FOREIGN_SHARE_LIMIT = 0.5
@@ -99,9 +107,26 @@ def language_scripts(code: str) -> frozenset[str] | None:
 
 
 def languages_for_script(script: str) -> list[str]:
-    """Language codes written in `script`, for hints in error messages."""
+    """Language codes written in `script`, for hints in error messages: its main languages
+    first ("ru", "uk" for Cyrillic), then the others, shortest code first."""
     codes = [code for code, scripts in _LANGUAGE_SCRIPTS.items() if script in scripts]
-    return sorted(codes, key=lambda code: (len(code), code))
+    main = [code for code in _MAIN_LANGUAGES.get(script, ()) if code in codes]
+    return main + sorted(set(codes) - set(main), key=lambda code: (len(code), code))
+
+
+def languages_for_scripts(words_by_script: Mapping[str, int]) -> list[str]:
+    """Language codes for text whose words are in these scripts (script -> words), best
+    first: those that read the most of the words (Japanese for Han with kana), then in the
+    order `languages_for_script` gives, the script with the most words first."""
+    order: dict[str, int] = {}
+    for script in sorted(words_by_script, key=lambda script: -words_by_script[script]):
+        for code in languages_for_script(script):
+            order.setdefault(code, len(order))
+
+    def covered(code: str) -> int:
+        return sum(n for script, n in words_by_script.items() if script in _LANGUAGE_SCRIPTS[code])
+
+    return sorted(order, key=lambda code: (-covered(code), order[code]))
 
 
 def char_script(ch: str) -> str:
@@ -126,12 +151,16 @@ _SCRIPT_CODE_NAMES = {"Hira": "Hiragana", "Kana": "Katakana", "Hani": "Han", "Ar
 
 @dataclass(frozen=True)
 class ScriptRun:
-    """A maximal run of letters (with their marks) of one script: text[start:end]."""
+    """A maximal run of letters (with their marks) of one script: text[start:end]. A run
+    is one word, also in scripts written without spaces (Han, kana, Thai...), where a run
+    is a phrase: counting its characters made a name in an English sentence ("Tokyo 東京")
+    outweigh the sentence. Runs of such scripts that touch ("寿司を食べる": Han, kana, Han,
+    kana) are one word together: the first has `words` 1, the others 0."""
 
     script: str
     start: int
     end: int
-    words: int  # words in the run (characters, for scripts written without spaces)
+    words: int = 1
 
 
 def script_runs(text: str) -> list[ScriptRun]:
@@ -147,17 +176,18 @@ def script_runs(text: str) -> list[ScriptRun]:
         this = char_script(ch) if category.startswith("L") else ""
         if this != script:
             if script:
-                runs.append(_run(text, script, start, index))
+                runs.append(_run(runs, script, start, index))
             script, start = this, index
     if script:
-        runs.append(_run(text, script, start, len(text)))
+        runs.append(_run(runs, script, start, len(text)))
     return runs
 
 
-def _run(text: str, script: str, start: int, end: int) -> ScriptRun:
-    piece = text[start:end]
-    words = len(piece) if script in _UNSPACED_SCRIPTS else 1
-    return ScriptRun(script, start, end, words)
+def _run(runs: list[ScriptRun], script: str, start: int, end: int) -> ScriptRun:
+    before = runs[-1] if runs else None
+    continues = (before is not None and before.end == start and script in _UNSPACED_SCRIPTS
+                 and before.script in _UNSPACED_SCRIPTS)
+    return ScriptRun(script, start, end, 0 if continues else 1)
 
 
 @dataclass(frozen=True)
@@ -351,13 +381,14 @@ _FRACTION_NAMES = {2: ("half", "halves"), 4: ("quarter", "quarters")}
 _FRACTION_DENOMINATORS = frozenset({2, 3, 4, 5, 6, 8, 10, 16, 32, 64, 100})
 _DATE_CONTEXT = frozenset("on since by until till from before after due dated".split())
 # Times: "10:30", "10:30am", "10:30 p.m.", "14:05", "10:30:15"; "7 pm", "7pm", "7 a.m.".
-# The meridiem is read "ay em" / "pee em": spelled as sounds, so that no voice reads "AM"
-# as the verb or "a.m." as a sentence end.
+# The meridiem is read "eh em" / "pee em": spelled as sounds, so that no voice reads "AM"
+# as the verb (a voice that lowercases first would) or "a.m." as a sentence end. Not
+# "ay em": espeak-ng, the phonemizer of the Piper voices, says "ay" as "aye" ("eye em").
 _MERIDIEM = r"(?:\s?([ap])(\.\s?m\.|m\b))"
 _CLOCK = re.compile(rf"(?<![\d:.])([01]?\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?(?![\d:]){_MERIDIEM}?",
                     re.IGNORECASE)
 _HOUR_MERIDIEM = re.compile(rf"(?<![\d:.])(1[0-2]|0?[1-9]){_MERIDIEM}", re.IGNORECASE)
-_MERIDIEM_WORDS = {"a": "ay em", "p": "pee em"}
+_MERIDIEM_WORDS = {"a": "eh em", "p": "pee em"}
 # Slash dates: month/day/year by default (US order; the voices we ship are en_US), or
 # day/month/year when the first number cannot be a month and the second can (25/12/2026).
 _SLASH_DATE = re.compile(r"(?<![\d/])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\d/])")
@@ -384,6 +415,16 @@ def _sentence_end(match: re.Match, group: int) -> str:
     rest = match.string[match.end():]
     ends = not rest.strip() or bool(re.match(r"\s+[A-Z\"'(]", rest))
     return "." if dotted and ends else ""
+
+
+def _is_date(month: int, day: int, year: int | None = None) -> bool:
+    """Whether month/day (of `year`; a 2-digit year is 20xx; None: any year, so February
+    29th is a date) is a day of the calendar: "2/30" and "4/31" are not."""
+    if not 1 <= month <= 12 or day < 1:
+        return False
+    if year is not None and year < 100:
+        year += 2000
+    return day <= calendar.monthrange(year if year is not None else 2000, month)[1]
 
 
 def _roman_value(numeral: str) -> int | None:
@@ -486,8 +527,8 @@ class Normaliser:
 
     def _iso_date(self, match: re.Match) -> str:
         year, month, day = (int(g) for g in match.groups())
-        if not (1 <= month <= 12 and 1 <= day <= 31):
-            return match.group()
+        if not _is_date(month, day, year):
+            return " ".join(match.groups())  # "2026-02-30": the numbers, read on
         return (f"{_MONTHS[month - 1]} {self._converter.to_ordinal(day)}, "
                 f"{self._converter.to_year(year)}")
 
@@ -507,11 +548,12 @@ class Normaliser:
 
     def _slash_date(self, match: re.Match) -> str:
         first, second, year = int(match.group(1)), int(match.group(2)), match.group(3)
-        if 1 <= first <= 12 and 1 <= second <= 31:
+        if _is_date(first, second, int(year)):
             return self._date_words(first, second, year)
-        if 1 <= second <= 12 and 13 <= first <= 31:
+        if first > 12 and _is_date(second, first, int(year)):
             return self._date_words(second, first, year)
-        return " ".join(match.group().split("/"))  # not a date: the numbers, read on
+        # Not a day of the calendar ("02/30/2026", "4/31/2026"): the numbers, read on.
+        return " ".join(match.group().split("/"))
 
     def _clock(self, match: re.Match) -> str:
         hour, minute, second = int(match.group(1)), int(match.group(2)), match.group(3)
@@ -549,9 +591,12 @@ class Normaliser:
         before = match.string[: match.start()].split()
         date_context = bool(before) and before[-1].lower() in _DATE_CONTEXT
         is_fraction = 0 < numerator < denominator and denominator in _FRACTION_DENOMINATORS
-        if (date_context or not is_fraction) and 1 <= numerator <= 12 and 1 <= denominator <= 31:
+        if (date_context or not is_fraction) and _is_date(numerator, denominator):
             return self._date_words(numerator, denominator, None)  # "9/11", "on 7/8"
-        if not 0 < numerator < denominator:
+        # Not a date: a fraction ("2/30": two thirtieths), also an improper one over a
+        # denominator of measures ("13/4": thirteen quarters); else the two numbers.
+        improper = numerator > denominator and denominator in _FRACTION_DENOMINATORS
+        if not (0 < numerator < denominator or improper):
             return f"{match.group(1)} {match.group(2)}"  # "24/7", "50/50": read the numbers
         count = self._converter.to_cardinal(numerator)
         if denominator in _FRACTION_NAMES:
@@ -643,12 +688,12 @@ def _script_refusal(check: ScriptCheck, voice: str, languages: Sequence[str]) ->
     scripts = ", ".join(f"{script} ({words} of {check.words} words)"
                         for script, words in check.foreign.most_common())
     scripts = scripts.replace(", ", " and ", 1) if len(check.foreign) == 2 else scripts
-    main = check.foreign.most_common(1)[0][0]
-    hint = languages_for_script(main)
+    hint = languages_for_scripts(check.foreign)
     route = (f"; set the TTS engine's voices_by_language for {'/'.join(hint[:4])}, or pick "
              "a voice for it" if hint else "")
-    return (f"is written in the {scripts} script, which voice {voice!r} cannot speak (it "
-            f"speaks {', '.join(languages)}){route}")
+    plural = "s" * (len(check.foreign) > 1)
+    return (f"is written in the {scripts} script{plural}, which voice {voice!r} cannot speak "
+            f"(it speaks {', '.join(languages)}){route}")
 
 
 MAX_WORDS_NAMED = 5  # a warning quotes at most this many of the words left out
@@ -662,13 +707,19 @@ def dropped_words_message(text: str, check: ScriptCheck, voice: str,
     dropped = [run for run in check.foreign_runs if run.script != "Latin"]
     if not dropped:
         return ""
-    scripts: Counter = Counter()
+    # Words as the script check counts them: touching runs ("寿司を") are one word, so the
+    # count and the words quoted agree.
+    words: list[list[ScriptRun]] = []
     for run in dropped:
-        scripts[run.script] += run.words
-    count = sum(scripts.values())
-    named = ", ".join(f"{script} ({words})" for script, words in scripts.most_common())
-    quoted = ", ".join(repr(text[run.start:run.end]) for run in dropped[:MAX_WORDS_NAMED])
-    more = f" and {len(dropped) - MAX_WORDS_NAMED} more" if len(dropped) > MAX_WORDS_NAMED else ""
+        if words and words[-1][-1].end == run.start and not run.words:
+            words[-1].append(run)
+        else:
+            words.append([run])
+    scripts: Counter = Counter(word[0].script for word in words)
+    count = len(words)
+    named = ", ".join(f"{script} ({n})" for script, n in scripts.most_common())
+    quoted = ", ".join(repr(text[word[0].start:word[-1].end]) for word in words[:MAX_WORDS_NAMED])
+    more = f" and {count - MAX_WORDS_NAMED} more" if count > MAX_WORDS_NAMED else ""
     return (f"left out {count} word{'s' * (count != 1)} in the {named} script"
             f"{'s' * (len(scripts) > 1)} ({quoted}{more}), which voice {voice!r} cannot "
             f"read (it speaks {', '.join(languages)}); the rest is spoken")

@@ -68,6 +68,7 @@ E_NO_SESSION = "no_session"  # say hello (again): the session was never opened o
 E_BUSY = "busy"
 E_NO_SPACE = "no_space"  # /dev/shm cannot hold a ring or portrait this request needs
 E_DRAINING = "draining"
+E_UNAVAILABLE = "unavailable"  # every worker failed for good: no job can ever run
 E_STALE = "stale_slot"
 E_TIMEOUT = "timeout"
 E_CANCELLED = "cancelled"
@@ -876,6 +877,18 @@ WORKER_TO_SUPERVISOR = (WHello, WLoading, WReady, WLoadFailed, WHeartbeat, WFram
                         WTranscript, WJobDone, WJobFailed, WPlaybackStarted, WPlaybackFinished,
                         WJobWarning, WSpeechRefused, WPlaybackSkipped)
 SUPERVISOR_TO_WORKER = (RunJob, CancelJob, JobInput, LiveInput, Shutdown)
+
+
+def seconds_over(duration_s: float, limit_s: float) -> str:
+    """`duration_s` (seconds) written for a message that says it is over `limit_s`: one
+    decimal, or as many more as it takes for the number shown to be over the limit too
+    (600.05 against 600 is "600.05", never "600.0"). A duration within the limit gets one
+    decimal."""
+    for decimals in range(1, 10):
+        shown = f"{duration_s:.{decimals}f}"
+        if duration_s <= limit_s or float(shown) > limit_s:
+            return shown
+    return repr(duration_s)
 
 
 class ProtocolError(Exception):

@@ -19,6 +19,7 @@ from avatard.engines.audio import (
     validate_text,
 )
 from avatard.engines.base import EngineInputError
+from avatard.ipc.protocol import seconds_over
 
 
 def tone(freq_hz: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
@@ -329,3 +330,22 @@ def test_pack_sentences_keeps_every_word_within_the_limit(max_chars: int):
     assert "".join(pieces).replace(" ", "") == text.replace(" ", "")
     if max_chars >= 20:  # sentences whole where they fit: the first piece ends one
         assert pieces[0].startswith("Hello there.")
+
+
+@pytest.mark.parametrize("duration_s, limit_s, shown", [
+    (600.05, 600, "600.05"),
+    (600.004, 600, "600.004"),
+    (601.0, 600, "601.0"),
+    (61.0, 60, "61.0"),
+    (5.25, 5.2, "5.25"),
+    (600.0, 600, "600.0"),  # not over: one decimal
+])
+def test_a_duration_over_a_limit_is_written_over_it(duration_s, limit_s, shown):
+    assert seconds_over(duration_s, limit_s) == shown
+
+
+def test_audio_just_past_the_limit_is_not_said_to_be_at_it():
+    rate = 16000
+    with pytest.raises(EngineInputError) as error:
+        validate_pcm(np.zeros(rate * 600 + rate // 20, np.float32), rate, max_duration_s=600)
+    assert "is 600.05 s long; the limit is 600 s" in error.value.rule, error.value.rule

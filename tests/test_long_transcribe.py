@@ -83,6 +83,21 @@ def test_input_past_the_daemon_limit_names_its_key(slow_asr_daemon, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_input_just_past_the_limit_is_not_said_to_be_at_it(slow_asr_daemon, tmp_path):
+    # 60.05 s against a 60 s limit: one decimal would say "is 60.0 s long", which reads as
+    # within the limit.
+    path = _wav_file(tmp_path / "just-over.wav", _bursts(60.05))
+    result = subprocess.run(
+        [AVATARD, "transcribe", str(path), "--endpoint", slow_asr_daemon.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout
+    assert "audio: is 60.05 s long; the limit is 60 s (daemon.max_media_s)" in result.stderr, (
+        result.stderr)
+
+
 def test_a_hung_transcription_is_still_caught(tmp_path):
     # The engine stops reporting at 3 s of the input: the watchdog kills the worker after
     # stall_timeout_s, the retry hangs again, and the job ends worker_error.

@@ -124,7 +124,7 @@ def test_words_the_voice_cannot_read_are_a_warning_and_the_rest_is_spoken(embedd
     result = _run("render", "Please say 你好 to everyone.", "-o", str(out), "--endpoint",
                   embedded_daemon.endpoint)
     assert result.returncode == 0, result.stderr
-    assert "warning: text: left out 2 words in the Han (2) script ('你好')" in result.stderr
+    assert "warning: text: left out 1 word in the Han (1) script ('你好')" in result.stderr
     assert "voice 'en_US-joe-medium' cannot read" in result.stderr
     _check_mp4(out)
 

@@ -5,6 +5,8 @@ ones); every test closes them all (the autouse leak check in conftest.py)."""
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +90,30 @@ def release(desc: P.SlotDesc, req_id: int = 3) -> P.Release:
 
 
 # ------------------------------------------------------------------ lifecycle
+
+
+def test_a_local_sessions_input_ring_is_the_size_the_docs_say_and_reserved(port):
+    """docs/security.md and docs/config.md state what a local session takes in /dev/shm
+    with the default [rings]: the ring the daemon really makes, every page reserved."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    security = (docs / "security.md").read_text(encoding="utf-8")
+    config_doc = (docs / "config.md").read_text(encoding="utf-8")
+    sessions = Sessions(RingsConfig(), port, client_call_s=30.0, session_idle_s=300.0)
+    try:
+        ring = sessions.hello(LOCAL, False, T0).input_ring
+        assert ring is not None
+        stat = os.stat(segments.SHM_DIR / ring.name)
+        assert stat.st_blocks * 512 >= stat.st_size  # reserved up front, not sparse
+        mib = stat.st_size / (1 << 20)
+    finally:
+        sessions.close_all()
+    said = re.search(r"its own input ring: (\d+) MiB with the default", security)
+    assert said and int(said.group(1)) == round(mib), (said, mib)
+    assert "reserved in /dev/shm when the ring is made" in security
+    assert "sparse" not in security
+    row = re.search(r"\| each local session \(`inline = false`\) \| [^|]+\| ([\d.]+) \|",
+                    config_doc)
+    assert row and float(row.group(1)) == round(mib, 1), (row, mib)
 
 
 def test_hello_opens_one_session_per_client(sessions):

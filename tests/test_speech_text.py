@@ -66,7 +66,7 @@ def test_words_left_out_are_told_naming_their_script_and_the_voice():
     assert " ".join(s.text for s in pieces).startswith("Please say and to everyone")
     assert len(warnings) == 1, warnings
     message = warnings[0]
-    assert "Han (2)" in message and "Arabic (1)" in message and "scripts" in message
+    assert "Han (1)" in message and "Arabic (1)" in message and "scripts" in message
     assert "'你好'" in message and "'مرحبا'" in message
     assert "voice 'en_US-joe-medium' cannot read (it speaks en_US)" in message
     # Nothing left out, nothing said: English text, and Latin words in Russian text.
@@ -75,6 +75,59 @@ def test_words_left_out_are_told_naming_their_script_and_the_voice():
     SpeechText.parse("Купите новый iPhone сегодня в нашем магазине").sentences(
         "v", ["ru"], warn=quiet.append)
     assert quiet == []
+
+
+@pytest.mark.parametrize("text, left_out", [
+    # A run of a script written without spaces is one word, as a run of any script.
+    ("Say こんにちは to everyone.", ["こんにちは"]),
+    ("Tokyo 東京 Osaka 大阪 are cities.", ["東京", "大阪"]),
+    # Touching runs of such scripts (Han, kana, Han, kana) are one word together.
+    ("We ate 寿司を食べる together.", ["寿司を食べる"]),
+])
+def test_names_in_scripts_without_spaces_do_not_outweigh_the_sentence(text, left_out):
+    warnings: list[str] = []
+    said = " ".join(s.text for s in SpeechText.parse(text).sentences(
+        "v", EN, warn=warnings.append))
+    assert not any(word in said for word in left_out), said
+    assert len(warnings) == 1, warnings
+    count = len(left_out)
+    assert f"left out {count} word{'s' * (count != 1)} " in warnings[0], warnings[0]
+
+
+def test_text_in_a_script_without_spaces_alone_is_still_refused():
+    with pytest.raises(EngineInputError) as error:
+        sentences("東京 大阪 are")  # 2 of 3 words Han
+    assert "Han (2 of 3 words) script" in error.value.rule
+
+
+def test_the_count_of_words_left_out_agrees_with_the_words_quoted():
+    warnings: list[str] = []
+    text = ("I met Дмитрий in Москва and ate 寿司 with friends at a small place near the "
+            "big central station today.")
+    SpeechText.parse(text).sentences("v", EN, warn=warnings.append)
+    message = warnings[0]
+    quoted = message.split(" (", 1)[1]
+    assert message.startswith("left out 3 words in the Cyrillic (2), Han (1) scripts"), message
+    assert "('Дмитрий', 'Москва', '寿司')" in quoted, message
+    # Past five words, the rest are counted, not quoted: the numbers still add up.
+    many = "Say " + " and ".join(["東京", "Москва", "大阪", "Киев", "京都", "Минск", "札幌"]) + (
+        " to all of the many good friends we have in each of these fine cities this year.")
+    warnings.clear()
+    SpeechText.parse(many).sentences("v", EN, warn=warnings.append)
+    assert warnings[0].startswith("left out 7 words"), warnings[0]
+    assert warnings[0].count("', '") == 4 and " and 2 more)" in warnings[0], warnings[0]
+
+
+@pytest.mark.parametrize("text, first", [
+    ("Привет, как у тебя дела сегодня?", "ru/uk"),
+    ("مرحبا بالعالم، كيف حالك اليوم؟", "ar/"),
+    ("こんにちは、元気ですか。", "ja/"),  # kana with Han: Japanese, not Chinese
+    ("你好，世界。今天天气很好。", "zh/"),
+])
+def test_a_refusal_suggests_the_main_languages_of_the_script_first(text, first):
+    with pytest.raises(EngineInputError) as error:
+        sentences(text)
+    assert f"voices_by_language for {first}" in error.value.rule, error.value.rule
 
 
 def test_voices_of_other_languages_read_their_scripts():
@@ -115,11 +168,11 @@ def test_english_numbers_currency_dates_ordinals(text, said):
 
 
 @pytest.mark.parametrize("text, said", [
-    ("Meet at 10:30am today", "Meet at ten thirty ay em today"),
-    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty ay em sharp"),
+    ("Meet at 10:30am today", "Meet at ten thirty eh em today"),
+    ("Meet at 10:30 a.m. sharp", "Meet at ten thirty eh em sharp"),
     ("Dinner at 7 pm", "Dinner at seven pee em"),
     ("Dinner at 7pm.", "Dinner at seven pee em."),
-    ("Up at 6 a.m. Then work.", "Up at six ay em. Then work."),
+    ("Up at 6 a.m. Then work.", "Up at six eh em. Then work."),
     ("Lands at 14:05", "Lands at fourteen oh five"),
     ("Lands at 14:00", "Lands at fourteen hundred"),
     ("Starts at 10:00", "Starts at ten o'clock"),
@@ -127,6 +180,28 @@ def test_english_numbers_currency_dates_ordinals(text, said):
 ])
 def test_english_times(text, said):
     assert Normaliser("en_US")(text) == said
+
+
+@pytest.mark.parametrize("text, letters", [
+    ("Meet at 10:30 a.m. sharp", ("eɪ", "ɛm")),  # A, M: not "eye em"
+    ("Meet at 10:30am today", ("eɪ", "ɛm")),
+    ("Dinner at 7 p.m. tonight", ("piː", "ɛm")),
+])
+def test_meridiem_words_are_phonemized_as_the_letters(text, letters):
+    """What the shipped Piper voice says is decided by its espeak-ng phonemizer: the
+    words for a.m./p.m. must come out as the letter names, whatever they are spelled."""
+    piper = pytest.importorskip("piper")
+    from avatard.engines.embedded.tts import shipped_voice_path
+
+    path = shipped_voice_path()
+    voice = piper.PiperVoice.load(path, config_path=f"{path}.json")
+    said = Normaliser("en_US")(text)
+    words = said.split()
+    hour_end = next(i for i, w in enumerate(words) if w in ("thirty", "seven"))
+    meridiem = " ".join(words[hour_end + 1: hour_end + 3])
+    phonemes = ["".join(p for p in sentence if p not in "ˈˌʲ")
+                for sentence in voice.phonemize(meridiem)]
+    assert phonemes == [" ".join(letters)], (meridiem, phonemes)
 
 
 @pytest.mark.parametrize("text, said", [
@@ -143,6 +218,20 @@ def test_english_times(text, said):
     ("About 1/3 of it", "About one third of it"),
     ("Open 24/7", "Open twenty-four seven"),
     ("No date 13/45/2020", "No date thirteen forty-five two thousand and twenty"),
+    # Days the calendar does not have are not dates: the numbers, or a fraction.
+    ("Due 02/30/2026", "Due two thirty two thousand and twenty-six"),
+    ("Due 4/31/2026", "Due four thirty-one two thousand and twenty-six"),
+    ("Due 31/4/2026", "Due thirty-one four two thousand and twenty-six"),
+    ("Due 2/29/2026", "Due two twenty-nine two thousand and twenty-six"),
+    ("Due 2/29/2024", "Due February twenty-ninth, twenty twenty-four"),  # a leap year
+    ("Due 30/4/2026", "Due April thirtieth, twenty twenty-six"),
+    ("on 2026-02-30", "on two thousand and twenty-six two thirty"),
+    ("Add 2/30", "Add two thirtieths"),
+    ("on 4/31", "on four thirty-firsts"),
+    # An improper fraction over a denominator of measures, when it is no date.
+    ("Add 13/4 cup", "Add thirteen quarters cup"),
+    ("Add 5/4 cup", "Add May fourth cup"),  # a valid month/day stays a date (the rule)
+    ("Ratio 16/9", "Ratio sixteen nine"),
 ])
 def test_english_slash_dates_and_fractions(text, said):
     assert Normaliser("en_US")(text) == said
