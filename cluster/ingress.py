@@ -487,7 +487,8 @@ def _mux(events: list[Any], fps: int, audio: tuple[np.ndarray, int] | None) -> b
 
 def job_error(event: dict[str, Any]) -> ApiError:
     """The HTTP error of a failed job: 400 for the request's own fault (bad input), 503
-    when nodes were busy or lost, 504 for a deadline, 500 otherwise."""
+    when nodes were busy, lost or could not load their engines, 504 for a deadline, 500
+    otherwise."""
     code = event["code"]
     status = {
         "bad_input": 400,
@@ -498,6 +499,7 @@ def job_error(event: dict[str, Any]) -> ApiError:
         "node_lost": 503,
         "draining": 503,
         "daemon_gone": 503,
+        "unavailable": 503,
         "timeout": 504,
     }.get(code, 500)
     return ApiError(status, code, event.get("field") or "", event["message"][:2000])

@@ -45,7 +45,9 @@ log = logging.getLogger("avatard.cluster.node")
 
 # Daemon answers that another node may not give: the ingress retries those elsewhere.
 RETRYABLE_CODES = frozenset(
-    {"busy", "draining", "daemon_gone", "timeout", "worker_error", "no_space"}
+    # unavailable: every worker of that node's daemon failed for good; another node may
+    # load its engines.
+    {"busy", "draining", "daemon_gone", "timeout", "worker_error", "no_space", "unavailable"}
 )
 
 
