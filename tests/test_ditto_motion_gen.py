@@ -278,7 +278,8 @@ class _FakeEngine:
             rows.append(segment.sum() / SAMPLES_PER_FRAME)
         return np.array(rows, np.float32).reshape(-1, 1).repeat(1024, axis=1)
 
-    def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
+    def sample_window(self, reference, cond, x_init, step_noise, due=None,
+                      hold=False) -> np.ndarray:
         self.step_noises.append(step_noise)
         return linear_sampler(reference, cond) + x_init * 1e-3
 
@@ -464,9 +465,10 @@ class _LiveEngine(_FakeEngine):
     def audio_features(self, pcm, start, end, base=0) -> np.ndarray:
         return _hubert_features(self.session, pcm, start, end, base)
 
-    def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
+    def sample_window(self, reference, cond, x_init, step_noise, due=None,
+                      hold=False) -> np.ndarray:
         self.conds.append(np.asarray(cond).copy())
-        return super().sample_window(reference, cond, x_init, step_noise, due)
+        return super().sample_window(reference, cond, x_init, step_noise, due, hold)
 
 
 def _live(engine: _FakeEngine | None = None, seed: int = 7) -> DittoStream:

@@ -146,7 +146,8 @@ class _VectorEngine:
     def audio_features(self, pcm, start: int, end: int, base: int = 0) -> np.ndarray:
         return self.data["features"][start:end]
 
-    def sample_window(self, reference, cond, x_init, step_noise, due=None) -> np.ndarray:
+    def sample_window(self, reference, cond, x_init, step_noise, due=None,
+                      hold=False) -> np.ndarray:
         assert step_noise.shape == self.data["ddim_step_noise"].shape
         k, self.windows = self.windows, self.windows + 1
         sample = self.verifier.sampler(self.pcfg.sampling_timesteps,
