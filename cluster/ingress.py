@@ -40,7 +40,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
 from .config import ClusterConfig
-from .router import ROUTERS
 
 log = logging.getLogger("avatard.cluster.ingress")
 
@@ -178,6 +177,7 @@ class Ingress:
         next_frame = next_audio = attempts = 0
         avoid_nodes: list[str] = []
         avoid_replicas: list[str] = []
+        avoid_actors: list[str] = []
         nodes: list[str] = []
         announced = False
         last_failure: dict[str, Any] = {}
@@ -191,6 +191,7 @@ class Ingress:
                 next_audio,
                 avoid_nodes=tuple(avoid_nodes),
                 avoid_replicas=tuple(avoid_replicas),
+                avoid_actors=tuple(avoid_actors),
             )
             node_id = replica_id = ""
             try:
@@ -251,7 +252,9 @@ class Ingress:
                     "message": f"{type(exc).__name__}: {str(exc)[:300]}",
                 }
                 if not replica_id and dead_actor:
-                    avoid_replicas.extend(self._replicas_of_actor(dead_actor))
+                    # Died before `accepted` said which replica it was: Ray's error
+                    # names its actor, which the router can match.
+                    avoid_actors.append(str(dead_actor))
             if node_id:
                 avoid_nodes.append(node_id)
             if replica_id:
@@ -265,17 +268,6 @@ class Ingress:
             "attempts": attempts,
             "nodes": nodes,
         }
-
-    @staticmethod
-    def _replicas_of_actor(actor_id: Any) -> list[str]:
-        """Replica ids of the node replicas whose actor is `actor_id` (hex or bytes)."""
-        wanted = actor_id.hex() if isinstance(actor_id, bytes) else str(actor_id)
-        return [
-            r.replica_id.unique_id
-            for router in ROUTERS.values()
-            for r in router.known_replicas()
-            if r.actor_id.hex() == wanted
-        ]
 
     async def render_response(self, job: dict[str, Any], fmt: str, request: Request) -> Response:
         """The HTTP response of a render/lipsync job: the mp4, or the `frames` stream.
