@@ -55,6 +55,9 @@ class ClusterConfig:
     max_attempts: int = 4
     # Every wait of the ingress on a node: the next event of a job, a transcript.
     event_timeout_s: float = 60.0
+    # A live session's node sends a frame every 1/fps: this long without any event and
+    # the ingress counts the node lost and moves the session.
+    live_event_timeout_s: float = 5.0
     node_ready_timeout_s: float = 300.0
     drain_timeout_s: float = 60.0
     routing_stats_period_s: float = 1.0
@@ -86,6 +89,7 @@ class ClusterConfig:
         for key in (
             "target_ongoing_requests",
             "event_timeout_s",
+            "live_event_timeout_s",
             "node_ready_timeout_s",
             "drain_timeout_s",
             "routing_stats_period_s",

@@ -13,6 +13,7 @@ Routes (docs/cluster.md has the fields and examples):
   POST /v1/lipsync      audio file body (or raw float32 with ?sample_rate=); ?seed=&format=
   POST /v1/transcribe   audio as for lipsync -> JSON transcript
   GET  /v1/status       every node's capacity and daemon status
+  WebSocket /v1/live    a live session, sticky to one node, moved when it is lost (live.py)
 Errors are JSON {"error": {code, field, rule}} with a 4xx/5xx status; never a traceback.
 """
 
@@ -23,7 +24,6 @@ import hashlib
 import logging
 import os
 import random
-import re
 import tempfile
 import time
 from collections import OrderedDict
@@ -34,18 +34,25 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
 from .config import ClusterConfig
+from .live import LiveRelay
 
 log = logging.getLogger("avatard.cluster.ingress")
 
 SEED_MAX = 2**63 - 1
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0)  # before attempt 2, 3, 4, 5+
-ROUTES = ("POST /v1/render", "POST /v1/lipsync", "POST /v1/transcribe", "GET /v1/status")
+ROUTES = (
+    "POST /v1/render",
+    "POST /v1/lipsync",
+    "POST /v1/transcribe",
+    "GET /v1/status",
+    "WebSocket /v1/live",
+)
 
 
 class RenderRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -521,11 +528,9 @@ def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
     try:
         req = msgspec.json.decode(body, type=RenderRequest)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        # msgspec says "... - at `$.seed`", or names the field: "unknown field `colour`".
-        at = re.search(r" - at `\$\.([^`]+)`", text) or re.search(r"field `([^`]+)`", text)
-        where = at.group(1) if at else ""
-        raise ApiError(422, "bad_field", where or "body", text) from None
+        where = wire.field_of(exc)
+        where = "body" if where == "message" else where
+        raise ApiError(422, "bad_field", where, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_json", "body", f"not valid JSON: {exc}") from None
     if not req.text.strip():
@@ -599,6 +604,46 @@ def query_int(query: dict[str, str], name: str, default: int, low: int, high: in
     if not low <= value <= high:
         raise ApiError(422, "bad_field", name, f"must be {low}..{high}, got {value}")
     return value
+
+
+async def live_opening(websocket: WebSocket, config: ClusterConfig) -> wire.LiveOpen | None:
+    """The session's first message, checked, with its seed fixed; None after telling the
+    client `error` {code, field, rule} (not `live_open`, bad JSON, a field out of range,
+    nothing within `cluster.event_timeout_s`)."""
+
+    async def refuse(code: str, field: str, rule: str) -> None:
+        await websocket.send_text(
+            msgspec.json.encode({"type": "error", "code": code, "field": field, "rule": rule})
+            .decode()
+        )
+
+    try:
+        message = await asyncio.wait_for(websocket.receive(), config.event_timeout_s)
+    except TimeoutError:
+        await refuse(
+            "timeout",
+            "live_open",
+            f"no live_open within cluster.event_timeout_s={config.event_timeout_s} s",
+        )
+        return None
+    if message["type"] == "websocket.disconnect":
+        return None
+    text = message.get("text")
+    if text is None:
+        await refuse("bad_message", "message", "the first message must be a JSON live_open")
+        return None
+    try:
+        opening = wire.live_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        await refuse("bad_message", wire.field_of(exc), str(exc))
+        return None
+    except msgspec.DecodeError as exc:
+        await refuse("bad_json", "message", f"not valid JSON: {exc}")
+        return None
+    if not isinstance(opening, wire.LiveOpen):
+        await refuse("bad_message", "type", "the first message must be live_open")
+        return None
+    return msgspec.structs.replace(opening, seed=fixed_seed(opening.seed))
 
 
 def make_api(get_ingress: Any) -> FastAPI:
@@ -709,5 +754,17 @@ def make_api(get_ingress: Any) -> FastAPI:
     @api.get("/v1/status")
     async def status() -> JSONResponse:
         return JSONResponse(await get_ingress().status())
+
+    @api.websocket("/v1/live")
+    async def live(websocket: WebSocket) -> None:
+        ingress = get_ingress()
+        await websocket.accept()
+        opening = await live_opening(websocket, ingress.config)
+        if opening is not None:
+            await LiveRelay(ingress, websocket, opening).run()
+        try:
+            await websocket.close()
+        except RuntimeError:
+            pass  # the client closed it already
 
     return api

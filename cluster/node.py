@@ -36,7 +36,11 @@ from avatard.ipc.client_core import (
     ClientError,
     DoneEvent,
     FrameEvent,
+    InputRefusedEvent,
     JobFailedError,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+    SessionMovedEvent,
 )
 
 from .config import ClusterConfig
@@ -101,6 +105,9 @@ class Node:
             raise
         self._client: AsyncClient | None = None
         self._client_lock: asyncio.Lock | None = None
+        # Live sessions running here, by the ingress's session id; with each, the
+        # ingress's request id of every input in flight, by the daemon's request id.
+        self._live: dict[str, tuple[Any, dict[int, int]]] = {}
         self._stopped = False
         log.info(
             "node %s replica %s: daemon pid %d ready in %s",
@@ -319,6 +326,174 @@ class Node:
                 for s in result.segments
             ],
         }
+
+    # ------------------------------------------------------------------ live sessions
+
+    async def live(
+        self, session_id: str, options: dict[str, Any], **routing: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run a live session on this node's daemon for as long as the caller reads
+        (docs/protocol.md, "Live sessions"); its inputs come by `live_input` with the same
+        `session_id` (the ingress's id, unique in the cluster), sent to this replica.
+
+        `options`: ``{"avatar_id", "voice", "seed", "prebuffer_ms", "render_ahead_frames"}``.
+        Yields event dicts: `accepted` {node_id, replica_id, job_id, fps, width, height,
+        audio_rate}; then, per frame period, `playback_started` {segment_id}, `frame`
+        {index, pts_us, shape (h, w, 3), data: uint8 bytes}, `audio` {index, pts_us,
+        sample_rate, data: float32 bytes}, `playback_finished` {segment_id, position_s,
+        interrupted}; at any time `session_moved` {resume_index, frames_lost, reason}
+        (a worker of this daemon was lost) and `input_refused` {req_id: the caller's,
+        what, code, field, rule}; last `done` {frames, frames_dropped, late_frames,
+        frames_lost, audio_samples, media_s, wall_s, first_frame_s, attempts} or `failed`
+        {code, field, message, retryable}. Indices are this daemon's (from 0). When the
+        caller stops reading (Ray cancels the generator) the session is closed."""
+        try:
+            client = await self._connected()
+            session = await client.live(
+                avatar=options.get("avatar_id", ""),
+                voice=options.get("voice", ""),
+                seed=options.get("seed", 0),
+                prebuffer_ms=options.get("prebuffer_ms", 0),
+                render_ahead_frames=options.get("render_ahead_frames", -1),
+            )
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+            return
+        requests: dict[int, int] = {}
+        self._live[session_id] = (session, requests)
+        try:
+            yield {
+                "event": "accepted",
+                "node_id": self.node_id,
+                "replica_id": self.replica_id,
+                "job_id": session.job_id,
+                "fps": session.fps,
+                "width": session.width,
+                "height": session.height,
+                "audio_rate": session.audio_rate,
+            }
+            async for event in session:
+                yield self._live_event(event, requests)
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+        finally:
+            self._live.pop(session_id, None)
+            # The ingress stopped reading (its client left, or the session moved away
+            # from here): close it, so the daemon frees the slot.
+            await session.aclose()
+
+    @staticmethod
+    def _live_event(event: Any, requests: dict[int, int]) -> dict[str, Any]:
+        if isinstance(event, FrameEvent):
+            return {
+                "event": "frame",
+                "index": event.index,
+                "pts_us": event.pts_us,
+                "shape": tuple(event.array.shape),
+                "data": event.array.tobytes(),  # copied out of the slot it came in
+            }
+        if isinstance(event, AudioEvent):
+            return {
+                "event": "audio",
+                "index": event.index,
+                "pts_us": event.pts_us,
+                "sample_rate": event.sample_rate,
+                "data": np.ascontiguousarray(event.pcm, np.float32).tobytes(),
+            }
+        if isinstance(event, PlaybackStartedEvent):
+            return {"event": "playback_started", "segment_id": event.segment_id}
+        if isinstance(event, PlaybackFinishedEvent):
+            return {
+                "event": "playback_finished",
+                "segment_id": event.segment_id,
+                "position_s": event.position_s,
+                "interrupted": event.interrupted,
+            }
+        if isinstance(event, SessionMovedEvent):
+            return {
+                "event": "session_moved",
+                "resume_index": event.resume_index,
+                "frames_lost": event.frames_lost,
+                "reason": event.reason,
+            }
+        if isinstance(event, InputRefusedEvent):
+            return {
+                "event": "input_refused",
+                "req_id": requests.pop(event.req_id, 0),
+                "what": event.what,
+                "code": event.code,
+                "field": event.field,
+                "rule": event.rule,
+            }
+        assert isinstance(event, DoneEvent), event
+        return {
+            "event": "done",
+            "frames": event.frames,
+            "frames_dropped": event.frames_dropped,
+            "late_frames": event.late_frames,
+            "frames_lost": event.frames_lost,
+            "audio_samples": event.audio_samples,
+            "media_s": event.media_s,
+            "wall_s": event.wall_s,
+            "first_frame_s": event.first_frame_s,
+            "attempts": event.attempts,
+        }
+
+    async def live_input(
+        self,
+        session_id: str,
+        kind: str,
+        req_id: int,
+        fields: dict[str, Any],
+        pcm: bytes = b"",
+        **routing: Any,
+    ) -> dict[str, Any]:
+        """Pass one input to live session `session_id` running here. `kind`: `live_audio`
+        (`fields` {segment_id, sample_rate}, `pcm` float32 mono bytes), `live_text`
+        {segment_id, text, final}, `live_end` {segment_id}, `live_interrupt`,
+        `live_close`. `req_id`: the caller's id, given back in the session's
+        `input_refused` event if the daemon refuses the input. Returns ``{"ok": True}``
+        once the daemon has it, or ``{"failed": {code, field, message, retryable}}``
+        (`not_found`/`session_id` when no such session runs here). `routing`: for the
+        router (`target_replica`)."""
+        entry = self._live.get(session_id)
+        if entry is None:
+            return {
+                "failed": {
+                    "event": "failed",
+                    "code": "not_found",
+                    "field": "session_id",
+                    "message": f"no live session {session_id} on replica {self.replica_id}",
+                    "retryable": True,
+                }
+            }
+        session, requests = entry
+        try:
+            if kind == "live_audio":
+                audio = np.frombuffer(pcm, dtype=np.float32)
+                ours = await session.send_audio(
+                    audio, fields["sample_rate"], fields["segment_id"]
+                )
+            elif kind == "live_text":
+                ours = await session.send_text(
+                    fields["text"], fields["segment_id"], final=fields.get("final", False)
+                )
+            elif kind == "live_end":
+                ours = await session.end_segment(fields["segment_id"])
+            elif kind == "live_interrupt":
+                ours = await session.interrupt()
+            elif kind == "live_close":
+                ours = await session.close()
+            else:
+                raise ValueError(f"unknown live input kind {kind!r}")
+        except ClientError as exc:
+            return {"failed": self._failed(exc)}
+        requests[ours] = req_id
+        return {"ok": True}
 
     @staticmethod
     def _failed(exc: ClientError) -> dict[str, Any]:
