@@ -290,6 +290,28 @@ class LiveClient:
         return [m for m in self.log if m.get("type") == kind or m.get("kind") == kind]
 
 
+@pytest.mark.parametrize(
+    "first, code, field",
+    [
+        ('{"type": "live_open", "prebuffer_ms": 9000}', "bad_message", "prebuffer_ms"),
+        ('{"type": "live_open", "colour": 1}', "bad_message", "colour"),
+        ('{"type": "live_end", "segment_id": "a"}', "bad_message", "type"),
+        ('{"type": "live_shout"}', "bad_message", "type"),
+        ("{not json", "bad_json", "message"),
+    ],
+)
+def test_a_bad_first_live_message_gets_an_error_naming_the_field(cluster, first, code, field):
+    _, port, _ = cluster
+    client = LiveClient(port)
+    try:
+        client.ws.send(first)
+        error = client.read_until(lambda m: True, "the error")
+    finally:
+        client.ws.close()
+    assert (error["type"], error["code"], error["field"]) == ("error", code, field), error
+    assert error["rule"]
+
+
 def test_a_live_session_over_the_websocket_survives_the_removal_of_its_node(cluster):
     from avatard.engines.fake import frame_audio_level_of, frame_index_of
 
