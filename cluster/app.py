@@ -46,10 +46,10 @@ def node_options(config: ClusterConfig) -> dict[str, Any]:
             max_replicas=config.max_nodes,
             initial_replicas=config.min_nodes or 1,
             target_ongoing_requests=config.target_ongoing_requests,
-            upscale_delay_s=2.0,
+            upscale_delay_s=config.upscale_delay_s,
             downscale_delay_s=config.downscale_delay_s,
-            metrics_interval_s=1.0,
-            look_back_period_s=5.0,
+            metrics_interval_s=min(1.0, config.look_back_period_s),
+            look_back_period_s=config.look_back_period_s,
         )
     else:
         options["num_replicas"] = config.min_nodes

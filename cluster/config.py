@@ -39,7 +39,11 @@ class ClusterConfig:
     min_nodes: int = 1
     max_nodes: int = 1
     target_ongoing_requests: float = 4.0
+    # Serve's autoscaling timings: how long the wish for more (fewer) nodes must hold
+    # before a node is added (removed), over ongoing requests averaged this far back.
+    upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
+    look_back_period_s: float = 5.0
     # Requests one node replica may hold at once; 0: the daemon's slots, workers x
     # jobs_per_worker, plus as many again queued in the daemon.
     max_ongoing_per_node: int = 0
@@ -88,6 +92,9 @@ class ClusterConfig:
             raise bad("http_port", f"must be 1..65535, got {self.http_port}")
         for key in (
             "target_ongoing_requests",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "look_back_period_s",
             "event_timeout_s",
             "live_event_timeout_s",
             "node_ready_timeout_s",

@@ -386,3 +386,93 @@ def test_a_live_session_over_the_websocket_survives_the_removal_of_its_node(clus
     assert set(indices) - audio_indices <= {before[-1]["index"]}
     assert any(frame_audio_level_of(f["array"]) > 0 for f in after)
     assert done["frames"] == len(frames)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):
+    """Last in the module: it redeploys the app with autoscaling between 1 and 2 nodes."""
+    import threading
+
+    from ray import serve
+
+    _, port, _ = cluster
+    _two_nodes_serving(cluster)  # two GPU nodes for Serve to place replicas on
+    config = load_cluster_config(
+        None,
+        {
+            "cluster.http_port": port,
+            "cluster.min_nodes": 1,
+            "cluster.max_nodes": 2,
+            "cluster.target_ongoing_requests": 2.0,
+            "cluster.upscale_delay_s": 1.0,
+            "cluster.downscale_delay_s": 2.0,
+            "cluster.look_back_period_s": 2.0,
+            "cluster.ingress_resource": "ingress",
+            "cluster.event_timeout_s": 20.0,
+            "cluster.routing_stats_period_s": 0.5,
+            "cluster.drain_timeout_s": 10.0,
+            "node.daemon.workers": 2,
+            "node.daemon.jobs_per_worker": 2,
+            "node.daemon.devices": "cpu",
+            "node.engines": {
+                "avatar": "fake",
+                "tts": "fake",
+                "asr": "fake",
+                "options": {"fake": {"frame_ms": FRAME_MS}},
+            },
+        },
+    )
+    serve.delete(config.app_name)
+    deploy(config)
+    assert _status(port)["node_count"] == 1
+    # Load: 8 clients render back to back until a second node has served some jobs.
+    stop = threading.Event()
+    results: list[dict] = []
+    seeds = iter(random.Random(21).sample(range(1, 2**31), 10_000))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            with lock:
+                seed = next(seeds)
+            results.append(_frames_job(port, seed))
+
+    two = None
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client) for _ in range(8)]
+        try:
+            deadline = time.monotonic() + 120
+            while two is None or len({n for r in results for n in r["nodes"]}) < 2:
+                assert time.monotonic() < deadline, "no second node served a job within 120 s"
+                assert not any(f.done() for f in futures), [f.exception() for f in futures]
+                report = _status(port)
+                if report["node_count"] == 2:
+                    two = report
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            for future in futures:
+                future.result(timeout=120)
+    pids = {n["replica_id"]: n["daemon_pid"] for n in two["nodes"]}
+    # Idle: Serve removes one node after downscale_delay_s; it drains (Serve waits for
+    # its ongoing requests, then its daemon gets SIGTERM) and its daemon exits.
+    deadline = time.monotonic() + 120
+    while (report := _status(port))["node_count"] != 1 or len(
+        [pid for pid in pids.values() if _pid_alive(pid)]
+    ) != 1:
+        assert time.monotonic() < deadline, f"not back to one node after 120 s: {report}"
+        time.sleep(1.0)
+    (left,) = report["nodes"]
+    assert left["replica_id"] in pids and _pid_alive(left["daemon_pid"])
+    # Every job completed on its first node: scale-down stopped no running job.
+    assert len(results) >= 8
+    for result in results:
+        assert result["indices"] == list(range(result["frames"]))
+        assert result["attempts"] == 1, result
