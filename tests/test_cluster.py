@@ -217,6 +217,21 @@ def test_lipsync_mp4_transcribe_and_status(cluster):
     assert report["node_count"] == 2
     assert {n["capacity"]["slots"] for n in report["nodes"]} == {4.0}
     assert len({n["node_id"] for n in report["nodes"]}) == 2
+    # The CLI reads the same, as a table naming both nodes.
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, "-m", "avatard.daemon.cli", "cluster", "status"]
+        + ["--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("2 node(s)"), table.stdout
+    for node in report["nodes"]:
+        assert node["node_id"][:12] in table.stdout
 
 
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
