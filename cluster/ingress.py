@@ -202,13 +202,7 @@ class Ingress:
             )
             node_id = replica_id = ""
             try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(
-                            stream.__anext__(), self.config.event_timeout_s
-                        )
-                    except StopAsyncIteration:
-                        raise ConnectionError("the node's stream ended without done") from None
+                async for event in self._unbatched(stream):
                     kind = event["event"]
                     if kind == "accepted":
                         node_id, replica_id = event["node_id"], event["replica_id"]
@@ -275,6 +269,18 @@ class Ingress:
             "attempts": attempts,
             "nodes": nodes,
         }
+
+    async def _unbatched(self, stream: Any) -> AsyncIterator[dict[str, Any]]:
+        """The events of a node's `render` stream (lists of events, `Node.render`), one
+        by one. Raises TimeoutError when a list takes over `event_timeout_s`, and
+        ConnectionError when the stream ends without `done` or `failed`."""
+        while True:
+            try:
+                batch = await asyncio.wait_for(stream.__anext__(), self.config.event_timeout_s)
+            except StopAsyncIteration:
+                raise ConnectionError("the node's stream ended without done") from None
+            for event in batch:
+                yield event
 
     async def render_response(self, job: dict[str, Any], fmt: str, request: Request) -> Response:
         """The HTTP response of a render/lipsync job: the mp4, or the `frames` stream.
@@ -383,6 +389,7 @@ class Ingress:
                 nodes=event["nodes"],
                 wall_s=time.monotonic() - started,
                 first_frame_s=event["first_frame_s"],
+                daemon_wall_s=event["wall_s"],
             )
         return wire.record(
             "error", code=event["code"], field=event.get("field", ""), message=event["message"]

@@ -53,6 +53,36 @@ RETRYABLE_CODES = frozenset(
 )
 
 
+WORKDIR_PREFIX = "avd-node-"
+
+
+def _start_ticks() -> int:
+    from avatard.ipc.segments import process_start_ticks
+
+    return process_start_ticks(os.getpid()) or 0
+
+
+def sweep_stale_workdirs() -> list[str]:
+    """Remove the work folders (`avd-node-<pid>-<start ticks>-*` in the temp directory)
+    of node replicas that are gone: a replica that died with its node or was killed never
+    ran its own clean-up, and its daemon, killed with it, left its config and log there.
+    (Its shared-memory segments are swept by the next daemon that starts.) Returns the
+    folders removed."""
+    from avatard.ipc.segments import process_start_ticks
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*-*"):
+        pid_text, _, rest = folder.name[len(WORKDIR_PREFIX) :].partition("-")
+        ticks_text = rest.partition("-")[0]
+        if not (pid_text.isdigit() and ticks_text.isdigit()):
+            continue  # not named by this code
+        if process_start_ticks(int(pid_text)) == int(ticks_text):
+            continue  # its replica runs
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    return removed
+
+
 def capacity_of(status: dict[str, Any], slots_per_worker: int) -> dict[str, float]:
     """A node's capacity from its daemon's status body (`avatard status --json`): `slots`
     (ready workers x jobs per worker), `running` and `queued` jobs, `free_slots` (slots -
@@ -69,6 +99,48 @@ def capacity_of(status: dict[str, Any], slots_per_worker: int) -> dict[str, floa
         "free_slots": float(slots - running - queued),
         "ready": 1.0 if daemon["state"] == "ready" else 0.0,
     }
+
+
+async def batched(
+    events: AsyncIterator[dict[str, Any]], limit: int = 64
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """`events` in lists of at most `limit`: a list goes out as soon as one event is
+    there, with every event that came while the consumer was busy. A reader task fills a
+    queue of `limit` events (then waits: back-pressure to the daemon's ring); closing
+    this generator cancels the reader and closes `events` (its `finally` runs)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=limit)
+    end = object()
+
+    async def read() -> None:
+        try:
+            async for event in events:
+                await queue.put(event)
+        except Exception as exc:  # handed to the consumer, raised there
+            await queue.put(exc)
+        finally:
+            await events.aclose()
+        await queue.put(end)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < limit and not queue.empty():
+                batch.append(queue.get_nowait())
+            last = batch[-1]
+            if last is end or isinstance(last, Exception):
+                if len(batch) > 1:
+                    yield batch[:-1]
+                if isinstance(last, Exception):
+                    raise last
+                return
+            yield batch
+    finally:
+        reader.cancel()
+        try:
+            await reader
+        except asyncio.CancelledError:
+            pass
 
 
 class Node:
@@ -91,8 +163,13 @@ class Node:
         except Exception:  # not inside Serve (a unit test): the actor id names it
             self.replica_id = context.get_actor_id() or f"pid-{os.getpid()}"
         self.slots_per_worker = config.node_daemon_config().daemon.jobs_per_worker
-        # A short path: the daemon's socket must fit AF_UNIX's 107 bytes.
-        self.workdir = Path(tempfile.mkdtemp(prefix="avd-node-"))
+        sweep_stale_workdirs()
+        # A short path: the daemon's socket must fit AF_UNIX's 107 bytes. The name
+        # carries this process's pid and start time, so a later replica on this machine
+        # can tell the folder of one that died (`sweep_stale_workdirs`).
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{_start_ticks()}-")
+        )
         sections = {name: dict(table) for name, table in config.node.items()}
         sections.setdefault("daemon", {}).setdefault("drain_timeout_s", config.drain_timeout_s)
         # The GPU Ray gave this replica: Ray sets CUDA_VISIBLE_DEVICES for the actor, and
@@ -196,6 +273,16 @@ class Node:
 
     async def render(
         self, job: dict[str, Any], start_index: int = 0, audio_start_index: int = 0, **routing: Any
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """`render_events` in lists (`batched`): each list holds one event, or every event
+        that was waiting when the caller asked for the next, so a caller that falls behind
+        costs Ray one object per list rather than one per frame. The lists end with
+        `done` or `failed`."""
+        async for batch in batched(self.render_events(job, start_index, audio_start_index)):
+            yield batch
+
+    async def render_events(
+        self, job: dict[str, Any], start_index: int = 0, audio_start_index: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
         """Run a `speak` or `lipsync` job on this node's daemon from frame `start_index`
         and audio chunk `audio_start_index` on (docs/protocol.md, "Resuming a job").
@@ -203,8 +290,7 @@ class Node:
         `job`: ``{"kind": "speak", "text", "voice", "avatar_id", "seed", "deadline_s",
         "send_audio"}`` or ``{"kind": "lipsync", "pcm": bytes (float32 mono), "sample_rate",
         "avatar_id", "seed", "deadline_s"}``; `seed` must not be 0 (the ingress fixes it so
-        a retry on another node makes the same frames). `routing` keywords
-        (`avoid_nodes`, `avoid_replicas`, `target_replica`) are for the router only.
+        a retry on another node makes the same frames).
         Yields event dicts, in order: `accepted` {node_id, replica_id, job_id, fps, width,
         height, audio_rate}; `frame` {index, shape (h, w, 3), data: uint8 bytes};
         `audio` {index, sample_rate, data: float32 bytes}; then `done` {frames, media_s,
@@ -508,4 +594,11 @@ class Node:
         }
 
 
-__all__ = ["Node", "capacity_of", "RETRYABLE_CODES", "PrivateDaemonError"]
+__all__ = [
+    "Node",
+    "batched",
+    "capacity_of",
+    "sweep_stale_workdirs",
+    "RETRYABLE_CODES",
+    "PrivateDaemonError",
+]

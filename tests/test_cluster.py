@@ -61,12 +61,12 @@ def _render(
         conn.close()
 
 
-def _frames_job(port: int, seed: int) -> dict:
+def _frames_job(port: int, seed: int, text: str = TEXT) -> dict:
     """One render through HTTP in the `frames` format: checks every record and returns
     {indices, nodes, attempts}; raises AssertionError on a wrong or missing frame."""
     status, headers, body = _render(
         port,
-        json.dumps({"text": TEXT, "seed": seed, "format": "frames", "send_audio": False}).encode(),
+        json.dumps({"text": text, "seed": seed, "format": "frames", "send_audio": False}).encode(),
     )
     assert status == 200, body[:500]
     records = list(read_records(io.BytesIO(body)))
@@ -127,6 +127,10 @@ def cluster(tmp_path_factory):
     finally:
         from ray import serve
 
+        # Delete the app first and wait: each node replica's __del__ drains its daemon.
+        # serve.shutdown alone may kill replicas (and with them their daemons) first.
+        for name in serve.status().applications:
+            serve.delete(name)
         serve.shutdown()
         ray.shutdown()
         ray_cluster.shutdown()
@@ -235,13 +239,22 @@ def test_lipsync_mp4_transcribe_and_status(cluster):
 
 
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
-    """Last in the module: it takes a node away."""
+    """It takes a node away (later tests add one back)."""
     ray_cluster, port, gpu_nodes = cluster
     seeds = random.Random(20).sample(range(1, 2**31), 16)
+    victim = gpu_nodes[0]
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(_frames_job, port, seed) for seed in seeds]
-        time.sleep(3.0)  # jobs are running on both nodes
-        ray_cluster.remove_node(gpu_nodes.pop(0), allow_graceful=False)
+        # Jobs of ~120 frames (2.4 s of compute each): the node stays busy a while.
+        futures = [pool.submit(_frames_job, port, seed, TEXT * 2) for seed in seeds]
+        deadline = time.monotonic() + 60
+        while True:  # until the node to remove is running jobs
+            nodes = {n["node_id"]: n for n in _status(port)["nodes"]}
+            if nodes.get(victim.node_id, {}).get("capacity", {}).get("running", 0) > 0:
+                break
+            assert time.monotonic() < deadline, f"node {victim.node_id} ran no job in 60 s"
+            time.sleep(0.2)
+        gpu_nodes.remove(victim)
+        ray_cluster.remove_node(victim, allow_graceful=False)
         results = [f.result(timeout=240) for f in futures]
     for result in results:
         # _frames_job checked every frame's pixels; exactly once and in order:
@@ -249,6 +262,9 @@ def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
     moved = [r for r in results if r["attempts"] > 1]
     assert moved, "no job was running on the removed node"
     assert all(len(set(r["nodes"])) == 2 for r in moved)
+    # The removed node's daemon died with it (Ray ended the node's processes) and left
+    # its segments in the /dev/shm all nodes share here; a new node's daemon sweeps them.
+    _two_nodes_serving(cluster)
 
 
 def _status(port: int) -> dict:
