@@ -94,6 +94,7 @@ def _one_request(port: int, seed: int, timeout_s: float) -> dict[str, float]:
         "first_frame_s": first_frame,
         "daemon_wall_s": last["daemon_wall_s"],
         "daemon_first_frame_s": last["first_frame_s"],
+        "ingress_first_frame_s": last["ingress_first_frame_s"],
         "frames": last["frames"],
         "attempts": last["attempts"],
     }
@@ -187,6 +188,14 @@ def measure_nodes(n: int, options: ClusterBenchOptions, log: Any) -> dict[str, A
             "added_ms_p90": _quantile(added_total, 0.9),
             "added_first_frame_ms_median": statistics.median(added_first),
             "added_first_frame_ms_p90": _quantile(added_first, 0.9),
+            # Where the first frame's added time goes: HTTP and Serve's proxy (client
+            # minus ingress), and Serve's handle, the node replica and the frame's way
+            # back to the ingress (ingress minus daemon).
+            "proxy_first_frame_ms_median": statistics.median(
+                (r["first_frame_s"] - r["ingress_first_frame_s"]) * 1000 for r in latency),
+            "ingress_to_node_first_frame_ms_median": statistics.median(
+                (r["ingress_first_frame_s"] - r["daemon_first_frame_s"]) * 1000
+                for r in latency),
             "client_first_frame_ms_median": statistics.median(
                 r["first_frame_s"] * 1000 for r in latency),
             "daemon_first_frame_ms_median": statistics.median(
@@ -232,4 +241,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['nodes']} | {r['slots']} | {r['concurrency']} | {r['requests']} | "
             f"{r['frames_per_s']:.1f} | {report['scaling'][str(r['nodes'])]:.2f} | "
             f"{r['retried']} | {added} | {first} |")
+    for r in report["runs"]:
+        if "proxy_first_frame_ms_median" in r:
+            lines.append(
+                f"{r['nodes']} node(s), first frame, medians: client "
+                f"{r['client_first_frame_ms_median']:.1f} ms; daemon "
+                f"{r['daemon_first_frame_ms_median']:.1f}; ingress to node and back "
+                f"{r['ingress_to_node_first_frame_ms_median']:.1f}; HTTP and proxy "
+                f"{r['proxy_first_frame_ms_median']:.1f}")
     return "\n".join(lines)

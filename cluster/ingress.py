@@ -46,6 +46,7 @@ log = logging.getLogger("avatard.cluster.ingress")
 
 SEED_MAX = 2**63 - 1
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0)  # before attempt 2, 3, 4, 5+
+FLUSH = {"event": "flush"}  # see Ingress.job_events
 ROUTES = (
     "POST /v1/render",
     "POST /v1/lipsync",
@@ -177,8 +178,9 @@ class Ingress:
         """The events of one job across nodes, each frame and audio chunk exactly once and
         in order: `accepted` (once, from the first node), `frame`, `audio`, then `done`
         (with `attempts` and `nodes`, the node ids in order) or `failed` {code, field,
-        message}. Retries on another node as the module docstring says; never raises for a
-        node's failure."""
+        message}; between them `flush` after the last event of each list a node sent
+        (what came together may go out together). Retries on another node as the module
+        docstring says; never raises for a node's failure."""
         import ray.exceptions
 
         next_frame = next_audio = attempts = 0
@@ -204,7 +206,9 @@ class Ingress:
             try:
                 async for event in self._unbatched(stream):
                     kind = event["event"]
-                    if kind == "accepted":
+                    if kind == "flush":
+                        yield event
+                    elif kind == "accepted":
                         node_id, replica_id = event["node_id"], event["replica_id"]
                         nodes.append(node_id)
                         if not announced:
@@ -281,6 +285,7 @@ class Ingress:
                 raise ConnectionError("the node's stream ended without done") from None
             for event in batch:
                 yield event
+            yield FLUSH
 
     async def render_response(self, job: dict[str, Any], fmt: str, request: Request) -> Response:
         """The HTTP response of a render/lipsync job: the mp4, or the `frames` stream.
@@ -344,13 +349,26 @@ class Ingress:
         kept: list[bytes] | None = [] if key else None
         ok = False
         started = time.monotonic()
+        first_frame_s = 0.0
         try:
+            pending: list[bytes] = []
             async for event in self.job_events(job):
-                chunk = self._record(event, job, started)
+                kind = event["event"]
+                if kind == "frame" and not first_frame_s:
+                    first_frame_s = time.monotonic() - started
+                if kind != "flush":
+                    pending.append(self._record(event, job, started, first_frame_s))
+                    ok = kind == "done"
+                    if kind not in ("done", "failed"):
+                        continue
+                # Records that came in one list from the node go out as one chunk: one
+                # message to Serve's proxy instead of one per frame.
+                chunk = b"".join(pending)
+                pending.clear()
                 if kept is not None:
                     kept.append(chunk)
-                yield chunk
-                ok = event["event"] == "done"
+                if chunk:
+                    yield chunk
         finally:
             if key:
                 finished = None
@@ -362,7 +380,9 @@ class Ingress:
                 self.idempotency.end(key, finished)
 
     @staticmethod
-    def _record(event: dict[str, Any], job: dict[str, Any], started: float) -> bytes:
+    def _record(
+        event: dict[str, Any], job: dict[str, Any], started: float, first_frame_s: float
+    ) -> bytes:
         kind = event["event"]
         if kind == "accepted":
             return wire.record(
@@ -390,6 +410,7 @@ class Ingress:
                 wall_s=time.monotonic() - started,
                 first_frame_s=event["first_frame_s"],
                 daemon_wall_s=event["wall_s"],
+                ingress_first_frame_s=first_frame_s,
             )
         return wire.record(
             "error", code=event["code"], field=event.get("field", ""), message=event["message"]
@@ -405,6 +426,8 @@ class Ingress:
         fps = 25
         async for event in self.job_events(job):
             kind = event["event"]
+            if kind == "flush":
+                continue
             if kind == "accepted":
                 fps = event["fps"] or fps
             elif kind == "frame":

@@ -5,9 +5,9 @@ then that many bytes of one msgpack map. Records, in order:
 - `start` {seed, fps, width, height, audio_rate}: once, when the first node accepted;
 - `frame` {index, shape: [h, w, 3], data: bytes (uint8 RGB)}: every index once, in order;
 - `audio` {index, sample_rate, data: bytes (float32 mono)}: `render` with audio;
-- the last one: `done` {frames, attempts, nodes, wall_s (at the ingress), first_frame_s
-  and daemon_wall_s (as the last node's daemon measured them)} or `error` {code, field,
-  message}.
+- the last one: `done` {frames, attempts, nodes, wall_s and ingress_first_frame_s (at the
+  ingress, from the start of the response), first_frame_s and daemon_wall_s (as the last
+  node's daemon measured them)} or `error` {code, field, message}.
 
 Any language with msgpack reads it; `read_records` does so in Python.
 
