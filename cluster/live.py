@@ -163,6 +163,11 @@ class LiveRelay:
                 if dead_actor:
                     self.avoid_actors.append(str(dead_actor))
                 continue
+            except BaseException:
+                # Cancelled (the client left while the session opened): a session the
+                # node opens anyway must not run on for nobody.
+                stream.cancel()
+                raise
             if event["event"] == "failed":
                 stream.cancel()
                 last = f"{event['code']}: {event['message']}"
