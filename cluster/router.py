@@ -7,8 +7,12 @@ at `max_ongoing_requests`, and sends the request to the least loaded one (backin
 retrying while every replica is full). So the policy is Serve's power-of-two on ongoing
 requests, restricted to the nodes whose daemons report free slots:
 
-1. nodes whose daemon serves and reports free slots (`record_routing_stats`), most free
-   first, in ranks of equal free slots;
+1. nodes whose daemon serves and has free slots, most free first, in ranks of equal free
+   slots. Free slots = the daemon's slots (`record_routing_stats`, every
+   `routing_stats_period_s`) less the requests the node holds, as Serve's queue-length
+   cache of this router knows them (updated on every request sent, so a burst of
+   requests does not all see the same stale stats); the daemon's own running + queued
+   count when the cache has no fresh entry;
 2. nodes that report none free (their daemon queues the job), or no stats yet;
 3. nodes the request asked to avoid, used only when nothing else is left: `avoid_nodes`
    (Ray node ids where an earlier attempt of the job died or was refused),
@@ -37,11 +41,13 @@ def rank_by_capacity(
     avoid_nodes: frozenset[str],
     avoid_replicas: frozenset[str] = frozenset(),
     avoid_actors: frozenset[str] = frozenset(),
+    ongoing: dict[str, int] | None = None,
 ) -> list[list[RunningReplica]]:
     """The ranks described in the module docstring, best first (no empty rank).
     `candidates` carry `routing_stats` ({"free_slots", "ready", ...}: floats), `node_id`,
     `replica_id` and `actor_id`; `avoid_nodes` holds Ray node ids, `avoid_replicas`
-    replica ids, `avoid_actors` actor ids in hex."""
+    replica ids, `avoid_actors` actor ids in hex; `ongoing`: requests each replica holds
+    (by replica id), where known."""
 
     def avoid(replica: RunningReplica) -> bool:
         return (
@@ -55,7 +61,12 @@ def rank_by_capacity(
 
     def free(replica: RunningReplica) -> float:
         stats = replica.routing_stats or {}
-        return stats.get("free_slots", 0.0) if stats.get("ready", 0.0) else 0.0
+        if not stats.get("ready", 0.0):
+            return 0.0
+        held = (ongoing or {}).get(replica.replica_id.unique_id)
+        if held is None:
+            return stats.get("free_slots", 0.0)
+        return stats.get("slots", 0.0) - held
 
     with_room = sorted((r for r in others if free(r) > 0), key=free, reverse=True)
     ranks = [list(group) for _, group in groupby(with_room, key=free)]
@@ -83,4 +94,15 @@ class CapacityRouter(RequestRouter):
             frozenset(kwargs.get("avoid_nodes", ())),
             frozenset(kwargs.get("avoid_replicas", ())),
             frozenset(kwargs.get("avoid_actors", ())),
+            self._ongoing(candidate_replicas),
         )
+
+    def _ongoing(self, replicas: list[RunningReplica]) -> dict[str, int]:
+        """Requests each replica holds, from Serve's queue-length cache (fresh entries)."""
+        cache = self.replica_queue_len_cache
+        held = {}
+        for replica in replicas:
+            count = cache.get(replica.replica_id)
+            if count is not None:
+                held[replica.replica_id.unique_id] = count
+        return held
