@@ -306,7 +306,7 @@ def bench_ditto(upstream: str | None, device: str | None, json_path: str | None,
 @click.option("--nodes", default="1,2", show_default=True,
               help="Comma list of node counts: one local Ray cluster each.")
 @click.option("--requests", default=40, show_default=True, type=click.IntRange(1, 100_000),
-              help="Render requests per node count, for throughput.")
+              help="Render requests per node, for throughput (n nodes: n x N).")
 @click.option("--latency-requests", default=10, show_default=True,
               type=click.IntRange(0, 10_000),
               help="Requests one after another per node count, for the added latency.")

@@ -10,8 +10,9 @@ engine at a fixed cost per frame. Then, through real HTTP (`frames` responses):
    same job: total (response complete - daemon's wall time) and first frame (first
    `frame` record read - daemon's first-frame time). That is HTTP, the proxy, the
    ingress, Serve's routing, the node replica and the frames' way back.
-2. throughput: `requests` requests, `concurrency_per_node` x n at a time; frames/s over
-   the wall time from the first request to the last response.
+2. throughput: `requests` x n requests (the same number of rounds per slot for every
+   count, so the last round's tail weighs the same), `concurrency_per_node` x n at a
+   time; frames/s over the wall time from the first request to the last response.
 
 Runs in the calling process (the Ray driver); every cluster it starts is shut down
 before the next, also on error.
@@ -27,6 +28,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,7 +38,7 @@ TEXT = "One two three four five six seven eight."  # ~60 frames with the fake TT
 
 @dataclass(frozen=True)
 class ClusterBenchOptions:
-    """`nodes`: node counts to measure; `requests`: render requests per count (throughput);
+    """`nodes`: node counts to measure; `requests`: render requests per node (throughput);
     `latency_requests`: sequential requests per count; `frame_ms`: the fake engine's
     compute per frame (ms, a sleep: it costs no CPU); `workers`, `jobs_per_worker`: each
     node's daemon; `concurrency_per_node`: requests in flight per node (default: the
@@ -97,6 +99,7 @@ def _one_request(port: int, seed: int, timeout_s: float) -> dict[str, float]:
         "ingress_first_frame_s": last["ingress_first_frame_s"],
         "frames": last["frames"],
         "attempts": last["attempts"],
+        "node": last["nodes"][-1],
     }
 
 
@@ -150,11 +153,12 @@ def measure_nodes(n: int, options: ClusterBenchOptions, log: Any) -> dict[str, A
         log(f"{n} node(s): {options.latency_requests} sequential requests")
         latency = [_one_request(port, 1000 + i, options.timeout_s)
                    for i in range(options.latency_requests)]
-        log(f"{n} node(s): {options.requests} requests, {concurrency} at a time")
+        total = options.requests * n
+        log(f"{n} node(s): {total} requests, {concurrency} at a time")
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             loaded = list(pool.map(lambda s: _one_request(port, s, options.timeout_s),
-                                   range(10_000, 10_000 + options.requests)))
+                                   range(10_000, 10_000 + total)))
         wall = time.perf_counter() - started
     finally:
         try:
@@ -177,6 +181,8 @@ def measure_nodes(n: int, options: ClusterBenchOptions, log: Any) -> dict[str, A
         "frames_per_s": frames / wall,
         "requests_per_s": len(loaded) / wall,
         "retried": sum(r["attempts"] > 1 for r in loaded),
+        # Jobs each node ran (by Ray node id), to see how evenly the router spread them.
+        "jobs_per_node": sorted(Counter(r["node"] for r in loaded).values()),
     }
     if latency:
         added_total = [(r["total_s"] - r["daemon_wall_s"]) * 1000 for r in latency]
@@ -228,8 +234,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{o['jobs_per_worker']} jobs per node, {report['cpus']} CPUs",
         "",
         "| nodes | slots | in flight | requests | frames/s | x first | retried "
-        "| added ms (median / p90) | added to first frame ms (median / p90) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| added ms (median / p90) | added to first frame ms (median / p90) | jobs per node |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         added = first = "-"
@@ -240,7 +246,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['nodes']} | {r['slots']} | {r['concurrency']} | {r['requests']} | "
             f"{r['frames_per_s']:.1f} | {report['scaling'][str(r['nodes'])]:.2f} | "
-            f"{r['retried']} | {added} | {first} |")
+            f"{r['retried']} | {added} | {first} | {r['jobs_per_node']} |")
     for r in report["runs"]:
         if "proxy_first_frame_ms_median" in r:
             lines.append(
