@@ -84,13 +84,19 @@ def up(config_path: str | None, address: str | None, num_gpus: int | None,
         ) from None
     from .app import deploy
 
-    if address:
-        ray.init(address=address, logging_level="warning")
-    else:
-        resources = {config.ingress_resource: 1.0} if config.ingress_resource else None
-        ray.init(num_gpus=num_gpus, resources=resources, include_dashboard=False,
-                 logging_level="warning",
-                 **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+    try:
+        if address:
+            ray.init(address=address, logging_level="warning")
+        else:
+            resources = {config.ingress_resource: 1.0} if config.ingress_resource else None
+            # "local": a new instance even where another Ray runs on this machine
+            # (without it ray.init joins the last cluster started here).
+            ray.init(address="local", num_gpus=num_gpus, resources=resources,
+                     include_dashboard=False, logging_level="warning",
+                     **({"_node_ip_address": "127.0.0.1"} if loopback else {}))
+    except Exception as exc:  # Ray's own errors: what failed, without a traceback
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray head"
+        raise click.ClickException(f"could not {where}: {type(exc).__name__}: {exc}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
