@@ -337,7 +337,19 @@ def bench_cluster(nodes: str, requests: int, latency_requests: int, frame_ms: fl
             concurrency_per_node=concurrency_per_node)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--nodes") from None
-    report = run_cluster_bench(options, lambda line: click.echo(line, err=True))
+    # Ray writes its own log lines to this process's stdout: while it runs, stdout goes
+    # to stderr, so that stdout holds only the report (--json).
+    import os
+
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = run_cluster_bench(options, lambda line: click.echo(line, err=True))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
