@@ -334,3 +334,57 @@ def bench_web(viewers: str, seconds: float, codec: str, sessions: str, engine: s
     report = run_web_bench(counts, seconds, codec, sessions, endpoint, engine, gateway_args,
                            echo=lambda line: click.echo(line, err=True))
     _print_report(report, as_json, format_table)
+
+
+@bench.command("cluster")
+@click.option("--nodes", default="1,2", show_default=True,
+              help="Comma list of node counts: one local Ray cluster each.")
+@click.option("--requests", default=40, show_default=True, type=click.IntRange(1, 100_000),
+              help="Render requests per node, for throughput (n nodes: n x N).")
+@click.option("--latency-requests", default=10, show_default=True,
+              type=click.IntRange(0, 10_000),
+              help="Requests one after another per node count, for the added latency.")
+@click.option("--frame-ms", default=40.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="The fake engine's compute per frame (a sleep).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Workers of each node's daemon.")
+@click.option("--jobs-per-worker", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Jobs each worker runs at once.")
+@click.option("--concurrency-per-node", default=0, show_default=True,
+              type=click.IntRange(0, 1000),
+              help="Requests in flight per node (0: the node's slots).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_cluster(nodes: str, requests: int, latency_requests: int, frame_ms: float,
+                  workers: int, jobs_per_worker: int, concurrency_per_node: int,
+                  out: str | None, as_json: bool) -> None:
+    """Throughput against node count and the cluster's added latency (per request and to
+    the first frame), on a local Ray cluster with the fake engine (docs/bench.md,
+    "Cluster"). Needs the `cluster` extra."""
+    from avatard.bench.cluster import ClusterBenchOptions, format_report, run_cluster_bench
+
+    try:
+        counts = tuple(int(part) for part in nodes.split(","))
+        options = ClusterBenchOptions(
+            nodes=counts, requests=requests, latency_requests=latency_requests,
+            frame_ms=frame_ms, workers=workers, jobs_per_worker=jobs_per_worker,
+            concurrency_per_node=concurrency_per_node)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nodes") from None
+    # Ray writes its own log lines to this process's stdout: while it runs, stdout goes
+    # to stderr, so that stdout holds only the report (--json).
+    import os
+
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = run_cluster_bench(options, lambda line: click.echo(line, err=True))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    _print_report(report, as_json, format_report)

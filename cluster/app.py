@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-from .config import ClusterConfig
+from .config import ClusterConfig, load_cluster_config
 from .ingress import Ingress, current_ingress, make_api
 from .node import Node
 from .router import CapacityRouter
@@ -46,10 +46,10 @@ def node_options(config: ClusterConfig) -> dict[str, Any]:
             max_replicas=config.max_nodes,
             initial_replicas=config.min_nodes or 1,
             target_ongoing_requests=config.target_ongoing_requests,
-            upscale_delay_s=2.0,
+            upscale_delay_s=config.upscale_delay_s,
             downscale_delay_s=config.downscale_delay_s,
-            metrics_interval_s=1.0,
-            look_back_period_s=5.0,
+            metrics_interval_s=min(1.0, config.look_back_period_s),
+            look_back_period_s=config.look_back_period_s,
         )
     else:
         options["num_replicas"] = config.min_nodes
@@ -98,3 +98,17 @@ def deploy(config: ClusterConfig, blocking: bool = False) -> Any:
         proxy_location="HeadOnly", http_options={"host": config.http_host, "port": config.http_port}
     )
     return serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=blocking)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for a Serve config file or KubeRay's `serveConfigV2`
+    (`import_path: avatard.cluster.app:app_builder`): `args` is ``{"config": path of
+    cluster.toml, "set": {dotted key: value}}`` (both optional). Serve's own
+    `http_options` then say where the proxy listens (`cluster.http_host`/`http_port` are
+    for `avatard cluster up` only). Raises `ConfigError` naming the key."""
+    unknown = sorted(set(args) - {"config", "set"})
+    if unknown:
+        from avatard.daemon.config import ConfigError
+
+        raise ConfigError(f"args.{unknown[0]}", "unknown; the builder takes config and set")
+    return build_app(load_cluster_config(args.get("config"), dict(args.get("set", {}))))

@@ -39,7 +39,11 @@ class ClusterConfig:
     min_nodes: int = 1
     max_nodes: int = 1
     target_ongoing_requests: float = 4.0
+    # Serve's autoscaling timings: how long the wish for more (fewer) nodes must hold
+    # before a node is added (removed), over ongoing requests averaged this far back.
+    upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
+    look_back_period_s: float = 5.0
     # Requests one node replica may hold at once; 0: the daemon's slots, workers x
     # jobs_per_worker, plus as many again queued in the daemon.
     max_ongoing_per_node: int = 0
@@ -55,6 +59,9 @@ class ClusterConfig:
     max_attempts: int = 4
     # Every wait of the ingress on a node: the next event of a job, a transcript.
     event_timeout_s: float = 60.0
+    # A live session's node sends a frame every 1/fps: this long without any event and
+    # the ingress counts the node lost and moves the session.
+    live_event_timeout_s: float = 5.0
     node_ready_timeout_s: float = 300.0
     drain_timeout_s: float = 60.0
     routing_stats_period_s: float = 1.0
@@ -85,7 +92,11 @@ class ClusterConfig:
             raise bad("http_port", f"must be 1..65535, got {self.http_port}")
         for key in (
             "target_ongoing_requests",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "look_back_period_s",
             "event_timeout_s",
+            "live_event_timeout_s",
             "node_ready_timeout_s",
             "drain_timeout_s",
             "routing_stats_period_s",

@@ -13,6 +13,7 @@ Routes (docs/cluster.md has the fields and examples):
   POST /v1/lipsync      audio file body (or raw float32 with ?sample_rate=); ?seed=&format=
   POST /v1/transcribe   audio as for lipsync -> JSON transcript
   GET  /v1/status       every node's capacity and daemon status
+  WebSocket /v1/live    a live session, sticky to one node, moved when it is lost (live.py)
 Errors are JSON {"error": {code, field, rule}} with a 4xx/5xx status; never a traceback.
 """
 
@@ -23,7 +24,6 @@ import hashlib
 import logging
 import os
 import random
-import re
 import tempfile
 import time
 from collections import OrderedDict
@@ -34,19 +34,26 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import wire
 from .config import ClusterConfig
-from .router import ROUTERS
+from .live import LiveRelay
 
 log = logging.getLogger("avatard.cluster.ingress")
 
 SEED_MAX = 2**63 - 1
 RETRY_BACKOFF_S = (0.1, 0.5, 1.0, 2.0)  # before attempt 2, 3, 4, 5+
-ROUTES = ("POST /v1/render", "POST /v1/lipsync", "POST /v1/transcribe", "GET /v1/status")
+FLUSH = {"event": "flush"}  # see Ingress.job_events
+ROUTES = (
+    "POST /v1/render",
+    "POST /v1/lipsync",
+    "POST /v1/transcribe",
+    "GET /v1/status",
+    "WebSocket /v1/live",
+)
 
 
 class RenderRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -171,13 +178,15 @@ class Ingress:
         """The events of one job across nodes, each frame and audio chunk exactly once and
         in order: `accepted` (once, from the first node), `frame`, `audio`, then `done`
         (with `attempts` and `nodes`, the node ids in order) or `failed` {code, field,
-        message}. Retries on another node as the module docstring says; never raises for a
-        node's failure."""
+        message}; between them `flush` after the last event of each list a node sent
+        (what came together may go out together). Retries on another node as the module
+        docstring says; never raises for a node's failure."""
         import ray.exceptions
 
         next_frame = next_audio = attempts = 0
         avoid_nodes: list[str] = []
         avoid_replicas: list[str] = []
+        avoid_actors: list[str] = []
         nodes: list[str] = []
         announced = False
         last_failure: dict[str, Any] = {}
@@ -191,18 +200,15 @@ class Ingress:
                 next_audio,
                 avoid_nodes=tuple(avoid_nodes),
                 avoid_replicas=tuple(avoid_replicas),
+                avoid_actors=tuple(avoid_actors),
             )
             node_id = replica_id = ""
             try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(
-                            stream.__anext__(), self.config.event_timeout_s
-                        )
-                    except StopAsyncIteration:
-                        raise ConnectionError("the node's stream ended without done") from None
+                async for event in self._unbatched(stream):
                     kind = event["event"]
-                    if kind == "accepted":
+                    if kind == "flush":
+                        yield event
+                    elif kind == "accepted":
                         node_id, replica_id = event["node_id"], event["replica_id"]
                         nodes.append(node_id)
                         if not announced:
@@ -251,7 +257,9 @@ class Ingress:
                     "message": f"{type(exc).__name__}: {str(exc)[:300]}",
                 }
                 if not replica_id and dead_actor:
-                    avoid_replicas.extend(self._replicas_of_actor(dead_actor))
+                    # Died before `accepted` said which replica it was: Ray's error
+                    # names its actor, which the router can match.
+                    avoid_actors.append(str(dead_actor))
             if node_id:
                 avoid_nodes.append(node_id)
             if replica_id:
@@ -266,16 +274,18 @@ class Ingress:
             "nodes": nodes,
         }
 
-    @staticmethod
-    def _replicas_of_actor(actor_id: Any) -> list[str]:
-        """Replica ids of the node replicas whose actor is `actor_id` (hex or bytes)."""
-        wanted = actor_id.hex() if isinstance(actor_id, bytes) else str(actor_id)
-        return [
-            r.replica_id.unique_id
-            for router in ROUTERS.values()
-            for r in router.known_replicas()
-            if r.actor_id.hex() == wanted
-        ]
+    async def _unbatched(self, stream: Any) -> AsyncIterator[dict[str, Any]]:
+        """The events of a node's `render` stream (lists of events, `Node.render`), one
+        by one. Raises TimeoutError when a list takes over `event_timeout_s`, and
+        ConnectionError when the stream ends without `done` or `failed`."""
+        while True:
+            try:
+                batch = await asyncio.wait_for(stream.__anext__(), self.config.event_timeout_s)
+            except StopAsyncIteration:
+                raise ConnectionError("the node's stream ended without done") from None
+            for event in batch:
+                yield event
+            yield FLUSH
 
     async def render_response(self, job: dict[str, Any], fmt: str, request: Request) -> Response:
         """The HTTP response of a render/lipsync job: the mp4, or the `frames` stream.
@@ -339,13 +349,26 @@ class Ingress:
         kept: list[bytes] | None = [] if key else None
         ok = False
         started = time.monotonic()
+        first_frame_s = 0.0
         try:
+            pending: list[bytes] = []
             async for event in self.job_events(job):
-                chunk = self._record(event, job, started)
+                kind = event["event"]
+                if kind == "frame" and not first_frame_s:
+                    first_frame_s = time.monotonic() - started
+                if kind != "flush":
+                    pending.append(self._record(event, job, started, first_frame_s))
+                    ok = kind == "done"
+                    if kind not in ("done", "failed"):
+                        continue
+                # Records that came in one list from the node go out as one chunk: one
+                # message to Serve's proxy instead of one per frame.
+                chunk = b"".join(pending)
+                pending.clear()
                 if kept is not None:
                     kept.append(chunk)
-                yield chunk
-                ok = event["event"] == "done"
+                if chunk:
+                    yield chunk
         finally:
             if key:
                 finished = None
@@ -357,7 +380,9 @@ class Ingress:
                 self.idempotency.end(key, finished)
 
     @staticmethod
-    def _record(event: dict[str, Any], job: dict[str, Any], started: float) -> bytes:
+    def _record(
+        event: dict[str, Any], job: dict[str, Any], started: float, first_frame_s: float
+    ) -> bytes:
         kind = event["event"]
         if kind == "accepted":
             return wire.record(
@@ -384,6 +409,8 @@ class Ingress:
                 nodes=event["nodes"],
                 wall_s=time.monotonic() - started,
                 first_frame_s=event["first_frame_s"],
+                daemon_wall_s=event["wall_s"],
+                ingress_first_frame_s=first_frame_s,
             )
         return wire.record(
             "error", code=event["code"], field=event.get("field", ""), message=event["message"]
@@ -399,6 +426,8 @@ class Ingress:
         fps = 25
         async for event in self.job_events(job):
             kind = event["event"]
+            if kind == "flush":
+                continue
             if kind == "accepted":
                 fps = event["fps"] or fps
             elif kind == "frame":
@@ -531,11 +560,9 @@ def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
     try:
         req = msgspec.json.decode(body, type=RenderRequest)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        # msgspec says "... - at `$.seed`", or names the field: "unknown field `colour`".
-        at = re.search(r" - at `\$\.([^`]+)`", text) or re.search(r"field `([^`]+)`", text)
-        where = at.group(1) if at else ""
-        raise ApiError(422, "bad_field", where or "body", text) from None
+        where = wire.field_of(exc)
+        where = "body" if where == "message" else where
+        raise ApiError(422, "bad_field", where, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_json", "body", f"not valid JSON: {exc}") from None
     if not req.text.strip():
@@ -609,6 +636,46 @@ def query_int(query: dict[str, str], name: str, default: int, low: int, high: in
     if not low <= value <= high:
         raise ApiError(422, "bad_field", name, f"must be {low}..{high}, got {value}")
     return value
+
+
+async def live_opening(websocket: WebSocket, config: ClusterConfig) -> wire.LiveOpen | None:
+    """The session's first message, checked, with its seed fixed; None after telling the
+    client `error` {code, field, rule} (not `live_open`, bad JSON, a field out of range,
+    nothing within `cluster.event_timeout_s`)."""
+
+    async def refuse(code: str, field: str, rule: str) -> None:
+        await websocket.send_text(
+            msgspec.json.encode({"type": "error", "code": code, "field": field, "rule": rule})
+            .decode()
+        )
+
+    try:
+        message = await asyncio.wait_for(websocket.receive(), config.event_timeout_s)
+    except TimeoutError:
+        await refuse(
+            "timeout",
+            "live_open",
+            f"no live_open within cluster.event_timeout_s={config.event_timeout_s} s",
+        )
+        return None
+    if message["type"] == "websocket.disconnect":
+        return None
+    text = message.get("text")
+    if text is None:
+        await refuse("bad_message", "message", "the first message must be a JSON live_open")
+        return None
+    try:
+        opening = wire.live_decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        await refuse("bad_message", wire.field_of(exc), str(exc))
+        return None
+    except msgspec.DecodeError as exc:
+        await refuse("bad_json", "message", f"not valid JSON: {exc}")
+        return None
+    if not isinstance(opening, wire.LiveOpen):
+        await refuse("bad_message", "type", "the first message must be live_open")
+        return None
+    return msgspec.structs.replace(opening, seed=fixed_seed(opening.seed))
 
 
 def make_api(get_ingress: Any) -> FastAPI:
@@ -719,5 +786,17 @@ def make_api(get_ingress: Any) -> FastAPI:
     @api.get("/v1/status")
     async def status() -> JSONResponse:
         return JSONResponse(await get_ingress().status())
+
+    @api.websocket("/v1/live")
+    async def live(websocket: WebSocket) -> None:
+        ingress = get_ingress()
+        await websocket.accept()
+        opening = await live_opening(websocket, ingress.config)
+        if opening is not None:
+            await LiveRelay(ingress, websocket, opening).run()
+        try:
+            await websocket.close()
+        except RuntimeError:
+            pass  # the client closed it already
 
     return api

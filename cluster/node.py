@@ -36,7 +36,11 @@ from avatard.ipc.client_core import (
     ClientError,
     DoneEvent,
     FrameEvent,
+    InputRefusedEvent,
     JobFailedError,
+    PlaybackFinishedEvent,
+    PlaybackStartedEvent,
+    SessionMovedEvent,
 )
 
 from .config import ClusterConfig
@@ -49,6 +53,36 @@ RETRYABLE_CODES = frozenset(
     # load its engines.
     {"busy", "draining", "daemon_gone", "timeout", "worker_error", "no_space", "unavailable"}
 )
+
+
+WORKDIR_PREFIX = "avd-node-"
+
+
+def _start_ticks() -> int:
+    from avatard.ipc.segments import process_start_ticks
+
+    return process_start_ticks(os.getpid()) or 0
+
+
+def sweep_stale_workdirs() -> list[str]:
+    """Remove the work folders (`avd-node-<pid>-<start ticks>-*` in the temp directory)
+    of node replicas that are gone: a replica that died with its node or was killed never
+    ran its own clean-up, and its daemon, killed with it, left its config and log there.
+    (Its shared-memory segments are swept by the next daemon that starts.) Returns the
+    folders removed."""
+    from avatard.ipc.segments import process_start_ticks
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*-*"):
+        pid_text, _, rest = folder.name[len(WORKDIR_PREFIX) :].partition("-")
+        ticks_text = rest.partition("-")[0]
+        if not (pid_text.isdigit() and ticks_text.isdigit()):
+            continue  # not named by this code
+        if process_start_ticks(int(pid_text)) == int(ticks_text):
+            continue  # its replica runs
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    return removed
 
 
 def capacity_of(status: dict[str, Any], slots_per_worker: int) -> dict[str, float]:
@@ -67,6 +101,48 @@ def capacity_of(status: dict[str, Any], slots_per_worker: int) -> dict[str, floa
         "free_slots": float(slots - running - queued),
         "ready": 1.0 if daemon["state"] == "ready" else 0.0,
     }
+
+
+async def batched(
+    events: AsyncIterator[dict[str, Any]], limit: int = 64
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """`events` in lists of at most `limit`: a list goes out as soon as one event is
+    there, with every event that came while the consumer was busy. A reader task fills a
+    queue of `limit` events (then waits: back-pressure to the daemon's ring); closing
+    this generator cancels the reader and closes `events` (its `finally` runs)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=limit)
+    end = object()
+
+    async def read() -> None:
+        try:
+            async for event in events:
+                await queue.put(event)
+        except Exception as exc:  # handed to the consumer, raised there
+            await queue.put(exc)
+        finally:
+            await events.aclose()
+        await queue.put(end)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < limit and not queue.empty():
+                batch.append(queue.get_nowait())
+            last = batch[-1]
+            if last is end or isinstance(last, Exception):
+                if len(batch) > 1:
+                    yield batch[:-1]
+                if isinstance(last, Exception):
+                    raise last
+                return
+            yield batch
+    finally:
+        reader.cancel()
+        try:
+            await reader
+        except asyncio.CancelledError:
+            pass
 
 
 class Node:
@@ -89,8 +165,13 @@ class Node:
         except Exception:  # not inside Serve (a unit test): the actor id names it
             self.replica_id = context.get_actor_id() or f"pid-{os.getpid()}"
         self.slots_per_worker = config.node_daemon_config().daemon.jobs_per_worker
-        # A short path: the daemon's socket must fit AF_UNIX's 107 bytes.
-        self.workdir = Path(tempfile.mkdtemp(prefix="avd-node-"))
+        sweep_stale_workdirs()
+        # A short path: the daemon's socket must fit AF_UNIX's 107 bytes. The name
+        # carries this process's pid and start time, so a later replica on this machine
+        # can tell the folder of one that died (`sweep_stale_workdirs`).
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{_start_ticks()}-")
+        )
         sections = {name: dict(table) for name, table in config.node.items()}
         sections.setdefault("daemon", {}).setdefault("drain_timeout_s", config.drain_timeout_s)
         # The GPU Ray gave this replica: Ray sets CUDA_VISIBLE_DEVICES for the actor, and
@@ -103,6 +184,9 @@ class Node:
             raise
         self._client: AsyncClient | None = None
         self._client_lock: asyncio.Lock | None = None
+        # Live sessions running here, by the ingress's session id; with each, the
+        # ingress's request id of every input in flight, by the daemon's request id.
+        self._live: dict[str, tuple[Any, dict[int, int]]] = {}
         self._stopped = False
         log.info(
             "node %s replica %s: daemon pid %d ready in %s",
@@ -191,6 +275,16 @@ class Node:
 
     async def render(
         self, job: dict[str, Any], start_index: int = 0, audio_start_index: int = 0, **routing: Any
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """`render_events` in lists (`batched`): each list holds one event, or every event
+        that was waiting when the caller asked for the next, so a caller that falls behind
+        costs Ray one object per list rather than one per frame. The lists end with
+        `done` or `failed`."""
+        async for batch in batched(self.render_events(job, start_index, audio_start_index)):
+            yield batch
+
+    async def render_events(
+        self, job: dict[str, Any], start_index: int = 0, audio_start_index: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
         """Run a `speak` or `lipsync` job on this node's daemon from frame `start_index`
         and audio chunk `audio_start_index` on (docs/protocol.md, "Resuming a job").
@@ -198,8 +292,7 @@ class Node:
         `job`: ``{"kind": "speak", "text", "voice", "avatar_id", "seed", "deadline_s",
         "send_audio"}`` or ``{"kind": "lipsync", "pcm": bytes (float32 mono), "sample_rate",
         "avatar_id", "seed", "deadline_s"}``; `seed` must not be 0 (the ingress fixes it so
-        a retry on another node makes the same frames). `routing` keywords
-        (`avoid_nodes`, `avoid_replicas`, `target_replica`) are for the router only.
+        a retry on another node makes the same frames).
         Yields event dicts, in order: `accepted` {node_id, replica_id, job_id, fps, width,
         height, audio_rate}; `frame` {index, shape (h, w, 3), data: uint8 bytes};
         `audio` {index, sample_rate, data: float32 bytes}; then `done` {frames, media_s,
@@ -322,6 +415,174 @@ class Node:
             ],
         }
 
+    # ------------------------------------------------------------------ live sessions
+
+    async def live(
+        self, session_id: str, options: dict[str, Any], **routing: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run a live session on this node's daemon for as long as the caller reads
+        (docs/protocol.md, "Live sessions"); its inputs come by `live_input` with the same
+        `session_id` (the ingress's id, unique in the cluster), sent to this replica.
+
+        `options`: ``{"avatar_id", "voice", "seed", "prebuffer_ms", "render_ahead_frames"}``.
+        Yields event dicts: `accepted` {node_id, replica_id, job_id, fps, width, height,
+        audio_rate}; then, per frame period, `playback_started` {segment_id}, `frame`
+        {index, pts_us, shape (h, w, 3), data: uint8 bytes}, `audio` {index, pts_us,
+        sample_rate, data: float32 bytes}, `playback_finished` {segment_id, position_s,
+        interrupted}; at any time `session_moved` {resume_index, frames_lost, reason}
+        (a worker of this daemon was lost) and `input_refused` {req_id: the caller's,
+        what, code, field, rule}; last `done` {frames, frames_dropped, late_frames,
+        frames_lost, audio_samples, media_s, wall_s, first_frame_s, attempts} or `failed`
+        {code, field, message, retryable}. Indices are this daemon's (from 0). When the
+        caller stops reading (Ray cancels the generator) the session is closed."""
+        try:
+            client = await self._connected()
+            session = await client.live(
+                avatar=options.get("avatar_id", ""),
+                voice=options.get("voice", ""),
+                seed=options.get("seed", 0),
+                prebuffer_ms=options.get("prebuffer_ms", 0),
+                render_ahead_frames=options.get("render_ahead_frames", -1),
+            )
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+            return
+        requests: dict[int, int] = {}
+        self._live[session_id] = (session, requests)
+        try:
+            yield {
+                "event": "accepted",
+                "node_id": self.node_id,
+                "replica_id": self.replica_id,
+                "job_id": session.job_id,
+                "fps": session.fps,
+                "width": session.width,
+                "height": session.height,
+                "audio_rate": session.audio_rate,
+            }
+            async for event in session:
+                yield self._live_event(event, requests)
+        except ClientError as exc:
+            if exc.code == "daemon_gone":
+                await self._call_failed()
+            yield self._failed(exc)
+        finally:
+            self._live.pop(session_id, None)
+            # The ingress stopped reading (its client left, or the session moved away
+            # from here): close it, so the daemon frees the slot.
+            await session.aclose()
+
+    @staticmethod
+    def _live_event(event: Any, requests: dict[int, int]) -> dict[str, Any]:
+        if isinstance(event, FrameEvent):
+            return {
+                "event": "frame",
+                "index": event.index,
+                "pts_us": event.pts_us,
+                "shape": tuple(event.array.shape),
+                "data": event.array.tobytes(),  # copied out of the slot it came in
+            }
+        if isinstance(event, AudioEvent):
+            return {
+                "event": "audio",
+                "index": event.index,
+                "pts_us": event.pts_us,
+                "sample_rate": event.sample_rate,
+                "data": np.ascontiguousarray(event.pcm, np.float32).tobytes(),
+            }
+        if isinstance(event, PlaybackStartedEvent):
+            return {"event": "playback_started", "segment_id": event.segment_id}
+        if isinstance(event, PlaybackFinishedEvent):
+            return {
+                "event": "playback_finished",
+                "segment_id": event.segment_id,
+                "position_s": event.position_s,
+                "interrupted": event.interrupted,
+            }
+        if isinstance(event, SessionMovedEvent):
+            return {
+                "event": "session_moved",
+                "resume_index": event.resume_index,
+                "frames_lost": event.frames_lost,
+                "reason": event.reason,
+            }
+        if isinstance(event, InputRefusedEvent):
+            return {
+                "event": "input_refused",
+                "req_id": requests.pop(event.req_id, 0),
+                "what": event.what,
+                "code": event.code,
+                "field": event.field,
+                "rule": event.rule,
+            }
+        assert isinstance(event, DoneEvent), event
+        return {
+            "event": "done",
+            "frames": event.frames,
+            "frames_dropped": event.frames_dropped,
+            "late_frames": event.late_frames,
+            "frames_lost": event.frames_lost,
+            "audio_samples": event.audio_samples,
+            "media_s": event.media_s,
+            "wall_s": event.wall_s,
+            "first_frame_s": event.first_frame_s,
+            "attempts": event.attempts,
+        }
+
+    async def live_input(
+        self,
+        session_id: str,
+        kind: str,
+        req_id: int,
+        fields: dict[str, Any],
+        pcm: bytes = b"",
+        **routing: Any,
+    ) -> dict[str, Any]:
+        """Pass one input to live session `session_id` running here. `kind`: `live_audio`
+        (`fields` {segment_id, sample_rate}, `pcm` float32 mono bytes), `live_text`
+        {segment_id, text, final}, `live_end` {segment_id}, `live_interrupt`,
+        `live_close`. `req_id`: the caller's id, given back in the session's
+        `input_refused` event if the daemon refuses the input. Returns ``{"ok": True}``
+        once the daemon has it, or ``{"failed": {code, field, message, retryable}}``
+        (`not_found`/`session_id` when no such session runs here). `routing`: for the
+        router (`target_replica`)."""
+        entry = self._live.get(session_id)
+        if entry is None:
+            return {
+                "failed": {
+                    "event": "failed",
+                    "code": "not_found",
+                    "field": "session_id",
+                    "message": f"no live session {session_id} on replica {self.replica_id}",
+                    "retryable": True,
+                }
+            }
+        session, requests = entry
+        try:
+            if kind == "live_audio":
+                audio = np.frombuffer(pcm, dtype=np.float32)
+                ours = await session.send_audio(
+                    audio, fields["sample_rate"], fields["segment_id"]
+                )
+            elif kind == "live_text":
+                ours = await session.send_text(
+                    fields["text"], fields["segment_id"], final=fields.get("final", False)
+                )
+            elif kind == "live_end":
+                ours = await session.end_segment(fields["segment_id"])
+            elif kind == "live_interrupt":
+                ours = await session.interrupt()
+            elif kind == "live_close":
+                ours = await session.close()
+            else:
+                raise ValueError(f"unknown live input kind {kind!r}")
+        except ClientError as exc:
+            return {"failed": self._failed(exc)}
+        requests[ours] = req_id
+        return {"ok": True}
+
     @staticmethod
     def _failed(exc: ClientError) -> dict[str, Any]:
         code = exc.code or ("job_failed" if isinstance(exc, JobFailedError) else "internal")
@@ -335,4 +596,11 @@ class Node:
         }
 
 
-__all__ = ["Node", "capacity_of", "RETRYABLE_CODES", "PrivateDaemonError"]
+__all__ = [
+    "Node",
+    "batched",
+    "capacity_of",
+    "sweep_stale_workdirs",
+    "RETRYABLE_CODES",
+    "PrivateDaemonError",
+]

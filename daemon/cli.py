@@ -462,11 +462,13 @@ def voices(as_json: bool, timeout_s: float, endpoint: str | None, engine: str | 
 def _attach_groups() -> None:
     # These modules import only click at the top; their commands import the rest when run.
     from avatard.bench.cli import bench as bench_group
+    from avatard.cluster.cli import cluster
     from avatard.engines.ditto.cli import ditto
     from avatard.integrations.cli import livekit
     from avatard.web.cli import web
 
     main.add_command(bench_group)
+    main.add_command(cluster)
     main.add_command(ditto)
     main.add_command(livekit)
     main.add_command(web)

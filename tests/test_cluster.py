@@ -38,6 +38,7 @@ from avatard.engines.fake import expected_frame  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 FRAME_MS = 20  # fixed compute per frame of the fake avatar engine
+GPU_NODE_ARGS: dict = {}  # how the fixture started a GPU node (tests add more)
 TEXT = "One two three four five six seven eight."  # ~60 frames with the fake TTS
 
 
@@ -60,12 +61,12 @@ def _render(
         conn.close()
 
 
-def _frames_job(port: int, seed: int) -> dict:
+def _frames_job(port: int, seed: int, text: str = TEXT) -> dict:
     """One render through HTTP in the `frames` format: checks every record and returns
     {indices, nodes, attempts}; raises AssertionError on a wrong or missing frame."""
     status, headers, body = _render(
         port,
-        json.dumps({"text": TEXT, "seed": seed, "format": "frames", "send_audio": False}).encode(),
+        json.dumps({"text": text, "seed": seed, "format": "frames", "send_audio": False}).encode(),
     )
     assert status == 200, body[:500]
     records = list(read_records(io.BytesIO(body)))
@@ -86,7 +87,8 @@ def _frames_job(port: int, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """(ray Cluster, http port, [GPU node handles]) with the app deployed."""
+    """(ray Cluster, http port, [GPU node handles]) with the app deployed; the GPU node
+    list is the module's: tests that add or remove nodes keep it up to date."""
     # A private temp dir: another Ray on this machine keeps its own sessions and address.
     temp_dir = tempfile.mkdtemp(prefix="avd-ray-")
     common = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": temp_dir}
@@ -94,7 +96,8 @@ def cluster(tmp_path_factory):
         initialize_head=True,
         head_node_args={"num_cpus": 2, "num_gpus": 0, "resources": {"ingress": 10}, **common},
     )
-    gpu_nodes = [ray_cluster.add_node(num_cpus=1, num_gpus=1, **common) for _ in range(2)]
+    GPU_NODE_ARGS.update(num_cpus=1, num_gpus=1, **common)
+    gpu_nodes = [ray_cluster.add_node(**GPU_NODE_ARGS) for _ in range(2)]
     ray.init(address=ray_cluster.address, logging_level="warning")
     port = free_port()
     config = load_cluster_config(
@@ -124,6 +127,10 @@ def cluster(tmp_path_factory):
     finally:
         from ray import serve
 
+        # Delete the app first and wait: each node replica's __del__ drains its daemon.
+        # serve.shutdown alone may kill replicas (and with them their daemons) first.
+        for name in serve.status().applications:
+            serve.delete(name)
         serve.shutdown()
         ray.shutdown()
         ray_cluster.shutdown()
@@ -214,16 +221,40 @@ def test_lipsync_mp4_transcribe_and_status(cluster):
     assert report["node_count"] == 2
     assert {n["capacity"]["slots"] for n in report["nodes"]} == {4.0}
     assert len({n["node_id"] for n in report["nodes"]}) == 2
+    # The CLI reads the same, as a table naming both nodes.
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, "-m", "avatard.daemon.cli", "cluster", "status"]
+        + ["--url", f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith("2 node(s)"), table.stdout
+    for node in report["nodes"]:
+        assert node["node_id"][:12] in table.stdout
 
 
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
-    """Last in the module: it takes a node away."""
+    """It takes a node away (later tests add one back)."""
     ray_cluster, port, gpu_nodes = cluster
     seeds = random.Random(20).sample(range(1, 2**31), 16)
+    victim = gpu_nodes[0]
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(_frames_job, port, seed) for seed in seeds]
-        time.sleep(3.0)  # jobs are running on both nodes
-        ray_cluster.remove_node(gpu_nodes[0], allow_graceful=False)
+        # Jobs of ~120 frames (2.4 s of compute each): the node stays busy a while.
+        futures = [pool.submit(_frames_job, port, seed, TEXT * 2) for seed in seeds]
+        deadline = time.monotonic() + 60
+        while True:  # until the node to remove is running jobs
+            nodes = {n["node_id"]: n for n in _status(port)["nodes"]}
+            if nodes.get(victim.node_id, {}).get("capacity", {}).get("running", 0) > 0:
+                break
+            assert time.monotonic() < deadline, f"node {victim.node_id} ran no job in 60 s"
+            time.sleep(0.2)
+        gpu_nodes.remove(victim)
+        ray_cluster.remove_node(victim, allow_graceful=False)
         results = [f.result(timeout=240) for f in futures]
     for result in results:
         # _frames_job checked every frame's pixels; exactly once and in order:
@@ -231,3 +262,248 @@ def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
     moved = [r for r in results if r["attempts"] > 1]
     assert moved, "no job was running on the removed node"
     assert all(len(set(r["nodes"])) == 2 for r in moved)
+    # The removed node's daemon died with it (Ray ended the node's processes) and left
+    # its segments in the /dev/shm all nodes share here; a new node's daemon sweeps them.
+    _two_nodes_serving(cluster)
+
+
+def _status(port: int) -> dict:
+    status, _, body = _render(port, b"", path="/v1/status", method="GET", timeout_s=60)
+    assert status == 200, body[:300]
+    return json.loads(body)
+
+
+def _two_nodes_serving(cluster) -> None:
+    """Give the cluster two GPU nodes again (an earlier test may have removed one) and
+    wait, at most 120 s, until two node replicas answer /v1/status."""
+    ray_cluster, port, gpu_nodes = cluster
+    while len(gpu_nodes) < 2:
+        gpu_nodes.append(ray_cluster.add_node(**GPU_NODE_ARGS))
+    deadline = time.monotonic() + 120
+    while (count := _status(port)["node_count"]) < 2:
+        assert time.monotonic() < deadline, f"{count} node replica(s) after 120 s, wanted 2"
+        time.sleep(1.0)
+
+
+class LiveClient:
+    """A WebSocket client of /v1/live that keeps every message it read, in order:
+    JSON ones as dicts, media as `parse_live_media` dicts."""
+
+    def __init__(self, port: int):
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"ws://127.0.0.1:{port}/v1/live", open_timeout=60, max_size=2**24)
+        self.log: list[dict] = []
+
+    def send(self, kind: str, **fields) -> None:
+        self.ws.send(json.dumps({"type": kind, **fields}))
+
+    def send_audio(self, segment_id: str, pcm: np.ndarray, rate: int = 16000) -> None:
+        self.send("live_audio", segment_id=segment_id, sample_rate=rate)
+        self.ws.send(pcm.astype(np.float32).tobytes())
+
+    def read_until(self, pred, what: str, timeout_s: float = 60.0) -> dict:
+        """Read until a message for which pred(msg) holds (media have `kind`, JSON
+        messages `type`); AssertionError naming `what` after timeout_s."""
+        from avatard.cluster.wire import parse_live_media
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what} within {timeout_s} s; last: {self.log[-3:]}"
+            raw = self.ws.recv(timeout=left)
+            msg = parse_live_media(raw) if isinstance(raw, bytes) else json.loads(raw)
+            self.log.append(msg)
+            if pred(msg):
+                return msg
+
+    def of(self, kind: str) -> list[dict]:
+        return [m for m in self.log if m.get("type") == kind or m.get("kind") == kind]
+
+
+@pytest.mark.parametrize(
+    "first, code, field",
+    [
+        ('{"type": "live_open", "prebuffer_ms": 9000}', "bad_message", "prebuffer_ms"),
+        ('{"type": "live_open", "colour": 1}', "bad_message", "colour"),
+        ('{"type": "live_end", "segment_id": "a"}', "bad_message", "type"),
+        ('{"type": "live_shout"}', "bad_message", "type"),
+        ("{not json", "bad_json", "message"),
+    ],
+)
+def test_a_bad_first_live_message_gets_an_error_naming_the_field(cluster, first, code, field):
+    _, port, _ = cluster
+    client = LiveClient(port)
+    try:
+        client.ws.send(first)
+        error = client.read_until(lambda m: True, "the error")
+    finally:
+        client.ws.close()
+    assert (error["type"], error["code"], error["field"]) == ("error", code, field), error
+    assert error["rule"]
+
+
+def test_a_live_session_over_the_websocket_survives_the_removal_of_its_node(cluster):
+    from avatard.engines.fake import frame_audio_level_of, frame_index_of
+
+    ray_cluster, port, gpu_nodes = cluster
+    _two_nodes_serving(cluster)
+    speech = (0.5 * np.sin(np.arange(16000 * 4) * 0.07)).astype(np.float32)  # 4 s
+    client = LiveClient(port)
+    try:
+        client.send("live_open", seed=5)
+        accepted = client.read_until(lambda m: True, "the first message")
+        assert accepted["type"] == "accepted", accepted
+        first_node = accepted["node_id"]
+        for chunk in np.split(speech, 8):
+            client.send_audio("a", chunk)
+        client.send("live_end", segment_id="a")
+        client.read_until(lambda m: m.get("type") == "playback_started", "playback_started a")
+        client.read_until(lambda m: m.get("kind") == "frame", "a frame of a")  # it plays
+        (node,) = [n for n in gpu_nodes if n.node_id == first_node]
+        gpu_nodes.remove(node)
+        ray_cluster.remove_node(node, allow_graceful=False)
+        moved = client.read_until(lambda m: m.get("type") == "session_moved", "session_moved")
+        # The segment that was playing ended, interrupted, before the move was told.
+        finished_a = client.of("playback_finished")
+        assert [m["segment_id"] for m in finished_a] == ["a"]
+        assert finished_a[0]["interrupted"] is True
+        # Input naming a segment from before the move is refused; new speech plays.
+        client.send_audio("a", speech[:1600])
+        client.read_until(lambda m: m.get("type") == "input_refused", "input_refused for a")
+        client.send_audio("b", speech[:16000])
+        client.send("live_end", segment_id="b")
+        client.read_until(
+            lambda m: m.get("type") == "playback_finished" and m["segment_id"] == "b",
+            "playback_finished b",
+        )
+        client.send("live_close")
+        done = client.read_until(lambda m: m.get("type") in ("done", "failed"), "done")
+    finally:
+        client.ws.close()
+    # The removed node's daemon may die with its node before it unlinks its segments;
+    # here, unlike on a lost machine, they stay in the /dev/shm all nodes share until
+    # a daemon starts and sweeps dead owners' segments: the replacement node's does.
+    _two_nodes_serving(cluster)
+    assert done["type"] == "done", done
+    refused = client.of("input_refused")[0]
+    assert (refused["code"], refused["field"]) == ("bad_input", "segment_id")
+    assert len(set(done["nodes"])) == 2 and done["nodes"][0] == first_node
+    assert done["attempts"] == 2
+    # Every started segment finished; b played to its end after the move.
+    started = [m["segment_id"] for m in client.of("playback_started")]
+    finished = {m["segment_id"]: m for m in client.of("playback_finished")}
+    assert started == ["a", "b"] and set(finished) == {"a", "b"}
+    assert finished["b"]["interrupted"] is False
+    assert finished["b"]["position_s"] == pytest.approx(1.0, abs=0.05)
+    # Frames: indices rise, the gap of the move is frames_lost, each frame is the one
+    # its node made for that index (the new node counts from the resume index).
+    frames = client.of("frame")
+    indices = [f["index"] for f in frames]
+    assert indices == sorted(set(indices))
+    before = [f for f in frames if f["index"] < moved["resume_index"]]
+    after = [f for f in frames if f["index"] >= moved["resume_index"]]
+    assert before and after and after[0]["index"] == moved["resume_index"]
+    assert moved["resume_index"] - (before[-1]["index"] + 1) == moved["frames_lost"]
+    assert done["frames_lost"] >= moved["frames_lost"]
+    for f in before:
+        assert frame_index_of(f["array"]) == f["index"]
+    for f in after:
+        assert frame_index_of(f["array"]) == f["index"] - moved["resume_index"]
+    # Audio k plays with frame k (the node may die between the last frame it sent and
+    # that frame's audio); b's speech came out after the move (loud frames).
+    audio_indices = {a["index"] for a in client.of("audio")}
+    assert audio_indices <= set(indices)
+    assert set(indices) - audio_indices <= {before[-1]["index"]}
+    assert any(frame_audio_level_of(f["array"]) > 0 for f in after)
+    assert done["frames"] == len(frames)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):
+    """Last in the module: it redeploys the app with autoscaling between 1 and 2 nodes."""
+    import threading
+
+    from ray import serve
+
+    _, port, _ = cluster
+    _two_nodes_serving(cluster)  # two GPU nodes for Serve to place replicas on
+    config = load_cluster_config(
+        None,
+        {
+            "cluster.http_port": port,
+            "cluster.min_nodes": 1,
+            "cluster.max_nodes": 2,
+            "cluster.target_ongoing_requests": 2.0,
+            "cluster.upscale_delay_s": 1.0,
+            "cluster.downscale_delay_s": 2.0,
+            "cluster.look_back_period_s": 2.0,
+            "cluster.ingress_resource": "ingress",
+            "cluster.event_timeout_s": 20.0,
+            "cluster.routing_stats_period_s": 0.5,
+            "cluster.drain_timeout_s": 10.0,
+            "node.daemon.workers": 2,
+            "node.daemon.jobs_per_worker": 2,
+            "node.daemon.devices": "cpu",
+            "node.engines": {
+                "avatar": "fake",
+                "tts": "fake",
+                "asr": "fake",
+                "options": {"fake": {"frame_ms": FRAME_MS}},
+            },
+        },
+    )
+    serve.delete(config.app_name)
+    deploy(config)
+    assert _status(port)["node_count"] == 1
+    # Load: 8 clients render back to back until a second node has served some jobs.
+    stop = threading.Event()
+    results: list[dict] = []
+    seeds = iter(random.Random(21).sample(range(1, 2**31), 10_000))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            with lock:
+                seed = next(seeds)
+            results.append(_frames_job(port, seed))
+
+    two = None
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client) for _ in range(8)]
+        try:
+            deadline = time.monotonic() + 120
+            while two is None or len({n for r in results for n in r["nodes"]}) < 2:
+                assert time.monotonic() < deadline, "no second node served a job within 120 s"
+                assert not any(f.done() for f in futures), [f.exception() for f in futures]
+                report = _status(port)
+                if report["node_count"] == 2:
+                    two = report
+                time.sleep(1.0)
+        finally:
+            stop.set()
+            for future in futures:
+                future.result(timeout=120)
+    pids = {n["replica_id"]: n["daemon_pid"] for n in two["nodes"]}
+    # Idle: Serve removes one node after downscale_delay_s; it drains (Serve waits for
+    # its ongoing requests, then its daemon gets SIGTERM) and its daemon exits.
+    deadline = time.monotonic() + 120
+    while (report := _status(port))["node_count"] != 1 or len(
+        [pid for pid in pids.values() if _pid_alive(pid)]
+    ) != 1:
+        assert time.monotonic() < deadline, f"not back to one node after 120 s: {report}"
+        time.sleep(1.0)
+    (left,) = report["nodes"]
+    assert left["replica_id"] in pids and _pid_alive(left["daemon_pid"])
+    # Every job completed on its first node: scale-down stopped no running job.
+    assert len(results) >= 8
+    for result in results:
+        assert result["indices"] == list(range(result["frames"]))
+        assert result["attempts"] == 1, result

