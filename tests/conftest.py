@@ -9,6 +9,13 @@ import pytest
 
 from avatard.ipc import segments
 
+# Before any test module imports Ray (pytest imports every module at collection, and
+# test_bench_cluster.py comes before test_cluster.py): Ray reads these at import. No usage
+# stats, and loopback only: with the switch on, Ray turns 127.0.0.1 in an address into
+# the host's own IP and ray.init then waits minutes for a GCS it cannot reach.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments():

@@ -23,10 +23,8 @@ import numpy as np
 import pytest
 from daemon_harness import free_port
 
-# Before Ray is imported (it reads them then): no usage stats, and loopback only (Ray
-# turns 127.0.0.1 in an address into the host's own IP unless this switch is off).
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# conftest.py sets Ray's environment (usage stats off, loopback only) before any module
+# imports Ray.
 ray = pytest.importorskip("ray", reason="the cluster extra is not installed")
 from ray.cluster_utils import Cluster  # noqa: E402
 
