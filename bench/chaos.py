@@ -516,7 +516,8 @@ class Chaos:
         if kind == "ring_fill":
             # Mostly within client_call_s (back-pressure, then the job completes); sometimes
             # beyond it (the daemon takes the slots back and this client's descriptors go
-            # stale: it gets StaleSlotError, the worker carries on).
+            # stale: it gets the job's failure, `timeout`, even when the job had completed
+            # meanwhile; the worker carries on).
             hold = CLIENT_HOLD_S * (self.rng.uniform(0.2, 0.8) if self.rng.random() < 0.8
                                     else self.rng.uniform(1.2, 1.6))
             fault["hold_s"] = round(hold, 3)

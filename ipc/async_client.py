@@ -402,12 +402,13 @@ class AsyncClient:
         """The last message of job `job_id` (its mailbox `box`) once one of its frames
         turned out `stale`: the daemon took the slot back, because this client held a slot
         past `timeouts.client_call_s`, and ended the job; its `job_failed` follows the
-        frames queued before it (`take_end_after_stale`). Waits up to `timeout_s` for it;
+        frames queued before it (a `done` turns into a `job_failed`:
+        `take_end_after_stale`). Waits up to `timeout_s` for it;
         raises DaemonUnavailable naming the stale slot when it does not come."""
         what = (f"end of job {job_id} after the daemon took back the slot of one of its "
                 f"events ({stale})")
         async with self._deadline(what):
-            while (end := take_end_after_stale(box.messages)) is None:
+            while (end := take_end_after_stale(box.messages, stale)) is None:
                 if box.closed:
                     raise StopAsyncIteration
                 if self._failure is not None:

@@ -514,12 +514,13 @@ class Client:
         """The last message of job `job_id` (its message queue `queue`) once one of its
         frames turned out `stale`: the daemon took the slot back, because this client held
         a slot past `timeouts.client_call_s`, and ended the job; its `job_failed` follows
-        the frames queued before it (`take_end_after_stale`). Waits up to `timeout_s` for
+        the frames queued before it (a `done` turns into a `job_failed`:
+        `take_end_after_stale`). Waits up to `timeout_s` for
         it; raises DaemonUnavailable naming the stale slot when it does not come."""
         self._wait(lambda: any(ends_job(msg) for msg, _ in queue),
                    f"end of job {job_id} after the daemon took back the slot of one of its "
                    f"events ({stale})", time.monotonic() + self.timeout_s)
-        end = take_end_after_stale(queue)
+        end = take_end_after_stale(queue, stale)
         assert end is not None  # what _wait waited for
         return end
 

@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .ring import SlotRing
+from .ring import SlotRing, StaleSlotError
 
 log = logging.getLogger("avatard.client")
 
@@ -358,22 +358,33 @@ def ends_job(msg: P.Msg) -> bool:
     return isinstance(msg, (P.Done, P.JobFailed))
 
 
-def take_end_after_stale(messages: deque[tuple[P.Msg, list[Any]]]
+def take_end_after_stale(messages: deque[tuple[P.Msg, list[Any]]], stale: StaleSlotError
                          ) -> tuple[P.Msg, list[Any]] | None:
-    """After a frame or audio chunk of a job turned out stale (`StaleSlotError`: the
-    daemon took its slot back), the job's last message from `messages` (its queue, in
-    arrival order), with every message before it dropped; None, leaving `messages` as
-    they are, while it has not arrived.
+    """After a frame or audio chunk of a job turned out stale (`stale`: the daemon took
+    its slot back), the job's last message from `messages` (its queue, in arrival order),
+    with every message before it dropped; None, leaving `messages` as they are, while it
+    has not arrived.
 
     The daemon takes a slot back from a client that held it past
     `timeouts.client_call_s` and ends that client's jobs (`job_failed` code `timeout`);
     the frames queued before that end name slots that are no longer the client's, so
-    what the caller must see is the end, not the stale slot."""
+    what the caller must see is the end, not the stale slot. A job that had already
+    completed when its slots were taken back ends in `done`, yet this client lost the
+    frames from the stale one on: that end becomes a `job_failed` (code `timeout`), never
+    a `done` that would pass for a complete delivery."""
     for position, (msg, _) in enumerate(messages):
         if ends_job(msg):
             for _ in range(position):
                 messages.popleft()
-            return messages.popleft()
+            end, extra = messages.popleft()
+            if isinstance(end, P.Done):
+                end = P.make(P.JobFailed, job_id=end.job_id, code=P.E_TIMEOUT,
+                             attempts=end.attempts, message=(
+                                 "the job completed, but this client held a slot over "
+                                 "timeouts.client_call_s and the daemon took it back: the "
+                                 f"events from the stale one on were lost ({stale})"
+                             ))
+            return end, extra
     return None
 
 

@@ -530,3 +530,26 @@ def test_leaving_a_session_ends_another_tasks_iteration_over_it(tmp_path):
     with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d:
         read_frames, second_frames = asyncio.run(scenario(d.endpoint))
     assert read_frames >= 3 and second_frames == 3
+
+
+def test_a_batch_job_that_completed_while_its_slots_were_taken_back_fails(tmp_path):
+    # As for the blocking client: the job completed while this client read nothing for
+    # longer than client_call_s; the frames whose slots went back are lost, so reading on
+    # raises the timeout instead of ending in a `done` that would hide the loss.
+    pcm = np.zeros(TICK * 5, np.float32)  # 5 frames: all fit in the frame ring at once
+
+    async def scenario(endpoint: str, d) -> JobFailedError:
+        async with AsyncClient(endpoint, timeout_s=20) as client:
+            job = await client.lipsync(pcm, RATE, seed=2)
+            await asyncio.to_thread(d.wait_for, lambda s: s["queue"]["running"] == 0, 20,
+                                    "the job to complete")
+            await asyncio.sleep(2.5)  # past client_call_s and the daemon's check of it
+            with pytest.raises(JobFailedError) as failure:
+                async for _ in job:
+                    pass
+            return failure.value
+
+    with run_daemon(tmp_path, fake=FAKE, timeouts={"client_call_s": 1.0},
+                    sections={"rings": {"frame_slots": 16, "audio_slots": 16}}) as d:
+        failure = asyncio.run(scenario(d.endpoint, d))
+    assert failure.code == P.E_TIMEOUT and "completed" in str(failure)

@@ -483,3 +483,24 @@ def test_a_slow_engine_is_not_taken_for_a_slow_client(tmp_path):
         frames, _, done = collect(c.lipsync(pcm, 16000, seed=2))
         assert done is not None and len(frames) == 5
         assert_frames_exact(frames, 2)
+
+
+def test_a_job_that_completed_while_its_client_held_slots_too_long_is_not_done(tmp_path):
+    """A client that reads nothing for longer than client_call_s loses its slots. When
+    the job had already completed (its `done` queued behind the frames), the client must
+    report a failure, not a `done` that would hide the frames it never got."""
+    pcm = np.zeros(16000 // 5, np.float32)  # 5 frames: all fit in the frame ring at once
+    with run_daemon(tmp_path, fake=FAKE, timeouts={"client_call_s": 1.0},
+                    sections={"rings": {"frame_slots": 16, "audio_slots": 16}}) as d, \
+            d.client() as c:
+        events = c.lipsync(pcm, 16000, seed=2)
+        d.wait_for(lambda s: s["queue"]["running"] == 0, 20, "the job to complete")
+        time.sleep(2.5)  # past client_call_s (and the supervisor's next check of it)
+        with pytest.raises(JobFailedError) as failure:
+            for _ in events:
+                pass
+        assert failure.value.code == P.E_TIMEOUT
+        assert "client_call_s" in str(failure.value) and "completed" in str(failure.value)
+        # The daemon keeps serving the same client.
+        frames, _, done = collect(c.lipsync(pcm, 16000, seed=3))
+        assert done is not None and len(frames) == 5
