@@ -151,6 +151,10 @@ def bench_sweep(engine: str | None, weights: str | None, workers: str | None, ba
               "each), e.g. 1,4,8,16: one configuration each.")
 @click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(2, 3600),
               help="Length of every session, s.")
+@click.option("--beside", default="0", show_default=True,
+              help="Comma list of batch streams (lipsync jobs back to back, as `bench sweep` "
+              "runs them) on the same daemon while the sessions run, e.g. 0,4,8: each "
+              "session count is measured with each.")
 @click.option("--workers", help="Comma list of worker counts: one private daemon each. Not "
               "with --endpoint. [default: 1]")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
@@ -177,7 +181,8 @@ def bench_sweep(engine: str | None, weights: str | None, workers: str | None, ba
               help="Folder of live.json, live.md and live.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of "
               "the table.")
-def bench_live(engine: str | None, sessions: str, seconds: float, workers: str | None,
+def bench_live(engine: str | None, sessions: str, seconds: float, beside: str,
+               workers: str | None,
                options: tuple[str, ...], sets: tuple[str, ...], endpoint: str | None, tts: str,
                text_share: float, interrupt_share: float, seed: int, out: str,
                as_json: bool) -> None:
@@ -186,15 +191,17 @@ def bench_live(engine: str | None, sessions: str, seconds: float, workers: str |
     per session count (see docs/bench.md, "Live sessions").
 
     Each agent sends seeded speech segments at realtime pace in 100 ms chunks, some as
-    streamed text, with pauses between them and seeded interrupts. Writes live.json,
-    live.md and live.png to --out and prints the table.
+    streamed text, with pauses between them and seeded interrupts. With --beside, batch
+    streams run on the same daemon meanwhile (how many of each one worker holds in
+    realtime together). Writes live.json, live.md and live.png to --out and prints the
+    table.
     """
     from avatard.bench.live import live_command
     from avatard.bench.live_report import markdown_table
 
     try:
         result = live_command(engine, sessions, seconds, workers, options, sets, endpoint, tts,
-                              text_share, interrupt_share, seed, out)
+                              text_share, interrupt_share, seed, out, beside)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     _print_report(result.report, as_json, markdown_table)

@@ -42,8 +42,15 @@ What is measured (client side, `time.monotonic()`):
 - peak RSS of the daemon and of each worker (psutil, every 0.2 s), and each worker's GPU
   memory through the daemon's status (NVML); "n/a" for workers on the CPU.
 
+**Beside batch streams** (`beside` > 0): that many batch streams run on the same daemon
+while the sessions do, as `bench sweep` runs them: each sends `lipsync` jobs of
+`BESIDE_JOB_S` of seeded speech back to back until the sessions have closed. A batch
+stream is realtime when every frame of every job arrived by job start + 0.5 s + its pts
+(`sweep.ALLOWANCE_S`) and no job failed; the figures say how many live sessions and batch
+streams one worker holds in realtime together.
+
 `run_live_bench` starts one private daemon per worker count (or uses `endpoint`), warms
-it up with short sessions, then measures each session count on it in turn.
+it up with short sessions, then measures each (sessions, beside) pair on it in turn.
 """
 
 from __future__ import annotations
@@ -78,7 +85,9 @@ from avatard.ipc.client import (
 
 from . import sweep_report as facts_of
 from .sweep import (
+    ALLOWANCE_S,
     NOT_APPLICABLE,
+    JobResult,
     MemorySampler,
     drain_started,
     engine_sections,
@@ -86,6 +95,7 @@ from .sweep import (
     join_threads,
     parse_list,
     parse_overrides,
+    run_job,
     speech_like_pcm,
 )
 from .timing import percentile
@@ -109,6 +119,7 @@ CLIENT_TIMEOUT_S = 120.0  # longest wait for a reply, or for the other agents to
 # 10 frames a window) leaves minutes between them.
 EVENT_TIMEOUT_S = 600.0
 WARMUP_SESSION_S = 2.0  # each warm-up session runs this long (unmeasured)
+BESIDE_JOB_S = 4.0  # media seconds of each lipsync job of a batch stream beside the sessions
 STATUS_SAMPLE_S = 1.0  # how often GPU memory is read through the daemon's status
 TTS_CHOICES = ("fake", "embedded", "coqui")
 # Words without abbreviations or single letters: a period after them always ends the
@@ -530,9 +541,70 @@ def run_agents(endpoint: str, sessions: int, seconds: float, seed: int, text_sha
     return [a.result for a in agents]
 
 
+class BatchStreams:
+    """`count` batch streams beside the live sessions: one thread and one `Client` each,
+    `lipsync` jobs of BESIDE_JOB_S seconds back to back (`sweep.run_job`) from `start()`
+    until `stop()`, which lets each finish the job it is running."""
+
+    def __init__(self, endpoint: str, count: int, seed: int):
+        self.endpoint, self.count, self.seed = endpoint, count, seed
+        self.results: list[JobResult] = []
+        self.errors: list[str] = []
+        self._halt = threading.Event()
+        self._threads = [threading.Thread(target=self._stream, args=(s,), daemon=True,
+                                          name=f"beside-{s}") for s in range(count)]
+        self.started = self.ended = 0.0
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        join_threads(self._threads)
+        self.ended = time.monotonic()
+
+    def _stream(self, stream: int) -> None:
+        seed = self.seed + 1000 + stream
+        pcm = speech_like_pcm(BESIDE_JOB_S, seed, SAMPLE_RATE)
+        try:
+            with Client(self.endpoint, timeout_s=CLIENT_TIMEOUT_S,
+                        name=f"bench-live-batch-{stream}") as client:
+                round_ = 0
+                while not self._halt.is_set():
+                    self.results.append(run_job(client, pcm, stream, round_, seed,
+                                                ALLOWANCE_S, SAMPLE_RATE))
+                    round_ += 1
+        except (ClientError, OSError) as exc:
+            self.errors.append(f"batch stream {stream}: {type(exc).__name__}: {exc}")
+
+    def metrics(self) -> dict[str, Any]:
+        """Streams held in realtime (every job complete, no frame past job start +
+        ALLOWANCE_S + pts), jobs, frames per second over the streams' run, late frames,
+        first-frame latency."""
+        done = [r for r in self.results if r.ok]
+        realtime = sum(
+            1 for s in range(self.count)
+            if (jobs := [r for r in self.results if r.stream == s])
+            and all(r.ok and r.late_frames == 0 for r in jobs))
+        wall = self.ended - self.started
+        frames = sum(r.frames_received for r in self.results)
+        first = [r.first_frame_s for r in done if r.first_frame_s is not None]
+        return {"batch_streams": self.count, "batch_realtime_streams": realtime,
+                "batch_jobs": len(done), "batch_jobs_failed": len(self.results) - len(done),
+                "batch_frames_per_s": round(frames / wall, 1) if wall > 0 else None,
+                "batch_late_frames": sum(r.late_frames for r in self.results),
+                "batch_first_frame_ms_p50": (round(1000 * percentile(first, 50))
+                                             if first else None),
+                "batch_errors": (self.errors + [r.error for r in self.results
+                                                if r.error])[:5]}
+
+
 def measure(endpoint: str, sessions: int, seconds: float, seed: int, text_share: float,
-            interrupt_share: float) -> dict[str, Any]:
-    """One configuration against a ready daemon: its metrics."""
+            interrupt_share: float, beside: int = 0) -> dict[str, Any]:
+    """One configuration against a ready daemon: its metrics. `beside`: batch streams
+    run meanwhile (`BatchStreams`); 0 for none."""
     with Client(endpoint, timeout_s=30, name="bench-live-status", inline=True) as c:
         status = c.stats()
     pids = {"daemon": status["daemon"]["pid"],
@@ -544,16 +616,21 @@ def measure(endpoint: str, sessions: int, seconds: float, seed: int, text_share:
         for w in status["workers"]:
             peak_gpu[w["id"]] = max(peak_gpu.get(w["id"], 0), w["device_memory_bytes"])
 
+    batch = BatchStreams(endpoint, beside, seed)
     sampler.start()
+    batch.start()
     try:
         results = run_agents(endpoint, sessions, seconds, seed, text_share, interrupt_share,
                              gpu)
     finally:
+        batch.stop()
         sampler.stop()
     with Client(endpoint, timeout_s=30, name="bench-live-status", inline=True) as c:
         after = c.stats()
     metrics = compute_metrics(results, after, sampler.peak, peak_gpu)
     metrics["engine_batches"] = batch_figures(status, after)
+    if beside:
+        metrics.update(batch.metrics())
     return metrics
 
 
@@ -598,6 +675,7 @@ class LiveConfig:
     engine: str
     workers: int
     sessions: int
+    beside: int  # batch streams running beside the sessions
     seconds: float
     tts: str
     text_share: float
@@ -609,7 +687,8 @@ class LiveConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "workers": self.workers, "sessions": self.sessions,
-                "seconds": self.seconds, "tts": self.tts, "text_share": self.text_share,
+                "beside": self.beside, "seconds": self.seconds, "tts": self.tts,
+                "text_share": self.text_share,
                 "interrupt_share": self.interrupt_share, "seed": self.seed,
                 "options": dict(self.options), "settings": dict(self.settings),
                 "daemon": self.daemon}
@@ -642,15 +721,20 @@ def run_live_bench(engine: str | None, sessions: Iterable[int], seconds: float, 
                    options: dict[str, Any] | None = None,
                    settings: dict[str, Any] | None = None, tts: str = "fake",
                    text_share: float = TEXT_SHARE, interrupt_share: float = INTERRUPT_SHARE,
-                   seed: int = 1, command: str = "",
+                   seed: int = 1, command: str = "", beside: Iterable[int] = (0,),
                    echo: Callable[[str], None] = print) -> LiveBenchResult:
-    """Measure every (workers, sessions) configuration; write live.json, live.md and
-    live.png to `out`. Raises ValueError for arguments that cannot run."""
+    """Measure every (workers, sessions, beside) configuration, `beside` batch streams
+    running beside the sessions; write live.json, live.md and live.png to `out`. Raises
+    ValueError for arguments that cannot run."""
     from . import live_report
 
     options = dict(sorted((options or {}).items()))
     settings = dict(sorted((settings or {}).items()))
     sessions = list(sessions)
+    beside = list(beside) or [0]
+    if min(beside) < 0:
+        raise ValueError(f"--beside: values must be >= 0, got {min(beside)}")
+    most = max(s + b for s in sessions for b in beside)
     if tts not in TTS_CHOICES:
         raise ValueError(f"--tts must be one of {', '.join(TTS_CHOICES)}, got {tts!r}")
     if endpoint:
@@ -668,11 +752,11 @@ def run_live_bench(engine: str | None, sessions: Iterable[int], seconds: float, 
                             if e["kind"] == "tts"})
         tts = ",".join(tts_names) or "unknown"
         room = sum(w["capacity"] for w in status["workers"] if w["state"] in ("ready", "busy"))
-        if max(sessions) > room:
-            raise ValueError(f"--sessions {max(sessions)}: the daemon at {endpoint} runs "
-                             f"{room} jobs at once on its ready workers (daemon.workers x "
-                             "daemon.jobs_per_worker); the sessions past that would wait "
-                             "in its queue with no frames")
+        if most > room:
+            raise ValueError(f"--sessions with --beside: {most} jobs at once, but the daemon "
+                             f"at {endpoint} runs {room} at once on its ready workers "
+                             "(daemon.workers x daemon.jobs_per_worker); the sessions past "
+                             "that would wait in its queue with no frames")
         plan = [(len(status["workers"]), endpoint)]
     else:
         if engine is None:
@@ -688,9 +772,10 @@ def run_live_bench(engine: str | None, sessions: Iterable[int], seconds: float, 
     }
     result = LiveBenchResult(report)
     for n_workers, daemon in plan:
-        configs = [LiveConfig(engine, n_workers, s, seconds, tts, text_share, interrupt_share,
-                              seed, tuple(options.items()), tuple(settings.items()), daemon)
-                   for s in sessions]
+        configs = [LiveConfig(engine, n_workers, s, b, seconds, tts, text_share,
+                              interrupt_share, seed, tuple(options.items()),
+                              tuple(settings.items()), daemon)
+                   for s in sessions for b in beside]
         try:
             _run_group(endpoint, configs, options, settings, out, report["records"], echo)
         except (ClientError, RuntimeError, TimeoutError, OSError) as exc:
@@ -712,6 +797,7 @@ def _run_group(endpoint: str | None, configs: list[LiveConfig], options: dict[st
     """Start a private daemon (unless one is given), warm it up, measure each config."""
     first = configs[0]
     max_sessions = max(c.sessions for c in configs)
+    max_jobs = max(c.sessions + c.beside for c in configs)
     tmp = d = None
     finished = False
     try:
@@ -719,7 +805,7 @@ def _run_group(endpoint: str | None, configs: list[LiveConfig], options: dict[st
             # Short path: the ipc:// socket path must fit a sockaddr_un (108 bytes).
             tmp = tempfile.mkdtemp(prefix="avatard-live-")
             d = PrivateDaemon(Path(tmp), daemon_sections(first.engine, first.workers,
-                                                         max_sessions, first.tts, options,
+                                                         max_jobs, first.tts, options,
                                                          settings))
             echo(f"starting a daemon: {first.engine}, {first.workers} worker(s)")
             try:
@@ -737,15 +823,18 @@ def _run_group(endpoint: str | None, configs: list[LiveConfig], options: dict[st
             load_before = os.getloadavg()
             started = facts_of.utc_now()
             metrics = measure(target, cfg.sessions, cfg.seconds, cfg.seed, cfg.text_share,
-                              cfg.interrupt_share)
+                              cfg.interrupt_share, cfg.beside)
             records.append({"config": cfg.as_dict(), "started": started,
                             "ended": facts_of.utc_now(),
                             "load_average": {"before": [round(x, 2) for x in load_before],
                                              "after": [round(x, 2) for x in os.getloadavg()]},
                             "metrics": metrics})
             lat = metrics["latency_ms"]
+            batch = (f", batch streams realtime {metrics['batch_realtime_streams']}/"
+                     f"{cfg.beside} at {metrics['batch_frames_per_s']} frames/s"
+                     if cfg.beside else "")
             echo(f"W={cfg.workers} sessions={cfg.sessions}: realtime "
-                 f"{metrics['realtime_sessions']}/{cfg.sessions}, audio-to-frame p50 "
+                 f"{metrics['realtime_sessions']}/{cfg.sessions}{batch}, audio-to-frame p50 "
                  f"{_ms(lat['audio_to_frame']['p50'])}, barge-in p50 "
                  f"{_ms(lat['barge_in_silent']['p50'])}"
                  + "".join(f", {k} {v}" for k, v in metrics["engine_batches"].items())
@@ -770,7 +859,7 @@ def _ms(value: float | None) -> str:
 def live_command(engine: str | None, sessions: str, seconds: float, workers: str | None,
                  options: tuple[str, ...], sets: tuple[str, ...], endpoint: str | None,
                  tts: str, text_share: float, interrupt_share: float, seed: int,
-                 out: str) -> LiveBenchResult:
+                 out: str, beside: str = "0") -> LiveBenchResult:
     """What `avatard bench live` runs: parse the lists and KEY=VALUE items, then run.
     Raises ValueError for bad arguments (the CLI shows them)."""
     exit_on_sigterm()
@@ -780,5 +869,6 @@ def live_command(engine: str | None, sessions: str, seconds: float, workers: str
         workers=parse_list(workers, int, "workers") if workers else None, endpoint=endpoint,
         options=parse(options, "--option"), settings=parse(sets, "--set"), tts=tts,
         text_share=text_share, interrupt_share=interrupt_share, seed=seed,
+        beside=parse_list(beside, int, "beside", zero_ok=True),
         command=shlex.join(["avatard", *sys.argv[1:]]),
         echo=lambda line: print(line, file=sys.stderr))

@@ -50,7 +50,10 @@ def _mib(values: Any) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     """One row per configuration: latencies (p50 / p99, sample count), pacing, frame
     counts, realtime sessions, memory and the load average around the run."""
+    beside = any(r["config"].get("beside") for r in report["records"])
     head = (["engine", "workers", "sessions", "realtime sessions"]
+            + (["batch streams beside", "realtime batch streams", "batch frames/s"]
+               if beside else [])
             + [header for _, header in LATENCY_COLUMNS]
             + ["frame jitter p99 ms", "frames received / sent", "dropped", "late",
                "worker RSS MiB", "GPU MiB", "load avg"])
@@ -62,6 +65,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         load = record["load_average"]
         cells = ([c["engine"], str(c["workers"]), str(c["sessions"]),
                   f"{m['realtime_sessions']}/{c['sessions']}"]
+                 + ([str(c.get("beside", 0)),
+                     f"{m.get('batch_realtime_streams', 0)}/{c.get('beside', 0)}",
+                     str(m.get("batch_frames_per_s") or "-")] if beside else [])
                  + [_pair(lat[name], "(n)" in header) for name, header in LATENCY_COLUMNS]
                  + [_ms(lat["frame_jitter"]["p99"]),
                     f"{m['frames_received']} / {m['frames_sent']}",

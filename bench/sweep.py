@@ -456,8 +456,9 @@ class SweepResult:
     table: str = ""
 
 
-def parse_list(text: str, kind: type, name: str) -> list[Any]:
-    """"1,2,4" -> [1, 2, 4]; every value positive; order kept, duplicates dropped."""
+def parse_list(text: str, kind: type, name: str, zero_ok: bool = False) -> list[Any]:
+    """"1,2,4" -> [1, 2, 4]; every value positive (or 0 too, with `zero_ok`); order
+    kept, duplicates dropped. Raises ValueError naming the option `--name`."""
     values: list[Any] = []
     for item in text.split(","):
         item = item.strip()
@@ -467,8 +468,9 @@ def parse_list(text: str, kind: type, name: str) -> list[Any]:
             value = kind(item)
         except ValueError:
             raise ValueError(f"--{name}: {item!r} is not a {kind.__name__}") from None
-        if value <= 0:
-            raise ValueError(f"--{name}: values must be > 0, got {item}")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ValueError(f"--{name}: values must be {'>= 0' if zero_ok else '> 0'}, "
+                             f"got {item}")
         if value not in values:
             values.append(value)
     if not values:

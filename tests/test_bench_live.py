@@ -115,3 +115,34 @@ def test_cli_live_bench_counts_every_frame_and_measures_each_kind(tmp_path: Path
     except ImportError:
         return
     assert (out / "live.png").stat().st_size > 0
+
+
+def test_batch_streams_beside_the_sessions_are_counted(tmp_path: Path):
+    # One session with two batch streams beside it, then the session alone: the batch
+    # figures appear only where streams ran, every frame of theirs was received, and the
+    # table gets its batch columns.
+    result = run_live_bench("fake", [1], 3.0, tmp_path, beside=[2, 0],
+                            options={"width": 32, "height": 32},
+                            settings={"daemon.devices": "cpu"}, seed=SEED,
+                            echo=lambda line: None)
+    assert result.failures == []
+    with_batch, alone = result.report["records"]
+    assert with_batch["config"]["beside"] == 2 and alone["config"]["beside"] == 0
+    m = with_batch["metrics"]
+    assert m["batch_streams"] == 2 and m["batch_errors"] == []
+    assert m["batch_jobs"] >= 2 and m["batch_jobs_failed"] == 0
+    assert 0 <= m["batch_realtime_streams"] <= 2 and m["batch_frames_per_s"] > 0
+    assert m["sessions_done"] == 1 and m["frames_received"] == m["frames_sent"]
+    assert "batch_streams" not in alone["metrics"]
+    table = (tmp_path / "live.md").read_text()
+    assert "| batch streams beside | realtime batch streams | batch frames/s |" in table
+    with pytest.raises(ValueError, match="--beside"):
+        run_live_bench("fake", [1], 2.0, tmp_path, beside=[-1])
+
+
+def test_beside_zero_is_a_valid_list_value():
+    from avatard.bench.sweep import parse_list
+
+    assert parse_list("0,4,4", int, "beside", zero_ok=True) == [0, 4]
+    with pytest.raises(ValueError, match="--sessions: values must be > 0"):
+        parse_list("0", int, "sessions")
