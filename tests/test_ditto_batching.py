@@ -82,10 +82,12 @@ def test_earliest_deadline_runs_first_and_a_cut_makes_a_batch_of_one() -> None:
     assert batches == [["blocker"], ["new1"], ["new2", "old5", "old6"], ["old7"]]
 
 
-def test_items_not_yet_urgent_hold_for_company_and_urgent_ones_do_not() -> None:
-    """hold_s: an item due later than hold_slack_s waits up to hold_s for others (here
-    long enough that only company ends the wait); an urgent one, or one that becomes
-    urgent while it waits, runs after max_wait_s. No timing is asserted: a wrongly held
+def test_holders_wait_for_the_other_holders_of_their_round_and_no_longer() -> None:
+    """hold_s: an item of a holder waits (here up to 60 s: only company ends the wait)
+    while another holder that submitted within holder_ttl_s has no item pending, and runs
+    as soon as that item comes; a holder that is the only one of its round, or whose
+    peers went quiet for longer than holder_ttl_s, runs at once, whatever its deadline;
+    an item with no holder runs after max_wait_s. No timing is asserted: a wrongly held
     item would wait 60 s and miss the 20 s result timeout."""
     batches: list[list[str]] = []
 
@@ -93,26 +95,40 @@ def test_items_not_yet_urgent_hold_for_company_and_urgent_ones_do_not() -> None:
         batches.append(list(items))
         return items
 
-    batcher = Batcher("hold", run, max_items=2, max_wait_s=0.001, hold_s=60.0,
-                      hold_slack_s=0.1)
+    batcher = Batcher("hold", run, max_items=4, max_wait_s=0.001, hold_s=60.0,
+                      holder_ttl_s=3.0)
     try:
         far = time.monotonic() + 3600
-        first = batcher.submit(["a"], [far], hold=True)[0]
-        time.sleep(0.05)  # far past max_wait_s: without the hold "a" would run alone
-        second = batcher.submit(["b"], [far], hold=True)[0]
-        assert (first.result(timeout=20), second.result(timeout=20)) == ("a", "b")
-        assert batches == [["a", "b"]]
-        # Due now: no hold.
-        urgent = batcher.submit(["urgent"], [time.monotonic()], hold=True)[0]
-        assert urgent.result(timeout=20) == "urgent"
-        # Due in 0.5 s: holds until 0.1 s before that, then runs alone.
-        soon = batcher.submit(["soon"], [time.monotonic() + 0.5], hold=True)[0]
-        assert soon.result(timeout=20) == "soon"
-        # Not asked to hold: runs after max_wait_s however far its deadline.
+        # The first round of holder "a": nobody else is known, so no wait.
+        assert batcher.submit(["a1"], [far], holder="a")[0].result(timeout=20) == "a1"
+        # "b" joins: "a" submitted within holder_ttl_s, so b1 waits for a2 (far past
+        # max_wait_s), then both run together.
+        b1 = batcher.submit(["b1"], [far], holder="b")[0]
+        time.sleep(0.05)
+        a2 = batcher.submit(["a2"], [far], holder="a")[0]
+        assert (b1.result(timeout=20), a2.result(timeout=20)) == ("b1", "a2")
+        # An item due now waits for its round too: the round, not the deadline, ends it.
+        a3 = batcher.submit(["a3"], [time.monotonic()], holder="a")[0]
+        time.sleep(0.05)
+        b3 = batcher.submit(["b3"], [time.monotonic()], holder="b")[0]
+        assert (a3.result(timeout=20), b3.result(timeout=20)) == ("a3", "b3")
+        # No holder: runs after max_wait_s however far its deadline.
         assert batcher.submit(["batch"], [far])[0].result(timeout=20) == "batch"
-        assert batches[1:] == [["urgent"], ["soon"], ["batch"]]
+        assert batches == [["a1"], ["b1", "a2"], ["a3", "b3"], ["batch"]]
         with pytest.raises(ValueError, match="hold_s"):
             Batcher("bad", run, 1, 0.0, hold_s=-1)
+    finally:
+        batcher.close()
+
+    # A holder that went quiet for longer than holder_ttl_s is no longer waited for.
+    batches.clear()
+    batcher = Batcher("hold", run, max_items=4, max_wait_s=0.001, hold_s=60.0,
+                      holder_ttl_s=0.2)
+    try:
+        assert batcher.submit(["x1"], holder="x")[0].result(timeout=20) == "x1"
+        time.sleep(0.5)  # "x" closed, say
+        assert batcher.submit(["y1"], holder="y")[0].result(timeout=20) == "y1"
+        assert batches == [["x1"], ["y1"]]
     finally:
         batcher.close()
 

@@ -279,7 +279,7 @@ class _FakeEngine:
         return np.array(rows, np.float32).reshape(-1, 1).repeat(1024, axis=1)
 
     def sample_window(self, reference, cond, x_init, step_noise, due=None,
-                      hold=False) -> np.ndarray:
+                      holder=None) -> np.ndarray:
         self.step_noises.append(step_noise)
         return linear_sampler(reference, cond) + x_init * 1e-3
 
@@ -466,9 +466,9 @@ class _LiveEngine(_FakeEngine):
         return _hubert_features(self.session, pcm, start, end, base)
 
     def sample_window(self, reference, cond, x_init, step_noise, due=None,
-                      hold=False) -> np.ndarray:
+                      holder=None) -> np.ndarray:
         self.conds.append(np.asarray(cond).copy())
-        return super().sample_window(reference, cond, x_init, step_noise, due, hold)
+        return super().sample_window(reference, cond, x_init, step_noise, due, holder)
 
 
 def _live(engine: _FakeEngine | None = None, seed: int = 7) -> DittoStream:

@@ -147,7 +147,7 @@ class _VectorEngine:
         return self.data["features"][start:end]
 
     def sample_window(self, reference, cond, x_init, step_noise, due=None,
-                      hold=False) -> np.ndarray:
+                      holder=None) -> np.ndarray:
         assert step_noise.shape == self.data["ddim_step_noise"].shape
         k, self.windows = self.windows, self.windows + 1
         sample = self.verifier.sampler(self.pcfg.sampling_timesteps,

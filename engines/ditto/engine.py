@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,10 @@ LOOKAHEAD = HUBERT_CHUNK[2]
 HUBERT_WINDOW = sum(HUBERT_CHUNK) * SAMPLES_PER_FRAME + 80  # 6480 samples per chunk
 HUBERT_LEAD = HUBERT_WINDOW - (HUBERT_CHUNK[1] + HUBERT_CHUNK[2]) * SAMPLES_PER_FRAME  # 2000
 RESULT_TIMEOUT_S = 300.0  # longest wait for one batched frame or window
-# A live window whose first frame is due within this long does not wait past batch_wait_ms
-# for company (window_hold_ms): the render of its frames, queued behind other streams' frames
-# (80 for 8 live sessions, ~0.28 s at an H200's batch throughput, earliest due first),
-# needs the rest of the slack. A live session's windows come ~0.24 s before their first
-# frame is due (daemon.live_render_ahead_frames 6), so they hold.
-WINDOW_HOLD_SLACK_S = 0.1
+# A live stream counts among the streams whose windows a round waits for (window_hold_ms)
+# while it submitted one within this long: 1.5 online window periods (10 frames, 0.4 s at
+# 25 fps), so a stream that closed stops being waited for after one round.
+WINDOW_HOLDER_TTL_S = 0.6
 
 
 @dataclass
@@ -179,7 +177,7 @@ class DittoEngine(AvatarEngine):
         )
         self._window_batcher: Batcher = Batcher(
             "windows", self._sample_items, self.max_windows, opts.batch_wait_ms / 1000,
-            hold_s=opts.window_hold_ms / 1000, hold_slack_s=WINDOW_HOLD_SLACK_S,
+            hold_s=opts.window_hold_ms / 1000, holder_ttl_s=WINDOW_HOLDER_TTL_S,
         )
         if not self.random_weights:
             self._hubert = _open_hubert(Path(weights) / checkpoints.AUX_RELDIR, device)
@@ -519,17 +517,18 @@ class DittoEngine(AvatarEngine):
         x_init: np.ndarray,
         step_noise: np.ndarray,
         deadline_s: float | None = None,
-        hold: bool = False,
+        holder: Hashable | None = None,
     ) -> np.ndarray:
         """One DDIM run of the LMDM: (265,) reference, (80,C) condition, (80,265) initial
         x and (S-1,80,265) per-step noise -> (80,265). The stream owns the randomness, so a
-        window does not depend on which other streams' windows share its batch. `hold`:
-        the window may wait up to `window_hold_ms` for other streams' windows while its
-        first frame (due at `deadline_s`) is not urgent (live streams ask for it)."""
+        window does not depend on which other streams' windows share its batch. `holder`
+        (a live stream's key): the window may wait up to `window_hold_ms` for the windows
+        of the other live streams of its round (`Batcher`, holders). Raises TimeoutError
+        after RESULT_TIMEOUT_S without a result."""
         item = (np.asarray(reference, np.float32).reshape(-1), np.asarray(cond, np.float32),
                 np.asarray(x_init, np.float32), np.asarray(step_noise, np.float32))
         deadline = [deadline_s] if deadline_s is not None else None
-        future = self._window_batcher.submit([item], deadline, hold=hold)[0]
+        future = self._window_batcher.submit([item], deadline, holder=holder)[0]
         return next(drain_futures([future], RESULT_TIMEOUT_S, "LMDM window"))
 
     def _ddim_eager(
@@ -801,9 +800,9 @@ class DittoStream(AvatarStream):
         x_init = torch.randn(self._window_shape, generator=self._generator).numpy()
         due = self.started + self.emitted / self.fps
         # A live session's windows come in the same tick as the other sessions' (the
-        # worker aligns their clocks) and hold for them; a batch stream's run at once.
+        # worker aligns their clocks) and wait for them; a batch stream's run at once.
         return self.engine.sample_window(reference, cond, x_init, self._step_noise, due,
-                                         hold=self.live)
+                                         holder=id(self) if self.live else None)
 
     def _feature_limit(self, final: bool, total: int) -> int:
         """Feature rows whose values the audio so far fixes: whole chunks of 5 frames

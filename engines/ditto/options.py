@@ -58,8 +58,9 @@ class DittoOptions:
         ge=0, le=100,
     )
     window_hold_ms: float = option(
-        40.0, "How long a live session's LMDM window whose first frame is not due within "
-        "0.1 s waits for other sessions' windows, in ms (a batch of 8 windows costs about "
+        40.0, "Longest a live session's LMDM window waits for the windows of the other "
+        "live sessions of its round, in ms: it runs as soon as every live session that "
+        "sent one in the last 0.6 s has sent its next (a batch of 8 windows costs about "
         "what a batch of 2 does; sessions submit theirs in the same tick, from different "
         "threads, spread over tens of ms when the GPU is busy).",
         ge=0, le=1000,
