@@ -87,8 +87,8 @@ def test_holders_wait_for_the_other_holders_of_their_round_and_no_longer() -> No
     while another holder that submitted within holder_ttl_s has no item pending, and runs
     as soon as that item comes; a holder that is the only one of its round, or whose
     peers went quiet for longer than holder_ttl_s, runs at once, whatever its deadline;
-    an item with no holder runs after max_wait_s. No timing is asserted: a wrongly held
-    item would wait 60 s and miss the 20 s result timeout."""
+    an item with no holder runs after max_wait_s and ends a holder's wait. No timing is
+    asserted: a wrongly held item would wait 60 s and miss the 20 s result timeout."""
     batches: list[list[str]] = []
 
     def run(items: list[str]) -> list[str]:
@@ -112,9 +112,14 @@ def test_holders_wait_for_the_other_holders_of_their_round_and_no_longer() -> No
         time.sleep(0.05)
         b3 = batcher.submit(["b3"], [time.monotonic()], holder="b")[0]
         assert (a3.result(timeout=20), b3.result(timeout=20)) == ("a3", "b3")
-        # No holder: runs after max_wait_s however far its deadline.
+        # No holder: runs after max_wait_s however far its deadline, and takes a waiting
+        # holder's item with it (never held back itself).
         assert batcher.submit(["batch"], [far])[0].result(timeout=20) == "batch"
-        assert batches == [["a1"], ["b1", "a2"], ["a3", "b3"], ["batch"]]
+        a4 = batcher.submit(["a4"], [far], holder="a")[0]
+        time.sleep(0.05)  # a4 waits for b's next window
+        assert batcher.submit(["batch2"], [far])[0].result(timeout=20) == "batch2"
+        assert a4.result(timeout=20) == "a4"
+        assert batches == [["a1"], ["b1", "a2"], ["a3", "b3"], ["batch"], ["a4", "batch2"]]
         with pytest.raises(ValueError, match="hold_s"):
             Batcher("bad", run, 1, 0.0, hold_s=-1)
     finally:

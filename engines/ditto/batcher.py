@@ -22,11 +22,12 @@ A submission can also ask for a cut after its first item, so a new stream's firs
 runs in a small batch of its own and leaves early.
 
 With `hold_s`, items submitted by a `holder` (a key naming who submits them, e.g. one
-live stream) wait longer for company: while some holder's item is pending but fewer
+live stream) wait longer for company: while every pending item is a holder's but fewer
 holders have one pending than submitted within the last `holder_ttl_s` (the holders that
-take part in this round), the batch waits up to `hold_s` after the oldest holder item's
-arrival (not just `max_wait_s`), and runs as soon as the last expected holder's item is
-in. This is for work whose cost hardly grows with the batch (an LMDM window batch of 8
+take part in this round), the batch waits up to `hold_s` after the oldest item's arrival
+(not just `max_wait_s`), and runs as soon as the last expected holder's item is in. An
+item without a holder ends the wait (batch streams' windows are not held back). This is
+for work whose cost hardly grows with the batch (an LMDM window batch of 8
 takes about as long as one of 2): live sessions submit their windows in the same clock
 tick but from different threads, spread over a few to tens of ms, and a 2 ms wait splits
 them into several batches that each cost a full run. The wait does not depend on the
@@ -178,7 +179,6 @@ class Batcher(Generic[Item, Result]):
                     waited = now - min(entry[2] for entry in self._pending)
                     limit = self.max_wait_s
                     if self.hold_s > self.max_wait_s and self._awaits_holders(now):
-                        waited = now - min(e[2] for e in self._pending if e[4] is not None)
                         limit = self.hold_s
                     if waited >= limit:
                         break
@@ -195,12 +195,13 @@ class Batcher(Generic[Item, Result]):
             return batch
 
     def _awaits_holders(self, now: float) -> bool:
-        """Whether some holder's item is pending while other holders of the round (those
-        that submitted within `holder_ttl_s`) have not submitted theirs yet. Called with
-        the condition's lock held."""
-        pending = {e[4] for e in self._pending if e[4] is not None}
-        if not pending:
+        """Whether every pending item is a holder's while other holders of the round
+        (those that submitted within `holder_ttl_s`) have not submitted theirs yet. An
+        item without a holder (a batch stream's window) is never held back: it ends the
+        wait. Called with the condition's lock held."""
+        if any(e[4] is None for e in self._pending):
             return False
+        pending = {e[4] for e in self._pending}
         expected = sum(1 for seen in self._holders.values() if now - seen <= self.holder_ttl_s)
         return len(pending) < expected
 
