@@ -147,9 +147,11 @@ def test_session_of_a_dead_client_is_ended(tmp_path: Path) -> None:
         baseline = len(d.segments())
         gone = Client(d.endpoint, timeout_s=10.0, name="vanishes")
         list(gone.speak("One two.", seed=1))
-        gone._sock.close(linger=0)  # the process "dies": no bye, the socket just goes away
-        # Its input ring and its own frame and audio rings (one pair per worker it used).
+        # Its input ring and its own frame and audio rings (one pair per worker it used),
+        # counted before the socket goes: the daemon may see the closed connection and
+        # end the session at once, before the count.
         assert len(d.segments()) == baseline + 3
+        gone._sock.close(linger=0)  # the process "dies": no bye, the socket just goes away
         deadline = time.monotonic() + 15  # session_idle_s, plus slack for a busy machine
         while len(d.segments()) > baseline and time.monotonic() < deadline:
             time.sleep(0.5)
