@@ -660,7 +660,8 @@ class AsyncJobHandle(AcceptedMedia):
         self.client = client
         self._box = client._mailboxes[self.job_id]  # made by the reader at `accepted`
         self._held: P.SlotDesc | None = None
-        self._ended = False
+        self._ended = False  # this handle reads no more events
+        self._daemon_ended = False  # the job's last message (done, job_failed) came
         self._what = f"event of {kind} {self.job_id}"
 
     def __aiter__(self) -> AsyncJobHandle:
@@ -677,12 +678,14 @@ class AsyncJobHandle(AcceptedMedia):
                 await self.client._release(held)
             while True:
                 msg, extra = await self.client._next_message(self._box, self._what)
+                self._daemon_ended = self._daemon_ended or ends_job(msg)
                 try:
                     event = job_event(self.job_id, msg, extra, self.client._read,
                                       self.client._live_requests)
                 except StaleSlotError as exc:
                     msg, extra = await self.client._end_after_stale(self._box, self.job_id,
                                                                     exc)
+                    self._daemon_ended = self._daemon_ended or ends_job(msg)
                     event = job_event(self.job_id, msg, extra, self.client._read,
                                       self.client._live_requests)
                 self._held = slot_of(msg)
@@ -782,11 +785,13 @@ class AsyncLiveSession(AsyncJobHandle):
             P.LiveClose, req_id=self.client._next_id(), job_id=self.job_id), "LiveClose")
 
     async def aclose(self) -> None:
-        """Close the session unless it was closed or has ended, and stop reading its
-        events (their slots are given back as they arrive); does not wait for `done`.
-        Safe to call from a task being cancelled, and more than once."""
-        if not self._close_sent and not self._ended and not self.client._closed \
-                and self.client._failure is None:
+        """Close the session unless it was closed or the daemon ended it, and stop
+        reading its events (their slots are given back as they arrive); does not wait for
+        `done`. Also after reading stopped on an error (a wait that timed out): the daemon
+        still runs or queues the session until `live_close`. Safe to call from a task
+        being cancelled, and more than once."""
+        if not self._close_sent and not self._daemon_ended and not self.ended_by_daemon() \
+                and not self.client._closed and self.client._failure is None:
             try:
                 await self.close()
             except ClientError:

@@ -341,6 +341,20 @@ def test_bad_requests_get_clear_errors_and_the_gateway_keeps_serving(daemon):
         await _error(
             await client.post(f"/api/sessions/{session}/talk", json={"on": "yes"}), 400, "on"
         )
+        await _error(
+            await client.post(f"/api/sessions/{session}/text", json={"text": ""}), 400, "text"
+        )
+        for segment_id in ({}, 5, "", "s" * 257):
+            await _error(
+                await client.post(
+                    f"/api/sessions/{session}/text", json={"text": "Hi.", "segment_id": segment_id}
+                ),
+                400,
+                "segment_id",
+            )
+        # The router's own 404 and 405 are JSON too.
+        await _error(await client.get("/api/nothing-here"), 404, "path")
+        await _error(await client.get("/whep"), 405, "method")
         ok = await client.post(f"/api/sessions/{session}/text", json={"text": "Hello there."})
         assert ok.status == 200, await ok.text()
         stats = await (await client.get(f"/api/sessions/{session}/stats")).json()
@@ -446,3 +460,190 @@ def test_a_public_listen_address_without_a_token_refuses_to_start(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("http://0.0.0.0:18999/?exp=") and "&sig=" in done.stdout
+
+
+def _portrait_png(scale: int) -> bytes:
+    """The bundled portrait upscaled and saved as PNG: megabytes of a real face."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).parents[1] / "engines" / "embedded" / "assets" / "astronaut.jpg"
+    image = Image.open(path).convert("RGB")
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def test_a_portrait_of_megabytes_arrives_whole_with_or_without_content_length(daemon):
+    import hashlib
+
+    image = _portrait_png(3)
+    assert 1_000_000 < len(image) < 10 * 1024 * 1024, len(image)
+    expected = hashlib.sha256(image).hexdigest()[:32]  # the daemon's id of these bytes
+
+    async def chunked(data: bytes, size: int = 100_000):
+        for start in range(0, len(data), size):
+            yield data[start : start + size]
+
+    async def scenario(client, gateway):
+        reply = await client.post("/api/avatars", data=image)
+        assert reply.status == 200, await reply.text()
+        assert (await reply.json())["avatar_id"] == expected
+        reply = await client.post("/api/avatars", data=chunked(image))
+        assert reply.status == 200, await reply.text()
+        assert (await reply.json())["avatar_id"] == expected
+        # Chunked (no Content-Length) and over the limit: 413 naming the limit.
+        too_big = image * (10 * 1024 * 1024 // len(image) + 1)
+        reply = await client.post("/api/avatars", data=chunked(too_big))
+        message = await _error(reply, 413, "image")
+        assert str(10 * 1024 * 1024) in message
+
+    _with_gateway(daemon, scenario)
+
+
+def test_a_session_the_daemon_cannot_start_in_time_is_503_and_leaves_its_queue(tmp_path):
+    from avatard.ipc.async_client import AsyncClient
+
+    with run_daemon(
+        tmp_path, fake={"width": SIZE, "height": SIZE}, daemon={"jobs_per_worker": 1}
+    ) as d:
+
+        async def main():
+            own = AsyncClient(d.endpoint, timeout_s=30, name="test")
+            await own.connect()
+            try:
+                async with own.live() as busy:  # the only worker's only slot
+                    async for _event in busy:
+                        break
+                    gateway = Gateway(
+                        GatewayOptions(endpoint=d.endpoint, loopback_media=True, daemon_timeout_s=2)
+                    )
+                    async with TestClient(TestServer(gateway.app())) as client:
+                        try:
+                            pc, sdp = await _offer()
+                            message = await _error(
+                                await client.post(
+                                    "/whep", data=sdp, headers={"Content-Type": "application/sdp"}
+                                ),
+                                503,
+                                "daemon",
+                            )
+                            assert "busy" in message
+                            await pc.close()
+                            assert not gateway.feeds and not gateway.peers
+                            # The daemon dropped the queued session: only ours is left.
+                            await asyncio.to_thread(
+                                d.wait_for,
+                                lambda s: s["queue"]["depth"] == 0
+                                and [j["job_id"] for j in s["live_sessions"]] == [busy.job_id],
+                                30,
+                                "the queued session gone",
+                            )
+                        finally:
+                            await gateway.close_all("the test ended")
+            finally:
+                await own.close()
+
+        asyncio.run(main())
+
+
+def test_a_live_session_whose_events_timed_out_is_still_closed_by_aclose(tmp_path):
+    # AsyncLiveSession: a wait that timed out stops the reading, and aclose() must still
+    # send live_close: else the daemon starts the queued session once the worker is free
+    # and runs it forever.
+    from avatard.ipc.async_client import AsyncClient
+    from avatard.ipc.client import DaemonUnavailable
+
+    with run_daemon(
+        tmp_path, fake={"width": SIZE, "height": SIZE}, daemon={"jobs_per_worker": 1}
+    ) as d:
+
+        async def main():
+            own = AsyncClient(d.endpoint, timeout_s=30, name="test")
+            other = AsyncClient(d.endpoint, timeout_s=1, name="test-queued")
+            await own.connect()
+            await other.connect()
+            try:
+                async with own.live() as busy:
+                    async for _event in busy:
+                        break
+                    queued = await other.live()
+                    with pytest.raises(DaemonUnavailable):
+                        async for _event in queued:
+                            pass
+                    await queued.aclose()
+                # The worker is free: the queued session starts, takes its live_close
+                # and ends; none is left.
+                await asyncio.to_thread(
+                    d.wait_for,
+                    lambda s: not s["live_sessions"] and s["queue"]["depth"] == 0,
+                    30,
+                    "every live session closed",
+                )
+            finally:
+                await other.close()
+                await own.close()
+
+        asyncio.run(main())
+
+
+def test_a_viewer_that_never_connects_is_closed_with_its_session(daemon):
+    async def scenario(client, gateway):
+        pc, sdp = await _offer()
+        reply = await client.post("/whep", data=sdp, headers={"Content-Type": "application/sdp"})
+        assert reply.status == 201, await reply.text()
+        session_id = reply.headers["X-Avatard-Session"]
+        # The answer is never given to the peer: no ICE, no DELETE.
+        deadline = time.monotonic() + 30
+        while gateway.feeds and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert session_id not in gateway.feeds and not gateway.peers
+        await asyncio.to_thread(
+            daemon.wait_for,
+            lambda s: session_id not in [j["job_id"] for j in s["live_sessions"]],
+            30,
+            "the session closed",
+        )
+        await pc.close()
+
+    _with_gateway(daemon, scenario, connect_timeout_s=1)
+
+
+@pytest.mark.parametrize(
+    "limits, field",
+    [
+        ({"max_sessions": 2}, "max_sessions"),
+        ({"max_viewers_per_client": 2}, "max_viewers_per_client"),
+        ({"max_viewers": 2}, "max_viewers"),
+    ],
+)
+def test_concurrent_offers_pass_no_limit(daemon, limits, field):
+    async def scenario(client, gateway):
+        offers = [await _offer() for _ in range(5)]
+
+        async def post(sdp):
+            reply = await client.post("/api/offer", json={"sdp": sdp})
+            return reply.status, await reply.json()
+
+        replies = await asyncio.gather(*(post(sdp) for _, sdp in offers))
+        statuses = sorted(status for status, _ in replies)
+        assert statuses == [200, 200, 429, 429, 429], replies
+        assert all(body["field"] == field for status, body in replies if status == 429), replies
+        status = await (await client.get("/api/status")).json()
+        assert (status["sessions"], status["viewers"]) == (2, 2)
+        for pc, _ in offers:
+            await pc.close()
+
+    _with_gateway(daemon, scenario, **limits)
+
+
+def test_a_bad_ice_server_url_refuses_to_start():
+    cmd = [sys.executable, "-m", "avatard.daemon.cli", "web", "--listen", "127.0.0.1:18998"]
+    done = subprocess.run(
+        [*cmd, "--ice-server", "http://bad"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 78, done.stderr
+    assert "--ice-server 'http://bad'" in done.stderr

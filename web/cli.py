@@ -116,6 +116,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     "every 2 s and when a viewer joins) instead of once per viewer: less CPU per viewer.",
 )
 @click.option(
+    "--connect-timeout",
+    "connect_timeout_s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    metavar="SECONDS",
+    help="A viewer whose WebRTC connection is not up this long after its answer is "
+    "closed, with the session it opened.",
+)
+@click.option(
     "--sign-url",
     "sign_url_s",
     type=click.IntRange(1, 10**8),
@@ -144,6 +154,7 @@ def web(
     loopback_media: bool,
     prebuffer_ms: int,
     shared_encode: bool,
+    connect_timeout_s: float,
     sign_url_s: int | None,
     log_level: str,
 ) -> None:
@@ -159,6 +170,7 @@ def web(
     from avatard.web.auth import check_token, is_loopback, signed_query
 
     host, port = parse_listen(listen)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     token = None
     try:
         if token_file:
@@ -181,13 +193,24 @@ def web(
                 f"avatard web: --sign-url needs a token (--token-file or ${TOKEN_ENV})", err=True
             )
             sys.exit(EXIT_CONFIG_ERROR)
-        shown = f"[{host}]" if ":" in host else host
         click.echo(f"http://{shown}:{port}/?{signed_query(token, sign_url_s)}")
         return
 
     from aiortc import RTCIceServer
+    from aiortc.rtcicetransport import parse_stun_turn_uri
 
     from avatard.web.gateway import GatewayOptions, run_gateway
+
+    for url in ice_servers:
+        try:
+            parse_stun_turn_uri(url)
+        except ValueError as exc:
+            click.echo(
+                f"avatard web: --ice-server {url!r}: {exc}; expected stun:HOST[:PORT], "
+                "turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]",
+                err=True,
+            )
+            sys.exit(EXIT_CONFIG_ERROR)
 
     credential = None
     if turn_credential_file:
@@ -223,12 +246,13 @@ def web(
         loopback_media=loopback_media,
         prebuffer_ms=prebuffer_ms,
         shared_encode=shared_encode,
+        connect_timeout_s=connect_timeout_s,
         curve_server_key_file=curve_server_key,
         curve_client_key_file=curve_client_key,
     )
     logging.getLogger("avatard.web").info(
         "avatard web on http://%s:%d (codec %s, daemon %s, %s)",
-        host,
+        shown,
         port,
         codec,
         endpoint or "default endpoint",

@@ -288,8 +288,10 @@ class LiveFeed:
 
     Viewers join and leave at any time (`add_viewer`, `remove_viewer`); a viewer sees the
     session from its next frame on. `mark_input(segment_id)` records when the gateway sent
-    a segment's first input, for the speech-to-frame figure. `ended` is set once the pump
-    has stopped (session done, failed or closed); every viewer's tracks end with it."""
+    a segment's first input, for the speech-to-frame figure. `started` is set at the first
+    frame (a worker runs the session; until then the daemon may hold it queued). `ended`
+    is set once the pump has stopped (session done, failed or closed); every viewer's
+    tracks end with it."""
 
     def __init__(
         self, session: AsyncLiveSession, opened_at: float, shared_codec: str | None = None
@@ -302,8 +304,10 @@ class LiveFeed:
         self.audio_time_base = fractions.Fraction(1, session.audio_rate)
         self.viewers: dict[str, Viewer] = {}
         self.stats = FeedStats()
+        self.started = asyncio.Event()  # the first frame came: a worker runs the session
         self.ended = asyncio.Event()
         self.end_reason = ""
+        self.timed_out = False  # it ended because no event came within the client's timeout
         self._opened_at = opened_at
         self._input_sent_at: dict[str, float] = {}
         self._audio_next_index = -1
@@ -353,6 +357,7 @@ class LiveFeed:
         try:
             async for event in self.session:
                 if isinstance(event, FrameEvent):
+                    self.started.set()
                     self._on_frame(event)
                 elif isinstance(event, AudioEvent):
                     self._on_audio(event)
@@ -387,6 +392,7 @@ class LiveFeed:
             reason = "the gateway closed the session"
             raise
         except Exception as exc:  # the daemon failed the session or went away
+            self.timed_out = getattr(exc, "code", "") == "timeout"
             reason = f"the session failed: {exc}"
             log.warning("session %s: %s", self.session.job_id, reason)
         finally:

@@ -74,7 +74,9 @@ class GatewayOptions:
     `shared_encode`: encode each session's video once for all its viewers (fixed bitrate,
     a keyframe every 2 s and when a viewer joins) instead of once per viewer.
     `curve_server_key_file`, `curve_client_key_file`: CURVE keys for a daemon's tcp://
-    endpoint on another host (as for `AsyncClient`)."""
+    endpoint on another host (as for `AsyncClient`). `connect_timeout_s`: a peer whose
+    connection is not "connected" this long after its answer is closed (and the session
+    it opened), so that a player that never connects holds no session."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -91,6 +93,7 @@ class GatewayOptions:
     shared_encode: bool = False
     curve_server_key_file: str | None = None
     curve_client_key_file: str | None = None
+    connect_timeout_s: float = 30.0
 
 
 class HttpError(web.HTTPException):
@@ -117,6 +120,7 @@ class Peer:
     client: str
     microphone: Microphone | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
+    watchdog: asyncio.Task | None = None  # the connect deadline
     closed: bool = False
 
 
@@ -132,6 +136,10 @@ class Gateway:
         self.started_at = time.monotonic()
         self._client: AsyncClient | None = None
         self._client_lock = asyncio.Lock()
+        # Slots taken by offers still being answered (checked and taken before their
+        # first await, so that concurrent offers cannot pass a limit together).
+        self._pending_sessions = 0
+        self._pending_viewers: dict[str, int] = {}  # client address -> offers in progress
         if options.loopback_media:
             # aioice gathers host candidates from every interface but leaves 127.0.0.1 out;
             # a gateway for a browser on the same host (and its tests) must offer exactly
@@ -180,7 +188,17 @@ class Gateway:
                 raise HttpError(401, "unauthorized", "Authorization", str(exc)) from None
         try:
             return await handler(request)
-        except web.HTTPException:
+        except HttpError:
+            raise
+        except web.HTTPException as exc:
+            if exc.status in (404, 405):  # aiohttp's router: JSON as every other error
+                what = "path" if exc.status == 404 else "method"
+                raise HttpError(
+                    exc.status,
+                    "not_found" if exc.status == 404 else "method_not_allowed",
+                    what,
+                    f"{what}: no {request.method} {path} here ({exc.reason})",
+                ) from None
             raise
         except BusyError as exc:
             raise HttpError(503, "daemon_busy", "daemon", str(exc)) from None
@@ -345,7 +363,6 @@ class Gateway:
         """A peer connection answering `sdp`, watching session `session_id` or a new one
         on `avatar_id`; returns the peer and the answer SDP. Raises `HttpError` for a
         limit, an unknown session or an offer that is not usable SDP."""
-        self._check_viewer_limits(client)
         feed = None
         if session_id is not None:
             feed = self.feeds.get(session_id)
@@ -356,14 +373,35 @@ class Gateway:
                     "session_id",
                     f"session_id: no running session {session_id!r} here",
                 )
-        elif len(self.feeds) >= self.options.max_sessions:
-            raise HttpError(
-                429,
-                "too_many_sessions",
-                "max_sessions",
-                f"this gateway holds {len(self.feeds)} live sessions, its limit "
-                f"(--max-sessions {self.options.max_sessions}); try later",
-            )
+        self._check_viewer_limits(client)
+        if feed is None:
+            sessions = len(self.feeds) + self._pending_sessions
+            if sessions >= self.options.max_sessions:
+                raise HttpError(
+                    429,
+                    "too_many_sessions",
+                    "max_sessions",
+                    f"this gateway holds {sessions} live sessions, its limit "
+                    f"(--max-sessions {self.options.max_sessions}); try later",
+                )
+        # Reserve the slots now, before the first await; given back when this offer is
+        # answered (then the peer and its feed count) or refused.
+        reservation = _Reservation(self, client, session=feed is None)
+        try:
+            return await self._answer(sdp, reservation, feed, avatar_id, accept_microphone)
+        finally:
+            reservation.release(session=True, viewer=True)
+
+    async def _answer(
+        self,
+        sdp: str,
+        reservation: _Reservation,
+        feed: LiveFeed | None,
+        avatar_id: str,
+        accept_microphone: bool,
+    ) -> tuple[Peer, str]:
+        """`_connect` once the limits are checked and the slots reserved."""
+        client = reservation.client
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list(self.options.ice_servers)))
         try:
             try:
@@ -385,6 +423,7 @@ class Gateway:
                 )
             if feed is None:
                 feed = await self._open_feed(avatar_id)
+                reservation.release(session=True)  # it counts in self.feeds now
                 owner = True
             else:
                 owner = False
@@ -392,9 +431,12 @@ class Gateway:
             viewer = feed.add_viewer(viewer_id)
             peer = Peer(viewer_id, pc, feed, owner, client)
             self.peers[viewer_id] = peer
+            reservation.release(viewer=True)  # it counts in self.peers now
             self._attach(peer, viewer, accept_microphone, "audio" in kinds)
             answer = await pc.createAnswer()
             await asyncio.wait_for(pc.setLocalDescription(answer), ICE_GATHER_TIMEOUT_S)
+            if owner:
+                await self._wait_started(feed)
         except BaseException as exc:
             peer_now = next((p for p in self.peers.values() if p.pc is pc), None)
             if peer_now is not None:
@@ -418,7 +460,52 @@ class Gateway:
             "opened" if owner else "watches",
             feed.session.job_id,
         )
+        peer.watchdog = asyncio.create_task(
+            self._connect_deadline(peer), name=f"connect deadline of {viewer_id}"
+        )
         return peer, pc.localDescription.sdp
+
+    async def _wait_started(self, feed: LiveFeed) -> None:
+        """Wait (up to the daemon timeout) for the new session's first frame. Raises
+        `HttpError` 503 when the daemon holds it queued (every worker busy), 502 when the
+        session ended before its first frame."""
+        started = asyncio.ensure_future(feed.started.wait())
+        ended = asyncio.ensure_future(feed.ended.wait())
+        try:
+            await asyncio.wait(
+                {started, ended},
+                timeout=self.options.daemon_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            started.cancel()
+            ended.cancel()
+        if feed.started.is_set():
+            return
+        if feed.ended.is_set() and not feed.timed_out:
+            raise HttpError(
+                502, "daemon_error", "daemon", f"the session ended before its first frame: "
+                f"{feed.end_reason}"
+            )
+        raise HttpError(
+            503,
+            "daemon_busy",
+            "daemon",
+            f"the daemon did not start the session within {self.options.daemon_timeout_s:g} "
+            "s (its workers are busy); try later",
+        )
+
+    async def _connect_deadline(self, peer: Peer) -> None:
+        """Close `peer` (and the session it opened) unless its connection is up within
+        `connect_timeout_s` of its answer: a player that took the answer and never
+        connected (no ICE, no DELETE) must not hold a session and a worker."""
+        await asyncio.sleep(self.options.connect_timeout_s)
+        if not peer.closed and peer.pc.connectionState != "connected":
+            await self._close_peer(
+                peer,
+                f"it did not connect within {self.options.connect_timeout_s:g} s "
+                f"(connection {peer.pc.connectionState})",
+            )
 
     def _attach(self, peer: Peer, viewer, accept_microphone: bool, has_audio: bool) -> None:
         pc = peer.pc
@@ -496,15 +583,17 @@ class Gateway:
             return self._client
 
     def _check_viewer_limits(self, client: str) -> None:
-        if len(self.peers) >= self.options.max_viewers:
+        viewers = len(self.peers) + sum(self._pending_viewers.values())
+        if viewers >= self.options.max_viewers:
             raise HttpError(
                 429,
                 "too_many_viewers",
                 "max_viewers",
-                f"this gateway serves {len(self.peers)} viewers, its limit "
+                f"this gateway serves {viewers} viewers, its limit "
                 f"(--max-viewers {self.options.max_viewers}); try later",
             )
         mine = sum(1 for p in self.peers.values() if p.client == client)
+        mine += self._pending_viewers.get(client, 0)
         if mine >= self.options.max_viewers_per_client:
             raise HttpError(
                 429,
@@ -523,8 +612,9 @@ class Gateway:
         log.info(
             "viewer %s leaves session %s: %s", peer.viewer_id, peer.feed.session.job_id, reason
         )
-        for task in peer.tasks:
-            task.cancel()
+        for task in [*peer.tasks, peer.watchdog]:
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         peer.feed.remove_viewer(peer.viewer_id, reason)
         await pc_close(peer.pc)
         if peer.owner:
@@ -543,6 +633,10 @@ class Gateway:
             await asyncio.wait({task}, timeout=self.options.daemon_timeout_s)
         try:
             await feed.session.aclose()  # live_close; its `done` is not waited for
+            if not feed.started.is_set() and not feed.session.ended_by_daemon():
+                # Never started: the daemon may hold it queued, where live_close waits
+                # for a worker too; a cancel takes it out of the queue now.
+                await feed.session.client.cancel(session_id)
         except Exception as exc:  # the daemon is gone: the session went with it
             log.warning("closing session %s: %s", session_id, exc)
         for peer in [p for p in self.peers.values() if p.feed is feed]:
@@ -580,8 +674,8 @@ class Gateway:
         feed = self._owned_feed(request)
         body = await _read_json(request)
         text = body.get("text")
-        if not isinstance(text, str):
-            raise HttpError(400, "bad_request", "text", "text: a string is required")
+        if not isinstance(text, str) or not text:
+            raise HttpError(400, "bad_request", "text", "text: a non-empty string is required")
         if len(text) > MAX_TEXT_CHARS:
             raise HttpError(
                 413,
@@ -592,9 +686,13 @@ class Gateway:
         final = body.get("final", True)
         if not isinstance(final, bool):
             raise HttpError(400, "bad_request", "final", "final: true or false")
-        segment_id = body.get("segment_id") or feed.new_segment_id("text")
-        if not isinstance(segment_id, str) or len(segment_id) > 256:
-            raise HttpError(400, "bad_request", "segment_id", "segment_id: 1..256 chars")
+        segment_id = body.get("segment_id")
+        if segment_id is None:
+            segment_id = feed.new_segment_id("text")
+        elif not isinstance(segment_id, str) or not 1 <= len(segment_id) <= 256:
+            raise HttpError(
+                400, "bad_request", "segment_id", "segment_id: a string of 1..256 chars"
+            )
         feed.mark_input(segment_id)
         await feed.session.send_text(text, segment_id, final=final)
         return web.json_response({"segment_id": segment_id})
@@ -679,6 +777,32 @@ class Gateway:
         return web.json_response({"avatar_id": avatar_id})
 
 
+class _Reservation:
+    """The slots one offer took before its first await (a session and a viewer of
+    `client`), given back each once: when the feed or peer counts itself, or at the end."""
+
+    def __init__(self, gateway: Gateway, client: str, session: bool) -> None:
+        self.gateway = gateway
+        self.client = client
+        self.session = session
+        self.viewer = True
+        gateway._pending_sessions += session
+        pending = gateway._pending_viewers
+        pending[client] = pending.get(client, 0) + 1
+
+    def release(self, session: bool = False, viewer: bool = False) -> None:
+        """Give back the session slot and/or the viewer slot, if still held."""
+        if session and self.session:
+            self.session = False
+            self.gateway._pending_sessions -= 1
+        if viewer and self.viewer:
+            self.viewer = False
+            pending = self.gateway._pending_viewers
+            pending[self.client] -= 1
+            if not pending[self.client]:
+                del pending[self.client]
+
+
 async def pc_close(pc: RTCPeerConnection) -> None:
     """Close a peer connection, bounded: aiortc's close waits for its transports."""
     try:
@@ -720,10 +844,16 @@ async def _read_body(request: web.Request, limit: int, field_name: str) -> bytes
     )
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise too_large
-    return body
+    # `content.read(n)` returns what is buffered now, not n bytes: read to the end (a
+    # chunked body has no Content-Length, so the limit is checked as it arrives).
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise too_large
 
 
 async def _read_json(request: web.Request) -> dict:
