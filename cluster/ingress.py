@@ -565,6 +565,10 @@ def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
         raise ApiError(422, "bad_field", where, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_json", "body", f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bytes that are not UTF-8
+        raise ApiError(
+            400, "bad_json", "body", f"not valid JSON: the body is not UTF-8 ({exc.reason})"
+        ) from None
     if not req.text.strip():
         raise ApiError(422, "bad_field", "text", "must not be empty")
     if len(req.text) > config.max_text_chars:
@@ -669,7 +673,7 @@ async def live_opening(websocket: WebSocket, config: ClusterConfig) -> wire.Live
     except msgspec.ValidationError as exc:
         await refuse("bad_message", wire.field_of(exc), str(exc))
         return None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         await refuse("bad_json", "message", f"not valid JSON: {exc}")
         return None
     if not isinstance(opening, wire.LiveOpen):

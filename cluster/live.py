@@ -358,7 +358,7 @@ class LiveRelay:
             except msgspec.ValidationError as exc:
                 await self._refuse_message(wire.field_of(exc), str(exc))
                 continue
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 await self.send_json("error", code="bad_json", field="message", rule=str(exc))
                 continue
             if isinstance(request, wire.LiveOpen):

@@ -171,6 +171,8 @@ def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
         ("/v1/render", "POST", b'{"text": "hi", "format": "gif"}', 422, "bad_field", "format"),
         ("/v1/render", "POST", b'{"text": "hi", "colour": 1}', 422, "bad_field", "colour"),
         ("/v1/render", "POST", b'{"text": "   "}', 422, "bad_field", "text"),
+        ("/v1/render", "POST", b'{"text": "\xff\xfe"}', 400, "bad_json", "body"),
+        ("/v1/render", "POST", b'\xff{"text": "hi"}', 400, "bad_json", "body"),
         (
             "/v1/render",
             "POST",
