@@ -194,6 +194,24 @@ def test_bad_requests_get_a_4xx_naming_the_field(cluster, path, method, body, st
     assert error["rule"]
 
 
+def test_a_second_cluster_up_on_the_same_port_is_refused_naming_it(cluster):
+    import subprocess
+    import sys
+
+    _, port, _ = cluster
+    up = subprocess.run(
+        [sys.executable, "-m", "avatard.daemon.cli", "cluster", "up"]
+        + ["--set", f"cluster.http_port={port}", "--num-gpus", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 1, up.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr
+    assert _status(port)["node_count"] >= 1  # the first cluster still serves
+
+
 def test_lipsync_mp4_transcribe_and_status(cluster):
     _, port, _ = cluster
     pcm = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)  # 1 s: 25 frames
