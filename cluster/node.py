@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -586,10 +587,16 @@ class Node:
     @staticmethod
     def _failed(exc: ClientError) -> dict[str, Any]:
         code = exc.code or ("job_failed" if isinstance(exc, JobFailedError) else "internal")
+        field = exc.field
+        if not field and isinstance(exc, JobFailedError):
+            # A `job_failed` carries no field: its message does, as an engine's refusal
+            # says it ("... bad_input: voice: unknown voice ...").
+            named = re.search(rf"{re.escape(code)}: ([A-Za-z_][\w.]*): ", str(exc))
+            field = named.group(1) if named else ""
         return {
             "event": "failed",
             "code": code,
-            "field": exc.field,
+            "field": field,
             "message": str(exc),
             "retryable": isinstance(exc, BusyError) or code in RETRYABLE_CODES,
             "at": time.time(),

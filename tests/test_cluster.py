@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 FRAME_MS = 20  # fixed compute per frame of the fake avatar engine
 GPU_NODE_ARGS: dict = {}  # how the fixture started a GPU node (tests add more)
+TEXT_LIMIT = 5000  # the nodes' fake TTS refuses longer text
 TEXT = "One two three four five six seven eight."  # ~60 frames with the fake TTS
 
 
@@ -115,7 +116,8 @@ def cluster(tmp_path_factory):
                 "avatar": "fake",
                 "tts": "fake",
                 "asr": "fake",
-                "options": {"fake": {"frame_ms": FRAME_MS}},
+                # A voice's text limit, as a real TTS has (its max_text_chars).
+                "options": {"fake": {"frame_ms": FRAME_MS, "tts_max_text_chars": TEXT_LIMIT}},
             },
         },
     )
@@ -176,6 +178,15 @@ def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
         (
             "/v1/render",
             "POST",
+            b'{"text": "' + b"a" * (TEXT_LIMIT + 1) + b'"}',
+            422,
+            "bad_field",
+            "text",
+        ),
+        ("/v1/render", "POST", b'{"text": "hi", "voice": "nobody"}', 400, "bad_input", "voice"),
+        (
+            "/v1/render",
+            "POST",
             b'{"text": "' + b"a" * (33 * 1024 * 1024) + b'"}',
             413,
             "too_large",
@@ -192,6 +203,14 @@ def test_bad_requests_get_a_4xx_naming_the_field(cluster, path, method, body, st
     error = json.loads(reply)["error"]
     assert (error["code"], error["field"]) == (code, field), error
     assert error["rule"]
+
+
+def test_text_at_the_nodes_limit_renders(cluster):
+    _, port, _ = cluster
+    words = ("word " * (TEXT_LIMIT // 5))[:TEXT_LIMIT]
+    body = json.dumps({"text": words, "format": "frames", "send_audio": False})
+    status, _, reply = _render(port, body.encode())
+    assert status == 200, reply[:300]
 
 
 def test_a_second_cluster_up_on_the_same_port_is_refused_naming_it(cluster):
@@ -474,7 +493,8 @@ def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):
                 "avatar": "fake",
                 "tts": "fake",
                 "asr": "fake",
-                "options": {"fake": {"frame_ms": FRAME_MS}},
+                # A voice's text limit, as a real TTS has (its max_text_chars).
+                "options": {"fake": {"frame_ms": FRAME_MS, "tts_max_text_chars": TEXT_LIMIT}},
             },
         },
     )
