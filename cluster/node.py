@@ -593,12 +593,18 @@ class Node:
             # says it ("... bad_input: voice: unknown voice ...").
             named = re.search(rf"{re.escape(code)}: ([A-Za-z_][\w.]*): ", str(exc))
             field = named.group(1) if named else ""
+        message = str(exc)
+        retryable = isinstance(exc, BusyError) or code in RETRYABLE_CODES
+        if code == "timeout" and "job deadline of" in message:
+            # The request's own deadline passed: another node would only pass it again.
+            field, retryable = "deadline_s", False
+            message = f"the job's deadline passed (deadline_s; 0: the daemon's): {message}"
         return {
             "event": "failed",
             "code": code,
             "field": field,
-            "message": str(exc),
-            "retryable": isinstance(exc, BusyError) or code in RETRYABLE_CODES,
+            "message": message,
+            "retryable": retryable,
             "at": time.time(),
         }
 

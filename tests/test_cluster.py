@@ -184,6 +184,7 @@ def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
             "text",
         ),
         ("/v1/render", "POST", b'{"text": "hi", "voice": "nobody"}', 400, "bad_input", "voice"),
+        ("/v1/render", "POST", b'{"text": "hi", "deadline_s": 1e-3}', 504, "timeout", "deadline_s"),
         (
             "/v1/render",
             "POST",
@@ -203,6 +204,7 @@ def test_bad_requests_get_a_4xx_naming_the_field(cluster, path, method, body, st
     error = json.loads(reply)["error"]
     assert (error["code"], error["field"]) == (code, field), error
     assert error["rule"]
+    assert "gave up" not in error["rule"], error  # a request's own fault is not retried
 
 
 def test_text_at_the_nodes_limit_renders(cluster):
