@@ -57,6 +57,7 @@ RETRYABLE_CODES = frozenset(
 
 
 WORKDIR_PREFIX = "avd-node-"
+DAEMON_POLL_S = 0.25  # how often a node looks whether its daemon process exited
 
 
 def _start_ticks() -> int:
@@ -185,6 +186,7 @@ class Node:
             raise
         self._client: AsyncClient | None = None
         self._client_lock: asyncio.Lock | None = None
+        self._watcher: asyncio.Task[None] | None = None
         # Live sessions running here, by the ingress's session id; with each, the
         # ingress's request id of every input in flight, by the daemon's request id.
         self._live: dict[str, tuple[Any, dict[int, int]]] = {}
@@ -244,7 +246,20 @@ class Node:
                 )
                 await client.connect()
                 self._client = client
+                if self._watcher is None or self._watcher.done():
+                    self._watcher = asyncio.create_task(self._watch_daemon())
             return self._client
+
+    async def _watch_daemon(self) -> None:
+        """Until the daemon process exits; then every call waiting on it fails at once
+        with `daemon_gone` (retryable: the ingress resumes the job on another node)
+        instead of waiting `event_timeout_s` for events that will not come."""
+        while (status := self.daemon.proc.poll()) is None:
+            await asyncio.sleep(DAEMON_POLL_S)
+        log.warning("node %s: daemon pid %d exited with status %s", self.node_id[:12],
+                    self.daemon.proc.pid, status)
+        if self._client is not None:
+            self._client.daemon_lost(f"the node's daemon exited with status {status}")
 
     async def _call_failed(self) -> None:
         """A call found the connection gone: drop the client, the next call reconnects."""
@@ -370,7 +385,7 @@ class Node:
         finally:
             # The caller stopped reading (its request was cancelled, or it moved on):
             # the daemon must not go on rendering for nobody.
-            if not handle.ended_by_daemon():
+            if not handle.ended_by_daemon() and self.daemon.proc.poll() is None:
                 try:
                     await client.cancel(handle.job_id)
                 except ClientError:

@@ -277,6 +277,40 @@ def test_lipsync_mp4_transcribe_and_status(cluster):
         assert node["node_id"][:12] in table.stdout
 
 
+def test_a_node_whose_daemon_is_killed_mid_mp4_render_hands_the_job_on(cluster):
+    """kill -9 of one node's daemon mid-render: the node sees its daemon exit and fails
+    the call (daemon_gone), the ingress resumes the job on the other node, and the mp4
+    comes whole. Serve then replaces the replica (its health check fails)."""
+    import signal
+    import threading
+
+    from avatard.engines.mux import read_mp4
+
+    _, port, _ = cluster
+    got: dict = {}
+    body = json.dumps({"text": TEXT * 6, "seed": 11, "format": "mp4"}).encode()
+    render = threading.Thread(target=lambda: got.update(reply=_render(port, body)))
+    render.start()
+    deadline = time.monotonic() + 60
+    while not (busy := [n for n in _status(port)["nodes"] if n["capacity"]["running"] > 0]):
+        assert time.monotonic() < deadline, "no node ran the job within 60 s"
+        time.sleep(0.1)
+    os.kill(busy[0]["daemon_pid"], signal.SIGKILL)
+    render.join(240)
+    assert not render.is_alive(), "no answer within 240 s"
+    status, headers, reply = got["reply"]
+    assert status == 200, reply[:300]
+    assert headers["x-avatard-attempts"] == "2", headers
+    assert len(set(headers["x-avatard-nodes"].split(","))) == 2, headers
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster-kill-{os.getpid()}.mp4"
+    out.write_bytes(reply)
+    try:
+        assert read_mp4(out).frame_count > 300  # ~360 frames of TEXT * 6, none lost
+    finally:
+        out.unlink()
+    _two_nodes_serving(cluster)
+
+
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
     """It takes a node away (later tests add one back)."""
     ray_cluster, port, gpu_nodes = cluster
