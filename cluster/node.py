@@ -465,7 +465,7 @@ class Node:
                 await self._call_failed()
             yield self._failed(exc)
             return
-        requests: dict[int, int] = {}
+        requests: dict[int, int | None] = {}
         self._live[session_id] = (session, requests)
         try:
             yield {
@@ -491,7 +491,7 @@ class Node:
             await session.aclose()
 
     @staticmethod
-    def _live_event(event: Any, requests: dict[int, int]) -> dict[str, Any]:
+    def _live_event(event: Any, requests: dict[int, int | None]) -> dict[str, Any]:
         if isinstance(event, FrameEvent):
             return {
                 "event": "frame",
@@ -527,7 +527,7 @@ class Node:
         if isinstance(event, InputRefusedEvent):
             return {
                 "event": "input_refused",
-                "req_id": requests.pop(event.req_id, 0),
+                "req_id": requests.pop(event.req_id, None),
                 "what": event.what,
                 "code": event.code,
                 "field": event.field,
@@ -551,7 +551,7 @@ class Node:
         self,
         session_id: str,
         kind: str,
-        req_id: int,
+        req_id: int | None,
         fields: dict[str, Any],
         pcm: bytes = b"",
         **routing: Any,

@@ -416,6 +416,26 @@ def test_a_bad_first_live_message_gets_an_error_naming_the_field(cluster, first,
     assert error["rule"]
 
 
+def test_a_live_error_gives_back_the_req_id_only_when_the_message_had_one(cluster):
+    _, port, _ = cluster
+    client = LiveClient(port)
+    try:
+        client.send("live_open", seed=3)
+        accepted = client.read_until(lambda m: True, "the first message")
+        assert accepted["type"] == "accepted", accepted
+        client.send("live_end")  # no segment_id, no req_id
+        plain = client.read_until(lambda m: m.get("type") == "error", "the first error")
+        client.send("live_end", req_id=7)
+        tagged = client.read_until(lambda m: m.get("type") == "error", "the second error")
+        client.send("live_close")
+        client.read_until(lambda m: m.get("type") in ("done", "failed"), "done")
+    finally:
+        client.ws.close()
+    assert (plain["code"], plain["field"]) == ("bad_message", "segment_id"), plain
+    assert "req_id" not in plain, plain
+    assert (tagged["field"], tagged["req_id"]) == ("segment_id", 7), tagged
+
+
 def test_a_live_session_over_the_websocket_survives_the_removal_of_its_node(cluster):
     from avatard.engines.fake import frame_audio_level_of, frame_index_of
 
