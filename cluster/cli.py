@@ -70,6 +70,15 @@ def up(config_path: str | None, address: str | None, num_gpus: int | None,
     if num_gpus is not None and address:
         raise click.UsageError("--num-gpus is for a local head; the joined cluster's nodes "
                                "say their own GPUs (ray start --num-gpus)")
+    if not address:
+        # Serve's proxy shares a port another process listens on (requests would split
+        # between the two): refuse before starting anything.
+        taken = _port_in_use(config.http_host, config.http_port)
+        if taken:
+            raise click.ClickException(
+                f"port {config.http_port} on {config.http_host} is already in use ({taken}): "
+                "another avatard cluster or server listens there; stop it, or give this one "
+                "another port (--set cluster.http_port=N)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     loopback = config.http_host in ("127.0.0.1", "localhost", "::1")
     if loopback and not address:
@@ -97,6 +106,14 @@ def up(config_path: str | None, address: str | None, num_gpus: int | None,
     except Exception as exc:  # Ray's own errors: what failed, without a traceback
         where = f"join the Ray cluster at {address}" if address else "start a local Ray head"
         raise click.ClickException(f"could not {where}: {type(exc).__name__}: {exc}") from None
+    if not address:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if config.min_nodes and gpus < config.gpus_per_node:
+            ray.shutdown()
+            raise click.ClickException(
+                f"the local Ray head offers {gpus:g} GPUs; each node replica needs "
+                f"cluster.gpus_per_node={config.gpus_per_node:g}: use --num-gpus N (on a "
+                "machine without a GPU, N logical GPUs run N CPU daemons)")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -117,6 +134,27 @@ def up(config_path: str | None, address: str | None, num_gpus: int | None,
             serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def _port_in_use(host: str, port: int) -> str:
+    """Why `host:port` cannot take a listener ("" when it can): a test bind, with
+    SO_REUSEADDR so that only a live socket there (not one in TIME_WAIT) counts."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return ""  # Serve says what is wrong with the host
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+            probe.listen(1)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return ""
 
 
 def _deploy_within(deploy: Any, config: Any, timeout_s: float, stop: threading.Event) -> None:

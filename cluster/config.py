@@ -141,6 +141,26 @@ class ClusterConfig:
         """Requests a node replica holds at once (Serve's `max_ongoing_requests`)."""
         return self.max_ongoing_per_node or 2 * self.node_slots()
 
+    def text_limit(self) -> tuple[int, str]:
+        """The longest `text` a render may have and where that limit is set: the nodes'
+        TTS engine's own limit (its `max_text_chars` option; the fake's
+        `tts_max_text_chars`, 0 for none), which the daemon applies, capped by
+        `cluster.max_text_chars` and the protocol's `MAX_TEXT_CHARS`."""
+        from avatard.engines.registry import parse_engine_options
+        from avatard.ipc.protocol import MAX_TEXT_CHARS
+
+        engines = self.node_daemon_config().engines
+        name = engines.tts
+        kinds = [k for k in ("avatar", "tts", "asr") if getattr(engines, k) == name]
+        options = parse_engine_options("tts", name, engines.engine_options(name), kinds)
+        limits = [(MAX_TEXT_CHARS, "the protocol's MAX_TEXT_CHARS")]
+        limits.append((self.max_text_chars, "cluster.max_text_chars"))
+        for option in ("max_text_chars", "tts_max_text_chars"):
+            value = getattr(options, option, 0)
+            if value:
+                limits.append((value, f"node.engines.options.{name}.{option}"))
+        return min(limits)
+
     def node_daemon_config(self) -> Any:
         """The node daemon's typed avatard config (`avatard.daemon.config.Config`). Raises
         `ConfigError` naming the key as ``node.<key>``."""

@@ -168,6 +168,8 @@ class Ingress:
         CURRENT["ingress"] = self
         self.nodes = nodes
         self.config = config
+        # The longest text the nodes' daemons take (their TTS engine's limit).
+        self.text_limit = config.text_limit()
         self.idempotency = IdempotencyCache(
             config.idempotency_cache_bytes, config.idempotency_ttl_s
         )
@@ -554,9 +556,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
-    """The checked `RenderRequest`. Raises ApiError 400 `bad_json` (not JSON) or 422
-    `bad_field` naming the field (`$.text`...) and the rule."""
+def parse_render(body: bytes, text_limit: tuple[int, str]) -> RenderRequest:
+    """The checked `RenderRequest`; `text_limit`: (characters, where that limit is set),
+    `ClusterConfig.text_limit`. Raises ApiError 400 `bad_json` (not JSON, or not UTF-8)
+    or 422 `bad_field` naming the field (`text`...) and the rule."""
     try:
         req = msgspec.json.decode(body, type=RenderRequest)
     except msgspec.ValidationError as exc:
@@ -565,15 +568,16 @@ def parse_render(body: bytes, config: ClusterConfig) -> RenderRequest:
         raise ApiError(422, "bad_field", where, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_json", "body", f"not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bytes that are not UTF-8
+        raise ApiError(
+            400, "bad_json", "body", f"not valid JSON: the body is not UTF-8 ({exc.reason})"
+        ) from None
     if not req.text.strip():
         raise ApiError(422, "bad_field", "text", "must not be empty")
-    if len(req.text) > config.max_text_chars:
+    limit, where = text_limit
+    if len(req.text) > limit:
         raise ApiError(
-            422,
-            "bad_field",
-            "text",
-            f"at most {config.max_text_chars} characters "
-            f"(cluster.max_text_chars), got {len(req.text)}",
+            422, "bad_field", "text", f"at most {limit} characters ({where}), got {len(req.text)}"
         )
     if not 0 <= req.seed <= SEED_MAX:
         raise ApiError(422, "bad_field", "seed", f"must be 0..{SEED_MAX}")
@@ -669,7 +673,7 @@ async def live_opening(websocket: WebSocket, config: ClusterConfig) -> wire.Live
     except msgspec.ValidationError as exc:
         await refuse("bad_message", wire.field_of(exc), str(exc))
         return None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         await refuse("bad_json", "message", f"not valid JSON: {exc}")
         return None
     if not isinstance(opening, wire.LiveOpen):
@@ -714,7 +718,9 @@ def make_api(get_ingress: Any) -> FastAPI:
     @api.post("/v1/render")
     async def render(request: Request) -> Response:
         ingress = get_ingress()
-        req = parse_render(await read_body(request, ingress.config.max_body_bytes), ingress.config)
+        req = parse_render(
+            await read_body(request, ingress.config.max_body_bytes), ingress.text_limit
+        )
         job = {
             "kind": "speak",
             "text": req.text,

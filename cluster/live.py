@@ -87,6 +87,8 @@ class LiveRelay:
 
     async def send_json(self, kind: str, **fields: Any) -> None:
         async with self.send_lock:
+            if fields.get("req_id", 0) is None:
+                del fields["req_id"]  # the client's message had none: none to give back
             await self.ws.send_text(msgspec.json.encode({"type": kind, **fields}).decode())
 
     async def send_bytes(self, data: bytes) -> None:
@@ -356,9 +358,11 @@ class LiveRelay:
             try:
                 request = wire.live_decoder.decode(message.get("text") or "")
             except msgspec.ValidationError as exc:
-                await self._refuse_message(wire.field_of(exc), str(exc))
+                await self._refuse_message(
+                    wire.field_of(exc), str(exc), wire.req_id_of(message.get("text") or "")
+                )
                 continue
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 await self.send_json("error", code="bad_json", field="message", rule=str(exc))
                 continue
             if isinstance(request, wire.LiveOpen):
@@ -404,7 +408,7 @@ class LiveRelay:
             return None
         return data
 
-    async def _refuse_message(self, field: str, rule: str, req_id: int = 0) -> None:
+    async def _refuse_message(self, field: str, rule: str, req_id: int | None = None) -> None:
         await self.send_json("error", code="bad_message", field=field, rule=rule, req_id=req_id)
 
     async def _pass_on(self, request: wire.LiveInput, pcm: bytes) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -56,6 +57,7 @@ RETRYABLE_CODES = frozenset(
 
 
 WORKDIR_PREFIX = "avd-node-"
+DAEMON_POLL_S = 0.25  # how often a node looks whether its daemon process exited
 
 
 def _start_ticks() -> int:
@@ -184,6 +186,7 @@ class Node:
             raise
         self._client: AsyncClient | None = None
         self._client_lock: asyncio.Lock | None = None
+        self._watcher: asyncio.Task[None] | None = None
         # Live sessions running here, by the ingress's session id; with each, the
         # ingress's request id of every input in flight, by the daemon's request id.
         self._live: dict[str, tuple[Any, dict[int, int]]] = {}
@@ -243,7 +246,20 @@ class Node:
                 )
                 await client.connect()
                 self._client = client
+                if self._watcher is None or self._watcher.done():
+                    self._watcher = asyncio.create_task(self._watch_daemon())
             return self._client
+
+    async def _watch_daemon(self) -> None:
+        """Until the daemon process exits; then every call waiting on it fails at once
+        with `daemon_gone` (retryable: the ingress resumes the job on another node)
+        instead of waiting `event_timeout_s` for events that will not come."""
+        while (status := self.daemon.proc.poll()) is None:
+            await asyncio.sleep(DAEMON_POLL_S)
+        log.warning("node %s: daemon pid %d exited with status %s", self.node_id[:12],
+                    self.daemon.proc.pid, status)
+        if self._client is not None:
+            self._client.daemon_lost(f"the node's daemon exited with status {status}")
 
     async def _call_failed(self) -> None:
         """A call found the connection gone: drop the client, the next call reconnects."""
@@ -369,7 +385,7 @@ class Node:
         finally:
             # The caller stopped reading (its request was cancelled, or it moved on):
             # the daemon must not go on rendering for nobody.
-            if not handle.ended_by_daemon():
+            if not handle.ended_by_daemon() and self.daemon.proc.poll() is None:
                 try:
                     await client.cancel(handle.job_id)
                 except ClientError:
@@ -449,7 +465,7 @@ class Node:
                 await self._call_failed()
             yield self._failed(exc)
             return
-        requests: dict[int, int] = {}
+        requests: dict[int, int | None] = {}
         self._live[session_id] = (session, requests)
         try:
             yield {
@@ -475,7 +491,7 @@ class Node:
             await session.aclose()
 
     @staticmethod
-    def _live_event(event: Any, requests: dict[int, int]) -> dict[str, Any]:
+    def _live_event(event: Any, requests: dict[int, int | None]) -> dict[str, Any]:
         if isinstance(event, FrameEvent):
             return {
                 "event": "frame",
@@ -511,7 +527,7 @@ class Node:
         if isinstance(event, InputRefusedEvent):
             return {
                 "event": "input_refused",
-                "req_id": requests.pop(event.req_id, 0),
+                "req_id": requests.pop(event.req_id, None),
                 "what": event.what,
                 "code": event.code,
                 "field": event.field,
@@ -535,7 +551,7 @@ class Node:
         self,
         session_id: str,
         kind: str,
-        req_id: int,
+        req_id: int | None,
         fields: dict[str, Any],
         pcm: bytes = b"",
         **routing: Any,
@@ -586,12 +602,24 @@ class Node:
     @staticmethod
     def _failed(exc: ClientError) -> dict[str, Any]:
         code = exc.code or ("job_failed" if isinstance(exc, JobFailedError) else "internal")
+        field = exc.field
+        if not field and isinstance(exc, JobFailedError):
+            # A `job_failed` carries no field: its message does, as an engine's refusal
+            # says it ("... bad_input: voice: unknown voice ...").
+            named = re.search(rf"{re.escape(code)}: ([A-Za-z_][\w.]*): ", str(exc))
+            field = named.group(1) if named else ""
+        message = str(exc)
+        retryable = isinstance(exc, BusyError) or code in RETRYABLE_CODES
+        if code == "timeout" and "job deadline of" in message:
+            # The request's own deadline passed: another node would only pass it again.
+            field, retryable = "deadline_s", False
+            message = f"the job's deadline passed (deadline_s; 0: the daemon's): {message}"
         return {
             "event": "failed",
             "code": code,
-            "field": exc.field,
-            "message": str(exc),
-            "retryable": isinstance(exc, BusyError) or code in RETRYABLE_CODES,
+            "field": field,
+            "message": message,
+            "retryable": retryable,
             "at": time.time(),
         }
 

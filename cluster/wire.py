@@ -140,7 +140,7 @@ class LiveAudio(msgspec.Struct, tag="live_audio", forbid_unknown_fields=True):
 
     segment_id: SegmentId
     sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=192000)]
-    req_id: ReqId = 0
+    req_id: ReqId | None = None  # given back only when given
 
 
 class LiveText(msgspec.Struct, tag="live_text", forbid_unknown_fields=True):
@@ -149,26 +149,26 @@ class LiveText(msgspec.Struct, tag="live_text", forbid_unknown_fields=True):
     segment_id: SegmentId
     text: Annotated[str, msgspec.Meta(max_length=LIVE_TEXT_MAX_CHARS)]
     final: bool = False
-    req_id: ReqId = 0
+    req_id: ReqId | None = None  # given back only when given
 
 
 class LiveEnd(msgspec.Struct, tag="live_end", forbid_unknown_fields=True):
     """No more input for `segment_id`."""
 
     segment_id: SegmentId
-    req_id: ReqId = 0
+    req_id: ReqId | None = None  # given back only when given
 
 
 class LiveInterrupt(msgspec.Struct, tag="live_interrupt", forbid_unknown_fields=True):
     """Barge-in: drop all queued speech."""
 
-    req_id: ReqId = 0
+    req_id: ReqId | None = None  # given back only when given
 
 
 class LiveClose(msgspec.Struct, tag="live_close", forbid_unknown_fields=True):
     """End the session: `done` follows, then the ingress closes the WebSocket."""
 
-    req_id: ReqId = 0
+    req_id: ReqId | None = None  # given back only when given
 
 
 def field_of(error: msgspec.ValidationError) -> str:
@@ -178,6 +178,18 @@ def field_of(error: msgspec.ValidationError) -> str:
     # msgspec says "... - at `$.seed`", or names the field: "unknown field `colour`".
     at = re.search(r" - at `\$\.([^`]+)`", text) or re.search(r"field `([^`]+)`", text)
     return at.group(1) if at else "message"
+
+
+def req_id_of(text: str) -> int | None:
+    """The `req_id` of a JSON message that did not pass its checks, to give back in the
+    `error` about it; None when it has none (or no valid one, or is not a JSON object)."""
+    try:
+        fields = msgspec.json.decode(text)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    req_id = fields.get("req_id") if isinstance(fields, dict) else None
+    ok = isinstance(req_id, int) and not isinstance(req_id, bool) and 0 <= req_id <= 2**53
+    return req_id if ok else None
 
 
 LiveInput = LiveAudio | LiveText | LiveEnd | LiveInterrupt | LiveClose

@@ -190,6 +190,14 @@ class AsyncClient:
                 pass  # the daemon notices a vanished client by itself
         await self._shut_down("the client was closed")
 
+    def daemon_lost(self, why: str) -> None:
+        """The caller knows the daemon is gone (its process exited): end every wait, now
+        and later, with `DaemonUnavailable` code `daemon_gone` naming `why`, as when the
+        connection drops (which a killed daemon's socket may not show at once)."""
+        self._fail(lambda what: DaemonUnavailable(
+            f"{why} while this client waited for {what}; its jobs and session are gone",
+            code=DAEMON_GONE))
+
     async def _shut_down(self, why: str) -> None:
         self._closed = True
         self._fail(lambda what: ClientError(f"{why} while it waited for {what}"))

@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 FRAME_MS = 20  # fixed compute per frame of the fake avatar engine
 GPU_NODE_ARGS: dict = {}  # how the fixture started a GPU node (tests add more)
+TEXT_LIMIT = 5000  # the nodes' fake TTS refuses longer text
 TEXT = "One two three four five six seven eight."  # ~60 frames with the fake TTS
 
 
@@ -115,7 +116,8 @@ def cluster(tmp_path_factory):
                 "avatar": "fake",
                 "tts": "fake",
                 "asr": "fake",
-                "options": {"fake": {"frame_ms": FRAME_MS}},
+                # A voice's text limit, as a real TTS has (its max_text_chars).
+                "options": {"fake": {"frame_ms": FRAME_MS, "tts_max_text_chars": TEXT_LIMIT}},
             },
         },
     )
@@ -171,6 +173,18 @@ def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
         ("/v1/render", "POST", b'{"text": "hi", "format": "gif"}', 422, "bad_field", "format"),
         ("/v1/render", "POST", b'{"text": "hi", "colour": 1}', 422, "bad_field", "colour"),
         ("/v1/render", "POST", b'{"text": "   "}', 422, "bad_field", "text"),
+        ("/v1/render", "POST", b'{"text": "\xff\xfe"}', 400, "bad_json", "body"),
+        ("/v1/render", "POST", b'\xff{"text": "hi"}', 400, "bad_json", "body"),
+        (
+            "/v1/render",
+            "POST",
+            b'{"text": "' + b"a" * (TEXT_LIMIT + 1) + b'"}',
+            422,
+            "bad_field",
+            "text",
+        ),
+        ("/v1/render", "POST", b'{"text": "hi", "voice": "nobody"}', 400, "bad_input", "voice"),
+        ("/v1/render", "POST", b'{"text": "hi", "deadline_s": 1e-3}', 504, "timeout", "deadline_s"),
         (
             "/v1/render",
             "POST",
@@ -190,6 +204,33 @@ def test_bad_requests_get_a_4xx_naming_the_field(cluster, path, method, body, st
     error = json.loads(reply)["error"]
     assert (error["code"], error["field"]) == (code, field), error
     assert error["rule"]
+    assert "gave up" not in error["rule"], error  # a request's own fault is not retried
+
+
+def test_text_at_the_nodes_limit_renders(cluster):
+    _, port, _ = cluster
+    words = ("word " * (TEXT_LIMIT // 5))[:TEXT_LIMIT]
+    body = json.dumps({"text": words, "format": "frames", "send_audio": False})
+    status, _, reply = _render(port, body.encode())
+    assert status == 200, reply[:300]
+
+
+def test_a_second_cluster_up_on_the_same_port_is_refused_naming_it(cluster):
+    import subprocess
+    import sys
+
+    _, port, _ = cluster
+    up = subprocess.run(
+        [sys.executable, "-m", "avatard.daemon.cli", "cluster", "up"]
+        + ["--set", f"cluster.http_port={port}", "--num-gpus", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert up.returncode == 1, up.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr
+    assert _status(port)["node_count"] >= 1  # the first cluster still serves
 
 
 def test_lipsync_mp4_transcribe_and_status(cluster):
@@ -234,6 +275,40 @@ def test_lipsync_mp4_transcribe_and_status(cluster):
     assert table.stdout.startswith("2 node(s)"), table.stdout
     for node in report["nodes"]:
         assert node["node_id"][:12] in table.stdout
+
+
+def test_a_node_whose_daemon_is_killed_mid_mp4_render_hands_the_job_on(cluster):
+    """kill -9 of one node's daemon mid-render: the node sees its daemon exit and fails
+    the call (daemon_gone), the ingress resumes the job on the other node, and the mp4
+    comes whole. Serve then replaces the replica (its health check fails)."""
+    import signal
+    import threading
+
+    from avatard.engines.mux import read_mp4
+
+    _, port, _ = cluster
+    got: dict = {}
+    body = json.dumps({"text": TEXT * 6, "seed": 11, "format": "mp4"}).encode()
+    render = threading.Thread(target=lambda: got.update(reply=_render(port, body)))
+    render.start()
+    deadline = time.monotonic() + 60
+    while not (busy := [n for n in _status(port)["nodes"] if n["capacity"]["running"] > 0]):
+        assert time.monotonic() < deadline, "no node ran the job within 60 s"
+        time.sleep(0.1)
+    os.kill(busy[0]["daemon_pid"], signal.SIGKILL)
+    render.join(240)
+    assert not render.is_alive(), "no answer within 240 s"
+    status, headers, reply = got["reply"]
+    assert status == 200, reply[:300]
+    assert headers["x-avatard-attempts"] == "2", headers
+    assert len(set(headers["x-avatard-nodes"].split(","))) == 2, headers
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster-kill-{os.getpid()}.mp4"
+    out.write_bytes(reply)
+    try:
+        assert read_mp4(out).frame_count > 300  # ~360 frames of TEXT * 6, none lost
+    finally:
+        out.unlink()
+    _two_nodes_serving(cluster)
 
 
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
@@ -339,6 +414,26 @@ def test_a_bad_first_live_message_gets_an_error_naming_the_field(cluster, first,
         client.ws.close()
     assert (error["type"], error["code"], error["field"]) == ("error", code, field), error
     assert error["rule"]
+
+
+def test_a_live_error_gives_back_the_req_id_only_when_the_message_had_one(cluster):
+    _, port, _ = cluster
+    client = LiveClient(port)
+    try:
+        client.send("live_open", seed=3)
+        accepted = client.read_until(lambda m: True, "the first message")
+        assert accepted["type"] == "accepted", accepted
+        client.send("live_end")  # no segment_id, no req_id
+        plain = client.read_until(lambda m: m.get("type") == "error", "the first error")
+        client.send("live_end", req_id=7)
+        tagged = client.read_until(lambda m: m.get("type") == "error", "the second error")
+        client.send("live_close")
+        client.read_until(lambda m: m.get("type") in ("done", "failed"), "done")
+    finally:
+        client.ws.close()
+    assert (plain["code"], plain["field"]) == ("bad_message", "segment_id"), plain
+    assert "req_id" not in plain, plain
+    assert (tagged["field"], tagged["req_id"]) == ("segment_id", 7), tagged
 
 
 def test_a_live_session_over_the_websocket_survives_the_removal_of_its_node(cluster):
@@ -454,7 +549,8 @@ def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):
                 "avatar": "fake",
                 "tts": "fake",
                 "asr": "fake",
-                "options": {"fake": {"frame_ms": FRAME_MS}},
+                # A voice's text limit, as a real TTS has (its max_text_chars).
+                "options": {"fake": {"frame_ms": FRAME_MS, "tts_max_text_chars": TEXT_LIMIT}},
             },
         },
     )

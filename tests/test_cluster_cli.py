@@ -138,3 +138,28 @@ def test_cluster_up_serves_then_deletes_the_app_and_stops_its_head_on_sigterm(tm
         shutil.rmtree(ray_root, ignore_errors=True)
     with pytest.raises(ProcessLookupError):
         os.kill(node["daemon_pid"], 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cluster_up_on_a_head_without_gpus_fails_at_once_naming_num_gpus(tmp_path):
+    import os
+    import shutil
+    import tempfile
+
+    # A private root for this local head's session files (short: AF_UNIX paths).
+    ray_root = tempfile.mkdtemp(prefix="avd-rt-")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "avatard.daemon.cli", "cluster", "up", "--num-gpus", "0"]
+            + ["--set", f"cluster.http_port={free_port()}", "--ready-timeout", "600"],
+            capture_output=True,
+            text=True,
+            timeout=240,  # far below the 600 s ready timeout it would otherwise wait
+            env={**os.environ, "RAY_TMPDIR": ray_root},
+        )
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    assert result.returncode == 1, result.stderr
+    assert "offers 0 GPUs" in result.stderr and "--num-gpus N" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
