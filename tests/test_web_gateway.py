@@ -647,3 +647,33 @@ def test_a_bad_ice_server_url_refuses_to_start():
     )
     assert done.returncode == 78, done.stderr
     assert "--ice-server 'http://bad'" in done.stderr
+
+
+def test_nvenc_needs_h264_and_an_nvidia_encoder():
+    # --nvenc encodes H264 only; without an NVIDIA GPU and driver the encoder does not
+    # open and the gateway refuses to start, saying why (here: CI has no GPU).
+    from avatard.web.feed import nvenc_unavailable
+
+    cmd = [sys.executable, "-m", "avatard.daemon.cli", "web", "--listen", "127.0.0.1:18997"]
+    done = subprocess.run([*cmd, "--nvenc"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "--nvenc encodes H264: give --codec h264 (not vp8)" in done.stderr
+    why = nvenc_unavailable()
+    if why is None:
+        pytest.skip("an NVIDIA encoder opens on this machine: the gateway would start")
+    assert "h264_nvenc" in why
+    done = subprocess.run([*cmd, "--nvenc", "--codec", "h264"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert f"--nvenc: {why}" in done.stderr
+
+
+def test_the_shared_encoder_table_has_an_nvenc_entry_that_browsers_can_decode():
+    # The hardware encoder is set up as the software H264 one is: baseline profile (what
+    # browsers offer as 42e01f), no look-ahead delay.
+    from avatard.web.feed import SHARED_CODECS
+
+    name, options = SHARED_CODECS["h264_nvenc"]
+    assert name == "h264_nvenc"
+    assert options["profile"] == SHARED_CODECS["h264"][1]["profile"] == "baseline"
+    assert options["delay"] == "0" and options["zerolatency"] == "1"

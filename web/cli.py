@@ -116,6 +116,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     "every 2 s and when a viewer joins) instead of once per viewer: less CPU per viewer.",
 )
 @click.option(
+    "--nvenc",
+    is_flag=True,
+    help="Encode H264 on the NVIDIA GPU (FFmpeg's h264_nvenc through PyAV) instead of the "
+    "CPU: needs --codec h264, implies --shared-encode; refused at start when no NVIDIA "
+    "encoder opens.",
+)
+@click.option(
     "--connect-timeout",
     "connect_timeout_s",
     default=30.0,
@@ -154,6 +161,7 @@ def web(
     loopback_media: bool,
     prebuffer_ms: int,
     shared_encode: bool,
+    nvenc: bool,
     connect_timeout_s: float,
     sign_url_s: int | None,
     log_level: str,
@@ -195,6 +203,19 @@ def web(
             sys.exit(EXIT_CONFIG_ERROR)
         click.echo(f"http://{shown}:{port}/?{signed_query(token, sign_url_s)}")
         return
+
+    if nvenc:
+        if codec != "h264":
+            click.echo(f"avatard web: --nvenc encodes H264: give --codec h264 (not {codec})",
+                       err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+        from avatard.web.feed import nvenc_unavailable
+
+        why = nvenc_unavailable()
+        if why is not None:
+            click.echo(f"avatard web: --nvenc: {why}", err=True)
+            sys.exit(EXIT_CONFIG_ERROR)
+        shared_encode = True
 
     from aiortc import RTCIceServer
     from aiortc.rtcicetransport import parse_stun_turn_uri
@@ -246,6 +267,7 @@ def web(
         loopback_media=loopback_media,
         prebuffer_ms=prebuffer_ms,
         shared_encode=shared_encode,
+        nvenc=nvenc,
         connect_timeout_s=connect_timeout_s,
         curve_server_key_file=curve_server_key,
         curve_client_key_file=curve_client_key,

@@ -83,7 +83,36 @@ SHARED_CODECS = {
         "libx264",
         {"preset": "veryfast", "tune": "zerolatency", "profile": "baseline", "level": "31"},
     ),
+    # NVIDIA's hardware H264 encoder (`avatard web --nvenc`), set up as the software one:
+    # baseline profile, no B-frames, constant bitrate, and FFmpeg's low-latency settings
+    # for it (fastest preset p1, tune "ull" = ultra-low latency, no frame delay).
+    "h264_nvenc": (
+        "h264_nvenc",
+        {"preset": "p1", "tune": "ull", "zerolatency": "1", "delay": "0", "rc": "cbr",
+         "profile": "baseline"},
+    ),
 }
+
+
+def nvenc_unavailable(width: int = 512, height: int = 512) -> str | None:
+    """Why NVIDIA's hardware H264 encoder cannot run here (no such codec in this PyAV
+    build, no NVIDIA GPU or driver), or None when an encoder of `width` x `height`
+    yuv420p opened. Opens one encoder session, so it costs a few ms on a GPU
+    host; the gateway asks once, at start."""
+    name, options = SHARED_CODECS["h264_nvenc"]
+    if name not in av.codecs_available:
+        return f"this PyAV build has no {name} encoder"
+    try:
+        context = av.CodecContext.create(name, "w")
+        context.width, context.height = width, height
+        context.pix_fmt = "yuv420p"
+        context.time_base = fractions.Fraction(1, 25)
+        context.options = dict(options)
+        context.open()  # freed with the object (PyAV has no explicit close)
+    except Exception as exc:  # noqa: BLE001 - PyAV raises OSError subclasses, FFmpegError...
+        return f"{name} did not open ({type(exc).__name__}: {exc}); it needs an NVIDIA GPU " \
+               "and driver"
+    return None
 
 
 class FeedTrack(MediaStreamTrack):
@@ -200,7 +229,9 @@ class SharedEncoder:
     each frame is encoded once, in an executor thread, and the packets go to every
     viewer's track; aiortc's senders then only packetize them (`Encoder.pack`).
 
-    `codec`: "vp8" or "h264"; frames are (height, width) yuv420p at `fps`. Frames wait
+    `codec`: a key of SHARED_CODECS ("vp8", "h264", or "h264_nvenc" for NVIDIA's
+    hardware encoder: H264 for the browser, encoded on the GPU); frames are (height,
+    width) yuv420p at `fps`. Frames wait
     in a queue of `SHARED_ENCODER_QUEUE_FRAMES`; when the encoder falls behind the oldest
     is dropped and counted in `dropped`, so the pump never waits for it."""
 

@@ -72,7 +72,9 @@ class GatewayOptions:
     same host; tests). `prebuffer_ms`: the sessions' jitter buffer for microphone audio
     (`live_open` option). `daemon_timeout_s`: bound of every wait on the daemon.
     `shared_encode`: encode each session's video once for all its viewers (fixed bitrate,
-    a keyframe every 2 s and when a viewer joins) instead of once per viewer.
+    a keyframe every 2 s and when a viewer joins) instead of once per viewer. `nvenc`:
+    that shared encode is H264 on the NVIDIA GPU (`feed.SHARED_CODECS["h264_nvenc"]`;
+    needs `codec` "h264" and `shared_encode`).
     `curve_server_key_file`, `curve_client_key_file`: CURVE keys for a daemon's tcp://
     endpoint on another host (as for `AsyncClient`). `connect_timeout_s`: a peer whose
     connection is not "connected" this long after its answer is closed (and the session
@@ -91,6 +93,7 @@ class GatewayOptions:
     prebuffer_ms: int = 100
     daemon_timeout_s: float = 10.0
     shared_encode: bool = False
+    nvenc: bool = False
     curve_server_key_file: str | None = None
     curve_client_key_file: str | None = None
     connect_timeout_s: float = 30.0
@@ -542,12 +545,23 @@ class Gateway:
             if pc.connectionState in ("failed", "closed") and not peer.closed:
                 await self._close_peer(peer, f"its connection is {pc.connectionState}")
 
+    def _shared_codec(self) -> str | None:
+        """The `feed.SHARED_CODECS` key of a new session's shared encoder, or None when
+        each viewer's sender encodes (aiortc's own encoders)."""
+        if not self.options.shared_encode:
+            return None
+        if self.options.nvenc:
+            if self.options.codec != "h264":
+                raise ValueError(f"nvenc encodes H264, not {self.options.codec}")
+            return "h264_nvenc"
+        return self.options.codec
+
     async def _open_feed(self, avatar_id: str) -> LiveFeed:
         client = await self._daemon()
         opened_at = time.monotonic()
         session = await client.live(avatar=avatar_id, prebuffer_ms=self.options.prebuffer_ms)
         feed = LiveFeed(
-            session, opened_at, self.options.codec if self.options.shared_encode else None
+            session, opened_at, self._shared_codec()
         )
         session_id = session.job_id
         self.feeds[session_id] = feed
