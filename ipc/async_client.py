@@ -60,6 +60,7 @@ from .client_core import (
     decode_server,
     ends_job,
     job_event,
+    no_reply_message,
     place_array,
     read_array,
     release_request,
@@ -361,8 +362,7 @@ class AsyncClient:
         return _Deadline(self, what)
 
     def _timed_out(self, what: str) -> DaemonUnavailable:
-        return DaemonUnavailable(f"no {what} from the daemon at {self.endpoint} within "
-                                 f"{self.timeout_s:.1f} s (is `avatard serve` running?)",
+        return DaemonUnavailable(no_reply_message(self.endpoint, self.timeout_s, what),
                                  code=P.E_TIMEOUT)
 
     async def _call(self, msg: P.Msg, what: str, *extra: bytes | memoryview) -> P.Msg:

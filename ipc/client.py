@@ -59,6 +59,7 @@ from .client_core import (  # the events and errors are this module's API too
     decode_server,
     ends_job,
     job_event,
+    no_reply_message,
     place_array,
     read_array,
     release_request,
@@ -287,9 +288,8 @@ class Client:
         while req_id not in self._replies:
             got = self._recv_one(deadline, what)
             if got is None:
-                raise DaemonUnavailable(
-                    f"no {what} from the daemon at {self.endpoint} within "
-                    f"{self.timeout_s:.1f} s (is `avatard serve` running?)", code=P.E_TIMEOUT)
+                raise DaemonUnavailable(no_reply_message(self.endpoint, self.timeout_s, what),
+                                        code=P.E_TIMEOUT)
             self._route(*got)
         msg, extra = self._replies.pop(req_id)
         check_reply(msg, what)

@@ -353,6 +353,21 @@ def job_event(job_id: str, msg: P.Msg, extra: list[Any],
     return None
 
 
+def no_reply_message(endpoint: str, timeout_s: float, what: str) -> str:
+    """What to say when the daemon at `endpoint` sent no `what` within `timeout_s`: for an
+    ipc:// endpoint whose socket file does not exist, that no daemon listens there (not
+    running, or another runtime directory); else that it did not answer in time (busy,
+    stopped, or not there)."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if not os.path.exists(path):
+            return (f"no {what} from a daemon at {endpoint}: the socket file {path} does "
+                    "not exist (`avatard serve` is not running, or runs with another "
+                    f"runtime directory); waited {timeout_s:.1f} s for it")
+    return (f"no {what} from the daemon at {endpoint} within {timeout_s:.1f} s (is "
+            "`avatard serve` running? `avatard status` says whether it is busy)")
+
+
 def ends_job(msg: P.Msg) -> bool:
     """Whether `msg` is a job's last message (`done` or `job_failed`)."""
     return isinstance(msg, (P.Done, P.JobFailed))
