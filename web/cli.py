@@ -4,6 +4,7 @@ top; aiohttp and aiortc load when the command runs (`pip install "avatard[web]"`
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -201,7 +202,14 @@ def web(
                 f"avatard web: --sign-url needs a token (--token-file or ${TOKEN_ENV})", err=True
             )
             sys.exit(EXIT_CONFIG_ERROR)
-        click.echo(f"http://{shown}:{port}/?{signed_query(token, sign_url_s)}")
+        where = shown
+        if host in ("0.0.0.0", "::"):
+            # Listening on every address: the URL needs one a viewer can reach.
+            where = socket.gethostname()
+            click.echo(f"avatard web: --listen {listen} listens on every address; the URL "
+                       f"names this host as {where!r}: use an address or name your viewers "
+                       "reach", err=True)
+        click.echo(f"http://{where}:{port}/?{signed_query(token, sign_url_s)}")
         return
 
     if nvenc:
