@@ -6,7 +6,8 @@ compiled warp network and decoder run as separate calls, and reports for one bat
 - ms per frame of the warp network alone, of the decoder alone (CUDA events, median),
   and of the engine's whole render call (warp + decode + paste-back + host copy);
 - with --kernels, the profiler's table of the kernels of a few warp + decode batches,
-  sorted by device time.
+  sorted by device time; with --shapes, the operators grouped by input shape (which
+  layer a heavy kernel belongs to).
 
 Compare ``--serving-layers on`` and ``off`` in one run to see what the rewrites of
 `engines/ditto/serving.py` buy. Achieved TFLOP/s follow from the FLOPs per frame that
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,8 +31,39 @@ def _median_ms(fn, device: str, repeats: int) -> float:
     return time_calls(fn, device, repeats, warmup=3).median_ms
 
 
+def profile_tables(call: Callable[[], Any], device: str, kernels: bool, shapes: bool,
+                   calls: int = 5) -> dict[str, str]:
+    """Profile `calls` calls of `call` on `device` and return the profiler's tables:
+    "kernels" (every kernel or op by device time, or CPU time on a CPU device) and
+    "shapes" (the operators grouped by their input shapes, sorted the same way: which
+    layer a heavy convolution kernel belongs to, e.g. ``aten::cudnn_convolution`` with
+    its input, weight and output shapes). Only the tables asked for are returned."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities, record_shapes=shapes) as prof:
+        for _ in range(calls):
+            call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    tables = {}
+    if kernels:
+        tables["kernels"] = prof.key_averages().table(
+            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+            max_name_column_width=90)
+    if shapes:
+        tables["shapes"] = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=40, max_name_column_width=60,
+            max_shapes_column_width=120)
+    return tables
+
+
 def profile(device: str, batch: int, serving_layers: bool, repeats: int, kernels: bool,
-            options: dict[str, Any]) -> dict[str, Any]:
+            options: dict[str, Any], shapes: bool = False) -> dict[str, Any]:
     import torch
 
     from avatard.engines.ditto.engine import DittoEngine
@@ -61,19 +94,10 @@ def profile(device: str, batch: int, serving_layers: bool, repeats: int, kernels
                 "render_ms_per_frame": _median_ms(lambda: engine._render_items(items),
                                                   device, repeats) / batch,
             }
-            if kernels:
-                from torch.profiler import ProfilerActivity
-                from torch.profiler import profile as torch_profile
-
-                activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
-                with torch_profile(activities=activities) as prof:
-                    for _ in range(5):
-                        decoder(warp(feature, kp_s, kp_d))
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                sort = "cuda_time_total" if cuda else "cpu_time_total"
-                record["kernels"] = prof.key_averages().table(
-                    sort_by=sort, row_limit=30, max_name_column_width=90)
+            if kernels or shapes:
+                tables = profile_tables(lambda: decoder(warp(feature, kp_s, kp_d)), device,
+                                        kernels, shapes)
+                record.update(tables)
         return record
     finally:
         engine.close()
@@ -89,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="on, off, or both in one run: on,off")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--kernels", action="store_true", help="print the kernel table")
+    parser.add_argument("--shapes", action="store_true",
+                        help="print the operators grouped by input shape (which layers "
+                        "the heavy kernels belong to)")
     parser.add_argument("--option", action="append", default=[], metavar="K=V",
                         help="engine option (JSON value)")
     args = parser.parse_args(argv)
@@ -103,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     print("*** RANDOM WEIGHTS: benchmark of compute only; the frames are noise ***")
     for mode in modes:
         record = profile(args.device, args.batch, mode == "on", args.repeats, args.kernels,
-                         options)
-        table = record.pop("kernels", None)
+                         options, shapes=args.shapes)
+        tables = [record.pop(name) for name in ("kernels", "shapes") if name in record]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                           for k, v in record.items()}))
-        if table:
+        for table in tables:
             print(table)
     return 0
 
