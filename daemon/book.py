@@ -421,6 +421,19 @@ class JobBook:
                                     self._placed_job(job.worker, job.job_id) is job) else None
         return self._end(job, JobState.FAILED, Ended(job, code, message, cancel_on=running_on))
 
+    def close_waiting(self, job: Job, fps: int) -> Ended | None:
+        """A live session its client closed while it waits for a worker (queued, or moving
+        after its worker was lost): out of the queue and ended now, as done, with what it
+        sent before (nothing for one never placed; `fps`: the session's frame rate, for its
+        length), instead of running once a worker frees up only to close at once. None
+        when it runs on a worker or has ended."""
+        if job.finished or job.worker is not None:
+            return None
+        self.queue.remove(job)
+        done = P.make(P.WJobDone, job_id=job.job_id, frames=0,
+                      media_s=job.frames_delivered / fps if fps else 0.0)
+        return self._end(job, JobState.DONE, Ended(job, result=done))
+
     def unplace(self, job: Job, code: str, message: str) -> Ended:
         """End a job just placed whose RunJob could not be sent (its session's rings could
         not be made): its place is free at once, no worker knows of it."""

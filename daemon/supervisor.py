@@ -617,6 +617,13 @@ class Supervisor:
         if isinstance(msg, (P.LiveAudio, P.LiveText)):
             self._check_queued_speech(job, msg, speech_s)
         # Every refusal is raised by now: a refused input changes nothing.
+        if isinstance(msg, P.LiveClose) and not running:
+            fps = self.capabilities.fps if self.capabilities else 0
+            ended = self.book.close_waiting(job, fps)
+            if ended is not None:
+                # Waiting for a worker: it ends now (a worker would only close it).
+                self._route([ended], time.monotonic())
+                return
         out = self.live.take(job.job_id, msg)
         if out is None:
             return

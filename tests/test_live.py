@@ -291,6 +291,23 @@ def test_input_sent_while_the_session_waits_for_a_worker_plays_once_it_starts(tm
     assert done.frames == len(waiting.frames)
 
 
+def test_a_session_closed_while_it_waits_for_a_worker_ends_at_once(tmp_path):
+    # Closed before a worker took it: done at once with no frames, out of the queue (not
+    # run once the worker frees up only to close); the running session goes on untouched.
+    with run_daemon(tmp_path, fake=FAKE, sections=RINGS) as d, d.client() as c:
+        first = Recorder(c.live(seed=1), seed=1)  # the one worker's one place
+        first.frames_more(2)
+        waiting = Recorder(c.live(seed=2), seed=2)
+        assert waiting.session.queue_position == 0
+        waiting.session.send_audio(np.full(TICK * 2, 0.25, np.float32), RATE, "held")
+        done = waiting.close()
+        assert (done.frames, done.media_s) == (0, 0.0) and waiting.frames == []
+        status = d.status()
+        assert status["queue"]["depth"] == 0 and status["queue"]["running"] == 1
+        first.frames_more(3)  # still served
+        first.close()
+
+
 def test_streamed_text_is_spoken_by_the_session_tts(tmp_path):
     tts = FakeTTSEngine()
     spoken = [tts.synthesize(text)[0] for text in ("Hello there.", "How are you")]
@@ -322,15 +339,18 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    rings = {"rings": {"frame_slots": 16, "frame_slot_bytes": 4096}}
+    # 48 slots: 1.9 s of slack for the steady client, whose reads a busy machine may
+    # hold back while the slow one catches up.
+    slots = 48
+    rings = {"rings": {"frame_slots": slots, "frame_slot_bytes": 4096}}
     with run_daemon(tmp_path, fake=FAKE, sections=rings,
                     daemon={"jobs_per_worker": 2, "metrics_port": port}) as d, \
             d.client() as a, d.client() as b:
         slow, steady = Recorder(a.live(seed=1), seed=1), Recorder(b.live(seed=2), seed=2)
         # Both sessions run on the one worker, on clocks started together: while the steady
-        # client reads 80 frames, the slow one reads none and its 16 slots fill up. Then
-        # it reads its 16 and a few new ones (briefly enough for the steady client's
-        # 16 slots of slack), which come after a gap.
+        # client reads 80 frames, the slow one reads none and its slots fill up. Then it
+        # reads them and a few new ones (quickly: the steady client's slots are slack
+        # enough meanwhile), which come after a gap.
         steady.frames_more(80)
         assert len(d.status()["workers"][0]["current_jobs"]) == 2
         # While the slow client reads nothing its session drops frames, and stats say so
@@ -343,7 +363,7 @@ def test_a_client_that_stops_reading_loses_frames_and_another_session_does_not(t
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert f"live {slow.session.job_id} on worker 0: frame " in shown.stdout
-        slow.frames_more(20)
+        slow.frames_more(slots + 4)
         steady.frames_more(10)
         # Each session's own figures in stats, while they run (the daemon may have sent
         # frames the clients have not read yet: at least what they read).
