@@ -590,6 +590,44 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def test_live_sessions_past_the_free_slots_are_refused_busy_naming_the_limit(cluster):
+    """As many live sessions as the nodes have slots open and run (frames come, nothing
+    waits in a daemon's queue); one more is refused `failed` `busy` naming the limit, and
+    no running session is told `session_moved` (its node was not lost)."""
+    _, port, _ = cluster
+    _two_nodes_serving(cluster)
+    deadline = time.monotonic() + 120
+    while True:  # earlier tests' jobs and sessions are gone
+        report = _status(port)
+        slots = sum(n["capacity"]["slots"] for n in report["nodes"])
+        if report["free_slots"] == slots and slots > 0:
+            break
+        assert time.monotonic() < deadline, f"the nodes were not idle within 120 s: {report}"
+        time.sleep(0.5)
+    clients: list[LiveClient] = []
+    try:
+        for i in range(int(slots)):
+            clients.append(LiveClient(port))
+            clients[-1].send("live_open", seed=100 + i)
+            accepted = clients[-1].read_until(lambda m: True, f"the answer to session {i}")
+            assert accepted["type"] == "accepted", accepted
+        for client in clients:
+            client.read_until(lambda m: m.get("kind") == "frame", "a frame")
+        extra = LiveClient(port)
+        clients.append(extra)
+        extra.send("live_open", seed=999)
+        refused = extra.read_until(lambda m: True, "the answer past the slots")
+        assert (refused["type"], refused.get("code")) == ("failed", "busy"), refused
+        assert "no node has a free slot for a live session" in refused["message"], refused
+        assert "node.daemon.jobs_per_worker" in refused["message"], refused
+        for client in clients[:-1]:
+            client.read_until(lambda m: m.get("kind") == "frame", "a frame after the refusal")
+            assert not client.of("session_moved") and not client.of("failed"), client.log[-3:]
+    finally:
+        for client in clients:
+            client.ws.close()
+
+
 def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):
     """Last in the module: it redeploys the app with autoscaling between 1 and 2 nodes."""
     import threading
