@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import random
 import tempfile
 import time
@@ -419,46 +418,60 @@ class Ingress:
         )
 
     async def _mp4(self, job: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-        """Run the job, mux its frames and audio to mp4 (PyAV, in a thread: encoding is
-        CPU work). Raises ApiError for a failed job."""
+        """Run the job and encode it to mp4 as its events arrive (`StreamingMp4`: each
+        frame is encoded when it comes and not kept, so the ingress holds at most one
+        list of events from a node, not the whole job). Events come in index order
+        across retries (`job_events`), so a job resumed on another node goes on in the
+        same file: nothing is encoded twice. Returns (the finished mp4's bytes, headers).
+        Raises ApiError for a failed job."""
         from avatard.ipc.client_core import AudioEvent, DoneEvent, FrameEvent
 
-        events: list[Any] = []
-        headers: dict[str, str] = {}
-        fps = 25
-        async for event in self.job_events(job):
-            kind = event["event"]
-            if kind == "flush":
-                continue
-            if kind == "accepted":
-                fps = event["fps"] or fps
-            elif kind == "frame":
-                array = np.frombuffer(event["data"], np.uint8).reshape(event["shape"])
-                events.append(FrameEvent("", event["index"], 0, array))
-            elif kind == "audio":
-                pcm = np.frombuffer(event["data"], np.float32)
-                events.append(AudioEvent("", event["index"], 0, event["sample_rate"], pcm))
-            elif kind == "done":
-                events.append(
-                    DoneEvent(
-                        "",
-                        event["frames"],
-                        event["media_s"],
-                        event["wall_s"],
-                        event["first_frame_s"],
-                        event["attempts"],
-                    )
-                )
-                headers = {
-                    "X-Avatard-Attempts": str(event["attempts"]),
-                    "X-Avatard-Nodes": ",".join(event["nodes"]),
-                }
-            else:
-                raise job_error(event)
         audio = None
         if job["kind"] == "lipsync":
             audio = (np.frombuffer(job["pcm"], np.float32), job["sample_rate"])
-        return await asyncio.to_thread(_mux, events, fps, audio), headers
+        headers: dict[str, str] = {}
+        mp4: StreamingMp4 | None = None
+        batch: list[Any] = []
+        try:
+            async for event in self.job_events(job):
+                kind = event["event"]
+                if kind == "flush":
+                    if mp4 is not None and batch:
+                        await mp4.feed(batch)
+                    batch = []
+                elif kind == "accepted":
+                    mp4 = StreamingMp4(event["fps"] or 25, audio)
+                elif kind == "frame":
+                    array = np.frombuffer(event["data"], np.uint8).reshape(event["shape"])
+                    batch.append(FrameEvent("", event["index"], 0, array))
+                elif kind == "audio":
+                    pcm = np.frombuffer(event["data"], np.float32)
+                    batch.append(AudioEvent("", event["index"], 0, event["sample_rate"], pcm))
+                elif kind == "done":
+                    batch.append(
+                        DoneEvent(
+                            "",
+                            event["frames"],
+                            event["media_s"],
+                            event["wall_s"],
+                            event["first_frame_s"],
+                            event["attempts"],
+                        )
+                    )
+                    headers = {
+                        "X-Avatard-Attempts": str(event["attempts"]),
+                        "X-Avatard-Nodes": ",".join(event["nodes"]),
+                    }
+                    if mp4 is None:
+                        raise ApiError(500, "internal", "", "the job was done before accepted")
+                    await mp4.feed(batch)
+                    return await mp4.finish(), headers
+                else:
+                    raise job_error(event)
+            raise ApiError(500, "internal", "", "the job ended without done or failed")
+        finally:
+            if mp4 is not None:
+                mp4.close()
 
     # ------------------------------------------------------------------ status
 
@@ -506,14 +519,59 @@ class Ingress:
         }
 
 
-def _mux(events: list[Any], fps: int, audio: tuple[np.ndarray, int] | None) -> bytes:
-    from avatard.daemon.render import Progress, write_job_mp4
+class StreamingMp4:
+    """An mp4 that the ingress encodes while its job runs (`daemon.render.JobMp4`, the
+    writer of `avatard render`, so both give the same file: H.264 yuv420p + AAC, `fps`
+    frames per second, audio padded to the video's length).
 
-    with tempfile.TemporaryDirectory(prefix="avd-mux-") as folder:
-        out = Path(folder) / "out.mp4"
-        with open(os.devnull, "w") as quiet:
-            write_job_mp4(iter(events), out, fps, Progress(quiet, "mux"), audio)
-        return out.read_bytes()
+    The file is written in a private folder (mode 0700, `tempfile.mkdtemp`) that `close`
+    deletes. Every call on the writer runs in one thread of its own, in the order made,
+    off the event loop: `close` from a cancelled request waits for no encoding and cannot
+    run beside one. `audio`: (mono float32 PCM, rate in Hz) of a lipsync job, or None.
+    """
+
+    def __init__(self, fps: int, audio: tuple[np.ndarray, int] | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from avatard.daemon.render import JobMp4
+
+        self.folder = Path(tempfile.mkdtemp(prefix="avd-mux-"))
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="avd-mux")
+        self.writer = JobMp4(self.folder / "out.mp4", fps, audio=audio)
+        self._closed = False
+
+    async def feed(self, events: list[Any]) -> None:
+        """Encode `events` (FrameEvent, AudioEvent, DoneEvent: `JobMp4.feed`), in order."""
+        await asyncio.wrap_future(self._thread.submit(self._feed_all, events))
+
+    def _feed_all(self, events: list[Any]) -> None:
+        for event in events:
+            self.writer.feed(event)
+
+    async def finish(self) -> bytes:
+        """The finished mp4's bytes. Raises ClientError when no frame came."""
+        return await asyncio.wrap_future(self._thread.submit(self._finish))
+
+    def _finish(self) -> bytes:
+        result = self.writer.finish()
+        return result.path.read_bytes()
+
+    def close(self) -> None:
+        """Abort the writer if unfinished and delete the folder, after any encoding
+        already asked for (in the writer's thread; returns at once). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._thread.submit(self._cleanup)
+        self._thread.shutdown(wait=False)
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        try:
+            self.writer.abort()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def job_error(event: dict[str, Any]) -> ApiError:

@@ -132,10 +132,14 @@ class LiveRelay:
     async def _place(self, first: bool) -> dict[str, Any]:
         """Open the session on the best node not avoided; returns its `accepted` event.
         Raises SessionEnded (after telling the client `failed`) when
-        `cluster.max_attempts` opens failed."""
+        `cluster.max_attempts` opens failed: `busy` when the nodes refused for want of a
+        free slot (`Node.live`; each busy node is asked once, then the session is refused
+        naming the limit), else `node_lost`."""
         import ray.exceptions
 
         last = "no attempt"
+        last_code = "node_lost"
+        busy_replicas: list[str] = []  # refused this placement for want of a slot
         while self.attempts < self.config.max_attempts:
             if self.attempts:
                 await asyncio.sleep(
@@ -153,13 +157,14 @@ class LiveRelay:
                 self.session_id,
                 options,
                 avoid_nodes=tuple(self.avoid_nodes),
-                avoid_replicas=tuple(self.avoid_replicas),
+                avoid_replicas=tuple(self.avoid_replicas + busy_replicas),
                 avoid_actors=tuple(self.avoid_actors),
             )
             try:
                 event = await asyncio.wait_for(stream.__anext__(), self.config.event_timeout_s)
             except (ray.exceptions.RayError, TimeoutError, StopAsyncIteration) as exc:
                 stream.cancel()
+                last_code = "node_lost"
                 last = f"no node accepted the session within cluster.event_timeout_s: {exc!r}"
                 dead_actor = getattr(exc, "actor_id", None)
                 if dead_actor:
@@ -173,6 +178,13 @@ class LiveRelay:
             if event["event"] == "failed":
                 stream.cancel()
                 last = f"{event['code']}: {event['message']}"
+                last_code = event["code"]
+                if event["code"] == "busy":
+                    replica = event.get("replica_id", "")
+                    if replica in busy_replicas:
+                        break  # the router came back to a busy node: none has a slot
+                    busy_replicas.append(replica)
+                    continue
                 if not event["retryable"] or first and event["code"] != "busy":
                     # The request's own fault (an unknown avatar_id...): no node does better.
                     await self.send_json(
@@ -189,13 +201,20 @@ class LiveRelay:
             self.nodes.append(self.node_id)
             self.placed.set()
             return event
-        await self.send_json(
-            "failed",
-            code="node_lost",
-            field="",
-            message=f"gave up after cluster.max_attempts={self.config.max_attempts} "
-            f"attempts: {last}"[:2000],
-        )
+        if last_code == "busy":
+            message = (
+                f"no node has a free slot for a live session ({len(busy_replicas)} "
+                "node(s) asked; a node has node.daemon.workers x node.daemon.jobs_per_worker "
+                "slots, shared with render jobs; cluster.max_nodes nodes at most): retry "
+                f"when a session closes, or add nodes. Last refusal: {last}"
+            )
+        else:
+            last_code = "node_lost"
+            message = (
+                f"gave up after cluster.max_attempts={self.config.max_attempts} "
+                f"attempts: {last}"
+            )
+        await self.send_json("failed", code=last_code, field="", message=message[:2000])
         raise SessionEnded(last)
 
     async def _pump(self) -> None:

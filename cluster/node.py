@@ -190,6 +190,7 @@ class Node:
         # Live sessions running here, by the ingress's session id; with each, the
         # ingress's request id of every input in flight, by the daemon's request id.
         self._live: dict[str, tuple[Any, dict[int, int]]] = {}
+        self._live_open_lock: asyncio.Lock | None = None  # one live open at a time
         self._stopped = False
         log.info(
             "node %s replica %s: daemon pid %d ready in %s",
@@ -450,20 +451,38 @@ class Node:
         what, code, field, rule}; last `done` {frames, frames_dropped, late_frames,
         frames_lost, audio_samples, media_s, wall_s, first_frame_s, attempts} or `failed`
         {code, field, message, retryable}. Indices are this daemon's (from 0). When the
-        caller stops reading (Ray cancels the generator) the session is closed."""
+        caller stops reading (Ray cancels the generator) the session is closed.
+
+        A session opens only on a free slot: when the daemon's running and queued jobs
+        fill its slots (`capacity_of`) the first and only event is `failed` `busy`
+        (retryable, with this node's `node_id` and `replica_id`), not a session that
+        would wait in the daemon's queue sending nothing. Opens on one node run one at a
+        time, so two cannot both take the last slot (a batch job may still take it
+        between the check and the open: the session then waits for a slot)."""
+        if self._live_open_lock is None:
+            self._live_open_lock = asyncio.Lock()
+        refusal: dict[str, Any] | None = None
         try:
             client = await self._connected()
-            session = await client.live(
-                avatar=options.get("avatar_id", ""),
-                voice=options.get("voice", ""),
-                seed=options.get("seed", 0),
-                prebuffer_ms=options.get("prebuffer_ms", 0),
-                render_ahead_frames=options.get("render_ahead_frames", -1),
-            )
+            async with self._live_open_lock:
+                capacity = capacity_of(await self.status(), self.slots_per_worker)
+                if capacity["free_slots"] < 1:
+                    refusal = self.live_busy(capacity)
+                else:
+                    session = await client.live(
+                        avatar=options.get("avatar_id", ""),
+                        voice=options.get("voice", ""),
+                        seed=options.get("seed", 0),
+                        prebuffer_ms=options.get("prebuffer_ms", 0),
+                        render_ahead_frames=options.get("render_ahead_frames", -1),
+                    )
         except ClientError as exc:
             if exc.code == "daemon_gone":
                 await self._call_failed()
             yield self._failed(exc)
+            return
+        if refusal is not None:
+            yield refusal
             return
         requests: dict[int, int | None] = {}
         self._live[session_id] = (session, requests)
@@ -489,6 +508,23 @@ class Node:
             # The ingress stopped reading (its client left, or the session moved away
             # from here): close it, so the daemon frees the slot.
             await session.aclose()
+
+    def live_busy(self, capacity: dict[str, float]) -> dict[str, Any]:
+        """The `failed` `busy` event of a live session refused for want of a free slot
+        (`capacity`: `capacity_of`), naming the limit."""
+        return {
+            "event": "failed",
+            "code": "busy",
+            "field": "",
+            "message": f"node {self.node_id[:12]} has no free slot for a live session: "
+            f"{capacity['slots']:.0f} slots (node.daemon.workers x "
+            f"node.daemon.jobs_per_worker = {self.slots_per_worker} per ready worker), "
+            f"{capacity['running']:.0f} running, {capacity['queued']:.0f} queued",
+            "retryable": True,
+            "at": time.time(),
+            "node_id": self.node_id,
+            "replica_id": self.replica_id,
+        }
 
     @staticmethod
     def _live_event(event: Any, requests: dict[int, int | None]) -> dict[str, Any]:

@@ -137,51 +137,98 @@ class Progress:
         self.stream.flush()
 
 
+class JobMp4:
+    """One job's mp4, written as its events arrive: `feed` each event in order, then
+    `finish` (or `abort`). Each frame is encoded when it is fed and not kept, so memory
+    does not grow with the job's length (the encoder's own lookahead aside); only audio
+    that comes before the first frame waits, because the writer opens on the first frame
+    (its size fixes the video's).
+
+    `out`: the mp4's path (written beside it and renamed on `finish`, `Mp4Writer`);
+    `fps`: frames per second of the video track; `audio`: (mono float32 PCM, rate in Hz)
+    given by the caller (lipsync), written before any audio event; `progress`: shown per
+    frame, and gets the job's warnings. Not thread-safe: one thread at a time.
+    """
+
+    def __init__(self, out: Path, fps: int, progress: Progress | None = None,
+                 audio: tuple[np.ndarray, int] | None = None):
+        from avatard.engines.mux import Mp4Writer
+
+        self._writer_class = Mp4Writer
+        self.out, self.fps, self.progress = out, fps, progress
+        self.writer: Mp4Writer | None = None
+        self.pending_audio: list[tuple[np.ndarray, int]] = [audio] if audio is not None else []
+        self.frames = 0  # frames fed (the job's; the file may repeat the last, see finish)
+        self.done: DoneEvent | None = None
+
+    def feed(self, event: Any) -> None:
+        """One event of the job: a `FrameEvent` ((height, width, 3) uint8 RGB, encoded
+        now), an `AudioEvent` (mono float32 PCM at its sample_rate), a `WarningEvent`
+        (to `progress`) or the `DoneEvent`; others are ignored. Raises ValueError for a
+        frame of another size than the first, and what `Mp4Writer` raises."""
+        if isinstance(event, AudioEvent):
+            if self.writer is None:
+                self.pending_audio.append((np.array(event.pcm), event.sample_rate))
+            else:
+                self.writer.write_audio(event.pcm)
+        elif isinstance(event, FrameEvent):
+            if self.writer is None:
+                height, width = event.array.shape[:2]
+                rate = self.pending_audio[0][1] if self.pending_audio else 16000
+                self.writer = self._writer_class(self.out, fps=self.fps, width=width,
+                                                 height=height, audio_rate=rate)
+                for pcm, _ in self.pending_audio:
+                    self.writer.write_audio(pcm)
+                self.pending_audio.clear()
+            self.writer.write_frame(event.array)
+            self.frames += 1
+            if self.progress is not None:
+                self.progress.update(self.frames, self.frames / self.fps)
+        elif isinstance(event, WarningEvent):
+            if self.progress is not None:
+                self.progress.warn(f"warning: {event.field}: {event.message}")
+        elif isinstance(event, DoneEvent):
+            self.done = event
+
+    def finish(self) -> RenderResult:
+        """Finish the file and rename it onto `out`; its result (frames and seconds of
+        what the file holds). Raises ClientError when no frame or no `DoneEvent` came
+        (the partial file is deleted)."""
+        if self.writer is None or self.done is None:
+            self.abort()
+            raise ClientError("the job produced no frames")
+        try:
+            self.writer.close()
+        except BaseException:
+            self.abort()
+            raise
+        done = self.done
+        # Report what the file holds, not what the job sent: the writer repeats the last
+        # frame (1-3 times) so the video covers the audio's padding to a whole AAC frame.
+        return RenderResult(self.out, self.writer.frames_written, self.writer.video_duration_s,
+                            done.wall_s, done.first_frame_s, done.attempts)
+
+    def abort(self) -> None:
+        """Stop and delete the partial file; `out` is left as it was. Idempotent."""
+        if self.writer is not None:
+            self.writer.abort()
+        self.pending_audio.clear()
+
+
 def write_job_mp4(events: Iterator[Any], out: Path, fps: int, progress: Progress,
                   audio: tuple[np.ndarray, int] | None = None) -> RenderResult:
-    """Mux a job's frames (and its audio events, or `audio` given by the caller) to mp4.
-    The writer opens on the first frame, when the frame size is known."""
-    from avatard.engines.mux import Mp4Writer
-
-    writer: Mp4Writer | None = None
-    pending_audio: list[tuple[np.ndarray, int]] = [audio] if audio is not None else []
-    frames = 0
-    done: DoneEvent | None = None
+    """Mux a job's frames (and its audio events, or `audio` given by the caller) to mp4,
+    each event as it comes (`JobMp4`)."""
+    mp4 = JobMp4(out, fps, progress, audio)
     try:
         for event in events:
-            if isinstance(event, AudioEvent):
-                if writer is None:
-                    pending_audio.append((np.array(event.pcm), event.sample_rate))
-                else:
-                    writer.write_audio(event.pcm)
-            elif isinstance(event, FrameEvent):
-                if writer is None:
-                    height, width = event.array.shape[:2]
-                    rate = pending_audio[0][1] if pending_audio else 16000
-                    writer = Mp4Writer(out, fps=fps, width=width, height=height,
-                                       audio_rate=rate)
-                    for pcm, _ in pending_audio:
-                        writer.write_audio(pcm)
-                writer.write_frame(event.array)
-                frames += 1
-                progress.update(frames, frames / fps)
-            elif isinstance(event, WarningEvent):
-                progress.warn(f"warning: {event.field}: {event.message}")
-            elif isinstance(event, DoneEvent):
-                done = event
-        if writer is None or done is None:
-            raise ClientError("the job produced no frames")
-        writer.close()
+            mp4.feed(event)
+        return mp4.finish()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        mp4.abort()
         raise
     finally:
         progress.done()
-    # Report what the file holds, not what the job sent: the writer repeats the last frame
-    # (1-3 times) so the video covers the audio's padding to a whole AAC frame.
-    return RenderResult(out, writer.frames_written, writer.video_duration_s, done.wall_s,
-                        done.first_frame_s, done.attempts)
 
 
 def render_to_mp4(endpoint: str | None, overrides: list[str], avatar: str | None,

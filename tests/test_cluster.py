@@ -84,6 +84,39 @@ def _frames_job(port: int, seed: int, text: str = TEXT) -> dict:
     }
 
 
+def _reference_mp4(port: int, text: str, seed: int, out: Path) -> tuple[int, object]:
+    """The job's frame count (from its `frames` stream, each frame checked) and what an
+    mp4 of that stream holds when muxed here by `avatard render`'s writer
+    (`read_mp4`'s Mp4Info of `out`): what the ingress's mp4 of the same job must hold."""
+    import io as _io
+
+    from avatard.daemon.render import Progress, write_job_mp4
+    from avatard.engines.mux import read_mp4
+    from avatard.ipc.client import AudioEvent, DoneEvent, FrameEvent
+
+    status, _, body = _render(
+        port, json.dumps({"text": text, "seed": seed, "format": "frames"}).encode()
+    )
+    assert status == 200, body[:500]
+    records = list(read_records(io.BytesIO(body)))
+    start, done = records[0], records[-1]
+    assert start["type"] == "start" and done["type"] == "done", (start, done)
+    events: list = []
+    for r in records[1:-1]:
+        if r["type"] == "frame":
+            array = np.frombuffer(r["data"], np.uint8).reshape(r["shape"])
+            h, w, _ = r["shape"]
+            np.testing.assert_array_equal(array, expected_frame(seed, r["index"], h, w))
+            events.append(FrameEvent("", r["index"], 0, array))
+        elif r["type"] == "audio":
+            pcm = np.frombuffer(r["data"], np.float32)
+            events.append(AudioEvent("", r["index"], 0, r["sample_rate"], pcm))
+    assert [e.index for e in events if isinstance(e, FrameEvent)] == list(range(done["frames"]))
+    events.append(DoneEvent("", done["frames"], 0.0, 0.0, 0.0, 1))
+    write_job_mp4(iter(events), out, start["fps"], Progress(_io.StringIO(), "reference"))
+    return done["frames"], read_mp4(out)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(ray Cluster, http port, [GPU node handles]) with the app deployed; the GPU node
@@ -147,6 +180,35 @@ def test_40_concurrent_renders_complete_with_the_right_frames_on_both_nodes(clus
         assert result["frames"] > 20
     used = {node for r in results for node in r["nodes"]}
     assert len(used) == 2, f"all 40 jobs ran on {used}"
+
+
+def test_an_mp4_render_holds_every_frame_of_the_job_and_decodes(cluster, tmp_path):
+    """The ingress encodes an mp4 while its job runs (`StreamingMp4`): the file decodes
+    (PyAV), holds every frame of the job (as many as the job's `frames` stream, plus the
+    0-3 repeats that cover the audio's AAC padding, exactly as `avatard render`'s writer
+    makes them), at the job's fps, with audio as long as the video."""
+    from avatard.engines.mux import read_mp4
+
+    _, port, _ = cluster
+    text, seed = TEXT * 2, 31
+    frames, reference = _reference_mp4(port, text, seed, tmp_path / "reference.mp4")
+    status, headers, body = _render(
+        port, json.dumps({"text": text, "seed": seed, "format": "mp4"}).encode()
+    )
+    assert status == 200 and headers["content-type"] == "video/mp4", body[:300]
+    out = tmp_path / "cluster.mp4"
+    out.write_bytes(body)
+    info = read_mp4(out)
+    assert frames > 100
+    assert frames <= info.frame_count <= frames + 3, (frames, info)
+    assert info == reference
+    assert abs(info.audio_duration_s - info.video_duration_s) <= 1 / 25
+    import av
+
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert container.streams.audio[0].codec_context.name == "aac"
+        assert container.streams.video[0].average_rate == 25
 
 
 def test_an_idempotency_key_replays_instead_of_rendering_again(cluster):
@@ -303,12 +365,20 @@ def test_a_node_whose_daemon_is_killed_mid_mp4_render_hands_the_job_on(cluster):
     assert headers["x-avatard-attempts"] == "2", headers
     assert len(set(headers["x-avatard-nodes"].split(","))) == 2, headers
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cluster-kill-{os.getpid()}.mp4"
+    reference = out.with_name(f"cluster-kill-ref-{os.getpid()}.mp4")
     out.write_bytes(reply)
     try:
-        assert read_mp4(out).frame_count > 300  # ~360 frames of TEXT * 6, none lost
+        info = read_mp4(out)
+        assert info.frame_count > 300  # ~360 frames of TEXT * 6
+        _two_nodes_serving(cluster)
+        # The frames the first node sent were encoded once, and the second node's went on
+        # in the same file: the same file as from one node, no frame lost or doubled.
+        frames, expected = _reference_mp4(port, TEXT * 6, 11, reference)
+        assert frames <= info.frame_count <= frames + 3, (frames, info)
+        assert info == expected
     finally:
         out.unlink()
-    _two_nodes_serving(cluster)
+        reference.unlink(missing_ok=True)
 
 
 def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
@@ -518,6 +588,44 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_live_sessions_past_the_free_slots_are_refused_busy_naming_the_limit(cluster):
+    """As many live sessions as the nodes have slots open and run (frames come, nothing
+    waits in a daemon's queue); one more is refused `failed` `busy` naming the limit, and
+    no running session is told `session_moved` (its node was not lost)."""
+    _, port, _ = cluster
+    _two_nodes_serving(cluster)
+    deadline = time.monotonic() + 120
+    while True:  # earlier tests' jobs and sessions are gone
+        report = _status(port)
+        slots = sum(n["capacity"]["slots"] for n in report["nodes"])
+        if report["free_slots"] == slots and slots > 0:
+            break
+        assert time.monotonic() < deadline, f"the nodes were not idle within 120 s: {report}"
+        time.sleep(0.5)
+    clients: list[LiveClient] = []
+    try:
+        for i in range(int(slots)):
+            clients.append(LiveClient(port))
+            clients[-1].send("live_open", seed=100 + i)
+            accepted = clients[-1].read_until(lambda m: True, f"the answer to session {i}")
+            assert accepted["type"] == "accepted", accepted
+        for client in clients:
+            client.read_until(lambda m: m.get("kind") == "frame", "a frame")
+        extra = LiveClient(port)
+        clients.append(extra)
+        extra.send("live_open", seed=999)
+        refused = extra.read_until(lambda m: True, "the answer past the slots")
+        assert (refused["type"], refused.get("code")) == ("failed", "busy"), refused
+        assert "no node has a free slot for a live session" in refused["message"], refused
+        assert "node.daemon.jobs_per_worker" in refused["message"], refused
+        for client in clients[:-1]:
+            client.read_until(lambda m: m.get("kind") == "frame", "a frame after the refusal")
+            assert not client.of("session_moved") and not client.of("failed"), client.log[-3:]
+    finally:
+        for client in clients:
+            client.ws.close()
 
 
 def test_autoscaling_adds_a_node_under_load_and_drains_it_when_idle(cluster):

@@ -65,3 +65,47 @@ def test_cli_prints_the_frame_count_of_the_written_file(tmp_path):
     assert int(printed.group(1)) == info.frame_count == 27
     assert float(printed.group(2)) == pytest.approx(info.video_duration_s, abs=0.01)
     assert abs(info.audio_duration_s - info.video_duration_s) <= 1 / FPS
+
+
+def test_the_job_writer_encodes_each_frame_as_it_comes_and_keeps_none(tmp_path):
+    """`JobMp4` (the writer of `avatard render` and of the cluster's mp4 responses) must
+    hold memory independent of the job's length: each frame is encoded when fed, and no
+    attribute of it or of its `Mp4Writer` grows with the frames fed (checked on their
+    structure, not on RSS). The file holds every frame, at FPS, audio as long as video."""
+    from avatard.daemon.render import JobMp4
+
+    frames, rate = 120, 16000
+    out = tmp_path / "job.mp4"
+    mp4 = JobMp4(out, FPS)
+    pcm = (0.1 * np.sin(np.arange(rate // FPS) * 0.05)).astype(np.float32)
+    for index in range(frames):
+        # Interleaved as a speak job sends them: one frame's audio, then the frame.
+        mp4.feed(AudioEvent("job", index, 0, rate, pcm))
+        mp4.feed(FrameEvent("job", index, 0, np.full((32, 48, 3), index % 255, np.uint8)))
+        assert mp4.writer is not None and mp4.writer.frames_written == index + 1
+        assert mp4.frames == index + 1
+        for holder in (mp4, mp4.writer):
+            for name, value in vars(holder).items():
+                if isinstance(value, (list, tuple, dict, set)):
+                    assert len(value) <= 1, (name, len(value))
+    assert not out.exists()  # renamed onto `out` only when finished
+    mp4.feed(DoneEvent("job", frames, frames / FPS, 1.0, 0.1, 1, frames * len(pcm)))
+    result = mp4.finish()
+    info = read_mp4(out)
+    assert info.frame_count == result.frames
+    assert frames <= result.frames <= frames + 3  # the writer repeats the last 0-3 times
+    assert info.video_duration_s == pytest.approx(result.frames / FPS)
+    assert abs(info.audio_duration_s - info.video_duration_s) <= 1 / FPS
+
+
+def test_the_job_writer_refuses_a_job_without_frames_and_leaves_no_file(tmp_path):
+    from avatard.daemon.render import JobMp4
+    from avatard.ipc.client import ClientError
+
+    out = tmp_path / "job.mp4"
+    mp4 = JobMp4(out, FPS)
+    mp4.feed(AudioEvent("job", 0, 0, 16000, np.zeros(1600, np.float32)))
+    mp4.feed(DoneEvent("job", 0, 0.0, 1.0, 0.1, 1, 1600))
+    with pytest.raises(ClientError, match="no frames"):
+        mp4.finish()
+    assert list(tmp_path.iterdir()) == []
