@@ -17,6 +17,9 @@ from typing import Any
 
 import click
 
+# Seconds past cluster.drain_timeout_s that deleting the app may take at a stop.
+DELETE_SLACK_S = 15.0
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -129,11 +132,36 @@ def up(config_path: str | None, address: str | None, num_gpus: int | None,
         while not stop.wait(1.0):
             pass
         click.echo("avatard cluster: deleting the app (its nodes drain)", err=True)
-        serve.delete(config.app_name)
-        if not address:
-            serve.shutdown()
+        # Bounded: when the signal went to the whole process group (`timeout`, a closed
+        # terminal, `kill -- -PGID`), a local head's processes got it too and die, and
+        # Serve's calls would wait a minute or more for them. The app and its nodes go
+        # with the head then (each daemon drains when its node's end of the pipe closes).
+        bound_s = config.drain_timeout_s + DELETE_SLACK_S
+        if not _within(lambda: serve.delete(config.app_name), bound_s) or (
+                not address and not _within(serve.shutdown, DELETE_SLACK_S)):
+            then = ("the app goes with the local head" if not address else
+                    "delete the app with `serve shutdown` once Ray answers")
+            click.echo(f"avatard cluster: Ray did not answer within {bound_s:g} s (its "
+                       f"processes may have had the signal too): {then}", err=True)
     finally:
-        ray.shutdown()
+        if not _within(ray.shutdown, DELETE_SLACK_S):
+            click.echo("avatard cluster: Ray's shutdown did not finish; exiting", err=True)
+
+
+def _within(call: Any, timeout_s: float) -> bool:
+    """Run `call()` on a daemon thread; whether it returned within `timeout_s` (an error
+    it raised counts as returned: it is logged, not raised). A call still running is left
+    to the interpreter's exit."""
+    def run() -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - Ray's errors on a head that went away
+            click.echo(f"avatard cluster: {type(exc).__name__}: {exc}", err=True)
+
+    thread = threading.Thread(target=run, name="cluster-stop", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
 
 
 def _port_in_use(host: str, port: int) -> str:
