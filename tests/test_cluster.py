@@ -351,6 +351,12 @@ def test_a_node_whose_daemon_is_killed_mid_mp4_render_hands_the_job_on(cluster):
     _, port, _ = cluster
     got: dict = {}
     body = json.dumps({"text": TEXT * 6, "seed": 11, "format": "mp4"}).encode()
+    # Idle first: a node still counted as running an earlier test's job (its figures
+    # come with the next routing-stats report) is not the one running this render.
+    deadline = time.monotonic() + 60
+    while any(n["capacity"]["running"] > 0 for n in _status(port)["nodes"]):
+        assert time.monotonic() < deadline, "the nodes were not idle within 60 s"
+        time.sleep(0.1)
     render = threading.Thread(target=lambda: got.update(reply=_render(port, body)))
     render.start()
     deadline = time.monotonic() + 60
