@@ -59,6 +59,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.ai_service import AIService
+from pipecat.services.settings import ServiceSettings
 
 from avatard.ipc.async_client import AsyncClient, AsyncLiveSession
 from avatard.ipc.client import (
@@ -122,6 +123,9 @@ class AvatardVideoService(AIService):
         playout_timeout_s: float = 60.0,
         **kwargs: Any,
     ):
+        # Pipecat logs an error at start for a settings field left NOT_GIVEN; the model
+        # is the daemon's avatar engine, named by its reports, not chosen here.
+        kwargs.setdefault("settings", ServiceSettings(model="avatard"))
         super().__init__(**kwargs)
         self._endpoint = endpoint
         self._avatar = avatar
