@@ -309,6 +309,26 @@ def bench_ditto(upstream: str | None, device: str | None, json_path: str | None,
     sys.exit(baseline_main(argv))
 
 
+@bench.command("encode")
+@click.option("--encoders", default=",".join(("vp8", "h264", "h264_nvenc")),
+              show_default=True, help="Comma list of the gateway's shared encoders.")
+@click.option("--frames", default=250, show_default=True, type=click.IntRange(20, 100_000),
+              help="Frames encoded per encoder (after 10 untimed ones).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_encode(encoders: str, frames: int, as_json: bool) -> None:
+    """CPU per frame of one video encode of a live session, as `avatard web
+    --shared-encode` / `--nvenc` runs it: VP8, H264 (libx264) and NVIDIA's h264_nvenc
+    side by side on the same 512x512 clip (see docs/bench.md, "Browser delivery")."""
+    from avatard.bench.encode import format_encode, run_encode_bench
+
+    try:
+        report = run_encode_bench([e.strip() for e in encoders.split(",") if e.strip()],
+                                  frames)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_report(report, as_json, format_encode)
+
+
 @bench.command("web")
 @click.option("--viewers", default="1,4,8", show_default=True,
               help="Comma list of browser viewers at once: one configuration each.")
