@@ -646,11 +646,9 @@ class Gateway:
             task.cancel()
             await asyncio.wait({task}, timeout=self.options.daemon_timeout_s)
         try:
-            await feed.session.aclose()  # live_close; its `done` is not waited for
-            if not feed.started.is_set() and not feed.session.ended_by_daemon():
-                # Never started: the daemon may hold it queued, where live_close waits
-                # for a worker too; a cancel takes it out of the queue now.
-                await feed.session.client.cancel(session_id)
+            # live_close; its `done` is not waited for. A session still queued (never
+            # started) ends at once in the daemon too.
+            await feed.session.aclose()
         except Exception as exc:  # the daemon is gone: the session went with it
             log.warning("closing session %s: %s", session_id, exc)
         for peer in [p for p in self.peers.values() if p.feed is feed]:

@@ -32,8 +32,8 @@ takes about as long as one of 2): live sessions submit their windows in the same
 tick but from different threads, spread over a few to tens of ms, and a 2 ms wait splits
 them into several batches that each cost a full run. The wait does not depend on the
 items' deadlines: when the worker falls behind, batching the round's windows together is
-what lets it catch up (a rule that stopped holding once deadlines came near turned a
-small lag into a lasting one, measured on an H200: window batches of 2.7 instead of 8).
+what lets it catch up (a rule that stopped holding once deadlines came near could turn a
+small lag into a lasting one; docs/bench.md, live table F).
 
 `run` must return one result per item, in order; if it raises, every item of that batch
 gets the exception.
