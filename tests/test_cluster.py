@@ -408,9 +408,11 @@ def test_a_node_removed_mid_run_loses_no_frame_and_duplicates_none(cluster):
     for result in results:
         # _frames_job checked every frame's pixels; exactly once and in order:
         assert result["indices"] == list(range(result["frames"]))
-    moved = [r for r in results if r["attempts"] > 1]
+    # The jobs the removed node was running went on elsewhere (a job retried for another
+    # reason, e.g. a busy survivor, may have run on one node only: not counted here).
+    moved = [r for r in results if victim.node_id in r["nodes"] and r["attempts"] > 1]
     assert moved, "no job was running on the removed node"
-    assert all(len(set(r["nodes"])) == 2 for r in moved)
+    assert all(len(set(r["nodes"])) >= 2 for r in moved), moved
     # The removed node's daemon died with it (Ray ended the node's processes) and left
     # its segments in the /dev/shm all nodes share here; a new node's daemon sweeps them.
     _two_nodes_serving(cluster)
